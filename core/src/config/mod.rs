@@ -1,0 +1,197 @@
+//! The experiment configuration (TOML): which plugin each stage uses, with its parameters,
+//! and the sandbox of WASM plugins. Errors name the file, line and key.
+//!
+//! ```toml
+//! [fusion]
+//! plugin = "min_ce"                                          # builtin
+//! # plugin = { wasm = "plugins/my_fusion.wasm", name = "entropy_weighted" }
+//! # plugin = { dylib = "target/release/libmy_fusion.so", name = "my_fusion" }
+//! [fusion.params]
+//! granularity = "token"
+//!
+//! [sandbox]            # limits of WASM plugins
+//! deadline_secs = 30
+//! memory_mib = 1024
+//! ```
+
+mod located;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fusellm_sdk::{ParamValue, Params, PluginKind};
+pub use located::ConfigError;
+use located::{scalar, Doc, Section};
+use toml::de::DeValue;
+
+use crate::plugins::{Entry, Registry, Tier, WasmLimits};
+
+/// A loaded configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub path: PathBuf,
+    pub fusion: Option<PluginChoice>,
+    pub sandbox: WasmLimits,
+}
+
+/// A stage's choice of plugin, with the locations needed to point at errors found only
+/// once plugins are loaded (an unknown name, a parameter of the wrong type).
+#[derive(Clone, Debug)]
+pub struct PluginChoice {
+    pub kind: PluginKind,
+    pub plugin: PluginSpec,
+    pub params: BTreeMap<String, ParamValue>,
+    plugin_error: ConfigError,
+    param_errors: BTreeMap<String, ConfigError>,
+}
+
+/// How a config names a plugin.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PluginSpec {
+    /// A plugin already in the registry (a built-in, or one loaded from a file).
+    Named(String),
+    /// A plugin in a dylib or WASM component; `name` may be left out when the file holds
+    /// one plugin of the kind wanted.
+    File { tier: Tier, path: PathBuf, name: Option<String> },
+}
+
+const SECTIONS: &[&str] = &["fusion", "sandbox"];
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_owned(),
+            line: 0,
+            column: 0,
+            key: String::new(),
+            message: format!("cannot read the config: {e}"),
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses config text; `path` is used in messages and to resolve relative plugin paths.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let doc = Doc { path, text };
+        let table = doc.parse()?;
+        let root = Section::root(&doc, &table);
+        root.allow_only(SECTIONS)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let fusion = root.subsection("fusion")?.map(|s| plugin_choice(&s, PluginKind::Fusion, base)).transpose()?;
+        let sandbox = root.subsection("sandbox")?.map(|s| sandbox(&s)).transpose()?.unwrap_or_default();
+        Ok(Config { path: path.to_owned(), fusion, sandbox })
+    }
+
+    /// Loads the plugins this config names from files into `registry`.
+    pub fn load_plugins(&self, registry: &mut Registry) -> Result<(), ConfigError> {
+        registry.set_wasm_limits(self.sandbox.clone());
+        for choice in self.choices() {
+            choice.load(registry)?;
+        }
+        Ok(())
+    }
+
+    pub fn choices(&self) -> impl Iterator<Item = &PluginChoice> {
+        self.fusion.iter()
+    }
+}
+
+impl PluginChoice {
+    /// Loads the plugin (from its file if it has one), finds it, and checks the parameters
+    /// against its schema: everything a run needs before any compute starts.
+    pub fn load<'r>(&self, registry: &'r mut Registry) -> Result<(&'r Entry, Params), ConfigError> {
+        let at = |message: String| ConfigError { message, ..self.plugin_error.clone() };
+        let name = match &self.plugin {
+            PluginSpec::Named(name) => name.clone(),
+            PluginSpec::File { tier, path, name } => {
+                let names = registry.load_file(*tier, path).map_err(|e| at(e.message))?;
+                match name {
+                    Some(name) => name.clone(),
+                    None => self.only_plugin_of_kind(registry, &names, path).map_err(at)?,
+                }
+            }
+        };
+        let entry = registry.get(self.kind, &name).map_err(|e| at(e.message))?;
+        let params = entry.resolve_params(&self.params).map_err(|e| match self.param_errors.get(&e.param) {
+            Some(place) => ConfigError { message: e.message, ..place.clone() },
+            None => at(e.message),
+        })?;
+        Ok((entry, params))
+    }
+
+    fn only_plugin_of_kind(&self, registry: &Registry, names: &[String], path: &Path) -> Result<String, String> {
+        let of_kind: Vec<&String> =
+            names.iter().filter(|n| registry.get(self.kind, n).is_ok()).collect();
+        match of_kind.as_slice() {
+            [one] => Ok((*one).clone()),
+            _ => Err(format!(
+                "{} holds {} {} plugins ({}); say which with `name = \"...\"`",
+                path.display(),
+                of_kind.len(),
+                self.kind,
+                names.join(", ")
+            )),
+        }
+    }
+}
+
+fn plugin_choice(section: &Section<'_, '_>, kind: PluginKind, base: &Path) -> Result<PluginChoice, ConfigError> {
+    section.allow_only(&["plugin", "params"])?;
+    let value = section.required("plugin")?;
+    let plugin_error = section.error_at("plugin", "");
+    let plugin = match value.get_ref() {
+        DeValue::String(name) => PluginSpec::Named(name.to_string()),
+        DeValue::Table(_) => plugin_file(&section.doc.section(section.path_of("plugin"), value)?, base)?,
+        other => {
+            return Err(section.error_at(
+                "plugin",
+                format!("expected a plugin name or {{ wasm = \"...\" }} / {{ dylib = \"...\" }}, found {}", other.type_str()),
+            ))
+        }
+    };
+    let mut params = BTreeMap::new();
+    let mut param_errors = BTreeMap::new();
+    if let Some(p) = section.subsection("params")? {
+        for (key, value) in p.table.iter() {
+            let name = key.get_ref().to_string();
+            let v = scalar(value.get_ref()).ok_or_else(|| {
+                p.error_at(&name, format!("a parameter is a string, number or boolean, not {}", value.get_ref().type_str()))
+            })?;
+            param_errors.insert(name.clone(), p.error_at(&name, ""));
+            params.insert(name, v);
+        }
+    }
+    Ok(PluginChoice { kind, plugin, params, plugin_error, param_errors })
+}
+
+fn plugin_file(table: &Section<'_, '_>, base: &Path) -> Result<PluginSpec, ConfigError> {
+    table.allow_only(&["wasm", "dylib", "name"])?;
+    let name = table.string("name")?.map(str::to_string);
+    let (tier, path) = match (table.string("wasm")?, table.string("dylib")?) {
+        (Some(p), None) => (Tier::Wasm, p),
+        (None, Some(p)) => (Tier::Dylib, p),
+        _ => return Err(table.error_at("", "give exactly one of `wasm = \"file.wasm\"` or `dylib = \"libfile.so\"`")),
+    };
+    Ok(PluginSpec::File { tier, path: base.join(path), name })
+}
+
+fn sandbox(section: &Section<'_, '_>) -> Result<WasmLimits, ConfigError> {
+    section.allow_only(&["deadline_secs", "memory_mib", "cache"])?;
+    let mut limits = WasmLimits::default();
+    if let Some(secs) = section.float("deadline_secs")? {
+        if !(secs > 0.0 && secs < 1e6) {
+            return Err(section.error_at("deadline_secs", "must be a positive number of seconds"));
+        }
+        limits.deadline = Duration::from_secs_f64(secs);
+    }
+    if let Some(mib) = section.int("memory_mib")? {
+        if !(1..=1 << 20).contains(&mib) {
+            return Err(section.error_at("memory_mib", "must be between 1 and 1048576 MiB"));
+        }
+        limits.memory_bytes = (mib as usize) << 20;
+    }
+    if section.bool("cache")? == Some(false) {
+        limits.cache_dir = None;
+    }
+    Ok(limits)
+}

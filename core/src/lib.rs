@@ -1,0 +1,6 @@
+//! fusellm-core: the plugin host (builtin, dylib and WASM tiers behind one registry), the
+//! experiment configuration, and (with the coming issues) the block library, stores,
+//! stages and training loop of DESIGN.md.
+
+pub mod config;
+pub mod plugins;

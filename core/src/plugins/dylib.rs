@@ -1,0 +1,120 @@
+//! The dylib tier: a cdylib exporting the SDK's abi_stable root module.
+//!
+//! abi_stable checks the SDK version and the layout of every type at load; its reports run
+//! to hundreds of lines, so they are summarised here in at most three. Libraries are
+//! never unloaded (abi_stable leaks them on purpose: code may still point into them).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use abi_stable::library::{lib_header_from_path, LibraryError, RootModule};
+use abi_stable::std_types::{RResult, RSlice};
+use fusellm_sdk::abi::{AbiCandidate, AbiFusionInput, PluginModule_Ref};
+use fusellm_sdk::{FusedTarget, FusionFn, FusionInput, Params, PluginInfo, PluginKind};
+
+use super::{Entry, Handle, PluginError, Tier};
+
+pub(super) fn load(path: &Path) -> Result<Vec<Entry>, PluginError> {
+    let module = open(path).map_err(|e| PluginError::new(summarise(path, &e)))?;
+    let manifest = match (module.manifest())() {
+        RResult::ROk(json) => json.into_string(),
+        RResult::RErr(e) => return Err(PluginError::new(format!("{}: describing its plugins failed: {e}", path.display()))),
+    };
+    parse_manifest(path, &manifest)?
+        .into_iter()
+        .map(|info| {
+            let handle = match info.kind {
+                PluginKind::Fusion => Handle::Fusion(Arc::new(DylibFusion { module, info: info.clone() })),
+                kind => return Err(unsupported_kind(path, &info.name, kind)),
+            };
+            Entry::new(info, Tier::Dylib, path.display().to_string(), handle)
+        })
+        .collect()
+}
+
+fn open(path: &Path) -> Result<PluginModule_Ref, LibraryError> {
+    lib_header_from_path(path)?.init_root_module::<PluginModule_Ref>()
+}
+
+/// Parses the JSON manifest that a dylib or component reports.
+pub(super) fn parse_manifest(path: &Path, json: &str) -> Result<Vec<PluginInfo>, PluginError> {
+    serde_json::from_str(json)
+        .map_err(|e| PluginError::new(format!("{}: its plugin manifest is not valid ({e}); rebuild it with fusellm_sdk::export_plugins!", path.display())))
+}
+
+pub(super) fn unsupported_kind(path: &Path, name: &str, kind: PluginKind) -> PluginError {
+    PluginError::new(format!(
+        "{}: plugin `{name}` is a {kind} plugin; this version of fusellm loads only fusion plugins from files (build it in instead)",
+        path.display()
+    ))
+}
+
+/// At most three lines: which plugin, which check, expected vs found.
+fn summarise(path: &Path, e: &LibraryError) -> String {
+    let file = path.display();
+    match e {
+        LibraryError::OpenError { err, .. } => {
+            format!("{file} cannot be loaded as a shared library: {err}\nis it a plugin built for this platform?")
+        }
+        LibraryError::GetSymbolError { .. } => format!(
+            "{file} is not a fusellm plugin: it exports no fusellm root module\nbuild it with `fusellm_sdk::export_plugins!` and crate-type = [\"cdylib\"]"
+        ),
+        LibraryError::IncompatibleVersionNumber { expected_version, actual_version, .. } => format!(
+            "{file} was built against fusellm-sdk {actual_version}, but this fusellm uses fusellm-sdk {expected_version}\nrebuild the plugin against fusellm-sdk {}.{}",
+            expected_version.major, expected_version.minor
+        ),
+        LibraryError::InvalidAbiHeader(header) => format!(
+            "{file} was built with an incompatible abi_stable (ABI {}.{})\nrebuild the plugin against fusellm-sdk {}",
+            header.abi_major,
+            header.abi_minor,
+            PluginModule_Ref::VERSION_STRINGS
+        ),
+        LibraryError::AbiInstability(report) => {
+            format!("{file}: the layout of the plugin interface does not match this fusellm\n{}", layout_summary(&report.to_string()))
+        }
+        other => {
+            let text = other.to_string();
+            format!("{file} could not be loaded: {}", text.lines().next().unwrap_or_default())
+        }
+    }
+}
+
+/// The first mismatch of abi_stable's layout report: the type and field, expected vs found.
+fn layout_summary(report: &str) -> String {
+    let lines: Vec<&str> = report.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let after = |tag: &str| lines.iter().position(|l| l.starts_with(tag)).and_then(|i| lines.get(i + 1)).copied();
+    let inside = lines.iter().find(|l| l.contains("inside:")).map(|l| l.trim_start_matches(|c: char| !c.is_alphabetic()));
+    let error = lines.iter().find_map(|l| l.strip_prefix("Error:")).unwrap_or("layouts differ").trim();
+    format!(
+        "{error} {}: expected {}, found {}",
+        inside.unwrap_or("in the root module"),
+        after("Expected:").unwrap_or("?"),
+        after("Found:").unwrap_or("?")
+    )
+}
+
+/// A fusion plugin inside a loaded library.
+struct DylibFusion {
+    module: PluginModule_Ref,
+    info: PluginInfo,
+}
+
+impl FusionFn for DylibFusion {
+    fn info(&self) -> PluginInfo {
+        self.info.clone()
+    }
+
+    fn fuse(&self, params: &Params, input: &FusionInput<'_>) -> Result<FusedTarget, String> {
+        let params = serde_json::to_string(&params.0).expect("parameters serialise");
+        let candidates: Vec<AbiCandidate<'_>> = input.candidates.iter().map(AbiCandidate::from).collect();
+        let abi_input = AbiFusionInput {
+            gold: input.gold.into(),
+            text_bytes: input.text_bytes,
+            candidates: RSlice::from_slice(&candidates),
+        };
+        match (self.module.fuse())(self.info.name.as_str().into(), params.as_str().into(), &abi_input) {
+            RResult::ROk(rows) => Ok(rows.into()),
+            RResult::RErr(e) => Err(e.into_string()),
+        }
+    }
+}

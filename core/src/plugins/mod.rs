@@ -1,0 +1,241 @@
+//! One registry over the three plugin tiers (DESIGN.md, "Plugin tiers").
+//!
+//! Every tier ends up as the same trait object, so the rest of fusellm calls a WASM
+//! component exactly as it calls a built-in; the registry adds what no plugin may skip:
+//! unique names, parameter resolution, and checks of every input and output.
+
+pub mod bench;
+mod builtin;
+pub mod conformance;
+mod dylib;
+mod wasm;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fusellm_sdk::suggest::did_you_mean;
+use fusellm_sdk::{check_fused, FusedTarget, FusionFn, FusionInput, ParamError, ParamValue, Params, PluginInfo, PluginKind};
+
+pub use wasm::{WasmHost, WasmLimits};
+
+/// Where a plugin comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Tier {
+    Builtin,
+    Dylib,
+    Wasm,
+}
+
+impl Tier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Builtin => "builtin",
+            Tier::Dylib => "dylib",
+            Tier::Wasm => "wasm",
+        }
+    }
+
+    /// The tier of a plugin file, from its extension.
+    pub fn of_file(path: &Path) -> Result<Tier, PluginError> {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("wasm") => Ok(Tier::Wasm),
+            Some("so" | "dylib" | "dll") => Ok(Tier::Dylib),
+            _ => Err(PluginError::new(format!(
+                "{}: a plugin file is a WASM component (.wasm) or a shared library (.so, .dylib, .dll)",
+                path.display()
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for Tier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A plugin failure, phrased for the user: which plugin, what went wrong, what to do.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PluginError {
+    pub message: String,
+}
+
+impl PluginError {
+    pub fn new(message: impl Into<String>) -> Self {
+        Self { message: message.into() }
+    }
+}
+
+impl fmt::Display for PluginError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for PluginError {}
+
+/// One registered plugin.
+#[derive(Clone)]
+pub struct Entry {
+    pub info: PluginInfo,
+    pub tier: Tier,
+    /// The crate of a built-in, or the file a dylib or component was loaded from.
+    pub origin: String,
+    handle: Handle,
+}
+
+#[derive(Clone)]
+enum Handle {
+    Fusion(Arc<dyn FusionFn>),
+    /// A plugin linked into this binary, of any kind.
+    Builtin(fusellm_sdk::Plugin),
+}
+
+impl Entry {
+    fn new(info: PluginInfo, tier: Tier, origin: String, handle: Handle) -> Result<Self, PluginError> {
+        info.check().map_err(|e| PluginError::new(format!("{origin}: {e}")))?;
+        Ok(Self { info, tier, origin, handle })
+    }
+
+    /// "`min_ce` (builtin, fusellm-ce-fusion)", for messages.
+    pub fn label(&self) -> String {
+        format!("`{}` ({}, {})", self.info.name, self.tier, self.origin)
+    }
+
+    /// Checks configured parameters against the plugin's schema and fills in defaults.
+    pub fn resolve_params(&self, given: &BTreeMap<String, ParamValue>) -> Result<Params, ParamError> {
+        Params::resolve(&self.info.params, given).map_err(|e| ParamError {
+            message: format!("plugin `{}`: {}", self.info.name, e.message),
+            param: e.param,
+        })
+    }
+
+    /// Runs a fusion plugin on one document, checking the input before and the output
+    /// after: a plugin's bad output is an error naming it, never a silent corruption.
+    pub fn fuse(&self, params: &Params, input: &FusionInput<'_>) -> Result<FusedTarget, PluginError> {
+        let fusion = self.fusion()?;
+        input.check().map_err(|e| PluginError::new(format!("input to {}: {e}", self.label())))?;
+        // Dylib and WASM glue catch their own panics; this catches a built-in's.
+        let call = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fusion.fuse(params, input)));
+        let fused = call
+            .unwrap_or_else(|payload| Err(format!("plugin panicked: {}", fusellm_sdk::export::panic_message(&*payload))))
+            .map_err(|e| PluginError::new(format!("fusion plugin {} failed: {e}", self.label())))?;
+        check_fused(&fused, input.positions())
+            .map_err(|e| PluginError::new(format!("fusion plugin {} returned a bad target: {e}", self.label())))?;
+        Ok(fused)
+    }
+
+    fn fusion(&self) -> Result<&dyn FusionFn, PluginError> {
+        match &self.handle {
+            Handle::Fusion(f) => Ok(f.as_ref()),
+            Handle::Builtin(fusellm_sdk::Plugin::Fusion(f)) => Ok(*f),
+            Handle::Builtin(_) => {
+                Err(PluginError::new(format!("{} is a {} plugin, not a fusion plugin", self.label(), self.info.kind)))
+            }
+        }
+    }
+}
+
+/// The plugins fusellm knows, by name (unique across kinds and tiers).
+pub struct Registry {
+    entries: Vec<Entry>,
+    loaded_files: Vec<PathBuf>,
+    wasm: Option<WasmHost>,
+    wasm_limits: WasmLimits,
+}
+
+impl Registry {
+    /// A registry holding every built-in plugin linked into this binary.
+    pub fn with_builtins() -> Result<Self, PluginError> {
+        let mut registry = Self::empty();
+        for entry in builtin::entries()? {
+            registry.register(entry)?;
+        }
+        Ok(registry)
+    }
+
+    pub fn empty() -> Self {
+        Self { entries: Vec::new(), loaded_files: Vec::new(), wasm: None, wasm_limits: WasmLimits::default() }
+    }
+
+    /// Sets the sandbox limits of WASM plugins loaded from now on.
+    pub fn set_wasm_limits(&mut self, limits: WasmLimits) {
+        if self.wasm_limits != limits {
+            self.wasm_limits = limits;
+            self.wasm = None;
+        }
+    }
+
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+
+    /// Loads every plugin of a dylib or WASM component; a file already loaded is skipped.
+    /// Returns the names it holds.
+    pub fn load_file(&mut self, tier: Tier, path: &Path) -> Result<Vec<String>, PluginError> {
+        let canonical = readable_file(path)?;
+        if !self.loaded_files.contains(&canonical) {
+            let entries = match tier {
+                Tier::Wasm => self.wasm_host()?.load(&canonical)?,
+                Tier::Dylib => dylib::load(&canonical)?,
+                Tier::Builtin => return Err(PluginError::new("built-in plugins are linked in, not loaded from files")),
+            };
+            for entry in entries {
+                self.register(entry)?;
+            }
+            self.loaded_files.push(canonical.clone());
+        }
+        let origin = canonical.display().to_string();
+        Ok(self.entries.iter().filter(|e| e.origin == origin).map(|e| e.info.name.clone()).collect())
+    }
+
+    fn wasm_host(&mut self) -> Result<&WasmHost, PluginError> {
+        if self.wasm.is_none() {
+            self.wasm = Some(WasmHost::new(self.wasm_limits.clone())?);
+        }
+        Ok(self.wasm.as_ref().expect("just created"))
+    }
+
+    /// Adds one plugin; a second plugin under a taken name is refused, naming both.
+    pub fn register(&mut self, entry: Entry) -> Result<(), PluginError> {
+        if let Some(taken) = self.entries.iter().find(|e| e.info.name == entry.info.name) {
+            return Err(PluginError::new(format!(
+                "two plugins register the name `{}`: {} and {}; rename one of them",
+                entry.info.name,
+                taken.label(),
+                entry.label()
+            )));
+        }
+        self.entries.push(entry);
+        Ok(())
+    }
+
+    /// The plugin `name` of `kind`; an unknown name gets the nearest known one suggested.
+    pub fn get(&self, kind: PluginKind, name: &str) -> Result<&Entry, PluginError> {
+        match self.entries.iter().find(|e| e.info.name == name) {
+            Some(e) if e.info.kind == kind => Ok(e),
+            Some(e) => Err(PluginError::new(format!("{} is a {} plugin, not a {kind} plugin", e.label(), e.info.kind))),
+            None => {
+                let known: Vec<&str> =
+                    self.entries.iter().filter(|e| e.info.kind == kind).map(|e| e.info.name.as_str()).collect();
+                Err(PluginError::new(format!(
+                    "unknown {kind} plugin `{name}`{}; known {kind} plugins: {}",
+                    did_you_mean(name, known.iter().copied()),
+                    if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                )))
+            }
+        }
+    }
+}
+
+/// Canonical path of a plugin file that exists and can be read.
+fn readable_file(path: &Path) -> Result<PathBuf, PluginError> {
+    let canonical = path.canonicalize().map_err(|e| {
+        PluginError::new(format!("plugin file {} not found ({e}); check the path, or build the plugin first", path.display()))
+    })?;
+    std::fs::File::open(&canonical)
+        .map_err(|e| PluginError::new(format!("plugin file {} cannot be read: {e}", path.display())))?;
+    Ok(canonical)
+}

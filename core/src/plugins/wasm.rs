@@ -1,0 +1,263 @@
+//! The WASM tier: WebAssembly components of the world in sdk/wit/plugin.wit, run by
+//! wasmtime in a sandbox: an epoch deadline per call, a memory cap, and a WASI context
+//! with no file system, network, environment or arguments. Each call gets a fresh
+//! instance, so a trap or a leak cannot outlive it. Compiled components are cached on disk.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fusellm_sdk::{FusedTarget, FusionFn, FusionInput, Params, PluginInfo, PluginKind};
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::{Config, Engine, ResourceLimiter, Store, Trap};
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use super::dylib::{parse_manifest, unsupported_kind};
+use super::{Entry, Handle, PluginError, Tier};
+
+mod bindings {
+    wasmtime::component::bindgen!({ world: "plugin", path: "../sdk/wit/plugin.wit" });
+}
+
+use bindings::fusellm::plugin::types as wit;
+use bindings::{Plugin, PluginPre};
+
+/// The sandbox of every WASM call.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WasmLimits {
+    /// Wall-clock limit of one call (an epoch deadline).
+    pub deadline: Duration,
+    /// Cap on the component's linear memory.
+    pub memory_bytes: usize,
+    /// Where compiled components are cached (`None`: no cache).
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl Default for WasmLimits {
+    fn default() -> Self {
+        Self { deadline: Duration::from_secs(30), memory_bytes: 1 << 30, cache_dir: default_cache_dir() }
+    }
+}
+
+/// `$FUSELLM_CACHE`, else `$XDG_CACHE_HOME/fusellm`, else `~/.cache/fusellm`.
+fn default_cache_dir() -> Option<PathBuf> {
+    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    env("FUSELLM_CACHE")
+        .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("fusellm")))
+        .or_else(|| env("HOME").map(|d| d.join(".cache/fusellm")))
+}
+
+/// How often the epoch advances; deadlines are counted in these ticks.
+const TICK: Duration = Duration::from_millis(5);
+
+/// The engine and linker that every component of a registry shares.
+pub struct WasmHost {
+    engine: Engine,
+    linker: Linker<Sandbox>,
+    limits: WasmLimits,
+}
+
+/// Per-call state: WASI with nothing granted, stderr captured for error messages, and the
+/// memory cap (recording whether it was hit, to tell that apart from other traps).
+struct Sandbox {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    stderr: MemoryOutputPipe,
+    memory_cap: usize,
+    memory_denied: bool,
+}
+
+impl WasiView for Sandbox {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl ResourceLimiter for Sandbox {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        let allowed = desired <= self.memory_cap;
+        self.memory_denied |= !allowed;
+        Ok(allowed)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= 1 << 20)
+    }
+}
+
+fn host_error(context: &str, e: impl std::fmt::Display) -> PluginError {
+    PluginError::new(format!("{context}: {e}"))
+}
+
+impl WasmHost {
+    pub fn new(limits: WasmLimits) -> Result<Self, PluginError> {
+        let mut config = Config::new();
+        config.epoch_interruption(true);
+        let engine = Engine::new(&config).map_err(|e| host_error("starting the WASM engine", e))?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| host_error("linking WASI", e))?;
+        spawn_ticker(&engine);
+        Ok(Self { engine, linker, limits })
+    }
+
+    /// Compiles (or fetches from the cache) a component and registers its plugins.
+    pub(super) fn load(&self, path: &Path) -> Result<Vec<Entry>, PluginError> {
+        let bytes = std::fs::read(path).map_err(|e| host_error(&format!("reading {}", path.display()), e))?;
+        let component = self.compile(path, &bytes)?;
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .and_then(PluginPre::new)
+            .map_err(|e| {
+                host_error(
+                    &format!("{} is not a fusellm plugin component (world fusellm:plugin/plugin)", path.display()),
+                    first_line(&e),
+                )
+            })?;
+        let loaded = Arc::new(Loaded { pre, engine: self.engine.clone(), limits: self.limits.clone(), path: path.to_owned() });
+        let manifest = loaded.call(|plugin, store| plugin.call_manifest(store))?;
+        parse_manifest(path, &manifest)?
+            .into_iter()
+            .map(|info| {
+                let handle = match info.kind {
+                    PluginKind::Fusion => Handle::Fusion(Arc::new(WasmFusion { loaded: loaded.clone(), info: info.clone() })),
+                    kind => return Err(unsupported_kind(path, &info.name, kind)),
+                };
+                Entry::new(info, Tier::Wasm, path.display().to_string(), handle)
+            })
+            .collect()
+    }
+
+    fn compile(&self, path: &Path, bytes: &[u8]) -> Result<Component, PluginError> {
+        let cached = self.limits.cache_dir.as_ref().map(|dir| dir.join("wasm").join(self.cache_key(bytes)));
+        if let Some(file) = cached.as_ref().filter(|f| f.exists()) {
+            // SAFETY: the file was written by `Component::serialize` of an engine with the
+            // same compatibility hash (part of the key); a stale or foreign file is rejected
+            // by wasmtime's own header check and recompiled below.
+            if let Ok(component) = unsafe { Component::deserialize_file(&self.engine, file) } {
+                return Ok(component);
+            }
+        }
+        let component = Component::new(&self.engine, bytes).map_err(|e| {
+            host_error(&format!("{} is not a valid WebAssembly component", path.display()), first_line(&e))
+        })?;
+        if let Some(file) = cached {
+            // The cache only saves time: failing to write it is not an error.
+            let _ = component.serialize().map(|data| write_atomically(&file, &data));
+        }
+        Ok(component)
+    }
+
+    fn cache_key(&self, bytes: &[u8]) -> String {
+        use std::hash::{Hash, Hasher};
+        let mut engine_hash = std::collections::hash_map::DefaultHasher::new();
+        self.engine.precompile_compatibility_hash().hash(&mut engine_hash);
+        let digest = Sha256::digest(bytes);
+        let hex: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
+        format!("{hex}-{:016x}.cwasm", engine_hash.finish())
+    }
+}
+
+fn write_atomically(file: &Path, data: &[u8]) -> std::io::Result<()> {
+    std::fs::create_dir_all(file.parent().expect("cache files live in a folder"))?;
+    let tmp = file.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, data)?;
+    std::fs::rename(tmp, file)
+}
+
+/// Advances the engine's epoch until the engine is dropped.
+fn spawn_ticker(engine: &Engine) {
+    let weak = engine.weak();
+    std::thread::spawn(move || {
+        while let Some(engine) = weak.upgrade() {
+            engine.increment_epoch();
+            drop(engine);
+            std::thread::sleep(TICK);
+        }
+    });
+}
+
+fn first_line(e: &impl std::fmt::Display) -> String {
+    format!("{e:#}").lines().next().unwrap_or_default().to_string()
+}
+
+/// A compiled component ready to instantiate.
+struct Loaded {
+    pre: PluginPre<Sandbox>,
+    engine: Engine,
+    limits: WasmLimits,
+    path: PathBuf,
+}
+
+impl Loaded {
+    /// Runs `f` on a fresh instance inside the sandbox, turning traps into plain errors.
+    fn call<T>(&self, f: impl FnOnce(&Plugin, &mut Store<Sandbox>) -> wasmtime::Result<T>) -> Result<T, PluginError> {
+        let stderr = MemoryOutputPipe::new(64 << 10);
+        let sandbox = Sandbox {
+            wasi: WasiCtxBuilder::new().stderr(stderr.clone()).build(),
+            table: ResourceTable::new(),
+            stderr,
+            memory_cap: self.limits.memory_bytes,
+            memory_denied: false,
+        };
+        let mut store = Store::new(&self.engine, sandbox);
+        store.limiter(|s| s as &mut dyn ResourceLimiter);
+        let ticks = self.limits.deadline.as_nanos().div_ceil(TICK.as_nanos()).max(1);
+        store.set_epoch_deadline(u64::try_from(ticks).unwrap_or(u64::MAX));
+        let result = self.pre.instantiate(&mut store).and_then(|plugin| f(&plugin, &mut store));
+        result.map_err(|e| self.explain(&e, store.data()))
+    }
+
+    fn explain(&self, e: &wasmtime::Error, sandbox: &Sandbox) -> PluginError {
+        let file = self.path.display();
+        let stderr = String::from_utf8_lossy(&sandbox.stderr.contents()).trim().to_string();
+        let said = if stderr.is_empty() { String::new() } else { format!("; it wrote: {}", stderr.lines().last().unwrap_or_default()) };
+        let message = if sandbox.memory_denied {
+            format!("{file}: exceeded the memory cap of {} MiB{said}", self.limits.memory_bytes >> 20)
+        } else {
+            match e.downcast_ref::<Trap>() {
+                Some(Trap::Interrupt) => format!("{file}: exceeded the deadline of {:?} per call", self.limits.deadline),
+                Some(trap) => format!("{file}: trapped ({trap}){said}"),
+                None => format!("{file}: {}{said}", first_line(e)),
+            }
+        };
+        PluginError::new(message)
+    }
+}
+
+/// A fusion plugin inside a component.
+struct WasmFusion {
+    loaded: Arc<Loaded>,
+    info: PluginInfo,
+}
+
+impl FusionFn for WasmFusion {
+    fn info(&self) -> PluginInfo {
+        self.info.clone()
+    }
+
+    fn fuse(&self, params: &Params, input: &FusionInput<'_>) -> Result<FusedTarget, String> {
+        let params = serde_json::to_string(&params.0).expect("parameters serialise");
+        let input = to_wit(input);
+        let result = self.loaded.call(|plugin, store| plugin.call_fuse(store, &self.info.name, &params, &input));
+        let rows = result.map_err(|e| e.message)??;
+        Ok(FusedTarget { offsets: rows.offsets, ids: rows.ids, values: rows.values })
+    }
+}
+
+fn to_wit(input: &FusionInput<'_>) -> wit::FusionInput {
+    let candidates = input
+        .candidates
+        .iter()
+        .map(|c| wit::Candidate {
+            dist: wit::SparseRows { offsets: c.dist.offsets.to_vec(), ids: c.dist.ids.to_vec(), values: c.dist.values.to_vec() },
+            ce_doc: c.ce_doc,
+            ce_token: c.ce_token.to_vec(),
+            tokens: c.tokens,
+            is_target: c.is_target,
+        })
+        .collect();
+    wit::FusionInput { gold: input.gold.to_vec(), text_bytes: input.text_bytes, candidates }
+}

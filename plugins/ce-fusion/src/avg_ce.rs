@@ -1,0 +1,60 @@
+use fusellm_sdk::math::{exp, softmax_into};
+use fusellm_sdk::{FusedTarget, FusionFn, FusionInput, ParamSpec, Params, PluginInfo, PluginKind};
+
+use crate::candidates::{common_params, Pool};
+
+/// AvgCE: the average of the candidates' distributions weighted by their cross-entropy.
+pub struct AvgCe;
+
+impl FusionFn for AvgCe {
+    fn info(&self) -> PluginInfo {
+        let info = PluginInfo::new(
+            PluginKind::Fusion,
+            "avg_ce",
+            env!("CARGO_PKG_VERSION"),
+            "average of the candidates' distributions weighted by their cross-entropy",
+        )
+        .param(ParamSpec::choice(
+            "weights",
+            &["paper", "softmax"],
+            "paper",
+            "paper: softmax(exp(-CE)) as the paper's code (nearly uniform); softmax: softmax(-CE / tau)",
+        ))
+        .param(ParamSpec::float("tau", 1.0, "temperature of weights = \"softmax\"").range(Some(1e-6), None));
+        common_params().into_iter().fold(info, PluginInfo::param)
+    }
+
+    fn fuse(&self, params: &Params, input: &FusionInput<'_>) -> Result<FusedTarget, String> {
+        let pool = Pool::new(params, input)?;
+        let paper = params.str("weights") == "paper";
+        let tau = params.float("tau");
+        let positions = input.positions();
+        let mut out = FusedTarget::with_capacity(positions, positions * 10);
+        let (mut logits, mut weights, mut probs, mut merged) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for p in 0..positions {
+            // Members with no distribution here drop out and the others' weights renormalise.
+            let present: Vec<usize> = (0..pool.members.len()).filter(|&c| pool.row(c, p).is_some()).collect();
+            logits.clear();
+            logits.extend(present.iter().map(|&c| {
+                let ce = pool.ce(c, p);
+                (if paper { exp(-ce) } else { -ce / tau }) as f32
+            }));
+            softmax_into(&logits, 1.0, &mut weights);
+            merged.clear();
+            for (&c, &w) in present.iter().zip(&weights) {
+                let (ids, values) = pool.row(c, p).expect("present members have a row");
+                softmax_into(values, pool.temperature, &mut probs);
+                for (&id, &q) in ids.iter().zip(&probs) {
+                    match merged.iter_mut().find(|(m, _)| *m == id) {
+                        Some((_, acc)) => *acc += w * q,
+                        None => merged.push((id, w * q)),
+                    }
+                }
+            }
+            out.ids.extend(merged.iter().map(|&(id, _)| id));
+            out.values.extend(merged.iter().map(|&(_, q)| q as f32));
+            out.end_row();
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,81 @@
+//! What min_ce and avg_ce share: which candidates take part, the CE each is ranked by,
+//! and the row a candidate contributes at a position.
+
+use fusellm_sdk::{Candidate, FusionInput, ParamSpec, Params};
+
+/// The parameters both fusion functions take.
+pub fn common_params() -> [ParamSpec; 3] {
+    [
+        ParamSpec::choice(
+            "granularity",
+            &["document", "token"],
+            "document",
+            "rank candidates by their mean CE on the document (the paper's code) or by their CE on each token",
+        ),
+        ParamSpec::bool(
+            "include_target",
+            true,
+            "whether the target's own distribution is a candidate (the paper: yes)",
+        ),
+        ParamSpec::float("temperature", 1.0, "teacher temperature of the softmax over each candidate's kept top-k")
+            .range(Some(1e-6), None),
+    ]
+}
+
+/// The candidates taking part in fusion, with the settings that apply to all positions.
+pub struct Pool<'a> {
+    pub members: Vec<Candidate<'a>>,
+    /// Index in `members` of the target's own distribution, if it takes part.
+    target: Option<usize>,
+    per_token: bool,
+    pub temperature: f64,
+}
+
+impl<'a> Pool<'a> {
+    pub fn new(params: &Params, input: &FusionInput<'a>) -> Result<Self, String> {
+        let include_target = params.bool("include_target");
+        let members: Vec<Candidate<'a>> =
+            input.candidates.iter().copied().filter(|c| include_target || !c.is_target).collect();
+        if members.is_empty() && input.positions() > 0 {
+            return Err("no candidate distributions to fuse".into());
+        }
+        Ok(Self {
+            target: members.iter().position(|c| c.is_target),
+            per_token: params.str("granularity") == "token",
+            temperature: params.float("temperature"),
+            members,
+        })
+    }
+
+    /// The CE that ranks member `c` at position `p`; a NaN ranks last.
+    pub fn ce(&self, c: usize, p: usize) -> f64 {
+        let member = &self.members[c];
+        let ce = if self.per_token { member.ce_token[p] } else { member.ce_doc } as f64;
+        if ce.is_nan() {
+            f64::INFINITY
+        } else {
+            ce
+        }
+    }
+
+    /// The member with the lowest CE at `p`; ties go to the target, then to the first.
+    pub fn best(&self, p: usize) -> usize {
+        (0..self.members.len())
+            .min_by(|&a, &b| {
+                let tie = |c: usize| (!self.members[c].is_target, c);
+                self.ce(a, p).total_cmp(&self.ce(b, p)).then(tie(a).cmp(&tie(b)))
+            })
+            .expect("a pool is never empty when there are positions")
+    }
+
+    /// The kept entries of member `c` at `p`. Where a source has none (alignment found no
+    /// one-to-one match), the target's own row stands in, as in the paper's collator.
+    pub fn row(&self, c: usize, p: usize) -> Option<(&'a [u32], &'a [f32])> {
+        let own = self.members[c].dist.row(p);
+        if !own.0.is_empty() {
+            return Some(own);
+        }
+        let fallback = self.members[self.target?].dist.row(p);
+        (!fallback.0.is_empty()).then_some(fallback)
+    }
+}

@@ -1,0 +1,39 @@
+use fusellm_sdk::math::softmax_into;
+use fusellm_sdk::{FusedTarget, FusionFn, FusionInput, Params, PluginInfo, PluginKind};
+
+use crate::candidates::{common_params, Pool};
+
+/// MinCE: at each position, the distribution of the candidate with the lowest
+/// cross-entropy (FuseLLM, eq. 5 with the minimum-CE fusion function).
+pub struct MinCe;
+
+impl FusionFn for MinCe {
+    fn info(&self) -> PluginInfo {
+        let info = PluginInfo::new(
+            PluginKind::Fusion,
+            "min_ce",
+            env!("CARGO_PKG_VERSION"),
+            "the distribution of the candidate with the minimum cross-entropy; ties go to the target",
+        );
+        common_params().into_iter().fold(info, PluginInfo::param)
+    }
+
+    fn fuse(&self, params: &Params, input: &FusionInput<'_>) -> Result<FusedTarget, String> {
+        let pool = Pool::new(params, input)?;
+        let positions = input.positions();
+        let mut out = FusedTarget::with_capacity(positions, positions * 10);
+        let mut probs = Vec::new();
+        for p in 0..positions {
+            let best = pool.best(p);
+            // An empty row of the best candidate is also taken from the next ranked ones.
+            let row = pool.row(best, p).or_else(|| (0..pool.members.len()).find_map(|c| pool.row(c, p)));
+            if let Some((ids, values)) = row {
+                softmax_into(values, pool.temperature, &mut probs);
+                out.ids.extend_from_slice(ids);
+                out.values.extend(probs.iter().map(|&x| x as f32));
+            }
+            out.end_row();
+        }
+        Ok(out)
+    }
+}

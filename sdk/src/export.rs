@@ -1,0 +1,84 @@
+//! What a plugin crate exports, and the one data path that every tier's glue shares.
+
+use std::collections::BTreeMap;
+
+use crate::adapter::ModelAdapter;
+use crate::aligner::{SequenceAligner, VocabMapper};
+use crate::data::{FusedTarget, FusionInput};
+use crate::fusion::FusionFn;
+use crate::params::{ParamValue, Params};
+use crate::plugin::PluginInfo;
+
+/// One plugin as a crate exports it with [`export_plugins!`](crate::export_plugins).
+#[derive(Clone, Copy)]
+pub enum Plugin {
+    Fusion(&'static dyn FusionFn),
+    SequenceAligner(&'static dyn SequenceAligner),
+    VocabMapper(&'static dyn VocabMapper),
+    Adapter(&'static dyn ModelAdapter),
+}
+
+impl Plugin {
+    pub fn info(&self) -> PluginInfo {
+        match self {
+            Plugin::Fusion(p) => p.info(),
+            Plugin::SequenceAligner(p) => p.info(),
+            Plugin::VocabMapper(p) => p.info(),
+            Plugin::Adapter(p) => p.info(),
+        }
+    }
+}
+
+/// The plugins of one crate linked into the host (the builtin tier); collected with
+/// `inventory`, so a built-in crate registers itself by being linked.
+#[cfg(not(target_arch = "wasm32"))]
+pub struct BuiltinSet {
+    pub crate_name: &'static str,
+    pub plugins: &'static [Plugin],
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+inventory::collect!(BuiltinSet);
+
+/// Every built-in plugin set linked into this binary.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn builtin_sets() -> impl Iterator<Item = &'static BuiltinSet> {
+    inventory::iter::<BuiltinSet>.into_iter()
+}
+
+/// The manifest a dylib or component reports: its plugins' descriptions as JSON.
+pub fn manifest_json(plugins: &[Plugin]) -> String {
+    let infos: Vec<PluginInfo> = plugins.iter().map(Plugin::info).collect();
+    serde_json::to_string(&infos).expect("plugin descriptions serialise")
+}
+
+/// Runs fusion plugin `name` on behalf of a host across a boundary: the parameters arrive
+/// as JSON and are resolved against the plugin's schema again, the input is checked.
+pub fn fuse_by_name(
+    plugins: &[Plugin],
+    name: &str,
+    params_json: &str,
+    input: &FusionInput<'_>,
+) -> Result<FusedTarget, String> {
+    let plugin = plugins
+        .iter()
+        .find_map(|p| match p {
+            Plugin::Fusion(f) if f.info().name == name => Some(*f),
+            _ => None,
+        })
+        .ok_or_else(|| format!("this library has no fusion plugin `{name}`"))?;
+    let given: BTreeMap<String, ParamValue> =
+        serde_json::from_str(params_json).map_err(|e| format!("parameters of `{name}`: {e}"))?;
+    let params = Params::resolve(&plugin.info().params, &given).map_err(|e| e.message)?;
+    input.check()?;
+    plugin.fuse(&params, input)
+}
+
+/// The message of a caught panic payload.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic with a non-string payload".into())
+}

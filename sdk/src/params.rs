@@ -1,0 +1,297 @@
+//! Typed plugin parameters: each plugin declares a schema next to its code (as mergekit's
+//! merge methods do); hosts check a config against it before any compute, fill in the
+//! defaults, and `fusellm plugins list` documents it.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::suggest::did_you_mean;
+
+/// A parameter value as written in a config.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ParamValue {
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(String),
+}
+
+/// The type of a parameter, with its bounds or choices.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ParamKind {
+    Bool,
+    Int { min: Option<i64>, max: Option<i64> },
+    Float { min: Option<f64>, max: Option<f64> },
+    /// One of a fixed set of strings.
+    Choice { options: Vec<String> },
+    Str,
+}
+
+/// One declared parameter.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ParamSpec {
+    pub name: String,
+    #[serde(flatten)]
+    pub kind: ParamKind,
+    pub default: ParamValue,
+    pub doc: String,
+}
+
+/// Resolved parameters: every declared name present, each of its declared type.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Params(pub BTreeMap<String, ParamValue>);
+
+impl ParamValue {
+    /// The type's name as a user reads it in an error.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            ParamValue::Bool(_) => "boolean",
+            ParamValue::Int(_) => "integer",
+            ParamValue::Float(_) => "float",
+            ParamValue::Str(_) => "string",
+        }
+    }
+}
+
+impl std::fmt::Display for ParamValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ParamValue::Bool(b) => write!(f, "{b}"),
+            ParamValue::Int(i) => write!(f, "{i}"),
+            ParamValue::Float(x) => write!(f, "{x:?}"),
+            ParamValue::Str(s) => write!(f, "{s:?}"),
+        }
+    }
+}
+
+impl ParamSpec {
+    pub fn bool(name: &str, default: bool, doc: &str) -> Self {
+        Self::new(name, ParamKind::Bool, ParamValue::Bool(default), doc)
+    }
+
+    pub fn int(name: &str, default: i64, doc: &str) -> Self {
+        Self::new(name, ParamKind::Int { min: None, max: None }, ParamValue::Int(default), doc)
+    }
+
+    pub fn float(name: &str, default: f64, doc: &str) -> Self {
+        Self::new(name, ParamKind::Float { min: None, max: None }, ParamValue::Float(default), doc)
+    }
+
+    pub fn choice(name: &str, options: &[&str], default: &str, doc: &str) -> Self {
+        let options = options.iter().map(|s| s.to_string()).collect();
+        Self::new(name, ParamKind::Choice { options }, ParamValue::Str(default.into()), doc)
+    }
+
+    pub fn string(name: &str, default: &str, doc: &str) -> Self {
+        Self::new(name, ParamKind::Str, ParamValue::Str(default.into()), doc)
+    }
+
+    /// Bounds for an int or float parameter (inclusive).
+    pub fn range(mut self, lo: Option<f64>, hi: Option<f64>) -> Self {
+        match &mut self.kind {
+            ParamKind::Int { min, max } => {
+                *min = lo.map(|v| v as i64);
+                *max = hi.map(|v| v as i64);
+            }
+            ParamKind::Float { min, max } => (*min, *max) = (lo, hi),
+            _ => panic!("range() on the non-numeric parameter `{}`", self.name),
+        }
+        self
+    }
+
+    fn new(name: &str, kind: ParamKind, default: ParamValue, doc: &str) -> Self {
+        Self { name: name.into(), kind, default, doc: doc.into() }
+    }
+
+    /// A one-line description of the type, for listings and errors.
+    pub fn type_label(&self) -> String {
+        match &self.kind {
+            ParamKind::Bool => "bool".into(),
+            ParamKind::Int { min, max } => numeric_label("int", *min, *max),
+            ParamKind::Float { min, max } => numeric_label("float", *min, *max),
+            ParamKind::Choice { options } => options.join("|"),
+            ParamKind::Str => "string".into(),
+        }
+    }
+
+    /// Checks a value against this parameter's type, widening an integer to a float.
+    pub fn check(&self, value: &ParamValue) -> Result<ParamValue, String> {
+        let wrong = || {
+            format!(
+                "parameter `{}` expects {}, found {} {value}",
+                self.name,
+                self.type_label(),
+                value.type_name()
+            )
+        };
+        let out_of_range = |v: f64, min: Option<f64>, max: Option<f64>| {
+            let below = min.is_some_and(|m| v < m);
+            let above = max.is_some_and(|m| v > m);
+            (below || above).then(|| format!("parameter `{}` = {value} is outside {}", self.name, self.type_label()))
+        };
+        match (&self.kind, value) {
+            (ParamKind::Bool, ParamValue::Bool(_)) | (ParamKind::Str, ParamValue::Str(_)) => Ok(value.clone()),
+            (ParamKind::Int { min, max }, ParamValue::Int(i)) => {
+                match out_of_range(*i as f64, min.map(|m| m as f64), max.map(|m| m as f64)) {
+                    Some(e) => Err(e),
+                    None => Ok(value.clone()),
+                }
+            }
+            (ParamKind::Float { min, max }, ParamValue::Float(_) | ParamValue::Int(_)) => {
+                let x = match value {
+                    ParamValue::Int(i) => *i as f64,
+                    ParamValue::Float(x) => *x,
+                    _ => unreachable!(),
+                };
+                match out_of_range(x, *min, *max) {
+                    Some(e) => Err(e),
+                    None if x.is_finite() => Ok(ParamValue::Float(x)),
+                    None => Err(wrong()),
+                }
+            }
+            (ParamKind::Choice { options }, ParamValue::Str(s)) => {
+                if options.iter().any(|o| o == s) {
+                    Ok(value.clone())
+                } else {
+                    Err(format!(
+                        "parameter `{}` must be one of {}, found {value}{}",
+                        self.name,
+                        self.type_label(),
+                        did_you_mean(s, options.iter().map(String::as_str))
+                    ))
+                }
+            }
+            _ => Err(wrong()),
+        }
+    }
+}
+
+fn numeric_label<T: std::fmt::Display>(name: &str, min: Option<T>, max: Option<T>) -> String {
+    match (min, max) {
+        (None, None) => name.into(),
+        (Some(lo), None) => format!("{name} >= {lo}"),
+        (None, Some(hi)) => format!("{name} <= {hi}"),
+        (Some(lo), Some(hi)) => format!("{name} in [{lo}, {hi}]"),
+    }
+}
+
+/// Why a set of parameters does not fit a schema; `param` names the offending key so that
+/// a config loader can point at its line.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParamError {
+    pub param: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for ParamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ParamError {}
+
+impl Params {
+    /// Checks `given` against `schema` and fills in the defaults: unknown names (with the
+    /// nearest declared one suggested) and wrong types are errors.
+    pub fn resolve(schema: &[ParamSpec], given: &BTreeMap<String, ParamValue>) -> Result<Params, ParamError> {
+        if let Some(name) = given.keys().find(|k| !schema.iter().any(|s| &s.name == *k)) {
+            let declared: Vec<&str> = schema.iter().map(|s| s.name.as_str()).collect();
+            let hint = match did_you_mean(name, declared.iter().copied()) {
+                h if !h.is_empty() => h,
+                _ if declared.is_empty() => "; this plugin takes no parameters".into(),
+                _ => format!("; it takes {}", declared.join(", ")),
+            };
+            return Err(ParamError { param: name.clone(), message: format!("unknown parameter `{name}`{hint}") });
+        }
+        let mut out = BTreeMap::new();
+        for spec in schema {
+            let value = match given.get(&spec.name) {
+                Some(v) => spec.check(v).map_err(|message| ParamError { param: spec.name.clone(), message })?,
+                None => spec.default.clone(),
+            };
+            out.insert(spec.name.clone(), value);
+        }
+        Ok(Params(out))
+    }
+
+    /// The value of a resolved parameter. Hosts resolve against the plugin's own schema
+    /// before calling it, so a declared name is always present with its declared type.
+    pub fn get(&self, name: &str) -> &ParamValue {
+        self.0.get(name).unwrap_or_else(|| panic!("parameter `{name}` is not declared in the plugin's schema"))
+    }
+
+    pub fn bool(&self, name: &str) -> bool {
+        match self.get(name) {
+            ParamValue::Bool(b) => *b,
+            other => panic!("parameter `{name}` is {}, not a boolean", other.type_name()),
+        }
+    }
+
+    pub fn int(&self, name: &str) -> i64 {
+        match self.get(name) {
+            ParamValue::Int(i) => *i,
+            other => panic!("parameter `{name}` is {}, not an integer", other.type_name()),
+        }
+    }
+
+    pub fn float(&self, name: &str) -> f64 {
+        match self.get(name) {
+            ParamValue::Float(x) => *x,
+            ParamValue::Int(i) => *i as f64,
+            other => panic!("parameter `{name}` is {}, not a float", other.type_name()),
+        }
+    }
+
+    pub fn str(&self, name: &str) -> &str {
+        match self.get(name) {
+            ParamValue::Str(s) => s,
+            other => panic!("parameter `{name}` is {}, not a string", other.type_name()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn schema() -> Vec<ParamSpec> {
+        vec![
+            ParamSpec::choice("weights", &["paper", "softmax"], "paper", ""),
+            ParamSpec::float("tau", 1.0, "").range(Some(0.0), None),
+            ParamSpec::bool("include_target", true, ""),
+        ]
+    }
+
+    fn given(pairs: &[(&str, ParamValue)]) -> BTreeMap<String, ParamValue> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
+    }
+
+    #[test]
+    fn fills_defaults_and_widens_ints() {
+        let p = Params::resolve(&schema(), &given(&[("tau", ParamValue::Int(2))])).unwrap();
+        assert_eq!(p.float("tau"), 2.0);
+        assert_eq!(p.str("weights"), "paper");
+        assert!(p.bool("include_target"));
+    }
+
+    #[test]
+    fn rejects_unknown_names_with_a_suggestion() {
+        let e = Params::resolve(&schema(), &given(&[("weight", ParamValue::Str("paper".into()))])).unwrap_err();
+        assert_eq!(e.param, "weight");
+        assert!(e.message.contains("did you mean `weights`"), "{}", e.message);
+    }
+
+    #[test]
+    fn rejects_wrong_types_and_ranges() {
+        let e = Params::resolve(&schema(), &given(&[("tau", ParamValue::Str("big".into()))])).unwrap_err();
+        assert!(e.message.contains("expects float >= 0, found string \"big\""), "{}", e.message);
+        let e = Params::resolve(&schema(), &given(&[("tau", ParamValue::Float(-1.0))])).unwrap_err();
+        assert!(e.message.contains("outside"), "{}", e.message);
+        let e = Params::resolve(&schema(), &given(&[("weights", ParamValue::Str("sofmax".into()))])).unwrap_err();
+        assert!(e.message.contains("did you mean `softmax`"), "{}", e.message);
+    }
+}

@@ -1,0 +1,70 @@
+//! What every plugin declares about itself, and the three kinds of plugin.
+
+use serde::{Deserialize, Serialize};
+
+use crate::params::ParamSpec;
+
+/// The extension points of DESIGN.md.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PluginKind {
+    /// Checkpoint directory -> ModelSpec.
+    Adapter,
+    /// Sequence alignment or vocabulary mapping between tokenizers.
+    Aligner,
+    /// Candidates' aligned distributions -> fused target.
+    Fusion,
+}
+
+impl PluginKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PluginKind::Adapter => "adapter",
+            PluginKind::Aligner => "aligner",
+            PluginKind::Fusion => "fusion",
+        }
+    }
+}
+
+impl std::fmt::Display for PluginKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A plugin's self-description: its registry name, semantic version (part of every cache
+/// key downstream, so a new version recomputes what it produced), and parameter schema.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PluginInfo {
+    pub name: String,
+    pub kind: PluginKind,
+    pub version: String,
+    pub doc: String,
+    pub params: Vec<ParamSpec>,
+}
+
+impl PluginInfo {
+    pub fn new(kind: PluginKind, name: &str, version: &str, doc: &str) -> Self {
+        Self { name: name.into(), kind, version: version.into(), doc: doc.into(), params: Vec::new() }
+    }
+
+    /// Declares one parameter (builder style, next to the plugin's code).
+    pub fn param(mut self, spec: ParamSpec) -> Self {
+        self.params.push(spec);
+        self
+    }
+
+    /// Checks what a host relies on: a plugin name usable in configs and a semantic version.
+    pub fn check(&self) -> Result<(), String> {
+        let name_ok = !self.name.is_empty()
+            && self.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !name_ok {
+            return Err(format!("plugin name {:?} must be non-empty ASCII letters, digits, `_` or `-`", self.name));
+        }
+        let parts: Vec<&str> = self.version.split(['.', '-', '+']).take(3).collect();
+        if parts.len() < 3 || parts.iter().any(|p| p.parse::<u64>().is_err()) {
+            return Err(format!("plugin `{}` has version {:?}, not a semantic version like 1.2.3", self.name, self.version));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,60 @@
+//! The WASM tier's guest side: bindings of sdk/wit/plugin.wit and the glue that turns its
+//! owned records into the borrowed views every plugin sees.
+
+// The bindings define their own `FusionInput` and `SparseRows`; the SDK's are `data::`.
+use crate::data::{self, Candidate, SparseRowsBuf};
+use crate::export::{fuse_by_name, Plugin};
+
+wit_bindgen::generate!({
+    path: "wit/plugin.wit",
+    world: "plugin",
+    pub_export_macro: true,
+    export_macro_name: "export",
+    default_bindings_module: "fusellm_sdk::wasm",
+});
+
+use fusellm::plugin::types as wit;
+
+fn rows(r: &wit::SparseRows) -> data::SparseRows<'_> {
+    data::SparseRows { offsets: &r.offsets, ids: &r.ids, values: &r.values }
+}
+
+/// Body of the exported `fuse` function.
+pub fn export_fuse(plugins: &[Plugin], name: &str, params: &str, input: &wit::FusionInput) -> Result<wit::SparseRows, String> {
+    let candidates = input
+        .candidates
+        .iter()
+        .map(|c| Candidate {
+            dist: rows(&c.dist),
+            ce_doc: c.ce_doc,
+            ce_token: &c.ce_token,
+            tokens: c.tokens,
+            is_target: c.is_target,
+        })
+        .collect();
+    let view = data::FusionInput { gold: &input.gold, text_bytes: input.text_bytes, candidates };
+    let SparseRowsBuf { offsets, ids, values } = fuse_by_name(plugins, name, params, &view)?;
+    Ok(wit::SparseRows { offsets, ids, values })
+}
+
+/// Exports `plugins` as the component's `manifest` and `fuse`.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __export_wasm {
+    ($plugins:ident) => {
+        struct FusellmComponent;
+        impl $crate::wasm::Guest for FusellmComponent {
+            fn manifest() -> String {
+                $crate::manifest_json($plugins)
+            }
+            fn fuse(
+                name: String,
+                params: String,
+                input: $crate::wasm::fusellm::plugin::types::FusionInput,
+            ) -> Result<$crate::wasm::fusellm::plugin::types::SparseRows, String> {
+                $crate::wasm::export_fuse($plugins, &name, &params, &input)
+            }
+        }
+        $crate::wasm::export!(FusellmComponent with_types_in $crate::wasm);
+    };
+}

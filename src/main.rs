@@ -1,0 +1,43 @@
+//! The `fusellm` command line: parses, validates, and calls fusellm-core.
+
+mod plugins_cmd;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+// Built-in plugin crates register through `inventory`; referencing them keeps the linker
+// from dropping their registrations.
+use fusellm_ce_fusion as _;
+
+#[derive(Parser)]
+#[command(name = "fusellm", version, about = "Knowledge fusion of large language models (FuseLLM)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List, check and benchmark plugins.
+    #[command(subcommand)]
+    Plugins(plugins_cmd::PluginsCommand),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(plugins_cmd::BenchCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Plugins(cmd) => plugins_cmd::run(cmd),
+        Command::Bench(cmd) => plugins_cmd::bench(cmd),
+    };
+    match result {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::from(2)
+        }
+    }
+}
