@@ -98,13 +98,15 @@ fn cases() -> Vec<(&'static str, FusionInputBuf)> {
         c.ce_doc = 2.0;
         c.ce_token.iter_mut().for_each(|x| *x = 1.5);
     });
+    let mut lone_source = synthetic_input(6, Shape { candidates: 1, ..shape });
+    lone_source.candidates[0].is_target = false;
     vec![
         ("a 64-token document, 3 candidates, top-10", synthetic_input(1, shape)),
         ("an empty document", synthetic_input(2, Shape { positions: 0, ..shape })),
         ("a single-token document", synthetic_input(3, Shape { positions: 1, ..shape })),
         ("sources unaligned at a third of the positions", synthetic_input(5, Shape { unaligned: 0.33, ..shape })),
         ("equal cross-entropies (ties)", tied),
-        ("the target alone", synthetic_input(6, Shape { candidates: 1, ..shape })),
+        ("a single source and no target", lone_source),
         ("top-1 rows", synthetic_input(7, Shape { top_k: 1, ..shape })),
     ]
 }

@@ -235,6 +235,9 @@ fn readable_file(path: &Path) -> Result<PathBuf, PluginError> {
     let canonical = path.canonicalize().map_err(|e| {
         PluginError::new(format!("plugin file {} not found ({e}); check the path, or build the plugin first", path.display()))
     })?;
+    if !canonical.is_file() {
+        return Err(PluginError::new(format!("plugin file {} cannot be read: it is not a file", path.display())));
+    }
     std::fs::File::open(&canonical)
         .map_err(|e| PluginError::new(format!("plugin file {} cannot be read: {e}", path.display())))?;
     Ok(canonical)

@@ -212,19 +212,29 @@ impl Loaded {
 
     fn explain(&self, e: &wasmtime::Error, sandbox: &Sandbox) -> PluginError {
         let file = self.path.display();
-        let stderr = String::from_utf8_lossy(&sandbox.stderr.contents()).trim().to_string();
-        let said = if stderr.is_empty() { String::new() } else { format!("; it wrote: {}", stderr.lines().last().unwrap_or_default()) };
+        let stderr = String::from_utf8_lossy(&sandbox.stderr.contents()).into_owned();
         let message = if sandbox.memory_denied {
-            format!("{file}: exceeded the memory cap of {} MiB{said}", self.limits.memory_bytes >> 20)
+            format!("{file}: exceeded the memory cap of {} MiB", self.limits.memory_bytes >> 20)
+        } else if let Some(panic) = panic_report(&stderr) {
+            format!("{file}: plugin panicked: {panic}")
         } else {
             match e.downcast_ref::<Trap>() {
                 Some(Trap::Interrupt) => format!("{file}: exceeded the deadline of {:?} per call", self.limits.deadline),
-                Some(trap) => format!("{file}: trapped ({trap}){said}"),
-                None => format!("{file}: {}{said}", first_line(e)),
+                Some(trap) => format!("{file}: {trap}"),
+                None => format!("{file}: {}", first_line(e)),
             }
         };
         PluginError::new(message)
     }
+}
+
+/// The message and place of a Rust panic from what the guest wrote to stderr
+/// ("thread '...' panicked at src/lib.rs:29:5:\nmessage\nnote: ...").
+fn panic_report(stderr: &str) -> Option<String> {
+    let mut lines = stderr.lines().skip_while(|l| !l.contains(" panicked at "));
+    let place = lines.next()?.split(" panicked at ").nth(1)?.trim_end_matches(':').to_string();
+    let message: Vec<&str> = lines.take_while(|l| !l.starts_with("note: ")).collect();
+    Some(format!("{} (at {place})", message.join(" ")))
 }
 
 /// A fusion plugin inside a component.
