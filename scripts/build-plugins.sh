@@ -2,7 +2,7 @@
 # Builds the plugin artifacts that the tests and benchmarks load (cargo does not build a
 # workspace's cdylibs for `cargo test`):
 #   target/<profile>/lib*.so                   the plugin crates as dylibs
-#   target/wasm32-wasip2/release/*.wasm         the same crates as WASM components
+#   target/wasm32-wasip2/plugin-wasm/*.wasm     the same crates as WASM components
 #   target/plugin-fixtures/libskewed_sdk_plugin.so
 #                                               a dylib claiming another SDK version
 # Usage: scripts/build-plugins.sh [--release]
@@ -22,4 +22,4 @@ mkdir -p "$target/plugin-fixtures"
 cp "$target/$profile/libfusellm_test_plugins.so" "$target/plugin-fixtures/libskewed_sdk_plugin.so"
 
 cargo build "${flags[@]}" "${plugins[@]}"
-cargo build --release --target wasm32-wasip2 "${plugins[@]}"
+cargo build --profile plugin-wasm --target wasm32-wasip2 "${plugins[@]}"

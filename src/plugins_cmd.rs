@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Subcommand;
 use fusellm_core::config::Config;
 use fusellm_core::plugins::bench::{time_fusion, PAPER_SHAPE};
-use fusellm_core::plugins::conformance::check_fusion;
+use fusellm_core::plugins::conformance::{check_fusion, Shape};
 use fusellm_core::plugins::{Entry, Registry, Tier};
 use fusellm_sdk::PluginKind;
 
@@ -41,10 +41,13 @@ pub enum BenchCommand {
         #[arg(long, default_value = "target/release/libfusellm_ce_fusion.so")]
         dylib: PathBuf,
         /// The ce-fusion plugins built as a WASM component.
-        #[arg(long, default_value = "target/wasm32-wasip2/release/fusellm_ce_fusion.wasm")]
+        #[arg(long, default_value = "target/wasm32-wasip2/plugin-wasm/fusellm_ce_fusion.wasm")]
         wasm: PathBuf,
         #[arg(long, default_value_t = 200)]
         iters: usize,
+        /// Positions per document (the paper: 2048).
+        #[arg(long, default_value_t = PAPER_SHAPE.positions)]
+        positions: usize,
     },
 }
 
@@ -138,7 +141,8 @@ fn test(spec: &str, name: Option<&str>, config: Option<&Path>) -> Result<ExitCod
 }
 
 pub fn bench(cmd: BenchCommand) -> Result<ExitCode, String> {
-    let BenchCommand::Plugins { dylib, wasm, iters } = cmd;
+    let BenchCommand::Plugins { dylib, wasm, iters, positions } = cmd;
+    let shape = Shape { positions, ..PAPER_SHAPE };
     let builtin = Registry::with_builtins().map_err(|e| e.message)?;
     let from_file = |tier, path: &Path| {
         let mut r = Registry::empty();
@@ -148,7 +152,7 @@ pub fn bench(cmd: BenchCommand) -> Result<ExitCode, String> {
     let tiers = [builtin, from_file(Tier::Dylib, &dylib)?, from_file(Tier::Wasm, &wasm)?];
     println!(
         "one fusion call: {} positions x {} candidates x top-{}, median of {iters} (release build recommended)",
-        PAPER_SHAPE.positions, PAPER_SHAPE.candidates, PAPER_SHAPE.top_k
+        shape.positions, shape.candidates, shape.top_k
     );
     println!("{:<10} {:>12} {:>12} {:>8} {:>12} {:>8}", "plugin", "builtin", "dylib", "ratio", "wasm", "ratio");
     for name in ["min_ce", "avg_ce"] {
@@ -156,7 +160,7 @@ pub fn bench(cmd: BenchCommand) -> Result<ExitCode, String> {
         for registry in &tiers {
             let entry: &Entry = registry.get(PluginKind::Fusion, name).map_err(|e| e.message)?;
             let params = entry.resolve_params(&Default::default()).map_err(|e| e.message)?;
-            let t = time_fusion(entry, &params, PAPER_SHAPE, iters).map_err(|e| e.message)?;
+            let t = time_fusion(entry, &params, shape, iters).map_err(|e| e.message)?;
             micros.push(t.as_secs_f64() * 1e6);
         }
         println!(

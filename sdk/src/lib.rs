@@ -13,6 +13,7 @@ pub mod data;
 pub mod export;
 pub mod fusion;
 pub mod math;
+pub mod mixture;
 pub mod params;
 pub mod plugin;
 pub mod suggest;
@@ -33,6 +34,7 @@ pub use data::{check_fused, Candidate, CandidateBuf, FusedTarget, FusionInput, F
 pub use export::{builtin_sets, BuiltinSet};
 pub use export::{manifest_json, Plugin};
 pub use fusion::FusionFn;
+pub use mixture::Mixture;
 pub use params::{ParamError, ParamKind, ParamSpec, ParamValue, Params};
 pub use plugin::{PluginInfo, PluginKind};
 
@@ -40,7 +42,7 @@ pub use plugin::{PluginInfo, PluginKind};
 /// crate is linked into fusellm), as the root module of a dylib, and as the exports of a
 /// WASM component.
 ///
-/// ```ignore
+/// ```text
 /// fusellm_sdk::export_plugins!(fusion: [MinCe, AvgCe]);
 /// ```
 ///

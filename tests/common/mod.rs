@@ -26,7 +26,7 @@ pub fn dylib(crate_name: &str) -> PathBuf {
 
 /// A plugin crate built as a WASM component.
 pub fn wasm(crate_name: &str) -> PathBuf {
-    must_exist(target_dir().join("wasm32-wasip2/release").join(format!("{crate_name}.wasm")))
+    must_exist(target_dir().join("wasm32-wasip2/plugin-wasm").join(format!("{crate_name}.wasm")))
 }
 
 /// The test plugins built against a different (next major) SDK version.

@@ -1,10 +1,12 @@
 //! The WASM tier: WebAssembly components of the world in sdk/wit/plugin.wit, run by
 //! wasmtime in a sandbox: an epoch deadline per call, a memory cap, and a WASI context
-//! with no file system, network, environment or arguments. Each call gets a fresh
-//! instance, so a trap or a leak cannot outlive it. Compiled components are cached on disk.
+//! with no file system, network, environment or arguments. An instance serves one call at
+//! a time and is reused while calls succeed (its grown memory and warm pages are most of
+//! the fixed cost of a call); after any failure it is dropped, so a trap cannot outlive
+//! its call. Compiled components are cached on disk.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fusellm_sdk::{FusedTarget, FusionFn, FusionInput, Params, PluginInfo, PluginKind};
@@ -116,7 +118,13 @@ impl WasmHost {
                     first_line(&e),
                 )
             })?;
-        let loaded = Arc::new(Loaded { pre, engine: self.engine.clone(), limits: self.limits.clone(), path: path.to_owned() });
+        let loaded = Arc::new(Loaded {
+            pre,
+            engine: self.engine.clone(),
+            limits: self.limits.clone(),
+            path: path.to_owned(),
+            idle: Mutex::new(None),
+        });
         let manifest = loaded.call(|plugin, store| plugin.call_manifest(store))?;
         parse_manifest(path, &manifest)?
             .into_iter()
@@ -183,17 +191,43 @@ fn first_line(e: &impl std::fmt::Display) -> String {
     format!("{e:#}").lines().next().unwrap_or_default().to_string()
 }
 
-/// A compiled component ready to instantiate.
+/// A compiled component ready to instantiate, and its idle instance.
 struct Loaded {
     pre: PluginPre<Sandbox>,
     engine: Engine,
     limits: WasmLimits,
     path: PathBuf,
+    idle: Mutex<Option<Instance>>,
+}
+
+/// A live instance of a component with its store.
+struct Instance {
+    store: Store<Sandbox>,
+    plugin: Plugin,
 }
 
 impl Loaded {
-    /// Runs `f` on a fresh instance inside the sandbox, turning traps into plain errors.
+    /// Runs `f` inside the sandbox, turning traps into plain errors.
     fn call<T>(&self, f: impl FnOnce(&Plugin, &mut Store<Sandbox>) -> wasmtime::Result<T>) -> Result<T, PluginError> {
+        let idle = self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
+        let mut instance = match idle {
+            Some(instance) => instance,
+            None => self.instantiate()?,
+        };
+        instance.store.set_epoch_deadline(self.deadline_ticks());
+        instance.store.data_mut().memory_denied = false;
+        let result = f(&instance.plugin, &mut instance.store).map_err(|e| self.explain(&e, instance.store.data()))?;
+        *self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(instance);
+        Ok(result)
+    }
+
+    /// The deadline in epoch ticks from now (wasmtime adds it to the current epoch).
+    fn deadline_ticks(&self) -> u64 {
+        let ticks = self.limits.deadline.as_nanos().div_ceil(TICK.as_nanos()).max(1);
+        u64::try_from(ticks).unwrap_or(u64::MAX / 2).min(u64::MAX / 2)
+    }
+
+    fn instantiate(&self) -> Result<Instance, PluginError> {
         let stderr = MemoryOutputPipe::new(64 << 10);
         let sandbox = Sandbox {
             wasi: WasiCtxBuilder::new().stderr(stderr.clone()).build(),
@@ -204,10 +238,11 @@ impl Loaded {
         };
         let mut store = Store::new(&self.engine, sandbox);
         store.limiter(|s| s as &mut dyn ResourceLimiter);
-        let ticks = self.limits.deadline.as_nanos().div_ceil(TICK.as_nanos()).max(1);
-        store.set_epoch_deadline(u64::try_from(ticks).unwrap_or(u64::MAX));
-        let result = self.pre.instantiate(&mut store).and_then(|plugin| f(&plugin, &mut store));
-        result.map_err(|e| self.explain(&e, store.data()))
+        store.set_epoch_deadline(self.deadline_ticks());
+        match self.pre.instantiate(&mut store) {
+            Ok(plugin) => Ok(Instance { store, plugin }),
+            Err(e) => Err(self.explain(&e, store.data())),
+        }
     }
 
     fn explain(&self, e: &wasmtime::Error, sandbox: &Sandbox) -> PluginError {

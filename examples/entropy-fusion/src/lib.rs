@@ -1,9 +1,8 @@
-//! Entropy-weighted fusion: at each position, each candidate's distribution is weighted by
-//! the inverse of its entropy, so a confident source counts more than an unsure one.
-
 use fusellm_sdk::math::{ln, softmax_into};
-use fusellm_sdk::{FusedTarget, FusionFn, FusionInput, ParamSpec, Params, PluginInfo, PluginKind};
+use fusellm_sdk::{FusedTarget, FusionFn, FusionInput, Mixture, ParamSpec, Params, PluginInfo, PluginKind};
 
+/// At each position, weights each candidate by the inverse entropy of its distribution:
+/// a confident source counts more than an unsure one.
 pub struct EntropyWeighted;
 
 impl FusionFn for EntropyWeighted {
@@ -13,28 +12,17 @@ impl FusionFn for EntropyWeighted {
     }
 
     fn fuse(&self, params: &Params, input: &FusionInput<'_>) -> Result<FusedTarget, String> {
-        let eps = params.float("eps");
         let mut out = FusedTarget::with_capacity(input.positions(), 0);
-        let (mut probs, mut merged) = (Vec::new(), Vec::<(u32, f64)>::new());
+        let (mut mix, mut probs) = (Mixture::default(), Vec::new());
         for p in 0..input.positions() {
-            merged.clear();
-            let mut total = 0.0;
-            for cand in &input.candidates {
-                let (ids, logits) = cand.dist.row(p);
+            mix.clear();
+            for candidate in &input.candidates {
+                let (ids, logits) = candidate.dist.row(p);
                 softmax_into(logits, 1.0, &mut probs);
-                let entropy: f64 = probs.iter().filter(|&&q| q > 0.0).map(|&q| -q * ln(q)).sum();
-                let weight = 1.0 / (entropy + eps);
-                total += if ids.is_empty() { 0.0 } else { weight };
-                for (&id, &q) in ids.iter().zip(&probs) {
-                    match merged.iter_mut().find(|(m, _)| *m == id) {
-                        Some((_, acc)) => *acc += weight * q,
-                        None => merged.push((id, weight * q)),
-                    }
-                }
+                let entropy: f64 = probs.iter().map(|&q| -q * ln(q.max(1e-300))).sum();
+                mix.add(ids, &probs, 1.0 / (entropy + params.float("eps")));
             }
-            out.ids.extend(merged.iter().map(|&(id, _)| id));
-            out.values.extend(merged.iter().map(|&(_, q)| (q / total) as f32));
-            out.end_row();
+            mix.push_normalised(&mut out);
         }
         Ok(out)
     }

@@ -1,5 +1,5 @@
 use fusellm_sdk::math::{exp, softmax_into};
-use fusellm_sdk::{FusedTarget, FusionFn, FusionInput, ParamSpec, Params, PluginInfo, PluginKind};
+use fusellm_sdk::{FusedTarget, FusionFn, FusionInput, Mixture, ParamSpec, Params, PluginInfo, PluginKind};
 
 use crate::candidates::{common_params, Pool};
 
@@ -30,7 +30,7 @@ impl FusionFn for AvgCe {
         let tau = params.float("tau");
         let positions = input.positions();
         let mut out = FusedTarget::with_capacity(positions, positions * 10);
-        let (mut logits, mut weights, mut probs, mut merged) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut logits, mut weights, mut probs, mut mix) = (Vec::new(), Vec::new(), Vec::new(), Mixture::default());
         for p in 0..positions {
             // Members with no distribution here drop out and the others' weights renormalise.
             let present: Vec<usize> = (0..pool.members.len()).filter(|&c| pool.row(c, p).is_some()).collect();
@@ -40,20 +40,13 @@ impl FusionFn for AvgCe {
                 (if paper { exp(-ce) } else { -ce / tau }) as f32
             }));
             softmax_into(&logits, 1.0, &mut weights);
-            merged.clear();
+            mix.clear();
             for (&c, &w) in present.iter().zip(&weights) {
                 let (ids, values) = pool.row(c, p).expect("present members have a row");
                 softmax_into(values, pool.temperature, &mut probs);
-                for (&id, &q) in ids.iter().zip(&probs) {
-                    match merged.iter_mut().find(|(m, _)| *m == id) {
-                        Some((_, acc)) => *acc += w * q,
-                        None => merged.push((id, w * q)),
-                    }
-                }
+                mix.add(ids, &probs, w);
             }
-            out.ids.extend(merged.iter().map(|&(id, _)| id));
-            out.values.extend(merged.iter().map(|&(_, q)| q as f32));
-            out.end_row();
+            mix.push_normalised(&mut out);
         }
         Ok(out)
     }
