@@ -11,7 +11,11 @@ use clap::{Parser, Subcommand};
 use fusellm_ce_fusion as _;
 
 #[derive(Parser)]
-#[command(name = "fusellm", version, about = "Knowledge fusion of large language models (FuseLLM)")]
+#[command(
+    name = "fusellm",
+    version,
+    about = "Knowledge fusion of large language models (FuseLLM)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -12,27 +12,50 @@ use fusellm_ce_fusion as _;
 fn tiers() -> [Registry; 3] {
     [
         Registry::with_builtins().unwrap(),
-        registry_of(Tier::Dylib, &dylib("fusellm_ce_fusion"), WasmLimits::default()),
-        registry_of(Tier::Wasm, &wasm("fusellm_ce_fusion"), WasmLimits::default()),
+        registry_of(
+            Tier::Dylib,
+            &dylib("fusellm_ce_fusion"),
+            WasmLimits::default(),
+        ),
+        registry_of(
+            Tier::Wasm,
+            &wasm("fusellm_ce_fusion"),
+            WasmLimits::default(),
+        ),
     ]
 }
 
 #[test]
 fn min_ce_and_avg_ce_are_bit_identical_in_every_tier() {
     let tiers = tiers();
-    let shape = Shape { positions: 300, candidates: 3, top_k: 10, vocab: 32000, unaligned: 0.2 };
+    let shape = Shape {
+        positions: 300,
+        candidates: 3,
+        top_k: 10,
+        vocab: 32000,
+        unaligned: 0.2,
+    };
     let settings: [&[(&str, ParamValue)]; 4] = [
         &[],
         &[("granularity", ParamValue::Str("token".into()))],
-        &[("weights", ParamValue::Str("softmax".into())), ("tau", ParamValue::Float(0.7))],
-        &[("include_target", ParamValue::Bool(false)), ("temperature", ParamValue::Float(2.0))],
+        &[
+            ("weights", ParamValue::Str("softmax".into())),
+            ("tau", ParamValue::Float(0.7)),
+        ],
+        &[
+            ("include_target", ParamValue::Bool(false)),
+            ("temperature", ParamValue::Float(2.0)),
+        ],
     ];
     for name in ["min_ce", "avg_ce"] {
         for setting in settings {
             if name == "min_ce" && setting.iter().any(|(k, _)| *k == "weights") {
                 continue;
             }
-            let given = setting.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+            let given = setting
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect();
             for seed in 0..3 {
                 let input = synthetic_input(seed, shape);
                 let outputs: Vec<_> = tiers
@@ -44,8 +67,14 @@ fn min_ce_and_avg_ce_are_bit_identical_in_every_tier() {
                     })
                     .collect();
                 assert!(!outputs[0].ids.is_empty());
-                assert!(outputs[0].bit_identical(&outputs[1]), "{name} {setting:?}: builtin != dylib");
-                assert!(outputs[0].bit_identical(&outputs[2]), "{name} {setting:?}: builtin != wasm");
+                assert!(
+                    outputs[0].bit_identical(&outputs[1]),
+                    "{name} {setting:?}: builtin != dylib"
+                );
+                assert!(
+                    outputs[0].bit_identical(&outputs[2]),
+                    "{name} {setting:?}: builtin != wasm"
+                );
             }
         }
     }
@@ -55,7 +84,10 @@ fn min_ce_and_avg_ce_are_bit_identical_in_every_tier() {
 fn every_tier_reports_the_same_manifest() {
     let tiers = tiers();
     for name in ["min_ce", "avg_ce"] {
-        let infos: Vec<_> = tiers.iter().map(|r| r.get(PluginKind::Fusion, name).unwrap().info.clone()).collect();
+        let infos: Vec<_> = tiers
+            .iter()
+            .map(|r| r.get(PluginKind::Fusion, name).unwrap().info.clone())
+            .collect();
         assert_eq!(infos[0], infos[1]);
         assert_eq!(infos[0], infos[2]);
     }
@@ -69,7 +101,13 @@ fn built_in_fusion_plugins_pass_the_conformance_check_in_every_tier() {
             let results = check_fusion(entry);
             assert!(results.len() >= 7);
             for r in results {
-                assert!(r.outcome.is_ok(), "{}: {}: {:?}", entry.label(), r.name, r.outcome);
+                assert!(
+                    r.outcome.is_ok(),
+                    "{}: {}: {:?}",
+                    entry.label(),
+                    r.name,
+                    r.outcome
+                );
             }
         }
     }
@@ -77,11 +115,22 @@ fn built_in_fusion_plugins_pass_the_conformance_check_in_every_tier() {
 
 #[test]
 fn the_example_plugin_passes_the_conformance_check_in_both_forms() {
-    for (tier, path) in [(Tier::Dylib, dylib("entropy_fusion")), (Tier::Wasm, wasm("entropy_fusion"))] {
+    for (tier, path) in [
+        (Tier::Dylib, dylib("entropy_fusion")),
+        (Tier::Wasm, wasm("entropy_fusion")),
+    ] {
         let registry = registry_of(tier, &path, WasmLimits::default());
-        let entry = registry.get(PluginKind::Fusion, "entropy_weighted").unwrap();
+        let entry = registry
+            .get(PluginKind::Fusion, "entropy_weighted")
+            .unwrap();
         for r in check_fusion(entry) {
-            assert!(r.outcome.is_ok(), "{}: {}: {:?}", entry.label(), r.name, r.outcome);
+            assert!(
+                r.outcome.is_ok(),
+                "{}: {}: {:?}",
+                entry.label(),
+                r.name,
+                r.outcome
+            );
         }
     }
 }

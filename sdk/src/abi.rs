@@ -56,7 +56,8 @@ pub struct PluginModule {
     pub manifest: extern "C" fn() -> RResult<RString, RString>,
     /// Runs a fusion plugin by name; see [`fuse_by_name`].
     #[sabi(last_prefix_field)]
-    pub fuse: extern "C" fn(RStr<'_>, RStr<'_>, &AbiFusionInput<'_>) -> RResult<AbiRowsBuf, RString>,
+    pub fuse:
+        extern "C" fn(RStr<'_>, RStr<'_>, &AbiFusionInput<'_>) -> RResult<AbiRowsBuf, RString>,
 }
 
 impl RootModule for PluginModule_Ref {
@@ -76,19 +77,33 @@ pub const SDK_VERSION: VersionStrings = VersionStrings::new("1.0.0");
 
 impl<'a> From<SparseRows<'a>> for AbiRows<'a> {
     fn from(r: SparseRows<'a>) -> Self {
-        Self { offsets: r.offsets.into(), ids: r.ids.into(), values: r.values.into() }
+        Self {
+            offsets: r.offsets.into(),
+            ids: r.ids.into(),
+            values: r.values.into(),
+        }
     }
 }
 
 impl<'a> From<AbiRows<'a>> for SparseRows<'a> {
     fn from(r: AbiRows<'a>) -> Self {
-        Self { offsets: r.offsets.as_slice(), ids: r.ids.as_slice(), values: r.values.as_slice() }
+        Self {
+            offsets: r.offsets.as_slice(),
+            ids: r.ids.as_slice(),
+            values: r.values.as_slice(),
+        }
     }
 }
 
 impl<'a> From<&Candidate<'a>> for AbiCandidate<'a> {
     fn from(c: &Candidate<'a>) -> Self {
-        Self { dist: c.dist.into(), ce_doc: c.ce_doc, ce_token: c.ce_token.into(), tokens: c.tokens, is_target: c.is_target }
+        Self {
+            dist: c.dist.into(),
+            ce_doc: c.ce_doc,
+            ce_token: c.ce_token.into(),
+            tokens: c.tokens,
+            is_target: c.is_target,
+        }
     }
 }
 
@@ -105,19 +120,31 @@ impl<'a> From<&AbiFusionInput<'a>> for FusionInput<'a> {
                 is_target: c.is_target,
             })
             .collect();
-        Self { gold: i.gold.as_slice(), text_bytes: i.text_bytes, candidates }
+        Self {
+            gold: i.gold.as_slice(),
+            text_bytes: i.text_bytes,
+            candidates,
+        }
     }
 }
 
 impl From<SparseRowsBuf> for AbiRowsBuf {
     fn from(b: SparseRowsBuf) -> Self {
-        Self { offsets: b.offsets.into(), ids: b.ids.into(), values: b.values.into() }
+        Self {
+            offsets: b.offsets.into(),
+            ids: b.ids.into(),
+            values: b.values.into(),
+        }
     }
 }
 
 impl From<AbiRowsBuf> for SparseRowsBuf {
     fn from(b: AbiRowsBuf) -> Self {
-        Self { offsets: b.offsets.into_vec(), ids: b.ids.into_vec(), values: b.values.into_vec() }
+        Self {
+            offsets: b.offsets.into_vec(),
+            ids: b.ids.into_vec(),
+            values: b.values.into_vec(),
+        }
     }
 }
 
@@ -126,7 +153,9 @@ fn guarded<T>(f: impl FnOnce() -> Result<T, String>) -> RResult<T, RString> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(Ok(v)) => RResult::ROk(v),
         Ok(Err(e)) => RResult::RErr(e.into()),
-        Err(payload) => RResult::RErr(format!("plugin panicked: {}", panic_message(&*payload)).into()),
+        Err(payload) => {
+            RResult::RErr(format!("plugin panicked: {}", panic_message(&*payload)).into())
+        }
     }
 }
 
@@ -136,8 +165,15 @@ pub fn export_manifest(plugins: &[Plugin]) -> RResult<RString, RString> {
 }
 
 /// Body of the exported `fuse` function.
-pub fn export_fuse(plugins: &[Plugin], name: RStr<'_>, params: RStr<'_>, input: &AbiFusionInput<'_>) -> RResult<AbiRowsBuf, RString> {
-    guarded(|| fuse_by_name(plugins, name.as_str(), params.as_str(), &input.into()).map(AbiRowsBuf::from))
+pub fn export_fuse(
+    plugins: &[Plugin],
+    name: RStr<'_>,
+    params: RStr<'_>,
+    input: &AbiFusionInput<'_>,
+) -> RResult<AbiRowsBuf, RString> {
+    guarded(|| {
+        fuse_by_name(plugins, name.as_str(), params.as_str(), &input.into()).map(AbiRowsBuf::from)
+    })
 }
 
 /// Exports `plugins` as the library's root module. This is what abi_stable's
@@ -184,6 +220,9 @@ macro_rules! __export_dylib {
 mod tests {
     #[test]
     fn exported_symbol_is_abi_stables_loader_name() {
-        assert_eq!(abi_stable::library::ROOT_MODULE_LOADER_NAME, "_1as_0lib_1header_0root_bmodule_bloader");
+        assert_eq!(
+            abi_stable::library::ROOT_MODULE_LOADER_NAME,
+            "_1as_0lib_1header_0root_bmodule_bloader"
+        );
     }
 }

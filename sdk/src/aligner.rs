@@ -47,11 +47,21 @@ pub struct VocabMap {
 /// Aligns two tokenizations of the same text (`dtw`, `offsets`, ...).
 pub trait SequenceAligner: Send + Sync {
     fn info(&self) -> PluginInfo;
-    fn align(&self, params: &Params, a: TokenStrings<'_>, b: TokenStrings<'_>) -> Result<Alignment, String>;
+    fn align(
+        &self,
+        params: &Params,
+        a: TokenStrings<'_>,
+        b: TokenStrings<'_>,
+    ) -> Result<Alignment, String>;
 }
 
 /// Maps every source-vocabulary token to a target-vocabulary token (`em`, `mined`, ...).
 pub trait VocabMapper: Send + Sync {
     fn info(&self) -> PluginInfo;
-    fn map_vocab(&self, params: &Params, source: TokenStrings<'_>, target: TokenStrings<'_>) -> Result<VocabMap, String>;
+    fn map_vocab(
+        &self,
+        params: &Params,
+        source: TokenStrings<'_>,
+        target: TokenStrings<'_>,
+    ) -> Result<VocabMap, String>;
 }

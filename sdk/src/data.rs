@@ -50,7 +50,10 @@ impl<'a> SparseRows<'a> {
             ));
         }
         if self.offsets[0] != 0 {
-            return Err(format!("{what}: offsets start at {}, not 0", self.offsets[0]));
+            return Err(format!(
+                "{what}: offsets start at {}, not 0",
+                self.offsets[0]
+            ));
         }
         if let Some(p) = self.offsets.windows(2).position(|w| w[1] < w[0]) {
             return Err(format!("{what}: offsets decrease at position {p}"));
@@ -72,7 +75,11 @@ impl SparseRowsBuf {
     pub fn with_capacity(rows: usize, entries: usize) -> Self {
         let mut offsets = Vec::with_capacity(rows + 1);
         offsets.push(0);
-        Self { offsets, ids: Vec::with_capacity(entries), values: Vec::with_capacity(entries) }
+        Self {
+            offsets,
+            ids: Vec::with_capacity(entries),
+            values: Vec::with_capacity(entries),
+        }
     }
 
     /// Appends one row.
@@ -88,7 +95,11 @@ impl SparseRowsBuf {
     }
 
     pub fn rows(&self) -> SparseRows<'_> {
-        SparseRows { offsets: &self.offsets, ids: &self.ids, values: &self.values }
+        SparseRows {
+            offsets: &self.offsets,
+            ids: &self.ids,
+            values: &self.values,
+        }
     }
 
     /// Bit-level equality: NaN equals NaN and 0.0 differs from -0.0, as needed to check that
@@ -97,7 +108,11 @@ impl SparseRowsBuf {
         self.offsets == other.offsets
             && self.ids == other.ids
             && self.values.len() == other.values.len()
-            && self.values.iter().zip(&other.values).all(|(a, b)| a.to_bits() == b.to_bits())
+            && self
+                .values
+                .iter()
+                .zip(&other.values)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
     }
 }
 
@@ -206,7 +221,9 @@ pub fn check_fused(fused: &FusedTarget, positions: usize) -> Result<(), String> 
         }
         let sum: f64 = probs.iter().map(|&v| v as f64).sum();
         if !probs.is_empty() && (sum - 1.0).abs() > 1e-3 {
-            return Err(format!("fused target: probabilities at position {p} sum to {sum}, not 1"));
+            return Err(format!(
+                "fused target: probabilities at position {p} sum to {sum}, not 1"
+            ));
         }
     }
     Ok(())

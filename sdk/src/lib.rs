@@ -29,7 +29,10 @@ pub use {abi_stable, inventory};
 
 pub use adapter::{CheckpointFiles, ModelAdapter, ModelSpec};
 pub use aligner::{Alignment, SequenceAligner, TokenStrings, VocabMap, VocabMapper};
-pub use data::{check_fused, Candidate, CandidateBuf, FusedTarget, FusionInput, FusionInputBuf, SparseRows, SparseRowsBuf};
+pub use data::{
+    check_fused, Candidate, CandidateBuf, FusedTarget, FusionInput, FusionInputBuf, SparseRows,
+    SparseRowsBuf,
+};
 #[cfg(not(target_arch = "wasm32"))]
 pub use export::{builtin_sets, BuiltinSet};
 pub use export::{manifest_json, Plugin};

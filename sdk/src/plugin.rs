@@ -45,7 +45,13 @@ pub struct PluginInfo {
 
 impl PluginInfo {
     pub fn new(kind: PluginKind, name: &str, version: &str, doc: &str) -> Self {
-        Self { name: name.into(), kind, version: version.into(), doc: doc.into(), params: Vec::new() }
+        Self {
+            name: name.into(),
+            kind,
+            version: version.into(),
+            doc: doc.into(),
+            params: Vec::new(),
+        }
     }
 
     /// Declares one parameter (builder style, next to the plugin's code).
@@ -57,13 +63,22 @@ impl PluginInfo {
     /// Checks what a host relies on: a plugin name usable in configs and a semantic version.
     pub fn check(&self) -> Result<(), String> {
         let name_ok = !self.name.is_empty()
-            && self.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            && self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
         if !name_ok {
-            return Err(format!("plugin name {:?} must be non-empty ASCII letters, digits, `_` or `-`", self.name));
+            return Err(format!(
+                "plugin name {:?} must be non-empty ASCII letters, digits, `_` or `-`",
+                self.name
+            ));
         }
         let parts: Vec<&str> = self.version.split(['.', '-', '+']).take(3).collect();
         if parts.len() < 3 || parts.iter().any(|p| p.parse::<u64>().is_err()) {
-            return Err(format!("plugin `{}` has version {:?}, not a semantic version like 1.2.3", self.name, self.version));
+            return Err(format!(
+                "plugin `{}` has version {:?}, not a semantic version like 1.2.3",
+                self.name, self.version
+            ));
         }
         Ok(())
     }

@@ -16,11 +16,20 @@ wit_bindgen::generate!({
 use fusellm::plugin::types as wit;
 
 fn rows(r: &wit::SparseRows) -> data::SparseRows<'_> {
-    data::SparseRows { offsets: &r.offsets, ids: &r.ids, values: &r.values }
+    data::SparseRows {
+        offsets: &r.offsets,
+        ids: &r.ids,
+        values: &r.values,
+    }
 }
 
 /// Body of the exported `fuse` function.
-pub fn export_fuse(plugins: &[Plugin], name: &str, params: &str, input: &wit::FusionInput) -> Result<wit::SparseRows, String> {
+pub fn export_fuse(
+    plugins: &[Plugin],
+    name: &str,
+    params: &str,
+    input: &wit::FusionInput,
+) -> Result<wit::SparseRows, String> {
     let candidates = input
         .candidates
         .iter()
@@ -32,9 +41,21 @@ pub fn export_fuse(plugins: &[Plugin], name: &str, params: &str, input: &wit::Fu
             is_target: c.is_target,
         })
         .collect();
-    let view = data::FusionInput { gold: &input.gold, text_bytes: input.text_bytes, candidates };
-    let SparseRowsBuf { offsets, ids, values } = fuse_by_name(plugins, name, params, &view)?;
-    Ok(wit::SparseRows { offsets, ids, values })
+    let view = data::FusionInput {
+        gold: &input.gold,
+        text_bytes: input.text_bytes,
+        candidates,
+    };
+    let SparseRowsBuf {
+        offsets,
+        ids,
+        values,
+    } = fuse_by_name(plugins, name, params, &view)?;
+    Ok(wit::SparseRows {
+        offsets,
+        ids,
+        values,
+    })
 }
 
 /// Exports `plugins` as the component's `manifest` and `fuse`.

@@ -18,13 +18,21 @@ pub(super) fn load(path: &Path) -> Result<Vec<Entry>, PluginError> {
     let module = open(path).map_err(|e| PluginError::new(summarise(path, &e)))?;
     let manifest = match (module.manifest())() {
         RResult::ROk(json) => json.into_string(),
-        RResult::RErr(e) => return Err(PluginError::new(format!("{}: describing its plugins failed: {e}", path.display()))),
+        RResult::RErr(e) => {
+            return Err(PluginError::new(format!(
+                "{}: describing its plugins failed: {e}",
+                path.display()
+            )))
+        }
     };
     parse_manifest(path, &manifest)?
         .into_iter()
         .map(|info| {
             let handle = match info.kind {
-                PluginKind::Fusion => Handle::Fusion(Arc::new(DylibFusion { module, info: info.clone() })),
+                PluginKind::Fusion => Handle::Fusion(Arc::new(DylibFusion {
+                    module,
+                    info: info.clone(),
+                })),
                 kind => return Err(unsupported_kind(path, &info.name, kind)),
             };
             Entry::new(info, Tier::Dylib, path.display().to_string(), handle)
@@ -81,10 +89,27 @@ fn summarise(path: &Path, e: &LibraryError) -> String {
 
 /// The first mismatch of abi_stable's layout report: the type and field, expected vs found.
 fn layout_summary(report: &str) -> String {
-    let lines: Vec<&str> = report.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
-    let after = |tag: &str| lines.iter().position(|l| l.starts_with(tag)).and_then(|i| lines.get(i + 1)).copied();
-    let inside = lines.iter().find(|l| l.contains("inside:")).map(|l| l.trim_start_matches(|c: char| !c.is_alphabetic()));
-    let error = lines.iter().find_map(|l| l.strip_prefix("Error:")).unwrap_or("layouts differ").trim();
+    let lines: Vec<&str> = report
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let after = |tag: &str| {
+        lines
+            .iter()
+            .position(|l| l.starts_with(tag))
+            .and_then(|i| lines.get(i + 1))
+            .copied()
+    };
+    let inside = lines
+        .iter()
+        .find(|l| l.contains("inside:"))
+        .map(|l| l.trim_start_matches(|c: char| !c.is_alphabetic()));
+    let error = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("Error:"))
+        .unwrap_or("layouts differ")
+        .trim();
     format!(
         "{error} {}: expected {}, found {}",
         inside.unwrap_or("in the root module"),
@@ -106,13 +131,18 @@ impl FusionFn for DylibFusion {
 
     fn fuse(&self, params: &Params, input: &FusionInput<'_>) -> Result<FusedTarget, String> {
         let params = serde_json::to_string(&params.0).expect("parameters serialise");
-        let candidates: Vec<AbiCandidate<'_>> = input.candidates.iter().map(AbiCandidate::from).collect();
+        let candidates: Vec<AbiCandidate<'_>> =
+            input.candidates.iter().map(AbiCandidate::from).collect();
         let abi_input = AbiFusionInput {
             gold: input.gold.into(),
             text_bytes: input.text_bytes,
             candidates: RSlice::from_slice(&candidates),
         };
-        match (self.module.fuse())(self.info.name.as_str().into(), params.as_str().into(), &abi_input) {
+        match (self.module.fuse())(
+            self.info.name.as_str().into(),
+            params.as_str().into(),
+            &abi_input,
+        ) {
             RResult::ROk(rows) => Ok(rows.into()),
             RResult::RErr(e) => Err(e.into_string()),
         }

@@ -16,7 +16,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use fusellm_sdk::suggest::did_you_mean;
-use fusellm_sdk::{check_fused, FusedTarget, FusionFn, FusionInput, ParamError, ParamValue, Params, PluginInfo, PluginKind};
+use fusellm_sdk::{
+    check_fused, FusedTarget, FusionFn, FusionInput, ParamError, ParamValue, Params, PluginInfo,
+    PluginKind,
+};
 
 pub use wasm::{WasmHost, WasmLimits};
 
@@ -64,7 +67,9 @@ pub struct PluginError {
 
 impl PluginError {
     pub fn new(message: impl Into<String>) -> Self {
-        Self { message: message.into() }
+        Self {
+            message: message.into(),
+        }
     }
 }
 
@@ -94,9 +99,20 @@ enum Handle {
 }
 
 impl Entry {
-    fn new(info: PluginInfo, tier: Tier, origin: String, handle: Handle) -> Result<Self, PluginError> {
-        info.check().map_err(|e| PluginError::new(format!("{origin}: {e}")))?;
-        Ok(Self { info, tier, origin, handle })
+    fn new(
+        info: PluginInfo,
+        tier: Tier,
+        origin: String,
+        handle: Handle,
+    ) -> Result<Self, PluginError> {
+        info.check()
+            .map_err(|e| PluginError::new(format!("{origin}: {e}")))?;
+        Ok(Self {
+            info,
+            tier,
+            origin,
+            handle,
+        })
     }
 
     /// "`min_ce` (builtin, fusellm-ce-fusion)", for messages.
@@ -105,7 +121,10 @@ impl Entry {
     }
 
     /// Checks configured parameters against the plugin's schema and fills in defaults.
-    pub fn resolve_params(&self, given: &BTreeMap<String, ParamValue>) -> Result<Params, ParamError> {
+    pub fn resolve_params(
+        &self,
+        given: &BTreeMap<String, ParamValue>,
+    ) -> Result<Params, ParamError> {
         Params::resolve(&self.info.params, given).map_err(|e| ParamError {
             message: format!("plugin `{}`: {}", self.info.name, e.message),
             param: e.param,
@@ -114,16 +133,32 @@ impl Entry {
 
     /// Runs a fusion plugin on one document, checking the input before and the output
     /// after: a plugin's bad output is an error naming it, never a silent corruption.
-    pub fn fuse(&self, params: &Params, input: &FusionInput<'_>) -> Result<FusedTarget, PluginError> {
+    pub fn fuse(
+        &self,
+        params: &Params,
+        input: &FusionInput<'_>,
+    ) -> Result<FusedTarget, PluginError> {
         let fusion = self.fusion()?;
-        input.check().map_err(|e| PluginError::new(format!("input to {}: {e}", self.label())))?;
+        input
+            .check()
+            .map_err(|e| PluginError::new(format!("input to {}: {e}", self.label())))?;
         // Dylib and WASM glue catch their own panics; this catches a built-in's.
-        let call = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fusion.fuse(params, input)));
+        let call =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fusion.fuse(params, input)));
         let fused = call
-            .unwrap_or_else(|payload| Err(format!("plugin panicked: {}", fusellm_sdk::export::panic_message(&*payload))))
+            .unwrap_or_else(|payload| {
+                Err(format!(
+                    "plugin panicked: {}",
+                    fusellm_sdk::export::panic_message(&*payload)
+                ))
+            })
             .map_err(|e| PluginError::new(format!("fusion plugin {} failed: {e}", self.label())))?;
-        check_fused(&fused, input.positions())
-            .map_err(|e| PluginError::new(format!("fusion plugin {} returned a bad target: {e}", self.label())))?;
+        check_fused(&fused, input.positions()).map_err(|e| {
+            PluginError::new(format!(
+                "fusion plugin {} returned a bad target: {e}",
+                self.label()
+            ))
+        })?;
         Ok(fused)
     }
 
@@ -131,9 +166,11 @@ impl Entry {
         match &self.handle {
             Handle::Fusion(f) => Ok(f.as_ref()),
             Handle::Builtin(fusellm_sdk::Plugin::Fusion(f)) => Ok(*f),
-            Handle::Builtin(_) => {
-                Err(PluginError::new(format!("{} is a {} plugin, not a fusion plugin", self.label(), self.info.kind)))
-            }
+            Handle::Builtin(_) => Err(PluginError::new(format!(
+                "{} is a {} plugin, not a fusion plugin",
+                self.label(),
+                self.info.kind
+            ))),
         }
     }
 }
@@ -157,7 +194,12 @@ impl Registry {
     }
 
     pub fn empty() -> Self {
-        Self { entries: Vec::new(), loaded_files: Vec::new(), wasm: None, wasm_limits: WasmLimits::default() }
+        Self {
+            entries: Vec::new(),
+            loaded_files: Vec::new(),
+            wasm: None,
+            wasm_limits: WasmLimits::default(),
+        }
     }
 
     /// Sets the sandbox limits of WASM plugins loaded from now on.
@@ -180,7 +222,11 @@ impl Registry {
             let entries = match tier {
                 Tier::Wasm => self.wasm_host()?.load(&canonical)?,
                 Tier::Dylib => dylib::load(&canonical)?,
-                Tier::Builtin => return Err(PluginError::new("built-in plugins are linked in, not loaded from files")),
+                Tier::Builtin => {
+                    return Err(PluginError::new(
+                        "built-in plugins are linked in, not loaded from files",
+                    ))
+                }
             };
             for entry in entries {
                 self.register(entry)?;
@@ -188,7 +234,12 @@ impl Registry {
             self.loaded_files.push(canonical.clone());
         }
         let origin = canonical.display().to_string();
-        Ok(self.entries.iter().filter(|e| e.origin == origin).map(|e| e.info.name.clone()).collect())
+        Ok(self
+            .entries
+            .iter()
+            .filter(|e| e.origin == origin)
+            .map(|e| e.info.name.clone())
+            .collect())
     }
 
     fn wasm_host(&mut self) -> Result<&WasmHost, PluginError> {
@@ -216,14 +267,26 @@ impl Registry {
     pub fn get(&self, kind: PluginKind, name: &str) -> Result<&Entry, PluginError> {
         match self.entries.iter().find(|e| e.info.name == name) {
             Some(e) if e.info.kind == kind => Ok(e),
-            Some(e) => Err(PluginError::new(format!("{} is a {} plugin, not a {kind} plugin", e.label(), e.info.kind))),
+            Some(e) => Err(PluginError::new(format!(
+                "{} is a {} plugin, not a {kind} plugin",
+                e.label(),
+                e.info.kind
+            ))),
             None => {
-                let known: Vec<&str> =
-                    self.entries.iter().filter(|e| e.info.kind == kind).map(|e| e.info.name.as_str()).collect();
+                let known: Vec<&str> = self
+                    .entries
+                    .iter()
+                    .filter(|e| e.info.kind == kind)
+                    .map(|e| e.info.name.as_str())
+                    .collect();
                 Err(PluginError::new(format!(
                     "unknown {kind} plugin `{name}`{}; known {kind} plugins: {}",
                     did_you_mean(name, known.iter().copied()),
-                    if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
                 )))
             }
         }
@@ -233,12 +296,22 @@ impl Registry {
 /// Canonical path of a plugin file that exists and can be read.
 fn readable_file(path: &Path) -> Result<PathBuf, PluginError> {
     let canonical = path.canonicalize().map_err(|e| {
-        PluginError::new(format!("plugin file {} not found ({e}); check the path, or build the plugin first", path.display()))
+        PluginError::new(format!(
+            "plugin file {} not found ({e}); check the path, or build the plugin first",
+            path.display()
+        ))
     })?;
     if !canonical.is_file() {
-        return Err(PluginError::new(format!("plugin file {} cannot be read: it is not a file", path.display())));
+        return Err(PluginError::new(format!(
+            "plugin file {} cannot be read: it is not a file",
+            path.display()
+        )));
     }
-    std::fs::File::open(&canonical)
-        .map_err(|e| PluginError::new(format!("plugin file {} cannot be read: {e}", path.display())))?;
+    std::fs::File::open(&canonical).map_err(|e| {
+        PluginError::new(format!(
+            "plugin file {} cannot be read: {e}",
+            path.display()
+        ))
+    })?;
     Ok(canonical)
 }

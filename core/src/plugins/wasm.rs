@@ -39,13 +39,21 @@ pub struct WasmLimits {
 
 impl Default for WasmLimits {
     fn default() -> Self {
-        Self { deadline: Duration::from_secs(30), memory_bytes: 1 << 30, cache_dir: default_cache_dir() }
+        Self {
+            deadline: Duration::from_secs(30),
+            memory_bytes: 1 << 30,
+            cache_dir: default_cache_dir(),
+        }
     }
 }
 
 /// `$FUSELLM_CACHE`, else `$XDG_CACHE_HOME/fusellm`, else `~/.cache/fusellm`.
 fn default_cache_dir() -> Option<PathBuf> {
-    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     env("FUSELLM_CACHE")
         .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("fusellm")))
         .or_else(|| env("HOME").map(|d| d.join(".cache/fusellm")))
@@ -73,18 +81,31 @@ struct Sandbox {
 
 impl WasiView for Sandbox {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }
 
 impl ResourceLimiter for Sandbox {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         let allowed = desired <= self.memory_cap;
         self.memory_denied |= !allowed;
         Ok(allowed)
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         Ok(desired <= 1 << 20)
     }
 }
@@ -99,14 +120,20 @@ impl WasmHost {
         config.epoch_interruption(true);
         let engine = Engine::new(&config).map_err(|e| host_error("starting the WASM engine", e))?;
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| host_error("linking WASI", e))?;
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+            .map_err(|e| host_error("linking WASI", e))?;
         spawn_ticker(&engine);
-        Ok(Self { engine, linker, limits })
+        Ok(Self {
+            engine,
+            linker,
+            limits,
+        })
     }
 
     /// Compiles (or fetches from the cache) a component and registers its plugins.
     pub(super) fn load(&self, path: &Path) -> Result<Vec<Entry>, PluginError> {
-        let bytes = std::fs::read(path).map_err(|e| host_error(&format!("reading {}", path.display()), e))?;
+        let bytes = std::fs::read(path)
+            .map_err(|e| host_error(&format!("reading {}", path.display()), e))?;
         let component = self.compile(path, &bytes)?;
         let pre = self
             .linker
@@ -114,7 +141,10 @@ impl WasmHost {
             .and_then(PluginPre::new)
             .map_err(|e| {
                 host_error(
-                    &format!("{} is not a fusellm plugin component (world fusellm:plugin/plugin)", path.display()),
+                    &format!(
+                        "{} is not a fusellm plugin component (world fusellm:plugin/plugin)",
+                        path.display()
+                    ),
                     first_line(&e),
                 )
             })?;
@@ -130,7 +160,10 @@ impl WasmHost {
             .into_iter()
             .map(|info| {
                 let handle = match info.kind {
-                    PluginKind::Fusion => Handle::Fusion(Arc::new(WasmFusion { loaded: loaded.clone(), info: info.clone() })),
+                    PluginKind::Fusion => Handle::Fusion(Arc::new(WasmFusion {
+                        loaded: loaded.clone(),
+                        info: info.clone(),
+                    })),
                     kind => return Err(unsupported_kind(path, &info.name, kind)),
                 };
                 Entry::new(info, Tier::Wasm, path.display().to_string(), handle)
@@ -139,7 +172,11 @@ impl WasmHost {
     }
 
     fn compile(&self, path: &Path, bytes: &[u8]) -> Result<Component, PluginError> {
-        let cached = self.limits.cache_dir.as_ref().map(|dir| dir.join("wasm").join(self.cache_key(bytes)));
+        let cached = self
+            .limits
+            .cache_dir
+            .as_ref()
+            .map(|dir| dir.join("wasm").join(self.cache_key(bytes)));
         if let Some(file) = cached.as_ref().filter(|f| f.exists()) {
             // SAFETY: the file was written by `Component::serialize` of an engine with the
             // same compatibility hash (part of the key); a stale or foreign file is rejected
@@ -149,11 +186,16 @@ impl WasmHost {
             }
         }
         let component = Component::new(&self.engine, bytes).map_err(|e| {
-            host_error(&format!("{} is not a valid WebAssembly component", path.display()), first_line(&e))
+            host_error(
+                &format!("{} is not a valid WebAssembly component", path.display()),
+                first_line(&e),
+            )
         })?;
         if let Some(file) = cached {
             // The cache only saves time: failing to write it is not an error.
-            let _ = component.serialize().map(|data| write_atomically(&file, &data));
+            let _ = component
+                .serialize()
+                .map(|data| write_atomically(&file, &data));
         }
         Ok(component)
     }
@@ -161,7 +203,9 @@ impl WasmHost {
     fn cache_key(&self, bytes: &[u8]) -> String {
         use std::hash::{Hash, Hasher};
         let mut engine_hash = std::collections::hash_map::DefaultHasher::new();
-        self.engine.precompile_compatibility_hash().hash(&mut engine_hash);
+        self.engine
+            .precompile_compatibility_hash()
+            .hash(&mut engine_hash);
         let digest = Sha256::digest(bytes);
         let hex: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
         format!("{hex}-{:016x}.cwasm", engine_hash.finish())
@@ -188,7 +232,11 @@ fn spawn_ticker(engine: &Engine) {
 }
 
 fn first_line(e: &impl std::fmt::Display) -> String {
-    format!("{e:#}").lines().next().unwrap_or_default().to_string()
+    format!("{e:#}")
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// A compiled component ready to instantiate, and its idle instance.
@@ -208,23 +256,41 @@ struct Instance {
 
 impl Loaded {
     /// Runs `f` inside the sandbox, turning traps into plain errors.
-    fn call<T>(&self, f: impl FnOnce(&Plugin, &mut Store<Sandbox>) -> wasmtime::Result<T>) -> Result<T, PluginError> {
-        let idle = self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
+    fn call<T>(
+        &self,
+        f: impl FnOnce(&Plugin, &mut Store<Sandbox>) -> wasmtime::Result<T>,
+    ) -> Result<T, PluginError> {
+        let idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
         let mut instance = match idle {
             Some(instance) => instance,
             None => self.instantiate()?,
         };
         instance.store.set_epoch_deadline(self.deadline_ticks());
         instance.store.data_mut().memory_denied = false;
-        let result = f(&instance.plugin, &mut instance.store).map_err(|e| self.explain(&e, instance.store.data()))?;
-        *self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(instance);
+        let result = f(&instance.plugin, &mut instance.store)
+            .map_err(|e| self.explain(&e, instance.store.data()))?;
+        *self
+            .idle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(instance);
         Ok(result)
     }
 
     /// The deadline in epoch ticks from now (wasmtime adds it to the current epoch).
     fn deadline_ticks(&self) -> u64 {
-        let ticks = self.limits.deadline.as_nanos().div_ceil(TICK.as_nanos()).max(1);
-        u64::try_from(ticks).unwrap_or(u64::MAX / 2).min(u64::MAX / 2)
+        let ticks = self
+            .limits
+            .deadline
+            .as_nanos()
+            .div_ceil(TICK.as_nanos())
+            .max(1);
+        u64::try_from(ticks)
+            .unwrap_or(u64::MAX / 2)
+            .min(u64::MAX / 2)
     }
 
     fn instantiate(&self) -> Result<Instance, PluginError> {
@@ -249,12 +315,18 @@ impl Loaded {
         let file = self.path.display();
         let stderr = String::from_utf8_lossy(&sandbox.stderr.contents()).into_owned();
         let message = if sandbox.memory_denied {
-            format!("{file}: exceeded the memory cap of {} MiB", self.limits.memory_bytes >> 20)
+            format!(
+                "{file}: exceeded the memory cap of {} MiB",
+                self.limits.memory_bytes >> 20
+            )
         } else if let Some(panic) = panic_report(&stderr) {
             format!("{file}: plugin panicked: {panic}")
         } else {
             match e.downcast_ref::<Trap>() {
-                Some(Trap::Interrupt) => format!("{file}: exceeded the deadline of {:?} per call", self.limits.deadline),
+                Some(Trap::Interrupt) => format!(
+                    "{file}: exceeded the deadline of {:?} per call",
+                    self.limits.deadline
+                ),
                 Some(trap) => format!("{file}: {trap}"),
                 None => format!("{file}: {}", first_line(e)),
             }
@@ -267,7 +339,12 @@ impl Loaded {
 /// ("thread '...' panicked at src/lib.rs:29:5:\nmessage\nnote: ...").
 fn panic_report(stderr: &str) -> Option<String> {
     let mut lines = stderr.lines().skip_while(|l| !l.contains(" panicked at "));
-    let place = lines.next()?.split(" panicked at ").nth(1)?.trim_end_matches(':').to_string();
+    let place = lines
+        .next()?
+        .split(" panicked at ")
+        .nth(1)?
+        .trim_end_matches(':')
+        .to_string();
     let message: Vec<&str> = lines.take_while(|l| !l.starts_with("note: ")).collect();
     Some(format!("{} (at {place})", message.join(" ")))
 }
@@ -286,9 +363,15 @@ impl FusionFn for WasmFusion {
     fn fuse(&self, params: &Params, input: &FusionInput<'_>) -> Result<FusedTarget, String> {
         let params = serde_json::to_string(&params.0).expect("parameters serialise");
         let input = to_wit(input);
-        let result = self.loaded.call(|plugin, store| plugin.call_fuse(store, &self.info.name, &params, &input));
+        let result = self
+            .loaded
+            .call(|plugin, store| plugin.call_fuse(store, &self.info.name, &params, &input));
         let rows = result.map_err(|e| e.message)??;
-        Ok(FusedTarget { offsets: rows.offsets, ids: rows.ids, values: rows.values })
+        Ok(FusedTarget {
+            offsets: rows.offsets,
+            ids: rows.ids,
+            values: rows.values,
+        })
     }
 }
 
@@ -297,12 +380,20 @@ fn to_wit(input: &FusionInput<'_>) -> wit::FusionInput {
         .candidates
         .iter()
         .map(|c| wit::Candidate {
-            dist: wit::SparseRows { offsets: c.dist.offsets.to_vec(), ids: c.dist.ids.to_vec(), values: c.dist.values.to_vec() },
+            dist: wit::SparseRows {
+                offsets: c.dist.offsets.to_vec(),
+                ids: c.dist.ids.to_vec(),
+                values: c.dist.values.to_vec(),
+            },
             ce_doc: c.ce_doc,
             ce_token: c.ce_token.to_vec(),
             tokens: c.tokens,
             is_target: c.is_target,
         })
         .collect();
-    wit::FusionInput { gold: input.gold.to_vec(), text_bytes: input.text_bytes, candidates }
+    wit::FusionInput {
+        gold: input.gold.to_vec(),
+        text_bytes: input.text_bytes,
+        candidates,
+    }
 }

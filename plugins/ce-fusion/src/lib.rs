@@ -5,8 +5,8 @@
 //! code) or per token (the paper's text), and both read a candidate's kept top-k through a
 //! softmax at a teacher temperature, as the paper's collator does.
 
-mod candidates;
 mod avg_ce;
+mod candidates;
 mod min_ce;
 
 pub use avg_ce::AvgCe;
