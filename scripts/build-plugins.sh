@@ -5,6 +5,8 @@
 #   target/wasm32-wasip2/plugin-wasm/*.wasm     the same crates as WASM components
 #   target/plugin-fixtures/libskewed_sdk_plugin.so
 #                                               a dylib claiming another SDK version
+#   target/plugin-fixtures/libdrifted_layout_plugin.so
+#                                               a dylib whose interface layout differs
 # Usage: scripts/build-plugins.sh [--release]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,14 +14,16 @@ profile=debug
 flags=()
 if [ "${1:-}" = "--release" ]; then profile=release; flags=(--release); fi
 target="${CARGO_TARGET_DIR:-target}"
-plugins=(-p fusellm-ce-fusion -p entropy-fusion -p fusellm-test-plugins)
+plugins=(-p fusellm-ce-fusion -p fusellm-llama -p fusellm-mpt -p entropy-fusion -p fusellm-test-plugins)
 
 rustup target add wasm32-wasip2 >/dev/null 2>&1 || rustup target list --installed | grep -q wasm32-wasip2
 
-# The version-skew fixture first: the same test plugins, built claiming SDK 1.0.0.
-cargo build "${flags[@]}" -p fusellm-test-plugins --features fusellm-sdk/simulate-next-major
+# The incompatible fixtures first: the test plugins built with a simulated SDK change.
 mkdir -p "$target/plugin-fixtures"
-cp "$target/$profile/libfusellm_test_plugins.so" "$target/plugin-fixtures/libskewed_sdk_plugin.so"
+for variant in next-major:skewed_sdk layout-drift:drifted_layout; do
+  cargo build "${flags[@]}" -p fusellm-test-plugins --features "fusellm-sdk/simulate-${variant%%:*}"
+  cp "$target/$profile/libfusellm_test_plugins.so" "$target/plugin-fixtures/lib${variant##*:}_plugin.so"
+done
 
 cargo build "${flags[@]}" "${plugins[@]}"
 cargo build --profile plugin-wasm --target wasm32-wasip2 "${plugins[@]}"

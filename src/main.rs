@@ -1,5 +1,6 @@
 //! The `fusellm` command line: parses, validates, and calls fusellm-core.
 
+mod generate_cmd;
 mod plugins_cmd;
 
 use std::process::ExitCode;
@@ -9,13 +10,11 @@ use clap::{Parser, Subcommand};
 // Built-in plugin crates register through `inventory`; referencing them keeps the linker
 // from dropping their registrations.
 use fusellm_ce_fusion as _;
+use fusellm_llama as _;
+use fusellm_mpt as _;
 
 #[derive(Parser)]
-#[command(
-    name = "fusellm",
-    version,
-    about = "Knowledge fusion of large language models (FuseLLM)"
-)]
+#[command(name = "fusellm", version, about = "Knowledge fusion of large language models (FuseLLM)")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -26,6 +25,8 @@ enum Command {
     /// List, check and benchmark plugins.
     #[command(subcommand)]
     Plugins(plugins_cmd::PluginsCommand),
+    /// Greedy decoding from a checkpoint (CPU, f32), for smoke checks.
+    Generate(generate_cmd::GenerateArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(plugins_cmd::BenchCommand),
@@ -36,6 +37,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Plugins(cmd) => plugins_cmd::run(cmd),
         Command::Bench(cmd) => plugins_cmd::bench(cmd),
+        Command::Generate(args) => generate_cmd::run(args).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

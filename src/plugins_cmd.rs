@@ -41,10 +41,7 @@ pub enum BenchCommand {
         #[arg(long, default_value = "target/release/libfusellm_ce_fusion.so")]
         dylib: PathBuf,
         /// The ce-fusion plugins built as a WASM component.
-        #[arg(
-            long,
-            default_value = "target/wasm32-wasip2/plugin-wasm/fusellm_ce_fusion.wasm"
-        )]
+        #[arg(long, default_value = "target/wasm32-wasip2/plugin-wasm/fusellm_ce_fusion.wasm")]
         wasm: PathBuf,
         #[arg(long, default_value_t = 200)]
         iters: usize,
@@ -59,18 +56,13 @@ pub fn run(cmd: PluginsCommand) -> Result<ExitCode, String> {
         PluginsCommand::List { config, json } => {
             let registry = registry(config.as_deref())?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&listing(&registry)).expect("JSON")
-                );
+                println!("{}", serde_json::to_string_pretty(&listing(&registry)).expect("JSON"));
             } else {
                 print_table(&registry);
             }
             Ok(ExitCode::SUCCESS)
         }
-        PluginsCommand::Test { spec, name, config } => {
-            test(&spec, name.as_deref(), config.as_deref())
-        }
+        PluginsCommand::Test { spec, name, config } => test(&spec, name.as_deref(), config.as_deref()),
     }
 }
 
@@ -78,9 +70,7 @@ fn registry(config: Option<&Path>) -> Result<Registry, String> {
     let mut registry = Registry::with_builtins().map_err(|e| e.message)?;
     if let Some(path) = config {
         let config = Config::load(path).map_err(|e| e.to_string())?;
-        config
-            .load_plugins(&mut registry)
-            .map_err(|e| e.to_string())?;
+        config.load_plugins(&mut registry).map_err(|e| e.to_string())?;
     }
     Ok(registry)
 }
@@ -104,10 +94,7 @@ fn listing(registry: &Registry) -> serde_json::Value {
 }
 
 fn print_table(registry: &Registry) {
-    println!(
-        "{:<20} {:<8} {:<8} {:<8} source",
-        "name", "kind", "tier", "version"
-    );
+    println!("{:<20} {:<8} {:<8} {:<8} source", "name", "kind", "tier", "version");
     for e in registry.entries() {
         println!(
             "{:<20} {:<8} {:<8} {:<8} {}",
@@ -119,13 +106,7 @@ fn print_table(registry: &Registry) {
         );
         println!("    {}", e.info.doc);
         for p in &e.info.params {
-            println!(
-                "    {} ({}, default {}): {}",
-                p.name,
-                p.type_label(),
-                p.default,
-                p.doc
-            );
+            println!("    {} ({}, default {}): {}", p.name, p.type_label(), p.default, p.doc);
         }
     }
 }
@@ -138,12 +119,7 @@ fn test(spec: &str, name: Option<&str>, config: Option<&Path>) -> Result<ExitCod
         let held = registry.load_file(tier, path).map_err(|e| e.message)?;
         match name {
             Some(n) if held.iter().any(|h| h == n) => vec![n.to_string()],
-            Some(n) => {
-                return Err(format!(
-                    "{spec} holds no plugin `{n}`; it holds: {}",
-                    held.join(", ")
-                ))
-            }
+            Some(n) => return Err(format!("{spec} holds no plugin `{n}`; it holds: {}", held.join(", "))),
             None => held,
         }
     } else {
@@ -151,9 +127,7 @@ fn test(spec: &str, name: Option<&str>, config: Option<&Path>) -> Result<ExitCod
     };
     let mut failed = 0;
     for name in names {
-        let entry = registry
-            .get(PluginKind::Fusion, &name)
-            .map_err(|e| e.message)?;
+        let entry = registry.get(PluginKind::Fusion, &name).map_err(|e| e.message)?;
         println!("{}", entry.label());
         for check in check_fusion(entry) {
             match check.outcome {
@@ -174,44 +148,25 @@ fn test(spec: &str, name: Option<&str>, config: Option<&Path>) -> Result<ExitCod
 }
 
 pub fn bench(cmd: BenchCommand) -> Result<ExitCode, String> {
-    let BenchCommand::Plugins {
-        dylib,
-        wasm,
-        iters,
-        positions,
-    } = cmd;
-    let shape = Shape {
-        positions,
-        ..PAPER_SHAPE
-    };
+    let BenchCommand::Plugins { dylib, wasm, iters, positions } = cmd;
+    let shape = Shape { positions, ..PAPER_SHAPE };
     let builtin = Registry::with_builtins().map_err(|e| e.message)?;
     let from_file = |tier, path: &Path| {
         let mut r = Registry::empty();
         r.load_file(tier, path).map_err(|e| e.message)?;
         Ok::<_, String>(r)
     };
-    let tiers = [
-        builtin,
-        from_file(Tier::Dylib, &dylib)?,
-        from_file(Tier::Wasm, &wasm)?,
-    ];
+    let tiers = [builtin, from_file(Tier::Dylib, &dylib)?, from_file(Tier::Wasm, &wasm)?];
     println!(
         "one fusion call: {} positions x {} candidates x top-{}, median of {iters} (release build recommended)",
         shape.positions, shape.candidates, shape.top_k
     );
-    println!(
-        "{:<10} {:>12} {:>12} {:>8} {:>12} {:>8}",
-        "plugin", "builtin", "dylib", "ratio", "wasm", "ratio"
-    );
+    println!("{:<10} {:>12} {:>12} {:>8} {:>12} {:>8}", "plugin", "builtin", "dylib", "ratio", "wasm", "ratio");
     for name in ["min_ce", "avg_ce"] {
         let mut micros = Vec::new();
         for registry in &tiers {
-            let entry: &Entry = registry
-                .get(PluginKind::Fusion, name)
-                .map_err(|e| e.message)?;
-            let params = entry
-                .resolve_params(&Default::default())
-                .map_err(|e| e.message)?;
+            let entry: &Entry = registry.get(PluginKind::Fusion, name).map_err(|e| e.message)?;
+            let params = entry.resolve_params(&Default::default()).map_err(|e| e.message)?;
             let t = time_fusion(entry, &params, shape, iters).map_err(|e| e.message)?;
             micros.push(t.as_secs_f64() * 1e6);
         }

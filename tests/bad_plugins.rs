@@ -4,20 +4,14 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{dylib, registry_of, skewed_dylib, tight_limits, wasm};
+use common::{dylib, incompatible_dylib, registry_of, tight_limits, wasm};
 use fusellm_core::plugins::conformance::{synthetic_input, Shape};
 use fusellm_core::plugins::{Registry, Tier, WasmLimits};
 use fusellm_sdk::PluginKind;
 
 use fusellm_ce_fusion as _;
 
-const SHAPE: Shape = Shape {
-    positions: 16,
-    candidates: 3,
-    top_k: 4,
-    vocab: 1000,
-    unaligned: 0.0,
-};
+const SHAPE: Shape = Shape { positions: 16, candidates: 3, top_k: 4, vocab: 1000, unaligned: 0.0 };
 
 fn load_error(tier: Tier, path: &Path) -> String {
     let mut registry = Registry::empty();
@@ -41,18 +35,9 @@ fn call_error(registry: &Registry, name: &str) -> String {
 /// After a failure the same registry still serves a good call.
 fn still_works(registry: &Registry) {
     let entry = registry.get(PluginKind::Fusion, "negative_probs").unwrap();
-    let input = synthetic_input(
-        1,
-        Shape {
-            positions: 0,
-            ..SHAPE
-        },
-    );
+    let input = synthetic_input(1, Shape { positions: 0, ..SHAPE });
     let params = entry.resolve_params(&Default::default()).unwrap();
-    assert!(
-        entry.fuse(&params, &input.view()).is_ok(),
-        "an empty document has no bad probability to return"
-    );
+    assert!(entry.fuse(&params, &input.view()).is_ok(), "an empty document has no bad probability to return");
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -62,10 +47,7 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 fn assert_contains(message: &str, needle: &str) {
-    assert!(
-        message.contains(needle),
-        "expected {needle:?} in:\n{message}"
-    );
+    assert!(message.contains(needle), "expected {needle:?} in:\n{message}");
 }
 
 #[test]
@@ -87,10 +69,7 @@ fn an_unreadable_plugin_file_is_named() {
 #[test]
 fn a_dylib_built_against_another_sdk_version_is_refused_in_three_lines() {
     let e = load_error(Tier::Dylib, &skewed_dylib());
-    assert_contains(
-        &e,
-        "was built against fusellm-sdk 1.0.0, but this fusellm uses fusellm-sdk 0.1.0",
-    );
+    assert_contains(&e, "was built against fusellm-sdk 1.0.0, but this fusellm uses fusellm-sdk 0.1.0");
     assert_contains(&e, "rebuild the plugin against fusellm-sdk 0.1");
     assert!(e.lines().count() <= 3, "{e}");
 }
@@ -98,61 +77,38 @@ fn a_dylib_built_against_another_sdk_version_is_refused_in_three_lines() {
 #[test]
 fn a_shared_library_that_is_not_a_plugin_is_refused() {
     // A real shared library without the root module: the C math library.
-    let libm = [
-        "/lib/x86_64-linux-gnu/libm.so.6",
-        "/usr/lib/x86_64-linux-gnu/libm.so.6",
-        "/lib64/libm.so.6",
-    ]
-    .into_iter()
-    .find(|p| Path::new(p).exists())
-    .expect("a libm.so.6 on this machine");
+    let libm = ["/lib/x86_64-linux-gnu/libm.so.6", "/usr/lib/x86_64-linux-gnu/libm.so.6", "/lib64/libm.so.6"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("a libm.so.6 on this machine");
     let link = scratch("libm_copy.so");
     let _ = std::fs::remove_file(&link);
     std::os::unix::fs::symlink(libm, &link).unwrap();
     let e = load_error(Tier::Dylib, &link);
-    assert_contains(
-        &e,
-        "is not a fusellm plugin: it exports no fusellm root module",
-    );
+    assert_contains(&e, "is not a fusellm plugin: it exports no fusellm root module");
     assert!(e.lines().count() <= 3, "{e}");
 
     let garbage = scratch("libgarbage.so");
     std::fs::write(&garbage, b"not an ELF file").unwrap();
-    assert_contains(
-        &load_error(Tier::Dylib, &garbage),
-        "cannot be loaded as a shared library",
-    );
+    assert_contains(&load_error(Tier::Dylib, &garbage), "cannot be loaded as a shared library");
 }
 
 #[test]
 fn a_file_that_is_not_a_component_is_refused() {
     let garbage = scratch("garbage.wasm");
     std::fs::write(&garbage, b"\0asm garbage").unwrap();
-    assert_contains(
-        &load_error(Tier::Wasm, &garbage),
-        "is not a valid WebAssembly component",
-    );
+    assert_contains(&load_error(Tier::Wasm, &garbage), "is not a valid WebAssembly component");
 }
 
 #[test]
 fn a_panicking_plugin_is_an_error_in_every_tier() {
-    let dylib = registry_of(
-        Tier::Dylib,
-        &dylib("fusellm_test_plugins"),
-        WasmLimits::default(),
-    );
-    assert_contains(
-        &call_error(&dylib, "panics"),
-        "plugin panicked: this plugin panics on purpose",
-    );
+    let dylib = registry_of(Tier::Dylib, &dylib("fusellm_test_plugins"), WasmLimits::default());
+    assert_contains(&call_error(&dylib, "panics"), "plugin panicked: this plugin panics on purpose");
     still_works(&dylib);
 
     let wasm = registry_of(Tier::Wasm, &wasm("fusellm_test_plugins"), tight_limits());
     let e = call_error(&wasm, "panics");
-    assert_contains(
-        &e,
-        "plugin panicked: this plugin panics on purpose (at tests/plugins/misbehaving/src/lib.rs",
-    );
+    assert_contains(&e, "plugin panicked: this plugin panics on purpose (at tests/plugins/misbehaving/src/lib.rs");
     still_works(&wasm);
 }
 
@@ -160,10 +116,7 @@ fn a_panicking_plugin_is_an_error_in_every_tier() {
 fn a_wasm_plugin_that_loops_forever_hits_the_deadline() {
     let wasm = registry_of(Tier::Wasm, &wasm("fusellm_test_plugins"), tight_limits());
     let start = std::time::Instant::now();
-    assert_contains(
-        &call_error(&wasm, "loops_forever"),
-        "exceeded the deadline of 1s per call",
-    );
+    assert_contains(&call_error(&wasm, "loops_forever"), "exceeded the deadline of 1s per call");
     assert!(start.elapsed().as_secs() < 30);
     still_works(&wasm);
 }
@@ -171,31 +124,21 @@ fn a_wasm_plugin_that_loops_forever_hits_the_deadline() {
 #[test]
 fn a_wasm_plugin_that_allocates_without_bound_hits_the_memory_cap() {
     let wasm = registry_of(Tier::Wasm, &wasm("fusellm_test_plugins"), tight_limits());
-    assert_contains(
-        &call_error(&wasm, "hogs_memory"),
-        "exceeded the memory cap of 64 MiB",
-    );
+    assert_contains(&call_error(&wasm, "hogs_memory"), "exceeded the memory cap of 64 MiB");
     still_works(&wasm);
 }
 
 #[test]
 fn a_trapping_wasm_plugin_is_an_error() {
     let wasm = registry_of(Tier::Wasm, &wasm("fusellm_test_plugins"), tight_limits());
-    assert_contains(
-        &call_error(&wasm, "traps"),
-        "wasm trap: wasm `unreachable` instruction executed",
-    );
+    assert_contains(&call_error(&wasm, "traps"), "wasm trap: wasm `unreachable` instruction executed");
     still_works(&wasm);
 }
 
 #[test]
 fn bad_outputs_are_refused_in_every_tier() {
     let registries = [
-        registry_of(
-            Tier::Dylib,
-            &dylib("fusellm_test_plugins"),
-            WasmLimits::default(),
-        ),
+        registry_of(Tier::Dylib, &dylib("fusellm_test_plugins"), WasmLimits::default()),
         registry_of(Tier::Wasm, &wasm("fusellm_test_plugins"), tight_limits()),
     ];
     for registry in &registries {
@@ -217,11 +160,11 @@ fn bad_outputs_are_refused_in_every_tier() {
 #[test]
 fn two_plugins_registering_one_name_are_refused() {
     let mut registry = Registry::with_builtins().unwrap();
-    let e = registry
-        .load_file(Tier::Dylib, &dylib("fusellm_ce_fusion"))
-        .unwrap_err()
-        .message;
-    assert_contains(&e, "two plugins register the name `min_ce`: `min_ce` (builtin, fusellm-ce-fusion) and `min_ce` (dylib,");
+    let e = registry.load_file(Tier::Dylib, &dylib("fusellm_ce_fusion")).unwrap_err().message;
+    assert_contains(
+        &e,
+        "two plugins register the name `min_ce`: `min_ce` (builtin, fusellm-ce-fusion) and `min_ce` (dylib,",
+    );
     // The built-ins are untouched.
     assert!(registry.get(PluginKind::Fusion, "min_ce").is_ok());
 }

@@ -5,10 +5,7 @@ mod common;
 use std::process::Command;
 
 fn fusellm(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_fusellm"))
-        .args(args)
-        .output()
-        .expect("run fusellm")
+    Command::new(env!("CARGO_BIN_EXE_fusellm")).args(args).output().expect("run fusellm")
 }
 
 #[test]
@@ -17,44 +14,18 @@ fn plugins_list_json_includes_builtins_and_config_plugins() {
     let dir = std::env::temp_dir().join(format!("fusellm-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("exp.toml");
-    std::fs::write(
-        &config,
-        format!("[fusion]\nplugin = {{ wasm = \"{}\" }}\n", wasm.display()),
-    )
-    .unwrap();
+    std::fs::write(&config, format!("[fusion]\nplugin = {{ wasm = \"{}\" }}\n", wasm.display())).unwrap();
 
-    let out = fusellm(&[
-        "plugins",
-        "list",
-        "--json",
-        "--config",
-        config.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = fusellm(&["plugins", "list", "--json", "--config", config.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is JSON");
-    let find = |name: &str| {
-        list.as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["name"] == name)
-            .cloned()
-    };
+    let find = |name: &str| list.as_array().unwrap().iter().find(|p| p["name"] == name).cloned();
     let min_ce = find("min_ce").expect("min_ce listed");
-    assert_eq!(
-        (min_ce["kind"].as_str(), min_ce["tier"].as_str()),
-        (Some("fusion"), Some("builtin"))
-    );
+    assert_eq!((min_ce["kind"].as_str(), min_ce["tier"].as_str()), (Some("fusion"), Some("builtin")));
     assert_eq!(min_ce["version"], env!("CARGO_PKG_VERSION"));
     assert!(find("avg_ce").is_some());
     let entropy = find("entropy_weighted").expect("the config's plugin listed");
-    assert_eq!(
-        (entropy["kind"].as_str(), entropy["tier"].as_str()),
-        (Some("fusion"), Some("wasm"))
-    );
+    assert_eq!((entropy["kind"].as_str(), entropy["tier"].as_str()), (Some("fusion"), Some("wasm")));
 }
 
 #[test]
@@ -62,26 +33,14 @@ fn plugins_test_passes_a_good_plugin_and_fails_a_bad_one() {
     let out = fusellm(&["plugins", "test", "min_ce"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
-    assert!(
-        text.contains("ok    an empty document [granularity = \"token\"]"),
-        "{text}"
-    );
+    assert!(text.contains("ok    an empty document [granularity = \"token\"]"), "{text}");
     assert!(text.contains("all checks passed"), "{text}");
 
     let bad = common::dylib("fusellm_test_plugins");
-    let out = fusellm(&[
-        "plugins",
-        "test",
-        bad.to_str().unwrap(),
-        "--name",
-        "nan_probs",
-    ]);
+    let out = fusellm(&["plugins", "test", bad.to_str().unwrap(), "--name", "nan_probs"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success(), "{text}");
-    assert!(
-        text.contains("FAIL  a 64-token document, 3 candidates, top-10: fusion plugin `nan_probs`"),
-        "{text}"
-    );
+    assert!(text.contains("FAIL  a 64-token document, 3 candidates, top-10: fusion plugin `nan_probs`"), "{text}");
 }
 
 #[test]
@@ -89,8 +48,5 @@ fn an_unknown_plugin_is_a_clear_error() {
     let out = fusellm(&["plugins", "test", "avg_cee"]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("unknown fusion plugin `avg_cee`; did you mean `avg_ce`?"),
-        "{err}"
-    );
+    assert!(err.contains("unknown fusion plugin `avg_cee`; did you mean `avg_ce`?"), "{err}");
 }

@@ -26,12 +26,7 @@ fn load_error(name: &str, text: &str) -> ConfigError {
     let result = Config::load(&path).and_then(|config| {
         let mut registry = Registry::with_builtins().unwrap();
         config.load_plugins(&mut registry)?;
-        config
-            .fusion
-            .as_ref()
-            .expect("a [fusion] section")
-            .load(&mut registry)
-            .map(|_| ())
+        config.fusion.as_ref().expect("a [fusion] section").load(&mut registry).map(|_| ())
     });
     result.expect_err("the config should be refused")
 }
@@ -42,21 +37,9 @@ fn toml_path(p: &std::path::Path) -> String {
 
 #[test]
 fn the_example_plugin_runs_from_a_config_in_both_forms() {
-    let input = synthetic_input(
-        3,
-        Shape {
-            positions: 32,
-            candidates: 3,
-            top_k: 10,
-            vocab: 32000,
-            unaligned: 0.1,
-        },
-    );
+    let input = synthetic_input(3, Shape { positions: 32, candidates: 3, top_k: 10, vocab: 32000, unaligned: 0.1 });
     let mut outputs = Vec::new();
-    for (key, file) in [
-        ("dylib", dylib("entropy_fusion")),
-        ("wasm", wasm("entropy_fusion")),
-    ] {
+    for (key, file) in [("dylib", dylib("entropy_fusion")), ("wasm", wasm("entropy_fusion"))] {
         let text = format!(
             "[fusion]\nplugin = {{ {key} = \"{}\", name = \"entropy_weighted\" }}\n[fusion.params]\neps = 0.5\n",
             toml_path(&file)
@@ -68,18 +51,12 @@ fn the_example_plugin_runs_from_a_config_in_both_forms() {
         assert_eq!(params.float("eps"), 0.5);
         outputs.push(entry.fuse(&params, &input.view()).unwrap());
     }
-    assert!(
-        outputs[0].bit_identical(&outputs[1]),
-        "dylib and wasm forms differ"
-    );
+    assert!(outputs[0].bit_identical(&outputs[1]), "dylib and wasm forms differ");
 }
 
 #[test]
 fn a_file_with_one_fusion_plugin_needs_no_name() {
-    let text = format!(
-        "[fusion]\nplugin = {{ wasm = \"{}\" }}\n",
-        toml_path(&wasm("entropy_fusion"))
-    );
+    let text = format!("[fusion]\nplugin = {{ wasm = \"{}\" }}\n", toml_path(&wasm("entropy_fusion")));
     let config = Config::load(&write_config("no-name.toml", &text)).unwrap();
     let mut registry = Registry::with_builtins().unwrap();
     let (entry, _) = config.fusion.as_ref().unwrap().load(&mut registry).unwrap();
@@ -97,72 +74,40 @@ fn built_in_plugins_are_chosen_by_name_with_typed_params() {
     let (entry, params) = config.fusion.as_ref().unwrap().load(&mut registry).unwrap();
     assert_eq!(entry.info.name, "avg_ce");
     assert_eq!(params.str("weights"), "softmax");
-    assert_eq!(
-        params.float("tau"),
-        2.0,
-        "an integer widens to a float parameter"
-    );
-    assert_eq!(
-        params.str("granularity"),
-        "document",
-        "defaults are filled in"
-    );
+    assert_eq!(params.float("tau"), 2.0, "an integer widens to a float parameter");
+    assert_eq!(params.str("granularity"), "document", "defaults are filled in");
 }
 
 #[test]
 fn an_unknown_plugin_name_gets_the_nearest_one() {
     let e = load_error("typo.toml", "# experiment\n[fusion]\nplugin = \"mince\"\n");
     assert_eq!((e.line, e.key.as_str()), (3, "fusion.plugin"));
-    assert!(
-        e.message
-            .contains("unknown fusion plugin `mince`; did you mean `min_ce`?"),
-        "{e}"
-    );
-    assert!(
-        e.to_string()
-            .starts_with(&format!("{}:3:10: `fusion.plugin`: ", e.file.display())),
-        "{e}"
-    );
+    assert!(e.message.contains("unknown fusion plugin `mince`; did you mean `min_ce`?"), "{e}");
+    assert!(e.to_string().starts_with(&format!("{}:3:10: `fusion.plugin`: ", e.file.display())), "{e}");
 }
 
 #[test]
 fn a_parameter_of_the_wrong_type_points_at_its_line() {
-    let e = load_error(
-        "type.toml",
-        "[fusion]\nplugin = \"avg_ce\"\n\n[fusion.params]\ntau = \"big\"\n",
-    );
+    let e = load_error("type.toml", "[fusion]\nplugin = \"avg_ce\"\n\n[fusion.params]\ntau = \"big\"\n");
     assert_eq!((e.line, e.key.as_str()), (5, "fusion.params.tau"));
     assert!(
-        e.message.contains(
-            "plugin `avg_ce`: parameter `tau` expects float >= 0.000001, found string \"big\""
-        ),
+        e.message.contains("plugin `avg_ce`: parameter `tau` expects float >= 0.000001, found string \"big\""),
         "{e}"
     );
 }
 
 #[test]
 fn an_unknown_parameter_gets_the_nearest_one() {
-    let e = load_error(
-        "param.toml",
-        "[fusion]\nplugin = \"min_ce\"\nparams = { granularty = \"token\" }\n",
-    );
+    let e = load_error("param.toml", "[fusion]\nplugin = \"min_ce\"\nparams = { granularty = \"token\" }\n");
     assert_eq!((e.line, e.key.as_str()), (3, "fusion.params.granularty"));
-    assert!(
-        e.message
-            .contains("unknown parameter `granularty`; did you mean `granularity`?"),
-        "{e}"
-    );
+    assert!(e.message.contains("unknown parameter `granularty`; did you mean `granularity`?"), "{e}");
 }
 
 #[test]
 fn unknown_keys_get_the_nearest_one() {
     let e = load_error("key.toml", "[fusion]\nplugn = \"min_ce\"\n");
     assert_eq!((e.line, e.key.as_str()), (2, "fusion.plugn"));
-    assert!(
-        e.message
-            .contains("unknown key in [fusion]; did you mean `plugin`?"),
-        "{e}"
-    );
+    assert!(e.message.contains("unknown key in [fusion]; did you mean `plugin`?"), "{e}");
 
     let e = load_error("section.toml", "[fusoin]\nplugin = \"min_ce\"\n");
     assert_eq!((e.line, e.key.as_str()), (1, "fusoin"));
@@ -171,10 +116,7 @@ fn unknown_keys_get_the_nearest_one() {
 
 #[test]
 fn a_missing_plugin_file_in_a_config_points_at_the_plugin_key() {
-    let e = load_error(
-        "missing.toml",
-        "[fusion]\nplugin = { wasm = \"plugins/nowhere.wasm\" }\n",
-    );
+    let e = load_error("missing.toml", "[fusion]\nplugin = { wasm = \"plugins/nowhere.wasm\" }\n");
     assert_eq!((e.line, e.key.as_str()), (2, "fusion.plugin"));
     assert!(e.message.contains("nowhere.wasm not found"), "{e}");
 }
@@ -192,20 +134,10 @@ fn sandbox_limits_are_read_and_checked() {
         "[sandbox]\ndeadline_secs = 2.5\nmemory_mib = 128\ncache = false\n",
     ))
     .unwrap();
-    assert_eq!(
-        config.sandbox.deadline,
-        std::time::Duration::from_millis(2500)
-    );
+    assert_eq!(config.sandbox.deadline, std::time::Duration::from_millis(2500));
     assert_eq!(config.sandbox.memory_bytes, 128 << 20);
     assert!(config.sandbox.cache_dir.is_none());
-    let e = Config::load(&write_config(
-        "sandbox-bad.toml",
-        "[sandbox]\nmemory_mib = \"lots\"\n",
-    ))
-    .unwrap_err();
+    let e = Config::load(&write_config("sandbox-bad.toml", "[sandbox]\nmemory_mib = \"lots\"\n")).unwrap_err();
     assert_eq!((e.line, e.key.as_str()), (2, "sandbox.memory_mib"));
-    assert!(
-        e.message.contains("expected an integer, found string"),
-        "{e}"
-    );
+    assert!(e.message.contains("expected an integer, found string"), "{e}");
 }

@@ -7,17 +7,13 @@ use fusellm_core::config::Config;
 fn the_examples_readme_shows_the_example_plugin_verbatim() {
     let root = env!("CARGO_MANIFEST_DIR");
     let readme = std::fs::read_to_string(format!("{root}/examples/README.md")).unwrap();
-    let source =
-        std::fs::read_to_string(format!("{root}/examples/entropy-fusion/src/lib.rs")).unwrap();
+    let source = std::fs::read_to_string(format!("{root}/examples/entropy-fusion/src/lib.rs")).unwrap();
     assert!(
         readme.contains(&format!("```rust\n{source}```")),
         "examples/README.md is out of date with entropy-fusion/src/lib.rs"
     );
     let rust_lines = source.lines().filter(|l| !l.trim().is_empty()).count();
-    assert!(
-        rust_lines <= 30,
-        "the example is {rust_lines} lines of Rust; the README promises under 30"
-    );
+    assert!(rust_lines <= 30, "the example is {rust_lines} lines of Rust; the README promises under 30");
 }
 
 #[test]

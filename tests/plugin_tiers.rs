@@ -12,50 +12,27 @@ use fusellm_ce_fusion as _;
 fn tiers() -> [Registry; 3] {
     [
         Registry::with_builtins().unwrap(),
-        registry_of(
-            Tier::Dylib,
-            &dylib("fusellm_ce_fusion"),
-            WasmLimits::default(),
-        ),
-        registry_of(
-            Tier::Wasm,
-            &wasm("fusellm_ce_fusion"),
-            WasmLimits::default(),
-        ),
+        registry_of(Tier::Dylib, &dylib("fusellm_ce_fusion"), WasmLimits::default()),
+        registry_of(Tier::Wasm, &wasm("fusellm_ce_fusion"), WasmLimits::default()),
     ]
 }
 
 #[test]
 fn min_ce_and_avg_ce_are_bit_identical_in_every_tier() {
     let tiers = tiers();
-    let shape = Shape {
-        positions: 300,
-        candidates: 3,
-        top_k: 10,
-        vocab: 32000,
-        unaligned: 0.2,
-    };
+    let shape = Shape { positions: 300, candidates: 3, top_k: 10, vocab: 32000, unaligned: 0.2 };
     let settings: [&[(&str, ParamValue)]; 4] = [
         &[],
         &[("granularity", ParamValue::Str("token".into()))],
-        &[
-            ("weights", ParamValue::Str("softmax".into())),
-            ("tau", ParamValue::Float(0.7)),
-        ],
-        &[
-            ("include_target", ParamValue::Bool(false)),
-            ("temperature", ParamValue::Float(2.0)),
-        ],
+        &[("weights", ParamValue::Str("softmax".into())), ("tau", ParamValue::Float(0.7))],
+        &[("include_target", ParamValue::Bool(false)), ("temperature", ParamValue::Float(2.0))],
     ];
     for name in ["min_ce", "avg_ce"] {
         for setting in settings {
             if name == "min_ce" && setting.iter().any(|(k, _)| *k == "weights") {
                 continue;
             }
-            let given = setting
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.clone()))
-                .collect();
+            let given = setting.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
             for seed in 0..3 {
                 let input = synthetic_input(seed, shape);
                 let outputs: Vec<_> = tiers
@@ -67,14 +44,8 @@ fn min_ce_and_avg_ce_are_bit_identical_in_every_tier() {
                     })
                     .collect();
                 assert!(!outputs[0].ids.is_empty());
-                assert!(
-                    outputs[0].bit_identical(&outputs[1]),
-                    "{name} {setting:?}: builtin != dylib"
-                );
-                assert!(
-                    outputs[0].bit_identical(&outputs[2]),
-                    "{name} {setting:?}: builtin != wasm"
-                );
+                assert!(outputs[0].bit_identical(&outputs[1]), "{name} {setting:?}: builtin != dylib");
+                assert!(outputs[0].bit_identical(&outputs[2]), "{name} {setting:?}: builtin != wasm");
             }
         }
     }
@@ -84,10 +55,7 @@ fn min_ce_and_avg_ce_are_bit_identical_in_every_tier() {
 fn every_tier_reports_the_same_manifest() {
     let tiers = tiers();
     for name in ["min_ce", "avg_ce"] {
-        let infos: Vec<_> = tiers
-            .iter()
-            .map(|r| r.get(PluginKind::Fusion, name).unwrap().info.clone())
-            .collect();
+        let infos: Vec<_> = tiers.iter().map(|r| r.get(PluginKind::Fusion, name).unwrap().info.clone()).collect();
         assert_eq!(infos[0], infos[1]);
         assert_eq!(infos[0], infos[2]);
     }
@@ -101,13 +69,7 @@ fn built_in_fusion_plugins_pass_the_conformance_check_in_every_tier() {
             let results = check_fusion(entry);
             assert!(results.len() >= 7);
             for r in results {
-                assert!(
-                    r.outcome.is_ok(),
-                    "{}: {}: {:?}",
-                    entry.label(),
-                    r.name,
-                    r.outcome
-                );
+                assert!(r.outcome.is_ok(), "{}: {}: {:?}", entry.label(), r.name, r.outcome);
             }
         }
     }
@@ -115,22 +77,32 @@ fn built_in_fusion_plugins_pass_the_conformance_check_in_every_tier() {
 
 #[test]
 fn the_example_plugin_passes_the_conformance_check_in_both_forms() {
-    for (tier, path) in [
-        (Tier::Dylib, dylib("entropy_fusion")),
-        (Tier::Wasm, wasm("entropy_fusion")),
-    ] {
+    for (tier, path) in [(Tier::Dylib, dylib("entropy_fusion")), (Tier::Wasm, wasm("entropy_fusion"))] {
         let registry = registry_of(tier, &path, WasmLimits::default());
-        let entry = registry
-            .get(PluginKind::Fusion, "entropy_weighted")
-            .unwrap();
+        let entry = registry.get(PluginKind::Fusion, "entropy_weighted").unwrap();
         for r in check_fusion(entry) {
-            assert!(
-                r.outcome.is_ok(),
-                "{}: {}: {:?}",
-                entry.label(),
-                r.name,
-                r.outcome
-            );
+            assert!(r.outcome.is_ok(), "{}: {}: {:?}", entry.label(), r.name, r.outcome);
         }
     }
+}
+
+#[test]
+fn compiled_components_are_cached_on_disk_and_a_bad_cache_file_is_recompiled() {
+    let cache = std::env::temp_dir().join(format!("fusellm-wasm-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&cache);
+    let limits = WasmLimits { cache_dir: Some(cache.clone()), ..WasmLimits::default() };
+    let cached_files = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(cache.join("wasm")).unwrap().map(|e| e.unwrap().path()).collect()
+    };
+    let component = wasm("fusellm_ce_fusion");
+    registry_of(Tier::Wasm, &component, limits.clone());
+    let files = cached_files();
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert_eq!(files[0].extension().unwrap(), "cwasm");
+    let compiled_size = std::fs::metadata(&files[0]).unwrap().len();
+
+    std::fs::write(&files[0], b"corrupted").unwrap();
+    let registry = registry_of(Tier::Wasm, &component, limits);
+    assert!(registry.get(PluginKind::Fusion, "min_ce").is_ok());
+    assert_eq!(std::fs::metadata(&files[0]).unwrap().len(), compiled_size, "the bad cache file is replaced");
 }

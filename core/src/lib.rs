@@ -2,5 +2,9 @@
 //! experiment configuration, and (with the coming issues) the block library, stores,
 //! stages and training loop of DESIGN.md.
 
+pub mod checkpoint;
 pub mod config;
+pub mod error;
+pub mod model;
 pub mod plugins;
+pub mod tokenizer;

@@ -6,11 +6,12 @@
 
 use abi_stable::library::RootModule;
 use abi_stable::sabi_types::VersionStrings;
-use abi_stable::std_types::{RResult, RSlice, RStr, RString, RVec};
+use abi_stable::std_types::{ROption, RResult, RSlice, RStr, RString, RVec};
 use abi_stable::StableAbi;
 
+use crate::adapter::CheckpointFiles;
 use crate::data::{Candidate, FusionInput, SparseRows, SparseRowsBuf};
-use crate::export::{fuse_by_name, manifest_json, panic_message, Plugin};
+use crate::export::{adapt_by_name, fuse_by_name, manifest_json, panic_message, Plugin};
 
 #[repr(C)]
 #[derive(StableAbi, Clone, Copy)]
@@ -34,7 +35,7 @@ pub struct AbiCandidate<'a> {
 #[derive(StableAbi)]
 pub struct AbiFusionInput<'a> {
     pub gold: RSlice<'a, u32>,
-    pub text_bytes: u32,
+    pub text_bytes: TextBytes,
     pub candidates: RSlice<'a, AbiCandidate<'a>>,
 }
 
@@ -46,6 +47,14 @@ pub struct AbiRowsBuf {
     pub values: RVec<f32>,
 }
 
+/// The type of [`AbiFusionInput::text_bytes`].
+#[cfg(not(feature = "simulate-layout-drift"))]
+pub type TextBytes = u32;
+/// Test-only: a build whose interface layout differs from the host's, to exercise hosts'
+/// layout check.
+#[cfg(feature = "simulate-layout-drift")]
+pub type TextBytes = u64;
+
 /// The root module every fusellm dylib exports (through [`export_plugins!`](crate::export_plugins)).
 #[repr(C)]
 #[derive(StableAbi)]
@@ -55,9 +64,11 @@ pub struct PluginModule {
     /// The JSON manifest of the library's plugins.
     pub manifest: extern "C" fn() -> RResult<RString, RString>,
     /// Runs a fusion plugin by name; see [`fuse_by_name`].
+    pub fuse: extern "C" fn(RStr<'_>, RStr<'_>, &AbiFusionInput<'_>) -> RResult<AbiRowsBuf, RString>,
+    /// Runs an adapter by name on config.json (and tokenizer.json) text; the model spec
+    /// returns as JSON. See [`adapt_by_name`].
     #[sabi(last_prefix_field)]
-    pub fuse:
-        extern "C" fn(RStr<'_>, RStr<'_>, &AbiFusionInput<'_>) -> RResult<AbiRowsBuf, RString>,
+    pub adapt: extern "C" fn(RStr<'_>, RStr<'_>, RStr<'_>, ROption<RStr<'_>>) -> RResult<RString, RString>,
 }
 
 impl RootModule for PluginModule_Ref {
@@ -77,21 +88,13 @@ pub const SDK_VERSION: VersionStrings = VersionStrings::new("1.0.0");
 
 impl<'a> From<SparseRows<'a>> for AbiRows<'a> {
     fn from(r: SparseRows<'a>) -> Self {
-        Self {
-            offsets: r.offsets.into(),
-            ids: r.ids.into(),
-            values: r.values.into(),
-        }
+        Self { offsets: r.offsets.into(), ids: r.ids.into(), values: r.values.into() }
     }
 }
 
 impl<'a> From<AbiRows<'a>> for SparseRows<'a> {
     fn from(r: AbiRows<'a>) -> Self {
-        Self {
-            offsets: r.offsets.as_slice(),
-            ids: r.ids.as_slice(),
-            values: r.values.as_slice(),
-        }
+        Self { offsets: r.offsets.as_slice(), ids: r.ids.as_slice(), values: r.values.as_slice() }
     }
 }
 
@@ -120,31 +123,19 @@ impl<'a> From<&AbiFusionInput<'a>> for FusionInput<'a> {
                 is_target: c.is_target,
             })
             .collect();
-        Self {
-            gold: i.gold.as_slice(),
-            text_bytes: i.text_bytes,
-            candidates,
-        }
+        Self { gold: i.gold.as_slice(), text_bytes: i.text_bytes, candidates }
     }
 }
 
 impl From<SparseRowsBuf> for AbiRowsBuf {
     fn from(b: SparseRowsBuf) -> Self {
-        Self {
-            offsets: b.offsets.into(),
-            ids: b.ids.into(),
-            values: b.values.into(),
-        }
+        Self { offsets: b.offsets.into(), ids: b.ids.into(), values: b.values.into() }
     }
 }
 
 impl From<AbiRowsBuf> for SparseRowsBuf {
     fn from(b: AbiRowsBuf) -> Self {
-        Self {
-            offsets: b.offsets.into_vec(),
-            ids: b.ids.into_vec(),
-            values: b.values.into_vec(),
-        }
+        Self { offsets: b.offsets.into_vec(), ids: b.ids.into_vec(), values: b.values.into_vec() }
     }
 }
 
@@ -153,9 +144,7 @@ fn guarded<T>(f: impl FnOnce() -> Result<T, String>) -> RResult<T, RString> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(Ok(v)) => RResult::ROk(v),
         Ok(Err(e)) => RResult::RErr(e.into()),
-        Err(payload) => {
-            RResult::RErr(format!("plugin panicked: {}", panic_message(&*payload)).into())
-        }
+        Err(payload) => RResult::RErr(format!("plugin panicked: {}", panic_message(&*payload)).into()),
     }
 }
 
@@ -171,8 +160,23 @@ pub fn export_fuse(
     params: RStr<'_>,
     input: &AbiFusionInput<'_>,
 ) -> RResult<AbiRowsBuf, RString> {
+    guarded(|| fuse_by_name(plugins, name.as_str(), params.as_str(), &input.into()).map(AbiRowsBuf::from))
+}
+
+/// Body of the exported `adapt` function.
+pub fn export_adapt(
+    plugins: &[Plugin],
+    name: RStr<'_>,
+    params: RStr<'_>,
+    config_json: RStr<'_>,
+    tokenizer_json: ROption<RStr<'_>>,
+) -> RResult<RString, RString> {
     guarded(|| {
-        fuse_by_name(plugins, name.as_str(), params.as_str(), &input.into()).map(AbiRowsBuf::from)
+        let files = CheckpointFiles {
+            config_json: config_json.as_str(),
+            tokenizer_json: tokenizer_json.map(|t| t.as_str()).into_option(),
+        };
+        adapt_by_name(plugins, name.as_str(), params.as_str(), files).map(RString::from)
     })
 }
 
@@ -186,7 +190,7 @@ macro_rules! __export_dylib {
         const _: () = {
             use $crate::abi_stable::library::{LibHeader, RootModuleResult};
             use $crate::abi_stable::prefix_type::PrefixTypeTrait;
-            use $crate::abi_stable::std_types::{RResult, RStr, RString};
+            use $crate::abi_stable::std_types::{ROption, RResult, RStr, RString};
 
             extern "C" fn manifest() -> RResult<RString, RString> {
                 $crate::abi::export_manifest($plugins)
@@ -198,8 +202,16 @@ macro_rules! __export_dylib {
             ) -> RResult<$crate::abi::AbiRowsBuf, RString> {
                 $crate::abi::export_fuse($plugins, name, params, input)
             }
+            extern "C" fn adapt(
+                name: RStr<'_>,
+                params: RStr<'_>,
+                config_json: RStr<'_>,
+                tokenizer_json: ROption<RStr<'_>>,
+            ) -> RResult<RString, RString> {
+                $crate::abi::export_adapt($plugins, name, params, config_json, tokenizer_json)
+            }
             fn root_module() -> $crate::abi::PluginModule_Ref {
-                $crate::abi::PluginModule { manifest, fuse }.leak_into_prefix()
+                $crate::abi::PluginModule { manifest, fuse, adapt }.leak_into_prefix()
             }
             extern "C" fn load_root_module() -> RootModuleResult {
                 $crate::abi_stable::library::__call_root_module_loader(root_module)
@@ -220,9 +232,6 @@ macro_rules! __export_dylib {
 mod tests {
     #[test]
     fn exported_symbol_is_abi_stables_loader_name() {
-        assert_eq!(
-            abi_stable::library::ROOT_MODULE_LOADER_NAME,
-            "_1as_0lib_1header_0root_bmodule_bloader"
-        );
+        assert_eq!(abi_stable::library::ROOT_MODULE_LOADER_NAME, "_1as_0lib_1header_0root_bmodule_bloader");
     }
 }

@@ -47,12 +47,7 @@ pub struct VocabMap {
 /// Aligns two tokenizations of the same text (`dtw`, `offsets`, ...).
 pub trait SequenceAligner: Send + Sync {
     fn info(&self) -> PluginInfo;
-    fn align(
-        &self,
-        params: &Params,
-        a: TokenStrings<'_>,
-        b: TokenStrings<'_>,
-    ) -> Result<Alignment, String>;
+    fn align(&self, params: &Params, a: TokenStrings<'_>, b: TokenStrings<'_>) -> Result<Alignment, String>;
 }
 
 /// Maps every source-vocabulary token to a target-vocabulary token (`em`, `mined`, ...).

@@ -43,17 +43,10 @@ impl<'a> SparseRows<'a> {
     /// Checks that the arrays form `rows` well-shaped rows; `what` names the table in errors.
     pub fn check_shape(&self, rows: usize, what: &str) -> Result<(), String> {
         if self.offsets.len() != rows + 1 {
-            return Err(format!(
-                "{what}: {} offsets for {rows} positions (expected {})",
-                self.offsets.len(),
-                rows + 1
-            ));
+            return Err(format!("{what}: {} offsets for {rows} positions (expected {})", self.offsets.len(), rows + 1));
         }
         if self.offsets[0] != 0 {
-            return Err(format!(
-                "{what}: offsets start at {}, not 0",
-                self.offsets[0]
-            ));
+            return Err(format!("{what}: offsets start at {}, not 0", self.offsets[0]));
         }
         if let Some(p) = self.offsets.windows(2).position(|w| w[1] < w[0]) {
             return Err(format!("{what}: offsets decrease at position {p}"));
@@ -75,11 +68,7 @@ impl SparseRowsBuf {
     pub fn with_capacity(rows: usize, entries: usize) -> Self {
         let mut offsets = Vec::with_capacity(rows + 1);
         offsets.push(0);
-        Self {
-            offsets,
-            ids: Vec::with_capacity(entries),
-            values: Vec::with_capacity(entries),
-        }
+        Self { offsets, ids: Vec::with_capacity(entries), values: Vec::with_capacity(entries) }
     }
 
     /// Appends one row.
@@ -95,11 +84,7 @@ impl SparseRowsBuf {
     }
 
     pub fn rows(&self) -> SparseRows<'_> {
-        SparseRows {
-            offsets: &self.offsets,
-            ids: &self.ids,
-            values: &self.values,
-        }
+        SparseRows { offsets: &self.offsets, ids: &self.ids, values: &self.values }
     }
 
     /// Bit-level equality: NaN equals NaN and 0.0 differs from -0.0, as needed to check that
@@ -108,11 +93,7 @@ impl SparseRowsBuf {
         self.offsets == other.offsets
             && self.ids == other.ids
             && self.values.len() == other.values.len()
-            && self
-                .values
-                .iter()
-                .zip(&other.values)
-                .all(|(a, b)| a.to_bits() == b.to_bits())
+            && self.values.iter().zip(&other.values).all(|(a, b)| a.to_bits() == b.to_bits())
     }
 }
 
@@ -199,10 +180,7 @@ impl FusionInput<'_> {
         for (c, cand) in self.candidates.iter().enumerate() {
             cand.dist.check_shape(n, &format!("candidate {c}"))?;
             if cand.ce_token.len() != n {
-                return Err(format!(
-                    "candidate {c}: {} per-token CE values for {n} positions",
-                    cand.ce_token.len()
-                ));
+                return Err(format!("candidate {c}: {} per-token CE values for {n} positions", cand.ce_token.len()));
             }
         }
         Ok(())
@@ -221,9 +199,7 @@ pub fn check_fused(fused: &FusedTarget, positions: usize) -> Result<(), String> 
         }
         let sum: f64 = probs.iter().map(|&v| v as f64).sum();
         if !probs.is_empty() && (sum - 1.0).abs() > 1e-3 {
-            return Err(format!(
-                "fused target: probabilities at position {p} sum to {sum}, not 1"
-            ));
+            return Err(format!("fused target: probabilities at position {p} sum to {sum}, not 1"));
         }
     }
     Ok(())

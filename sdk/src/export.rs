@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::adapter::ModelAdapter;
+use crate::adapter::{CheckpointFiles, ModelAdapter};
 use crate::aligner::{SequenceAligner, VocabMapper};
 use crate::data::{FusedTarget, FusionInput};
 use crate::fusion::FusionFn;
@@ -60,18 +60,44 @@ pub fn fuse_by_name(
     params_json: &str,
     input: &FusionInput<'_>,
 ) -> Result<FusedTarget, String> {
-    let plugin = plugins
-        .iter()
-        .find_map(|p| match p {
-            Plugin::Fusion(f) if f.info().name == name => Some(*f),
-            _ => None,
-        })
-        .ok_or_else(|| format!("this library has no fusion plugin `{name}`"))?;
-    let given: BTreeMap<String, ParamValue> =
-        serde_json::from_str(params_json).map_err(|e| format!("parameters of `{name}`: {e}"))?;
-    let params = Params::resolve(&plugin.info().params, &given).map_err(|e| e.message)?;
+    let plugin = find(plugins, "fusion", name, |p| match p {
+        Plugin::Fusion(f) => Some(*f),
+        _ => None,
+    })?;
+    let params = resolve_json(&plugin.info(), params_json)?;
     input.check()?;
     plugin.fuse(&params, input)
+}
+
+/// Runs adapter `name` on behalf of a host across a boundary; the spec returns as JSON.
+pub fn adapt_by_name(
+    plugins: &[Plugin],
+    name: &str,
+    params_json: &str,
+    files: CheckpointFiles<'_>,
+) -> Result<String, String> {
+    let adapter = find(plugins, "adapter", name, |p| match p {
+        Plugin::Adapter(a) => Some(*a),
+        _ => None,
+    })?;
+    let params = resolve_json(&adapter.info(), params_json)?;
+    let spec = adapter.spec(&params, files)?;
+    Ok(serde_json::to_string(&spec).expect("model specs serialise"))
+}
+
+/// The plugin `name` among those `pick` accepts.
+fn find<T>(plugins: &[Plugin], kind: &str, name: &str, pick: impl Fn(&Plugin) -> Option<T>) -> Result<T, String> {
+    plugins
+        .iter()
+        .filter(|p| p.info().name == name)
+        .find_map(pick)
+        .ok_or_else(|| format!("this library has no {kind} plugin `{name}`"))
+}
+
+fn resolve_json(info: &PluginInfo, params_json: &str) -> Result<Params, String> {
+    let given: BTreeMap<String, ParamValue> =
+        serde_json::from_str(params_json).map_err(|e| format!("parameters of `{}`: {e}", info.name))?;
+    Params::resolve(&info.params, &given).map_err(|e| e.message)
 }
 
 /// The message of a caught panic payload.

@@ -27,11 +27,10 @@ pub mod wasm;
 #[doc(hidden)]
 pub use {abi_stable, inventory};
 
-pub use adapter::{CheckpointFiles, ModelAdapter, ModelSpec};
+pub use adapter::{CheckpointFiles, HfConfig, ModelAdapter, ModelSpec, TokenizerConventions};
 pub use aligner::{Alignment, SequenceAligner, TokenStrings, VocabMap, VocabMapper};
 pub use data::{
-    check_fused, Candidate, CandidateBuf, FusedTarget, FusionInput, FusionInputBuf, SparseRows,
-    SparseRowsBuf,
+    check_fused, Candidate, CandidateBuf, FusedTarget, FusionInput, FusionInputBuf, SparseRows, SparseRowsBuf,
 };
 #[cfg(not(target_arch = "wasm32"))]
 pub use export::{builtin_sets, BuiltinSet};
@@ -61,7 +60,9 @@ macro_rules! export_plugins {
         $crate::inventory::submit! {
             $crate::BuiltinSet { crate_name: env!("CARGO_PKG_NAME"), plugins: FUSELLM_PLUGINS }
         }
-        #[cfg(not(target_arch = "wasm32"))]
+        // The dylib root module is one fixed symbol, so only a crate built as a cdylib may
+        // export it: built-in crates linked together into fusellm set their `builtin` feature.
+        #[cfg(all(not(target_arch = "wasm32"), not(feature = "builtin")))]
         $crate::__export_dylib!(FUSELLM_PLUGINS);
         #[cfg(target_arch = "wasm32")]
         $crate::__export_wasm!(FUSELLM_PLUGINS);

@@ -18,9 +18,7 @@ pub fn ln(x: f64) -> f64 {
 /// that logits and log-probabilities give the same result (DESIGN.md, step 6).
 pub fn softmax_into(values: &[f32], temperature: f64, out: &mut Vec<f64>) {
     out.clear();
-    let max = values
-        .iter()
-        .fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+    let max = values.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
     out.extend(values.iter().map(|&v| exp((v as f64 - max) / temperature)));
     let sum: f64 = out.iter().sum();
     out.iter_mut().for_each(|p| *p /= sum);

@@ -35,8 +35,7 @@ impl Mixture {
     /// Appends the mixture, divided by the total weight, as the next row of `out`.
     pub fn push_normalised(&self, out: &mut FusedTarget) {
         out.ids.extend(self.entries.iter().map(|&(id, _)| id));
-        out.values
-            .extend(self.entries.iter().map(|&(_, q)| (q / self.total) as f32));
+        out.values.extend(self.entries.iter().map(|&(_, q)| (q / self.total) as f32));
         out.end_row();
     }
 }

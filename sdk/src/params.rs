@@ -81,37 +81,16 @@ impl ParamSpec {
     }
 
     pub fn int(name: &str, default: i64, doc: &str) -> Self {
-        Self::new(
-            name,
-            ParamKind::Int {
-                min: None,
-                max: None,
-            },
-            ParamValue::Int(default),
-            doc,
-        )
+        Self::new(name, ParamKind::Int { min: None, max: None }, ParamValue::Int(default), doc)
     }
 
     pub fn float(name: &str, default: f64, doc: &str) -> Self {
-        Self::new(
-            name,
-            ParamKind::Float {
-                min: None,
-                max: None,
-            },
-            ParamValue::Float(default),
-            doc,
-        )
+        Self::new(name, ParamKind::Float { min: None, max: None }, ParamValue::Float(default), doc)
     }
 
     pub fn choice(name: &str, options: &[&str], default: &str, doc: &str) -> Self {
         let options = options.iter().map(|s| s.to_string()).collect();
-        Self::new(
-            name,
-            ParamKind::Choice { options },
-            ParamValue::Str(default.into()),
-            doc,
-        )
+        Self::new(name, ParamKind::Choice { options }, ParamValue::Str(default.into()), doc)
     }
 
     pub fn string(name: &str, default: &str, doc: &str) -> Self {
@@ -132,12 +111,7 @@ impl ParamSpec {
     }
 
     fn new(name: &str, kind: ParamKind, default: ParamValue, doc: &str) -> Self {
-        Self {
-            name: name.into(),
-            kind,
-            default,
-            doc: doc.into(),
-        }
+        Self { name: name.into(), kind, default, doc: doc.into() }
     }
 
     /// A one-line description of the type, for listings and errors.
@@ -153,29 +127,15 @@ impl ParamSpec {
 
     /// Checks a value against this parameter's type, widening an integer to a float.
     pub fn check(&self, value: &ParamValue) -> Result<ParamValue, String> {
-        let wrong = || {
-            format!(
-                "parameter `{}` expects {}, found {} {value}",
-                self.name,
-                self.type_label(),
-                value.type_name()
-            )
-        };
+        let wrong =
+            || format!("parameter `{}` expects {}, found {} {value}", self.name, self.type_label(), value.type_name());
         let out_of_range = |v: f64, min: Option<f64>, max: Option<f64>| {
             let below = min.is_some_and(|m| v < m);
             let above = max.is_some_and(|m| v > m);
-            (below || above).then(|| {
-                format!(
-                    "parameter `{}` = {value} is outside {}",
-                    self.name,
-                    self.type_label()
-                )
-            })
+            (below || above).then(|| format!("parameter `{}` = {value} is outside {}", self.name, self.type_label()))
         };
         match (&self.kind, value) {
-            (ParamKind::Bool, ParamValue::Bool(_)) | (ParamKind::Str, ParamValue::Str(_)) => {
-                Ok(value.clone())
-            }
+            (ParamKind::Bool, ParamValue::Bool(_)) | (ParamKind::Str, ParamValue::Str(_)) => Ok(value.clone()),
             (ParamKind::Int { min, max }, ParamValue::Int(i)) => {
                 match out_of_range(*i as f64, min.map(|m| m as f64), max.map(|m| m as f64)) {
                     Some(e) => Err(e),
@@ -239,10 +199,7 @@ impl std::error::Error for ParamError {}
 impl Params {
     /// Checks `given` against `schema` and fills in the defaults: unknown names (with the
     /// nearest declared one suggested) and wrong types are errors.
-    pub fn resolve(
-        schema: &[ParamSpec],
-        given: &BTreeMap<String, ParamValue>,
-    ) -> Result<Params, ParamError> {
+    pub fn resolve(schema: &[ParamSpec], given: &BTreeMap<String, ParamValue>) -> Result<Params, ParamError> {
         if let Some(name) = given.keys().find(|k| !schema.iter().any(|s| &s.name == *k)) {
             let declared: Vec<&str> = schema.iter().map(|s| s.name.as_str()).collect();
             let hint = match did_you_mean(name, declared.iter().copied()) {
@@ -250,18 +207,12 @@ impl Params {
                 _ if declared.is_empty() => "; this plugin takes no parameters".into(),
                 _ => format!("; it takes {}", declared.join(", ")),
             };
-            return Err(ParamError {
-                param: name.clone(),
-                message: format!("unknown parameter `{name}`{hint}"),
-            });
+            return Err(ParamError { param: name.clone(), message: format!("unknown parameter `{name}`{hint}") });
         }
         let mut out = BTreeMap::new();
         for spec in schema {
             let value = match given.get(&spec.name) {
-                Some(v) => spec.check(v).map_err(|message| ParamError {
-                    param: spec.name.clone(),
-                    message,
-                })?,
+                Some(v) => spec.check(v).map_err(|message| ParamError { param: spec.name.clone(), message })?,
                 None => spec.default.clone(),
             };
             out.insert(spec.name.clone(), value);
@@ -272,9 +223,7 @@ impl Params {
     /// The value of a resolved parameter. Hosts resolve against the plugin's own schema
     /// before calling it, so a declared name is always present with its declared type.
     pub fn get(&self, name: &str) -> &ParamValue {
-        self.0
-            .get(name)
-            .unwrap_or_else(|| panic!("parameter `{name}` is not declared in the plugin's schema"))
+        self.0.get(name).unwrap_or_else(|| panic!("parameter `{name}` is not declared in the plugin's schema"))
     }
 
     pub fn bool(&self, name: &str) -> bool {
@@ -287,10 +236,7 @@ impl Params {
     pub fn int(&self, name: &str) -> i64 {
         match self.get(name) {
             ParamValue::Int(i) => *i,
-            other => panic!(
-                "parameter `{name}` is {}, not an integer",
-                other.type_name()
-            ),
+            other => panic!("parameter `{name}` is {}, not an integer", other.type_name()),
         }
     }
 
@@ -323,10 +269,7 @@ mod tests {
     }
 
     fn given(pairs: &[(&str, ParamValue)]) -> BTreeMap<String, ParamValue> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.clone()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
     }
 
     #[test]
@@ -339,41 +282,18 @@ mod tests {
 
     #[test]
     fn rejects_unknown_names_with_a_suggestion() {
-        let e = Params::resolve(
-            &schema(),
-            &given(&[("weight", ParamValue::Str("paper".into()))]),
-        )
-        .unwrap_err();
+        let e = Params::resolve(&schema(), &given(&[("weight", ParamValue::Str("paper".into()))])).unwrap_err();
         assert_eq!(e.param, "weight");
-        assert!(
-            e.message.contains("did you mean `weights`"),
-            "{}",
-            e.message
-        );
+        assert!(e.message.contains("did you mean `weights`"), "{}", e.message);
     }
 
     #[test]
     fn rejects_wrong_types_and_ranges() {
-        let e = Params::resolve(&schema(), &given(&[("tau", ParamValue::Str("big".into()))]))
-            .unwrap_err();
-        assert!(
-            e.message
-                .contains("expects float >= 0, found string \"big\""),
-            "{}",
-            e.message
-        );
-        let e =
-            Params::resolve(&schema(), &given(&[("tau", ParamValue::Float(-1.0))])).unwrap_err();
+        let e = Params::resolve(&schema(), &given(&[("tau", ParamValue::Str("big".into()))])).unwrap_err();
+        assert!(e.message.contains("expects float >= 0, found string \"big\""), "{}", e.message);
+        let e = Params::resolve(&schema(), &given(&[("tau", ParamValue::Float(-1.0))])).unwrap_err();
         assert!(e.message.contains("outside"), "{}", e.message);
-        let e = Params::resolve(
-            &schema(),
-            &given(&[("weights", ParamValue::Str("sofmax".into()))]),
-        )
-        .unwrap_err();
-        assert!(
-            e.message.contains("did you mean `softmax`"),
-            "{}",
-            e.message
-        );
+        let e = Params::resolve(&schema(), &given(&[("weights", ParamValue::Str("sofmax".into()))])).unwrap_err();
+        assert!(e.message.contains("did you mean `softmax`"), "{}", e.message);
     }
 }

@@ -41,6 +41,9 @@ pub struct PluginInfo {
     pub version: String,
     pub doc: String,
     pub params: Vec<ParamSpec>,
+    /// For adapters: the config.json `model_type` values they understand.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub handles: Vec<String>,
 }
 
 impl PluginInfo {
@@ -51,7 +54,14 @@ impl PluginInfo {
             version: version.into(),
             doc: doc.into(),
             params: Vec::new(),
+            handles: Vec::new(),
         }
+    }
+
+    /// Declares the config.json `model_type` values an adapter understands.
+    pub fn handles(mut self, model_types: &[&str]) -> Self {
+        self.handles = model_types.iter().map(|s| s.to_string()).collect();
+        self
     }
 
     /// Declares one parameter (builder style, next to the plugin's code).
@@ -62,16 +72,10 @@ impl PluginInfo {
 
     /// Checks what a host relies on: a plugin name usable in configs and a semantic version.
     pub fn check(&self) -> Result<(), String> {
-        let name_ok = !self.name.is_empty()
-            && self
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        let name_ok =
+            !self.name.is_empty() && self.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
         if !name_ok {
-            return Err(format!(
-                "plugin name {:?} must be non-empty ASCII letters, digits, `_` or `-`",
-                self.name
-            ));
+            return Err(format!("plugin name {:?} must be non-empty ASCII letters, digits, `_` or `-`", self.name));
         }
         let parts: Vec<&str> = self.version.split(['.', '-', '+']).take(3).collect();
         if parts.len() < 3 || parts.iter().any(|p| p.parse::<u64>().is_err()) {

@@ -30,9 +30,7 @@ pub fn nearest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) ->
 
 /// `", did you mean `x`?"` or nothing, to append to an error message.
 pub fn did_you_mean<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> String {
-    nearest(name, candidates)
-        .map(|c| format!("; did you mean `{c}`?"))
-        .unwrap_or_default()
+    nearest(name, candidates).map(|c| format!("; did you mean `{c}`?")).unwrap_or_default()
 }
 
 #[cfg(test)]

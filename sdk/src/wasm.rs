@@ -2,8 +2,9 @@
 //! owned records into the borrowed views every plugin sees.
 
 // The bindings define their own `FusionInput` and `SparseRows`; the SDK's are `data::`.
+use crate::adapter::CheckpointFiles;
 use crate::data::{self, Candidate, SparseRowsBuf};
-use crate::export::{fuse_by_name, Plugin};
+use crate::export::{adapt_by_name, fuse_by_name, Plugin};
 
 wit_bindgen::generate!({
     path: "wit/plugin.wit",
@@ -16,11 +17,7 @@ wit_bindgen::generate!({
 use fusellm::plugin::types as wit;
 
 fn rows(r: &wit::SparseRows) -> data::SparseRows<'_> {
-    data::SparseRows {
-        offsets: &r.offsets,
-        ids: &r.ids,
-        values: &r.values,
-    }
+    data::SparseRows { offsets: &r.offsets, ids: &r.ids, values: &r.values }
 }
 
 /// Body of the exported `fuse` function.
@@ -41,24 +38,23 @@ pub fn export_fuse(
             is_target: c.is_target,
         })
         .collect();
-    let view = data::FusionInput {
-        gold: &input.gold,
-        text_bytes: input.text_bytes,
-        candidates,
-    };
-    let SparseRowsBuf {
-        offsets,
-        ids,
-        values,
-    } = fuse_by_name(plugins, name, params, &view)?;
-    Ok(wit::SparseRows {
-        offsets,
-        ids,
-        values,
-    })
+    let view = data::FusionInput { gold: &input.gold, text_bytes: input.text_bytes, candidates };
+    let SparseRowsBuf { offsets, ids, values } = fuse_by_name(plugins, name, params, &view)?;
+    Ok(wit::SparseRows { offsets, ids, values })
 }
 
-/// Exports `plugins` as the component's `manifest` and `fuse`.
+/// Body of the exported `adapt` function.
+pub fn export_adapt(
+    plugins: &[Plugin],
+    name: &str,
+    params: &str,
+    config_json: &str,
+    tokenizer_json: Option<&str>,
+) -> Result<String, String> {
+    adapt_by_name(plugins, name, params, CheckpointFiles { config_json, tokenizer_json })
+}
+
+/// Exports `plugins` as the component's `manifest`, `fuse` and `adapt`.
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __export_wasm {
@@ -74,6 +70,9 @@ macro_rules! __export_wasm {
                 input: $crate::wasm::fusellm::plugin::types::FusionInput,
             ) -> Result<$crate::wasm::fusellm::plugin::types::SparseRows, String> {
                 $crate::wasm::export_fuse($plugins, &name, &params, &input)
+            }
+            fn adapt(name: String, params: String, config_json: String, tokenizer_json: Option<String>) -> Result<String, String> {
+                $crate::wasm::export_adapt($plugins, &name, &params, &config_json, tokenizer_json.as_deref())
             }
         }
         $crate::wasm::export!(FusellmComponent with_types_in $crate::wasm);

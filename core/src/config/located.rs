@@ -50,33 +50,14 @@ impl<'a> Doc<'a> {
         let before = &self.text[..span.start.min(self.text.len())];
         let line = before.matches('\n').count() + 1;
         let column = before.chars().rev().take_while(|&c| c != '\n').count() + 1;
-        ConfigError {
-            file: self.path.to_owned(),
-            line,
-            column,
-            key: key.into(),
-            message: message.into(),
-        }
+        ConfigError { file: self.path.to_owned(), line, column, key: key.into(), message: message.into() }
     }
 
     /// The table at `key` of `parent` as a section; errors if it is not a table.
-    pub fn section<'d>(
-        &'d self,
-        key: String,
-        value: &'d Spanned<DeValue<'a>>,
-    ) -> Result<Section<'d, 'a>, ConfigError> {
+    pub fn section<'d>(&'d self, key: String, value: &'d Spanned<DeValue<'a>>) -> Result<Section<'d, 'a>, ConfigError> {
         match value.get_ref() {
-            DeValue::Table(table) => Ok(Section {
-                doc: self,
-                key,
-                table,
-                span: value.span(),
-            }),
-            other => Err(self.error(
-                value.span(),
-                &key,
-                format!("expected a table, found {}", other.type_str()),
-            )),
+            DeValue::Table(table) => Ok(Section { doc: self, key, table, span: value.span() }),
+            other => Err(self.error(value.span(), &key, format!("expected a table, found {}", other.type_str()))),
         }
     }
 }
@@ -91,12 +72,7 @@ pub struct Section<'d, 'a> {
 
 impl<'d, 'a> Section<'d, 'a> {
     pub fn root(doc: &'d Doc<'a>, table: &'d Spanned<DeTable<'a>>) -> Self {
-        Section {
-            doc,
-            key: String::new(),
-            table: table.get_ref(),
-            span: table.span(),
-        }
+        Section { doc, key: String::new(), table: table.get_ref(), span: table.span() }
     }
 
     /// The dotted path of a key of this section.
@@ -110,27 +86,16 @@ impl<'d, 'a> Section<'d, 'a> {
 
     /// Refuses keys outside `allowed`, suggesting the nearest allowed one.
     pub fn allow_only(&self, allowed: &[&str]) -> Result<(), ConfigError> {
-        match self
-            .table
-            .keys()
-            .find(|k| !allowed.contains(&k.get_ref().as_ref()))
-        {
+        match self.table.keys().find(|k| !allowed.contains(&k.get_ref().as_ref())) {
             None => Ok(()),
             Some(k) => {
                 let hint = match did_you_mean(k.get_ref(), allowed.iter().copied()) {
                     h if !h.is_empty() => h,
                     _ => format!("; expected one of: {}", allowed.join(", ")),
                 };
-                let place = if self.key.is_empty() {
-                    "at the top level".to_string()
-                } else {
-                    format!("in [{}]", self.key)
-                };
-                Err(self.doc.error(
-                    k.span(),
-                    &self.path_of(k.get_ref()),
-                    format!("unknown key {place}{hint}"),
-                ))
+                let place =
+                    if self.key.is_empty() { "at the top level".to_string() } else { format!("in [{}]", self.key) };
+                Err(self.doc.error(k.span(), &self.path_of(k.get_ref()), format!("unknown key {place}{hint}")))
             }
         }
     }
@@ -140,26 +105,15 @@ impl<'d, 'a> Section<'d, 'a> {
     }
 
     pub fn required(&self, key: &str) -> Result<&'d Spanned<DeValue<'a>>, ConfigError> {
-        self.get(key).ok_or_else(|| {
-            self.doc.error(
-                self.span.clone(),
-                &self.path_of(key),
-                "missing required key",
-            )
-        })
+        self.get(key).ok_or_else(|| self.doc.error(self.span.clone(), &self.path_of(key), "missing required key"))
     }
 
     pub fn subsection(&self, key: &str) -> Result<Option<Section<'d, 'a>>, ConfigError> {
-        self.get(key)
-            .map(|v| self.doc.section(self.path_of(key), v))
-            .transpose()
+        self.get(key).map(|v| self.doc.section(self.path_of(key), v)).transpose()
     }
 
     pub fn error_at(&self, key: &str, message: impl Into<String>) -> ConfigError {
-        let span = self
-            .get(key)
-            .map(|v| v.span())
-            .unwrap_or_else(|| self.span.clone());
+        let span = self.get(key).map(|v| v.span()).unwrap_or_else(|| self.span.clone());
         self.doc.error(span, &self.path_of(key), message)
     }
 
@@ -196,12 +150,9 @@ impl<'d, 'a> Section<'d, 'a> {
     ) -> Result<Option<T>, ConfigError> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => read(v.get_ref()).map(Some).ok_or_else(|| {
-                self.error_at(
-                    key,
-                    format!("expected {what}, found {}", v.get_ref().type_str()),
-                )
-            }),
+            Some(v) => read(v.get_ref())
+                .map(Some)
+                .ok_or_else(|| self.error_at(key, format!("expected {what}, found {}", v.get_ref().type_str()))),
         }
     }
 }
@@ -212,15 +163,8 @@ pub fn scalar(value: &DeValue<'_>) -> Option<fusellm_sdk::ParamValue> {
     match value {
         DeValue::String(s) => Some(ParamValue::Str(s.to_string())),
         DeValue::Boolean(b) => Some(ParamValue::Bool(*b)),
-        DeValue::Integer(i) => i64::from_str_radix(&i.as_str().replace('_', ""), i.radix())
-            .ok()
-            .map(ParamValue::Int),
-        DeValue::Float(x) => x
-            .as_str()
-            .replace('_', "")
-            .parse()
-            .ok()
-            .map(ParamValue::Float),
+        DeValue::Integer(i) => i64::from_str_radix(&i.as_str().replace('_', ""), i.radix()).ok().map(ParamValue::Int),
+        DeValue::Float(x) => x.as_str().replace('_', "").parse().ok().map(ParamValue::Float),
         _ => None,
     }
 }

@@ -53,11 +53,7 @@ pub enum PluginSpec {
     Named(String),
     /// A plugin in a dylib or WASM component; `name` may be left out when the file holds
     /// one plugin of the kind wanted.
-    File {
-        tier: Tier,
-        path: PathBuf,
-        name: Option<String>,
-    },
+    File { tier: Tier, path: PathBuf, name: Option<String> },
 }
 
 const SECTIONS: &[&str] = &["fusion", "sandbox"];
@@ -81,20 +77,9 @@ impl Config {
         let root = Section::root(&doc, &table);
         root.allow_only(SECTIONS)?;
         let base = path.parent().unwrap_or(Path::new("."));
-        let fusion = root
-            .subsection("fusion")?
-            .map(|s| plugin_choice(&s, PluginKind::Fusion, base))
-            .transpose()?;
-        let sandbox = root
-            .subsection("sandbox")?
-            .map(|s| sandbox(&s))
-            .transpose()?
-            .unwrap_or_default();
-        Ok(Config {
-            path: path.to_owned(),
-            fusion,
-            sandbox,
-        })
+        let fusion = root.subsection("fusion")?.map(|s| plugin_choice(&s, PluginKind::Fusion, base)).transpose()?;
+        let sandbox = root.subsection("sandbox")?.map(|s| sandbox(&s)).transpose()?.unwrap_or_default();
+        Ok(Config { path: path.to_owned(), fusion, sandbox })
     }
 
     /// Loads the plugins this config names from files into `registry`.
@@ -115,45 +100,27 @@ impl PluginChoice {
     /// Loads the plugin (from its file if it has one), finds it, and checks the parameters
     /// against its schema: everything a run needs before any compute starts.
     pub fn load<'r>(&self, registry: &'r mut Registry) -> Result<(&'r Entry, Params), ConfigError> {
-        let at = |message: String| ConfigError {
-            message,
-            ..self.plugin_error.clone()
-        };
+        let at = |message: String| ConfigError { message, ..self.plugin_error.clone() };
         let name = match &self.plugin {
             PluginSpec::Named(name) => name.clone(),
             PluginSpec::File { tier, path, name } => {
                 let names = registry.load_file(*tier, path).map_err(|e| at(e.message))?;
                 match name {
                     Some(name) => name.clone(),
-                    None => self
-                        .only_plugin_of_kind(registry, &names, path)
-                        .map_err(at)?,
+                    None => self.only_plugin_of_kind(registry, &names, path).map_err(at)?,
                 }
             }
         };
         let entry = registry.get(self.kind, &name).map_err(|e| at(e.message))?;
-        let params = entry.resolve_params(&self.params).map_err(|e| {
-            match self.param_errors.get(&e.param) {
-                Some(place) => ConfigError {
-                    message: e.message,
-                    ..place.clone()
-                },
-                None => at(e.message),
-            }
+        let params = entry.resolve_params(&self.params).map_err(|e| match self.param_errors.get(&e.param) {
+            Some(place) => ConfigError { message: e.message, ..place.clone() },
+            None => at(e.message),
         })?;
         Ok((entry, params))
     }
 
-    fn only_plugin_of_kind(
-        &self,
-        registry: &Registry,
-        names: &[String],
-        path: &Path,
-    ) -> Result<String, String> {
-        let of_kind: Vec<&String> = names
-            .iter()
-            .filter(|n| registry.get(self.kind, n).is_ok())
-            .collect();
+    fn only_plugin_of_kind(&self, registry: &Registry, names: &[String], path: &Path) -> Result<String, String> {
+        let of_kind: Vec<&String> = names.iter().filter(|n| registry.get(self.kind, n).is_ok()).collect();
         match of_kind.as_slice() {
             [one] => Ok((*one).clone()),
             _ => Err(format!(
@@ -167,27 +134,22 @@ impl PluginChoice {
     }
 }
 
-fn plugin_choice(
-    section: &Section<'_, '_>,
-    kind: PluginKind,
-    base: &Path,
-) -> Result<PluginChoice, ConfigError> {
+fn plugin_choice(section: &Section<'_, '_>, kind: PluginKind, base: &Path) -> Result<PluginChoice, ConfigError> {
     section.allow_only(&["plugin", "params"])?;
     let value = section.required("plugin")?;
     let plugin_error = section.error_at("plugin", "");
     let plugin = match value.get_ref() {
         DeValue::String(name) => PluginSpec::Named(name.to_string()),
-        DeValue::Table(_) => plugin_file(
-            &section.doc.section(section.path_of("plugin"), value)?,
-            base,
-        )?,
-        other => return Err(section.error_at(
-            "plugin",
-            format!(
-                "expected a plugin name or {{ wasm = \"...\" }} / {{ dylib = \"...\" }}, found {}",
-                other.type_str()
-            ),
-        )),
+        DeValue::Table(_) => plugin_file(&section.doc.section(section.path_of("plugin"), value)?, base)?,
+        other => {
+            return Err(section.error_at(
+                "plugin",
+                format!(
+                    "expected a plugin name or {{ wasm = \"...\" }} / {{ dylib = \"...\" }}, found {}",
+                    other.type_str()
+                ),
+            ))
+        }
     };
     let mut params = BTreeMap::new();
     let mut param_errors = BTreeMap::new();
@@ -197,23 +159,14 @@ fn plugin_choice(
             let v = scalar(value.get_ref()).ok_or_else(|| {
                 p.error_at(
                     &name,
-                    format!(
-                        "a parameter is a string, number or boolean, not {}",
-                        value.get_ref().type_str()
-                    ),
+                    format!("a parameter is a string, number or boolean, not {}", value.get_ref().type_str()),
                 )
             })?;
             param_errors.insert(name.clone(), p.error_at(&name, ""));
             params.insert(name, v);
         }
     }
-    Ok(PluginChoice {
-        kind,
-        plugin,
-        params,
-        plugin_error,
-        param_errors,
-    })
+    Ok(PluginChoice { kind, plugin, params, plugin_error, param_errors })
 }
 
 fn plugin_file(table: &Section<'_, '_>, base: &Path) -> Result<PluginSpec, ConfigError> {
@@ -222,18 +175,9 @@ fn plugin_file(table: &Section<'_, '_>, base: &Path) -> Result<PluginSpec, Confi
     let (tier, path) = match (table.string("wasm")?, table.string("dylib")?) {
         (Some(p), None) => (Tier::Wasm, p),
         (None, Some(p)) => (Tier::Dylib, p),
-        _ => {
-            return Err(table.error_at(
-                "",
-                "give exactly one of `wasm = \"file.wasm\"` or `dylib = \"libfile.so\"`",
-            ))
-        }
+        _ => return Err(table.error_at("", "give exactly one of `wasm = \"file.wasm\"` or `dylib = \"libfile.so\"`")),
     };
-    Ok(PluginSpec::File {
-        tier,
-        path: base.join(path),
-        name,
-    })
+    Ok(PluginSpec::File { tier, path: base.join(path), name })
 }
 
 fn sandbox(section: &Section<'_, '_>) -> Result<WasmLimits, ConfigError> {

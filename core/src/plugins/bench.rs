@@ -10,21 +10,10 @@ use super::conformance::{synthetic_input, Shape};
 use super::{Entry, PluginError};
 
 /// The paper's training shape.
-pub const PAPER_SHAPE: Shape = Shape {
-    positions: 2048,
-    candidates: 3,
-    top_k: 10,
-    vocab: 32000,
-    unaligned: 0.05,
-};
+pub const PAPER_SHAPE: Shape = Shape { positions: 2048, candidates: 3, top_k: 10, vocab: 32000, unaligned: 0.05 };
 
 /// Median wall time of one fusion call over `iters` calls (after one warm-up call).
-pub fn time_fusion(
-    entry: &Entry,
-    params: &Params,
-    shape: Shape,
-    iters: usize,
-) -> Result<Duration, PluginError> {
+pub fn time_fusion(entry: &Entry, params: &Params, shape: Shape, iters: usize) -> Result<Duration, PluginError> {
     let input = synthetic_input(42, shape);
     let view = input.view();
     entry.fuse(params, &view)?;

@@ -8,9 +8,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use abi_stable::library::{lib_header_from_path, LibraryError, RootModule};
-use abi_stable::std_types::{RResult, RSlice};
+use abi_stable::std_types::{RResult, RSlice, RStr};
 use fusellm_sdk::abi::{AbiCandidate, AbiFusionInput, PluginModule_Ref};
-use fusellm_sdk::{FusedTarget, FusionFn, FusionInput, Params, PluginInfo, PluginKind};
+use fusellm_sdk::{
+    CheckpointFiles, FusedTarget, FusionFn, FusionInput, ModelAdapter, ModelSpec, Params, PluginInfo, PluginKind,
+};
 
 use super::{Entry, Handle, PluginError, Tier};
 
@@ -19,20 +21,16 @@ pub(super) fn load(path: &Path) -> Result<Vec<Entry>, PluginError> {
     let manifest = match (module.manifest())() {
         RResult::ROk(json) => json.into_string(),
         RResult::RErr(e) => {
-            return Err(PluginError::new(format!(
-                "{}: describing its plugins failed: {e}",
-                path.display()
-            )))
+            return Err(PluginError::new(format!("{}: describing its plugins failed: {e}", path.display())))
         }
     };
     parse_manifest(path, &manifest)?
         .into_iter()
         .map(|info| {
+            let plugin = Arc::new(DylibPlugin { module, info: info.clone() });
             let handle = match info.kind {
-                PluginKind::Fusion => Handle::Fusion(Arc::new(DylibFusion {
-                    module,
-                    info: info.clone(),
-                })),
+                PluginKind::Fusion => Handle::Fusion(plugin),
+                PluginKind::Adapter => Handle::Adapter(plugin),
                 kind => return Err(unsupported_kind(path, &info.name, kind)),
             };
             Entry::new(info, Tier::Dylib, path.display().to_string(), handle)
@@ -46,13 +44,17 @@ fn open(path: &Path) -> Result<PluginModule_Ref, LibraryError> {
 
 /// Parses the JSON manifest that a dylib or component reports.
 pub(super) fn parse_manifest(path: &Path, json: &str) -> Result<Vec<PluginInfo>, PluginError> {
-    serde_json::from_str(json)
-        .map_err(|e| PluginError::new(format!("{}: its plugin manifest is not valid ({e}); rebuild it with fusellm_sdk::export_plugins!", path.display())))
+    serde_json::from_str(json).map_err(|e| {
+        PluginError::new(format!(
+            "{}: its plugin manifest is not valid ({e}); rebuild it with fusellm_sdk::export_plugins!",
+            path.display()
+        ))
+    })
 }
 
 pub(super) fn unsupported_kind(path: &Path, name: &str, kind: PluginKind) -> PluginError {
     PluginError::new(format!(
-        "{}: plugin `{name}` is a {kind} plugin; this version of fusellm loads only fusion plugins from files (build it in instead)",
+        "{}: plugin `{name}` is a {kind} plugin; this version of fusellm loads only fusion and adapter plugins from files (build it in instead)",
         path.display()
     ))
 }
@@ -89,27 +91,11 @@ fn summarise(path: &Path, e: &LibraryError) -> String {
 
 /// The first mismatch of abi_stable's layout report: the type and field, expected vs found.
 fn layout_summary(report: &str) -> String {
-    let lines: Vec<&str> = report
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect();
-    let after = |tag: &str| {
-        lines
-            .iter()
-            .position(|l| l.starts_with(tag))
-            .and_then(|i| lines.get(i + 1))
-            .copied()
-    };
-    let inside = lines
-        .iter()
-        .find(|l| l.contains("inside:"))
-        .map(|l| l.trim_start_matches(|c: char| !c.is_alphabetic()));
-    let error = lines
-        .iter()
-        .find_map(|l| l.strip_prefix("Error:"))
-        .unwrap_or("layouts differ")
-        .trim();
+    let lines: Vec<&str> = report.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let after = |tag: &str| lines.iter().position(|l| l.starts_with(tag)).and_then(|i| lines.get(i + 1)).copied();
+    let inside =
+        lines.iter().find(|l| l.contains("inside:")).map(|l| l.trim_start_matches(|c: char| !c.is_alphabetic()));
+    let error = lines.iter().find_map(|l| l.strip_prefix("Error:")).unwrap_or("layouts differ").trim();
     format!(
         "{error} {}: expected {}, found {}",
         inside.unwrap_or("in the root module"),
@@ -118,33 +104,53 @@ fn layout_summary(report: &str) -> String {
     )
 }
 
-/// A fusion plugin inside a loaded library.
-struct DylibFusion {
+/// A plugin inside a loaded library.
+struct DylibPlugin {
     module: PluginModule_Ref,
     info: PluginInfo,
 }
 
-impl FusionFn for DylibFusion {
+impl FusionFn for DylibPlugin {
     fn info(&self) -> PluginInfo {
         self.info.clone()
     }
 
     fn fuse(&self, params: &Params, input: &FusionInput<'_>) -> Result<FusedTarget, String> {
         let params = serde_json::to_string(&params.0).expect("parameters serialise");
-        let candidates: Vec<AbiCandidate<'_>> =
-            input.candidates.iter().map(AbiCandidate::from).collect();
+        let candidates: Vec<AbiCandidate<'_>> = input.candidates.iter().map(AbiCandidate::from).collect();
         let abi_input = AbiFusionInput {
             gold: input.gold.into(),
-            text_bytes: input.text_bytes,
+            text_bytes: input.text_bytes.into(),
             candidates: RSlice::from_slice(&candidates),
         };
-        match (self.module.fuse())(
-            self.info.name.as_str().into(),
-            params.as_str().into(),
-            &abi_input,
-        ) {
+        match (self.module.fuse())(self.info.name.as_str().into(), params.as_str().into(), &abi_input) {
             RResult::ROk(rows) => Ok(rows.into()),
             RResult::RErr(e) => Err(e.into_string()),
         }
     }
+}
+
+impl ModelAdapter for DylibPlugin {
+    fn info(&self) -> PluginInfo {
+        self.info.clone()
+    }
+
+    fn spec(&self, params: &Params, files: CheckpointFiles<'_>) -> Result<ModelSpec, String> {
+        let params = serde_json::to_string(&params.0).expect("parameters serialise");
+        let tokenizer = files.tokenizer_json.map(RStr::from).into();
+        match (self.module.adapt())(
+            self.info.name.as_str().into(),
+            params.as_str().into(),
+            files.config_json.into(),
+            tokenizer,
+        ) {
+            RResult::ROk(json) => parse_spec(&json),
+            RResult::RErr(e) => Err(e.into_string()),
+        }
+    }
+}
+
+/// Parses the JSON model spec that a dylib or component returns.
+pub(super) fn parse_spec(json: &str) -> Result<ModelSpec, String> {
+    serde_json::from_str(json).map_err(|e| format!("the returned model spec is not valid: {e}"))
 }

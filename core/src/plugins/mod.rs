@@ -17,8 +17,8 @@ use std::sync::Arc;
 
 use fusellm_sdk::suggest::did_you_mean;
 use fusellm_sdk::{
-    check_fused, FusedTarget, FusionFn, FusionInput, ParamError, ParamValue, Params, PluginInfo,
-    PluginKind,
+    check_fused, CheckpointFiles, FusedTarget, FusionFn, FusionInput, ModelAdapter, ModelSpec, ParamError, ParamValue,
+    Params, PluginInfo, PluginKind,
 };
 
 pub use wasm::{WasmHost, WasmLimits};
@@ -67,9 +67,7 @@ pub struct PluginError {
 
 impl PluginError {
     pub fn new(message: impl Into<String>) -> Self {
-        Self {
-            message: message.into(),
-        }
+        Self { message: message.into() }
     }
 }
 
@@ -94,25 +92,15 @@ pub struct Entry {
 #[derive(Clone)]
 enum Handle {
     Fusion(Arc<dyn FusionFn>),
+    Adapter(Arc<dyn ModelAdapter>),
     /// A plugin linked into this binary, of any kind.
     Builtin(fusellm_sdk::Plugin),
 }
 
 impl Entry {
-    fn new(
-        info: PluginInfo,
-        tier: Tier,
-        origin: String,
-        handle: Handle,
-    ) -> Result<Self, PluginError> {
-        info.check()
-            .map_err(|e| PluginError::new(format!("{origin}: {e}")))?;
-        Ok(Self {
-            info,
-            tier,
-            origin,
-            handle,
-        })
+    fn new(info: PluginInfo, tier: Tier, origin: String, handle: Handle) -> Result<Self, PluginError> {
+        info.check().map_err(|e| PluginError::new(format!("{origin}: {e}")))?;
+        Ok(Self { info, tier, origin, handle })
     }
 
     /// "`min_ce` (builtin, fusellm-ce-fusion)", for messages.
@@ -121,44 +109,33 @@ impl Entry {
     }
 
     /// Checks configured parameters against the plugin's schema and fills in defaults.
-    pub fn resolve_params(
-        &self,
-        given: &BTreeMap<String, ParamValue>,
-    ) -> Result<Params, ParamError> {
-        Params::resolve(&self.info.params, given).map_err(|e| ParamError {
-            message: format!("plugin `{}`: {}", self.info.name, e.message),
-            param: e.param,
-        })
+    pub fn resolve_params(&self, given: &BTreeMap<String, ParamValue>) -> Result<Params, ParamError> {
+        Params::resolve(&self.info.params, given)
+            .map_err(|e| ParamError { message: format!("plugin `{}`: {}", self.info.name, e.message), param: e.param })
+    }
+
+    /// Runs an adapter on a checkpoint's files and checks the spec it returns.
+    pub fn adapt(&self, params: &Params, files: CheckpointFiles<'_>) -> Result<ModelSpec, PluginError> {
+        let adapter: &dyn ModelAdapter = match &self.handle {
+            Handle::Adapter(a) => a.as_ref(),
+            Handle::Builtin(fusellm_sdk::Plugin::Adapter(a)) => *a,
+            _ => return Err(self.not_a(PluginKind::Adapter)),
+        };
+        let spec = guard_panics(|| adapter.spec(params, files))
+            .map_err(|e| PluginError::new(format!("adapter {}: {e}", self.label())))?;
+        spec.check().map_err(|e| PluginError::new(format!("adapter {} returned a bad spec: {e}", self.label())))?;
+        Ok(spec)
     }
 
     /// Runs a fusion plugin on one document, checking the input before and the output
     /// after: a plugin's bad output is an error naming it, never a silent corruption.
-    pub fn fuse(
-        &self,
-        params: &Params,
-        input: &FusionInput<'_>,
-    ) -> Result<FusedTarget, PluginError> {
+    pub fn fuse(&self, params: &Params, input: &FusionInput<'_>) -> Result<FusedTarget, PluginError> {
         let fusion = self.fusion()?;
-        input
-            .check()
-            .map_err(|e| PluginError::new(format!("input to {}: {e}", self.label())))?;
-        // Dylib and WASM glue catch their own panics; this catches a built-in's.
-        let call =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fusion.fuse(params, input)));
-        let fused = call
-            .unwrap_or_else(|payload| {
-                Err(format!(
-                    "plugin panicked: {}",
-                    fusellm_sdk::export::panic_message(&*payload)
-                ))
-            })
+        input.check().map_err(|e| PluginError::new(format!("input to {}: {e}", self.label())))?;
+        let fused = guard_panics(|| fusion.fuse(params, input))
             .map_err(|e| PluginError::new(format!("fusion plugin {} failed: {e}", self.label())))?;
-        check_fused(&fused, input.positions()).map_err(|e| {
-            PluginError::new(format!(
-                "fusion plugin {} returned a bad target: {e}",
-                self.label()
-            ))
-        })?;
+        check_fused(&fused, input.positions())
+            .map_err(|e| PluginError::new(format!("fusion plugin {} returned a bad target: {e}", self.label())))?;
         Ok(fused)
     }
 
@@ -166,13 +143,19 @@ impl Entry {
         match &self.handle {
             Handle::Fusion(f) => Ok(f.as_ref()),
             Handle::Builtin(fusellm_sdk::Plugin::Fusion(f)) => Ok(*f),
-            Handle::Builtin(_) => Err(PluginError::new(format!(
-                "{} is a {} plugin, not a fusion plugin",
-                self.label(),
-                self.info.kind
-            ))),
+            _ => Err(self.not_a(PluginKind::Fusion)),
         }
     }
+
+    fn not_a(&self, kind: PluginKind) -> PluginError {
+        PluginError::new(format!("{} is a {} plugin, not a {kind} plugin", self.label(), self.info.kind))
+    }
+}
+
+/// Dylib and WASM glue catch their own panics; this catches a built-in's.
+fn guard_panics<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .unwrap_or_else(|payload| Err(format!("plugin panicked: {}", fusellm_sdk::export::panic_message(&*payload))))
 }
 
 /// The plugins fusellm knows, by name (unique across kinds and tiers).
@@ -194,12 +177,7 @@ impl Registry {
     }
 
     pub fn empty() -> Self {
-        Self {
-            entries: Vec::new(),
-            loaded_files: Vec::new(),
-            wasm: None,
-            wasm_limits: WasmLimits::default(),
-        }
+        Self { entries: Vec::new(), loaded_files: Vec::new(), wasm: None, wasm_limits: WasmLimits::default() }
     }
 
     /// Sets the sandbox limits of WASM plugins loaded from now on.
@@ -222,11 +200,7 @@ impl Registry {
             let entries = match tier {
                 Tier::Wasm => self.wasm_host()?.load(&canonical)?,
                 Tier::Dylib => dylib::load(&canonical)?,
-                Tier::Builtin => {
-                    return Err(PluginError::new(
-                        "built-in plugins are linked in, not loaded from files",
-                    ))
-                }
+                Tier::Builtin => return Err(PluginError::new("built-in plugins are linked in, not loaded from files")),
             };
             for entry in entries {
                 self.register(entry)?;
@@ -234,12 +208,7 @@ impl Registry {
             self.loaded_files.push(canonical.clone());
         }
         let origin = canonical.display().to_string();
-        Ok(self
-            .entries
-            .iter()
-            .filter(|e| e.origin == origin)
-            .map(|e| e.info.name.clone())
-            .collect())
+        Ok(self.entries.iter().filter(|e| e.origin == origin).map(|e| e.info.name.clone()).collect())
     }
 
     fn wasm_host(&mut self) -> Result<&WasmHost, PluginError> {
@@ -263,30 +232,32 @@ impl Registry {
         Ok(())
     }
 
+    /// The adapter for a config.json `model_type`: the first registered adapter that
+    /// declares it (built-ins are registered first, in name order).
+    pub fn adapter_for(&self, model_type: &str) -> Result<&Entry, PluginError> {
+        let adapters = || self.entries.iter().filter(|e| e.info.kind == PluginKind::Adapter);
+        adapters().find(|e| e.info.handles.iter().any(|h| h == model_type)).ok_or_else(|| {
+            let known: Vec<String> = adapters().flat_map(|e| e.info.handles.clone()).collect();
+            PluginError::new(format!(
+                "no adapter understands model_type `{model_type}`{}; known: {}; load an adapter plugin for it",
+                did_you_mean(model_type, known.iter().map(String::as_str)),
+                if known.is_empty() { "none".to_string() } else { known.join(", ") }
+            ))
+        })
+    }
+
     /// The plugin `name` of `kind`; an unknown name gets the nearest known one suggested.
     pub fn get(&self, kind: PluginKind, name: &str) -> Result<&Entry, PluginError> {
         match self.entries.iter().find(|e| e.info.name == name) {
             Some(e) if e.info.kind == kind => Ok(e),
-            Some(e) => Err(PluginError::new(format!(
-                "{} is a {} plugin, not a {kind} plugin",
-                e.label(),
-                e.info.kind
-            ))),
+            Some(e) => Err(PluginError::new(format!("{} is a {} plugin, not a {kind} plugin", e.label(), e.info.kind))),
             None => {
-                let known: Vec<&str> = self
-                    .entries
-                    .iter()
-                    .filter(|e| e.info.kind == kind)
-                    .map(|e| e.info.name.as_str())
-                    .collect();
+                let known: Vec<&str> =
+                    self.entries.iter().filter(|e| e.info.kind == kind).map(|e| e.info.name.as_str()).collect();
                 Err(PluginError::new(format!(
                     "unknown {kind} plugin `{name}`{}; known {kind} plugins: {}",
                     did_you_mean(name, known.iter().copied()),
-                    if known.is_empty() {
-                        "none".to_string()
-                    } else {
-                        known.join(", ")
-                    }
+                    if known.is_empty() { "none".to_string() } else { known.join(", ") }
                 )))
             }
         }
@@ -302,16 +273,9 @@ fn readable_file(path: &Path) -> Result<PathBuf, PluginError> {
         ))
     })?;
     if !canonical.is_file() {
-        return Err(PluginError::new(format!(
-            "plugin file {} cannot be read: it is not a file",
-            path.display()
-        )));
+        return Err(PluginError::new(format!("plugin file {} cannot be read: it is not a file", path.display())));
     }
-    std::fs::File::open(&canonical).map_err(|e| {
-        PluginError::new(format!(
-            "plugin file {} cannot be read: {e}",
-            path.display()
-        ))
-    })?;
+    std::fs::File::open(&canonical)
+        .map_err(|e| PluginError::new(format!("plugin file {} cannot be read: {e}", path.display())))?;
     Ok(canonical)
 }

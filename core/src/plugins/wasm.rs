@@ -9,14 +9,16 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fusellm_sdk::{FusedTarget, FusionFn, FusionInput, Params, PluginInfo, PluginKind};
+use fusellm_sdk::{
+    CheckpointFiles, FusedTarget, FusionFn, FusionInput, ModelAdapter, ModelSpec, Params, PluginInfo, PluginKind,
+};
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Config, Engine, ResourceLimiter, Store, Trap};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use super::dylib::{parse_manifest, unsupported_kind};
+use super::dylib::{parse_manifest, parse_spec, unsupported_kind};
 use super::{Entry, Handle, PluginError, Tier};
 
 mod bindings {
@@ -39,21 +41,13 @@ pub struct WasmLimits {
 
 impl Default for WasmLimits {
     fn default() -> Self {
-        Self {
-            deadline: Duration::from_secs(30),
-            memory_bytes: 1 << 30,
-            cache_dir: default_cache_dir(),
-        }
+        Self { deadline: Duration::from_secs(30), memory_bytes: 1 << 30, cache_dir: default_cache_dir() }
     }
 }
 
 /// `$FUSELLM_CACHE`, else `$XDG_CACHE_HOME/fusellm`, else `~/.cache/fusellm`.
 fn default_cache_dir() -> Option<PathBuf> {
-    let env = |k: &str| {
-        std::env::var_os(k)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
+    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
     env("FUSELLM_CACHE")
         .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("fusellm")))
         .or_else(|| env("HOME").map(|d| d.join(".cache/fusellm")))
@@ -81,31 +75,18 @@ struct Sandbox {
 
 impl WasiView for Sandbox {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView {
-            ctx: &mut self.wasi,
-            table: &mut self.table,
-        }
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
     }
 }
 
 impl ResourceLimiter for Sandbox {
-    fn memory_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
         let allowed = desired <= self.memory_cap;
         self.memory_denied |= !allowed;
         Ok(allowed)
     }
 
-    fn table_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
         Ok(desired <= 1 << 20)
     }
 }
@@ -120,34 +101,21 @@ impl WasmHost {
         config.epoch_interruption(true);
         let engine = Engine::new(&config).map_err(|e| host_error("starting the WASM engine", e))?;
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
-            .map_err(|e| host_error("linking WASI", e))?;
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| host_error("linking WASI", e))?;
         spawn_ticker(&engine);
-        Ok(Self {
-            engine,
-            linker,
-            limits,
-        })
+        Ok(Self { engine, linker, limits })
     }
 
     /// Compiles (or fetches from the cache) a component and registers its plugins.
     pub(super) fn load(&self, path: &Path) -> Result<Vec<Entry>, PluginError> {
-        let bytes = std::fs::read(path)
-            .map_err(|e| host_error(&format!("reading {}", path.display()), e))?;
+        let bytes = std::fs::read(path).map_err(|e| host_error(&format!("reading {}", path.display()), e))?;
         let component = self.compile(path, &bytes)?;
-        let pre = self
-            .linker
-            .instantiate_pre(&component)
-            .and_then(PluginPre::new)
-            .map_err(|e| {
-                host_error(
-                    &format!(
-                        "{} is not a fusellm plugin component (world fusellm:plugin/plugin)",
-                        path.display()
-                    ),
-                    first_line(&e),
-                )
-            })?;
+        let pre = self.linker.instantiate_pre(&component).and_then(PluginPre::new).map_err(|e| {
+            host_error(
+                &format!("{} is not a fusellm plugin component (world fusellm:plugin/plugin)", path.display()),
+                first_line(&e),
+            )
+        })?;
         let loaded = Arc::new(Loaded {
             pre,
             engine: self.engine.clone(),
@@ -159,11 +127,10 @@ impl WasmHost {
         parse_manifest(path, &manifest)?
             .into_iter()
             .map(|info| {
+                let plugin = Arc::new(WasmPlugin { loaded: loaded.clone(), info: info.clone() });
                 let handle = match info.kind {
-                    PluginKind::Fusion => Handle::Fusion(Arc::new(WasmFusion {
-                        loaded: loaded.clone(),
-                        info: info.clone(),
-                    })),
+                    PluginKind::Fusion => Handle::Fusion(plugin),
+                    PluginKind::Adapter => Handle::Adapter(plugin),
                     kind => return Err(unsupported_kind(path, &info.name, kind)),
                 };
                 Entry::new(info, Tier::Wasm, path.display().to_string(), handle)
@@ -172,11 +139,7 @@ impl WasmHost {
     }
 
     fn compile(&self, path: &Path, bytes: &[u8]) -> Result<Component, PluginError> {
-        let cached = self
-            .limits
-            .cache_dir
-            .as_ref()
-            .map(|dir| dir.join("wasm").join(self.cache_key(bytes)));
+        let cached = self.limits.cache_dir.as_ref().map(|dir| dir.join("wasm").join(self.cache_key(bytes)));
         if let Some(file) = cached.as_ref().filter(|f| f.exists()) {
             // SAFETY: the file was written by `Component::serialize` of an engine with the
             // same compatibility hash (part of the key); a stale or foreign file is rejected
@@ -186,16 +149,11 @@ impl WasmHost {
             }
         }
         let component = Component::new(&self.engine, bytes).map_err(|e| {
-            host_error(
-                &format!("{} is not a valid WebAssembly component", path.display()),
-                first_line(&e),
-            )
+            host_error(&format!("{} is not a valid WebAssembly component", path.display()), first_line(&e))
         })?;
         if let Some(file) = cached {
             // The cache only saves time: failing to write it is not an error.
-            let _ = component
-                .serialize()
-                .map(|data| write_atomically(&file, &data));
+            let _ = component.serialize().map(|data| write_atomically(&file, &data));
         }
         Ok(component)
     }
@@ -203,9 +161,7 @@ impl WasmHost {
     fn cache_key(&self, bytes: &[u8]) -> String {
         use std::hash::{Hash, Hasher};
         let mut engine_hash = std::collections::hash_map::DefaultHasher::new();
-        self.engine
-            .precompile_compatibility_hash()
-            .hash(&mut engine_hash);
+        self.engine.precompile_compatibility_hash().hash(&mut engine_hash);
         let digest = Sha256::digest(bytes);
         let hex: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
         format!("{hex}-{:016x}.cwasm", engine_hash.finish())
@@ -232,11 +188,7 @@ fn spawn_ticker(engine: &Engine) {
 }
 
 fn first_line(e: &impl std::fmt::Display) -> String {
-    format!("{e:#}")
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .to_string()
+    format!("{e:#}").lines().next().unwrap_or_default().to_string()
 }
 
 /// A compiled component ready to instantiate, and its idle instance.
@@ -256,41 +208,23 @@ struct Instance {
 
 impl Loaded {
     /// Runs `f` inside the sandbox, turning traps into plain errors.
-    fn call<T>(
-        &self,
-        f: impl FnOnce(&Plugin, &mut Store<Sandbox>) -> wasmtime::Result<T>,
-    ) -> Result<T, PluginError> {
-        let idle = self
-            .idle
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .take();
+    fn call<T>(&self, f: impl FnOnce(&Plugin, &mut Store<Sandbox>) -> wasmtime::Result<T>) -> Result<T, PluginError> {
+        let idle = self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
         let mut instance = match idle {
             Some(instance) => instance,
             None => self.instantiate()?,
         };
         instance.store.set_epoch_deadline(self.deadline_ticks());
         instance.store.data_mut().memory_denied = false;
-        let result = f(&instance.plugin, &mut instance.store)
-            .map_err(|e| self.explain(&e, instance.store.data()))?;
-        *self
-            .idle
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(instance);
+        let result = f(&instance.plugin, &mut instance.store).map_err(|e| self.explain(&e, instance.store.data()))?;
+        *self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(instance);
         Ok(result)
     }
 
     /// The deadline in epoch ticks from now (wasmtime adds it to the current epoch).
     fn deadline_ticks(&self) -> u64 {
-        let ticks = self
-            .limits
-            .deadline
-            .as_nanos()
-            .div_ceil(TICK.as_nanos())
-            .max(1);
-        u64::try_from(ticks)
-            .unwrap_or(u64::MAX / 2)
-            .min(u64::MAX / 2)
+        let ticks = self.limits.deadline.as_nanos().div_ceil(TICK.as_nanos()).max(1);
+        u64::try_from(ticks).unwrap_or(u64::MAX / 2).min(u64::MAX / 2)
     }
 
     fn instantiate(&self) -> Result<Instance, PluginError> {
@@ -315,18 +249,14 @@ impl Loaded {
         let file = self.path.display();
         let stderr = String::from_utf8_lossy(&sandbox.stderr.contents()).into_owned();
         let message = if sandbox.memory_denied {
-            format!(
-                "{file}: exceeded the memory cap of {} MiB",
-                self.limits.memory_bytes >> 20
-            )
+            format!("{file}: exceeded the memory cap of {} MiB", self.limits.memory_bytes >> 20)
         } else if let Some(panic) = panic_report(&stderr) {
             format!("{file}: plugin panicked: {panic}")
         } else {
             match e.downcast_ref::<Trap>() {
-                Some(Trap::Interrupt) => format!(
-                    "{file}: exceeded the deadline of {:?} per call",
-                    self.limits.deadline
-                ),
+                Some(Trap::Interrupt) => {
+                    format!("{file}: exceeded the deadline of {:?} per call", self.limits.deadline)
+                }
                 Some(trap) => format!("{file}: {trap}"),
                 None => format!("{file}: {}", first_line(e)),
             }
@@ -339,23 +269,33 @@ impl Loaded {
 /// ("thread '...' panicked at src/lib.rs:29:5:\nmessage\nnote: ...").
 fn panic_report(stderr: &str) -> Option<String> {
     let mut lines = stderr.lines().skip_while(|l| !l.contains(" panicked at "));
-    let place = lines
-        .next()?
-        .split(" panicked at ")
-        .nth(1)?
-        .trim_end_matches(':')
-        .to_string();
+    let place = lines.next()?.split(" panicked at ").nth(1)?.trim_end_matches(':').to_string();
     let message: Vec<&str> = lines.take_while(|l| !l.starts_with("note: ")).collect();
     Some(format!("{} (at {place})", message.join(" ")))
 }
 
-/// A fusion plugin inside a component.
-struct WasmFusion {
+/// A plugin inside a component.
+struct WasmPlugin {
     loaded: Arc<Loaded>,
     info: PluginInfo,
 }
 
-impl FusionFn for WasmFusion {
+impl ModelAdapter for WasmPlugin {
+    fn info(&self) -> PluginInfo {
+        self.info.clone()
+    }
+
+    fn spec(&self, params: &Params, files: CheckpointFiles<'_>) -> Result<ModelSpec, String> {
+        let params = serde_json::to_string(&params.0).expect("parameters serialise");
+        let call = |plugin: &Plugin, store: &mut Store<Sandbox>| {
+            plugin.call_adapt(store, &self.info.name, &params, files.config_json, files.tokenizer_json)
+        };
+        let json = self.loaded.call(call).map_err(|e| e.message)??;
+        parse_spec(&json)
+    }
+}
+
+impl FusionFn for WasmPlugin {
     fn info(&self) -> PluginInfo {
         self.info.clone()
     }
@@ -363,15 +303,9 @@ impl FusionFn for WasmFusion {
     fn fuse(&self, params: &Params, input: &FusionInput<'_>) -> Result<FusedTarget, String> {
         let params = serde_json::to_string(&params.0).expect("parameters serialise");
         let input = to_wit(input);
-        let result = self
-            .loaded
-            .call(|plugin, store| plugin.call_fuse(store, &self.info.name, &params, &input));
+        let result = self.loaded.call(|plugin, store| plugin.call_fuse(store, &self.info.name, &params, &input));
         let rows = result.map_err(|e| e.message)??;
-        Ok(FusedTarget {
-            offsets: rows.offsets,
-            ids: rows.ids,
-            values: rows.values,
-        })
+        Ok(FusedTarget { offsets: rows.offsets, ids: rows.ids, values: rows.values })
     }
 }
 
@@ -391,9 +325,5 @@ fn to_wit(input: &FusionInput<'_>) -> wit::FusionInput {
             is_target: c.is_target,
         })
         .collect();
-    wit::FusionInput {
-        gold: input.gold.to_vec(),
-        text_bytes: input.text_bytes,
-        candidates,
-    }
+    wit::FusionInput { gold: input.gold.to_vec(), text_bytes: input.text_bytes, candidates }
 }

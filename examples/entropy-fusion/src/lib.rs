@@ -1,7 +1,5 @@
 use fusellm_sdk::math::{ln, softmax_into};
-use fusellm_sdk::{
-    FusedTarget, FusionFn, FusionInput, Mixture, ParamSpec, Params, PluginInfo, PluginKind,
-};
+use fusellm_sdk::{FusedTarget, FusionFn, FusionInput, Mixture, ParamSpec, Params, PluginInfo, PluginKind};
 
 /// At each position, weights each candidate by the inverse entropy of its distribution:
 /// a confident source counts more than an unsure one.
@@ -9,16 +7,8 @@ pub struct EntropyWeighted;
 
 impl FusionFn for EntropyWeighted {
     fn info(&self) -> PluginInfo {
-        PluginInfo::new(
-            PluginKind::Fusion,
-            "entropy_weighted",
-            "0.1.0",
-            "candidates weighted by inverse entropy",
-        )
-        .param(
-            ParamSpec::float("eps", 0.1, "added to each entropy before inverting")
-                .range(Some(1e-9), None),
-        )
+        PluginInfo::new(PluginKind::Fusion, "entropy_weighted", "0.1.0", "candidates weighted by inverse entropy")
+            .param(ParamSpec::float("eps", 0.1, "added to each entropy before inverting").range(Some(1e-9), None))
     }
 
     fn fuse(&self, params: &Params, input: &FusionInput<'_>) -> Result<FusedTarget, String> {

@@ -1,7 +1,5 @@
 use fusellm_sdk::math::{exp, softmax_into};
-use fusellm_sdk::{
-    FusedTarget, FusionFn, FusionInput, Mixture, ParamSpec, Params, PluginInfo, PluginKind,
-};
+use fusellm_sdk::{FusedTarget, FusionFn, FusionInput, Mixture, ParamSpec, Params, PluginInfo, PluginKind};
 
 use crate::candidates::{common_params, Pool};
 
@@ -32,13 +30,10 @@ impl FusionFn for AvgCe {
         let tau = params.float("tau");
         let positions = input.positions();
         let mut out = FusedTarget::with_capacity(positions, positions * 10);
-        let (mut logits, mut weights, mut probs, mut mix) =
-            (Vec::new(), Vec::new(), Vec::new(), Mixture::default());
+        let (mut logits, mut weights, mut probs, mut mix) = (Vec::new(), Vec::new(), Vec::new(), Mixture::default());
         for p in 0..positions {
             // Members with no distribution here drop out and the others' weights renormalise.
-            let present: Vec<usize> = (0..pool.members.len())
-                .filter(|&c| pool.row(c, p).is_some())
-                .collect();
+            let present: Vec<usize> = (0..pool.members.len()).filter(|&c| pool.row(c, p).is_some()).collect();
             logits.clear();
             logits.extend(present.iter().map(|&c| {
                 let ce = pool.ce(c, p);

@@ -34,12 +34,8 @@ pub struct Pool<'a> {
 impl<'a> Pool<'a> {
     pub fn new(params: &Params, input: &FusionInput<'a>) -> Result<Self, String> {
         let include_target = params.bool("include_target");
-        let members: Vec<Candidate<'a>> = input
-            .candidates
-            .iter()
-            .copied()
-            .filter(|c| include_target || !c.is_target)
-            .collect();
+        let members: Vec<Candidate<'a>> =
+            input.candidates.iter().copied().filter(|c| include_target || !c.is_target).collect();
         if members.is_empty() && input.positions() > 0 {
             return Err("no candidate distributions to fuse".into());
         }
@@ -54,11 +50,7 @@ impl<'a> Pool<'a> {
     /// The CE that ranks member `c` at position `p`; a NaN ranks last.
     pub fn ce(&self, c: usize, p: usize) -> f64 {
         let member = &self.members[c];
-        let ce = if self.per_token {
-            member.ce_token[p]
-        } else {
-            member.ce_doc
-        } as f64;
+        let ce = if self.per_token { member.ce_token[p] } else { member.ce_doc } as f64;
         if ce.is_nan() {
             f64::INFINITY
         } else {
@@ -71,9 +63,7 @@ impl<'a> Pool<'a> {
         (0..self.members.len())
             .min_by(|&a, &b| {
                 let tie = |c: usize| (!self.members[c].is_target, c);
-                self.ce(a, p)
-                    .total_cmp(&self.ce(b, p))
-                    .then(tie(a).cmp(&tie(b)))
+                self.ce(a, p).total_cmp(&self.ce(b, p)).then(tie(a).cmp(&tie(b)))
             })
             .expect("a pool is never empty when there are positions")
     }

@@ -26,9 +26,7 @@ impl FusionFn for MinCe {
         for p in 0..positions {
             let best = pool.best(p);
             // An empty row of the best candidate is also taken from the next ranked ones.
-            let row = pool
-                .row(best, p)
-                .or_else(|| (0..pool.members.len()).find_map(|c| pool.row(c, p)));
+            let row = pool.row(best, p).or_else(|| (0..pool.members.len()).find_map(|c| pool.row(c, p)));
             if let Some((ids, values)) = row {
                 softmax_into(values, pool.temperature, &mut probs);
                 out.ids.extend_from_slice(ids);

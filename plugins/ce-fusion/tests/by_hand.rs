@@ -6,49 +6,28 @@ use fusellm_ce_fusion::{AvgCe, MinCe};
 use fusellm_sdk::{CandidateBuf, FusionFn, FusionInputBuf, ParamValue, Params, SparseRowsBuf};
 
 /// A candidate from rows of (id, probability) pairs (stored as log-probabilities).
-fn candidate(
-    rows: &[&[(u32, f64)]],
-    ce_doc: f32,
-    ce_token: &[f32],
-    is_target: bool,
-) -> CandidateBuf {
+fn candidate(rows: &[&[(u32, f64)]], ce_doc: f32, ce_token: &[f32], is_target: bool) -> CandidateBuf {
     let mut dist = SparseRowsBuf::with_capacity(rows.len(), 0);
     for row in rows {
         let ids: Vec<u32> = row.iter().map(|e| e.0).collect();
         let logp: Vec<f32> = row.iter().map(|e| e.1.ln() as f32).collect();
         dist.push_row(&ids, &logp);
     }
-    CandidateBuf {
-        dist,
-        ce_doc,
-        ce_token: ce_token.to_vec(),
-        tokens: rows.len() as u32,
-        is_target,
-    }
+    CandidateBuf { dist, ce_doc, ce_token: ce_token.to_vec(), tokens: rows.len() as u32, is_target }
 }
 
 fn params(plugin: &dyn FusionFn, given: &[(&str, ParamValue)]) -> Params {
-    let given: BTreeMap<String, ParamValue> = given
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.clone()))
-        .collect();
+    let given: BTreeMap<String, ParamValue> = given.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
     Params::resolve(&plugin.info().params, &given).unwrap()
 }
 
-fn fuse(
-    plugin: &dyn FusionFn,
-    given: &[(&str, ParamValue)],
-    input: &FusionInputBuf,
-) -> Vec<Vec<(u32, f64)>> {
+fn fuse(plugin: &dyn FusionFn, given: &[(&str, ParamValue)], input: &FusionInputBuf) -> Vec<Vec<(u32, f64)>> {
     let out = plugin.fuse(&params(plugin, given), &input.view()).unwrap();
     let rows = out.rows();
     (0..rows.len())
         .map(|p| {
             let (ids, probs) = rows.row(p);
-            ids.iter()
-                .zip(probs)
-                .map(|(&i, &q)| (i, q as f64))
-                .collect()
+            ids.iter().zip(probs).map(|(&i, &q)| (i, q as f64)).collect()
         })
         .collect()
 }
@@ -71,19 +50,9 @@ fn three_candidates() -> FusionInputBuf {
         gold: vec![5, 9],
         text_bytes: 8,
         candidates: vec![
-            candidate(
-                &[&[(5, 0.5), (6, 0.5)], &[(9, 0.9)]],
-                2.0,
-                &[0.1, 3.0],
-                true,
-            ),
+            candidate(&[&[(5, 0.5), (6, 0.5)], &[(9, 0.9)]], 2.0, &[0.1, 3.0], true),
             candidate(&[&[(5, 0.6), (7, 0.2)], &[]], 1.5, &[2.0, 1.0], false),
-            candidate(
-                &[&[(8, 0.4)], &[(9, 0.3), (4, 0.1)]],
-                1.5,
-                &[3.0, 0.5],
-                false,
-            ),
+            candidate(&[&[(8, 0.4)], &[(9, 0.3), (4, 0.1)]], 1.5, &[3.0, 0.5], false),
         ],
     }
 }
@@ -107,11 +76,7 @@ fn min_ce_ties_go_to_the_target() {
 #[test]
 fn min_ce_per_token_ranks_each_position_by_its_own_ce() {
     // Position 0: the target has the lowest token CE (0.1); position 1: the second source (0.5).
-    let out = fuse(
-        &MinCe,
-        &[("granularity", ParamValue::Str("token".into()))],
-        &three_candidates(),
-    );
+    let out = fuse(&MinCe, &[("granularity", ParamValue::Str("token".into()))], &three_candidates());
     assert_rows(&out, &[&[(5, 0.5), (6, 0.5)], &[(9, 0.75), (4, 0.25)]]);
 }
 
@@ -119,11 +84,7 @@ fn min_ce_per_token_ranks_each_position_by_its_own_ce() {
 fn min_ce_without_the_target_never_takes_its_distribution() {
     let mut input = three_candidates();
     input.candidates[0].ce_doc = 0.0;
-    let out = fuse(
-        &MinCe,
-        &[("include_target", ParamValue::Bool(false))],
-        &input,
-    );
+    let out = fuse(&MinCe, &[("include_target", ParamValue::Bool(false))], &input);
     // Source 1 wins but has no row 1, and the target does not take part: source 2 fills in.
     assert_rows(&out, &[&[(5, 0.75), (7, 0.25)], &[(9, 0.75), (4, 0.25)]]);
 }
@@ -131,11 +92,7 @@ fn min_ce_without_the_target_never_takes_its_distribution() {
 #[test]
 fn temperature_flattens_the_kept_entries() {
     // At temperature 2 the kept probabilities 0.6 : 0.2 become sqrt(0.6) : sqrt(0.2).
-    let out = fuse(
-        &MinCe,
-        &[("temperature", ParamValue::Float(2.0))],
-        &three_candidates(),
-    );
+    let out = fuse(&MinCe, &[("temperature", ParamValue::Float(2.0))], &three_candidates());
     let (a, b) = (0.6f64.sqrt(), 0.2f64.sqrt());
     assert_rows(&out, &[&[(5, a / (a + b)), (7, b / (a + b))], &[(9, 1.0)]]);
 }
@@ -157,15 +114,8 @@ fn avg_ce_softmax_weights_are_softmax_of_minus_ce_over_tau() {
     // w = softmax(-[2, 1]) = [1 / (1 + e), e / (1 + e)] = [0.268941, 0.731059].
     let w_target = 1.0 / (1.0 + std::f64::consts::E);
     let w_source = 1.0 - w_target;
-    let out = fuse(
-        &AvgCe,
-        &[("weights", ParamValue::Str("softmax".into()))],
-        &two_candidates(),
-    );
-    assert_rows(
-        &out,
-        &[&[(5, w_target + 0.75 * w_source), (9, 0.25 * w_source)]],
-    );
+    let out = fuse(&AvgCe, &[("weights", ParamValue::Str("softmax".into()))], &two_candidates());
+    assert_rows(&out, &[&[(5, w_target + 0.75 * w_source), (9, 0.25 * w_source)]]);
 }
 
 #[test]
@@ -175,24 +125,13 @@ fn avg_ce_paper_weights_are_softmax_of_exp_minus_ce() {
     let (w_target, w_source) = (a / (a + b), b / (a + b));
     assert!((w_target - 0.442_13).abs() < 1e-5);
     let out = fuse(&AvgCe, &[], &two_candidates());
-    assert_rows(
-        &out,
-        &[&[(5, w_target + 0.75 * w_source), (9, 0.25 * w_source)]],
-    );
+    assert_rows(&out, &[&[(5, w_target + 0.75 * w_source), (9, 0.25 * w_source)]]);
 }
 
 #[test]
 fn avg_ce_renormalises_the_weights_where_a_candidate_has_no_row() {
     let mut input = two_candidates();
-    input.candidates[0].dist = SparseRowsBuf {
-        offsets: vec![0, 0],
-        ids: vec![],
-        values: vec![],
-    };
-    let out = fuse(
-        &AvgCe,
-        &[("weights", ParamValue::Str("softmax".into()))],
-        &input,
-    );
+    input.candidates[0].dist = SparseRowsBuf { offsets: vec![0, 0], ids: vec![], values: vec![] };
+    let out = fuse(&AvgCe, &[("weights", ParamValue::Str("softmax".into()))], &input);
     assert_rows(&out, &[&[(5, 0.75), (9, 0.25)]]);
 }

@@ -1,0 +1,177 @@
+//! The block library: executes any [`ModelSpec`] on candle, CPU or CUDA, with every
+//! operation differentiable, returning the logits of all positions (no KV cache: this is
+//! the training and precompute path).
+
+mod attention;
+pub mod generate;
+mod layers;
+pub mod loss;
+pub mod ops;
+pub mod positions;
+pub mod weights;
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, Var};
+use fusellm_sdk::adapter::{Positions, Residual};
+use fusellm_sdk::ModelSpec;
+
+use attention::{Attention, Context};
+use layers::{Mlp, Norm};
+pub use weights::LoadMode;
+use weights::Weights;
+
+use crate::error::{Error, Result};
+
+struct Block {
+    attn_norm: Norm,
+    attn: Attention,
+    mlp_norm: Norm,
+    mlp: Mlp,
+}
+
+/// A causal language model built from a spec and a checkpoint.
+pub struct Transformer {
+    spec: ModelSpec,
+    embed: Tensor,
+    pos_embed: Option<Tensor>,
+    blocks: Vec<Block>,
+    final_norm: Norm,
+    head: Tensor,
+    device: Device,
+    vars: Vec<(String, Var)>,
+}
+
+impl Transformer {
+    /// Loads the weights of `dir` for `spec`. `dtype` is the compute dtype: f32 anywhere;
+    /// bf16 and f16 where the device supports them.
+    pub fn load(dir: &Path, spec: &ModelSpec, mode: LoadMode, dtype: DType, device: &Device) -> Result<Self> {
+        check_dtype(dtype, device)?;
+        let mut w = Weights::open(dir, spec, mode, dtype, device)?;
+        let (v, d) = (spec.vocab_size, spec.hidden);
+        let embed = w.get("embed.weight", None, &[v, d])?;
+        let pos_embed = match spec.positions {
+            Positions::Learned => Some(w.get("pos_embed.weight", None, &[spec.max_positions, d])?),
+            _ => None,
+        };
+        let blocks = (0..spec.layers)
+            .map(|i| {
+                Ok(Block {
+                    attn_norm: Norm::load(&mut w, "layers.{i}.attn_norm", Some(i), spec.norm, d)?,
+                    attn: Attention::load(&mut w, i, spec.attention, d)?,
+                    mlp_norm: Norm::load(&mut w, "layers.{i}.mlp_norm", Some(i), spec.norm, d)?,
+                    mlp: Mlp::load(&mut w, i, spec.mlp, d)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let final_norm = Norm::load(&mut w, "final_norm", None, spec.norm, d)?;
+        // A tied head is the embedding; so is a missing one (transformers' fallback).
+        let head = if spec.tied_embeddings || !w.contains("lm_head.weight", None) {
+            embed.clone()
+        } else {
+            w.get("lm_head.weight", None, &[v, d])?
+        };
+        Ok(Self {
+            spec: spec.clone(),
+            embed,
+            pos_embed,
+            blocks,
+            final_norm,
+            head,
+            device: device.clone(),
+            vars: w.into_vars(),
+        })
+    }
+
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The trainable parameters by checkpoint name (empty when loaded frozen).
+    pub fn vars(&self) -> &[(String, Var)] {
+        &self.vars
+    }
+
+    /// Logits `[b, t, vocab]` (f32) for token ids `[b, t]` (u32); `keep: [b, t]` marks
+    /// real tokens (1) and padding (0) when sequences are padded.
+    pub fn forward(&self, ids: &Tensor, keep: Option<&Tensor>) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        self.check_input(ids, t)?;
+        let ctx = self.context(t, keep)?;
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.spec.hidden))?;
+        if let Some(table) = &self.pos_embed {
+            x = x.broadcast_add(&table.narrow(0, 0, t)?)?;
+        }
+        for block in &self.blocks {
+            let attn = block.attn.forward(&block.attn_norm.forward(&x)?, &ctx)?;
+            x = match self.spec.residual {
+                Residual::Sequential => {
+                    let x = (x + attn)?;
+                    let mlp = block.mlp.forward(&block.mlp_norm.forward(&x)?)?;
+                    (x + mlp)?
+                }
+                Residual::Parallel => {
+                    let mlp = block.mlp.forward(&block.mlp_norm.forward(&x)?)?;
+                    ((x + attn)? + mlp)?
+                }
+            };
+        }
+        let x = self.final_norm.forward(&x)?;
+        Ok(ops::linear(&x, &self.head, None)?.to_dtype(DType::F32)?)
+    }
+
+    fn check_input(&self, ids: &Tensor, t: usize) -> Result<()> {
+        if t > self.spec.max_positions {
+            return Err(Error::msg(format!(
+                "a sequence of {t} tokens is longer than the model's maximum of {} positions; split the document (fusellm split)",
+                self.spec.max_positions
+            )));
+        }
+        if t > 0 {
+            let max = ids.flatten_all()?.max(0)?.to_scalar::<u32>()? as usize;
+            if max >= self.spec.vocab_size {
+                return Err(Error::msg(format!(
+                    "token id {max} is outside the model's embedding of {} rows; is the tokenizer the model's own?",
+                    self.spec.vocab_size
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn context(&self, t: usize, keep: Option<&Tensor>) -> Result<Context> {
+        let mask = positions::attention_mask(t, keep, &self.device)?;
+        let (rope, bias) = match self.spec.positions {
+            Positions::Rope { theta, .. } => {
+                let rot = self.spec.rotary_dim();
+                let (cos, sin) = positions::rope_tables(theta, rot, t, &self.device)?;
+                let dtype = self.embed.dtype();
+                (Some((cos.to_dtype(dtype)?, sin.to_dtype(dtype)?, rot)), mask)
+            }
+            Positions::Alibi { max_bias } => {
+                let slopes = positions::alibi_slopes(self.spec.attention.heads, max_bias);
+                (None, mask.broadcast_add(&positions::alibi_bias(&slopes, t, &self.device)?)?)
+            }
+            Positions::Learned => (None, mask),
+        };
+        Ok(Context { rope, bias })
+    }
+}
+
+/// Refuses a dtype the device cannot compute in, before any weight is read.
+fn check_dtype(dtype: DType, device: &Device) -> Result<()> {
+    match dtype {
+        DType::F32 | DType::F64 => Ok(()),
+        DType::BF16 if device.is_cpu() => Err(Error::msg(
+            "bf16 is not supported on the CPU (candle's CPU matmul has no bf16 kernel); use f32, or a CUDA device",
+        )),
+        DType::BF16 | DType::F16 => Ok(()),
+        other => {
+            Err(Error::msg(format!("{other:?} is not a floating-point dtype for model weights; use f32, bf16 or f16")))
+        }
+    }
+}

@@ -1,0 +1,53 @@
+//! A model's tokenizer with the conventions of its spec: the BOS policy, and ids that must
+//! fit the embedding.
+
+use std::path::Path;
+
+use fusellm_sdk::ModelSpec;
+
+use crate::error::{Error, Result};
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    bos: Option<u32>,
+}
+
+impl Tokenizer {
+    /// Loads tokenizer.json and checks it against the model: its base vocabulary must fit
+    /// the embedding (added special tokens beyond it, such as OpenLLaMA's `[PAD]`, are
+    /// refused only if a text produces them).
+    pub fn load(path: &Path, spec: &ModelSpec) -> Result<Self> {
+        let inner =
+            tokenizers::Tokenizer::from_file(path).map_err(|e| Error::msg(format!("{}: {e}", path.display())))?;
+        let base = inner.get_vocab_size(false);
+        if base > spec.vocab_size {
+            return Err(Error::msg(format!(
+                "{}: the tokenizer's vocabulary has {base} tokens but the model's embedding only {} rows; is it the model's own tokenizer?",
+                path.display(),
+                spec.vocab_size
+            )));
+        }
+        let bos = match (&spec.tokenizer.bos, spec.tokenizer.add_bos) {
+            (Some(token), true) => Some(inner.token_to_id(token).ok_or_else(|| {
+                Error::msg(format!("{}: the BOS token {token:?} is not in the vocabulary", path.display()))
+            })?),
+            _ => None,
+        };
+        Ok(Self { inner, bos })
+    }
+
+    /// Token ids of `text` as the model's own pipeline makes them: BOS first where the
+    /// convention has one, no EOS.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self.inner.encode(text, false).map_err(|e| Error::msg(format!("tokenizing: {e}")))?;
+        Ok(self.bos.into_iter().chain(encoding.get_ids().iter().copied()).collect())
+    }
+
+    pub fn bos(&self) -> Option<u32> {
+        self.bos
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, false).map_err(|e| Error::msg(format!("decoding: {e}")))
+    }
+}
