@@ -1,7 +1,9 @@
 //! Paths of the plugin artifacts that scripts/build-plugins.sh builds before the tests
-//! (cargo does not build a workspace's cdylibs for `cargo test`).
+//! (cargo does not build a workspace's cdylibs for `cargo test`), and of the shared fixtures.
 
 #![allow(dead_code)]
+
+pub mod fixtures;
 
 use std::path::PathBuf;
 

@@ -47,7 +47,29 @@ impl Transformer {
     /// bf16 and f16 where the device supports them.
     pub fn load(dir: &Path, spec: &ModelSpec, mode: LoadMode, dtype: DType, device: &Device) -> Result<Self> {
         check_dtype(dtype, device)?;
-        let mut w = Weights::open(dir, spec, mode, dtype, device)?;
+        Self::build(Weights::open(dir, spec, mode, dtype, device)?)
+    }
+
+    /// A freshly initialised, trainable model: matrices N(0, std^2) from `seed`, unit norm
+    /// weights, zero biases.
+    pub fn init(spec: &ModelSpec, seed: u64, std: f64, device: &Device) -> Result<Self> {
+        spec.check().map_err(Error::msg)?;
+        Self::build(Weights::random(spec, seed, std, DType::F32, device))
+    }
+
+    /// Writes the trainable weights as safetensors under their checkpoint names.
+    pub fn save_weights(&self, path: &Path) -> Result<()> {
+        if self.vars.is_empty() {
+            return Err(Error::msg("only a trainable model can be saved (load it with LoadMode::Trainable)"));
+        }
+        let tensors: std::collections::HashMap<String, Tensor> =
+            self.vars.iter().map(|(name, var)| (name.clone(), var.as_tensor().clone())).collect();
+        candle_core::safetensors::save(&tensors, path).map_err(|e| Error::msg(format!("writing {}: {e}", path.display())))
+    }
+
+    fn build(mut w: Weights) -> Result<Self> {
+        let spec = &w.spec().clone();
+        let device = &w.device().clone();
         let (v, d) = (spec.vocab_size, spec.hidden);
         let embed = w.get("embed.weight", None, &[v, d])?;
         let pos_embed = match spec.positions {

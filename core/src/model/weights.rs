@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use fusellm_sdk::ModelSpec;
 
 use crate::error::{Context, Error, Result};
+use crate::rng::Rng;
 
 /// How weights are held.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -19,10 +20,16 @@ pub enum LoadMode {
     Trainable,
 }
 
-/// The tensors of a checkpoint, addressed by the names of [`ModelSpec::tensor_names`].
+/// Where tensors come from.
+enum Source {
+    Checkpoint { files: MmapedSafetensors, dir: PathBuf },
+    /// A fresh initialisation: N(0, std^2) matrices, unit norm weights, zero biases.
+    Random { rng: Rng, std: f64 },
+}
+
+/// The tensors of a model, addressed by the names of [`ModelSpec::tensor_names`].
 pub struct Weights {
-    files: MmapedSafetensors,
-    dir: PathBuf,
+    source: Source,
     spec: ModelSpec,
     mode: LoadMode,
     dtype: DType,
@@ -38,15 +45,22 @@ impl Weights {
         // other process truncates them while the model is loaded.
         let files = unsafe { MmapedSafetensors::multi(&files) }
             .context(|| format!("reading the weights in {}", dir.display()))?;
-        Ok(Self {
-            files,
-            dir: dir.to_owned(),
-            spec: spec.clone(),
-            mode,
-            dtype,
-            device: device.clone(),
-            vars: Vec::new(),
-        })
+        let source = Source::Checkpoint { files, dir: dir.to_owned() };
+        Ok(Self { source, spec: spec.clone(), mode, dtype, device: device.clone(), vars: Vec::new() })
+    }
+
+    /// A fresh, trainable initialisation from a seed, the same on every platform.
+    pub fn random(spec: &ModelSpec, seed: u64, std: f64, dtype: DType, device: &Device) -> Self {
+        let source = Source::Random { rng: Rng::new(seed), std };
+        Self { source, spec: spec.clone(), mode: LoadMode::Trainable, dtype, device: device.clone(), vars: Vec::new() }
+    }
+
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     /// The checkpoint name of block-library tensor `name` (`{i}` replaced by `layer`).
@@ -62,7 +76,11 @@ impl Weights {
 
     /// Whether the checkpoint holds tensor `name` (an untied LM head may be absent).
     pub fn contains(&self, name: &str, layer: Option<usize>) -> bool {
-        self.checkpoint_name(name, layer).is_ok_and(|n| self.files.get(&n).is_ok())
+        let Ok(full) = self.checkpoint_name(name, layer) else { return false };
+        match &self.source {
+            Source::Checkpoint { files, .. } => files.get(&full).is_ok(),
+            Source::Random { .. } => true,
+        }
     }
 
     /// Tensor `name` of `layer`, checked against the shape the config implies.
@@ -71,20 +89,11 @@ impl Weights {
         if let Some((_, var)) = self.vars.iter().find(|(n, _)| *n == full) {
             return Ok(var.as_tensor().clone());
         }
-        let view = self.files.get(&full).map_err(|_| {
-            Error::msg(format!(
-                "{}: the checkpoint has no tensor `{full}` (the config implies one of shape {shape:?})",
-                self.dir.display()
-            ))
-        })?;
-        if view.shape() != shape {
-            return Err(Error::msg(format!(
-                "{}: tensor `{full}` has shape {:?} but config.json implies {shape:?}",
-                self.dir.display(),
-                view.shape()
-            )));
+        let tensor = match &mut self.source {
+            Source::Checkpoint { files, dir } => read(files, dir, &full, shape, &self.device)?,
+            Source::Random { rng, std } => init(rng, *std, name, shape, &self.device)?,
         }
-        let tensor = self.files.load(&full, &self.device)?.to_dtype(self.dtype)?;
+        .to_dtype(self.dtype)?;
         match self.mode {
             LoadMode::Frozen => Ok(tensor),
             LoadMode::Trainable => {
@@ -99,6 +108,38 @@ impl Weights {
     pub fn into_vars(self) -> Vec<(String, Var)> {
         self.vars
     }
+}
+
+/// Reads tensor `name` of a checkpoint, checked against the shape the config implies.
+fn read(files: &MmapedSafetensors, dir: &Path, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
+    let view = files.get(name).map_err(|_| {
+        Error::msg(format!(
+            "{}: the checkpoint has no tensor `{name}` (the config implies one of shape {shape:?})",
+            dir.display()
+        ))
+    })?;
+    if view.shape() != shape {
+        return Err(Error::msg(format!(
+            "{}: tensor `{name}` has shape {:?} but config.json implies {shape:?}",
+            dir.display(),
+            view.shape()
+        )));
+    }
+    Ok(files.load(name, device)?)
+}
+
+/// A fresh tensor for block-library tensor `name`: norm weights one, biases zero,
+/// matrices N(0, std^2).
+fn init(rng: &mut Rng, std: f64, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let values: Vec<f32> = if name.ends_with(".bias") {
+        vec![0.0; n]
+    } else if name.contains("norm.") {
+        vec![1.0; n]
+    } else {
+        (0..n).map(|_| (rng.normal() * std) as f32).collect()
+    };
+    Ok(Tensor::from_vec(values, shape, device)?)
 }
 
 /// The safetensors files of a checkpoint: those of model.safetensors.index.json when it

@@ -7,37 +7,12 @@ use std::collections::BTreeMap;
 use fusellm_sdk::{CandidateBuf, FusionInputBuf, ParamKind, ParamValue, SparseRowsBuf};
 
 use super::Entry;
+use crate::rng::Rng;
 
 /// The outcome of one check.
 pub struct CheckResult {
     pub name: String,
     pub outcome: Result<(), String>,
-}
-
-/// A small deterministic generator (splitmix64), so that inputs are the same everywhere.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    pub fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    pub fn below(&mut self, n: u32) -> u32 {
-        (self.unit() * n as f64) as u32
-    }
 }
 
 /// The shape of a synthetic document.
