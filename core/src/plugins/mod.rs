@@ -237,7 +237,8 @@ impl Registry {
     pub fn adapter_for(&self, model_type: &str) -> Result<&Entry, PluginError> {
         let adapters = || self.entries.iter().filter(|e| e.info.kind == PluginKind::Adapter);
         adapters().find(|e| e.info.handles.iter().any(|h| h == model_type)).ok_or_else(|| {
-            let known: Vec<String> = adapters().flat_map(|e| e.info.handles.clone()).collect();
+            let known: std::collections::BTreeSet<String> = adapters().flat_map(|e| e.info.handles.clone()).collect();
+            let known: Vec<String> = known.into_iter().collect();
             PluginError::new(format!(
                 "no adapter understands model_type `{model_type}`{}; known: {}; load an adapter plugin for it",
                 did_you_mean(model_type, known.iter().map(String::as_str)),
