@@ -7,6 +7,8 @@
 #                                               a dylib claiming another SDK version
 #   target/plugin-fixtures/libdrifted_layout_plugin.so
 #                                               a dylib whose interface layout differs
+# Plugin cdylibs are built in cargo invocations of their own: built together with the
+# fusellm binary, they would get the SDK's `builtin` feature and export nothing.
 # Usage: scripts/build-plugins.sh [--release]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +16,7 @@ profile=debug
 flags=()
 if [ "${1:-}" = "--release" ]; then profile=release; flags=(--release); fi
 target="${CARGO_TARGET_DIR:-target}"
-plugins=(-p fusellm-ce-fusion -p fusellm-llama -p fusellm-mpt -p entropy-fusion -p fusellm-test-plugins)
+plugins=(-p fusellm-ce-fusion -p fusellm-llama -p fusellm-mpt -p entropy-fusion -p gpt-neox-adapter -p fusellm-test-plugins)
 
 rustup target add wasm32-wasip2 >/dev/null 2>&1 || rustup target list --installed | grep -q wasm32-wasip2
 

@@ -68,9 +68,17 @@ fn an_unreadable_plugin_file_is_named() {
 
 #[test]
 fn a_dylib_built_against_another_sdk_version_is_refused_in_three_lines() {
-    let e = load_error(Tier::Dylib, &skewed_dylib());
+    let e = load_error(Tier::Dylib, &incompatible_dylib("skewed_sdk"));
     assert_contains(&e, "was built against fusellm-sdk 1.0.0, but this fusellm uses fusellm-sdk 0.1.0");
     assert_contains(&e, "rebuild the plugin against fusellm-sdk 0.1");
+    assert!(e.lines().count() <= 3, "{e}");
+}
+
+#[test]
+fn a_dylib_with_another_interface_layout_is_refused_in_three_lines() {
+    let e = load_error(Tier::Dylib, &incompatible_dylib("drifted_layout"));
+    assert_contains(&e, "the layout of the plugin interface does not match this fusellm");
+    assert_contains(&e, "mismatched type at `fuse.param_2.text_bytes` of AbiFusionInput<'a>: expected u32, found u64");
     assert!(e.lines().count() <= 3, "{e}");
 }
 

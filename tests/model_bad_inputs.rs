@@ -20,7 +20,8 @@ fn variant(name: &str, model: &str, edit: impl FnOnce(&mut serde_json::Value)) -
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let src = fixtures::model_dir(model);
-    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
     edit(&mut config);
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
     std::fs::copy(src.join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
@@ -30,7 +31,8 @@ fn variant(name: &str, model: &str, edit: impl FnOnce(&mut serde_json::Value)) -
 
 fn load_error(dir: &Path) -> String {
     let registry = Registry::with_builtins().unwrap();
-    let result = Checkpoint::open(dir, &registry, None).and_then(|c| c.load_model(LoadMode::Frozen, DType::F32, &Device::Cpu));
+    let result =
+        Checkpoint::open(dir, &registry, None).and_then(|c| c.load_model(LoadMode::Frozen, DType::F32, &Device::Cpu));
     match result {
         Ok(_) => panic!("{} loaded but should not", dir.display()),
         Err(e) => e.message,
@@ -56,7 +58,10 @@ fn a_folder_without_config_or_weights_is_named() {
 #[test]
 fn an_unknown_architecture_or_a_missing_field_is_named() {
     let dir = variant("bert", "tiny-llama2", |c| c["model_type"] = "bert".into());
-    assert_contains(&load_error(&dir), "no adapter understands model_type `bert`; known: llama, mpt; load an adapter plugin for it");
+    assert_contains(
+        &load_error(&dir),
+        "no adapter understands model_type `bert`; known: llama, mpt; load an adapter plugin for it",
+    );
     let dir = variant("typo", "tiny-mpt", |c| c["model_type"] = "mtp".into());
     assert_contains(&load_error(&dir), "did you mean `mpt`?");
     let dir = variant("missing", "tiny-llama2", |c| {
@@ -79,7 +84,10 @@ fn weights_that_disagree_with_the_config_name_the_tensor_and_both_shapes() {
 #[test]
 fn a_tokenizer_larger_than_the_embedding_is_refused() {
     let dir = variant("vocab", "tiny-llama2", |c| c["vocab_size"] = 1000.into());
-    assert_contains(&load_error(&dir), "the tokenizer's vocabulary has 32000 tokens but the model's embedding only 1000 rows");
+    assert_contains(
+        &load_error(&dir),
+        "the tokenizer's vocabulary has 32000 tokens but the model's embedding only 1000 rows",
+    );
 }
 
 #[test]
@@ -91,13 +99,18 @@ fn a_sequence_longer_than_the_maximum_is_refused() {
     let e = model.forward(&ids, None).unwrap_err().message;
     assert_contains(&e, "a sequence of 513 tokens is longer than the model's maximum of 512 positions");
     let too_big = Tensor::new(&[[5u32, 60_000]], &Device::Cpu).unwrap();
-    assert_contains(&model.forward(&too_big, None).unwrap_err().message, "token id 60000 is outside the model's embedding of 50432 rows");
+    assert_contains(
+        &model.forward(&too_big, None).unwrap_err().message,
+        "token id 60000 is outside the model's embedding of 50432 rows",
+    );
 }
 
 #[test]
 fn bf16_on_the_cpu_is_refused_before_loading() {
     let registry = Registry::with_builtins().unwrap();
     let checkpoint = Checkpoint::open(&fixtures::model_dir("tiny-llama2"), &registry, None).unwrap();
-    let e = Transformer::load(&checkpoint.dir, &checkpoint.spec, LoadMode::Frozen, DType::BF16, &Device::Cpu).err().unwrap();
+    let e = Transformer::load(&checkpoint.dir, &checkpoint.spec, LoadMode::Frozen, DType::BF16, &Device::Cpu)
+        .err()
+        .unwrap();
     assert_contains(&e.message, "bf16 is not supported on the CPU");
 }

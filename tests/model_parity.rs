@@ -59,7 +59,11 @@ fn tokenization_top10_logprobs_and_ce_match_transformers() {
                 let ours = top_k(&lp[p], 10);
                 for r in 0..10 {
                     let (id, value) = ours[r];
-                    assert!((value - ref_lp[p][r]).abs() < ATOL, "{name} {t} position {p} rank {r}: {value} vs {}", ref_lp[p][r]);
+                    assert!(
+                        (value - ref_lp[p][r]).abs() < ATOL,
+                        "{name} {t} position {p} rank {r}: {value} vs {}",
+                        ref_lp[p][r]
+                    );
                     if id as i64 != ref_ids[p][r] {
                         // Only where the reference itself has a near tie may ids swap.
                         let next = if r == 9 { rank11[p] } else { ref_lp[p][r + 1] };
@@ -87,7 +91,10 @@ fn full_logits_match_transformers() {
         let (checkpoint, model) = open(name);
         let reference = fixtures::tensors(&format!("{name}.forward.safetensors"));
         let ids = fixtures::ids(&reference["english.input_ids"]);
-        assert_eq!(ids, checkpoint.tokenizer.encode("The quick brown fox jumps over the lazy dog near the riverbank.").unwrap());
+        assert_eq!(
+            ids,
+            checkpoint.tokenizer.encode("The quick brown fox jumps over the lazy dog near the riverbank.").unwrap()
+        );
         let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
         let logits = model.forward(&input, None).unwrap().i(0).unwrap();
         let diff = (logits - &reference["english.logits"]).unwrap().abs().unwrap().max_all().unwrap();
@@ -121,9 +128,11 @@ fn padded_batches_give_the_logits_of_unpadded_sequences() {
         let keep = Tensor::from_vec([keep, vec![1u8; t]].concat(), (2, t), &Device::Cpu).unwrap();
         let batch = model.forward(&ids, Some(&keep)).unwrap();
         for (row, seq) in [(0, &short), (1, &long)] {
-            let alone = model.forward(&Tensor::new(seq.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap(), None).unwrap();
+            let alone =
+                model.forward(&Tensor::new(seq.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap(), None).unwrap();
             let ours = batch.i((row, ..seq.len())).unwrap();
-            let diff = (ours - alone.i(0).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let diff =
+                (ours - alone.i(0).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(diff < 1e-4, "{name} row {row}: {diff}");
         }
     }

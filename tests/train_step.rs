@@ -40,12 +40,18 @@ fn losses_gradient_norms_and_gradients_match_the_reference_step() {
             let fusion = fusion_loss(&lp, &target_ids, target_probs).unwrap();
             let expected = &summary[part];
             assert_rel(&format!("{name} {part} CLM loss"), scalar(&ce), expected["ce_before"].as_f64().unwrap(), 1e-5);
-            assert_rel(&format!("{name} {part} fusion loss"), scalar(&fusion), expected["fusion_before"].as_f64().unwrap(), 1e-5);
+            assert_rel(
+                &format!("{name} {part} fusion loss"),
+                scalar(&fusion),
+                expected["fusion_before"].as_f64().unwrap(),
+                1e-5,
+            );
             let loss = if part == "ce" { ce } else { ((ce * 0.9).unwrap() + (fusion * 0.1).unwrap()).unwrap() };
             assert_rel(&format!("{name} {part} loss"), scalar(&loss), expected["loss_before"].as_f64().unwrap(), 1e-5);
 
             let grads = loss.backward().unwrap();
-            let grad = |var: &Var| grads.get(var).unwrap_or_else(|| panic!("{name}: a parameter has no gradient")).clone();
+            let grad =
+                |var: &Var| grads.get(var).unwrap_or_else(|| panic!("{name}: a parameter has no gradient")).clone();
             let mut total = 0.0;
             for (param, var) in model.vars() {
                 let g = grad(var);
@@ -57,10 +63,18 @@ fn losses_gradient_norms_and_gradients_match_the_reference_step() {
                 if let Some(stored) = reference.get(&format!("{part}.grad.{param}")) {
                     let diff = scalar(&(g - stored).unwrap().abs().unwrap().max_all().unwrap());
                     let scale = scalar(&stored.abs().unwrap().max_all().unwrap());
-                    assert!(diff <= 1e-4 * scale + 1e-7, "{name} {part} gradient of {param}: off by {diff} (scale {scale})");
+                    assert!(
+                        diff <= 1e-4 * scale + 1e-7,
+                        "{name} {part} gradient of {param}: off by {diff} (scale {scale})"
+                    );
                 }
             }
-            assert_rel(&format!("{name} {part} global grad norm"), total.sqrt(), expected["grad_norm"].as_f64().unwrap(), 1e-5);
+            assert_rel(
+                &format!("{name} {part} global grad norm"),
+                total.sqrt(),
+                expected["grad_norm"].as_f64().unwrap(),
+                1e-5,
+            );
         }
     }
 }

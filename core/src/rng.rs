@@ -33,4 +33,3 @@ impl Rng {
         (self.unit() * n as f64) as u32
     }
 }
-

@@ -123,7 +123,7 @@ impl<'a> From<&AbiFusionInput<'a>> for FusionInput<'a> {
                 is_target: c.is_target,
             })
             .collect();
-        Self { gold: i.gold.as_slice(), text_bytes: i.text_bytes, candidates }
+        Self { gold: i.gold.as_slice(), text_bytes: i.text_bytes as u32, candidates }
     }
 }
 
@@ -183,6 +183,11 @@ pub fn export_adapt(
 /// Exports `plugins` as the library's root module. This is what abi_stable's
 /// `#[export_root_module]` expands to, written with `$crate` paths so that plugin crates
 /// need no dependency of their own on abi_stable.
+///
+/// The root module is one fixed symbol, so the plugin crates linked together into fusellm
+/// as built-ins must not export it: the host enables the SDK's `builtin` feature, which
+/// turns this macro into nothing. (Build plugin cdylibs in a cargo invocation of their own.)
+#[cfg(not(feature = "builtin"))]
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __export_dylib {
@@ -226,6 +231,14 @@ macro_rules! __export_dylib {
             };
         };
     };
+}
+
+/// With the `builtin` feature (a host linking plugin crates in), no dylib export.
+#[cfg(feature = "builtin")]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __export_dylib {
+    ($plugins:ident) => {};
 }
 
 #[cfg(test)]

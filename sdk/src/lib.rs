@@ -60,9 +60,7 @@ macro_rules! export_plugins {
         $crate::inventory::submit! {
             $crate::BuiltinSet { crate_name: env!("CARGO_PKG_NAME"), plugins: FUSELLM_PLUGINS }
         }
-        // The dylib root module is one fixed symbol, so only a crate built as a cdylib may
-        // export it: built-in crates linked together into fusellm set their `builtin` feature.
-        #[cfg(all(not(target_arch = "wasm32"), not(feature = "builtin")))]
+        #[cfg(not(target_arch = "wasm32"))]
         $crate::__export_dylib!(FUSELLM_PLUGINS);
         #[cfg(target_arch = "wasm32")]
         $crate::__export_wasm!(FUSELLM_PLUGINS);

@@ -64,7 +64,8 @@ impl Transformer {
         }
         let tensors: std::collections::HashMap<String, Tensor> =
             self.vars.iter().map(|(name, var)| (name.clone(), var.as_tensor().clone())).collect();
-        candle_core::safetensors::save(&tensors, path).map_err(|e| Error::msg(format!("writing {}: {e}", path.display())))
+        candle_core::safetensors::save(&tensors, path)
+            .map_err(|e| Error::msg(format!("writing {}: {e}", path.display())))
     }
 
     fn build(mut w: Weights) -> Result<Self> {

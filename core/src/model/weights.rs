@@ -22,9 +22,15 @@ pub enum LoadMode {
 
 /// Where tensors come from.
 enum Source {
-    Checkpoint { files: MmapedSafetensors, dir: PathBuf },
+    Checkpoint {
+        files: MmapedSafetensors,
+        dir: PathBuf,
+    },
     /// A fresh initialisation: N(0, std^2) matrices, unit norm weights, zero biases.
-    Random { rng: Rng, std: f64 },
+    Random {
+        rng: Rng,
+        std: f64,
+    },
 }
 
 /// The tensors of a model, addressed by the names of [`ModelSpec::tensor_names`].

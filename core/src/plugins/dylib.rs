@@ -89,16 +89,29 @@ fn summarise(path: &Path, e: &LibraryError) -> String {
     }
 }
 
-/// The first mismatch of abi_stable's layout report: the type and field, expected vs found.
+/// The first mismatch of abi_stable's layout report, in one line: the path of fields from
+/// the root module down to the mismatch, the type holding it, expected vs found.
 fn layout_summary(report: &str) -> String {
-    let lines: Vec<&str> = report.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
-    let after = |tag: &str| lines.iter().position(|l| l.starts_with(tag)).and_then(|i| lines.get(i + 1)).copied();
-    let inside =
-        lines.iter().find(|l| l.contains("inside:")).map(|l| l.trim_start_matches(|c: char| !c.is_alphabetic()));
-    let error = lines.iter().find_map(|l| l.strip_prefix("Error:")).unwrap_or("layouts differ").trim();
+    let lines: Vec<&str> = report.lines().map(str::trim).collect();
+    let start = lines.iter().position(|l| l.ends_with("error(s)inside:") && !l.starts_with("0 "));
+    let (mut path, mut owner) = (Vec::new(), None);
+    if let Some(start) = start {
+        let block = lines[start..].iter().take_while(|l| !l.starts_with("Layout of expected type"));
+        let block: Vec<&str> = block.copied().collect();
+        for pair in block.windows(2) {
+            match pair[0].strip_prefix("field_name:") {
+                Some(field) if field.parse::<usize>().is_ok() => owner = pair[1].strip_prefix("type:"),
+                Some(field) => path.push(field),
+                None => {}
+            }
+        }
+    }
+    let after = |tag: &str| lines.iter().rposition(|l| l.starts_with(tag)).and_then(|i| lines.get(i + 1)).copied();
+    let error = lines.iter().rev().find_map(|l| l.strip_prefix("Error:")).unwrap_or("layouts differ");
     format!(
-        "{error} {}: expected {}, found {}",
-        inside.unwrap_or("in the root module"),
+        "{error} at `{}`{}: expected {}, found {}",
+        path.join("."),
+        owner.map(|o| format!(" of {o}")).unwrap_or_default(),
         after("Expected:").unwrap_or("?"),
         after("Found:").unwrap_or("?")
     )
