@@ -1,0 +1,137 @@
+//! Model adapters in every tier: the built-in adapters give the same spec as builtin, dylib
+//! and WASM plugins, and a third-party adapter (GPT-NeoX, a dylib) runs a model that
+//! fusellm does not build in.
+
+mod common;
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use common::{dylib, fixtures, registry_of, wasm};
+use fusellm_core::checkpoint::Checkpoint;
+use fusellm_core::model::generate::greedy;
+use fusellm_core::model::loss::{clm_loss, next_token_logprobs};
+use fusellm_core::model::{LoadMode, Transformer};
+use fusellm_core::plugins::{Registry, Tier, WasmLimits};
+use fusellm_sdk::adapter::{Positions, QkvLayout, Residual};
+use fusellm_sdk::{CheckpointFiles, ModelSpec, PluginKind};
+
+use fusellm_llama as _;
+use fusellm_mpt as _;
+
+fn adapt(registry: &Registry, adapter: &str, model_dir: &std::path::Path) -> ModelSpec {
+    let config = std::fs::read_to_string(model_dir.join("config.json")).unwrap();
+    let tokenizer = std::fs::read_to_string(model_dir.join("tokenizer.json")).ok();
+    let entry = registry.get(PluginKind::Adapter, adapter).unwrap();
+    let params = entry.resolve_params(&Default::default()).unwrap();
+    entry.adapt(&params, CheckpointFiles { config_json: &config, tokenizer_json: tokenizer.as_deref() }).unwrap()
+}
+
+#[test]
+fn built_in_adapters_give_the_same_spec_in_every_tier() {
+    let builtin = Registry::with_builtins().unwrap();
+    for (krate, adapter, model) in
+        [("fusellm_llama", "llama", "tiny-llama2"), ("fusellm_llama", "openllama", "tiny-openllama"), ("fusellm_mpt", "mpt", "tiny-mpt")]
+    {
+        let dir = fixtures::model_dir(model);
+        let expected = adapt(&builtin, adapter, &dir);
+        for (tier, file) in [(Tier::Dylib, dylib(krate)), (Tier::Wasm, wasm(krate))] {
+            let registry = registry_of(tier, &file, WasmLimits::default());
+            assert_eq!(adapt(&registry, adapter, &dir), expected, "{adapter} as {tier}");
+        }
+    }
+}
+
+#[test]
+fn tokenizer_conventions_come_with_the_spec() {
+    let registry = Registry::with_builtins().unwrap();
+    let llama = adapt(&registry, "llama", &fixtures::model_dir("tiny-llama2")).tokenizer;
+    assert_eq!((llama.space_marker.as_str(), llama.byte_fallback, llama.byte_level), ("\u{2581}", true, false));
+    assert_eq!((llama.add_bos, llama.bos.as_deref(), llama.eos.as_deref()), (true, Some("<s>"), Some("</s>")));
+    let mpt = adapt(&registry, "mpt", &fixtures::model_dir("tiny-mpt")).tokenizer;
+    assert_eq!((mpt.space_marker.as_str(), mpt.byte_fallback, mpt.byte_level), ("\u{0120}", false, true));
+    assert_eq!((mpt.add_bos, mpt.bos.as_deref()), (false, None));
+    assert!(mpt.special_tokens.contains(&"<|endoftext|>".to_string()));
+    let openllama = adapt(&registry, "openllama", &fixtures::model_dir("tiny-openllama")).tokenizer;
+    assert!(openllama.special_tokens.contains(&"[PAD]".to_string()));
+}
+
+/// A tiny Pythia-shaped checkpoint: config.json, fresh weights written under the names the
+/// adapter gives, and the GPT-NeoX tokenizer.
+fn neox_checkpoint(registry: &Registry, name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("fusellm-neox-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = serde_json::json!({
+        "model_type": "gpt_neox", "vocab_size": 50304, "hidden_size": 32, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "intermediate_size": 64, "hidden_act": "gelu", "rotary_pct": 0.25,
+        "rotary_emb_base": 10000, "max_position_embeddings": 128, "layer_norm_eps": 1e-5,
+        "use_parallel_residual": true, "tie_word_embeddings": false
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    std::fs::copy(fixtures::root().join("tokenizers/gpt-neox-20b/tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+    let spec = adapt(registry, "gpt_neox", &dir);
+    Transformer::init(&spec, 3, 0.2, &Device::Cpu).unwrap().save_weights(&dir.join("model.safetensors")).unwrap();
+    dir
+}
+
+#[test]
+fn a_third_party_dylib_adapter_runs_gpt_neox() {
+    let mut registry = Registry::with_builtins().unwrap();
+    registry.load_file(Tier::Dylib, &dylib("gpt_neox_adapter")).unwrap();
+    let dir = neox_checkpoint(&registry, "run");
+
+    let checkpoint = Checkpoint::open(&dir, &registry, None).unwrap();
+    assert_eq!(checkpoint.adapter, "gpt_neox", "chosen by config.json's model_type");
+    let spec = &checkpoint.spec;
+    assert_eq!((spec.residual, spec.attention.qkv, spec.rotary_dim()), (Residual::Parallel, QkvLayout::PerHead, 2));
+    assert!(matches!(spec.positions, Positions::Rope { fraction, .. } if fraction == 0.25));
+
+    let model = checkpoint.load_model(LoadMode::Trainable, DType::F32, &Device::Cpu).unwrap();
+    let ids = Tensor::new(checkpoint.tokenizer.encode("Pythia is GPT-NeoX shaped.").unwrap().as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let logits = model.forward(&ids, None).unwrap();
+    assert_eq!(logits.dims()[2], 50304);
+    let loss = clm_loss(&next_token_logprobs(&logits).unwrap(), &ids).unwrap();
+    let grads = loss.backward().unwrap();
+    assert_eq!(model.vars().len(), 2 * 12 + 4, "embed, head, final norm (2) and 12 tensors per layer");
+    for (name, var) in model.vars() {
+        let norm = grads.get(var).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(norm > 0.0, "`{name}` receives no gradient");
+    }
+    let frozen = checkpoint.load_model(LoadMode::Frozen, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(greedy(&frozen, &checkpoint.tokenizer.encode("Hello").unwrap(), 4).unwrap().len(), 4);
+}
+
+#[test]
+fn per_head_and_chunked_qkv_layouts_agree_once_the_rows_are_permuted() {
+    // The same attention written both ways: GPT-NeoX groups the fused rows per head
+    // ([q_h | k_h | v_h] for each head h), MPT chunks them ([q | k | v]).
+    let mut registry = Registry::with_builtins().unwrap();
+    registry.load_file(Tier::Dylib, &dylib("gpt_neox_adapter")).unwrap();
+    let per_head = Checkpoint::open(&neox_checkpoint(&registry, "layouts"), &registry, None).unwrap();
+    let model = per_head.load_model(LoadMode::Trainable, DType::F32, &Device::Cpu).unwrap();
+    let (h, d) = (per_head.spec.attention.heads, per_head.spec.attention.head_dim);
+    let mut chunked_spec = per_head.spec.clone();
+    chunked_spec.attention.qkv = QkvLayout::Chunked;
+    let chunked = Transformer::init(&chunked_spec, 3, 0.2, &Device::Cpu).unwrap();
+    for ((name, theirs), (_, ours)) in model.vars().iter().zip(chunked.vars()) {
+        let value = if name.contains("query_key_value") {
+            // Row (head, part, i) of the per-head layout is row (part, head, i) chunked.
+            let dims = theirs.dims().to_vec();
+            let rest: Vec<usize> = dims[1..].to_vec();
+            let shape: Vec<usize> = [h, 3, d].into_iter().chain(rest.iter().copied()).collect();
+            theirs.reshape(shape).unwrap().transpose(0, 1).unwrap().contiguous().unwrap().reshape(dims).unwrap()
+        } else {
+            theirs.as_tensor().clone()
+        };
+        ours.set(&value).unwrap();
+    }
+    let ids = Tensor::new(&[[10u32, 200, 3000, 40, 5]], &Device::Cpu).unwrap();
+    let a = model.forward(&ids, None).unwrap();
+    let b = chunked.forward(&ids, None).unwrap();
+    let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff < 1e-5, "{diff}");
+}
