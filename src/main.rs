@@ -1,5 +1,6 @@
 //! The `fusellm` command line: parses, validates, and calls fusellm-core.
 
+mod bench_cmd;
 mod generate_cmd;
 mod plugins_cmd;
 
@@ -29,14 +30,14 @@ enum Command {
     Generate(generate_cmd::GenerateArgs),
     /// Benchmarks.
     #[command(subcommand)]
-    Bench(plugins_cmd::BenchCommand),
+    Bench(bench_cmd::BenchCommand),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Plugins(cmd) => plugins_cmd::run(cmd),
-        Command::Bench(cmd) => plugins_cmd::bench(cmd),
+        Command::Bench(cmd) => bench_cmd::run(cmd).map(|()| ExitCode::SUCCESS),
         Command::Generate(args) => generate_cmd::run(args).map(|()| ExitCode::SUCCESS),
     };
     match result {

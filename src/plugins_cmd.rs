@@ -5,9 +5,8 @@ use std::process::ExitCode;
 
 use clap::Subcommand;
 use fusellm_core::config::Config;
-use fusellm_core::plugins::bench::{time_fusion, PAPER_SHAPE};
-use fusellm_core::plugins::conformance::{check_fusion, Shape};
-use fusellm_core::plugins::{Entry, Registry, Tier};
+use fusellm_core::plugins::conformance::check_fusion;
+use fusellm_core::plugins::{Registry, Tier};
 use fusellm_sdk::PluginKind;
 
 #[derive(Subcommand)]
@@ -30,24 +29,6 @@ pub enum PluginsCommand {
         /// Also load the plugins named by this experiment config.
         #[arg(long)]
         config: Option<PathBuf>,
-    },
-}
-
-#[derive(Subcommand)]
-pub enum BenchCommand {
-    /// One fusion call (2048 positions x 3 candidates x top-10) in each tier.
-    Plugins {
-        /// The ce-fusion plugins built as a dylib.
-        #[arg(long, default_value = "target/release/libfusellm_ce_fusion.so")]
-        dylib: PathBuf,
-        /// The ce-fusion plugins built as a WASM component.
-        #[arg(long, default_value = "target/wasm32-wasip2/plugin-wasm/fusellm_ce_fusion.wasm")]
-        wasm: PathBuf,
-        #[arg(long, default_value_t = 200)]
-        iters: usize,
-        /// Positions per document (the paper: 2048).
-        #[arg(long, default_value_t = PAPER_SHAPE.positions)]
-        positions: usize,
     },
 }
 
@@ -144,40 +125,5 @@ fn test(spec: &str, name: Option<&str>, config: Option<&Path>) -> Result<ExitCod
         return Ok(ExitCode::FAILURE);
     }
     println!("all checks passed");
-    Ok(ExitCode::SUCCESS)
-}
-
-pub fn bench(cmd: BenchCommand) -> Result<ExitCode, String> {
-    let BenchCommand::Plugins { dylib, wasm, iters, positions } = cmd;
-    let shape = Shape { positions, ..PAPER_SHAPE };
-    let builtin = Registry::with_builtins().map_err(|e| e.message)?;
-    let from_file = |tier, path: &Path| {
-        let mut r = Registry::empty();
-        r.load_file(tier, path).map_err(|e| e.message)?;
-        Ok::<_, String>(r)
-    };
-    let tiers = [builtin, from_file(Tier::Dylib, &dylib)?, from_file(Tier::Wasm, &wasm)?];
-    println!(
-        "one fusion call: {} positions x {} candidates x top-{}, median of {iters} (release build recommended)",
-        shape.positions, shape.candidates, shape.top_k
-    );
-    println!("{:<10} {:>12} {:>12} {:>8} {:>12} {:>8}", "plugin", "builtin", "dylib", "ratio", "wasm", "ratio");
-    for name in ["min_ce", "avg_ce"] {
-        let mut micros = Vec::new();
-        for registry in &tiers {
-            let entry: &Entry = registry.get(PluginKind::Fusion, name).map_err(|e| e.message)?;
-            let params = entry.resolve_params(&Default::default()).map_err(|e| e.message)?;
-            let t = time_fusion(entry, &params, shape, iters).map_err(|e| e.message)?;
-            micros.push(t.as_secs_f64() * 1e6);
-        }
-        println!(
-            "{name:<10} {:>10.1}us {:>10.1}us {:>7.2}x {:>10.1}us {:>7.2}x",
-            micros[0],
-            micros[1],
-            micros[1] / micros[0],
-            micros[2],
-            micros[2] / micros[0]
-        );
-    }
     Ok(ExitCode::SUCCESS)
 }
