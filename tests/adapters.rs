@@ -30,9 +30,11 @@ fn adapt(registry: &Registry, adapter: &str, model_dir: &std::path::Path) -> Mod
 #[test]
 fn built_in_adapters_give_the_same_spec_in_every_tier() {
     let builtin = Registry::with_builtins().unwrap();
-    for (krate, adapter, model) in
-        [("fusellm_llama", "llama", "tiny-llama2"), ("fusellm_llama", "openllama", "tiny-openllama"), ("fusellm_mpt", "mpt", "tiny-mpt")]
-    {
+    for (krate, adapter, model) in [
+        ("fusellm_llama", "llama", "tiny-llama2"),
+        ("fusellm_llama", "openllama", "tiny-openllama"),
+        ("fusellm_mpt", "mpt", "tiny-mpt"),
+    ] {
         let dir = fixtures::model_dir(model);
         let expected = adapt(&builtin, adapter, &dir);
         for (tier, file) in [(Tier::Dylib, dylib(krate)), (Tier::Wasm, wasm(krate))] {
