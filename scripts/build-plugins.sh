@@ -1,24 +1,25 @@
 #!/usr/bin/env bash
 # Builds the plugin artifacts that the tests and benchmarks load (cargo does not build a
-# workspace's cdylibs for `cargo test`):
-#   target/<profile>/lib*.so                   the plugin crates as dylibs
-#   target/wasm32-wasip2/plugin-wasm/*.wasm     the same crates as WASM components
-#   target/plugin-fixtures/libskewed_sdk_plugin.so
-#                                               a dylib claiming another SDK version
-#   target/plugin-fixtures/libdrifted_layout_plugin.so
-#                                               a dylib whose interface layout differs
+# workspace's cdylibs for `cargo test`), under cargo's target folder:
+#   <profile>/lib*.so                         the plugin crates as dylibs
+#   wasm32-wasip2/plugin-wasm/*.wasm          the same crates as WASM components
+#   plugin-fixtures/libskewed_sdk_plugin.so   a dylib claiming another SDK version
+#   plugin-fixtures/libdrifted_layout_plugin.so
+#                                             a dylib whose interface layout differs
 # Plugin cdylibs are built in cargo invocations of their own: built together with the
 # fusellm binary, they would get the SDK's `builtin` feature and export nothing.
 # Usage: scripts/build-plugins.sh [--release]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 profile=debug
-flags=()
+flags=(--profile dev)
 if [ "${1:-}" = "--release" ]; then profile=release; flags=(--release); fi
-target="${CARGO_TARGET_DIR:-target}"
+target=$(cargo metadata --no-deps --format-version 1 | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 plugins=(-p fusellm-ce-fusion -p fusellm-llama -p fusellm-mpt -p entropy-fusion -p gpt-neox-adapter -p fusellm-test-plugins)
 
-rustup target add wasm32-wasip2 >/dev/null 2>&1 || rustup target list --installed | grep -q wasm32-wasip2
+if ! rustup target list --installed | grep -qx wasm32-wasip2; then
+  rustup target add wasm32-wasip2 || { echo "error: the wasm32-wasip2 target is missing and could not be installed (offline?)" >&2; exit 1; }
+fi
 
 # The incompatible fixtures first: the test plugins built with a simulated SDK change.
 mkdir -p "$target/plugin-fixtures"

@@ -10,8 +10,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-check}
 toolkit="${FUSELLM_CUDA_DIR:-$HOME/.cache/fusellm-cuda13}"
-# shellcheck disable=SC1090
-source <(bash ../shared/cuda/setup-cuda13.sh "$toolkit")
+# The toolkit's variables are captured first, so that a failed setup stops the script.
+env=$(bash ../shared/cuda/setup-cuda13.sh "$toolkit")
+eval "$env"
 case "$mode" in
   check) cargo check --release --features cuda ;;
   build) cargo build --release --features cuda ;;

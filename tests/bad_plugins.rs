@@ -123,9 +123,7 @@ fn a_panicking_plugin_is_an_error_in_every_tier() {
 #[test]
 fn a_wasm_plugin_that_loops_forever_hits_the_deadline() {
     let wasm = registry_of(Tier::Wasm, &wasm("fusellm_test_plugins"), tight_limits());
-    let start = std::time::Instant::now();
     assert_contains(&call_error(&wasm, "loops_forever"), "exceeded the deadline of 1s per call");
-    assert!(start.elapsed().as_secs() < 30);
     still_works(&wasm);
 }
 

@@ -114,8 +114,17 @@ fn greedy_decoding_matches_transformers() {
     }
 }
 
+/// Logits `[t, V]` of one unpadded sequence.
+fn alone(model: &Transformer, ids: &[u32]) -> Tensor {
+    model.forward(&Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap(), None).unwrap().i(0).unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+}
+
 #[test]
-fn padded_batches_give_the_logits_of_unpadded_sequences() {
+fn right_padded_batches_give_the_logits_of_unpadded_sequences() {
     for name in MODELS {
         let (checkpoint, model) = open(name);
         let short = checkpoint.tokenizer.encode("A short one.").unwrap();
@@ -127,13 +136,37 @@ fn padded_batches_give_the_logits_of_unpadded_sequences() {
         let ids = Tensor::from_vec([padded, long.clone()].concat(), (2, t), &Device::Cpu).unwrap();
         let keep = Tensor::from_vec([keep, vec![1u8; t]].concat(), (2, t), &Device::Cpu).unwrap();
         let batch = model.forward(&ids, Some(&keep)).unwrap();
-        for (row, seq) in [(0, &short), (1, &long)] {
-            let alone =
-                model.forward(&Tensor::new(seq.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap(), None).unwrap();
-            let ours = batch.i((row, ..seq.len())).unwrap();
-            let diff =
-                (ours - alone.i(0).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            assert!(diff < 1e-4, "{name} row {row}: {diff}");
-        }
+        assert!(max_diff(&batch.i((0, ..short.len())).unwrap(), &alone(&model, &short)) < 1e-4, "{name}");
+        assert!(max_diff(&batch.i(1).unwrap(), &alone(&model, &long)) < 1e-4, "{name}");
     }
+}
+
+#[test]
+fn left_padding_is_hidden_by_the_padding_mask_under_alibi() {
+    // ALiBi depends only on distances, so a left-padded sequence gives its own logits, but
+    // only if the padded keys are masked: without `keep` the result differs.
+    let (checkpoint, model) = open("tiny-mpt");
+    let ids = checkpoint.tokenizer.encode("Left padding, then the text.").unwrap();
+    let pad = 5;
+    let padded: Vec<u32> = std::iter::repeat_n(0, pad).chain(ids.iter().copied()).collect();
+    let keep: Vec<u8> = (0..padded.len()).map(|i| u8::from(i >= pad)).collect();
+    let input = Tensor::new(padded.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let keep = Tensor::new(keep.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let reference = alone(&model, &ids);
+    let masked = model.forward(&input, Some(&keep)).unwrap().i((0, pad..)).unwrap();
+    assert!(max_diff(&masked, &reference) < 1e-4);
+    let unmasked = model.forward(&input, None).unwrap().i((0, pad..)).unwrap();
+    assert!(max_diff(&unmasked, &reference) > 1e-2, "the padding must matter when it is not masked");
+}
+
+#[test]
+fn empty_and_one_token_inputs_get_clear_errors() {
+    use fusellm_core::model::loss::next_token_logprobs;
+    let (_, model) = open("tiny-mpt");
+    let empty = Tensor::zeros((1, 0), DType::U32, &Device::Cpu).unwrap();
+    assert!(model.forward(&empty, None).unwrap_err().message.contains("an empty batch"));
+    let one = Tensor::new(&[[42u32]], &Device::Cpu).unwrap();
+    let logits = model.forward(&one, None).unwrap();
+    assert_eq!(logits.dims(), &[1, 1, 50432]);
+    assert!(next_token_logprobs(&logits).unwrap_err().message.contains("no next token to predict"));
 }

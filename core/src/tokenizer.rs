@@ -43,10 +43,6 @@ impl Tokenizer {
         Ok(self.bos.into_iter().chain(encoding.get_ids().iter().copied()).collect())
     }
 
-    pub fn bos(&self) -> Option<u32> {
-        self.bos
-    }
-
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, false).map_err(|e| Error::msg(format!("decoding: {e}")))
     }

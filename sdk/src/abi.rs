@@ -11,7 +11,7 @@ use abi_stable::StableAbi;
 
 use crate::adapter::CheckpointFiles;
 use crate::data::{Candidate, FusionInput, SparseRows, SparseRowsBuf};
-use crate::export::{adapt_by_name, fuse_by_name, manifest_json, panic_message, Plugin};
+use crate::export::{adapt_by_name, catch_panics, fuse_by_name, manifest_json, Plugin};
 
 #[repr(C)]
 #[derive(StableAbi, Clone, Copy)]
@@ -141,11 +141,7 @@ impl From<AbiRowsBuf> for SparseRowsBuf {
 
 /// Runs `f`, turning a panic into an error: a panic must never unwind across the ABI.
 fn guarded<T>(f: impl FnOnce() -> Result<T, String>) -> RResult<T, RString> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-        Ok(Ok(v)) => RResult::ROk(v),
-        Ok(Err(e)) => RResult::RErr(e.into()),
-        Err(payload) => RResult::RErr(format!("plugin panicked: {}", panic_message(&*payload)).into()),
-    }
+    catch_panics(f).map_err(RString::from).into()
 }
 
 /// Body of the exported `manifest` function.

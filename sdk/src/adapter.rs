@@ -137,20 +137,43 @@ impl ModelSpec {
             return fail("a fused QKV projection needs as many key/value heads as heads".into());
         }
         if let Positions::Rope { fraction, .. } = self.positions {
-            let rot = (a.head_dim as f64 * fraction).round() as usize;
-            if !(fraction > 0.0 && fraction <= 1.0) || rot % 2 != 0 {
-                return fail(format!("rotary fraction {fraction} of head_dim {} must give an even width", a.head_dim));
+            let rot = self.rotary_dim();
+            if !(fraction > 0.0 && fraction <= 1.0) || rot == 0 || rot % 2 != 0 {
+                return fail(format!(
+                    "rotary fraction {fraction} of head_dim {} gives a width of {rot}; it must be even and positive",
+                    a.head_dim
+                ));
             }
         }
         Ok(())
     }
 
-    /// Width of the rotary part of each head.
+    /// Width of the rotary part of each head, truncated as transformers' `int(d * pct)`.
     pub fn rotary_dim(&self) -> usize {
         match self.positions {
-            Positions::Rope { fraction, .. } => (self.attention.head_dim as f64 * fraction).round() as usize,
+            Positions::Rope { fraction, .. } => (self.attention.head_dim as f64 * fraction) as usize,
             _ => 0,
         }
+    }
+}
+
+/// Builds [`ModelSpec::tensor_names`]: block-library name -> checkpoint name, each for a
+/// weight and, where the layer has one, its bias (`{i}` stands for the layer index).
+#[derive(Clone, Debug, Default)]
+pub struct TensorNames(BTreeMap<String, String>);
+
+impl TensorNames {
+    /// Maps `{ours}.weight` to `{theirs}.weight`, and the biases too when `bias`.
+    pub fn add(mut self, ours: &str, theirs: &str, bias: bool) -> Self {
+        let suffixes: &[&str] = if bias { &["weight", "bias"] } else { &["weight"] };
+        for s in suffixes {
+            self.0.insert(format!("{ours}.{s}"), format!("{theirs}.{s}"));
+        }
+        self
+    }
+
+    pub fn build(self) -> BTreeMap<String, String> {
+        self.0
     }
 }
 
@@ -242,7 +265,10 @@ impl TokenizerConventions {
         let pre = text(&doc["pre_tokenizer"]);
         let byte_level = pre.contains("\"ByteLevel\"");
         let metaspace = pre.contains("\"Metaspace\"") || text(&doc["normalizer"]).contains('\u{2581}');
-        let bos = doc["post_processor"]["single"][0]["SpecialToken"]["id"].as_str().map(str::to_string);
+        // The template of a TemplateProcessing post-processor, alone or in a Sequence.
+        let post = &doc["post_processor"];
+        let templates = std::iter::once(post).chain(post["processors"].as_array().into_iter().flatten());
+        let bos = templates.filter_map(|p| p["single"][0]["SpecialToken"]["id"].as_str()).next().map(str::to_string);
         let special_tokens = doc["added_tokens"]
             .as_array()
             .map(|tokens| {

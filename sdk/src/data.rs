@@ -193,7 +193,10 @@ pub fn check_fused(fused: &FusedTarget, positions: usize) -> Result<(), String> 
     let rows = fused.rows();
     rows.check_shape(positions, "fused target")?;
     for p in 0..positions {
-        let (_, probs) = rows.row(p);
+        let (ids, probs) = rows.row(p);
+        if let Some((k, id)) = ids.iter().enumerate().find(|(k, id)| ids[..*k].contains(id)) {
+            return Err(format!("fused target: token id {id} appears twice at position {p} (entry {k})"));
+        }
         if let Some(bad) = probs.iter().find(|v| !v.is_finite() || **v < 0.0) {
             return Err(format!("fused target: probability {bad} at position {p}"));
         }

@@ -100,8 +100,20 @@ fn resolve_json(info: &PluginInfo, params_json: &str) -> Result<Params, String> 
     Params::resolve(&info.params, &given).map_err(|e| e.message)
 }
 
+/// Runs `f`, turning a panic into an error: a plugin's panic must never unwind into (or
+/// across the ABI to) the host.
+pub fn catch_panics<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .unwrap_or_else(|payload| Err(format!("plugin panicked: {}", panic_message(&*payload))))
+}
+
+/// Resolved parameters as the JSON object that crosses a dylib or WASM boundary.
+pub fn params_json(params: &Params) -> String {
+    serde_json::to_string(&params.0).expect("parameters serialise")
+}
+
 /// The message of a caught panic payload.
-pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     payload
         .downcast_ref::<&str>()
         .map(|s| s.to_string())

@@ -19,6 +19,11 @@ pub fn ln(x: f64) -> f64 {
 pub fn softmax_into(values: &[f32], temperature: f64, out: &mut Vec<f64>) {
     out.clear();
     let max = values.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+    if max == f64::NEG_INFINITY {
+        // Every entry impossible: no entry is preferred over another.
+        out.extend(values.iter().map(|_| 1.0 / values.len() as f64));
+        return;
+    }
     out.extend(values.iter().map(|&v| exp((v as f64 - max) / temperature)));
     let sum: f64 = out.iter().sum();
     out.iter_mut().for_each(|p| *p /= sum);

@@ -14,6 +14,13 @@ pub fn greedy(model: &Transformer, prompt: &[u32], max_new: usize) -> Result<Vec
             "greedy decoding needs at least one prompt token (this model adds no BOS); give a prompt",
         ));
     }
+    let limit = model.spec().max_positions;
+    if prompt.len() + max_new > limit {
+        return Err(Error::msg(format!(
+            "{} prompt tokens and {max_new} new ones exceed the model's {limit} positions; ask for fewer",
+            prompt.len()
+        )));
+    }
     let mut argmax = LogitsProcessor::from_sampling(0, Sampling::ArgMax);
     let mut ids = prompt.to_vec();
     for _ in 0..max_new {

@@ -10,6 +10,11 @@ use crate::error::Result;
 /// Log-probabilities `[b, t - 1, V]` of the predictions for positions 1..t.
 pub fn next_token_logprobs(logits: &Tensor) -> Result<Tensor> {
     let t = logits.dim(1)?;
+    if t < 2 {
+        return Err(crate::error::Error::msg(format!(
+            "a sequence of {t} token(s) has no next token to predict; the losses need at least 2"
+        )));
+    }
     Ok(log_softmax(&logits.narrow(1, 0, t - 1)?)?)
 }
 

@@ -47,6 +47,7 @@ impl Transformer {
     /// bf16 and f16 where the device supports them.
     pub fn load(dir: &Path, spec: &ModelSpec, mode: LoadMode, dtype: DType, device: &Device) -> Result<Self> {
         check_dtype(dtype, device)?;
+        spec.check().map_err(Error::msg)?;
         Self::build(Weights::open(dir, spec, mode, dtype, device)?)
     }
 
@@ -148,13 +149,16 @@ impl Transformer {
     }
 
     fn check_input(&self, ids: &Tensor, t: usize) -> Result<()> {
+        if ids.elem_count() == 0 {
+            return Err(Error::msg(format!("an empty batch ({:?} token ids) has nothing to compute", ids.dims())));
+        }
         if t > self.spec.max_positions {
             return Err(Error::msg(format!(
-                "a sequence of {t} tokens is longer than the model's maximum of {} positions; split the document (fusellm split)",
+                "a sequence of {t} tokens is longer than the model's maximum of {} positions; split the document into shorter pieces",
                 self.spec.max_positions
             )));
         }
-        if t > 0 {
+        {
             let max = ids.flatten_all()?.max(0)?.to_scalar::<u32>()? as usize;
             if max >= self.spec.vocab_size {
                 return Err(Error::msg(format!(

@@ -27,17 +27,19 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     x.broadcast_div(&rms)?.to_dtype(dtype)?.broadcast_mul(weight)
 }
 
-/// LayerNorm with biased variance, computed in f32; `bias` is optional.
+/// LayerNorm with biased variance, computed in f32 with the weight and bias applied before
+/// the cast back, as torch does; `bias` is optional.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?;
     let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
     let std = (centred.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?;
-    let y = centred.broadcast_div(&std)?.to_dtype(dtype)?.broadcast_mul(weight)?;
-    match bias {
-        Some(b) => y.broadcast_add(b),
-        None => Ok(y),
-    }
+    let y = centred.broadcast_div(&std)?.broadcast_mul(&weight.to_dtype(DType::F32)?)?;
+    let y = match bias {
+        Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?)?,
+        None => y,
+    };
+    y.to_dtype(dtype)
 }
 
 /// `x @ w^T (+ b)` for x of any rank, as `torch.nn.Linear`.

@@ -13,8 +13,8 @@ use crate::rng::Rng;
 /// How weights are held.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LoadMode {
-    /// Constants read from memory-mapped files: no gradients, no copies beyond the dtype
-    /// conversion.
+    /// Constants, read through a memory map of the files (each tensor copied once into
+    /// its compute dtype); no gradients.
     Frozen,
     /// Every tensor a `Var`, so that a backward pass reaches it.
     Trainable,

@@ -5,16 +5,14 @@
 //! never unloaded (abi_stable leaks them on purpose: code may still point into them).
 
 use std::path::Path;
-use std::sync::Arc;
 
 use abi_stable::library::{lib_header_from_path, LibraryError, RootModule};
 use abi_stable::std_types::{RResult, RSlice, RStr};
 use fusellm_sdk::abi::{AbiCandidate, AbiFusionInput, PluginModule_Ref};
-use fusellm_sdk::{
-    CheckpointFiles, FusedTarget, FusionFn, FusionInput, ModelAdapter, ModelSpec, Params, PluginInfo, PluginKind,
-};
+use fusellm_sdk::export::params_json;
+use fusellm_sdk::{CheckpointFiles, FusedTarget, FusionFn, FusionInput, ModelAdapter, ModelSpec, Params, PluginInfo};
 
-use super::{Entry, Handle, PluginError, Tier};
+use super::{remote_handle, Entry, PluginError, Tier};
 
 pub(super) fn load(path: &Path) -> Result<Vec<Entry>, PluginError> {
     let module = open(path).map_err(|e| PluginError::new(summarise(path, &e)))?;
@@ -27,12 +25,7 @@ pub(super) fn load(path: &Path) -> Result<Vec<Entry>, PluginError> {
     parse_manifest(path, &manifest)?
         .into_iter()
         .map(|info| {
-            let plugin = Arc::new(DylibPlugin { module, info: info.clone() });
-            let handle = match info.kind {
-                PluginKind::Fusion => Handle::Fusion(plugin),
-                PluginKind::Adapter => Handle::Adapter(plugin),
-                kind => return Err(unsupported_kind(path, &info.name, kind)),
-            };
+            let handle = remote_handle(path, DylibPlugin { module, info: info.clone() })?;
             Entry::new(info, Tier::Dylib, path.display().to_string(), handle)
         })
         .collect()
@@ -50,13 +43,6 @@ pub(super) fn parse_manifest(path: &Path, json: &str) -> Result<Vec<PluginInfo>,
             path.display()
         ))
     })
-}
-
-pub(super) fn unsupported_kind(path: &Path, name: &str, kind: PluginKind) -> PluginError {
-    PluginError::new(format!(
-        "{}: plugin `{name}` is a {kind} plugin; this version of fusellm loads only fusion and adapter plugins from files (build it in instead)",
-        path.display()
-    ))
 }
 
 /// At most three lines: which plugin, which check, expected vs found.
@@ -129,7 +115,7 @@ impl FusionFn for DylibPlugin {
     }
 
     fn fuse(&self, params: &Params, input: &FusionInput<'_>) -> Result<FusedTarget, String> {
-        let params = serde_json::to_string(&params.0).expect("parameters serialise");
+        let params = params_json(params);
         let candidates: Vec<AbiCandidate<'_>> = input.candidates.iter().map(AbiCandidate::from).collect();
         let abi_input = AbiFusionInput {
             gold: input.gold.into(),
@@ -149,7 +135,7 @@ impl ModelAdapter for DylibPlugin {
     }
 
     fn spec(&self, params: &Params, files: CheckpointFiles<'_>) -> Result<ModelSpec, String> {
-        let params = serde_json::to_string(&params.0).expect("parameters serialise");
+        let params = params_json(params);
         let tokenizer = files.tokenizer_json.map(RStr::from).into();
         match (self.module.adapt())(
             self.info.name.as_str().into(),

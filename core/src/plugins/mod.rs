@@ -15,6 +15,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use fusellm_sdk::export::catch_panics;
 use fusellm_sdk::suggest::did_you_mean;
 use fusellm_sdk::{
     check_fused, CheckpointFiles, FusedTarget, FusionFn, FusionInput, ModelAdapter, ModelSpec, ParamError, ParamValue,
@@ -121,7 +122,7 @@ impl Entry {
             Handle::Builtin(fusellm_sdk::Plugin::Adapter(a)) => *a,
             _ => return Err(self.not_a(PluginKind::Adapter)),
         };
-        let spec = guard_panics(|| adapter.spec(params, files))
+        let spec = catch_panics(|| adapter.spec(params, files))
             .map_err(|e| PluginError::new(format!("adapter {}: {e}", self.label())))?;
         spec.check().map_err(|e| PluginError::new(format!("adapter {} returned a bad spec: {e}", self.label())))?;
         Ok(spec)
@@ -132,7 +133,7 @@ impl Entry {
     pub fn fuse(&self, params: &Params, input: &FusionInput<'_>) -> Result<FusedTarget, PluginError> {
         let fusion = self.fusion()?;
         input.check().map_err(|e| PluginError::new(format!("input to {}: {e}", self.label())))?;
-        let fused = guard_panics(|| fusion.fuse(params, input))
+        let fused = catch_panics(|| fusion.fuse(params, input))
             .map_err(|e| PluginError::new(format!("fusion plugin {} failed: {e}", self.label())))?;
         check_fused(&fused, input.positions())
             .map_err(|e| PluginError::new(format!("fusion plugin {} returned a bad target: {e}", self.label())))?;
@@ -152,10 +153,18 @@ impl Entry {
     }
 }
 
-/// Dylib and WASM glue catch their own panics; this catches a built-in's.
-fn guard_panics<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
-        .unwrap_or_else(|payload| Err(format!("plugin panicked: {}", fusellm_sdk::export::panic_message(&*payload))))
+/// A plugin inside a dylib or component, as the handle of each kind it can serve.
+fn remote_handle<P: FusionFn + ModelAdapter + 'static>(path: &Path, plugin: P) -> Result<Handle, PluginError> {
+    let kind = FusionFn::info(&plugin).kind;
+    match kind {
+        PluginKind::Fusion => Ok(Handle::Fusion(Arc::new(plugin))),
+        PluginKind::Adapter => Ok(Handle::Adapter(Arc::new(plugin))),
+        PluginKind::Aligner => Err(PluginError::new(format!(
+            "{}: plugin `{}` is an aligner; this version of fusellm loads only fusion and adapter plugins from files (build it in instead)",
+            path.display(),
+            FusionFn::info(&plugin).name
+        ))),
+    }
 }
 
 /// The plugins fusellm knows, by name (unique across kinds and tiers).
@@ -202,9 +211,14 @@ impl Registry {
                 Tier::Dylib => dylib::load(&canonical)?,
                 Tier::Builtin => return Err(PluginError::new("built-in plugins are linked in, not loaded from files")),
             };
-            for entry in entries {
-                self.register(entry)?;
+            // All names are checked first, so that a clash leaves nothing of the file behind.
+            for (i, entry) in entries.iter().enumerate() {
+                self.check_free(entry)?;
+                if let Some(twin) = entries[..i].iter().find(|e| e.info.name == entry.info.name) {
+                    return Err(clash(twin, entry));
+                }
             }
+            self.entries.extend(entries);
             self.loaded_files.push(canonical.clone());
         }
         let origin = canonical.display().to_string();
@@ -220,16 +234,16 @@ impl Registry {
 
     /// Adds one plugin; a second plugin under a taken name is refused, naming both.
     pub fn register(&mut self, entry: Entry) -> Result<(), PluginError> {
-        if let Some(taken) = self.entries.iter().find(|e| e.info.name == entry.info.name) {
-            return Err(PluginError::new(format!(
-                "two plugins register the name `{}`: {} and {}; rename one of them",
-                entry.info.name,
-                taken.label(),
-                entry.label()
-            )));
-        }
+        self.check_free(&entry)?;
         self.entries.push(entry);
         Ok(())
+    }
+
+    fn check_free(&self, entry: &Entry) -> Result<(), PluginError> {
+        match self.entries.iter().find(|e| e.info.name == entry.info.name) {
+            Some(taken) => Err(clash(taken, entry)),
+            None => Ok(()),
+        }
     }
 
     /// The adapter for a config.json `model_type`: the first registered adapter that
@@ -279,4 +293,13 @@ fn readable_file(path: &Path) -> Result<PathBuf, PluginError> {
     std::fs::File::open(&canonical)
         .map_err(|e| PluginError::new(format!("plugin file {} cannot be read: {e}", path.display())))?;
     Ok(canonical)
+}
+
+fn clash(taken: &Entry, entry: &Entry) -> PluginError {
+    PluginError::new(format!(
+        "two plugins register the name `{}`: {} and {}; rename one of them",
+        entry.info.name,
+        taken.label(),
+        entry.label()
+    ))
 }

@@ -9,17 +9,16 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fusellm_sdk::{
-    CheckpointFiles, FusedTarget, FusionFn, FusionInput, ModelAdapter, ModelSpec, Params, PluginInfo, PluginKind,
-};
+use fusellm_sdk::export::params_json;
+use fusellm_sdk::{CheckpointFiles, FusedTarget, FusionFn, FusionInput, ModelAdapter, ModelSpec, Params, PluginInfo};
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Config, Engine, ResourceLimiter, Store, Trap};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use super::dylib::{parse_manifest, parse_spec, unsupported_kind};
-use super::{Entry, Handle, PluginError, Tier};
+use super::dylib::{parse_manifest, parse_spec};
+use super::{remote_handle, Entry, PluginError, Tier};
 
 mod bindings {
     wasmtime::component::bindgen!({ world: "plugin", path: "../sdk/wit/plugin.wit" });
@@ -52,6 +51,9 @@ fn default_cache_dir() -> Option<PathBuf> {
         .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("fusellm")))
         .or_else(|| env("HOME").map(|d| d.join(".cache/fusellm")))
 }
+
+/// How much of a plugin's stderr is kept (for the messages of its panics).
+const STDERR_CAPACITY: usize = 64 << 10;
 
 /// How often the epoch advances; deadlines are counted in these ticks.
 const TICK: Duration = Duration::from_millis(5);
@@ -127,12 +129,7 @@ impl WasmHost {
         parse_manifest(path, &manifest)?
             .into_iter()
             .map(|info| {
-                let plugin = Arc::new(WasmPlugin { loaded: loaded.clone(), info: info.clone() });
-                let handle = match info.kind {
-                    PluginKind::Fusion => Handle::Fusion(plugin),
-                    PluginKind::Adapter => Handle::Adapter(plugin),
-                    kind => return Err(unsupported_kind(path, &info.name, kind)),
-                };
+                let handle = remote_handle(path, WasmPlugin { loaded: loaded.clone(), info: info.clone() })?;
                 Entry::new(info, Tier::Wasm, path.display().to_string(), handle)
             })
             .collect()
@@ -141,9 +138,10 @@ impl WasmHost {
     fn compile(&self, path: &Path, bytes: &[u8]) -> Result<Component, PluginError> {
         let cached = self.limits.cache_dir.as_ref().map(|dir| dir.join("wasm").join(self.cache_key(bytes)));
         if let Some(file) = cached.as_ref().filter(|f| f.exists()) {
-            // SAFETY: the file was written by `Component::serialize` of an engine with the
-            // same compatibility hash (part of the key); a stale or foreign file is rejected
-            // by wasmtime's own header check and recompiled below.
+            // SAFETY: a .cwasm is native code that runs outside the sandbox, so the cache
+            // folder is trusted as the fusellm binary is (it is created private to the user).
+            // wasmtime's header check rejects files of another engine or version, and a
+            // file that fails it is recompiled below.
             if let Ok(component) = unsafe { Component::deserialize_file(&self.engine, file) } {
                 return Ok(component);
             }
@@ -169,7 +167,11 @@ impl WasmHost {
 }
 
 fn write_atomically(file: &Path, data: &[u8]) -> std::io::Result<()> {
-    std::fs::create_dir_all(file.parent().expect("cache files live in a folder"))?;
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(file.parent().expect("cache files live in a folder"))?;
     let tmp = file.with_extension(format!("tmp{}", std::process::id()));
     std::fs::write(&tmp, data)?;
     std::fs::rename(tmp, file)
@@ -210,7 +212,9 @@ impl Loaded {
     /// Runs `f` inside the sandbox, turning traps into plain errors.
     fn call<T>(&self, f: impl FnOnce(&Plugin, &mut Store<Sandbox>) -> wasmtime::Result<T>) -> Result<T, PluginError> {
         let idle = self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
-        let mut instance = match idle {
+        // An instance whose captured stderr is half full is retired: a full pipe would make
+        // the plugin's next write trap.
+        let mut instance = match idle.filter(|i| i.store.data().stderr.contents().len() < STDERR_CAPACITY / 2) {
             Some(instance) => instance,
             None => self.instantiate()?,
         };
@@ -228,7 +232,7 @@ impl Loaded {
     }
 
     fn instantiate(&self) -> Result<Instance, PluginError> {
-        let stderr = MemoryOutputPipe::new(64 << 10);
+        let stderr = MemoryOutputPipe::new(STDERR_CAPACITY);
         let sandbox = Sandbox {
             wasi: WasiCtxBuilder::new().stderr(stderr.clone()).build(),
             table: ResourceTable::new(),
@@ -286,7 +290,7 @@ impl ModelAdapter for WasmPlugin {
     }
 
     fn spec(&self, params: &Params, files: CheckpointFiles<'_>) -> Result<ModelSpec, String> {
-        let params = serde_json::to_string(&params.0).expect("parameters serialise");
+        let params = params_json(params);
         let call = |plugin: &Plugin, store: &mut Store<Sandbox>| {
             plugin.call_adapt(store, &self.info.name, &params, files.config_json, files.tokenizer_json)
         };
@@ -301,7 +305,7 @@ impl FusionFn for WasmPlugin {
     }
 
     fn fuse(&self, params: &Params, input: &FusionInput<'_>) -> Result<FusedTarget, String> {
-        let params = serde_json::to_string(&params.0).expect("parameters serialise");
+        let params = params_json(params);
         let input = to_wit(input);
         let result = self.loaded.call(|plugin, store| plugin.call_fuse(store, &self.info.name, &params, &input));
         let rows = result.map_err(|e| e.message)??;

@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 
 use fusellm_sdk::adapter::{AttentionSpec, MlpKind, MlpSpec, NormKind, Positions, QkvLayout, Residual};
 use fusellm_sdk::{
-    CheckpointFiles, HfConfig, ModelAdapter, ModelSpec, Params, PluginInfo, PluginKind, TokenizerConventions,
+    CheckpointFiles, HfConfig, ModelAdapter, ModelSpec, Params, PluginInfo, PluginKind, TensorNames,
+    TokenizerConventions,
 };
 
 pub struct GptNeox;
@@ -68,23 +69,17 @@ impl ModelAdapter for GptNeox {
 
 fn tensor_names(attention_bias: bool) -> BTreeMap<String, String> {
     let layer = "gpt_neox.layers.{i}";
-    let mut names = BTreeMap::new();
-    let mut add = |ours: &str, theirs: String, with_bias: bool| {
-        names.insert(format!("{ours}.weight"), format!("{theirs}.weight"));
-        if with_bias {
-            names.insert(format!("{ours}.bias"), format!("{theirs}.bias"));
-        }
-    };
-    add("embed", "gpt_neox.embed_in".into(), false);
-    add("lm_head", "embed_out".into(), false);
-    add("final_norm", "gpt_neox.final_layer_norm".into(), true);
-    add("layers.{i}.attn_norm", format!("{layer}.input_layernorm"), true);
-    add("layers.{i}.mlp_norm", format!("{layer}.post_attention_layernorm"), true);
-    add("layers.{i}.attn.qkv", format!("{layer}.attention.query_key_value"), attention_bias);
-    add("layers.{i}.attn.o", format!("{layer}.attention.dense"), attention_bias);
-    add("layers.{i}.mlp.up", format!("{layer}.mlp.dense_h_to_4h"), true);
-    add("layers.{i}.mlp.down", format!("{layer}.mlp.dense_4h_to_h"), true);
-    names
+    TensorNames::default()
+        .add("embed", "gpt_neox.embed_in", false)
+        .add("lm_head", "embed_out", false)
+        .add("final_norm", "gpt_neox.final_layer_norm", true)
+        .add("layers.{i}.attn_norm", &format!("{layer}.input_layernorm"), true)
+        .add("layers.{i}.mlp_norm", &format!("{layer}.post_attention_layernorm"), true)
+        .add("layers.{i}.attn.qkv", &format!("{layer}.attention.query_key_value"), attention_bias)
+        .add("layers.{i}.attn.o", &format!("{layer}.attention.dense"), attention_bias)
+        .add("layers.{i}.mlp.up", &format!("{layer}.mlp.dense_h_to_4h"), true)
+        .add("layers.{i}.mlp.down", &format!("{layer}.mlp.dense_4h_to_h"), true)
+        .build()
 }
 
 fusellm_sdk::export_plugins!(adapter: [GptNeox]);

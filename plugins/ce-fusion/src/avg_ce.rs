@@ -32,7 +32,9 @@ impl FusionFn for AvgCe {
         let mut out = FusedTarget::with_capacity(positions, positions * 10);
         let (mut logits, mut weights, mut probs, mut mix) = (Vec::new(), Vec::new(), Vec::new(), Mixture::default());
         for p in 0..positions {
-            // Members with no distribution here drop out and the others' weights renormalise.
+            // A source with no distribution here contributes the target's in its place, with
+            // its own weight (the paper's collator); without the target it drops out and the
+            // others' weights renormalise.
             let present: Vec<usize> = (0..pool.members.len()).filter(|&c| pool.row(c, p).is_some()).collect();
             logits.clear();
             logits.extend(present.iter().map(|&c| {

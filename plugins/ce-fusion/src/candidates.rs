@@ -58,14 +58,12 @@ impl<'a> Pool<'a> {
         }
     }
 
-    /// The member with the lowest CE at `p`; ties go to the target, then to the first.
-    pub fn best(&self, p: usize) -> usize {
-        (0..self.members.len())
-            .min_by(|&a, &b| {
-                let tie = |c: usize| (!self.members[c].is_target, c);
-                self.ce(a, p).total_cmp(&self.ce(b, p)).then(tie(a).cmp(&tie(b)))
-            })
-            .expect("a pool is never empty when there are positions")
+    /// The members by increasing CE at `p`; ties go to the target, then to the first.
+    pub fn ranked(&self, p: usize) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.members.len()).collect();
+        let tie = |c: usize| (!self.members[c].is_target, c);
+        order.sort_by(|&a, &b| self.ce(a, p).total_cmp(&self.ce(b, p)).then(tie(a).cmp(&tie(b))));
+        order
     }
 
     /// The kept entries of member `c` at `p`. Where a source has none (alignment found no

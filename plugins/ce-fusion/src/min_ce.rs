@@ -24,9 +24,9 @@ impl FusionFn for MinCe {
         let mut out = FusedTarget::with_capacity(positions, positions * 10);
         let mut probs = Vec::new();
         for p in 0..positions {
-            let best = pool.best(p);
-            // An empty row of the best candidate is also taken from the next ranked ones.
-            let row = pool.row(best, p).or_else(|| (0..pool.members.len()).find_map(|c| pool.row(c, p)));
+            // The best candidate's row, or the target's where it has none (the paper); without
+            // the target, the next candidate by rank that has one.
+            let row = pool.ranked(p).into_iter().find_map(|c| pool.row(c, p));
             if let Some((ids, values)) = row {
                 softmax_into(values, pool.temperature, &mut probs);
                 out.ids.extend_from_slice(ids);

@@ -135,3 +135,28 @@ fn avg_ce_renormalises_the_weights_where_a_candidate_has_no_row() {
     let out = fuse(&AvgCe, &[("weights", ParamValue::Str("softmax".into()))], &input);
     assert_rows(&out, &[&[(5, 0.75), (9, 0.25)]]);
 }
+
+#[test]
+fn min_ce_without_the_target_falls_back_by_rank_not_by_order() {
+    // Three sources; the best (CE 1.0) has no row at position 0. The next by CE is the
+    // last listed (CE 1.5), not the first (CE 3.0).
+    let input = FusionInputBuf {
+        gold: vec![5],
+        text_bytes: 4,
+        candidates: vec![
+            candidate(&[&[(7, 1.0)]], 3.0, &[3.0], false),
+            candidate(&[&[]], 1.0, &[1.0], false),
+            candidate(&[&[(9, 1.0)]], 1.5, &[1.5], false),
+        ],
+    };
+    let out = fuse(&MinCe, &[("include_target", ParamValue::Bool(false))], &input);
+    assert_rows(&out, &[&[(9, 1.0)]]);
+}
+
+#[test]
+fn avg_ce_with_every_ce_infinite_weighs_the_candidates_equally() {
+    let mut input = two_candidates();
+    input.candidates.iter_mut().for_each(|c| c.ce_doc = f32::NAN);
+    let out = fuse(&AvgCe, &[("weights", ParamValue::Str("softmax".into()))], &input);
+    assert_rows(&out, &[&[(5, 0.5 + 0.5 * 0.75), (9, 0.5 * 0.25)]]);
+}

@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 
 use fusellm_sdk::adapter::{AttentionSpec, MlpKind, MlpSpec, NormKind, Positions, QkvLayout, Residual};
 use fusellm_sdk::{
-    CheckpointFiles, HfConfig, ModelAdapter, ModelSpec, Params, PluginInfo, PluginKind, TokenizerConventions,
+    CheckpointFiles, HfConfig, ModelAdapter, ModelSpec, Params, PluginInfo, PluginKind, TensorNames,
+    TokenizerConventions,
 };
 
 /// One member of the family: the spec is the same, the name says which checkpoints and
@@ -31,8 +32,11 @@ impl ModelAdapter for Llama {
                 "config.json: hidden_act `{act}` is not supported by the llama adapter (expected silu)"
             ));
         }
-        if let Some(kind) = c.section("rope_scaling")?.str("rope_type").filter(|t| *t != "default") {
-            return Err(format!("config.json: rope_scaling of type `{kind}` is not supported"));
+        for section in ["rope_scaling", "rope_parameters"] {
+            let scaling = c.section(section)?;
+            if let Some(kind) = scaling.str("rope_type").or(scaling.str("type")).filter(|t| *t != "default") {
+                return Err(format!("config.json: {section} of type `{kind}` is not supported (only unscaled RoPE)"));
+            }
         }
         let hidden = c.usize("hidden_size")?;
         let heads = c.usize("num_attention_heads")?;
@@ -69,32 +73,20 @@ impl ModelAdapter for Llama {
 }
 
 fn tensor_names(attention_bias: bool, mlp_bias: bool) -> BTreeMap<String, String> {
-    let mut names: BTreeMap<String, String> = [
-        ("embed.weight", "model.embed_tokens.weight"),
-        ("final_norm.weight", "model.norm.weight"),
-        ("lm_head.weight", "lm_head.weight"),
-        ("layers.{i}.attn_norm.weight", "model.layers.{i}.input_layernorm.weight"),
-        ("layers.{i}.mlp_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
-    ]
-    .into_iter()
-    .map(|(a, b)| (a.to_string(), b.to_string()))
-    .collect();
-    let projections: [(&str, &str, &[&str], bool); 2] = [
-        ("attn", "self_attn", &["q", "k", "v", "o"], attention_bias),
-        ("mlp", "mlp", &["gate", "up", "down"], mlp_bias),
-    ];
-    for (ours, theirs, projections_of, bias) in projections {
-        for p in projections_of {
-            let suffixes: &[&str] = if bias { &["weight", "bias"] } else { &["weight"] };
-            for s in suffixes {
-                names.insert(
-                    format!("layers.{{i}}.{ours}.{p}.{s}"),
-                    format!("model.layers.{{i}}.{theirs}.{p}_proj.{s}"),
-                );
-            }
-        }
+    let layer = "model.layers.{i}";
+    let mut names = TensorNames::default()
+        .add("embed", "model.embed_tokens", false)
+        .add("final_norm", "model.norm", false)
+        .add("lm_head", "lm_head", false)
+        .add("layers.{i}.attn_norm", &format!("{layer}.input_layernorm"), false)
+        .add("layers.{i}.mlp_norm", &format!("{layer}.post_attention_layernorm"), false);
+    for p in ["q", "k", "v", "o"] {
+        names = names.add(&format!("layers.{{i}}.attn.{p}"), &format!("{layer}.self_attn.{p}_proj"), attention_bias);
     }
-    names
+    for p in ["gate", "up", "down"] {
+        names = names.add(&format!("layers.{{i}}.mlp.{p}"), &format!("{layer}.mlp.{p}_proj"), mlp_bias);
+    }
+    names.build()
 }
 
 /// Conventions from tokenizer.json when there is one, else the Llama-2 tokenizer's.

@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 
 use fusellm_sdk::adapter::{AttentionSpec, MlpKind, MlpSpec, NormKind, Positions, QkvLayout, Residual};
 use fusellm_sdk::{
-    CheckpointFiles, HfConfig, ModelAdapter, ModelSpec, Params, PluginInfo, PluginKind, TokenizerConventions,
+    CheckpointFiles, HfConfig, ModelAdapter, ModelSpec, Params, PluginInfo, PluginKind, TensorNames,
+    TokenizerConventions,
 };
 
 pub struct Mpt;
@@ -25,12 +26,21 @@ impl ModelAdapter for Mpt {
         if attn.bool_or("qk_ln", false)? {
             return Err("config.json: attn_config.qk_ln = true is not supported for MPT".into());
         }
+        if let Some(kind) = attn.str("attn_type").filter(|t| *t != "multihead_attention") {
+            return Err(format!("config.json: attn_config.attn_type `{kind}` is not supported for MPT"));
+        }
+        if let Some(kind) = c.section("ffn_config")?.str("ffn_type").filter(|t| *t != "mptmlp") {
+            return Err(format!(
+                "config.json: ffn_config.ffn_type `{kind}` is not supported for MPT (expected mptmlp)"
+            ));
+        }
         if let Some(norm) = c.str("norm_type").filter(|n| !matches!(*n, "low_precision_layernorm" | "layernorm")) {
             return Err(format!("config.json: norm_type `{norm}` is not supported for MPT (expected layernorm)"));
         }
         let hidden = c.usize("d_model")?;
         let heads = c.usize("n_heads")?;
         let bias = !c.bool_or("no_bias", true)?;
+        let tied = c.bool_or("tie_word_embeddings", true)?;
         Ok(ModelSpec {
             model_type: "mpt".into(),
             vocab_size: c.usize("vocab_size")?,
@@ -50,30 +60,25 @@ impl ModelAdapter for Mpt {
             },
             mlp: MlpSpec { kind: MlpKind::Gelu, hidden: c.opt_usize("expansion_ratio")?.unwrap_or(4) * hidden, bias },
             residual: Residual::Sequential,
-            tied_embeddings: c.bool_or("tie_word_embeddings", true)?,
-            tensor_names: tensor_names(bias),
+            tied_embeddings: tied,
+            tensor_names: tensor_names(bias, tied),
             tokenizer: tokenizer(files.tokenizer_json)?,
         })
     }
 }
 
-fn tensor_names(bias: bool) -> BTreeMap<String, String> {
-    let weights = [
-        ("embed", "transformer.wte"),
-        ("final_norm", "transformer.norm_f"),
-        ("layers.{i}.attn_norm", "transformer.blocks.{i}.norm_1"),
-        ("layers.{i}.mlp_norm", "transformer.blocks.{i}.norm_2"),
-        ("layers.{i}.attn.qkv", "transformer.blocks.{i}.attn.Wqkv"),
-        ("layers.{i}.attn.o", "transformer.blocks.{i}.attn.out_proj"),
-        ("layers.{i}.mlp.up", "transformer.blocks.{i}.ffn.up_proj"),
-        ("layers.{i}.mlp.down", "transformer.blocks.{i}.ffn.down_proj"),
-    ];
-    let suffixes: &[&str] = if bias { &["weight", "bias"] } else { &["weight"] };
-    weights
-        .iter()
-        .flat_map(|(ours, theirs)| suffixes.iter().map(move |s| (format!("{ours}.{s}"), format!("{theirs}.{s}"))))
-        .filter(|(ours, _)| ours != "embed.bias")
-        .collect()
+fn tensor_names(bias: bool, tied: bool) -> BTreeMap<String, String> {
+    let block = "transformer.blocks.{i}";
+    let names = TensorNames::default()
+        .add("embed", "transformer.wte", false)
+        .add("final_norm", "transformer.norm_f", bias)
+        .add("layers.{i}.attn_norm", &format!("{block}.norm_1"), bias)
+        .add("layers.{i}.mlp_norm", &format!("{block}.norm_2"), bias)
+        .add("layers.{i}.attn.qkv", &format!("{block}.attn.Wqkv"), bias)
+        .add("layers.{i}.attn.o", &format!("{block}.attn.out_proj"), bias)
+        .add("layers.{i}.mlp.up", &format!("{block}.ffn.up_proj"), bias)
+        .add("layers.{i}.mlp.down", &format!("{block}.ffn.down_proj"), bias);
+    if tied { names } else { names.add("lm_head", "lm_head", false) }.build()
 }
 
 /// Conventions from tokenizer.json when there is one, else GPT-NeoX's; MPT adds no BOS.
