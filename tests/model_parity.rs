@@ -170,3 +170,48 @@ fn empty_and_one_token_inputs_get_clear_errors() {
     assert_eq!(logits.dims(), &[1, 1, 50432]);
     assert!(next_token_logprobs(&logits).unwrap_err().message.contains("no next token to predict"));
 }
+
+#[test]
+fn a_sharded_checkpoint_loads_as_the_single_file() {
+    // tiny-llama2's tensors split over two shards with an index, as large checkpoints come.
+    let src = fixtures::model_dir("tiny-llama2");
+    let dir = std::env::temp_dir().join(format!("fusellm-sharded-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for file in ["config.json", "tokenizer.json"] {
+        std::fs::copy(src.join(file), dir.join(file)).unwrap();
+    }
+    let all = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut shards = [std::collections::HashMap::new(), std::collections::HashMap::new()];
+    let mut weight_map = serde_json::Map::new();
+    for (k, (name, tensor)) in all.into_iter().enumerate() {
+        let shard = format!("model-0000{}-of-00002.safetensors", k % 2 + 1);
+        weight_map.insert(name.clone(), shard.into());
+        shards[k % 2].insert(name, tensor);
+    }
+    for (k, shard) in shards.iter().enumerate() {
+        candle_core::safetensors::save(shard, dir.join(format!("model-0000{}-of-00002.safetensors", k + 1))).unwrap();
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+
+    let registry = Registry::with_builtins().unwrap();
+    let sharded = Checkpoint::open(&dir, &registry, None).unwrap().load_model(LoadMode::Frozen, DType::F32, &Device::Cpu).unwrap();
+    let (checkpoint, single) = open("tiny-llama2");
+    let ids = checkpoint.tokenizer.encode("Shards of one checkpoint.").unwrap();
+    assert_eq!(max_diff(&alone(&sharded, &ids), &alone(&single, &ids)), 0.0);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn f16_weights_compute_close_to_f32() {
+    let registry = Registry::with_builtins().unwrap();
+    let (checkpoint, f32_model) = open("tiny-llama2");
+    let f16_model = Checkpoint::open(&fixtures::model_dir("tiny-llama2"), &registry, None)
+        .unwrap()
+        .load_model(LoadMode::Frozen, DType::F16, &Device::Cpu)
+        .unwrap();
+    let ids = checkpoint.tokenizer.encode("Half precision on the CPU.").unwrap();
+    let diff = max_diff(&alone(&f16_model, &ids), &alone(&f32_model, &ids));
+    assert!(diff < 0.05, "f16 logits differ from f32 by {diff}");
+}
