@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 
 // Built-in plugin crates register through `inventory`; referencing them keeps the linker
 // from dropping their registrations.
+use fusellm_align as _;
 use fusellm_ce_fusion as _;
 use fusellm_llama as _;
 use fusellm_mpt as _;

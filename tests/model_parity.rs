@@ -196,7 +196,10 @@ fn a_sharded_checkpoint_loads_as_the_single_file() {
     std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
 
     let registry = Registry::with_builtins().unwrap();
-    let sharded = Checkpoint::open(&dir, &registry, None).unwrap().load_model(LoadMode::Frozen, DType::F32, &Device::Cpu).unwrap();
+    let sharded = Checkpoint::open(&dir, &registry, None)
+        .unwrap()
+        .load_model(LoadMode::Frozen, DType::F32, &Device::Cpu)
+        .unwrap();
     let (checkpoint, single) = open("tiny-llama2");
     let ids = checkpoint.tokenizer.encode("Shards of one checkpoint.").unwrap();
     assert_eq!(max_diff(&alone(&sharded, &ids), &alone(&single, &ids)), 0.0);

@@ -2,6 +2,7 @@
 //! experiment configuration, and (with the coming issues) the block library, stores,
 //! stages and training loop of DESIGN.md.
 
+pub mod align;
 pub mod checkpoint;
 pub mod config;
 pub mod error;

@@ -269,7 +269,7 @@ impl TokenizerConventions {
         let post = &doc["post_processor"];
         let templates = std::iter::once(post).chain(post["processors"].as_array().into_iter().flatten());
         let bos = templates.filter_map(|p| p["single"][0]["SpecialToken"]["id"].as_str()).next().map(str::to_string);
-        let special_tokens = doc["added_tokens"]
+        let special_tokens: Vec<String> = doc["added_tokens"]
             .as_array()
             .map(|tokens| {
                 tokens
@@ -279,20 +279,22 @@ impl TokenizerConventions {
                     .collect()
             })
             .unwrap_or_default();
+        // Beyond the template, the families' usual names say which specials are BOS and EOS.
+        let named = |names: &[&str]| special_tokens.iter().find(|t| names.contains(&t.as_str())).cloned();
+        let marker = if byte_level {
+            "\u{0120}"
+        } else if metaspace {
+            "\u{2581}"
+        } else {
+            " "
+        };
         Ok(Self {
-            space_marker: if byte_level {
-                "\u{0120}"
-            } else if metaspace {
-                "\u{2581}"
-            } else {
-                " "
-            }
-            .into(),
+            space_marker: marker.into(),
             byte_fallback: doc["model"]["byte_fallback"].as_bool().unwrap_or(false),
             byte_level,
             add_bos: bos.is_some(),
-            bos,
-            eos: None,
+            bos: bos.or_else(|| named(&["<s>", "<bos>", "<|startoftext|>", "<|begin_of_text|>"])),
+            eos: named(&["</s>", "<eos>", "<|endoftext|>", "<|end_of_text|>"]),
             special_tokens,
         })
     }

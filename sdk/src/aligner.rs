@@ -30,10 +30,12 @@ impl<'a> TokenStrings<'a> {
 
 /// A monotone alignment path: step `s` pairs position `a[s]` of the first sequence with
 /// position `b[s]` of the second (one-to-many and many-to-one appear as repeated indices).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Alignment {
     pub a: Vec<u32>,
     pub b: Vec<u32>,
+    /// The path's total cost (DTW: the sum of edit distances along it).
+    pub cost: f64,
 }
 
 /// For each source-vocabulary id, the mapped target id (`None`: unmapped) and the edit

@@ -18,8 +18,8 @@ use std::sync::Arc;
 use fusellm_sdk::export::catch_panics;
 use fusellm_sdk::suggest::did_you_mean;
 use fusellm_sdk::{
-    check_fused, CheckpointFiles, FusedTarget, FusionFn, FusionInput, ModelAdapter, ModelSpec, ParamError, ParamValue,
-    Params, PluginInfo, PluginKind,
+    check_fused, Alignment, CheckpointFiles, FusedTarget, FusionFn, FusionInput, ModelAdapter, ModelSpec, ParamError,
+    ParamValue, Params, PluginInfo, PluginKind, TokenStrings, VocabMap,
 };
 
 pub use wasm::{WasmHost, WasmLimits};
@@ -126,6 +126,43 @@ impl Entry {
             .map_err(|e| PluginError::new(format!("adapter {}: {e}", self.label())))?;
         spec.check().map_err(|e| PluginError::new(format!("adapter {} returned a bad spec: {e}", self.label())))?;
         Ok(spec)
+    }
+
+    /// Aligns two tokenizations with a sequence aligner.
+    pub fn align(&self, params: &Params, a: TokenStrings<'_>, b: TokenStrings<'_>) -> Result<Alignment, PluginError> {
+        let Handle::Builtin(fusellm_sdk::Plugin::SequenceAligner(aligner)) = &self.handle else {
+            return Err(self.not_a_role("sequence aligner"));
+        };
+        let alignment = catch_panics(|| aligner.align(params, a, b))
+            .map_err(|e| PluginError::new(format!("aligner {} failed: {e}", self.label())))?;
+        let monotone = alignment.a.windows(2).zip(alignment.b.windows(2)).all(|(x, y)| x[0] <= x[1] && y[0] <= y[1]);
+        let in_range =
+            alignment.a.iter().all(|&i| (i as usize) < a.len()) && alignment.b.iter().all(|&j| (j as usize) < b.len());
+        if alignment.a.len() != alignment.b.len() || !monotone || !in_range {
+            return Err(PluginError::new(format!(
+                "aligner {} returned a path that is not monotone and in range",
+                self.label()
+            )));
+        }
+        Ok(alignment)
+    }
+
+    /// Maps one vocabulary onto another with a vocabulary mapper.
+    pub fn map_vocab(
+        &self,
+        params: &Params,
+        source: TokenStrings<'_>,
+        target: TokenStrings<'_>,
+    ) -> Result<VocabMap, PluginError> {
+        let Handle::Builtin(fusellm_sdk::Plugin::VocabMapper(mapper)) = &self.handle else {
+            return Err(self.not_a_role("vocabulary mapper"));
+        };
+        catch_panics(|| mapper.map_vocab(params, source, target))
+            .map_err(|e| PluginError::new(format!("vocabulary mapper {} failed: {e}", self.label())))
+    }
+
+    fn not_a_role(&self, role: &str) -> PluginError {
+        PluginError::new(format!("{} is not a built-in {role} (aligners run built in for now)", self.label()))
     }
 
     /// Runs a fusion plugin on one document, checking the input before and the output

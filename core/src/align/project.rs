@@ -1,0 +1,150 @@
+//! Projection of a source's top-k onto the target's positions (DESIGN.md step 4), after a
+//! sequence alignment: under `Rule::Compat` exactly the paper's `transform_step_logits`
+//! (soft mode), defects included; under `Rule::Corrected` the fixed rule.
+
+use fusellm_sdk::{Alignment, SparseRows, SparseRowsBuf, VocabMap};
+
+/// One side of a document: its token ids and their strings.
+pub struct Side<'a> {
+    pub ids: &'a [u32],
+    /// Per position, the string the rule compares: the raw vocabulary string under
+    /// `Compat`, the canonical one under `Corrected`.
+    pub strings: &'a [String],
+}
+
+pub enum Rule<'a> {
+    /// The paper: a target position aligned to exactly one source position whose token
+    /// matches (equal strings after swapping the source's space marker for the target's,
+    /// or mapped onto the target token) takes that source's top-k, logits unchanged,
+    /// duplicates merged to the first; every other position gets a one-hot on its CURRENT
+    /// token (the known defect). `byte_level_source` enables the paper's "special case for
+    /// mpt" at position 0.
+    Compat { source_marker: &'a str, target_marker: &'a str, byte_level_source: bool },
+    /// Ours: one-to-one matches as above on canonical strings; a one-to-many or many-to-one
+    /// span whose strings join up takes the distribution of its last token (FuseChat);
+    /// every other position gets a one-hot on the NEXT token (none at the last position);
+    /// values are log-probabilities, merged duplicates summing their probability.
+    Corrected,
+}
+
+/// The source's top-k rows projected onto every target position.
+pub fn project(
+    rule: &Rule<'_>,
+    alignment: &Alignment,
+    source: &Side<'_>,
+    target: &Side<'_>,
+    topk: SparseRows<'_>,
+    map: &VocabMap,
+) -> SparseRowsBuf {
+    let spans = Spans::new(alignment, source.ids.len(), target.ids.len());
+    let mut out = SparseRowsBuf::with_capacity(target.ids.len(), target.ids.len() * 10);
+    for i in 0..target.ids.len() {
+        match rule {
+            Rule::Compat { source_marker, target_marker, byte_level_source } => match spans.to_source[i].as_slice() {
+                &[j] if compat_match(i, j, source, target, map, source_marker, target_marker, *byte_level_source) => {
+                    push_logits(&mut out, topk.row(j as usize), map)
+                }
+                _ => out.push_row(&[target.ids[i]], &[1.0]),
+            },
+            Rule::Corrected => match corrected_source(i, &spans, source, target, map) {
+                Some(j) => push_probabilities(&mut out, topk.row(j), map),
+                None => match target.ids.get(i + 1) {
+                    Some(&next) => out.push_row(&[next], &[0.0]),
+                    None => out.end_row(),
+                },
+            },
+        }
+    }
+    out
+}
+
+/// The alignment as lists: the source positions of each target position and back.
+struct Spans {
+    to_source: Vec<Vec<u32>>,
+    to_target: Vec<Vec<u32>>,
+}
+
+impl Spans {
+    fn new(alignment: &Alignment, n_source: usize, n_target: usize) -> Self {
+        let (mut to_source, mut to_target) = (vec![Vec::new(); n_target], vec![Vec::new(); n_source]);
+        for (&a, &b) in alignment.a.iter().zip(&alignment.b) {
+            to_source[b as usize].push(a);
+            to_target[a as usize].push(b);
+        }
+        Self { to_source, to_target }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn compat_match(
+    i: usize,
+    j: u32,
+    source: &Side<'_>,
+    target: &Side<'_>,
+    map: &VocabMap,
+    source_marker: &str,
+    target_marker: &str,
+    byte_level_source: bool,
+) -> bool {
+    let j = j as usize;
+    let base = &target.strings[i];
+    let mut blending = source.strings[j].replace(source_marker, target_marker);
+    if byte_level_source && i == 0 && base.starts_with(target_marker) && !blending.starts_with(target_marker) {
+        // The paper's "special case for mpt": Llama's normaliser prepends the marker.
+        blending.insert_str(0, target_marker);
+        // The mapping is keyed by string: the marked string is that of another token, so
+        // only string equality can decide here.
+        return *base == blending;
+    }
+    *base == blending || map.target[source.ids[j] as usize] == Some(target.ids[i])
+}
+
+/// The source position whose distribution predicts what follows target position `i`: the
+/// last source token of a span that ends with `i` on both sides and spells the same text
+/// (or, one-to-one, maps onto the target token).
+fn corrected_source(i: usize, spans: &Spans, source: &Side<'_>, target: &Side<'_>, map: &VocabMap) -> Option<usize> {
+    let sources = &spans.to_source[i];
+    let last = *sources.last()? as usize;
+    let targets = &spans.to_target[last];
+    let closes_here = *targets.last()? as usize == i;
+    // One source over several targets (one-to-many), or several sources each on i alone
+    // (many-to-one); a many-to-many knot has no clean boundary.
+    let clean = sources.len() == 1 || sources.iter().all(|&j| spans.to_target[j as usize] == [i as u32]);
+    if !closes_here || !clean {
+        return None;
+    }
+    let source_text: String = sources.iter().map(|&j| source.strings[j as usize].as_str()).collect();
+    let target_text: String = targets.iter().map(|&t| target.strings[t as usize].as_str()).collect();
+    let mapped =
+        sources.len() == 1 && targets.len() == 1 && map.target[source.ids[last] as usize] == Some(target.ids[i]);
+    (source_text == target_text || mapped).then_some(last)
+}
+
+/// The paper's projection of one row: mapped ids, logits unchanged, the first of
+/// duplicates kept, unmapped entries dropped.
+fn push_logits(out: &mut SparseRowsBuf, (ids, values): (&[u32], &[f32]), map: &VocabMap) {
+    let start = out.ids.len();
+    for (&id, &v) in ids.iter().zip(values) {
+        if let Some(t) = map.target[id as usize] {
+            if !out.ids[start..].contains(&t) {
+                out.ids.push(t);
+                out.values.push(v);
+            }
+        }
+    }
+    out.end_row();
+}
+
+/// The corrected projection of one row: probabilities over the kept entries, mapped,
+/// duplicates summed, stored as log-probabilities (the mass of unmapped entries is lost).
+fn push_probabilities(out: &mut SparseRowsBuf, (ids, values): (&[u32], &[f32]), map: &VocabMap) {
+    let mut probs = Vec::new();
+    fusellm_sdk::math::softmax_into(values, 1.0, &mut probs);
+    let (mapped, kept): (Vec<u32>, Vec<f64>) =
+        ids.iter().zip(&probs).filter_map(|(&id, &p)| map.target[id as usize].map(|t| (t, p))).unzip();
+    let mut mix = fusellm_sdk::Mixture::default();
+    mix.add(&mapped, &kept, 1.0);
+    let start = out.ids.len();
+    mix.push_normalised(out);
+    out.values[start..].iter_mut().for_each(|v| *v = fusellm_sdk::math::ln(*v as f64) as f32);
+}

@@ -1,0 +1,118 @@
+//! Vocabularies and vocabulary maps on the host side: token strings read from a
+//! tokenizer.json, prepared for the mappers (canonical, or the paper's way in compat mode),
+//! and the resulting map cached on disk, keyed by both tokenizers' contents.
+
+use std::path::{Path, PathBuf};
+
+use fusellm_sdk::{TokenStrings, TokenizerConventions, VocabMap};
+use sha2::{Digest, Sha256};
+
+use super::normalize::Normalizer;
+use crate::error::{Context, Error, Result};
+use crate::plugins::Entry;
+
+/// A tokenizer's vocabulary: every id's string as the tokenizer spells it, added tokens
+/// included, with the tokenizer's conventions and a hash of its file.
+pub struct Vocabulary {
+    pub tokens: Vec<String>,
+    pub conventions: TokenizerConventions,
+    pub hash: String,
+}
+
+impl Vocabulary {
+    pub fn from_tokenizer_json(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).context(|| format!("reading {}", path.display()))?;
+        let conventions = TokenizerConventions::from_tokenizer_json(&text)
+            .map_err(|e| Error::msg(format!("{}: {e}", path.display())))?;
+        let tokenizer = tokenizers::Tokenizer::from_bytes(text.as_bytes())
+            .map_err(|e| Error::msg(format!("{}: {e}", path.display())))?;
+        let size = tokenizer.get_vocab_size(true) as u32;
+        let tokens = (0..size)
+            .map(|id| {
+                tokenizer.id_to_token(id).ok_or_else(|| Error::msg(format!("{}: no token has id {id}", path.display())))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let hash = hex(&Sha256::digest(text.as_bytes()));
+        Ok(Self { tokens, conventions, hash })
+    }
+
+    pub fn canonical(&self) -> Vec<String> {
+        let normalizer = Normalizer::new(&self.conventions);
+        self.tokens.iter().map(|t| normalizer.canonical(t)).collect()
+    }
+
+    /// The strings with this tokenizer's space marker replaced by `marker` (the paper's
+    /// only normalisation).
+    pub fn with_marker(&self, marker: &str) -> Vec<String> {
+        self.tokens.iter().map(|t| t.replace(self.conventions.space_marker.as_str(), marker)).collect()
+    }
+}
+
+/// Token strings laid out flat for a plugin.
+pub struct FlatStrings {
+    offsets: Vec<u32>,
+    bytes: Vec<u8>,
+}
+
+impl FlatStrings {
+    pub fn new(strings: &[String]) -> Self {
+        let mut offsets = Vec::with_capacity(strings.len() + 1);
+        offsets.push(0);
+        let mut bytes = Vec::new();
+        for s in strings {
+            bytes.extend_from_slice(s.as_bytes());
+            offsets.push(bytes.len() as u32);
+        }
+        Self { offsets, bytes }
+    }
+
+    pub fn view(&self) -> TokenStrings<'_> {
+        TokenStrings { offsets: &self.offsets, bytes: &self.bytes }
+    }
+}
+
+/// Maps `source` onto `target` with a vocabulary mapper, through the on-disk cache when
+/// `cache` is given. In `compat` mode strings are prepared as the paper's code does (the
+/// source's space marker swapped for the target's, nothing else), otherwise canonical.
+pub fn map_vocab(
+    mapper: &Entry,
+    source: &Vocabulary,
+    target: &Vocabulary,
+    compat: bool,
+    cache: Option<&Path>,
+) -> Result<VocabMap> {
+    let params = mapper.resolve_params(&Default::default()).map_err(|e| Error::msg(e.message))?;
+    let file = cache.map(|dir| cache_file(dir, mapper, source, target, compat));
+    if let Some(map) = file.as_ref().and_then(|f| std::fs::read(f).ok()).and_then(|b| serde_json::from_slice(&b).ok()) {
+        return Ok(map);
+    }
+    let (src, tgt) = if compat {
+        (source.with_marker(&target.conventions.space_marker), target.tokens.clone())
+    } else {
+        (source.canonical(), target.canonical())
+    };
+    let map = mapper.map_vocab(&params, FlatStrings::new(&src).view(), FlatStrings::new(&tgt).view())?;
+    if map.target.len() != source.tokens.len()
+        || map.target.iter().flatten().any(|&t| t as usize >= target.tokens.len())
+    {
+        return Err(Error::msg(format!("vocabulary mapper {} returned a map of the wrong shape", mapper.label())));
+    }
+    if let Some(file) = file {
+        // The cache only saves time: failing to write it is not an error.
+        let _ = std::fs::create_dir_all(file.parent().expect("a folder"))
+            .and_then(|()| std::fs::write(&file, serde_json::to_vec(&map).expect("maps serialise")));
+    }
+    Ok(map)
+}
+
+fn cache_file(dir: &Path, mapper: &Entry, source: &Vocabulary, target: &Vocabulary, compat: bool) -> PathBuf {
+    let key = format!(
+        "{}|{}|{}|{}|{}|{compat}",
+        mapper.info.name, mapper.info.version, mapper.origin, source.hash, target.hash
+    );
+    dir.join("vocab-maps").join(format!("{}.json", &hex(&Sha256::digest(key.as_bytes()))[..32]))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

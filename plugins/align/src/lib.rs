@@ -1,0 +1,13 @@
+//! The built-in aligners (DESIGN.md, steps 3 and 4): `dtw` aligns two tokenizations of one
+//! document; `em` and `mined` map one vocabulary onto another. They see token strings the
+//! host has already normalised (or, in compat mode, prepared as the paper's code does).
+
+mod dtw;
+mod edit_distance;
+mod vocab;
+
+pub use dtw::{dtw, Dtw};
+pub use edit_distance::{symbols, Pattern};
+pub use vocab::{Em, Mined};
+
+fusellm_sdk::export_plugins!(sequence_aligner: [Dtw], vocab_mapper: [Em, Mined]);

@@ -1,0 +1,154 @@
+//! Alignment exact to the paper's code on its own outputs (../shared/fixtures/alignment):
+//! DTW paths and costs, the MinED mapping of sampled tokens, and the projected top-k.
+
+mod common;
+
+use std::sync::OnceLock;
+
+use common::fixtures;
+use fusellm_core::align::project::{project, Rule, Side};
+use fusellm_core::align::vocab::{map_vocab, FlatStrings, Vocabulary};
+use fusellm_core::plugins::Registry;
+use fusellm_sdk::{Alignment, PluginKind, SparseRowsBuf, VocabMap};
+
+use fusellm_align as _;
+
+fn vocab(name: &str) -> Vocabulary {
+    Vocabulary::from_tokenizer_json(&fixtures::root().join("tokenizers").join(name).join("tokenizer.json")).unwrap()
+}
+
+/// Llama-2 (the paper's base, our target) and GPT-NeoX-20B (the blending source).
+fn vocabularies() -> &'static (Vocabulary, Vocabulary) {
+    static V: OnceLock<(Vocabulary, Vocabulary)> = OnceLock::new();
+    V.get_or_init(|| (vocab("llama2"), vocab("gpt-neox-20b")))
+}
+
+fn alignment_json(file: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures::root().join("alignment").join(file)).unwrap()).unwrap()
+}
+
+fn u32s(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+fn strings(vocab: &Vocabulary, ids: &[u32]) -> Vec<String> {
+    ids.iter().map(|&i| vocab.tokens[i as usize].clone()).collect()
+}
+
+/// The paper's DTW: source strings without "Ġ", target strings without "▁".
+fn paper_dtw(base: &[String], blending: &[String]) -> Alignment {
+    let registry = Registry::with_builtins().unwrap();
+    let dtw = registry.get(PluginKind::Aligner, "dtw").unwrap();
+    let params = dtw.resolve_params(&Default::default()).unwrap();
+    let strip = |tokens: &[String], marker: &str| tokens.iter().map(|t| t.replace(marker, "")).collect::<Vec<_>>();
+    let (a, b) = (FlatStrings::new(&strip(blending, "\u{0120}")), FlatStrings::new(&strip(base, "\u{2581}")));
+    dtw.align(&params, a.view(), b.view()).unwrap()
+}
+
+#[test]
+fn dtw_reproduces_the_paper_paths_and_costs() {
+    let (llama, neox) = vocabularies();
+    let fixture = alignment_json("testvec_dtw_10docs.json");
+    for doc in fixture["docs"].as_array().unwrap() {
+        let id = doc["doc_id"].as_str().unwrap();
+        let base = strings(llama, &u32s(&doc["base_input_ids"]));
+        let blending = strings(neox, &u32s(&doc["blending_input_ids"]));
+        let expect_strings = |key: &str| {
+            doc[key].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect::<Vec<_>>()
+        };
+        assert_eq!(base, expect_strings("base_tokens"), "{id}: Llama-2 token strings");
+        assert_eq!(blending, expect_strings("blending_tokens"), "{id}: NeoX token strings");
+        let path = paper_dtw(&base, &blending);
+        let expected: Vec<(u32, u32)> = doc["matches"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (p[0].as_u64().unwrap() as u32, p[1].as_u64().unwrap() as u32))
+            .collect();
+        let ours: Vec<(u32, u32)> = path.a.iter().copied().zip(path.b.iter().copied()).collect();
+        assert_eq!(ours, expected, "{id}: path");
+        assert_eq!(path.cost, doc["dtw_cost"].as_f64().unwrap(), "{id}: cost");
+    }
+}
+
+/// The paper's MinED map of the whole NeoX vocabulary onto Llama-2's.
+fn paper_map() -> &'static VocabMap {
+    static MAP: OnceLock<VocabMap> = OnceLock::new();
+    MAP.get_or_init(|| {
+        let (llama, neox) = vocabularies();
+        let registry = Registry::with_builtins().unwrap();
+        map_vocab(registry.get(PluginKind::Aligner, "mined").unwrap(), neox, llama, true, None).unwrap()
+    })
+}
+
+#[test]
+fn mined_reproduces_the_paper_mapping_of_sampled_tokens() {
+    let (llama, neox) = vocabularies();
+    let fixture = alignment_json("vocab_mapping_sample500_seed0.json");
+    let map = paper_map();
+    let records = fixture["records"].as_array().unwrap();
+    assert_eq!(records.len(), 500);
+    for r in records {
+        let id = r["id"].as_u64().unwrap() as usize;
+        assert_eq!(neox.tokens[id], r["source"].as_str().unwrap());
+        let target = map.target[id].map(|t| llama.tokens[t as usize].as_str());
+        assert_eq!(target, r["target"].as_str(), "NeoX {id} {:?}", r["source"]);
+        assert_eq!(map.distance[id] == 0, r["exact"].as_bool().unwrap(), "NeoX {id}: exact match flag");
+    }
+}
+
+#[test]
+fn em_maps_only_exact_matches() {
+    let (llama, neox) = vocabularies();
+    let registry = Registry::with_builtins().unwrap();
+    let em = map_vocab(registry.get(PluginKind::Aligner, "em").unwrap(), neox, llama, true, None).unwrap();
+    let exact = em.target.iter().flatten().count();
+    assert_eq!(exact, 20362, "the paper's full map has 20362 exact matches");
+    for (id, t) in em.target.iter().enumerate() {
+        if let Some(t) = t {
+            assert_eq!(neox.tokens[id].replace('\u{0120}', "\u{2581}"), llama.tokens[*t as usize]);
+        }
+    }
+}
+
+#[test]
+fn compat_projection_reproduces_the_paper_transform() {
+    let (llama, neox) = vocabularies();
+    let fixture = alignment_json("testvec_transform_10docs.json");
+    let map = paper_map();
+    let rule = Rule::Compat { source_marker: "\u{0120}", target_marker: "\u{2581}", byte_level_source: true };
+    for doc in fixture["docs"].as_array().unwrap() {
+        let id = doc["doc_id"].as_str().unwrap();
+        let (base_ids, blending_ids) = (u32s(&doc["base_input_ids"]), u32s(&doc["blending_input_ids"]));
+        let (base, blending) = (strings(llama, &base_ids), strings(neox, &blending_ids));
+        let mut topk = SparseRowsBuf::with_capacity(blending.len(), blending.len() * 10);
+        for (ids, logits) in doc["blending_per_step_indices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(doc["blending_per_step_logits"].as_array().unwrap())
+        {
+            let logits: Vec<f32> = logits.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+            topk.push_row(&u32s(ids), &logits);
+        }
+        let path = paper_dtw(&base, &blending);
+        let out = project(
+            &rule,
+            &path,
+            &Side { ids: &blending_ids, strings: &blending },
+            &Side { ids: &base_ids, strings: &base },
+            topk.rows(),
+            map,
+        );
+        let expected_ids = doc["aligned_per_step_indices"].as_array().unwrap();
+        let expected_logits = doc["aligned_per_step_logits"].as_array().unwrap();
+        assert_eq!(out.rows().len(), expected_ids.len(), "{id}");
+        for p in 0..expected_ids.len() {
+            let (ids, values) = out.rows().row(p);
+            assert_eq!(ids, u32s(&expected_ids[p]).as_slice(), "{id} position {p}: ids");
+            let logits: Vec<f32> =
+                expected_logits[p].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+            assert_eq!(values, logits.as_slice(), "{id} position {p}: logits");
+        }
+    }
+}
