@@ -5,14 +5,25 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use clap::Subcommand;
+use fusellm_core::align::vocab::{map_vocab, Vocabulary};
+use fusellm_core::align::DocumentAligner;
+use fusellm_core::error::{Context, Error};
 use fusellm_core::model::Transformer;
 use fusellm_core::plugins::bench::{time_fusion, PAPER_SHAPE};
 use fusellm_core::plugins::conformance::Shape;
 use fusellm_core::plugins::{Entry, Registry, Tier};
-use fusellm_sdk::{CheckpointFiles, PluginKind};
+use fusellm_sdk::{CheckpointFiles, PluginKind, SparseRowsBuf};
+use sha2::{Digest, Sha256};
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
+    /// Alignment on the paper's 300 fixture documents (NeoX -> Llama-2), one thread, and
+    /// the full MinED vocabulary map, side by side with the paper's code's timings.
+    Align {
+        /// The shared fixtures folder.
+        #[arg(long, default_value = "../shared/fixtures")]
+        fixtures: PathBuf,
+    },
     /// Forward passes of a small Llama (f32, CPU): tokens per second.
     Forward {
         #[arg(long, default_value_t = 32000)]
@@ -42,6 +53,7 @@ pub enum BenchCommand {
 
 pub fn run(cmd: BenchCommand) -> Result<(), String> {
     match cmd {
+        BenchCommand::Align { fixtures } => align(&fixtures).map_err(|e| e.message),
         BenchCommand::Forward { vocab, batch, seq, iters } => forward(vocab, batch, seq, iters).map_err(|e| e.message),
         BenchCommand::Plugins { dylib, wasm, iters, positions } => plugins(&dylib, &wasm, iters, positions),
     }
@@ -108,6 +120,115 @@ fn plugins(dylib: &Path, wasm: &Path, iters: usize, positions: usize) -> Result<
             micros[2],
             micros[2] / micros[0]
         );
+    }
+    Ok(())
+}
+
+/// One document of the paper's alignment set: ids on both sides and the source's top-10.
+struct SetADoc {
+    base: Vec<u32>,
+    blending: Vec<u32>,
+    topk: SparseRowsBuf,
+}
+
+fn read_set_a(dir: &Path) -> fusellm_core::error::Result<Vec<SetADoc>> {
+    let read = |name: &str| std::fs::read(dir.join(name)).context(|| format!("reading {}", dir.join(name).display()));
+    let (logits, indices) = (read("synthetic_setA_blending_logits.f32")?, read("synthetic_setA_blending_indices.i32")?);
+    let word = |bytes: &[u8], k: usize| <[u8; 4]>::try_from(&bytes[4 * k..4 * k + 4]).expect("4 bytes");
+    let text = String::from_utf8(read("docs_setA.jsonl")?).map_err(|e| Error::msg(e.to_string()))?;
+    let ids = |v: &serde_json::Value| {
+        v.as_array().map(|a| a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect::<Vec<_>>())
+    };
+    let mut row = 0;
+    text.lines()
+        .map(|line| {
+            let doc: serde_json::Value = serde_json::from_str(line).map_err(|e| Error::msg(e.to_string()))?;
+            let (base, blending) =
+                (ids(&doc["base_input_ids"]).unwrap_or_default(), ids(&doc["blending_input_ids"]).unwrap_or_default());
+            let mut topk = SparseRowsBuf::with_capacity(blending.len(), 10 * blending.len());
+            for _ in 0..blending.len() {
+                let k = row * 10..row * 10 + 10;
+                let ids: Vec<u32> = k.clone().map(|k| i32::from_le_bytes(word(&indices, k)) as u32).collect();
+                let values: Vec<f32> = k.map(|k| f32::from_le_bytes(word(&logits, k))).collect();
+                topk.push_row(&ids, &values);
+                row += 1;
+            }
+            Ok(SetADoc { base, blending, topk })
+        })
+        .collect()
+}
+
+/// The fixture's digest of aligned outputs: per document, sha256 over its target
+/// positions of (u32 count, i32 ids, f32 logits), then sha256 of the hex digests.
+fn set_a_digest(outputs: &[SparseRowsBuf]) -> String {
+    let hex = |d: &[u8]| d.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let mut all = String::new();
+    for out in outputs {
+        let mut h = Sha256::new();
+        let rows = out.rows();
+        for p in 0..rows.len() {
+            let (ids, values) = rows.row(p);
+            h.update((ids.len() as u32).to_le_bytes());
+            ids.iter().for_each(|i| h.update((*i as i32).to_le_bytes()));
+            values.iter().for_each(|v| h.update(v.to_le_bytes()));
+        }
+        all.push_str(&hex(&h.finalize()));
+    }
+    hex(&Sha256::digest(all.as_bytes()))
+}
+
+fn align(fixtures: &Path) -> fusellm_core::error::Result<()> {
+    let tokenizer =
+        |name: &str| Vocabulary::from_tokenizer_json(&fixtures.join("tokenizers").join(name).join("tokenizer.json"));
+    let (llama, neox) = (tokenizer("llama2")?, tokenizer("gpt-neox-20b")?);
+    let registry = Registry::with_builtins()?;
+    let timing: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(fixtures.join("alignment/timing_alignment_setA.json"))
+            .context(|| "reading the paper's timings".into())?,
+    )
+    .map_err(|e| Error::msg(e.to_string()))?;
+    let paper = &timing["summary"];
+
+    let mined = registry.get(PluginKind::Aligner, "mined")?;
+    let start = Instant::now();
+    let map = map_vocab(mined, &neox, &llama, true, None)?;
+    let mined_s = start.elapsed().as_secs_f64();
+    println!(
+        "MinED map NeoX -> Llama-2 (50277 x 32000), {} threads: {mined_s:.2} s; the paper's code: 568.4 s on one core ({:.0}x)",
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        568.36 / mined_s
+    );
+
+    let docs = read_set_a(&fixtures.join("alignment"))?;
+    let tokens: usize = docs.iter().map(|d| d.base.len()).sum();
+    let dtw = registry.get(PluginKind::Aligner, "dtw")?;
+    for compat in [true, false] {
+        let aligner = DocumentAligner::new(
+            dtw,
+            dtw.resolve_params(&Default::default()).expect("defaults"),
+            &map,
+            &neox,
+            &llama,
+            compat,
+        );
+        let start = Instant::now();
+        let outputs = docs
+            .iter()
+            .map(|d| aligner.align(&d.blending, &d.base, d.topk.rows()))
+            .collect::<fusellm_core::error::Result<Vec<_>>>()?;
+        let rate = tokens as f64 / start.elapsed().as_secs_f64();
+        let paper_rate = paper["transform_base_tokens_per_s"].as_f64().unwrap_or(f64::NAN);
+        print!(
+            "dtw + projection ({}), {} documents, {tokens} target tokens, one thread: {rate:.0} tokens/s; the paper's code: {paper_rate:.0} ({:.0}x)",
+            if compat { "compat" } else { "corrected" },
+            docs.len(),
+            rate / paper_rate
+        );
+        if compat {
+            let same = Some(set_a_digest(&outputs).as_str()) == paper["all_docs_sha256"].as_str();
+            print!("; output identical to the paper's: {}", if same { "yes" } else { "NO" });
+        }
+        println!();
     }
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! The `fusellm` command line: parses, validates, and calls fusellm-core.
 
+mod align_cmd;
 mod bench_cmd;
 mod generate_cmd;
 mod plugins_cmd;
@@ -29,6 +30,8 @@ enum Command {
     Plugins(plugins_cmd::PluginsCommand),
     /// Greedy decoding from a checkpoint (CPU, f32), for smoke checks.
     Generate(generate_cmd::GenerateArgs),
+    /// Map a source tokenizer's vocabulary onto a target's (EM or MinED), as JSON.
+    VocabMap(align_cmd::VocabMapArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench_cmd::BenchCommand),
@@ -39,6 +42,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Plugins(cmd) => plugins_cmd::run(cmd),
         Command::Bench(cmd) => bench_cmd::run(cmd).map(|()| ExitCode::SUCCESS),
+        Command::VocabMap(args) => align_cmd::vocab_map(args).map(|()| ExitCode::SUCCESS),
         Command::Generate(args) => generate_cmd::run(args).map(|()| ExitCode::SUCCESS),
     };
     match result {

@@ -6,8 +6,8 @@ mod common;
 use std::sync::OnceLock;
 
 use common::fixtures;
-use fusellm_core::align::project::{project, Rule, Side};
 use fusellm_core::align::vocab::{map_vocab, FlatStrings, Vocabulary};
+use fusellm_core::align::DocumentAligner;
 use fusellm_core::plugins::Registry;
 use fusellm_sdk::{Alignment, PluginKind, SparseRowsBuf, VocabMap};
 
@@ -115,31 +115,24 @@ fn em_maps_only_exact_matches() {
 fn compat_projection_reproduces_the_paper_transform() {
     let (llama, neox) = vocabularies();
     let fixture = alignment_json("testvec_transform_10docs.json");
-    let map = paper_map();
-    let rule = Rule::Compat { source_marker: "\u{0120}", target_marker: "\u{2581}", byte_level_source: true };
+    let registry = Registry::with_builtins().unwrap();
+    let dtw = registry.get(PluginKind::Aligner, "dtw").unwrap();
+    let aligner =
+        DocumentAligner::new(dtw, dtw.resolve_params(&Default::default()).unwrap(), paper_map(), neox, llama, true);
     for doc in fixture["docs"].as_array().unwrap() {
         let id = doc["doc_id"].as_str().unwrap();
         let (base_ids, blending_ids) = (u32s(&doc["base_input_ids"]), u32s(&doc["blending_input_ids"]));
-        let (base, blending) = (strings(llama, &base_ids), strings(neox, &blending_ids));
-        let mut topk = SparseRowsBuf::with_capacity(blending.len(), blending.len() * 10);
-        for (ids, logits) in doc["blending_per_step_indices"]
+        let mut topk = SparseRowsBuf::with_capacity(blending_ids.len(), blending_ids.len() * 10);
+        let rows = doc["blending_per_step_indices"]
             .as_array()
             .unwrap()
             .iter()
-            .zip(doc["blending_per_step_logits"].as_array().unwrap())
-        {
+            .zip(doc["blending_per_step_logits"].as_array().unwrap());
+        for (ids, logits) in rows {
             let logits: Vec<f32> = logits.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
             topk.push_row(&u32s(ids), &logits);
         }
-        let path = paper_dtw(&base, &blending);
-        let out = project(
-            &rule,
-            &path,
-            &Side { ids: &blending_ids, strings: &blending },
-            &Side { ids: &base_ids, strings: &base },
-            topk.rows(),
-            map,
-        );
+        let out = aligner.align(&blending_ids, &base_ids, topk.rows()).unwrap();
         let expected_ids = doc["aligned_per_step_indices"].as_array().unwrap();
         let expected_logits = doc["aligned_per_step_logits"].as_array().unwrap();
         assert_eq!(out.rows().len(), expected_ids.len(), "{id}");
@@ -151,4 +144,17 @@ fn compat_projection_reproduces_the_paper_transform() {
             assert_eq!(values, logits.as_slice(), "{id} position {p}: logits");
         }
     }
+}
+
+#[test]
+fn compat_alignment_of_all_300_documents_is_the_paper_output() {
+    // `fusellm bench align` checks the fixture's digest of the paper's whole output.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fusellm"))
+        .args(["bench", "align", "--fixtures"])
+        .arg(fixtures::root())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("output identical to the paper's: yes"), "{text}");
 }

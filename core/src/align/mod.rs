@@ -5,3 +5,104 @@
 pub mod normalize;
 pub mod project;
 pub mod vocab;
+
+use std::collections::HashMap;
+
+use fusellm_sdk::{Params, SparseRows, SparseRowsBuf, VocabMap};
+
+use crate::error::{Error, Result};
+use crate::plugins::Entry;
+use project::{project, Rule, Side};
+use vocab::{FlatStrings, Vocabulary};
+
+/// Aligns documents of one source to the target: a sequence aligner, a vocabulary map,
+/// and the token strings each side shows the aligner and the projection rule.
+pub struct DocumentAligner<'a> {
+    aligner: &'a Entry,
+    params: Params,
+    map: &'a VocabMap,
+    compat: bool,
+    /// The map keyed by the source string with the target's marker (compat only).
+    by_string: HashMap<String, u32>,
+    source: Strings<'a>,
+    target: Strings<'a>,
+}
+
+/// A vocabulary's strings as the aligner compares them, and as the projection rule does.
+struct Strings<'a> {
+    vocab: &'a Vocabulary,
+    for_alignment: Vec<String>,
+    for_rule: Vec<String>,
+}
+
+impl<'a> Strings<'a> {
+    /// The paper's code aligns strings stripped of their space marker and compares raw
+    /// ones; otherwise both are canonical.
+    fn new(vocab: &'a Vocabulary, compat: bool) -> Self {
+        if compat {
+            let stripped =
+                vocab.tokens.iter().map(|t| t.replace(vocab.conventions.space_marker.as_str(), "")).collect();
+            Self { vocab, for_alignment: stripped, for_rule: vocab.tokens.clone() }
+        } else {
+            let canonical = vocab.canonical();
+            Self { vocab, for_alignment: canonical.clone(), for_rule: canonical }
+        }
+    }
+
+    fn pick(strings: &[String], ids: &[u32]) -> Result<Vec<String>> {
+        ids.iter()
+            .map(|&i| {
+                strings
+                    .get(i as usize)
+                    .cloned()
+                    .ok_or_else(|| Error::msg(format!("token id {i} is outside the vocabulary")))
+            })
+            .collect()
+    }
+}
+
+impl<'a> DocumentAligner<'a> {
+    pub fn new(
+        aligner: &'a Entry,
+        params: Params,
+        map: &'a VocabMap,
+        source: &'a Vocabulary,
+        target: &'a Vocabulary,
+        compat: bool,
+    ) -> Self {
+        let by_string = if compat {
+            let swapped = source.with_marker(&target.conventions.space_marker);
+            swapped.into_iter().zip(&map.target).filter_map(|(s, t)| t.map(|t| (s, t))).collect()
+        } else {
+            HashMap::new()
+        };
+        let (source, target) = (Strings::new(source, compat), Strings::new(target, compat));
+        Self { aligner, params, map, compat, by_string, source, target }
+    }
+
+    /// The source's top-k rows (one per source position) projected onto every target
+    /// position of one document.
+    pub fn align(&self, source_ids: &[u32], target_ids: &[u32], topk: SparseRows<'_>) -> Result<SparseRowsBuf> {
+        if topk.len() != source_ids.len() {
+            return Err(Error::msg(format!("{} top-k rows for {} source tokens", topk.len(), source_ids.len())));
+        }
+        let a = FlatStrings::new(&Strings::pick(&self.source.for_alignment, source_ids)?);
+        let b = FlatStrings::new(&Strings::pick(&self.target.for_alignment, target_ids)?);
+        let path = self.aligner.align(&self.params, a.view(), b.view())?;
+        let source_rule = Strings::pick(&self.source.for_rule, source_ids)?;
+        let target_rule = Strings::pick(&self.target.for_rule, target_ids)?;
+        let rule = if self.compat {
+            Rule::Compat {
+                source_marker: &self.source.vocab.conventions.space_marker,
+                target_marker: &self.target.vocab.conventions.space_marker,
+                byte_level_source: self.source.vocab.conventions.byte_level,
+                by_string: &self.by_string,
+            }
+        } else {
+            Rule::Corrected
+        };
+        let source = Side { ids: source_ids, strings: &source_rule };
+        let target = Side { ids: target_ids, strings: &target_rule };
+        Ok(project(&rule, &path, &source, &target, topk, self.map))
+    }
+}

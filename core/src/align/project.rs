@@ -2,6 +2,8 @@
 //! sequence alignment: under `Rule::Compat` exactly the paper's `transform_step_logits`
 //! (soft mode), defects included; under `Rule::Corrected` the fixed rule.
 
+use std::collections::HashMap;
+
 use fusellm_sdk::{Alignment, SparseRows, SparseRowsBuf, VocabMap};
 
 /// One side of a document: its token ids and their strings.
@@ -19,7 +21,14 @@ pub enum Rule<'a> {
     /// duplicates merged to the first; every other position gets a one-hot on its CURRENT
     /// token (the known defect). `byte_level_source` enables the paper's "special case for
     /// mpt" at position 0.
-    Compat { source_marker: &'a str, target_marker: &'a str, byte_level_source: bool },
+    Compat {
+        source_marker: &'a str,
+        target_marker: &'a str,
+        byte_level_source: bool,
+        /// The paper's mapping is keyed by the source string with its marker swapped; the
+        /// position-0 special case looks up a string that is not the token's own.
+        by_string: &'a HashMap<String, u32>,
+    },
     /// Ours: one-to-one matches as above on canonical strings; a one-to-many or many-to-one
     /// span whose strings join up takes the distribution of its last token (FuseChat);
     /// every other position gets a one-hot on the NEXT token (none at the last position);
@@ -40,8 +49,8 @@ pub fn project(
     let mut out = SparseRowsBuf::with_capacity(target.ids.len(), target.ids.len() * 10);
     for i in 0..target.ids.len() {
         match rule {
-            Rule::Compat { source_marker, target_marker, byte_level_source } => match spans.to_source[i].as_slice() {
-                &[j] if compat_match(i, j, source, target, map, source_marker, target_marker, *byte_level_source) => {
+            Rule::Compat { .. } => match spans.to_source[i].as_slice() {
+                &[j] if compat_match(rule, i, j as usize, source, target) => {
                     push_logits(&mut out, topk.row(j as usize), map)
                 }
                 _ => out.push_row(&[target.ids[i]], &[1.0]),
@@ -75,28 +84,19 @@ impl Spans {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn compat_match(
-    i: usize,
-    j: u32,
-    source: &Side<'_>,
-    target: &Side<'_>,
-    map: &VocabMap,
-    source_marker: &str,
-    target_marker: &str,
-    byte_level_source: bool,
-) -> bool {
-    let j = j as usize;
+/// Whether target position `i` and source position `j` hold the same token, as the
+/// paper's code decides it.
+fn compat_match(rule: &Rule<'_>, i: usize, j: usize, source: &Side<'_>, target: &Side<'_>) -> bool {
+    let Rule::Compat { source_marker, target_marker, byte_level_source, by_string } = rule else {
+        unreachable!("only the compat rule asks")
+    };
     let base = &target.strings[i];
     let mut blending = source.strings[j].replace(source_marker, target_marker);
-    if byte_level_source && i == 0 && base.starts_with(target_marker) && !blending.starts_with(target_marker) {
+    if *byte_level_source && i == 0 && base.starts_with(target_marker) && !blending.starts_with(target_marker) {
         // The paper's "special case for mpt": Llama's normaliser prepends the marker.
         blending.insert_str(0, target_marker);
-        // The mapping is keyed by string: the marked string is that of another token, so
-        // only string equality can decide here.
-        return *base == blending;
     }
-    *base == blending || map.target[source.ids[j] as usize] == Some(target.ids[i])
+    *base == blending || by_string.get(&blending) == Some(&target.ids[i])
 }
 
 /// The source position whose distribution predicts what follows target position `i`: the

@@ -22,7 +22,7 @@ use fusellm_sdk::{
     ParamValue, Params, PluginInfo, PluginKind, TokenStrings, VocabMap,
 };
 
-pub use wasm::{WasmHost, WasmLimits};
+pub use wasm::{default_cache_dir, WasmHost, WasmLimits};
 
 /// Where a plugin comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]

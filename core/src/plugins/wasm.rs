@@ -44,8 +44,9 @@ impl Default for WasmLimits {
     }
 }
 
-/// `$FUSELLM_CACHE`, else `$XDG_CACHE_HOME/fusellm`, else `~/.cache/fusellm`.
-fn default_cache_dir() -> Option<PathBuf> {
+/// fusellm's cache folder: `$FUSELLM_CACHE`, else `$XDG_CACHE_HOME/fusellm`, else
+/// `~/.cache/fusellm`.
+pub fn default_cache_dir() -> Option<PathBuf> {
     let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
     env("FUSELLM_CACHE")
         .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("fusellm")))
