@@ -49,14 +49,10 @@ impl<'a> Strings<'a> {
         }
     }
 
-    fn pick(strings: &[String], ids: &[u32]) -> Result<Vec<String>> {
+    fn pick<'s>(strings: &'s [String], ids: &[u32]) -> Result<Vec<&'s str>> {
+        let get = |i: u32| strings.get(i as usize).map(String::as_str);
         ids.iter()
-            .map(|&i| {
-                strings
-                    .get(i as usize)
-                    .cloned()
-                    .ok_or_else(|| Error::msg(format!("token id {i} is outside the vocabulary")))
-            })
+            .map(|&i| get(i).ok_or_else(|| Error::msg(format!("token id {i} is outside the vocabulary"))))
             .collect()
     }
 }

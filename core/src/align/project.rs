@@ -11,7 +11,7 @@ pub struct Side<'a> {
     pub ids: &'a [u32],
     /// Per position, the string the rule compares: the raw vocabulary string under
     /// `Compat`, the canonical one under `Corrected`.
-    pub strings: &'a [String],
+    pub strings: &'a [&'a str],
 }
 
 pub enum Rule<'a> {
@@ -90,13 +90,13 @@ fn compat_match(rule: &Rule<'_>, i: usize, j: usize, source: &Side<'_>, target: 
     let Rule::Compat { source_marker, target_marker, byte_level_source, by_string } = rule else {
         unreachable!("only the compat rule asks")
     };
-    let base = &target.strings[i];
+    let base = target.strings[i];
     let mut blending = source.strings[j].replace(source_marker, target_marker);
     if *byte_level_source && i == 0 && base.starts_with(target_marker) && !blending.starts_with(target_marker) {
         // The paper's "special case for mpt": Llama's normaliser prepends the marker.
         blending.insert_str(0, target_marker);
     }
-    *base == blending || by_string.get(&blending) == Some(&target.ids[i])
+    base == blending || by_string.get(&blending) == Some(&target.ids[i])
 }
 
 /// The source position whose distribution predicts what follows target position `i`: the
@@ -113,8 +113,8 @@ fn corrected_source(i: usize, spans: &Spans, source: &Side<'_>, target: &Side<'_
     if !closes_here || !clean {
         return None;
     }
-    let source_text: String = sources.iter().map(|&j| source.strings[j as usize].as_str()).collect();
-    let target_text: String = targets.iter().map(|&t| target.strings[t as usize].as_str()).collect();
+    let source_text: String = sources.iter().map(|&j| source.strings[j as usize]).collect();
+    let target_text: String = targets.iter().map(|&t| target.strings[t as usize]).collect();
     let mapped =
         sources.len() == 1 && targets.len() == 1 && map.target[source.ids[last] as usize] == Some(target.ids[i]);
     (source_text == target_text || mapped).then_some(last)
@@ -147,4 +147,97 @@ fn push_probabilities(out: &mut SparseRowsBuf, (ids, values): (&[u32], &[f32]), 
     let start = out.ids.len();
     mix.push_normalised(out);
     out.values[start..].iter_mut().for_each(|v| *v = fusellm_sdk::math::ln(*v as f64) as f32);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn path(pairs: &[(u32, u32)]) -> Alignment {
+        Alignment { a: pairs.iter().map(|p| p.0).collect(), b: pairs.iter().map(|p| p.1).collect(), cost: 0.0 }
+    }
+
+    /// Source rows: row j has ids [10 + j, 20 + j] with probabilities 0.75 : 0.25.
+    fn topk(n: usize) -> SparseRowsBuf {
+        let mut rows = SparseRowsBuf::with_capacity(n, 2 * n);
+        for j in 0..n as u32 {
+            rows.push_row(&[10 + j, 20 + j], &[0.75f32.ln(), 0.25f32.ln()]);
+        }
+        rows
+    }
+
+    /// Source ids map to themselves.
+    fn identity() -> VocabMap {
+        VocabMap { target: (0..64).map(Some).collect(), distance: vec![0; 64] }
+    }
+
+    fn rows(out: &SparseRowsBuf) -> Vec<Vec<(u32, f32)>> {
+        let r = out.rows();
+        (0..r.len()).map(|p| r.row(p).0.iter().copied().zip(r.row(p).1.iter().map(|v| v.exp())).collect()).collect()
+    }
+
+    fn close(a: &[Vec<(u32, f32)>], b: &[Vec<(u32, f32)>]) -> bool {
+        a.len() == b.len()
+            && a.iter().zip(b).all(|(x, y)| {
+                x.len() == y.len() && x.iter().zip(y).all(|(p, q)| p.0 == q.0 && (p.1 - q.1).abs() < 1e-6)
+            })
+    }
+
+    #[test]
+    fn a_word_split_in_the_source_takes_its_last_piece() {
+        // Target " the", " cats"; source " the", " cat", "s".
+        let (t_ids, s_ids) = ([1, 2], [1, 5, 6]);
+        let target = Side { ids: &t_ids, strings: &[" the", " cats"] };
+        let source = Side { ids: &s_ids, strings: &[" the", " cat", "s"] };
+        let out =
+            project(&Rule::Corrected, &path(&[(0, 0), (1, 1), (2, 1)]), &source, &target, topk(3).rows(), &identity());
+        assert!(close(&rows(&out), &[vec![(10, 0.75), (20, 0.25)], vec![(12, 0.75), (22, 0.25)]]), "{:?}", rows(&out));
+    }
+
+    #[test]
+    fn a_word_split_in_the_target_uses_the_source_at_its_end_only() {
+        // Target " cat", "s"; source " cats": the first piece predicts "s", not what follows.
+        let (t_ids, s_ids) = ([7, 8], [3]);
+        let target = Side { ids: &t_ids, strings: &[" cat", "s"] };
+        let source = Side { ids: &s_ids, strings: &[" cats"] };
+        let out = project(&Rule::Corrected, &path(&[(0, 0), (0, 1)]), &source, &target, topk(1).rows(), &identity());
+        assert!(close(&rows(&out), &[vec![(8, 1.0)], vec![(10, 0.75), (20, 0.25)]]), "{:?}", rows(&out));
+    }
+
+    #[test]
+    fn a_mismatch_falls_back_to_the_next_token_and_the_last_position_to_nothing() {
+        let (t_ids, s_ids) = ([4, 9], [4, 9]);
+        let target = Side { ids: &t_ids, strings: &[" dog", " ran"] };
+        let source = Side { ids: &s_ids, strings: &[" cat", " sat"] };
+        let unmapped = VocabMap { target: vec![None; 64], distance: vec![0; 64] };
+        let out = project(&Rule::Corrected, &path(&[(0, 0), (1, 1)]), &source, &target, topk(2).rows(), &unmapped);
+        assert!(close(&rows(&out), &[vec![(9, 1.0)], vec![]]), "{:?}", rows(&out));
+        // The paper's rule puts the one-hot on the current token instead.
+        let by_string = HashMap::new();
+        let compat = Rule::Compat {
+            source_marker: "\u{0120}",
+            target_marker: "\u{2581}",
+            byte_level_source: true,
+            by_string: &by_string,
+        };
+        let out = project(&compat, &path(&[(0, 0), (1, 1)]), &source, &target, topk(2).rows(), &unmapped);
+        assert_eq!(
+            (out.ids.as_slice(), out.values.as_slice()),
+            ([4, 9].as_slice(), [1.0, 1.0].as_slice()),
+            "a logit of 1"
+        );
+    }
+
+    #[test]
+    fn duplicates_after_mapping_sum_their_probability() {
+        // Both ids of the source row map to target id 5.
+        let mut map = identity();
+        map.target[10] = Some(5);
+        map.target[20] = Some(5);
+        let (t_ids, s_ids) = ([1, 2], [1, 2]);
+        let target = Side { ids: &t_ids, strings: &[" a", " b"] };
+        let source = Side { ids: &s_ids, strings: &[" a", " b"] };
+        let out = project(&Rule::Corrected, &path(&[(0, 0), (1, 1)]), &source, &target, topk(2).rows(), &map);
+        assert!(close(&rows(&out)[..1], &[vec![(5, 1.0)]]), "{:?}", rows(&out));
+    }
 }

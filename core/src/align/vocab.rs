@@ -55,12 +55,12 @@ pub struct FlatStrings {
 }
 
 impl FlatStrings {
-    pub fn new(strings: &[String]) -> Self {
+    pub fn new<S: AsRef<str>>(strings: &[S]) -> Self {
         let mut offsets = Vec::with_capacity(strings.len() + 1);
         offsets.push(0);
         let mut bytes = Vec::new();
         for s in strings {
-            bytes.extend_from_slice(s.as_bytes());
+            bytes.extend_from_slice(s.as_ref().as_bytes());
             offsets.push(bytes.len() as u32);
         }
         Self { offsets, bytes }
