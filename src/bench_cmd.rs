@@ -6,12 +6,13 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use clap::Subcommand;
 use fusellm_core::align::vocab::{map_vocab, Vocabulary};
-use fusellm_core::align::DocumentAligner;
+use fusellm_core::align::{DocumentAligner, Tokens};
 use fusellm_core::error::{Context, Error};
 use fusellm_core::model::Transformer;
 use fusellm_core::plugins::bench::{time_fusion, PAPER_SHAPE};
 use fusellm_core::plugins::conformance::Shape;
 use fusellm_core::plugins::{Entry, Registry, Tier};
+use fusellm_core::tokenizer::Tokenizer;
 use fusellm_sdk::{CheckpointFiles, PluginKind, SparseRowsBuf};
 use sha2::{Digest, Sha256};
 
@@ -124,14 +125,28 @@ fn plugins(dylib: &Path, wasm: &Path, iters: usize, positions: usize) -> Result<
     Ok(())
 }
 
-/// One document of the paper's alignment set: ids on both sides and the source's top-10.
+/// One document of the paper's alignment set: ids and spans on both sides (the spans from
+/// encoding its text again) and the source's top-10.
 struct SetADoc {
     base: Vec<u32>,
+    base_spans: Vec<u32>,
     blending: Vec<u32>,
+    blending_spans: Vec<u32>,
     topk: SparseRowsBuf,
 }
 
-fn read_set_a(dir: &Path) -> fusellm_core::error::Result<Vec<SetADoc>> {
+/// Spans of `ids` (a document's tokens plus its EOS) by encoding `text` again; the EOS is
+/// a zero-width span at the end.
+fn spans(tokenizer: &Tokenizer, text: &str, ids: &[u32]) -> fusellm_core::error::Result<Vec<u32>> {
+    let (again, mut spans) = tokenizer.encode_with_spans(text)?;
+    if again.len() + 1 != ids.len() || again[..] != ids[..again.len()] {
+        return Err(Error::msg("the fixture's token ids differ from encoding its text again"));
+    }
+    spans.extend([text.len() as u32; 2]);
+    Ok(spans)
+}
+
+fn read_set_a(dir: &Path, base_tok: &Tokenizer, blending_tok: &Tokenizer) -> fusellm_core::error::Result<Vec<SetADoc>> {
     let read = |name: &str| std::fs::read(dir.join(name)).context(|| format!("reading {}", dir.join(name).display()));
     let (logits, indices) = (read("synthetic_setA_blending_logits.f32")?, read("synthetic_setA_blending_indices.i32")?);
     let word = |bytes: &[u8], k: usize| <[u8; 4]>::try_from(&bytes[4 * k..4 * k + 4]).expect("4 bytes");
@@ -153,7 +168,9 @@ fn read_set_a(dir: &Path) -> fusellm_core::error::Result<Vec<SetADoc>> {
                 topk.push_row(&ids, &values);
                 row += 1;
             }
-            Ok(SetADoc { base, blending, topk })
+            let text = doc["text"].as_str().unwrap_or_default();
+            let (base_spans, blending_spans) = (spans(base_tok, text, &base)?, spans(blending_tok, text, &blending)?);
+            Ok(SetADoc { base, base_spans, blending, blending_spans, topk })
         })
         .collect()
 }
@@ -199,27 +216,26 @@ fn align(fixtures: &Path) -> fusellm_core::error::Result<()> {
         568.36 / mined_s
     );
 
-    let docs = read_set_a(&fixtures.join("alignment"))?;
+    let open = |name: &str| Tokenizer::open(&fixtures.join("tokenizers").join(name).join("tokenizer.json"));
+    let docs = read_set_a(&fixtures.join("alignment"), &open("llama2")?, &open("gpt-neox-20b")?)?;
     let tokens: usize = docs.iter().map(|d| d.base.len()).sum();
-    let dtw = registry.get(PluginKind::Aligner, "dtw")?;
-    for compat in [true, false] {
-        let aligner = DocumentAligner::new(
-            dtw,
-            dtw.resolve_params(&Default::default()).expect("defaults"),
-            &map,
-            &neox,
-            &llama,
-            compat,
-        );
+    let paper_rate = paper["transform_base_tokens_per_s"].as_f64().unwrap_or(f64::NAN);
+    for (aligner_name, compat) in [("dtw", true), ("dtw", false), ("offsets", false)] {
+        let entry = registry.get(PluginKind::Aligner, aligner_name)?;
+        let params = entry.resolve_params(&Default::default()).expect("defaults");
+        let aligner = DocumentAligner::new(entry, params, &map, &neox, &llama, compat);
         let start = Instant::now();
         let outputs = docs
             .iter()
-            .map(|d| aligner.align(&d.blending, &d.base, d.topk.rows()))
+            .map(|d| {
+                let source = Tokens { ids: &d.blending, spans: &d.blending_spans };
+                aligner.align(source, Tokens { ids: &d.base, spans: &d.base_spans }, d.topk.rows())
+            })
             .collect::<fusellm_core::error::Result<Vec<_>>>()?;
         let rate = tokens as f64 / start.elapsed().as_secs_f64();
-        let paper_rate = paper["transform_base_tokens_per_s"].as_f64().unwrap_or(f64::NAN);
         print!(
-            "dtw + projection ({}), {} documents, {tokens} target tokens, one thread: {rate:.0} tokens/s; the paper's code: {paper_rate:.0} ({:.0}x)",
+            "{aligner_name} + projection ({}), {} documents, {tokens} target tokens, one thread: {rate:.0} tokens/s; \
+             the paper's code: {paper_rate:.0} ({:.0}x)",
             if compat { "compat" } else { "corrected" },
             docs.len(),
             rate / paper_rate

@@ -7,9 +7,9 @@ use std::sync::OnceLock;
 
 use common::fixtures;
 use fusellm_core::align::vocab::{map_vocab, FlatStrings, Vocabulary};
-use fusellm_core::align::DocumentAligner;
+use fusellm_core::align::{DocumentAligner, Tokens};
 use fusellm_core::plugins::Registry;
-use fusellm_sdk::{Alignment, PluginKind, SparseRowsBuf, VocabMap};
+use fusellm_sdk::{Alignment, PluginKind, SparseRowsBuf, Tokenization, VocabMap};
 
 use fusellm_align as _;
 
@@ -42,7 +42,8 @@ fn paper_dtw(base: &[String], blending: &[String]) -> Alignment {
     let params = dtw.resolve_params(&Default::default()).unwrap();
     let strip = |tokens: &[String], marker: &str| tokens.iter().map(|t| t.replace(marker, "")).collect::<Vec<_>>();
     let (a, b) = (FlatStrings::new(&strip(blending, "\u{0120}")), FlatStrings::new(&strip(base, "\u{2581}")));
-    dtw.align(&params, a.view(), b.view()).unwrap()
+    let tokenization = |strings: &FlatStrings| Tokenization { strings: strings.view(), spans: &[] };
+    dtw.align(&params, tokenization(&a), tokenization(&b)).unwrap()
 }
 
 #[test]
@@ -132,7 +133,8 @@ fn compat_projection_reproduces_the_paper_transform() {
             let logits: Vec<f32> = logits.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
             topk.push_row(&u32s(ids), &logits);
         }
-        let out = aligner.align(&blending_ids, &base_ids, topk.rows()).unwrap();
+        let (source, target) = (Tokens { ids: &blending_ids, spans: &[] }, Tokens { ids: &base_ids, spans: &[] });
+        let out = aligner.align(source, target, topk.rows()).unwrap();
         let expected_ids = doc["aligned_per_step_indices"].as_array().unwrap();
         let expected_logits = doc["aligned_per_step_logits"].as_array().unwrap();
         assert_eq!(out.rows().len(), expected_ids.len(), "{id}");

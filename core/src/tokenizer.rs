@@ -17,8 +17,7 @@ impl Tokenizer {
     /// the embedding (added special tokens beyond it, such as OpenLLaMA's `[PAD]`, are
     /// refused only if a text produces them).
     pub fn load(path: &Path, spec: &ModelSpec) -> Result<Self> {
-        let inner =
-            tokenizers::Tokenizer::from_file(path).map_err(|e| Error::msg(format!("{}: {e}", path.display())))?;
+        let inner = Self::open(path)?.inner;
         let base = inner.get_vocab_size(false);
         if base > spec.vocab_size {
             return Err(Error::msg(format!(
@@ -34,6 +33,21 @@ impl Tokenizer {
             _ => None,
         };
         Ok(Self { inner, bos })
+    }
+
+    /// A tokenizer.json on its own, with no BOS policy and no model to check against.
+    pub fn open(path: &Path) -> Result<Self> {
+        let inner =
+            tokenizers::Tokenizer::from_file(path).map_err(|e| Error::msg(format!("{}: {e}", path.display())))?;
+        Ok(Self { inner, bos: None })
+    }
+
+    /// Token ids of `text` (no special tokens) and each token's byte span in it, flat
+    /// `[start, end)` pairs, as the `offsets` aligner takes them.
+    pub fn encode_with_spans(&self, text: &str) -> Result<(Vec<u32>, Vec<u32>)> {
+        let encoding = self.inner.encode(text, false).map_err(|e| Error::msg(format!("tokenizing: {e}")))?;
+        let spans = encoding.get_offsets().iter().flat_map(|&(s, e)| [s as u32, e as u32]).collect();
+        Ok((encoding.get_ids().to_vec(), spans))
     }
 
     /// Token ids of `text` as the model's own pipeline makes them: BOS first where the

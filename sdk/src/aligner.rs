@@ -28,6 +28,30 @@ impl<'a> TokenStrings<'a> {
     }
 }
 
+/// One tokenization of a document as a sequence aligner sees it: its token strings and,
+/// where the tokenizer reports them, each token's byte span `[start, end)` in the text.
+#[derive(Clone, Copy, Debug)]
+pub struct Tokenization<'a> {
+    pub strings: TokenStrings<'a>,
+    /// Flat `[start_0, end_0, start_1, end_1, ...]`; empty when unknown.
+    pub spans: &'a [u32],
+}
+
+impl Tokenization<'_> {
+    pub fn len(&self) -> usize {
+        self.strings.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.strings.is_empty()
+    }
+
+    /// The span of token `i`, if spans are known.
+    pub fn span(&self, i: usize) -> Option<(u32, u32)> {
+        self.spans.get(2 * i..2 * i + 2).map(|s| (s[0], s[1]))
+    }
+}
+
 /// A monotone alignment path: step `s` pairs position `a[s]` of the first sequence with
 /// position `b[s]` of the second (one-to-many and many-to-one appear as repeated indices).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -49,7 +73,7 @@ pub struct VocabMap {
 /// Aligns two tokenizations of the same text (`dtw`, `offsets`, ...).
 pub trait SequenceAligner: Send + Sync {
     fn info(&self) -> PluginInfo;
-    fn align(&self, params: &Params, a: TokenStrings<'_>, b: TokenStrings<'_>) -> Result<Alignment, String>;
+    fn align(&self, params: &Params, a: Tokenization<'_>, b: Tokenization<'_>) -> Result<Alignment, String>;
 }
 
 /// Maps every source-vocabulary token to a target-vocabulary token (`em`, `mined`, ...).

@@ -8,12 +8,19 @@ pub mod vocab;
 
 use std::collections::HashMap;
 
-use fusellm_sdk::{Params, SparseRows, SparseRowsBuf, VocabMap};
+use fusellm_sdk::{Params, SparseRows, SparseRowsBuf, Tokenization, VocabMap};
 
 use crate::error::{Error, Result};
 use crate::plugins::Entry;
 use project::{project, Rule, Side};
 use vocab::{FlatStrings, Vocabulary};
+
+/// One tokenization of a document: token ids and, where known, their byte spans.
+#[derive(Clone, Copy, Debug)]
+pub struct Tokens<'a> {
+    pub ids: &'a [u32],
+    pub spans: &'a [u32],
+}
 
 /// Aligns documents of one source to the target: a sequence aligner, a vocabulary map,
 /// and the token strings each side shows the aligner and the projection rule.
@@ -77,14 +84,20 @@ impl<'a> DocumentAligner<'a> {
     }
 
     /// The source's top-k rows (one per source position) projected onto every target
-    /// position of one document.
-    pub fn align(&self, source_ids: &[u32], target_ids: &[u32], topk: SparseRows<'_>) -> Result<SparseRowsBuf> {
+    /// position of one document. Spans (flat `[start, end)` byte offsets per token, as the
+    /// tokenizers report them) are needed by the `offsets` aligner only.
+    pub fn align(&self, source: Tokens<'_>, target: Tokens<'_>, topk: SparseRows<'_>) -> Result<SparseRowsBuf> {
+        let (source_ids, target_ids) = (source.ids, target.ids);
         if topk.len() != source_ids.len() {
             return Err(Error::msg(format!("{} top-k rows for {} source tokens", topk.len(), source_ids.len())));
         }
         let a = FlatStrings::new(&Strings::pick(&self.source.for_alignment, source_ids)?);
         let b = FlatStrings::new(&Strings::pick(&self.target.for_alignment, target_ids)?);
-        let path = self.aligner.align(&self.params, a.view(), b.view())?;
+        let path = self.aligner.align(
+            &self.params,
+            Tokenization { strings: a.view(), spans: source.spans },
+            Tokenization { strings: b.view(), spans: target.spans },
+        )?;
         let source_rule = Strings::pick(&self.source.for_rule, source_ids)?;
         let target_rule = Strings::pick(&self.target.for_rule, target_ids)?;
         let rule = if self.compat {

@@ -47,6 +47,7 @@ pub fn project(
 ) -> SparseRowsBuf {
     let spans = Spans::new(alignment, source.ids.len(), target.ids.len());
     let mut out = SparseRowsBuf::with_capacity(target.ids.len(), target.ids.len() * 10);
+    let mut scratch = Scratch::default();
     for i in 0..target.ids.len() {
         match rule {
             Rule::Compat { .. } => match spans.to_source[i].as_slice() {
@@ -56,7 +57,7 @@ pub fn project(
                 _ => out.push_row(&[target.ids[i]], &[1.0]),
             },
             Rule::Corrected => match corrected_source(i, &spans, source, target, map) {
-                Some(j) => push_probabilities(&mut out, topk.row(j), map),
+                Some(j) => push_probabilities(&mut out, topk.row(j), map, &mut scratch),
                 None => match target.ids.get(i + 1) {
                     Some(&next) => out.push_row(&[next], &[0.0]),
                     None => out.end_row(),
@@ -135,17 +136,31 @@ fn push_logits(out: &mut SparseRowsBuf, (ids, values): (&[u32], &[f32]), map: &V
     out.end_row();
 }
 
+/// Buffers reused across the positions of a document.
+#[derive(Default)]
+struct Scratch {
+    probs: Vec<f64>,
+    mapped: Vec<u32>,
+    kept: Vec<f64>,
+    mix: fusellm_sdk::Mixture,
+}
+
 /// The corrected projection of one row: probabilities over the kept entries, mapped,
 /// duplicates summed, stored as log-probabilities (the mass of unmapped entries is lost).
-fn push_probabilities(out: &mut SparseRowsBuf, (ids, values): (&[u32], &[f32]), map: &VocabMap) {
-    let mut probs = Vec::new();
-    fusellm_sdk::math::softmax_into(values, 1.0, &mut probs);
-    let (mapped, kept): (Vec<u32>, Vec<f64>) =
-        ids.iter().zip(&probs).filter_map(|(&id, &p)| map.target[id as usize].map(|t| (t, p))).unzip();
-    let mut mix = fusellm_sdk::Mixture::default();
-    mix.add(&mapped, &kept, 1.0);
+fn push_probabilities(out: &mut SparseRowsBuf, (ids, values): (&[u32], &[f32]), map: &VocabMap, s: &mut Scratch) {
+    fusellm_sdk::math::softmax_into(values, 1.0, &mut s.probs);
+    s.mapped.clear();
+    s.kept.clear();
+    for (&id, &p) in ids.iter().zip(&s.probs) {
+        if let Some(t) = map.target[id as usize] {
+            s.mapped.push(t);
+            s.kept.push(p);
+        }
+    }
+    s.mix.clear();
+    s.mix.add(&s.mapped, &s.kept, 1.0);
     let start = out.ids.len();
-    mix.push_normalised(out);
+    s.mix.push_normalised(out);
     out.values[start..].iter_mut().for_each(|v| *v = fusellm_sdk::math::ln(*v as f64) as f32);
 }
 

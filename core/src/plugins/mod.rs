@@ -19,7 +19,7 @@ use fusellm_sdk::export::catch_panics;
 use fusellm_sdk::suggest::did_you_mean;
 use fusellm_sdk::{
     check_fused, Alignment, CheckpointFiles, FusedTarget, FusionFn, FusionInput, ModelAdapter, ModelSpec, ParamError,
-    ParamValue, Params, PluginInfo, PluginKind, TokenStrings, VocabMap,
+    ParamValue, Params, PluginInfo, PluginKind, TokenStrings, Tokenization, VocabMap,
 };
 
 pub use wasm::{default_cache_dir, WasmHost, WasmLimits};
@@ -129,7 +129,7 @@ impl Entry {
     }
 
     /// Aligns two tokenizations with a sequence aligner.
-    pub fn align(&self, params: &Params, a: TokenStrings<'_>, b: TokenStrings<'_>) -> Result<Alignment, PluginError> {
+    pub fn align(&self, params: &Params, a: Tokenization<'_>, b: Tokenization<'_>) -> Result<Alignment, PluginError> {
         let Handle::Builtin(fusellm_sdk::Plugin::SequenceAligner(aligner)) = &self.handle else {
             return Err(self.not_a_role("sequence aligner"));
         };

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use fusellm_sdk::{Alignment, ParamSpec, Params, PluginInfo, PluginKind, SequenceAligner, TokenStrings};
+use fusellm_sdk::{Alignment, ParamSpec, Params, PluginInfo, PluginKind, SequenceAligner, TokenStrings, Tokenization};
 
 use crate::edit_distance::{symbols, Pattern};
 
@@ -32,13 +32,13 @@ impl SequenceAligner for Dtw {
         )
     }
 
-    fn align(&self, params: &Params, a: TokenStrings<'_>, b: TokenStrings<'_>) -> Result<Alignment, String> {
+    fn align(&self, params: &Params, a: Tokenization<'_>, b: Tokenization<'_>) -> Result<Alignment, String> {
         let strings = |t: TokenStrings<'_>| -> Result<Vec<Vec<u32>>, String> {
             (0..t.len())
                 .map(|i| std::str::from_utf8(t.get(i)).map(symbols).map_err(|e| format!("token {i} is not UTF-8: {e}")))
                 .collect()
         };
-        Ok(dtw(&strings(a)?, &strings(b)?, params.int("band") as usize))
+        Ok(dtw(&strings(a.strings)?, &strings(b.strings)?, params.int("band") as usize))
     }
 }
 
