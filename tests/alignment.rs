@@ -42,8 +42,8 @@ fn paper_dtw(base: &[String], blending: &[String]) -> Alignment {
     let params = dtw.resolve_params(&Default::default()).unwrap();
     let strip = |tokens: &[String], marker: &str| tokens.iter().map(|t| t.replace(marker, "")).collect::<Vec<_>>();
     let (a, b) = (FlatStrings::new(&strip(blending, "\u{0120}")), FlatStrings::new(&strip(base, "\u{2581}")));
-    let tokenization = |strings: &FlatStrings| Tokenization { strings: strings.view(), spans: &[] };
-    dtw.align(&params, tokenization(&a), tokenization(&b)).unwrap()
+    let (a, b) = (Tokenization { strings: a.view(), spans: &[] }, Tokenization { strings: b.view(), spans: &[] });
+    dtw.align(&params, a, b).unwrap()
 }
 
 #[test]
