@@ -160,3 +160,38 @@ fn compat_alignment_of_all_300_documents_is_the_paper_output() {
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("output identical to the paper's: yes"), "{text}");
 }
+
+#[test]
+fn aligners_give_the_same_results_as_builtin_dylib_and_wasm() {
+    use common::{dylib, registry_of, wasm};
+    use fusellm_core::plugins::{Tier, WasmLimits};
+    let (llama, neox) = vocabularies();
+    let doc = &alignment_json("testvec_dtw_10docs.json")["docs"][2];
+    let base = strings(llama, &u32s(&doc["base_input_ids"]));
+    let blending = strings(neox, &u32s(&doc["blending_input_ids"]));
+    // A slice of the source vocabulary keeps the single-threaded WASM mapping short.
+    let source = FlatStrings::new(&neox.with_marker("\u{2581}")[..3000]);
+    let target = FlatStrings::new(&llama.tokens);
+    let (a, b) = (FlatStrings::new(&blending), FlatStrings::new(&base));
+    let run = |registry: &Registry| {
+        let dtw = registry.get(PluginKind::Aligner, "dtw").unwrap();
+        let mined = registry.get(PluginKind::Aligner, "mined").unwrap();
+        let path = dtw
+            .align(
+                &dtw.resolve_params(&Default::default()).unwrap(),
+                Tokenization { strings: a.view(), spans: &[] },
+                Tokenization { strings: b.view(), spans: &[] },
+            )
+            .unwrap();
+        let map =
+            mined.map_vocab(&mined.resolve_params(&Default::default()).unwrap(), source.view(), target.view()).unwrap();
+        (path, map)
+    };
+    let builtin = run(&Registry::with_builtins().unwrap());
+    assert_eq!(builtin.0.a.len(), doc["matches"].as_array().unwrap().len());
+    for (tier, file) in [(Tier::Dylib, dylib("fusellm_align")), (Tier::Wasm, wasm("fusellm_align"))] {
+        let other = run(&registry_of(tier, &file, WasmLimits::default()));
+        assert_eq!(other.0, builtin.0, "{tier}: DTW path");
+        assert_eq!(other.1, builtin.1, "{tier}: MinED map");
+    }
+}

@@ -10,8 +10,11 @@ use abi_stable::std_types::{ROption, RResult, RSlice, RStr, RString, RVec};
 use abi_stable::StableAbi;
 
 use crate::adapter::CheckpointFiles;
+use crate::aligner::{Alignment, TokenStrings, Tokenization, VocabMap};
 use crate::data::{Candidate, FusionInput, SparseRows, SparseRowsBuf};
-use crate::export::{adapt_by_name, catch_panics, fuse_by_name, manifest_json, Plugin};
+use crate::export::{
+    adapt_by_name, align_by_name, catch_panics, fuse_by_name, manifest_json, map_vocab_by_name, Plugin,
+};
 
 #[repr(C)]
 #[derive(StableAbi, Clone, Copy)]
@@ -47,6 +50,36 @@ pub struct AbiRowsBuf {
     pub values: RVec<f32>,
 }
 
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy)]
+pub struct AbiTokenStrings<'a> {
+    pub offsets: RSlice<'a, u32>,
+    pub bytes: RSlice<'a, u8>,
+}
+
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy)]
+pub struct AbiTokenization<'a> {
+    pub strings: AbiTokenStrings<'a>,
+    pub spans: RSlice<'a, u32>,
+}
+
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct AbiAlignment {
+    pub a: RVec<u32>,
+    pub b: RVec<u32>,
+    pub cost: f64,
+}
+
+/// A vocabulary map with `u32::MAX` for "unmapped".
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct AbiVocabMap {
+    pub target: RVec<u32>,
+    pub distance: RVec<u32>,
+}
+
 /// The type of [`AbiFusionInput::text_bytes`].
 #[cfg(not(feature = "simulate-layout-drift"))]
 pub type TextBytes = u32;
@@ -67,8 +100,14 @@ pub struct PluginModule {
     pub fuse: extern "C" fn(RStr<'_>, RStr<'_>, &AbiFusionInput<'_>) -> RResult<AbiRowsBuf, RString>,
     /// Runs an adapter by name on config.json (and tokenizer.json) text; the model spec
     /// returns as JSON. See [`adapt_by_name`].
-    #[sabi(last_prefix_field)]
     pub adapt: extern "C" fn(RStr<'_>, RStr<'_>, RStr<'_>, ROption<RStr<'_>>) -> RResult<RString, RString>,
+    /// Runs a sequence aligner by name; see [`align_by_name`].
+    pub align:
+        extern "C" fn(RStr<'_>, RStr<'_>, AbiTokenization<'_>, AbiTokenization<'_>) -> RResult<AbiAlignment, RString>,
+    /// Runs a vocabulary mapper by name; see [`map_vocab_by_name`].
+    #[sabi(last_prefix_field)]
+    pub map_vocab:
+        extern "C" fn(RStr<'_>, RStr<'_>, AbiTokenStrings<'_>, AbiTokenStrings<'_>) -> RResult<AbiVocabMap, RString>,
 }
 
 impl RootModule for PluginModule_Ref {
@@ -176,6 +215,81 @@ pub fn export_adapt(
     })
 }
 
+/// Body of the exported `align` function.
+pub fn export_align(
+    plugins: &[Plugin],
+    name: RStr<'_>,
+    params: RStr<'_>,
+    a: AbiTokenization<'_>,
+    b: AbiTokenization<'_>,
+) -> RResult<AbiAlignment, RString> {
+    guarded(|| align_by_name(plugins, name.as_str(), params.as_str(), a.into(), b.into()).map(AbiAlignment::from))
+}
+
+/// Body of the exported `map_vocab` function.
+pub fn export_map_vocab(
+    plugins: &[Plugin],
+    name: RStr<'_>,
+    params: RStr<'_>,
+    source: AbiTokenStrings<'_>,
+    target: AbiTokenStrings<'_>,
+) -> RResult<AbiVocabMap, RString> {
+    guarded(|| {
+        map_vocab_by_name(plugins, name.as_str(), params.as_str(), source.into(), target.into()).map(AbiVocabMap::from)
+    })
+}
+
+impl<'a> From<TokenStrings<'a>> for AbiTokenStrings<'a> {
+    fn from(t: TokenStrings<'a>) -> Self {
+        Self { offsets: t.offsets.into(), bytes: t.bytes.into() }
+    }
+}
+
+impl<'a> From<AbiTokenStrings<'a>> for TokenStrings<'a> {
+    fn from(t: AbiTokenStrings<'a>) -> Self {
+        Self { offsets: t.offsets.as_slice(), bytes: t.bytes.as_slice() }
+    }
+}
+
+impl<'a> From<Tokenization<'a>> for AbiTokenization<'a> {
+    fn from(t: Tokenization<'a>) -> Self {
+        Self { strings: t.strings.into(), spans: t.spans.into() }
+    }
+}
+
+impl<'a> From<AbiTokenization<'a>> for Tokenization<'a> {
+    fn from(t: AbiTokenization<'a>) -> Self {
+        Self { strings: t.strings.into(), spans: t.spans.as_slice() }
+    }
+}
+
+impl From<Alignment> for AbiAlignment {
+    fn from(a: Alignment) -> Self {
+        Self { a: a.a.into(), b: a.b.into(), cost: a.cost }
+    }
+}
+
+impl From<AbiAlignment> for Alignment {
+    fn from(a: AbiAlignment) -> Self {
+        Self { a: a.a.into_vec(), b: a.b.into_vec(), cost: a.cost }
+    }
+}
+
+impl From<VocabMap> for AbiVocabMap {
+    fn from(m: VocabMap) -> Self {
+        Self { target: m.target.iter().map(|t| t.unwrap_or(u32::MAX)).collect(), distance: m.distance.into() }
+    }
+}
+
+impl From<AbiVocabMap> for VocabMap {
+    fn from(m: AbiVocabMap) -> Self {
+        Self {
+            target: m.target.iter().map(|&t| (t != u32::MAX).then_some(t)).collect(),
+            distance: m.distance.into_vec(),
+        }
+    }
+}
+
 /// Exports `plugins` as the library's root module. This is what abi_stable's
 /// `#[export_root_module]` expands to, written with `$crate` paths so that plugin crates
 /// need no dependency of their own on abi_stable.
@@ -211,8 +325,24 @@ macro_rules! __export_dylib {
             ) -> RResult<RString, RString> {
                 $crate::abi::export_adapt($plugins, name, params, config_json, tokenizer_json)
             }
+            extern "C" fn align(
+                name: RStr<'_>,
+                params: RStr<'_>,
+                a: $crate::abi::AbiTokenization<'_>,
+                b: $crate::abi::AbiTokenization<'_>,
+            ) -> RResult<$crate::abi::AbiAlignment, RString> {
+                $crate::abi::export_align($plugins, name, params, a, b)
+            }
+            extern "C" fn map_vocab(
+                name: RStr<'_>,
+                params: RStr<'_>,
+                source: $crate::abi::AbiTokenStrings<'_>,
+                target: $crate::abi::AbiTokenStrings<'_>,
+            ) -> RResult<$crate::abi::AbiVocabMap, RString> {
+                $crate::abi::export_map_vocab($plugins, name, params, source, target)
+            }
             fn root_module() -> $crate::abi::PluginModule_Ref {
-                $crate::abi::PluginModule { manifest, fuse, adapt }.leak_into_prefix()
+                $crate::abi::PluginModule { manifest, fuse, adapt, align, map_vocab }.leak_into_prefix()
             }
             extern "C" fn load_root_module() -> RootModuleResult {
                 $crate::abi_stable::library::__call_root_module_loader(root_module)

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use crate::adapter::{CheckpointFiles, ModelAdapter};
-use crate::aligner::{SequenceAligner, VocabMapper};
+use crate::aligner::{Alignment, SequenceAligner, TokenStrings, Tokenization, VocabMap, VocabMapper};
 use crate::data::{FusedTarget, FusionInput};
 use crate::fusion::FusionFn;
 use crate::params::{ParamValue, Params};
@@ -83,6 +83,38 @@ pub fn adapt_by_name(
     let params = resolve_json(&adapter.info(), params_json)?;
     let spec = adapter.spec(&params, files)?;
     Ok(serde_json::to_string(&spec).expect("model specs serialise"))
+}
+
+/// Runs sequence aligner `name` on behalf of a host across a boundary.
+pub fn align_by_name(
+    plugins: &[Plugin],
+    name: &str,
+    params_json: &str,
+    a: Tokenization<'_>,
+    b: Tokenization<'_>,
+) -> Result<Alignment, String> {
+    let aligner = find(plugins, "sequence aligner", name, |p| match p {
+        Plugin::SequenceAligner(a) => Some(*a),
+        _ => None,
+    })?;
+    let params = resolve_json(&aligner.info(), params_json)?;
+    aligner.align(&params, a, b)
+}
+
+/// Runs vocabulary mapper `name` on behalf of a host across a boundary.
+pub fn map_vocab_by_name(
+    plugins: &[Plugin],
+    name: &str,
+    params_json: &str,
+    source: TokenStrings<'_>,
+    target: TokenStrings<'_>,
+) -> Result<VocabMap, String> {
+    let mapper = find(plugins, "vocabulary mapper", name, |p| match p {
+        Plugin::VocabMapper(m) => Some(*m),
+        _ => None,
+    })?;
+    let params = resolve_json(&mapper.info(), params_json)?;
+    mapper.map_vocab(&params, source, target)
 }
 
 /// The plugin `name` among those `pick` accepts.

@@ -3,8 +3,9 @@
 
 // The bindings define their own `FusionInput` and `SparseRows`; the SDK's are `data::`.
 use crate::adapter::CheckpointFiles;
+use crate::aligner;
 use crate::data::{self, Candidate, SparseRowsBuf};
-use crate::export::{adapt_by_name, fuse_by_name, Plugin};
+use crate::export::{adapt_by_name, align_by_name, fuse_by_name, map_vocab_by_name, Plugin};
 
 wit_bindgen::generate!({
     path: "wit/plugin.wit",
@@ -54,6 +55,36 @@ pub fn export_adapt(
     adapt_by_name(plugins, name, params, CheckpointFiles { config_json, tokenizer_json })
 }
 
+fn strings(t: &wit::TokenStrings) -> aligner::TokenStrings<'_> {
+    aligner::TokenStrings { offsets: &t.offsets, bytes: &t.bytes }
+}
+
+/// Body of the exported `align` function.
+pub fn export_align(
+    plugins: &[Plugin],
+    name: &str,
+    params: &str,
+    a: &wit::Tokenization,
+    b: &wit::Tokenization,
+) -> Result<wit::Alignment, String> {
+    let a = aligner::Tokenization { strings: strings(&a.strings), spans: &a.spans };
+    let b = aligner::Tokenization { strings: strings(&b.strings), spans: &b.spans };
+    let al = align_by_name(plugins, name, params, a, b)?;
+    Ok(wit::Alignment { a: al.a, b: al.b, cost: al.cost })
+}
+
+/// Body of the exported `map-vocab` function.
+pub fn export_map_vocab(
+    plugins: &[Plugin],
+    name: &str,
+    params: &str,
+    source: &wit::TokenStrings,
+    target: &wit::TokenStrings,
+) -> Result<wit::VocabMap, String> {
+    let map = map_vocab_by_name(plugins, name, params, strings(source), strings(target))?;
+    Ok(wit::VocabMap { target: map.target.iter().map(|t| t.unwrap_or(u32::MAX)).collect(), distance: map.distance })
+}
+
 /// Exports `plugins` as the component's `manifest`, `fuse` and `adapt`.
 #[doc(hidden)]
 #[macro_export]
@@ -73,6 +104,22 @@ macro_rules! __export_wasm {
             }
             fn adapt(name: String, params: String, config_json: String, tokenizer_json: Option<String>) -> Result<String, String> {
                 $crate::wasm::export_adapt($plugins, &name, &params, &config_json, tokenizer_json.as_deref())
+            }
+            fn align(
+                name: String,
+                params: String,
+                a: $crate::wasm::fusellm::plugin::types::Tokenization,
+                b: $crate::wasm::fusellm::plugin::types::Tokenization,
+            ) -> Result<$crate::wasm::fusellm::plugin::types::Alignment, String> {
+                $crate::wasm::export_align($plugins, &name, &params, &a, &b)
+            }
+            fn map_vocab(
+                name: String,
+                params: String,
+                source: $crate::wasm::fusellm::plugin::types::TokenStrings,
+                target: $crate::wasm::fusellm::plugin::types::TokenStrings,
+            ) -> Result<$crate::wasm::fusellm::plugin::types::VocabMap, String> {
+                $crate::wasm::export_map_vocab($plugins, &name, &params, &source, &target)
             }
         }
         $crate::wasm::export!(FusellmComponent with_types_in $crate::wasm);

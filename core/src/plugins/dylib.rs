@@ -7,10 +7,13 @@
 use std::path::Path;
 
 use abi_stable::library::{lib_header_from_path, LibraryError, RootModule};
-use abi_stable::std_types::{RResult, RSlice, RStr};
+use abi_stable::std_types::{RResult, RSlice, RStr, RString};
 use fusellm_sdk::abi::{AbiCandidate, AbiFusionInput, PluginModule_Ref};
 use fusellm_sdk::export::params_json;
-use fusellm_sdk::{CheckpointFiles, FusedTarget, FusionFn, FusionInput, ModelAdapter, ModelSpec, Params, PluginInfo};
+use fusellm_sdk::{
+    Alignment, CheckpointFiles, FusedTarget, FusionFn, FusionInput, ModelAdapter, ModelSpec, Params, PluginInfo,
+    SequenceAligner, TokenStrings, Tokenization, VocabMap, VocabMapper,
+};
 
 use super::{remote_handle, Entry, PluginError, Tier};
 
@@ -25,7 +28,7 @@ pub(super) fn load(path: &Path) -> Result<Vec<Entry>, PluginError> {
     parse_manifest(path, &manifest)?
         .into_iter()
         .map(|info| {
-            let handle = remote_handle(path, DylibPlugin { module, info: info.clone() })?;
+            let handle = remote_handle(DylibPlugin { module, info: info.clone() });
             Entry::new(info, Tier::Dylib, path.display().to_string(), handle)
         })
         .collect()
@@ -146,6 +149,39 @@ impl ModelAdapter for DylibPlugin {
             RResult::ROk(json) => parse_spec(&json),
             RResult::RErr(e) => Err(e.into_string()),
         }
+    }
+}
+
+impl SequenceAligner for DylibPlugin {
+    fn info(&self) -> PluginInfo {
+        self.info.clone()
+    }
+
+    fn align(&self, params: &Params, a: Tokenization<'_>, b: Tokenization<'_>) -> Result<Alignment, String> {
+        let call = self.module.align();
+        call(self.info.name.as_str().into(), params_json(params).as_str().into(), a.into(), b.into())
+            .into_result()
+            .map(Into::into)
+            .map_err(RString::into_string)
+    }
+}
+
+impl VocabMapper for DylibPlugin {
+    fn info(&self) -> PluginInfo {
+        self.info.clone()
+    }
+
+    fn map_vocab(
+        &self,
+        params: &Params,
+        source: TokenStrings<'_>,
+        target: TokenStrings<'_>,
+    ) -> Result<VocabMap, String> {
+        let call = self.module.map_vocab();
+        call(self.info.name.as_str().into(), params_json(params).as_str().into(), source.into(), target.into())
+            .into_result()
+            .map(Into::into)
+            .map_err(RString::into_string)
     }
 }
 

@@ -19,7 +19,7 @@ use fusellm_sdk::export::catch_panics;
 use fusellm_sdk::suggest::did_you_mean;
 use fusellm_sdk::{
     check_fused, Alignment, CheckpointFiles, FusedTarget, FusionFn, FusionInput, ModelAdapter, ModelSpec, ParamError,
-    ParamValue, Params, PluginInfo, PluginKind, TokenStrings, Tokenization, VocabMap,
+    ParamValue, Params, PluginInfo, PluginKind, SequenceAligner, TokenStrings, Tokenization, VocabMap, VocabMapper,
 };
 
 pub use wasm::{default_cache_dir, WasmHost, WasmLimits};
@@ -94,6 +94,8 @@ pub struct Entry {
 enum Handle {
     Fusion(Arc<dyn FusionFn>),
     Adapter(Arc<dyn ModelAdapter>),
+    /// An aligner in a dylib or component: which role it has, the plugin itself says.
+    Aligner(Arc<dyn RemoteAligner>),
     /// A plugin linked into this binary, of any kind.
     Builtin(fusellm_sdk::Plugin),
 }
@@ -130,8 +132,10 @@ impl Entry {
 
     /// Aligns two tokenizations with a sequence aligner.
     pub fn align(&self, params: &Params, a: Tokenization<'_>, b: Tokenization<'_>) -> Result<Alignment, PluginError> {
-        let Handle::Builtin(fusellm_sdk::Plugin::SequenceAligner(aligner)) = &self.handle else {
-            return Err(self.not_a_role("sequence aligner"));
+        let aligner: &dyn SequenceAligner = match &self.handle {
+            Handle::Builtin(fusellm_sdk::Plugin::SequenceAligner(aligner)) => *aligner,
+            Handle::Aligner(remote) => remote.as_sequence_aligner(),
+            _ => return Err(self.not_a_role("sequence aligner")),
         };
         let alignment = catch_panics(|| aligner.align(params, a, b))
             .map_err(|e| PluginError::new(format!("aligner {} failed: {e}", self.label())))?;
@@ -154,15 +158,17 @@ impl Entry {
         source: TokenStrings<'_>,
         target: TokenStrings<'_>,
     ) -> Result<VocabMap, PluginError> {
-        let Handle::Builtin(fusellm_sdk::Plugin::VocabMapper(mapper)) = &self.handle else {
-            return Err(self.not_a_role("vocabulary mapper"));
+        let mapper: &dyn VocabMapper = match &self.handle {
+            Handle::Builtin(fusellm_sdk::Plugin::VocabMapper(mapper)) => *mapper,
+            Handle::Aligner(remote) => remote.as_vocab_mapper(),
+            _ => return Err(self.not_a_role("vocabulary mapper")),
         };
         catch_panics(|| mapper.map_vocab(params, source, target))
             .map_err(|e| PluginError::new(format!("vocabulary mapper {} failed: {e}", self.label())))
     }
 
     fn not_a_role(&self, role: &str) -> PluginError {
-        PluginError::new(format!("{} is not a built-in {role} (aligners run built in for now)", self.label()))
+        PluginError::new(format!("{} is not a {role}", self.label()))
     }
 
     /// Runs a fusion plugin on one document, checking the input before and the output
@@ -191,16 +197,28 @@ impl Entry {
 }
 
 /// A plugin inside a dylib or component, as the handle of each kind it can serve.
-fn remote_handle<P: FusionFn + ModelAdapter + 'static>(path: &Path, plugin: P) -> Result<Handle, PluginError> {
-    let kind = FusionFn::info(&plugin).kind;
-    match kind {
-        PluginKind::Fusion => Ok(Handle::Fusion(Arc::new(plugin))),
-        PluginKind::Adapter => Ok(Handle::Adapter(Arc::new(plugin))),
-        PluginKind::Aligner => Err(PluginError::new(format!(
-            "{}: plugin `{}` is an aligner; this version of fusellm loads only fusion and adapter plugins from files (build it in instead)",
-            path.display(),
-            FusionFn::info(&plugin).name
-        ))),
+fn remote_handle<P: FusionFn + ModelAdapter + RemoteAligner + 'static>(plugin: P) -> Handle {
+    match FusionFn::info(&plugin).kind {
+        PluginKind::Fusion => Handle::Fusion(Arc::new(plugin)),
+        PluginKind::Adapter => Handle::Adapter(Arc::new(plugin)),
+        PluginKind::Aligner => Handle::Aligner(Arc::new(plugin)),
+    }
+}
+
+/// A plugin across a boundary that may be either kind of aligner: calling it in the
+/// wrong role is the plugin's error to report.
+trait RemoteAligner: SequenceAligner + VocabMapper {
+    fn as_sequence_aligner(&self) -> &dyn SequenceAligner;
+    fn as_vocab_mapper(&self) -> &dyn VocabMapper;
+}
+
+impl<T: SequenceAligner + VocabMapper> RemoteAligner for T {
+    fn as_sequence_aligner(&self) -> &dyn SequenceAligner {
+        self
+    }
+
+    fn as_vocab_mapper(&self) -> &dyn VocabMapper {
+        self
     }
 }
 

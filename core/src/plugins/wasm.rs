@@ -10,7 +10,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fusellm_sdk::export::params_json;
-use fusellm_sdk::{CheckpointFiles, FusedTarget, FusionFn, FusionInput, ModelAdapter, ModelSpec, Params, PluginInfo};
+use fusellm_sdk::{
+    Alignment, CheckpointFiles, FusedTarget, FusionFn, FusionInput, ModelAdapter, ModelSpec, Params, PluginInfo,
+    SequenceAligner, TokenStrings, Tokenization, VocabMap, VocabMapper,
+};
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Config, Engine, ResourceLimiter, Store, Trap};
@@ -130,7 +133,7 @@ impl WasmHost {
         parse_manifest(path, &manifest)?
             .into_iter()
             .map(|info| {
-                let handle = remote_handle(path, WasmPlugin { loaded: loaded.clone(), info: info.clone() })?;
+                let handle = remote_handle(WasmPlugin { loaded: loaded.clone(), info: info.clone() });
                 Entry::new(info, Tier::Wasm, path.display().to_string(), handle)
             })
             .collect()
@@ -298,6 +301,53 @@ impl ModelAdapter for WasmPlugin {
         let json = self.loaded.call(call).map_err(|e| e.message)??;
         parse_spec(&json)
     }
+}
+
+impl SequenceAligner for WasmPlugin {
+    fn info(&self) -> PluginInfo {
+        self.info.clone()
+    }
+
+    fn align(&self, params: &Params, a: Tokenization<'_>, b: Tokenization<'_>) -> Result<Alignment, String> {
+        let params = params_json(params);
+        let (a, b) = (wit_tokenization(a), wit_tokenization(b));
+        let call =
+            |plugin: &Plugin, store: &mut Store<Sandbox>| plugin.call_align(store, &self.info.name, &params, &a, &b);
+        let al = self.loaded.call(call).map_err(|e| e.message)??;
+        Ok(Alignment { a: al.a, b: al.b, cost: al.cost })
+    }
+}
+
+impl VocabMapper for WasmPlugin {
+    fn info(&self) -> PluginInfo {
+        self.info.clone()
+    }
+
+    fn map_vocab(
+        &self,
+        params: &Params,
+        source: TokenStrings<'_>,
+        target: TokenStrings<'_>,
+    ) -> Result<VocabMap, String> {
+        let params = params_json(params);
+        let (source, target) = (wit_strings(source), wit_strings(target));
+        let call = |plugin: &Plugin, store: &mut Store<Sandbox>| {
+            plugin.call_map_vocab(store, &self.info.name, &params, &source, &target)
+        };
+        let map = self.loaded.call(call).map_err(|e| e.message)??;
+        Ok(VocabMap {
+            target: map.target.iter().map(|&t| (t != u32::MAX).then_some(t)).collect(),
+            distance: map.distance,
+        })
+    }
+}
+
+fn wit_strings(t: TokenStrings<'_>) -> wit::TokenStrings {
+    wit::TokenStrings { offsets: t.offsets.to_vec(), bytes: t.bytes.to_vec() }
+}
+
+fn wit_tokenization(t: Tokenization<'_>) -> wit::Tokenization {
+    wit::Tokenization { strings: wit_strings(t.strings), spans: t.spans.to_vec() }
 }
 
 impl FusionFn for WasmPlugin {
