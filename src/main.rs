@@ -4,6 +4,7 @@ mod align_cmd;
 mod bench_cmd;
 mod generate_cmd;
 mod plugins_cmd;
+mod split_cmd;
 
 use std::process::ExitCode;
 
@@ -30,6 +31,8 @@ enum Command {
     Plugins(plugins_cmd::PluginsCommand),
     /// Greedy decoding from a checkpoint (CPU, f32), for smoke checks.
     Generate(generate_cmd::GenerateArgs),
+    /// Cut a corpus into pieces whose tokenization fits every model's context.
+    Split(split_cmd::SplitArgs),
     /// Map a source tokenizer's vocabulary onto a target's (EM or MinED), as JSON.
     VocabMap(align_cmd::VocabMapArgs),
     /// Benchmarks.
@@ -42,6 +45,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Plugins(cmd) => plugins_cmd::run(cmd),
         Command::Bench(cmd) => bench_cmd::run(cmd).map(|()| ExitCode::SUCCESS),
+        Command::Split(args) => split_cmd::run(args).map(|()| ExitCode::SUCCESS).map_err(|e| e.message),
         Command::VocabMap(args) => align_cmd::vocab_map(args).map(|()| ExitCode::SUCCESS),
         Command::Generate(args) => generate_cmd::run(args).map(|()| ExitCode::SUCCESS),
     };

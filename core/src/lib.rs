@@ -9,4 +9,5 @@ pub mod error;
 pub mod model;
 pub mod plugins;
 pub mod rng;
+pub mod split;
 pub mod tokenizer;

@@ -1,0 +1,180 @@
+//! `fusellm split` (DESIGN.md step 1): documents cut so that every model's tokenization
+//! fits its context, all models seeing identical text. The paper's rule: take the longest
+//! tokenization, cut it every `max_len - margin` tokens, and cut the text at those tokens'
+//! starts (their byte offsets, so the pieces concatenate back to the document exactly);
+//! a piece still too long for some tokenizer is cut again the same way.
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::error::{Context, Error, Result};
+use crate::tokenizer::Tokenizer;
+
+/// Special tokens a model may add around a piece (a BOS and an EOS), kept free of text.
+pub const RESERVED: usize = 2;
+
+/// One document of the corpus, with where it came from.
+pub struct Document {
+    /// Position of the document in the corpus (all input files, in order).
+    pub index: usize,
+    /// `file:line` for JSONL, `file` for a text file.
+    pub source: String,
+    pub text: String,
+}
+
+/// One piece written by `fusellm split`: the id map back to the corpus and the text.
+#[derive(Serialize)]
+pub struct Piece<'a> {
+    pub id: String,
+    pub doc: usize,
+    pub piece: usize,
+    pub source: &'a str,
+    pub text: &'a str,
+}
+
+/// What to do with a corpus line that cannot be read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnBadInput {
+    Stop,
+    /// Report it on stderr and go on.
+    Skip,
+}
+
+/// Cuts documents for a set of tokenizers.
+pub struct Splitter<'a> {
+    pub tokenizers: &'a [Tokenizer],
+    pub max_len: usize,
+    pub margin: usize,
+}
+
+impl Splitter<'_> {
+    /// Byte ranges of `text` whose every tokenization fits `max_len` with room for a BOS
+    /// and an EOS.
+    pub fn split(&self, text: &str) -> Result<Vec<(usize, usize)>> {
+        let chunk = self.max_len.saturating_sub(self.margin.max(RESERVED));
+        if chunk == 0 {
+            return Err(Error::msg(format!(
+                "max_len {} leaves no room beside a margin of {}",
+                self.max_len, self.margin
+            )));
+        }
+        let mut pieces = Vec::new();
+        self.split_range(text, 0, text.len(), chunk, &mut pieces)?;
+        Ok(pieces)
+    }
+
+    fn split_range(
+        &self,
+        text: &str,
+        start: usize,
+        end: usize,
+        chunk: usize,
+        out: &mut Vec<(usize, usize)>,
+    ) -> Result<()> {
+        let piece = &text[start..end];
+        let mut longest: Option<(usize, Vec<u32>)> = None;
+        for tokenizer in self.tokenizers {
+            let (ids, spans) = tokenizer.encode_with_spans(piece)?;
+            if ids.len() + RESERVED > self.max_len && longest.as_ref().is_none_or(|(n, _)| ids.len() > *n) {
+                longest = Some((ids.len(), spans));
+            }
+        }
+        let Some((n, spans)) = longest else {
+            out.push((start, end));
+            return Ok(());
+        };
+        // Cut before every `chunk`-th token of the longest tokenization.
+        let mut cuts: Vec<usize> = (chunk..n).step_by(chunk).map(|k| start + spans[2 * k] as usize).collect();
+        cuts.retain(|&c| c > start && c < end && text.is_char_boundary(c));
+        cuts.dedup();
+        if cuts.is_empty() {
+            return Err(Error::msg(format!(
+                "a piece of {} bytes cannot be cut below {} tokens (one token is longer than the context?)",
+                end - start,
+                self.max_len
+            )));
+        }
+        let bounds: Vec<usize> = std::iter::once(start).chain(cuts).chain(std::iter::once(end)).collect();
+        for w in bounds.windows(2) {
+            self.split_range(text, w[0], w[1], chunk, out)?;
+        }
+        Ok(())
+    }
+}
+
+/// Calls `f` on every document of `paths` in order: JSONL files (`.jsonl`, one document
+/// per line, its text in `text_fields` joined by newlines) or plain text files (one
+/// document each). A bad line (not JSON, no text field, not UTF-8) stops the run with
+/// its file and line, or is skipped with a warning.
+pub fn for_each_document(
+    paths: &[PathBuf],
+    text_fields: &[String],
+    on_bad: OnBadInput,
+    mut f: impl FnMut(Document) -> Result<()>,
+) -> Result<CorpusCount> {
+    let (mut index, mut skipped) = (0, 0);
+    let mut bad = |message: String| match on_bad {
+        OnBadInput::Stop => Err(Error::msg(format!("{message}; fix it, or pass --skip-bad to skip such lines"))),
+        OnBadInput::Skip => {
+            eprintln!("warning: skipped {message}");
+            skipped += 1;
+            Ok(())
+        }
+    };
+    for path in paths {
+        if path.extension().is_some_and(|e| e == "jsonl") {
+            let file = std::fs::File::open(path).context(|| format!("opening {}", path.display()))?;
+            for (n, line) in std::io::BufReader::new(file).split(b'\n').enumerate() {
+                let line = line.context(|| format!("reading {}", path.display()))?;
+                let place = format!("{}:{}", path.display(), n + 1);
+                match jsonl_text(&line, text_fields) {
+                    Ok(None) => {}
+                    Ok(Some(text)) => {
+                        f(Document { index, source: place, text })?;
+                        index += 1;
+                    }
+                    Err(e) => bad(format!("{place}: {e}"))?,
+                }
+            }
+        } else {
+            match std::fs::read(path).context(|| format!("reading {}", path.display())).map(String::from_utf8) {
+                Ok(Ok(text)) => {
+                    f(Document { index, source: path.display().to_string(), text })?;
+                    index += 1;
+                }
+                Ok(Err(e)) => bad(format!("{}: not UTF-8 text ({e})", path.display()))?,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(CorpusCount { documents: index, skipped })
+}
+
+/// How many documents a pass over the corpus read, and how many bad lines it skipped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CorpusCount {
+    pub documents: usize,
+    pub skipped: usize,
+}
+
+/// The text of one JSONL line; `None` for a blank line.
+fn jsonl_text(line: &[u8], fields: &[String]) -> std::result::Result<Option<String>, String> {
+    let line = std::str::from_utf8(line).map_err(|e| format!("not UTF-8 ({e})"))?;
+    if line.trim().is_empty() {
+        return Ok(None);
+    }
+    let value: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("not valid JSON ({e})"))?;
+    let parts: Vec<&str> = fields
+        .iter()
+        .map(|f| value[f.as_str()].as_str().ok_or_else(|| format!("no string field `{f}`")))
+        .collect::<std::result::Result<_, _>>()?;
+    Ok(Some(parts.join("\n")))
+}
+
+/// The tokenizer of a checkpoint folder or a tokenizer.json file.
+pub fn open_tokenizer(path: &Path) -> Result<Tokenizer> {
+    let file = if path.is_dir() { path.join("tokenizer.json") } else { path.to_owned() };
+    Tokenizer::open(&file)
+}
