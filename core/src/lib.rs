@@ -8,6 +8,7 @@ pub mod config;
 pub mod error;
 pub mod model;
 pub mod plugins;
+pub mod precompute;
 pub mod rng;
 pub mod split;
 pub mod tokenizer;
