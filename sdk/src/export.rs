@@ -60,11 +60,10 @@ pub fn fuse_by_name(
     params_json: &str,
     input: &FusionInput<'_>,
 ) -> Result<FusedTarget, String> {
-    let plugin = find(plugins, "fusion", name, |p| match p {
+    let (plugin, params) = find(plugins, "fusion", name, params_json, |p| match p {
         Plugin::Fusion(f) => Some(*f),
         _ => None,
     })?;
-    let params = resolve_json(&plugin.info(), params_json)?;
     input.check()?;
     plugin.fuse(&params, input)
 }
@@ -76,11 +75,10 @@ pub fn adapt_by_name(
     params_json: &str,
     files: CheckpointFiles<'_>,
 ) -> Result<String, String> {
-    let adapter = find(plugins, "adapter", name, |p| match p {
+    let (adapter, params) = find(plugins, "adapter", name, params_json, |p| match p {
         Plugin::Adapter(a) => Some(*a),
         _ => None,
     })?;
-    let params = resolve_json(&adapter.info(), params_json)?;
     let spec = adapter.spec(&params, files)?;
     Ok(serde_json::to_string(&spec).expect("model specs serialise"))
 }
@@ -93,11 +91,10 @@ pub fn align_by_name(
     a: Tokenization<'_>,
     b: Tokenization<'_>,
 ) -> Result<Alignment, String> {
-    let aligner = find(plugins, "sequence aligner", name, |p| match p {
+    let (aligner, params) = find(plugins, "sequence aligner", name, params_json, |p| match p {
         Plugin::SequenceAligner(a) => Some(*a),
         _ => None,
     })?;
-    let params = resolve_json(&aligner.info(), params_json)?;
     aligner.align(&params, a, b)
 }
 
@@ -109,27 +106,32 @@ pub fn map_vocab_by_name(
     source: TokenStrings<'_>,
     target: TokenStrings<'_>,
 ) -> Result<VocabMap, String> {
-    let mapper = find(plugins, "vocabulary mapper", name, |p| match p {
+    let (mapper, params) = find(plugins, "vocabulary mapper", name, params_json, |p| match p {
         Plugin::VocabMapper(m) => Some(*m),
         _ => None,
     })?;
-    let params = resolve_json(&mapper.info(), params_json)?;
     mapper.map_vocab(&params, source, target)
 }
 
-/// The plugin `name` among those `pick` accepts.
-fn find<T>(plugins: &[Plugin], kind: &str, name: &str, pick: impl Fn(&Plugin) -> Option<T>) -> Result<T, String> {
-    plugins
+/// The plugin `name` among those `pick` accepts, with the parameters (JSON, from the host)
+/// resolved against its schema once more.
+fn find<T>(
+    plugins: &[Plugin],
+    kind: &str,
+    name: &str,
+    params_json: &str,
+    pick: impl Fn(&Plugin) -> Option<T>,
+) -> Result<(T, Params), String> {
+    let (info, plugin) = plugins
         .iter()
-        .filter(|p| p.info().name == name)
-        .find_map(pick)
-        .ok_or_else(|| format!("this library has no {kind} plugin `{name}`"))
-}
-
-fn resolve_json(info: &PluginInfo, params_json: &str) -> Result<Params, String> {
+        .map(|p| (p.info(), p))
+        .filter(|(info, _)| info.name == name)
+        .find_map(|(info, p)| pick(p).map(|found| (info, found)))
+        .ok_or_else(|| format!("this library has no {kind} plugin `{name}`"))?;
     let given: BTreeMap<String, ParamValue> =
         serde_json::from_str(params_json).map_err(|e| format!("parameters of `{}`: {e}", info.name))?;
-    Params::resolve(&info.params, &given).map_err(|e| e.message)
+    let params = Params::resolve(&info.params, &given).map_err(|e| e.message)?;
+    Ok((plugin, params))
 }
 
 /// Runs `f`, turning a panic into an error: a plugin's panic must never unwind into (or
