@@ -5,6 +5,7 @@ mod bench_cmd;
 mod generate_cmd;
 mod plugins_cmd;
 mod split_cmd;
+mod store_cmd;
 
 use std::process::ExitCode;
 
@@ -33,6 +34,11 @@ enum Command {
     Generate(generate_cmd::GenerateArgs),
     /// Cut a corpus into pieces whose tokenization fits every model's context.
     Split(split_cmd::SplitArgs),
+    /// Run a model over the split corpus and keep its top-k in a store.
+    Precompute(store_cmd::PrecomputeArgs),
+    /// Distribution stores.
+    #[command(subcommand)]
+    Store(store_cmd::StoreCommand),
     /// Map a source tokenizer's vocabulary onto a target's (EM or MinED), as JSON.
     VocabMap(align_cmd::VocabMapArgs),
     /// Benchmarks.
@@ -46,6 +52,10 @@ fn main() -> ExitCode {
         Command::Plugins(cmd) => plugins_cmd::run(cmd),
         Command::Bench(cmd) => bench_cmd::run(cmd).map(|()| ExitCode::SUCCESS),
         Command::Split(args) => split_cmd::run(args).map(|()| ExitCode::SUCCESS).map_err(|e| e.message),
+        Command::Precompute(args) => store_cmd::run_precompute(args).map(|()| ExitCode::SUCCESS).map_err(|e| e.message),
+        Command::Store(cmd) => store_cmd::run_store(cmd)
+            .map(|ok| if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            .map_err(|e| e.message),
         Command::VocabMap(args) => align_cmd::vocab_map(args).map(|()| ExitCode::SUCCESS),
         Command::Generate(args) => generate_cmd::run(args).map(|()| ExitCode::SUCCESS),
     };

@@ -11,4 +11,5 @@ pub mod plugins;
 pub mod precompute;
 pub mod rng;
 pub mod split;
+pub mod store;
 pub mod tokenizer;

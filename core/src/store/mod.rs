@@ -1,0 +1,224 @@
+//! The distribution store (DESIGN.md step 2): what precompute keeps of one model over a
+//! corpus, in shards of a fixed number of documents. Shards are written under a temporary
+//! name and renamed when complete, so a run killed at any moment and started again skips
+//! the finished shards and writes the same bytes for the others; `--shard i/N` gives worker
+//! i the shards `s` with `s % N == i`. The manifest, with every shard's hash, is written
+//! once every shard exists.
+
+mod shard;
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Context, Error, Result};
+use crate::model::Transformer;
+use crate::precompute::{topk, Settings};
+use crate::tokenizer::Tokenizer;
+pub use shard::{Layout, Shard};
+
+/// The version of the store's file format.
+pub const FORMAT: &str = "fusellm-store/1";
+
+/// What a store was made from and how; a run that asks for something else is refused.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Identity {
+    pub format: String,
+    pub model: String,
+    pub tokenizer_sha256: String,
+    pub corpus: String,
+    pub corpus_sha256: String,
+    pub documents: usize,
+    pub docs_per_shard: usize,
+    pub layout: Layout,
+}
+
+/// The manifest: the identity and the hash of every shard.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    #[serde(flatten)]
+    pub identity: Identity,
+    pub fusellm_version: String,
+    pub tokens: usize,
+    pub bytes: u64,
+    pub shards: Vec<ShardEntry>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ShardEntry {
+    pub file: String,
+    pub sha256: String,
+    pub documents: usize,
+    pub tokens: usize,
+}
+
+impl Identity {
+    pub fn shards(&self) -> usize {
+        self.documents.div_ceil(self.docs_per_shard)
+    }
+}
+
+fn shard_file(dir: &Path, s: usize) -> PathBuf {
+    dir.join(format!("shard-{s:05}.safetensors"))
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What one precompute run did.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunSummary {
+    pub written: usize,
+    pub skipped: usize,
+    pub tokens: usize,
+}
+
+/// Fills this worker's shards of the store in `dir` (creating it, or checking that it was
+/// made from the same model, corpus and layout), then writes the manifest if every shard
+/// now exists.
+pub fn precompute(
+    dir: &Path,
+    identity: &Identity,
+    texts: &[String],
+    model: &Transformer,
+    tokenizer: &Tokenizer,
+    settings: Settings,
+    (worker, workers): (usize, usize),
+    mut progress: impl FnMut(usize, usize),
+) -> Result<RunSummary> {
+    if workers == 0 || worker >= workers {
+        return Err(Error::msg(format!(
+            "--shard {worker}/{workers}: the worker index must be below the number of workers"
+        )));
+    }
+    claim(dir, identity)?;
+    let mut summary = RunSummary::default();
+    let mine: Vec<usize> = (0..identity.shards()).filter(|s| s % workers == worker).collect();
+    for (n, &s) in mine.iter().enumerate() {
+        let file = shard_file(dir, s);
+        if file.exists() {
+            summary.skipped += 1;
+            continue;
+        }
+        let range = s * identity.docs_per_shard..((s + 1) * identity.docs_per_shard).min(identity.documents);
+        let docs = texts[range.clone()].iter().map(|t| tokenizer.encode(t)).collect::<Result<Vec<_>>>()?;
+        let tops = topk(model, &docs, settings)?;
+        let indices: Vec<u32> = range.map(|i| i as u32).collect();
+        let bytes = Shard::new(&indices, &tops, identity.layout).encode(identity.layout)?;
+        write_atomically(&file, &bytes)?;
+        summary.written += 1;
+        summary.tokens += docs.iter().map(Vec::len).sum::<usize>();
+        progress(n + 1, mine.len());
+    }
+    if (0..identity.shards()).all(|s| shard_file(dir, s).exists()) {
+        write_manifest(dir, identity)?;
+    }
+    Ok(summary)
+}
+
+/// Records the identity of a new store, or checks an existing one against it.
+fn claim(dir: &Path, identity: &Identity) -> Result<()> {
+    std::fs::create_dir_all(dir).context(|| format!("creating {}", dir.display()))?;
+    let file = dir.join("store.json");
+    match std::fs::read(&file) {
+        Ok(bytes) => {
+            let existing: Identity =
+                serde_json::from_slice(&bytes).context(|| format!("reading {}", file.display()))?;
+            if let Some(diff) = difference(&existing, identity) {
+                return Err(Error::msg(format!(
+                    "{} was written with {diff}; use another folder, or remove it to start over",
+                    dir.display()
+                )));
+            }
+            Ok(())
+        }
+        Err(_) => write_atomically(&file, &serde_json::to_vec_pretty(identity).expect("JSON")),
+    }
+}
+
+/// The first way in which an existing store differs from what a run asks for.
+fn difference(existing: &Identity, wanted: &Identity) -> Option<String> {
+    let fields: [(&str, String, String); 6] = [
+        ("format", existing.format.clone(), wanted.format.clone()),
+        ("tokenizer (sha256)", existing.tokenizer_sha256.clone(), wanted.tokenizer_sha256.clone()),
+        ("corpus (sha256)", existing.corpus_sha256.clone(), wanted.corpus_sha256.clone()),
+        ("k", existing.layout.k.to_string(), wanted.layout.k.to_string()),
+        ("log-prob dtype", dtype(existing.layout), dtype(wanted.layout)),
+        ("documents per shard", existing.docs_per_shard.to_string(), wanted.docs_per_shard.to_string()),
+    ];
+    fields.into_iter().find(|(_, a, b)| a != b).map(|(what, a, b)| format!("another {what}: {a}, not {b}")).or_else(
+        || (existing.model != wanted.model).then(|| format!("another model: {}, not {}", existing.model, wanted.model)),
+    )
+}
+
+fn dtype(layout: Layout) -> String {
+    if layout.half { "f16" } else { "f32" }.into()
+}
+
+fn write_manifest(dir: &Path, identity: &Identity) -> Result<()> {
+    let mut shards = Vec::new();
+    let (mut tokens, mut bytes_total) = (0, 0);
+    for s in 0..identity.shards() {
+        let file = shard_file(dir, s);
+        let bytes = std::fs::read(&file).context(|| format!("reading {}", file.display()))?;
+        let shard = Shard::decode(&bytes).context(|| file.display().to_string())?;
+        let n = *shard.offsets.last().unwrap_or(&0) as usize;
+        tokens += n;
+        bytes_total += bytes.len() as u64;
+        let name = file.file_name().expect("a file").to_string_lossy().into_owned();
+        shards.push(ShardEntry { file: name, sha256: sha256_hex(&bytes), documents: shard.docs.len(), tokens: n });
+    }
+    let manifest = Manifest {
+        identity: identity.clone(),
+        fusellm_version: env!("CARGO_PKG_VERSION").into(),
+        tokens,
+        bytes: bytes_total,
+        shards,
+    };
+    write_atomically(&dir.join("manifest.json"), &serde_json::to_vec_pretty(&manifest).expect("JSON"))
+}
+
+/// What `fusellm store verify` finds.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Verification {
+    pub missing: Vec<String>,
+    pub corrupt: Vec<String>,
+    pub tokens: usize,
+    pub bytes: u64,
+}
+
+/// Checks a store against its manifest: every shard present, with its recorded hash.
+pub fn verify(dir: &Path) -> Result<Verification> {
+    let file = dir.join("manifest.json");
+    let text = std::fs::read(&file).context(|| {
+        format!("{} has no manifest: its precompute has not finished (run it again to complete it)", dir.display())
+    })?;
+    let manifest: Manifest = serde_json::from_slice(&text).context(|| format!("reading {}", file.display()))?;
+    let mut out = Verification { tokens: manifest.tokens, bytes: manifest.bytes, ..Default::default() };
+    for entry in &manifest.shards {
+        match std::fs::read(dir.join(&entry.file)) {
+            Err(_) => out.missing.push(entry.file.clone()),
+            Ok(bytes) if sha256_hex(&bytes) != entry.sha256 => out.corrupt.push(entry.file.clone()),
+            Ok(_) => {}
+        }
+    }
+    Ok(out)
+}
+
+/// Writes `bytes` to a temporary name beside `file` and renames it: a reader never sees a
+/// half-written file, and a failure (a full disk) leaves the finished files alone.
+pub fn write_atomically(file: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = file.with_extension(format!("tmp{}", std::process::id()));
+    let result = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, file));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.context(|| format!("writing {}", file.display()))
+}
+
+/// The sha256 of a file, for the store's identity.
+pub fn file_sha256(path: &Path) -> Result<String> {
+    Ok(sha256_hex(&std::fs::read(path).context(|| format!("reading {}", path.display()))?))
+}

@@ -1,0 +1,188 @@
+//! One shard of a distribution store: the top-k of a contiguous run of documents, ragged
+//! (no padding), as safetensors. Ids are u16 when the vocabulary fits, log-probabilities
+//! f16 or f32. The per-token CE is not stored where the gold next token is among the
+//! kept entries (it is one of the stored log-probabilities); only the others are listed.
+
+use std::collections::HashMap;
+
+use half::f16;
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+
+use crate::error::{Error, Result};
+use crate::precompute::DocTopK;
+
+/// Storage types of a store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Layout {
+    pub k: usize,
+    /// u16 ids (vocabularies up to 65536 tokens) or u32.
+    pub wide_ids: bool,
+    /// f16 log-probabilities (else f32).
+    pub half: bool,
+    pub residual: bool,
+}
+
+/// What a shard holds, decoded.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Shard {
+    /// Corpus index of each document.
+    pub docs: Vec<u32>,
+    /// Token offsets of the documents (`docs.len() + 1`).
+    pub offsets: Vec<u32>,
+    pub topk_ids: Vec<u32>,
+    pub topk_logprobs: Vec<f32>,
+    /// Positions (shard-wide) whose gold token is outside the top-k, and their CE.
+    pub ce_missing_at: Vec<u32>,
+    pub ce_missing: Vec<f32>,
+    pub mean_ce: Vec<f32>,
+    pub residual: Option<Vec<f32>>,
+}
+
+impl Shard {
+    /// Collects documents' top-k (`docs[i]` being the corpus index of `tops[i]`).
+    pub fn new(docs: &[u32], tops: &[DocTopK], layout: Layout) -> Self {
+        let mut shard = Shard {
+            docs: docs.to_vec(),
+            offsets: vec![0],
+            topk_ids: Vec::new(),
+            topk_logprobs: Vec::new(),
+            ce_missing_at: Vec::new(),
+            ce_missing: Vec::new(),
+            mean_ce: Vec::new(),
+            residual: layout.residual.then(Vec::new),
+        };
+        for top in tops {
+            let base = *shard.offsets.last().expect("starts at 0");
+            for (t, &ce) in top.ce.iter().enumerate() {
+                let row = &top.topk_ids[t * layout.k..(t + 1) * layout.k];
+                if !row.contains(&top.ids[t + 1]) {
+                    shard.ce_missing_at.push(base + t as u32);
+                    shard.ce_missing.push(ce);
+                }
+            }
+            shard.topk_ids.extend_from_slice(&top.topk_ids);
+            shard.topk_logprobs.extend_from_slice(&top.topk_logprobs);
+            shard.mean_ce.push(top.mean_ce);
+            if let (Some(r), Some(mine)) = (shard.residual.as_mut(), top.residual.as_ref()) {
+                r.extend_from_slice(mine);
+            }
+            shard.offsets.push(base + top.ids.len() as u32);
+        }
+        shard
+    }
+
+    /// The per-token CE of document `d` (its ids needed: where the gold token is among the
+    /// kept entries, its log-probability is the CE).
+    pub fn ce(&self, d: usize, ids: &[u32], k: usize) -> Result<Vec<f32>> {
+        let (start, end) = (self.offsets[d] as usize, self.offsets[d + 1] as usize);
+        if ids.len() != end - start {
+            return Err(Error::msg(format!(
+                "document {} has {} tokens in the store but {} given",
+                self.docs[d],
+                end - start,
+                ids.len()
+            )));
+        }
+        (0..ids.len().saturating_sub(1))
+            .map(|t| {
+                let p = start + t;
+                match self.ce_missing_at.binary_search(&(p as u32)) {
+                    Ok(i) => Ok(self.ce_missing[i]),
+                    Err(_) => {
+                        let row = p * k..(p + 1) * k;
+                        let at = self.topk_ids[row.clone()].iter().position(|&id| id == ids[t + 1]).ok_or_else(|| {
+                            Error::msg(format!("document {}: the gold token at {t} is neither kept nor listed; the store is corrupt", self.docs[d]))
+                        })?;
+                        Ok(-self.topk_logprobs[row.start + at])
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// The shard as safetensors bytes.
+    pub fn encode(&self, layout: Layout) -> Result<Vec<u8>> {
+        let tokens = *self.offsets.last().unwrap_or(&0) as usize;
+        let mut tensors: Vec<(&str, Dtype, Vec<usize>, Vec<u8>)> = vec![
+            ("docs", Dtype::U32, vec![self.docs.len()], u32s(&self.docs)),
+            ("offsets", Dtype::U32, vec![self.offsets.len()], u32s(&self.offsets)),
+            ("ce_missing_at", Dtype::U32, vec![self.ce_missing_at.len()], u32s(&self.ce_missing_at)),
+            ("ce_missing", Dtype::F32, vec![self.ce_missing.len()], f32s(&self.ce_missing)),
+            ("mean_ce", Dtype::F32, vec![self.mean_ce.len()], f32s(&self.mean_ce)),
+        ];
+        let ids = if layout.wide_ids {
+            (Dtype::U32, u32s(&self.topk_ids))
+        } else {
+            (Dtype::U16, self.topk_ids.iter().flat_map(|&i| (i as u16).to_le_bytes()).collect())
+        };
+        tensors.push(("topk_ids", ids.0, vec![tokens, layout.k], ids.1));
+        let (dtype, bytes) = floats(&self.topk_logprobs, layout.half);
+        tensors.push(("topk_logprobs", dtype, vec![tokens, layout.k], bytes));
+        if let Some(r) = &self.residual {
+            let (dtype, bytes) = floats(r, layout.half);
+            tensors.push(("residual", dtype, vec![tokens], bytes));
+        }
+        let views = tensors
+            .iter()
+            .map(|(name, dtype, shape, bytes)| {
+                Ok((*name, TensorView::new(*dtype, shape.clone(), bytes).map_err(st_error)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let meta = HashMap::from([("format".to_string(), super::FORMAT.to_string())]);
+        safetensors::serialize(views, Some(meta)).map_err(st_error)
+    }
+
+    /// Decodes a shard written by [`Shard::encode`].
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        let st = SafeTensors::deserialize(bytes).map_err(st_error)?;
+        let get = |name: &str| st.tensor(name).map_err(|_| Error::msg(format!("the shard has no `{name}` tensor")));
+        let u32v = |name: &str| -> Result<Vec<u32>> {
+            Ok(get(name)?.data().chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect())
+        };
+        let floatv = |view: TensorView<'_>| -> Vec<f32> {
+            match view.dtype() {
+                Dtype::F16 => {
+                    view.data().chunks_exact(2).map(|c| f16::from_le_bytes(c.try_into().unwrap()).to_f32()).collect()
+                }
+                _ => view.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
+            }
+        };
+        let ids = get("topk_ids")?;
+        let topk_ids = match ids.dtype() {
+            Dtype::U16 => {
+                ids.data().chunks_exact(2).map(|c| u16::from_le_bytes(c.try_into().unwrap()) as u32).collect()
+            }
+            _ => u32v("topk_ids")?,
+        };
+        Ok(Shard {
+            docs: u32v("docs")?,
+            offsets: u32v("offsets")?,
+            topk_ids,
+            topk_logprobs: floatv(get("topk_logprobs")?),
+            ce_missing_at: u32v("ce_missing_at")?,
+            ce_missing: floatv(get("ce_missing")?),
+            mean_ce: floatv(get("mean_ce")?),
+            residual: st.tensor("residual").ok().map(floatv),
+        })
+    }
+}
+
+fn u32s(v: &[u32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn f32s(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn floats(v: &[f32], half: bool) -> (Dtype, Vec<u8>) {
+    if half {
+        (Dtype::F16, v.iter().flat_map(|&x| f16::from_f32(x).to_le_bytes()).collect())
+    } else {
+        (Dtype::F32, f32s(v))
+    }
+}
+
+fn st_error(e: safetensors::SafeTensorError) -> Error {
+    Error::msg(format!("safetensors: {e}"))
+}

@@ -1,0 +1,135 @@
+//! `fusellm precompute` and `fusellm store verify`.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+use clap::{Args, Subcommand, ValueEnum};
+use fusellm_core::checkpoint::Checkpoint;
+use fusellm_core::error::{Error, Result};
+use fusellm_core::model::LoadMode;
+use fusellm_core::plugins::Registry;
+use fusellm_core::precompute::Settings;
+use fusellm_core::split::{for_each_document, OnBadInput};
+use fusellm_core::store::{file_sha256, precompute, verify, Identity, Layout, FORMAT};
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogprobDtype {
+    F16,
+    F32,
+}
+
+#[derive(Args)]
+pub struct PrecomputeArgs {
+    /// The model's checkpoint folder.
+    #[arg(long)]
+    model: PathBuf,
+    /// The pieces written by `fusellm split` (JSONL with a `text` field).
+    #[arg(long)]
+    corpus: PathBuf,
+    /// The store folder to fill (created, or continued after an interruption).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 10)]
+    k: usize,
+    #[arg(long, value_enum, default_value = "f16")]
+    dtype: LogprobDtype,
+    /// Also keep the probability mass outside the top-k.
+    #[arg(long)]
+    residual: bool,
+    #[arg(long, default_value_t = 256)]
+    docs_per_shard: usize,
+    /// Padded tokens per forward pass.
+    #[arg(long, default_value_t = 4096)]
+    batch_tokens: usize,
+    /// This worker's slice, `i/N`: the shards s with s % N == i.
+    #[arg(long, default_value = "0/1")]
+    shard: String,
+}
+
+#[derive(Subcommand)]
+pub enum StoreCommand {
+    /// Check every shard of a store against the hashes of its manifest.
+    Verify { dir: PathBuf },
+}
+
+pub fn run_precompute(args: PrecomputeArgs) -> Result<()> {
+    let worker = parse_worker(&args.shard)?;
+    let registry = Registry::with_builtins()?;
+    let checkpoint = Checkpoint::open(&args.model, &registry, None)?;
+    let model = checkpoint.load_model(LoadMode::Frozen, DType::F32, &Device::Cpu)?;
+    let mut texts = Vec::new();
+    for_each_document(std::slice::from_ref(&args.corpus), &["text".into()], OnBadInput::Stop, |d| {
+        texts.push(d.text);
+        Ok(())
+    })?;
+    let layout = Layout {
+        k: args.k,
+        wide_ids: checkpoint.spec.vocab_size > 1 << 16,
+        half: matches!(args.dtype, LogprobDtype::F16),
+        residual: args.residual,
+    };
+    let identity = Identity {
+        format: FORMAT.into(),
+        model: args.model.display().to_string(),
+        tokenizer_sha256: file_sha256(&args.model.join("tokenizer.json"))?,
+        corpus: args.corpus.display().to_string(),
+        corpus_sha256: file_sha256(&args.corpus)?,
+        documents: texts.len(),
+        docs_per_shard: args.docs_per_shard.max(1),
+        layout,
+    };
+    let settings = Settings { k: args.k, batch_tokens: args.batch_tokens, residual: args.residual };
+    let start = Instant::now();
+    let progress = |done: usize, total: usize| {
+        let elapsed = start.elapsed().as_secs_f64();
+        let eta = elapsed / done as f64 * (total - done) as f64;
+        eprint!("\rshard {done}/{total}  {:.1} shards/min  ETA {eta:.0} s   ", done as f64 / elapsed * 60.0);
+    };
+    let summary = precompute(&args.out, &identity, &texts, &model, &checkpoint.tokenizer, settings, worker, progress)?;
+    let secs = start.elapsed().as_secs_f64();
+    eprintln!(
+        "\n{} shards written ({} already there), {} tokens in {secs:.1} s ({:.0} tokens/s)",
+        summary.written,
+        summary.skipped,
+        summary.tokens,
+        summary.tokens as f64 / secs
+    );
+    if let Ok(v) = verify(&args.out) {
+        eprintln!(
+            "store complete: {} tokens, {:.1} bytes per token",
+            v.tokens,
+            v.bytes as f64 / v.tokens.max(1) as f64
+        );
+    }
+    Ok(())
+}
+
+fn parse_worker(spec: &str) -> Result<(usize, usize)> {
+    let parse = || -> Option<(usize, usize)> {
+        let (i, n) = spec.split_once('/')?;
+        Some((i.trim().parse().ok()?, n.trim().parse().ok()?))
+    };
+    parse()
+        .filter(|&(i, n)| i < n)
+        .ok_or_else(|| Error::msg(format!("--shard {spec}: expected i/N with i < N, such as 0/4")))
+}
+
+pub fn run_store(cmd: StoreCommand) -> Result<bool> {
+    let StoreCommand::Verify { dir } = cmd;
+    let v = verify(&dir)?;
+    for file in &v.missing {
+        println!("missing  {file}");
+    }
+    for file in &v.corrupt {
+        println!("corrupt  {file} (its hash differs from the manifest: run precompute again after removing it)");
+    }
+    let ok = v.missing.is_empty() && v.corrupt.is_empty();
+    println!(
+        "{}: {} tokens, {:.1} bytes per token",
+        if ok { "complete" } else { "INCOMPLETE" },
+        v.tokens,
+        v.bytes as f64 / v.tokens.max(1) as f64
+    );
+    Ok(ok)
+}
