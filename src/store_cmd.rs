@@ -11,7 +11,7 @@ use fusellm_core::model::LoadMode;
 use fusellm_core::plugins::Registry;
 use fusellm_core::precompute::Settings;
 use fusellm_core::split::{for_each_document, OnBadInput};
-use fusellm_core::store::{file_sha256, precompute, verify, Identity, Layout, FORMAT};
+use fusellm_core::store::{file_sha256, merge, precompute, verify, Identity, Layout, FORMAT};
 
 #[derive(Clone, Copy, ValueEnum)]
 enum LogprobDtype {
@@ -51,6 +51,13 @@ pub struct PrecomputeArgs {
 pub enum StoreCommand {
     /// Check every shard of a store against the hashes of its manifest.
     Verify { dir: PathBuf },
+    /// Gather the shards of stores filled in separate folders into one.
+    Merge {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+    },
 }
 
 pub fn run_precompute(args: PrecomputeArgs) -> Result<()> {
@@ -116,7 +123,14 @@ fn parse_worker(spec: &str) -> Result<(usize, usize)> {
 }
 
 pub fn run_store(cmd: StoreCommand) -> Result<bool> {
-    let StoreCommand::Verify { dir } = cmd;
+    let dir = match cmd {
+        StoreCommand::Verify { dir } => dir,
+        StoreCommand::Merge { out, inputs } => {
+            let shards = merge(&out, &inputs)?;
+            eprintln!("{shards} shards in {}", out.display());
+            out
+        }
+    };
     let v = verify(&dir)?;
     for file in &v.missing {
         println!("missing  {file}");

@@ -101,6 +101,15 @@ fn an_interrupted_run_resumes_to_the_same_bytes_and_workers_cover_the_corpus_onc
     run(&split, &id, (1, 2), &setup).unwrap();
     assert_eq!(manifest(&split).shards, reference.shards);
 
+    // Workers on nodes without a shared folder: two stores, merged into one.
+    let (node_a, node_b, merged) = (fresh("node-a"), fresh("node-b"), fresh("merged"));
+    run(&node_a, &id, (0, 2), &setup).unwrap();
+    let e = fusellm_core::store::merge(&merged, std::slice::from_ref(&node_a)).unwrap_err().message;
+    assert!(e.contains("shard(s) 1 are in none of the inputs"), "{e}");
+    run(&node_b, &id, (1, 2), &setup).unwrap();
+    fusellm_core::store::merge(&merged, &[node_a, node_b]).unwrap();
+    assert_eq!(manifest(&merged).shards, reference.shards);
+
     // An interruption: one shard never renamed into place, a temporary file left behind.
     std::fs::remove_file(split.join("shard-00001.safetensors")).unwrap();
     std::fs::remove_file(split.join("manifest.json")).unwrap();
@@ -126,6 +135,13 @@ fn a_store_made_otherwise_is_refused_and_a_corrupt_shard_is_found() {
     bytes[last] ^= 0xff;
     std::fs::write(&shard, bytes).unwrap();
     assert_eq!(verify(&dir).unwrap().corrupt, vec!["shard-00000.safetensors".to_string()]);
+    // Running precompute again computes that shard, and only it, again.
+    let settings = Settings { k: 10, batch_tokens: 2048, residual: false };
+    let summary =
+        precompute(&dir, &identity(3, 10), &texts()[..3], &setup.1, &setup.0.tokenizer, settings, (0, 1), |_, _| {})
+            .unwrap();
+    assert_eq!((summary.written, summary.skipped), (1, 0));
+    assert!(verify(&dir).unwrap().corrupt.is_empty());
     let e = verify(&fresh("none")).unwrap_err().message;
     assert!(e.contains("has no manifest"), "{e}");
 }

@@ -96,9 +96,10 @@ pub fn precompute(
     claim(dir, identity)?;
     let mut summary = RunSummary::default();
     let mine: Vec<usize> = (0..identity.shards()).filter(|s| s % workers == worker).collect();
+    let recorded = read_manifest(dir).ok();
     for (n, &s) in mine.iter().enumerate() {
         let file = shard_file(dir, s);
-        if file.exists() {
+        if shard_is_sound(&file, recorded.as_ref()) {
             summary.skipped += 1;
             continue;
         }
@@ -118,14 +119,37 @@ pub fn precompute(
     Ok(summary)
 }
 
+/// Whether a finished shard can be kept: it decodes, and matches the manifest's hash when
+/// there is one. A corrupt shard is written again, alone.
+fn shard_is_sound(file: &Path, manifest: Option<&Manifest>) -> bool {
+    let Ok(bytes) = std::fs::read(file) else { return false };
+    let name = file.file_name().map(|n| n.to_string_lossy().into_owned());
+    let listed = manifest.and_then(|m| m.shards.iter().find(|e| Some(&e.file) == name.as_ref()));
+    let sound = match listed {
+        Some(entry) => sha256_hex(&bytes) == entry.sha256,
+        None => Shard::decode(&bytes).is_ok(),
+    };
+    if !sound {
+        eprintln!("warning: {} is corrupt; computing it again", file.display());
+    }
+    sound
+}
+
+fn read_manifest(dir: &Path) -> Result<Manifest> {
+    let file = dir.join("manifest.json");
+    let text = std::fs::read(&file).context(|| {
+        format!("{} has no manifest: its precompute has not finished (run it again to complete it)", dir.display())
+    })?;
+    serde_json::from_slice(&text).context(|| format!("reading {}", file.display()))
+}
+
 /// Records the identity of a new store, or checks an existing one against it.
 fn claim(dir: &Path, identity: &Identity) -> Result<()> {
     std::fs::create_dir_all(dir).context(|| format!("creating {}", dir.display()))?;
     let file = dir.join("store.json");
-    match std::fs::read(&file) {
-        Ok(bytes) => {
-            let existing: Identity =
-                serde_json::from_slice(&bytes).context(|| format!("reading {}", file.display()))?;
+    match file.exists() {
+        true => {
+            let existing = read_identity(dir)?;
             if let Some(diff) = difference(&existing, identity) {
                 return Err(Error::msg(format!(
                     "{} was written with {diff}; use another folder, or remove it to start over",
@@ -134,7 +158,7 @@ fn claim(dir: &Path, identity: &Identity) -> Result<()> {
             }
             Ok(())
         }
-        Err(_) => write_atomically(&file, &serde_json::to_vec_pretty(identity).expect("JSON")),
+        false => write_atomically(&file, &serde_json::to_vec_pretty(identity).expect("JSON")),
     }
 }
 
@@ -180,6 +204,48 @@ fn write_manifest(dir: &Path, identity: &Identity) -> Result<()> {
     write_atomically(&dir.join("manifest.json"), &serde_json::to_vec_pretty(&manifest).expect("JSON"))
 }
 
+/// Gathers the shards of stores that workers filled in separate folders (cluster nodes
+/// without a shared file system) into `out`, and writes its manifest. The stores must have
+/// the same identity; every shard must be in one of them.
+pub fn merge(out: &Path, inputs: &[PathBuf]) -> Result<usize> {
+    let first = inputs.first().ok_or_else(|| Error::msg("store merge needs at least one input store"))?;
+    let identity = read_identity(first)?;
+    for dir in &inputs[1..] {
+        if let Some(diff) = difference(&read_identity(dir)?, &identity) {
+            return Err(Error::msg(format!("{} was written with {diff} than {}", dir.display(), first.display())));
+        }
+    }
+    claim(out, &identity)?;
+    let mut missing = Vec::new();
+    for s in 0..identity.shards() {
+        let target = shard_file(out, s);
+        if shard_is_sound(&target, None) {
+            continue;
+        }
+        match inputs.iter().map(|d| shard_file(d, s)).find(|f| shard_is_sound(f, None)) {
+            Some(source) => {
+                let bytes = std::fs::read(&source).context(|| format!("reading {}", source.display()))?;
+                write_atomically(&target, &bytes)?;
+            }
+            None => missing.push(s.to_string()),
+        }
+    }
+    if !missing.is_empty() {
+        return Err(Error::msg(format!(
+            "shard(s) {} are in none of the inputs; run their workers (--shard) and merge again",
+            missing.join(", ")
+        )));
+    }
+    write_manifest(out, &identity)?;
+    Ok(identity.shards())
+}
+
+fn read_identity(dir: &Path) -> Result<Identity> {
+    let file = dir.join("store.json");
+    let bytes = std::fs::read(&file).context(|| format!("{} is not a store (no store.json)", dir.display()))?;
+    serde_json::from_slice(&bytes).context(|| format!("reading {}", file.display()))
+}
+
 /// What `fusellm store verify` finds.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Verification {
@@ -191,11 +257,7 @@ pub struct Verification {
 
 /// Checks a store against its manifest: every shard present, with its recorded hash.
 pub fn verify(dir: &Path) -> Result<Verification> {
-    let file = dir.join("manifest.json");
-    let text = std::fs::read(&file).context(|| {
-        format!("{} has no manifest: its precompute has not finished (run it again to complete it)", dir.display())
-    })?;
-    let manifest: Manifest = serde_json::from_slice(&text).context(|| format!("reading {}", file.display()))?;
+    let manifest = read_manifest(dir)?;
     let mut out = Verification { tokens: manifest.tokens, bytes: manifest.bytes, ..Default::default() };
     for entry in &manifest.shards {
         match std::fs::read(dir.join(&entry.file)) {
