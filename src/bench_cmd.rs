@@ -7,17 +7,32 @@ use candle_core::{Device, Tensor};
 use clap::Subcommand;
 use fusellm_core::align::vocab::{map_vocab, Vocabulary};
 use fusellm_core::align::{DocumentAligner, Tokens};
+use fusellm_core::checkpoint::Checkpoint;
 use fusellm_core::error::{Context, Error};
-use fusellm_core::model::Transformer;
+use fusellm_core::model::{LoadMode, Transformer};
 use fusellm_core::plugins::bench::{time_fusion, PAPER_SHAPE};
 use fusellm_core::plugins::conformance::Shape;
 use fusellm_core::plugins::{Entry, Registry, Tier};
+use fusellm_core::split::{for_each_document, OnBadInput};
+use fusellm_core::store::{file_sha256, precompute as store_precompute, verify, Identity, Layout, FORMAT};
 use fusellm_core::tokenizer::Tokenizer;
 use fusellm_sdk::{CheckpointFiles, PluginKind, SparseRowsBuf};
 use sha2::{Digest, Sha256};
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
+    /// Precompute of one model over a split corpus: tokens per second, and bytes per token
+    /// of the store beside the same data in the paper's layout (f16 logits and i64 ids,
+    /// every document padded to max_len).
+    Precompute {
+        #[arg(long)]
+        model: PathBuf,
+        /// The pieces written by `fusellm split`.
+        #[arg(long)]
+        corpus: PathBuf,
+        #[arg(long, default_value_t = 2048)]
+        max_len: usize,
+    },
     /// Alignment on the paper's 300 fixture documents (NeoX -> Llama-2), one thread, and
     /// the full MinED vocabulary map, side by side with the paper's code's timings.
     Align {
@@ -54,6 +69,9 @@ pub enum BenchCommand {
 
 pub fn run(cmd: BenchCommand) -> Result<(), String> {
     match cmd {
+        BenchCommand::Precompute { model, corpus, max_len } => {
+            precompute(&model, &corpus, max_len).map_err(|e| e.message)
+        }
         BenchCommand::Align { fixtures } => align(&fixtures).map_err(|e| e.message),
         BenchCommand::Forward { vocab, batch, seq, iters } => forward(vocab, batch, seq, iters).map_err(|e| e.message),
         BenchCommand::Plugins { dylib, wasm, iters, positions } => plugins(&dylib, &wasm, iters, positions),
@@ -247,4 +265,48 @@ fn align(fixtures: &Path) -> fusellm_core::error::Result<()> {
         println!();
     }
     Ok(())
+}
+
+fn precompute(model_dir: &Path, corpus: &Path, max_len: usize) -> fusellm_core::error::Result<()> {
+    let registry = Registry::with_builtins()?;
+    let checkpoint = Checkpoint::open(model_dir, &registry, None)?;
+    let model = checkpoint.load_model(LoadMode::Frozen, candle_core::DType::F32, &Device::Cpu)?;
+    let mut texts = Vec::new();
+    for_each_document(&[corpus.to_owned()], &["text".into()], OnBadInput::Stop, |d| {
+        texts.push(d.text);
+        Ok(())
+    })?;
+    let k = 10;
+    let layout = Layout { k, wide_ids: checkpoint.spec.vocab_size > 1 << 16, half: true, residual: false };
+    let identity = Identity {
+        format: FORMAT.into(),
+        model: model_dir.display().to_string(),
+        tokenizer_sha256: file_sha256(&model_dir.join("tokenizer.json"))?,
+        corpus: corpus.display().to_string(),
+        corpus_sha256: file_sha256(corpus)?,
+        documents: texts.len(),
+        docs_per_shard: 256,
+        layout,
+    };
+    let dir = std::env::temp_dir().join(format!("fusellm-bench-store-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let start = Instant::now();
+    let settings = fusellm_core::precompute::Settings { k, ..Default::default() };
+    let run = store_precompute(&dir, &identity, &texts, &model, &checkpoint.tokenizer, settings, (0, 1), |_, _| {})?;
+    let secs = start.elapsed().as_secs_f64();
+    let check = verify(&dir)?;
+    let ours = check.bytes as f64 / check.tokens as f64;
+    // The paper's forward_for_logits keeps, per document padded to max_len: top-k logits
+    // (f16) and indices (i64), input ids and attention mask (i64), and a CE (f32).
+    let paper = texts.len() as f64 * (max_len * (k * (2 + 8) + 8 + 8) + 4) as f64 / check.tokens as f64;
+    println!(
+        "precompute {} over {} documents ({} tokens), f32 CPU: {:.0} tokens/s; store: {ours:.1} bytes per token, \
+         the paper's layout (padded to {max_len}): {paper:.1} bytes per token ({:.1}x smaller)",
+        model_dir.display(),
+        texts.len(),
+        run.tokens,
+        run.tokens as f64 / secs,
+        paper / ours
+    );
+    std::fs::remove_dir_all(&dir).context(|| format!("removing {}", dir.display()))
 }

@@ -39,7 +39,8 @@ fn a_store_written_in_python_reads_as_fusellm_writes_it() {
         })
         .collect();
     let spec = scratch.join("distributions.json");
-    std::fs::write(&spec, serde_json::json!({ "k": 10, "docs_per_shard": 2, "documents": documents }).to_string()).unwrap();
+    std::fs::write(&spec, serde_json::json!({ "k": 10, "docs_per_shard": 2, "documents": documents }).to_string())
+        .unwrap();
 
     let writer = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/import/fusellm_store.py");
     let store = scratch.join("store");

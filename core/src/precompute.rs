@@ -6,7 +6,7 @@
 use candle_core::Tensor;
 
 use crate::error::{Error, Result};
-use crate::model::{ops, Transformer};
+use crate::model::Transformer;
 
 /// What precompute keeps of one document.
 #[derive(Clone, Debug, PartialEq)]
@@ -85,40 +85,58 @@ fn forward_batch(
     }
     let ids = Tensor::from_vec(ids, (batch.len(), t), device)?;
     let keep = Tensor::from_vec(keep, (batch.len(), t), device)?;
-    let logprobs = ops::log_softmax(&model.forward(&ids, Some(&keep))?)?;
+    let logits = model.forward(&ids, Some(&keep))?;
     batch
         .iter()
         .enumerate()
         .map(|(row, &i)| {
             let doc = &docs[i];
-            let lp: Vec<Vec<f32>> = logprobs.get(row)?.narrow(0, 0, doc.len())?.to_vec2()?;
-            Ok(summarise(doc, &lp, s))
+            let logits: Vec<f32> = logits.get(row)?.narrow(0, 0, doc.len())?.flatten_all()?.to_vec1()?;
+            Ok(summarise(doc, &logits, model.spec().vocab_size, s))
         })
         .collect()
 }
 
-/// Top-k, CE and residual of one document from its log-probabilities `[t, V]`.
-fn summarise(doc: &[u32], lp: &[Vec<f32>], s: Settings) -> DocTopK {
+/// Top-k, CE and residual of one document from its logits (`[t, V]`, flat): per row one
+/// pass for the log-sum-exp and one for the top-k, never a full log-softmax.
+fn summarise(doc: &[u32], logits: &[f32], vocab: usize, s: Settings) -> DocTopK {
     let (mut topk_ids, mut topk_logprobs) = (Vec::with_capacity(doc.len() * s.k), Vec::with_capacity(doc.len() * s.k));
     let mut residual = s.residual.then(|| Vec::with_capacity(doc.len()));
-    let mut index: Vec<u32> = Vec::new();
-    for row in lp {
-        index.clear();
-        index.extend(0..row.len() as u32);
-        let by_value = |a: &u32, b: &u32| row[*b as usize].total_cmp(&row[*a as usize]).then(a.cmp(b));
-        if s.k < row.len() {
-            index.select_nth_unstable_by(s.k, by_value);
-        }
-        let top = &mut index[..s.k];
-        top.sort_by(by_value);
-        topk_ids.extend_from_slice(top);
-        topk_logprobs.extend(top.iter().map(|&i| row[i as usize]));
+    let mut lse = Vec::with_capacity(doc.len());
+    for row in logits.chunks_exact(vocab) {
+        let z = log_sum_exp(row);
+        lse.push(z);
+        let top = top_k(row, s.k);
+        topk_ids.extend(top.iter().map(|&(i, _)| i));
+        topk_logprobs.extend(top.iter().map(|&(_, v)| v - z));
         if let Some(r) = residual.as_mut() {
-            let kept: f64 = top.iter().map(|&i| (row[i as usize] as f64).exp()).sum();
+            let kept: f64 = top.iter().map(|&(_, v)| ((v - z) as f64).exp()).sum();
             r.push((1.0 - kept).max(0.0) as f32);
         }
     }
-    let ce: Vec<f32> = (0..doc.len() - 1).map(|p| -lp[p][doc[p + 1] as usize]).collect();
+    let ce: Vec<f32> = (0..doc.len() - 1).map(|p| lse[p] - logits[p * vocab + doc[p + 1] as usize]).collect();
     let mean_ce = (ce.iter().map(|&x| x as f64).sum::<f64>() / ce.len() as f64) as f32;
     DocTopK { ids: doc.to_vec(), topk_ids, topk_logprobs, ce, mean_ce, residual }
+}
+
+/// `log(sum(exp(row)))`, shifted by the maximum for stability, summed in f64.
+fn log_sum_exp(row: &[f32]) -> f32 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = row.iter().map(|&x| ((x - max) as f64).exp()).sum();
+    max + sum.ln() as f32
+}
+
+/// The `k` largest entries of a row with their indices, largest first (ties: lower index
+/// first). One pass keeping a sorted list of k; most entries fail the first comparison.
+fn top_k(row: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let mut top: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
+    for (i, &v) in row.iter().enumerate() {
+        if top.len() == k && v <= top[k - 1].1 {
+            continue;
+        }
+        let at = top.partition_point(|&(_, t)| t >= v);
+        top.insert(at, (i as u32, v));
+        top.truncate(k);
+    }
+    top
 }
