@@ -64,3 +64,76 @@ pub fn vocab_map(args: VocabMapArgs) -> Result<(), String> {
     );
     Ok(())
 }
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SequenceMethod {
+    Dtw,
+    Offsets,
+}
+
+#[derive(Args)]
+pub struct AlignArgs {
+    /// The source model's store (`fusellm precompute`).
+    #[arg(long)]
+    source: PathBuf,
+    /// The target model's store, over the same split corpus.
+    #[arg(long)]
+    target: PathBuf,
+    /// Where to write the aligned store and report.json.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, value_enum, default_value = "dtw")]
+    aligner: SequenceMethod,
+    #[arg(long, value_enum, default_value = "mined")]
+    vocab: Method,
+    /// The paper's projection and normalisation, defects included.
+    #[arg(long)]
+    compat: bool,
+}
+
+pub fn align(args: AlignArgs) -> Result<(), String> {
+    let registry = Registry::with_builtins().map_err(|e| e.message)?;
+    let get = |name: &str| registry.get(PluginKind::Aligner, name).map_err(|e| e.message);
+    let aligner = get(match args.aligner {
+        SequenceMethod::Dtw => "dtw",
+        SequenceMethod::Offsets => "offsets",
+    })?;
+    let mapper = get(match args.vocab {
+        Method::Em => "em",
+        Method::Mined => "mined",
+    })?;
+    let start = std::time::Instant::now();
+    let report = fusellm_core::align::stage::align_stores(
+        &registry,
+        &args.source,
+        &args.target,
+        &args.out,
+        (aligner, mapper),
+        args.compat,
+        default_cache_dir().as_deref(),
+    )
+    .map_err(|e| e.message)?;
+    let share = |n: usize| 100.0 * n as f64 / report.target_positions.max(1) as f64;
+    println!(
+        "{} documents, {} target positions in {:.1} s",
+        report.documents,
+        report.target_positions,
+        start.elapsed().as_secs_f64()
+    );
+    println!(
+        "target positions: {:.1}% one-to-one, {:.1}% one-to-many, {:.1}% many-to-one, {:.1}% unaligned",
+        share(report.one_to_one),
+        share(report.one_to_many),
+        share(report.many_to_one),
+        share(report.unaligned)
+    );
+    println!(
+        "top-k mass: {:.1}% maps exactly, {:.1}% by edit distance, {:.1}% lost",
+        100.0 * report.mass_exact,
+        100.0 * report.mass_mined,
+        100.0 * report.mass_lost
+    );
+    println!("mapping distances (0..10, more): {:?}", report.distance_histogram);
+    println!("report: {}", args.out.join("report.json").display());
+    Ok(())
+}

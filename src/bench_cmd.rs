@@ -247,7 +247,9 @@ fn align(fixtures: &Path) -> fusellm_core::error::Result<()> {
             .iter()
             .map(|d| {
                 let source = Tokens { ids: &d.blending, spans: &d.blending_spans };
-                aligner.align(source, Tokens { ids: &d.base, spans: &d.base_spans }, d.topk.rows())
+                aligner
+                    .align(source, Tokens { ids: &d.base, spans: &d.base_spans }, d.topk.rows())
+                    .map(|(rows, _)| rows)
             })
             .collect::<fusellm_core::error::Result<Vec<_>>>()?;
         let rate = tokens as f64 / start.elapsed().as_secs_f64();

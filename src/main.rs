@@ -39,6 +39,8 @@ enum Command {
     /// Distribution stores.
     #[command(subcommand)]
     Store(store_cmd::StoreCommand),
+    /// Align a source's store to the target's: an aligned store and a report.
+    Align(align_cmd::AlignArgs),
     /// Map a source tokenizer's vocabulary onto a target's (EM or MinED), as JSON.
     VocabMap(align_cmd::VocabMapArgs),
     /// Benchmarks.
@@ -56,6 +58,7 @@ fn main() -> ExitCode {
         Command::Store(cmd) => store_cmd::run_store(cmd)
             .map(|ok| if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
             .map_err(|e| e.message),
+        Command::Align(args) => align_cmd::align(args).map(|()| ExitCode::SUCCESS),
         Command::VocabMap(args) => align_cmd::vocab_map(args).map(|()| ExitCode::SUCCESS),
         Command::Generate(args) => generate_cmd::run(args).map(|()| ExitCode::SUCCESS),
     };

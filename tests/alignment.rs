@@ -134,7 +134,7 @@ fn compat_projection_reproduces_the_paper_transform() {
             topk.push_row(&u32s(ids), &logits);
         }
         let (source, target) = (Tokens { ids: &blending_ids, spans: &[] }, Tokens { ids: &base_ids, spans: &[] });
-        let out = aligner.align(source, target, topk.rows()).unwrap();
+        let (out, _) = aligner.align(source, target, topk.rows()).unwrap();
         let expected_ids = doc["aligned_per_step_indices"].as_array().unwrap();
         let expected_logits = doc["aligned_per_step_logits"].as_array().unwrap();
         assert_eq!(out.rows().len(), expected_ids.len(), "{id}");

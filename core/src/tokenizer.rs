@@ -42,19 +42,20 @@ impl Tokenizer {
         Ok(Self { inner, bos: None })
     }
 
-    /// Token ids of `text` (no special tokens) and each token's byte span in it, flat
-    /// `[start, end)` pairs, as the `offsets` aligner takes them.
+    /// Token ids of `text` as the model's own pipeline makes them (BOS first where the
+    /// convention has one, no EOS), and each token's byte span in the text, flat
+    /// `[start, end)` pairs as the `offsets` aligner takes them (the BOS spans nothing).
     pub fn encode_with_spans(&self, text: &str) -> Result<(Vec<u32>, Vec<u32>)> {
         let encoding = self.inner.encode(text, false).map_err(|e| Error::msg(format!("tokenizing: {e}")))?;
-        let spans = encoding.get_offsets().iter().flat_map(|&(s, e)| [s as u32, e as u32]).collect();
-        Ok((encoding.get_ids().to_vec(), spans))
+        let ids = self.bos.into_iter().chain(encoding.get_ids().iter().copied()).collect();
+        let bos_span = self.bos.map(|_| [0, 0]).into_iter().flatten();
+        let spans = bos_span.chain(encoding.get_offsets().iter().flat_map(|&(s, e)| [s as u32, e as u32])).collect();
+        Ok((ids, spans))
     }
 
-    /// Token ids of `text` as the model's own pipeline makes them: BOS first where the
-    /// convention has one, no EOS.
+    /// Token ids of `text` as the model's own pipeline makes them.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let encoding = self.inner.encode(text, false).map_err(|e| Error::msg(format!("tokenizing: {e}")))?;
-        Ok(self.bos.into_iter().chain(encoding.get_ids().iter().copied()).collect())
+        Ok(self.encode_with_spans(text)?.0)
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {

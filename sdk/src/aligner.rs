@@ -70,6 +70,14 @@ pub struct VocabMap {
     pub distance: Vec<u32>,
 }
 
+impl VocabMap {
+    /// The target id of a source id; none for an unmapped id, or an id beyond the source
+    /// vocabulary (a model's embedding may be padded past its tokenizer's, as MPT's is).
+    pub fn get(&self, source_id: u32) -> Option<u32> {
+        self.target.get(source_id as usize).copied().flatten()
+    }
+}
+
 /// Aligns two tokenizations of the same text (`dtw`, `offsets`, ...).
 pub trait SequenceAligner: Send + Sync {
     fn info(&self) -> PluginInfo;

@@ -4,11 +4,12 @@
 
 pub mod normalize;
 pub mod project;
+pub mod stage;
 pub mod vocab;
 
 use std::collections::HashMap;
 
-use fusellm_sdk::{Params, SparseRows, SparseRowsBuf, Tokenization, VocabMap};
+use fusellm_sdk::{Alignment, Params, SparseRows, SparseRowsBuf, Tokenization, VocabMap};
 
 use crate::error::{Error, Result};
 use crate::plugins::Entry;
@@ -86,7 +87,12 @@ impl<'a> DocumentAligner<'a> {
     /// The source's top-k rows (one per source position) projected onto every target
     /// position of one document. Spans (flat `[start, end)` byte offsets per token, as the
     /// tokenizers report them) are needed by the `offsets` aligner only.
-    pub fn align(&self, source: Tokens<'_>, target: Tokens<'_>, topk: SparseRows<'_>) -> Result<SparseRowsBuf> {
+    pub fn align(
+        &self,
+        source: Tokens<'_>,
+        target: Tokens<'_>,
+        topk: SparseRows<'_>,
+    ) -> Result<(SparseRowsBuf, Alignment)> {
         let (source_ids, target_ids) = (source.ids, target.ids);
         if topk.len() != source_ids.len() {
             return Err(Error::msg(format!("{} top-k rows for {} source tokens", topk.len(), source_ids.len())));
@@ -112,6 +118,6 @@ impl<'a> DocumentAligner<'a> {
         };
         let source = Side { ids: source_ids, strings: &source_rule };
         let target = Side { ids: target_ids, strings: &target_rule };
-        Ok(project(&rule, &path, &source, &target, topk, self.map))
+        Ok((project(&rule, &path, &source, &target, topk, self.map), path))
     }
 }

@@ -116,8 +116,7 @@ fn corrected_source(i: usize, spans: &Spans, source: &Side<'_>, target: &Side<'_
     }
     let source_text: String = sources.iter().map(|&j| source.strings[j as usize]).collect();
     let target_text: String = targets.iter().map(|&t| target.strings[t as usize]).collect();
-    let mapped =
-        sources.len() == 1 && targets.len() == 1 && map.target[source.ids[last] as usize] == Some(target.ids[i]);
+    let mapped = sources.len() == 1 && targets.len() == 1 && map.get(source.ids[last]) == Some(target.ids[i]);
     (source_text == target_text || mapped).then_some(last)
 }
 
@@ -126,7 +125,7 @@ fn corrected_source(i: usize, spans: &Spans, source: &Side<'_>, target: &Side<'_
 fn push_logits(out: &mut SparseRowsBuf, (ids, values): (&[u32], &[f32]), map: &VocabMap) {
     let start = out.ids.len();
     for (&id, &v) in ids.iter().zip(values) {
-        if let Some(t) = map.target[id as usize] {
+        if let Some(t) = map.get(id) {
             if !out.ids[start..].contains(&t) {
                 out.ids.push(t);
                 out.values.push(v);
@@ -152,7 +151,7 @@ fn push_probabilities(out: &mut SparseRowsBuf, (ids, values): (&[u32], &[f32]), 
     s.mapped.clear();
     s.kept.clear();
     for (&id, &p) in ids.iter().zip(&s.probs) {
-        if let Some(t) = map.target[id as usize] {
+        if let Some(t) = map.get(id) {
             s.mapped.push(t);
             s.kept.push(p);
         }

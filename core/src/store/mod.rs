@@ -5,6 +5,7 @@
 //! i the shards `s` with `s % N == i`. The manifest, with every shard's hash, is written
 //! once every shard exists.
 
+mod aligned;
 mod shard;
 
 use std::path::{Path, PathBuf};
@@ -16,10 +17,13 @@ use crate::error::{Context, Error, Result};
 use crate::model::Transformer;
 use crate::precompute::{topk, Settings};
 use crate::tokenizer::Tokenizer;
+pub use aligned::AlignedShard;
 pub use shard::{Layout, Shard};
 
 /// The version of the store's file format.
 pub const FORMAT: &str = "fusellm-store/1";
+/// The version of the aligned store's file format.
+pub const ALIGNED_FORMAT: &str = "fusellm-aligned/1";
 
 /// What a store was made from and how; a run that asks for something else is refused.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -59,11 +63,11 @@ impl Identity {
     }
 }
 
-fn shard_file(dir: &Path, s: usize) -> PathBuf {
+pub fn shard_file(dir: &Path, s: usize) -> PathBuf {
     dir.join(format!("shard-{s:05}.safetensors"))
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
+pub fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -240,7 +244,7 @@ pub fn merge(out: &Path, inputs: &[PathBuf]) -> Result<usize> {
     Ok(identity.shards())
 }
 
-fn read_identity(dir: &Path) -> Result<Identity> {
+pub fn read_identity(dir: &Path) -> Result<Identity> {
     let file = dir.join("store.json");
     let bytes = std::fs::read(&file).context(|| format!("{} is not a store (no store.json)", dir.display()))?;
     serde_json::from_slice(&bytes).context(|| format!("reading {}", file.display()))

@@ -167,15 +167,15 @@ impl Shard {
     }
 }
 
-fn u32s(v: &[u32]) -> Vec<u8> {
+pub(super) fn u32s(v: &[u32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-fn f32s(v: &[f32]) -> Vec<u8> {
+pub(super) fn f32s(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-fn floats(v: &[f32], half: bool) -> (Dtype, Vec<u8>) {
+pub(super) fn floats(v: &[f32], half: bool) -> (Dtype, Vec<u8>) {
     if half {
         (Dtype::F16, v.iter().flat_map(|&x| f16::from_f32(x).to_le_bytes()).collect())
     } else {
@@ -183,6 +183,6 @@ fn floats(v: &[f32], half: bool) -> (Dtype, Vec<u8>) {
     }
 }
 
-fn st_error(e: safetensors::SafeTensorError) -> Error {
+pub(super) fn st_error(e: safetensors::SafeTensorError) -> Error {
     Error::msg(format!("safetensors: {e}"))
 }

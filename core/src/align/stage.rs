@@ -1,0 +1,206 @@
+//! `fusellm align` (DESIGN.md step 4 as a stage): a source's store in, its aligned store
+//! out (the source's top-k projected onto the target's positions, shard by shard), and a
+//! report of how well the two tokenizations and vocabularies met.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::vocab::{map_vocab, Vocabulary};
+use super::{DocumentAligner, Tokens};
+use crate::checkpoint::Checkpoint;
+use crate::error::{Error, Result};
+use crate::plugins::{Entry, Registry};
+use crate::split::{for_each_document, OnBadInput};
+use crate::store::{read_identity, sha256_hex, shard_file, write_atomically, AlignedShard, Shard};
+use fusellm_sdk::{Alignment, SparseRowsBuf, VocabMap};
+
+/// How the alignment went, for one source.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Report {
+    pub source: String,
+    pub target: String,
+    pub aligner: String,
+    pub mapper: String,
+    pub compat: bool,
+    pub documents: usize,
+    pub target_positions: usize,
+    /// Target positions by how many source tokens align to them, and how.
+    pub one_to_one: usize,
+    pub one_to_many: usize,
+    pub many_to_one: usize,
+    pub unaligned: usize,
+    /// Shares of the source's top-k probability mass that map exactly, by edit distance,
+    /// or not at all.
+    pub mass_exact: f64,
+    pub mass_mined: f64,
+    pub mass_lost: f64,
+    /// Source vocabulary entries by edit distance of their mapping (index = distance; the
+    /// last bucket counts the rest).
+    pub distance_histogram: Vec<usize>,
+    /// Every shard of the aligned store: file and sha256.
+    pub shards: Vec<(String, String)>,
+}
+
+/// Aligns the store of a source (`source_dir`) to the target's (`target_dir`).
+pub fn align_stores(
+    registry: &Registry,
+    source_dir: &Path,
+    target_dir: &Path,
+    out: &Path,
+    (aligner, mapper): (&Entry, &Entry),
+    compat: bool,
+    cache: Option<&Path>,
+) -> Result<Report> {
+    let (source, target) = (read_identity(source_dir)?, read_identity(target_dir)?);
+    if source.corpus_sha256 != target.corpus_sha256 {
+        return Err(Error::msg(format!(
+            "{} and {} were computed over different corpora ({} vs {}); precompute both over the same split",
+            source_dir.display(),
+            target_dir.display(),
+            source.corpus,
+            target.corpus
+        )));
+    }
+    let open = |model: &str| Checkpoint::open(Path::new(model), registry, None);
+    let (source_ckpt, target_ckpt) = (open(&source.model)?, open(&target.model)?);
+    let vocab = |c: &Checkpoint| Vocabulary::from_tokenizer_json(&c.dir.join("tokenizer.json"));
+    let (source_vocab, target_vocab) = (vocab(&source_ckpt)?, vocab(&target_ckpt)?);
+    let map = map_vocab(mapper, &source_vocab, &target_vocab, compat, cache)?;
+    let params = aligner.resolve_params(&Default::default()).map_err(|e| Error::msg(e.message))?;
+    let doc_aligner = DocumentAligner::new(aligner, params, &map, &source_vocab, &target_vocab, compat);
+    let mut texts = Vec::new();
+    for_each_document(&[source.corpus.clone().into()], &["text".into()], OnBadInput::Stop, |d| {
+        texts.push(d.text);
+        Ok(())
+    })?;
+    std::fs::create_dir_all(out).map_err(|e| Error::msg(format!("creating {}: {e}", out.display())))?;
+    let mut report = Report {
+        source: source.model.clone(),
+        target: target.model.clone(),
+        aligner: aligner.info.name.clone(),
+        mapper: mapper.info.name.clone(),
+        compat,
+        distance_histogram: histogram(&map),
+        ..Default::default()
+    };
+    let k = source.layout.k;
+    for s in 0..source.shards() {
+        let file = shard_file(source_dir, s);
+        let bytes = std::fs::read(&file).map_err(|e| Error::msg(format!("reading {}: {e}", file.display())))?;
+        let shard = Shard::decode(&bytes)?;
+        let mut aligned = AlignedShard {
+            docs: shard.docs.clone(),
+            offsets: vec![0],
+            rows: SparseRowsBuf::with_capacity(0, 0),
+            ce_token: Vec::new(),
+            mean_ce: shard.mean_ce.clone(),
+        };
+        for (d, &doc) in shard.docs.iter().enumerate() {
+            let text =
+                texts.get(doc as usize).ok_or_else(|| Error::msg(format!("document {doc} is not in the corpus")))?;
+            let (s_ids, s_spans) = source_ckpt.tokenizer.encode_with_spans(text)?;
+            let (t_ids, t_spans) = target_ckpt.tokenizer.encode_with_spans(text)?;
+            let ce = shard.ce(d, &s_ids, k)?;
+            let (start, end) = (shard.offsets[d] as usize, shard.offsets[d + 1] as usize);
+            let row_offsets: Vec<u32> = (0..=(end - start) as u32).map(|r| r * k as u32).collect();
+            let topk = fusellm_sdk::SparseRows {
+                offsets: &row_offsets,
+                ids: &shard.topk_ids[start * k..end * k],
+                values: &shard.topk_logprobs[start * k..end * k],
+            };
+            let (rows, path) = doc_aligner.align(
+                Tokens { ids: &s_ids, spans: &s_spans },
+                Tokens { ids: &t_ids, spans: &t_spans },
+                topk,
+            )?;
+            tally(&mut report, &path, s_ids.len(), t_ids.len(), topk, &map);
+            append(&mut aligned, &rows, &path, &ce, t_ids.len());
+        }
+        let bytes = aligned.encode(target.layout.wide_ids, source.layout.half)?;
+        let name = format!("aligned-{s:05}.safetensors");
+        write_atomically(&out.join(&name), &bytes)?;
+        report.shards.push((name, sha256_hex(&bytes)));
+        report.documents += aligned.docs.len();
+    }
+    let report = report.finish();
+    write_atomically(&out.join("report.json"), &serde_json::to_vec_pretty(&report).expect("JSON"))?;
+    Ok(report)
+}
+
+/// Adds one document's rows, and the source CE at each target position (that of the last
+/// source token aligned to it; NaN where none is).
+fn append(shard: &mut AlignedShard, rows: &SparseRowsBuf, path: &Alignment, ce: &[f32], targets: usize) {
+    let mut last_source = vec![None; targets];
+    for (&a, &b) in path.a.iter().zip(&path.b) {
+        last_source[b as usize] = Some(a as usize);
+    }
+    shard.ce_token.extend(last_source.iter().map(|j| j.and_then(|j| ce.get(j).copied()).unwrap_or(f32::NAN)));
+    let base = *shard.rows.offsets.last().expect("starts at 0");
+    shard.rows.offsets.extend(rows.offsets[1..].iter().map(|o| o + base));
+    shard.rows.ids.extend_from_slice(&rows.ids);
+    shard.rows.values.extend_from_slice(&rows.values);
+    shard.offsets.push(shard.offsets.last().expect("starts at 0") + targets as u32);
+}
+
+/// Counts alignment kinds and top-k mass by how it maps.
+fn tally(
+    report: &mut Report,
+    path: &Alignment,
+    sources: usize,
+    targets: usize,
+    topk: fusellm_sdk::SparseRows<'_>,
+    map: &VocabMap,
+) {
+    let (mut to_source, mut to_target) = (vec![0usize; targets], vec![0usize; sources]);
+    let mut source_of = vec![0usize; targets];
+    for (&a, &b) in path.a.iter().zip(&path.b) {
+        to_source[b as usize] += 1;
+        to_target[a as usize] += 1;
+        source_of[b as usize] = a as usize;
+    }
+    for (i, &n) in to_source.iter().enumerate() {
+        match n {
+            0 => report.unaligned += 1,
+            1 if to_target[source_of[i]] == 1 => report.one_to_one += 1,
+            1 => report.one_to_many += 1,
+            _ => report.many_to_one += 1,
+        }
+    }
+    report.target_positions += targets;
+    let mut probs = Vec::new();
+    for p in 0..topk.len() {
+        let (ids, values) = topk.row(p);
+        fusellm_sdk::math::softmax_into(values, 1.0, &mut probs);
+        for (&id, &q) in ids.iter().zip(&probs) {
+            match (map.get(id), map.distance.get(id as usize).copied().unwrap_or(0)) {
+                (None, _) => report.mass_lost += q,
+                (Some(_), 0) => report.mass_exact += q,
+                (Some(_), _) => report.mass_mined += q,
+            }
+        }
+    }
+}
+
+/// Mapping distances of the source vocabulary, in buckets 0..=10 and more.
+fn histogram(map: &VocabMap) -> Vec<usize> {
+    let mut buckets = vec![0; 12];
+    for (t, &d) in map.target.iter().zip(&map.distance) {
+        if t.is_some() {
+            buckets[(d as usize).min(11)] += 1;
+        }
+    }
+    buckets
+}
+
+impl Report {
+    /// Normalises the mass shares (they are summed as raw mass during the run).
+    fn finish(mut self) -> Self {
+        let total = self.mass_exact + self.mass_mined + self.mass_lost;
+        if total > 0.0 {
+            (self.mass_exact, self.mass_mined, self.mass_lost) =
+                (self.mass_exact / total, self.mass_mined / total, self.mass_lost / total);
+        }
+        self
+    }
+}
