@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use clap::Subcommand;
+use fusellm_core::align::stage::Report;
 use fusellm_core::align::vocab::{map_vocab, Vocabulary};
 use fusellm_core::align::{DocumentAligner, Tokens};
 use fusellm_core::checkpoint::Checkpoint;
@@ -247,18 +248,34 @@ fn align(fixtures: &Path) -> fusellm_core::error::Result<()> {
             .iter()
             .map(|d| {
                 let source = Tokens { ids: &d.blending, spans: &d.blending_spans };
-                aligner
-                    .align(source, Tokens { ids: &d.base, spans: &d.base_spans }, d.topk.rows())
-                    .map(|(rows, _)| rows)
+                aligner.align(source, Tokens { ids: &d.base, spans: &d.base_spans }, d.topk.rows())
             })
             .collect::<fusellm_core::error::Result<Vec<_>>>()?;
         let rate = tokens as f64 / start.elapsed().as_secs_f64();
+        let mut report = Report::default();
+        for (d, (_, path)) in docs.iter().zip(&outputs) {
+            report.add(path, d.blending.len(), d.base.len(), d.topk.rows(), &map);
+        }
+        let report = report.finish();
+        let outputs: Vec<SparseRowsBuf> = outputs.into_iter().map(|(rows, _)| rows).collect();
         print!(
             "{aligner_name} + projection ({}), {} documents, {tokens} target tokens, one thread: {rate:.0} tokens/s; \
              the paper's code: {paper_rate:.0} ({:.0}x)",
             if compat { "compat" } else { "corrected" },
             docs.len(),
             rate / paper_rate
+        );
+        let pct = |n: usize| 100.0 * n as f64 / report.target_positions as f64;
+        print!(
+            "\n    target positions {:.1}% one-to-one, {:.1}% one-to-many, {:.1}% many-to-one, {:.1}% unaligned; \
+             top-k mass {:.1}% exact, {:.1}% MinED, {:.1}% lost",
+            pct(report.one_to_one),
+            pct(report.one_to_many),
+            pct(report.many_to_one),
+            pct(report.unaligned),
+            100.0 * report.mass_exact,
+            100.0 * report.mass_mined,
+            100.0 * report.mass_lost
         );
         if compat {
             let same = Some(set_a_digest(&outputs).as_str()) == paper["all_docs_sha256"].as_str();

@@ -85,6 +85,7 @@ pub fn align_stores(
         ..Default::default()
     };
     let k = source.layout.k;
+    let mut sample: Option<(Vec<String>, Vec<String>, Alignment)> = None;
     for s in 0..source.shards() {
         let file = shard_file(source_dir, s);
         let bytes = std::fs::read(&file).map_err(|e| Error::msg(format!("reading {}: {e}", file.display())))?;
@@ -114,7 +115,13 @@ pub fn align_stores(
                 Tokens { ids: &t_ids, spans: &t_spans },
                 topk,
             )?;
-            tally(&mut report, &path, s_ids.len(), t_ids.len(), topk, &map);
+            report.add(&path, s_ids.len(), t_ids.len(), topk, &map);
+            if sample.is_none() {
+                let strings = |v: &Vocabulary, ids: &[u32]| {
+                    ids.iter().map(|&i| v.tokens.get(i as usize).cloned().unwrap_or_default()).collect()
+                };
+                sample = Some((strings(&source_vocab, &s_ids), strings(&target_vocab, &t_ids), path.clone()));
+            }
             append(&mut aligned, &rows, &path, &ce, t_ids.len());
         }
         let bytes = aligned.encode(target.layout.wide_ids, source.layout.half)?;
@@ -125,6 +132,9 @@ pub fn align_stores(
     }
     let report = report.finish();
     write_atomically(&out.join("report.json"), &serde_json::to_vec_pretty(&report).expect("JSON"))?;
+    if let Some((source_tokens, target_tokens, path)) = &sample {
+        write_atomically(&out.join("report.html"), html(&report, source_tokens, target_tokens, path).as_bytes())?;
+    }
     Ok(report)
 }
 
@@ -143,7 +153,20 @@ fn append(shard: &mut AlignedShard, rows: &SparseRowsBuf, path: &Alignment, ce: 
     shard.offsets.push(shard.offsets.last().expect("starts at 0") + targets as u32);
 }
 
-/// Counts alignment kinds and top-k mass by how it maps.
+impl Report {
+    /// Counts one document's alignment kinds and top-k mass by how it maps.
+    pub fn add(
+        &mut self,
+        path: &Alignment,
+        sources: usize,
+        targets: usize,
+        topk: fusellm_sdk::SparseRows<'_>,
+        map: &VocabMap,
+    ) {
+        tally(self, path, sources, targets, topk, map);
+    }
+}
+
 fn tally(
     report: &mut Report,
     path: &Alignment,
@@ -194,8 +217,8 @@ fn histogram(map: &VocabMap) -> Vec<usize> {
 }
 
 impl Report {
-    /// Normalises the mass shares (they are summed as raw mass during the run).
-    fn finish(mut self) -> Self {
+    /// Normalises the mass shares (they are summed as raw mass while documents are added).
+    pub fn finish(mut self) -> Self {
         let total = self.mass_exact + self.mass_mined + self.mass_lost;
         if total > 0.0 {
             (self.mass_exact, self.mass_mined, self.mass_lost) =
@@ -203,4 +226,61 @@ impl Report {
         }
         self
     }
+}
+
+/// A page with the report's figures and the first document's two tokenizations, the
+/// alignment drawn between them (the first 150 tokens of each).
+fn html(report: &Report, source: &[String], target: &[String], path: &Alignment) -> String {
+    let escape = |s: &str| s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
+    let row = |tokens: &[String], y: usize| -> (String, Vec<f64>) {
+        let (mut x, mut svg, mut centres) = (4.0, String::new(), Vec::new());
+        for t in tokens.iter().take(150) {
+            let w = 8.0 * t.chars().count().max(1) as f64 + 6.0;
+            svg += &format!(
+                "<rect x='{x:.0}' y='{y}' width='{w:.0}' height='22' fill='#eef' stroke='#99c'/>\
+                 <text x='{:.0}' y='{}' font-family='monospace' font-size='13'>{}</text>",
+                x + 3.0,
+                y + 16,
+                escape(t)
+            );
+            centres.push(x + w / 2.0);
+            x += w + 2.0;
+        }
+        (svg, centres)
+    };
+    let (top, top_x) = row(source, 10);
+    let (bottom, bottom_x) = row(target, 110);
+    let lines: String = path
+        .a
+        .iter()
+        .zip(&path.b)
+        .filter_map(|(&a, &b)| Some((top_x.get(a as usize)?, bottom_x.get(b as usize)?)))
+        .map(|(x1, x2)| format!("<line x1='{x1:.0}' y1='32' x2='{x2:.0}' y2='110' stroke='#c55' stroke-width='1'/>"))
+        .collect();
+    let width = top_x.last().copied().unwrap_or(0.0).max(bottom_x.last().copied().unwrap_or(0.0)) + 200.0;
+    let pct = |n: usize| 100.0 * n as f64 / report.target_positions.max(1) as f64;
+    format!(
+        "<!doctype html><meta charset='utf-8'><title>fusellm align</title><body style='font-family:sans-serif'>\
+         <h1>{} &rarr; {}</h1><p>{} with {}{}: {} documents, {} target positions.</p>\
+         <p>Target positions: {:.1}% one-to-one, {:.1}% one-to-many, {:.1}% many-to-one, {:.1}% unaligned.<br>\
+         Top-k mass: {:.1}% maps exactly, {:.1}% by edit distance, {:.1}% lost.<br>\
+         Mapping distances 0..10 and more: {:?}</p>\
+         <h2>The first document (source above, target below)</h2><div style='overflow-x:scroll'>\
+         <svg xmlns='http://www.w3.org/2000/svg' width='{width:.0}' height='140'>{lines}{top}{bottom}</svg></div></body>",
+        escape(&report.source),
+        escape(&report.target),
+        report.aligner,
+        report.mapper,
+        if report.compat { " (compat)" } else { "" },
+        report.documents,
+        report.target_positions,
+        pct(report.one_to_one),
+        pct(report.one_to_many),
+        pct(report.many_to_one),
+        pct(report.unaligned),
+        100.0 * report.mass_exact,
+        100.0 * report.mass_mined,
+        100.0 * report.mass_lost,
+        report.distance_histogram
+    )
 }

@@ -1,19 +1,15 @@
 //! The import format: a store written by examples/import/fusellm_store.py (any tool's
 //! distributions, no adapter) verifies, and holds what fusellm itself would have stored.
 
-mod common;
-
 use std::process::Command;
 
+use crate::common::fixtures;
 use candle_core::{DType, Device};
-use common::fixtures;
 use fusellm_core::checkpoint::Checkpoint;
 use fusellm_core::model::LoadMode;
 use fusellm_core::plugins::Registry;
 use fusellm_core::precompute::{topk, Settings};
 use fusellm_core::store::{verify, Layout, Shard};
-
-use fusellm_llama as _;
 
 #[test]
 fn a_store_written_in_python_reads_as_fusellm_writes_it() {

@@ -1,17 +1,12 @@
 //! The block library computes what transformers computes: every fixture model against its
 //! reference forward pass (top-10 log-probs, per-token CE, full logits, greedy ids).
 
-mod common;
-
+use crate::common::fixtures;
 use candle_core::{DType, Device, IndexOp, Tensor};
-use common::fixtures;
 use fusellm_core::checkpoint::Checkpoint;
 use fusellm_core::model::generate::greedy;
 use fusellm_core::model::{ops, LoadMode, Transformer};
 use fusellm_core::plugins::Registry;
-
-use fusellm_llama as _;
-use fusellm_mpt as _;
 
 const MODELS: [&str; 3] = ["tiny-llama2", "tiny-openllama", "tiny-mpt"];
 const ATOL: f32 = 1e-4;

@@ -1,17 +1,12 @@
 //! Bad checkpoints and inputs get clear errors, never panics.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
+use crate::common::fixtures;
 use candle_core::{DType, Device, Tensor};
-use common::fixtures;
 use fusellm_core::checkpoint::Checkpoint;
 use fusellm_core::model::{LoadMode, Transformer};
 use fusellm_core::plugins::Registry;
-
-use fusellm_llama as _;
-use fusellm_mpt as _;
 
 /// A copy of a fixture checkpoint's small files (config edited by `edit`), with its
 /// weights linked, in a fresh folder.

@@ -1,15 +1,11 @@
 //! Every bad plugin input gets a clear error, and the host keeps running.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::{dylib, incompatible_dylib, registry_of, tight_limits, wasm};
+use crate::common::{dylib, incompatible_dylib, registry_of, tight_limits, wasm};
 use fusellm_core::plugins::conformance::{synthetic_input, Shape};
 use fusellm_core::plugins::{Registry, Tier, WasmLimits};
 use fusellm_sdk::PluginKind;
-
-use fusellm_ce_fusion as _;
 
 const SHAPE: Shape = Shape { positions: 16, candidates: 3, top_k: 4, vocab: 1000, unaligned: 0.0 };
 

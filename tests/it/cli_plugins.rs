@@ -1,7 +1,5 @@
 //! The `fusellm plugins` commands as scripts use them.
 
-mod common;
-
 use std::process::Command;
 
 fn fusellm(args: &[&str]) -> std::process::Output {
@@ -10,7 +8,7 @@ fn fusellm(args: &[&str]) -> std::process::Output {
 
 #[test]
 fn plugins_list_json_includes_builtins_and_config_plugins() {
-    let wasm = common::wasm("entropy_fusion");
+    let wasm = crate::common::wasm("entropy_fusion");
     let dir = std::env::temp_dir().join(format!("fusellm-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("exp.toml");
@@ -36,7 +34,7 @@ fn plugins_test_passes_a_good_plugin_and_fails_a_bad_one() {
     assert!(text.contains("ok    an empty document [granularity = \"token\"]"), "{text}");
     assert!(text.contains("all checks passed"), "{text}");
 
-    let bad = common::dylib("fusellm_test_plugins");
+    let bad = crate::common::dylib("fusellm_test_plugins");
     let out = fusellm(&["plugins", "test", bad.to_str().unwrap(), "--name", "nan_probs"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success(), "{text}");

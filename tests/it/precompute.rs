@@ -1,17 +1,12 @@
 //! Precompute keeps exactly what the model computes: batched and padded, the top-10 and the
 //! per-token CE agree with the reference forward passes of transformers.
 
-mod common;
-
+use crate::common::fixtures;
 use candle_core::{DType, Device};
-use common::fixtures;
 use fusellm_core::checkpoint::Checkpoint;
 use fusellm_core::model::LoadMode;
 use fusellm_core::plugins::Registry;
 use fusellm_core::precompute::{topk, Settings};
-
-use fusellm_llama as _;
-use fusellm_mpt as _;
 
 #[test]
 fn batched_top10_and_ce_agree_with_the_reference() {

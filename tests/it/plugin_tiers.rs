@@ -1,13 +1,9 @@
 //! The same fusion functions as builtin, dylib and WASM plugins give bit-identical outputs.
 
-mod common;
-
-use common::{dylib, registry_of, wasm};
+use crate::common::{dylib, registry_of, wasm};
 use fusellm_core::plugins::conformance::{check_fusion, synthetic_input, Shape};
 use fusellm_core::plugins::{Registry, Tier, WasmLimits};
 use fusellm_sdk::{ParamValue, PluginKind};
-
-use fusellm_ce_fusion as _;
 
 fn tiers() -> [Registry; 3] {
     [

@@ -1,16 +1,12 @@
 //! Plugins chosen in TOML: by name or from a file, with parameters checked against the
 //! plugin's schema, and errors that name the file, line and key.
 
-mod common;
-
 use std::path::PathBuf;
 
-use common::{dylib, wasm};
+use crate::common::{dylib, wasm};
 use fusellm_core::config::{Config, ConfigError};
 use fusellm_core::plugins::conformance::{synthetic_input, Shape};
 use fusellm_core::plugins::Registry;
-
-use fusellm_ce_fusion as _;
 
 fn write_config(name: &str, text: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("fusellm-config-{}", std::process::id()));

@@ -1,17 +1,12 @@
 //! One training step of the fixture models reproduces the reference: the CLM, fusion and
 //! combined losses, the global gradient norm, and the stored gradients.
 
-mod common;
-
+use crate::common::fixtures;
 use candle_core::{DType, Device, Tensor, Var};
-use common::fixtures;
 use fusellm_core::checkpoint::Checkpoint;
 use fusellm_core::model::loss::{clm_loss, fusion_loss, next_token_logprobs};
 use fusellm_core::model::LoadMode;
 use fusellm_core::plugins::Registry;
-
-use fusellm_llama as _;
-use fusellm_mpt as _;
 
 fn scalar(t: &Tensor) -> f64 {
     t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()

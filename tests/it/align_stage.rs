@@ -1,11 +1,9 @@
 //! `fusellm align` as a stage: two stores over one split corpus in, an aligned store with a
 //! row and a CE per target position out, and a report that adds up.
 
-mod common;
-
 use std::path::PathBuf;
 
-use common::fixtures;
+use crate::common::fixtures;
 use fusellm_core::align::stage::align_stores;
 use fusellm_core::checkpoint::Checkpoint;
 use fusellm_core::model::LoadMode;
@@ -13,10 +11,6 @@ use fusellm_core::plugins::Registry;
 use fusellm_core::precompute::Settings;
 use fusellm_core::store::{file_sha256, precompute, AlignedShard, Identity, Layout, FORMAT};
 use fusellm_sdk::PluginKind;
-
-use fusellm_align as _;
-use fusellm_llama as _;
-use fusellm_mpt as _;
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("fusellm-align-stage-{}-{name}", std::process::id()));

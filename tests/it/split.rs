@@ -1,12 +1,10 @@
 //! `fusellm split`: pieces fit every tokenizer, concatenate back to the corpus, map back to
 //! it, and bad corpus lines get their file and line.
 
-mod common;
-
 use std::path::PathBuf;
 use std::process::Command;
 
-use common::fixtures;
+use crate::common::fixtures;
 use fusellm_core::split::{for_each_document, open_tokenizer, OnBadInput, Splitter, RESERVED};
 
 fn tokenizers() -> Vec<PathBuf> {

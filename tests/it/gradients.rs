@@ -1,18 +1,13 @@
 //! Every parameter of every architecture the block library executes receives a non-zero
 //! gradient: candle's fused ops would silently cut gradients, the block library must not.
 
-mod common;
-
+use crate::common::fixtures;
 use candle_core::{Device, Tensor};
-use common::fixtures;
 use fusellm_core::model::loss::{clm_loss, next_token_logprobs};
 use fusellm_core::model::Transformer;
 use fusellm_core::plugins::Registry;
 use fusellm_sdk::adapter::Positions;
 use fusellm_sdk::{CheckpointFiles, ModelSpec, PluginKind};
-
-use fusellm_llama as _;
-use fusellm_mpt as _;
 
 /// The spec a built-in adapter makes of a config.json.
 fn spec(adapter: &str, config: serde_json::Value) -> ModelSpec {

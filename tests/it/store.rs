@@ -2,19 +2,15 @@
 //! resumes to the very same bytes; workers slice the corpus exactly once; a store made
 //! differently is refused; a corrupt shard is found.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
+use crate::common::fixtures;
 use candle_core::{DType, Device};
-use common::fixtures;
 use fusellm_core::checkpoint::Checkpoint;
 use fusellm_core::model::{LoadMode, Transformer};
 use fusellm_core::plugins::Registry;
 use fusellm_core::precompute::{topk, Settings};
 use fusellm_core::store::{precompute, verify, Identity, Layout, Manifest, Shard, FORMAT};
-
-use fusellm_llama as _;
 
 fn texts() -> Vec<String> {
     let prose = std::fs::read_to_string(fixtures::root().join("corpora/prose/tinyshakespeare.test.txt")).unwrap();

@@ -1,17 +1,13 @@
 //! Alignment exact to the paper's code on its own outputs (../shared/fixtures/alignment):
 //! DTW paths and costs, the MinED mapping of sampled tokens, and the projected top-k.
 
-mod common;
-
 use std::sync::OnceLock;
 
-use common::fixtures;
+use crate::common::fixtures;
 use fusellm_core::align::vocab::{map_vocab, FlatStrings, Vocabulary};
 use fusellm_core::align::{DocumentAligner, Tokens};
 use fusellm_core::plugins::Registry;
 use fusellm_sdk::{Alignment, PluginKind, SparseRowsBuf, Tokenization, VocabMap};
-
-use fusellm_align as _;
 
 fn vocab(name: &str) -> Vocabulary {
     Vocabulary::from_tokenizer_json(&fixtures::root().join("tokenizers").join(name).join("tokenizer.json")).unwrap()
@@ -163,7 +159,7 @@ fn compat_alignment_of_all_300_documents_is_the_paper_output() {
 
 #[test]
 fn aligners_give_the_same_results_as_builtin_dylib_and_wasm() {
-    use common::{dylib, registry_of, wasm};
+    use crate::common::{dylib, registry_of, wasm};
     use fusellm_core::plugins::{Tier, WasmLimits};
     let (llama, neox) = vocabularies();
     let doc = &alignment_json("testvec_dtw_10docs.json")["docs"][2];

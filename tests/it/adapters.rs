@@ -2,12 +2,10 @@
 //! and WASM plugins, and a third-party adapter (GPT-NeoX, a dylib) runs a model that
 //! fusellm does not build in.
 
-mod common;
-
 use std::path::PathBuf;
 
+use crate::common::{dylib, fixtures, registry_of, wasm};
 use candle_core::{DType, Device, Tensor};
-use common::{dylib, fixtures, registry_of, wasm};
 use fusellm_core::checkpoint::Checkpoint;
 use fusellm_core::model::generate::greedy;
 use fusellm_core::model::loss::{clm_loss, next_token_logprobs};
@@ -15,9 +13,6 @@ use fusellm_core::model::{LoadMode, Transformer};
 use fusellm_core::plugins::{Registry, Tier, WasmLimits};
 use fusellm_sdk::adapter::{Positions, QkvLayout, Residual};
 use fusellm_sdk::{CheckpointFiles, ModelSpec, PluginKind};
-
-use fusellm_llama as _;
-use fusellm_mpt as _;
 
 fn adapt(registry: &Registry, adapter: &str, model_dir: &std::path::Path) -> ModelSpec {
     let config = std::fs::read_to_string(model_dir.join("config.json")).unwrap();

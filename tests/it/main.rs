@@ -1,0 +1,26 @@
+//! The integration tests, in one binary: each module is one capability's specification,
+//! and one link of the whole workspace serves them all.
+
+// Built-in plugin crates register through `inventory`; referencing them keeps them linked.
+use fusellm_align as _;
+use fusellm_ce_fusion as _;
+use fusellm_llama as _;
+use fusellm_mpt as _;
+
+mod adapters;
+mod align_stage;
+mod alignment;
+mod bad_plugins;
+mod cli_plugins;
+mod common;
+mod config_plugins;
+mod examples;
+mod gradients;
+mod model_bad_inputs;
+mod model_parity;
+mod plugin_tiers;
+mod precompute;
+mod split;
+mod store;
+mod store_import;
+mod train_step;
