@@ -311,7 +311,7 @@ fn precompute(model_dir: &Path, corpus: &Path, max_len: usize) -> fusellm_core::
     let _ = std::fs::remove_dir_all(&dir);
     let start = Instant::now();
     let settings = fusellm_core::precompute::Settings { k, ..Default::default() };
-    let run = store_precompute(&dir, &identity, &texts, &model, &checkpoint.tokenizer, settings, (0, 1), |_, _| {})?;
+    let run = store_precompute(&dir, &identity, &texts, &model, &checkpoint.tokenizer, settings, (0, 1), |_| {})?;
     let secs = start.elapsed().as_secs_f64();
     let check = verify(&dir)?;
     let ours = check.bytes as f64 / check.tokens as f64;

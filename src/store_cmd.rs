@@ -11,7 +11,7 @@ use fusellm_core::model::LoadMode;
 use fusellm_core::plugins::Registry;
 use fusellm_core::precompute::Settings;
 use fusellm_core::split::{for_each_document, OnBadInput};
-use fusellm_core::store::{file_sha256, merge, precompute, verify, Identity, Layout, FORMAT};
+use fusellm_core::store::{file_sha256, merge, precompute, verify, Identity, Layout, Progress, FORMAT};
 
 #[derive(Clone, Copy, ValueEnum)]
 enum LogprobDtype {
@@ -88,10 +88,16 @@ pub fn run_precompute(args: PrecomputeArgs) -> Result<()> {
     };
     let settings = Settings { k: args.k, batch_tokens: args.batch_tokens, residual: args.residual };
     let start = Instant::now();
-    let progress = |done: usize, total: usize| {
+    let progress = |p: Progress| {
         let elapsed = start.elapsed().as_secs_f64();
-        let eta = elapsed / done as f64 * (total - done) as f64;
-        eprint!("\rshard {done}/{total}  {:.1} shards/min  ETA {eta:.0} s   ", done as f64 / elapsed * 60.0);
+        let eta = elapsed / p.shards_done as f64 * (p.shards - p.shards_done) as f64;
+        eprint!(
+            "\rshard {}/{}  {:.1} documents/s  {:.0} tokens/s  ETA {eta:.0} s   ",
+            p.shards_done,
+            p.shards,
+            p.documents as f64 / elapsed,
+            p.tokens as f64 / elapsed
+        );
     };
     let summary = precompute(&args.out, &identity, &texts, &model, &checkpoint.tokenizer, settings, worker, progress)?;
     let secs = start.elapsed().as_secs_f64();

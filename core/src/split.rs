@@ -51,8 +51,11 @@ pub struct Splitter<'a> {
 
 impl Splitter<'_> {
     /// Byte ranges of `text` whose every tokenization fits `max_len` with room for a BOS
-    /// and an EOS.
+    /// and an EOS; none for a document of only whitespace (nothing to learn from).
     pub fn split(&self, text: &str) -> Result<Vec<(usize, usize)>> {
+        if text.trim().is_empty() {
+            return Ok(Vec::new());
+        }
         let chunk = self.max_len.saturating_sub(self.margin.max(RESERVED));
         if chunk == 0 {
             return Err(Error::msg(format!(

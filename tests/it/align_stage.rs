@@ -35,7 +35,7 @@ fn store(registry: &Registry, model: &str, corpus: &PathBuf, texts: &[String]) -
         layout: Layout { k: 10, wide_ids: false, half: true, residual: false },
     };
     let out = scratch(&format!("{model}-{}", corpus.file_stem().unwrap().to_string_lossy()));
-    precompute(&out, &identity, texts, &transformer, &checkpoint.tokenizer, Settings::default(), (0, 1), |_, _| {})
+    precompute(&out, &identity, texts, &transformer, &checkpoint.tokenizer, Settings::default(), (0, 1), |_| {})
         .unwrap();
     out
 }

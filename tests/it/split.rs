@@ -38,8 +38,9 @@ fn pieces_fit_every_tokenizer_and_concatenate_to_the_document() {
             assert!(n + RESERVED <= 256, "a piece of {n} tokens");
         }
     }
-    // A short text stays whole.
+    // A short text stays whole; an empty one gives no piece.
     assert_eq!(splitter.split("To be, or not to be.").unwrap(), vec![(0, 20)]);
+    assert!(splitter.split(" \n ").unwrap().is_empty());
 }
 
 #[test]

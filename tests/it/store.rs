@@ -50,7 +50,7 @@ fn run(
     (checkpoint, model): &(Checkpoint, Transformer),
 ) -> fusellm_core::error::Result<()> {
     let settings = Settings { k: id.layout.k, batch_tokens: 2048, residual: false };
-    precompute(dir, id, &texts()[..id.documents], model, &checkpoint.tokenizer, settings, worker, |_, _| {}).map(|_| ())
+    precompute(dir, id, &texts()[..id.documents], model, &checkpoint.tokenizer, settings, worker, |_| {}).map(|_| ())
 }
 
 fn manifest(dir: &Path) -> Manifest {
@@ -134,10 +134,43 @@ fn a_store_made_otherwise_is_refused_and_a_corrupt_shard_is_found() {
     // Running precompute again computes that shard, and only it, again.
     let settings = Settings { k: 10, batch_tokens: 2048, residual: false };
     let summary =
-        precompute(&dir, &identity(3, 10), &texts()[..3], &setup.1, &setup.0.tokenizer, settings, (0, 1), |_, _| {})
+        precompute(&dir, &identity(3, 10), &texts()[..3], &setup.1, &setup.0.tokenizer, settings, (0, 1), |_| {})
             .unwrap();
     assert_eq!((summary.written, summary.skipped), (1, 0));
     assert!(verify(&dir).unwrap().corrupt.is_empty());
     let e = verify(&fresh("none")).unwrap_err().message;
     assert!(e.contains("has no manifest"), "{e}");
+}
+
+#[test]
+fn a_precompute_killed_mid_run_resumes_to_the_uninterrupted_store() {
+    use std::process::{Command, Stdio};
+    let corpus = fresh("kill-corpus").with_extension("jsonl");
+    let lines: String =
+        texts().iter().cycle().take(24).map(|t| serde_json::json!({ "text": t }).to_string() + "\n").collect();
+    std::fs::write(&corpus, lines).unwrap();
+    let model = fixtures::model_dir("tiny-llama2");
+    let precompute = |out: &Path| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fusellm"));
+        cmd.args(["precompute", "--docs-per-shard", "2", "--model"])
+            .arg(&model)
+            .arg("--corpus")
+            .arg(&corpus)
+            .arg("--out")
+            .arg(out);
+        cmd.stderr(Stdio::null());
+        cmd
+    };
+    let whole = fresh("kill-whole");
+    assert!(precompute(&whole).status().unwrap().success());
+
+    let killed = fresh("kill-resumed");
+    let mut child = precompute(&killed).spawn().unwrap();
+    while !killed.join("shard-00001.safetensors").exists() {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(precompute(&killed).status().unwrap().success());
+    assert_eq!(manifest(&killed).shards, manifest(&whole).shards, "byte-identical shards after kill -9 and a restart");
 }

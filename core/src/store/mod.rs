@@ -76,6 +76,17 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 pub struct RunSummary {
     pub written: usize,
     pub skipped: usize,
+    pub documents: usize,
+    pub tokens: usize,
+}
+
+/// Where a precompute run stands, after each shard it writes.
+#[derive(Clone, Copy, Debug)]
+pub struct Progress {
+    pub shards_done: usize,
+    pub shards: usize,
+    /// Documents and tokens computed by this run so far.
+    pub documents: usize,
     pub tokens: usize,
 }
 
@@ -90,7 +101,7 @@ pub fn precompute(
     tokenizer: &Tokenizer,
     settings: Settings,
     (worker, workers): (usize, usize),
-    mut progress: impl FnMut(usize, usize),
+    mut progress: impl FnMut(Progress),
 ) -> Result<RunSummary> {
     if workers == 0 || worker >= workers {
         return Err(Error::msg(format!(
@@ -115,7 +126,13 @@ pub fn precompute(
         write_atomically(&file, &bytes)?;
         summary.written += 1;
         summary.tokens += docs.iter().map(Vec::len).sum::<usize>();
-        progress(n + 1, mine.len());
+        summary.documents += docs.len();
+        progress(Progress {
+            shards_done: n + 1,
+            shards: mine.len(),
+            documents: summary.documents,
+            tokens: summary.tokens,
+        });
     }
     if (0..identity.shards()).all(|s| shard_file(dir, s).exists()) {
         write_manifest(dir, identity)?;
