@@ -113,26 +113,14 @@ pub fn align(args: AlignArgs) -> Result<(), String> {
         default_cache_dir().as_deref(),
     )
     .map_err(|e| e.message)?;
-    let share = |n: usize| 100.0 * n as f64 / report.target_positions.max(1) as f64;
     println!(
         "{} documents, {} target positions in {:.1} s",
         report.documents,
         report.target_positions,
         start.elapsed().as_secs_f64()
     );
-    println!(
-        "target positions: {:.1}% one-to-one, {:.1}% one-to-many, {:.1}% many-to-one, {:.1}% unaligned",
-        share(report.one_to_one),
-        share(report.one_to_many),
-        share(report.many_to_one),
-        share(report.unaligned)
-    );
-    println!(
-        "top-k mass: {:.1}% maps exactly, {:.1}% by edit distance, {:.1}% lost",
-        100.0 * report.mass_exact,
-        100.0 * report.mass_mined,
-        100.0 * report.mass_lost
-    );
+    let [positions, mass] = report.summary();
+    println!("{positions}\n{mass}");
     println!("mapping distances (0..10, more): {:?}", report.distance_histogram);
     println!("report: {}", args.out.join("report.json").display());
     Ok(())

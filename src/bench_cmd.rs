@@ -265,18 +265,8 @@ fn align(fixtures: &Path) -> fusellm_core::error::Result<()> {
             docs.len(),
             rate / paper_rate
         );
-        let pct = |n: usize| 100.0 * n as f64 / report.target_positions as f64;
-        print!(
-            "\n    target positions {:.1}% one-to-one, {:.1}% one-to-many, {:.1}% many-to-one, {:.1}% unaligned; \
-             top-k mass {:.1}% exact, {:.1}% MinED, {:.1}% lost",
-            pct(report.one_to_one),
-            pct(report.one_to_many),
-            pct(report.many_to_one),
-            pct(report.unaligned),
-            100.0 * report.mass_exact,
-            100.0 * report.mass_mined,
-            100.0 * report.mass_lost
-        );
+        let [positions, mass] = report.summary();
+        print!("\n    {positions}; {mass}");
         if compat {
             let same = Some(set_a_digest(&outputs).as_str()) == paper["all_docs_sha256"].as_str();
             print!("; output identical to the paper's: {}", if same { "yes" } else { "NO" });

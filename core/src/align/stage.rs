@@ -217,6 +217,26 @@ fn histogram(map: &VocabMap) -> Vec<usize> {
 }
 
 impl Report {
+    /// The figures in two lines: how target positions align, and where the top-k mass goes.
+    pub fn summary(&self) -> [String; 2] {
+        let pct = |n: usize| 100.0 * n as f64 / self.target_positions.max(1) as f64;
+        [
+            format!(
+                "target positions: {:.1}% one-to-one, {:.1}% one-to-many, {:.1}% many-to-one, {:.1}% unaligned",
+                pct(self.one_to_one),
+                pct(self.one_to_many),
+                pct(self.many_to_one),
+                pct(self.unaligned)
+            ),
+            format!(
+                "top-k mass: {:.1}% maps exactly, {:.1}% by edit distance, {:.1}% lost",
+                100.0 * self.mass_exact,
+                100.0 * self.mass_mined,
+                100.0 * self.mass_lost
+            ),
+        ]
+    }
+
     /// Normalises the mass shares (they are summed as raw mass while documents are added).
     pub fn finish(mut self) -> Self {
         let total = self.mass_exact + self.mass_mined + self.mass_lost;
@@ -258,13 +278,11 @@ fn html(report: &Report, source: &[String], target: &[String], path: &Alignment)
         .map(|(x1, x2)| format!("<line x1='{x1:.0}' y1='32' x2='{x2:.0}' y2='110' stroke='#c55' stroke-width='1'/>"))
         .collect();
     let width = top_x.last().copied().unwrap_or(0.0).max(bottom_x.last().copied().unwrap_or(0.0)) + 200.0;
-    let pct = |n: usize| 100.0 * n as f64 / report.target_positions.max(1) as f64;
+    let [positions, mass] = report.summary();
     format!(
         "<!doctype html><meta charset='utf-8'><title>fusellm align</title><body style='font-family:sans-serif'>\
          <h1>{} &rarr; {}</h1><p>{} with {}{}: {} documents, {} target positions.</p>\
-         <p>Target positions: {:.1}% one-to-one, {:.1}% one-to-many, {:.1}% many-to-one, {:.1}% unaligned.<br>\
-         Top-k mass: {:.1}% maps exactly, {:.1}% by edit distance, {:.1}% lost.<br>\
-         Mapping distances 0..10 and more: {:?}</p>\
+         <p>{positions}.<br>{mass}.<br>Mapping distances 0..10 and more: {:?}</p>\
          <h2>The first document (source above, target below)</h2><div style='overflow-x:scroll'>\
          <svg xmlns='http://www.w3.org/2000/svg' width='{width:.0}' height='140'>{lines}{top}{bottom}</svg></div></body>",
         escape(&report.source),
@@ -274,13 +292,6 @@ fn html(report: &Report, source: &[String], target: &[String], path: &Alignment)
         if report.compat { " (compat)" } else { "" },
         report.documents,
         report.target_positions,
-        pct(report.one_to_one),
-        pct(report.one_to_many),
-        pct(report.many_to_one),
-        pct(report.unaligned),
-        100.0 * report.mass_exact,
-        100.0 * report.mass_mined,
-        100.0 * report.mass_lost,
         report.distance_histogram
     )
 }
