@@ -12,7 +12,7 @@ use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::plugins::{Entry, Registry};
 use crate::split::{for_each_document, OnBadInput};
-use crate::store::{read_identity, sha256_hex, shard_file, write_atomically, AlignedShard, Shard};
+use crate::store::{map_shard, read_identity, sha256_hex, shard_file, write_atomically, AlignedShard, Shard};
 use fusellm_sdk::{Alignment, SparseRowsBuf, VocabMap};
 
 /// How the alignment went, for one source.
@@ -88,7 +88,7 @@ pub fn align_stores(
     let mut sample: Option<(Vec<String>, Vec<String>, Alignment)> = None;
     for s in 0..source.shards() {
         let file = shard_file(source_dir, s);
-        let bytes = std::fs::read(&file).map_err(|e| Error::msg(format!("reading {}: {e}", file.display())))?;
+        let bytes = map_shard(&file)?;
         let shard = Shard::decode(&bytes)?;
         let mut aligned = AlignedShard {
             docs: shard.docs.clone(),

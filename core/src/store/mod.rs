@@ -143,7 +143,7 @@ pub fn precompute(
 /// Whether a finished shard can be kept: it decodes, and matches the manifest's hash when
 /// there is one. A corrupt shard is written again, alone.
 fn shard_is_sound(file: &Path, manifest: Option<&Manifest>) -> bool {
-    let Ok(bytes) = std::fs::read(file) else { return false };
+    let Ok(bytes) = map_shard(file) else { return false };
     let name = file.file_name().map(|n| n.to_string_lossy().into_owned());
     let listed = manifest.and_then(|m| m.shards.iter().find(|e| Some(&e.file) == name.as_ref()));
     let sound = match listed {
@@ -207,7 +207,7 @@ fn write_manifest(dir: &Path, identity: &Identity) -> Result<()> {
     let (mut tokens, mut bytes_total) = (0, 0);
     for s in 0..identity.shards() {
         let file = shard_file(dir, s);
-        let bytes = std::fs::read(&file).context(|| format!("reading {}", file.display()))?;
+        let bytes = map_shard(&file)?;
         let shard = Shard::decode(&bytes).context(|| file.display().to_string())?;
         let n = *shard.offsets.last().unwrap_or(&0) as usize;
         tokens += n;
@@ -281,7 +281,7 @@ pub fn verify(dir: &Path) -> Result<Verification> {
     let manifest = read_manifest(dir)?;
     let mut out = Verification { tokens: manifest.tokens, bytes: manifest.bytes, ..Default::default() };
     for entry in &manifest.shards {
-        match std::fs::read(dir.join(&entry.file)) {
+        match map_shard(&dir.join(&entry.file)) {
             Err(_) => out.missing.push(entry.file.clone()),
             Ok(bytes) if sha256_hex(&bytes) != entry.sha256 => out.corrupt.push(entry.file.clone()),
             Ok(_) => {}
@@ -299,6 +299,14 @@ pub fn write_atomically(file: &Path, bytes: &[u8]) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     result.context(|| format!("writing {}", file.display()))
+}
+
+/// A shard file, memory-mapped: readers decode it from the map rather than a copy.
+pub fn map_shard(file: &Path) -> Result<memmap2::Mmap> {
+    let opened = std::fs::File::open(file).context(|| format!("opening {}", file.display()))?;
+    // SAFETY: shards are written once under a temporary name and renamed into place, never
+    // modified afterwards; the map is read-only.
+    unsafe { memmap2::Mmap::map(&opened) }.context(|| format!("mapping {}", file.display()))
 }
 
 /// The sha256 of a file, for the store's identity.
