@@ -185,13 +185,14 @@ fn claim(dir: &Path, identity: &Identity) -> Result<()> {
 
 /// The first way in which an existing store differs from what a run asks for.
 fn difference(existing: &Identity, wanted: &Identity) -> Option<String> {
-    let fields: [(&str, String, String); 6] = [
+    let fields: [(&str, String, String); 7] = [
         ("format", existing.format.clone(), wanted.format.clone()),
         ("tokenizer (sha256)", existing.tokenizer_sha256.clone(), wanted.tokenizer_sha256.clone()),
         ("corpus (sha256)", existing.corpus_sha256.clone(), wanted.corpus_sha256.clone()),
         ("k", existing.layout.k.to_string(), wanted.layout.k.to_string()),
         ("log-prob dtype", dtype(existing.layout), dtype(wanted.layout)),
         ("documents per shard", existing.docs_per_shard.to_string(), wanted.docs_per_shard.to_string()),
+        ("residual setting", existing.layout.residual.to_string(), wanted.layout.residual.to_string()),
     ];
     fields.into_iter().find(|(_, a, b)| a != b).map(|(what, a, b)| format!("another {what}: {a}, not {b}")).or_else(
         || (existing.model != wanted.model).then(|| format!("another model: {}, not {}", existing.model, wanted.model)),
