@@ -174,3 +174,25 @@ fn a_precompute_killed_mid_run_resumes_to_the_uninterrupted_store() {
     assert!(precompute(&killed).status().unwrap().success());
     assert_eq!(manifest(&killed).shards, manifest(&whole).shards, "byte-identical shards after kill -9 and a restart");
 }
+
+#[test]
+fn a_failed_write_keeps_the_finished_shards_and_the_run_completes_later() {
+    // A write that fails half-way (as on a full disk): a directory sits where the second
+    // shard's temporary file goes.
+    let setup = setup();
+    let id = identity(8, 10);
+    let dir = fresh("write-failure");
+    std::fs::create_dir_all(&dir).unwrap();
+    let blocker = dir.join(format!("shard-00001.tmp{}", std::process::id()));
+    std::fs::create_dir_all(blocker.join("inside")).unwrap();
+    let e = run(&dir, &id, (0, 1), &setup).unwrap_err().message;
+    assert!(e.contains("writing") && e.contains("shard-00001"), "{e}");
+    assert!(dir.join("shard-00000.safetensors").exists(), "the finished shard stays");
+    assert!(!dir.join("shard-00001.safetensors").exists() && !dir.join("manifest.json").exists());
+
+    std::fs::remove_dir_all(&blocker).unwrap();
+    run(&dir, &id, (0, 1), &setup).unwrap();
+    let whole = fresh("write-failure-reference");
+    run(&whole, &id, (0, 1), &setup).unwrap();
+    assert_eq!(manifest(&dir).shards, manifest(&whole).shards);
+}
