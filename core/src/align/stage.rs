@@ -89,7 +89,13 @@ pub fn align_stores(
     for s in 0..source.shards() {
         let file = shard_file(source_dir, s);
         let bytes = map_shard(&file)?;
-        let shard = Shard::decode(&bytes)?;
+        let shard = Shard::decode(&bytes).map_err(|e| Error::msg(format!("{}: {e}", file.display())))?;
+        if shard.topk_ids.len() != *shard.offsets.last().unwrap_or(&0) as usize * k {
+            return Err(Error::msg(format!(
+                "{} does not hold k = {k} entries per token as store.json says",
+                file.display()
+            )));
+        }
         let mut aligned = AlignedShard {
             docs: shard.docs.clone(),
             offsets: vec![0],

@@ -154,7 +154,7 @@ impl Shard {
             }
             _ => u32v("topk_ids")?,
         };
-        Ok(Shard {
+        let shard = Shard {
             docs: u32v("docs")?,
             offsets: u32v("offsets")?,
             topk_ids,
@@ -163,7 +163,35 @@ impl Shard {
             ce_missing: floatv(get("ce_missing")?),
             mean_ce: floatv(get("mean_ce")?),
             residual: st.tensor("residual").ok().map(floatv),
-        })
+        };
+        shard.check().map_err(|e| Error::msg(format!("the shard is inconsistent: {e}")))?;
+        Ok(shard)
+    }
+
+    /// The lengths a reader indexes by, checked once: a corrupt shard is an error, never
+    /// a panic.
+    fn check(&self) -> std::result::Result<(), String> {
+        let tokens = *self.offsets.last().ok_or("no offsets")? as usize;
+        let k = self.topk_ids.len().checked_div(tokens).unwrap_or(0);
+        let sorted =
+            self.offsets.windows(2).all(|w| w[0] <= w[1]) && self.ce_missing_at.windows(2).all(|w| w[0] < w[1]);
+        let consistent = self.offsets.len() == self.docs.len() + 1
+            && self.offsets[0] == 0
+            && self.topk_ids.len() == tokens * k
+            && self.topk_logprobs.len() == self.topk_ids.len()
+            && self.ce_missing_at.len() == self.ce_missing.len()
+            && self.ce_missing_at.last().is_none_or(|&p| (p as usize) < tokens)
+            && self.mean_ce.len() == self.docs.len()
+            && self.residual.as_ref().is_none_or(|r| r.len() == tokens);
+        match (sorted, consistent) {
+            (true, true) => Ok(()),
+            _ => Err(format!(
+                "{} documents, {} offsets, {tokens} tokens, {} top-k entries",
+                self.docs.len(),
+                self.offsets.len(),
+                self.topk_ids.len()
+            )),
+        }
     }
 }
 
