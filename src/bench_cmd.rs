@@ -10,12 +10,13 @@ use fusellm_core::align::vocab::{map_vocab, Vocabulary};
 use fusellm_core::align::{DocumentAligner, Tokens};
 use fusellm_core::checkpoint::Checkpoint;
 use fusellm_core::error::{Context, Error};
+use fusellm_core::files::{file_sha256, hex, sha256_hex};
 use fusellm_core::model::{LoadMode, Transformer};
 use fusellm_core::plugins::bench::{time_fusion, PAPER_SHAPE};
 use fusellm_core::plugins::conformance::Shape;
 use fusellm_core::plugins::{Entry, Registry, Tier};
 use fusellm_core::split::{for_each_document, OnBadInput};
-use fusellm_core::store::{file_sha256, precompute as store_precompute, verify, Identity, Layout, FORMAT};
+use fusellm_core::store::{precompute as store_precompute, verify, Identity, Layout, FORMAT};
 use fusellm_core::tokenizer::Tokenizer;
 use fusellm_sdk::{CheckpointFiles, PluginKind, SparseRowsBuf};
 use sha2::{Digest, Sha256};
@@ -197,7 +198,6 @@ fn read_set_a(dir: &Path, base_tok: &Tokenizer, blending_tok: &Tokenizer) -> fus
 /// The fixture's digest of aligned outputs: per document, sha256 over its target
 /// positions of (u32 count, i32 ids, f32 logits), then sha256 of the hex digests.
 fn set_a_digest(outputs: &[SparseRowsBuf]) -> String {
-    let hex = |d: &[u8]| d.iter().map(|b| format!("{b:02x}")).collect::<String>();
     let mut all = String::new();
     for out in outputs {
         let mut h = Sha256::new();
@@ -210,7 +210,7 @@ fn set_a_digest(outputs: &[SparseRowsBuf]) -> String {
         }
         all.push_str(&hex(&h.finalize()));
     }
-    hex(&Sha256::digest(all.as_bytes()))
+    sha256_hex(all.as_bytes())
 }
 
 fn align(fixtures: &Path) -> fusellm_core::error::Result<()> {

@@ -7,11 +7,12 @@ use candle_core::{DType, Device};
 use clap::{Args, Subcommand, ValueEnum};
 use fusellm_core::checkpoint::Checkpoint;
 use fusellm_core::error::{Error, Result};
+use fusellm_core::files::file_sha256;
 use fusellm_core::model::LoadMode;
 use fusellm_core::plugins::Registry;
 use fusellm_core::precompute::Settings;
 use fusellm_core::split::{for_each_document, OnBadInput};
-use fusellm_core::store::{file_sha256, merge, precompute, verify, Identity, Layout, Progress, FORMAT};
+use fusellm_core::store::{merge, precompute, verify, Identity, Layout, Progress, FORMAT};
 
 #[derive(Clone, Copy, ValueEnum)]
 enum LogprobDtype {

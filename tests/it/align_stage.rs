@@ -6,10 +6,11 @@ use std::path::PathBuf;
 use crate::common::fixtures;
 use fusellm_core::align::stage::align_stores;
 use fusellm_core::checkpoint::Checkpoint;
+use fusellm_core::files::file_sha256;
 use fusellm_core::model::LoadMode;
 use fusellm_core::plugins::Registry;
 use fusellm_core::precompute::Settings;
-use fusellm_core::store::{file_sha256, precompute, AlignedShard, Identity, Layout, FORMAT};
+use fusellm_core::store::{precompute, AlignedShard, Identity, Layout, FORMAT};
 use fusellm_sdk::PluginKind;
 
 fn scratch(name: &str) -> PathBuf {

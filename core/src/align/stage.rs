@@ -10,9 +10,10 @@ use super::vocab::{map_vocab, Vocabulary};
 use super::{DocumentAligner, Tokens};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
+use crate::files::{sha256_hex, write_atomically};
 use crate::plugins::{Entry, Registry};
 use crate::split::{for_each_document, OnBadInput};
-use crate::store::{map_shard, read_identity, sha256_hex, shard_file, write_atomically, AlignedShard, Shard};
+use crate::store::{map_shard, read_identity, shard_file, AlignedShard, Shard};
 use fusellm_sdk::{Alignment, SparseRowsBuf, VocabMap};
 
 /// How the alignment went, for one source.

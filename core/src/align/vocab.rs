@@ -5,10 +5,10 @@
 use std::path::{Path, PathBuf};
 
 use fusellm_sdk::{TokenStrings, TokenizerConventions, VocabMap};
-use sha2::{Digest, Sha256};
 
 use super::normalize::Normalizer;
 use crate::error::{Context, Error, Result};
+use crate::files::{sha256_hex, write_cache};
 use crate::plugins::Entry;
 
 /// A tokenizer's vocabulary: every id's string as the tokenizer spells it, added tokens
@@ -32,7 +32,7 @@ impl Vocabulary {
                 tokenizer.id_to_token(id).ok_or_else(|| Error::msg(format!("{}: no token has id {id}", path.display())))
             })
             .collect::<Result<Vec<_>>>()?;
-        let hash = hex(&Sha256::digest(text.as_bytes()));
+        let hash = sha256_hex(text.as_bytes());
         Ok(Self { tokens, conventions, hash })
     }
 
@@ -99,8 +99,7 @@ pub fn map_vocab(
     }
     if let Some(file) = file {
         // The cache only saves time: failing to write it is not an error.
-        let _ = std::fs::create_dir_all(file.parent().expect("a folder"))
-            .and_then(|()| std::fs::write(&file, serde_json::to_vec(&map).expect("maps serialise")));
+        let _ = write_cache(&file, &serde_json::to_vec(&map).expect("maps serialise"));
     }
     Ok(map)
 }
@@ -110,9 +109,5 @@ fn cache_file(dir: &Path, mapper: &Entry, source: &Vocabulary, target: &Vocabula
         "{}|{}|{}|{}|{}|{compat}",
         mapper.info.name, mapper.info.version, mapper.origin, source.hash, target.hash
     );
-    dir.join("vocab-maps").join(format!("{}.json", &hex(&Sha256::digest(key.as_bytes()))[..32]))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    dir.join("vocab-maps").join(format!("{}.json", &sha256_hex(key.as_bytes())[..32]))
 }

@@ -9,12 +9,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::files::{sha256_hex, write_cache};
 use fusellm_sdk::export::params_json;
 use fusellm_sdk::{
     Alignment, CheckpointFiles, FusedTarget, FusionFn, FusionInput, ModelAdapter, ModelSpec, Params, PluginInfo,
     SequenceAligner, TokenStrings, Tokenization, VocabMap, VocabMapper,
 };
-use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Config, Engine, ResourceLimiter, Store, Trap};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
@@ -155,7 +155,7 @@ impl WasmHost {
         })?;
         if let Some(file) = cached {
             // The cache only saves time: failing to write it is not an error.
-            let _ = component.serialize().map(|data| write_atomically(&file, &data));
+            let _ = component.serialize().map(|data| write_cache(&file, &data));
         }
         Ok(component)
     }
@@ -164,21 +164,8 @@ impl WasmHost {
         use std::hash::{Hash, Hasher};
         let mut engine_hash = std::collections::hash_map::DefaultHasher::new();
         self.engine.precompile_compatibility_hash().hash(&mut engine_hash);
-        let digest = Sha256::digest(bytes);
-        let hex: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
-        format!("{hex}-{:016x}.cwasm", engine_hash.finish())
+        format!("{}-{:016x}.cwasm", &sha256_hex(bytes)[..32], engine_hash.finish())
     }
-}
-
-fn write_atomically(file: &Path, data: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(file.parent().expect("cache files live in a folder"))?;
-    let tmp = file.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, data)?;
-    std::fs::rename(tmp, file)
 }
 
 /// Advances the engine's epoch until the engine is dropped.

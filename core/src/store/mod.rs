@@ -11,9 +11,9 @@ mod shard;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::error::{Context, Error, Result};
+use crate::files::{sha256_hex, write_atomically};
 use crate::model::Transformer;
 use crate::precompute::{topk, Settings};
 use crate::tokenizer::Tokenizer;
@@ -65,10 +65,6 @@ impl Identity {
 
 pub fn shard_file(dir: &Path, s: usize) -> PathBuf {
     dir.join(format!("shard-{s:05}.safetensors"))
-}
-
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// What one precompute run did.
@@ -291,26 +287,10 @@ pub fn verify(dir: &Path) -> Result<Verification> {
     Ok(out)
 }
 
-/// Writes `bytes` to a temporary name beside `file` and renames it: a reader never sees a
-/// half-written file, and a failure (a full disk) leaves the finished files alone.
-pub fn write_atomically(file: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = file.with_extension(format!("tmp{}", std::process::id()));
-    let result = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, file));
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.context(|| format!("writing {}", file.display()))
-}
-
 /// A shard file, memory-mapped: readers decode it from the map rather than a copy.
 pub fn map_shard(file: &Path) -> Result<memmap2::Mmap> {
     let opened = std::fs::File::open(file).context(|| format!("opening {}", file.display()))?;
     // SAFETY: shards are written once under a temporary name and renamed into place, never
     // modified afterwards; the map is read-only.
     unsafe { memmap2::Mmap::map(&opened) }.context(|| format!("mapping {}", file.display()))
-}
-
-/// The sha256 of a file, for the store's identity.
-pub fn file_sha256(path: &Path) -> Result<String> {
-    Ok(sha256_hex(&std::fs::read(path).context(|| format!("reading {}", path.display()))?))
 }

@@ -1,0 +1,44 @@
+//! File helpers every stage shares: atomic writes (a reader never sees half a file, and a
+//! failure leaves finished files alone) and content hashes.
+
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{Context, Result};
+
+/// Writes `bytes` to a temporary name beside `file` and renames it.
+pub fn write_atomically(file: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = file.with_extension(format!("tmp{}", std::process::id()));
+    let result = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, file));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.context(|| format!("writing {}", file.display()))
+}
+
+/// Writes a cache file atomically into a folder private to the user (a cache may hold
+/// native code, as compiled WASM does, so others must not write there).
+pub fn write_cache(file: &Path, bytes: &[u8]) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = file.parent().expect("cache files live in a folder");
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .context(|| format!("creating {}", dir.display()))?;
+    write_atomically(file, bytes)
+}
+
+/// Lowercase hexadecimal.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+pub fn file_sha256(path: &Path) -> Result<String> {
+    Ok(sha256_hex(&std::fs::read(path).context(|| format!("reading {}", path.display()))?))
+}
