@@ -33,3 +33,13 @@ impl Rng {
         (self.unit() * n as f64) as u32
     }
 }
+
+impl Rng {
+    /// A Fisher-Yates shuffle.
+    pub fn shuffle<T>(&mut self, items: &mut [T]) {
+        for i in (1..items.len()).rev() {
+            let j = (self.unit() * (i + 1) as f64) as usize;
+            items.swap(i, j.min(i));
+        }
+    }
+}

@@ -181,3 +181,14 @@ pub fn open_tokenizer(path: &Path) -> Result<Tokenizer> {
     let file = if path.is_dir() { path.join("tokenizer.json") } else { path.to_owned() };
     Tokenizer::open(&file)
 }
+
+/// The texts of the pieces that `fusellm split` wrote (or any JSONL with a `text` field),
+/// in order: what the stages after split index documents by.
+pub fn read_texts(path: &Path) -> Result<Vec<String>> {
+    let mut texts = Vec::new();
+    for_each_document(&[path.to_owned()], &["text".into()], OnBadInput::Stop, |d| {
+        texts.push(d.text);
+        Ok(())
+    })?;
+    Ok(texts)
+}

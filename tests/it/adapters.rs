@@ -8,7 +8,7 @@ use crate::common::{dylib, fixtures, registry_of, wasm};
 use candle_core::{DType, Device, Tensor};
 use fusellm_core::checkpoint::Checkpoint;
 use fusellm_core::model::generate::greedy;
-use fusellm_core::model::loss::{clm_loss, next_token_logprobs};
+use fusellm_core::model::loss::clm_loss;
 use fusellm_core::model::{LoadMode, Transformer};
 use fusellm_core::plugins::{Registry, Tier, WasmLimits};
 use fusellm_sdk::adapter::{Positions, QkvLayout, Residual};
@@ -91,7 +91,7 @@ fn a_third_party_dylib_adapter_runs_gpt_neox() {
         .unwrap();
     let logits = model.forward(&ids, None).unwrap();
     assert_eq!(logits.dims()[2], 50304);
-    let loss = clm_loss(&next_token_logprobs(&logits).unwrap(), &ids).unwrap();
+    let loss = clm_loss(&logits, &ids).unwrap();
     let grads = loss.backward().unwrap();
     assert_eq!(model.vars().len(), 2 * 12 + 4, "embed, head, final norm (2) and 12 tensors per layer");
     for (name, var) in model.vars() {

@@ -3,7 +3,7 @@
 
 use crate::common::fixtures;
 use candle_core::{Device, Tensor};
-use fusellm_core::model::loss::{clm_loss, next_token_logprobs};
+use fusellm_core::model::loss::clm_loss;
 use fusellm_core::model::Transformer;
 use fusellm_core::plugins::Registry;
 use fusellm_sdk::adapter::Positions;
@@ -26,7 +26,7 @@ fn assert_every_parameter_learns(label: &str, spec: &ModelSpec) {
     let model = Transformer::init(spec, 7, 0.2, &Device::Cpu).unwrap();
     let ids: Vec<u32> = (0..24u32).map(|i| (i * 7919) % spec.vocab_size as u32).collect();
     let ids = Tensor::from_vec(ids, (2, 12), &Device::Cpu).unwrap();
-    let loss = clm_loss(&next_token_logprobs(&model.forward(&ids, None).unwrap()).unwrap(), &ids).unwrap();
+    let loss = clm_loss(&model.forward(&ids, None).unwrap(), &ids).unwrap();
     let grads = loss.backward().unwrap();
     assert!(!model.vars().is_empty());
     for (name, var) in model.vars() {
@@ -90,7 +90,7 @@ fn every_fixture_checkpoint_trains_in_every_parameter() {
         let checkpoint = Checkpoint::open(&fixtures::model_dir(name), &registry, None).unwrap();
         let model = checkpoint.load_model(LoadMode::Trainable, candle_core::DType::F32, &Device::Cpu).unwrap();
         let ids = Tensor::new(&[[5u32, 17, 300, 2, 8, 9]], &Device::Cpu).unwrap();
-        let loss = clm_loss(&next_token_logprobs(&model.forward(&ids, None).unwrap()).unwrap(), &ids).unwrap();
+        let loss = clm_loss(&model.forward(&ids, None).unwrap(), &ids).unwrap();
         let grads = loss.backward().unwrap();
         assert_eq!(model.vars().len(), if name == "tiny-mpt" { 14 } else { 21 });
         for (param, var) in model.vars() {

@@ -156,14 +156,14 @@ fn left_padding_is_hidden_by_the_padding_mask_under_alibi() {
 
 #[test]
 fn empty_and_one_token_inputs_get_clear_errors() {
-    use fusellm_core::model::loss::next_token_logprobs;
+    use fusellm_core::model::loss::clm_loss;
     let (_, model) = open("tiny-mpt");
     let empty = Tensor::zeros((1, 0), DType::U32, &Device::Cpu).unwrap();
     assert!(model.forward(&empty, None).unwrap_err().message.contains("an empty batch"));
     let one = Tensor::new(&[[42u32]], &Device::Cpu).unwrap();
     let logits = model.forward(&one, None).unwrap();
     assert_eq!(logits.dims(), &[1, 1, 50432]);
-    assert!(next_token_logprobs(&logits).unwrap_err().message.contains("no next token to predict"));
+    assert!(clm_loss(&logits, &one).unwrap_err().message.contains("no next token to predict"));
 }
 
 #[test]

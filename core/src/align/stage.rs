@@ -103,6 +103,7 @@ pub fn align_stores(
             rows: SparseRowsBuf::with_capacity(0, 0),
             ce_token: Vec::new(),
             mean_ce: shard.mean_ce.clone(),
+            source_tokens: shard.offsets.windows(2).map(|w| w[1] - w[0]).collect(),
         };
         for (d, &doc) in shard.docs.iter().enumerate() {
             let text =

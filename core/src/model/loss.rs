@@ -1,33 +1,185 @@
-//! The two parts of the FuseLLM objective (DESIGN.md, step 6), both as means over the
-//! predicted positions: the causal LM loss on the gold next tokens and the fusion loss
-//! `-sum_k p_k log q(id_k)`, gathered from the target's log-softmax at the kept ids only.
+//! The FuseLLM objective (DESIGN.md, step 6): `lambda * CLM + (1 - lambda) * fusion`, where
+//! CLM is the mean cross-entropy on the gold next tokens and fusion the mean over positions
+//! of `-sum_k p_k log q(id_k)` for the fused sparse target, gathered at the kept ids only:
+//! never a dense `[b, t, V]` target.
+//!
+//! Positions are laid out like the logits: position `t` of a row predicts token `t + 1`, so
+//! the last position of each row (and padding) carries weight 0.
 
-use candle_core::{Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
+use serde::{Deserialize, Serialize};
 
-use super::ops::log_softmax;
-use crate::error::Result;
+use super::entry_nll::entry_nll;
+use crate::error::{Error, Result};
 
-/// Log-probabilities `[b, t - 1, V]` of the predictions for positions 1..t.
-pub fn next_token_logprobs(logits: &Tensor) -> Result<Tensor> {
-    let t = logits.dim(1)?;
-    if t < 2 {
-        return Err(crate::error::Error::msg(format!(
-            "a sequence of {t} token(s) has no next token to predict; the losses need at least 2"
-        )));
+/// The targets of one batch, on the host; built by the data pipeline or by tests.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LossBatch {
+    pub batch: usize,
+    pub len: usize,
+    /// Input token ids `[batch, len]`.
+    pub ids: Vec<u32>,
+    /// 1 where the token is real, 0 for padding (`[batch, len]`); attention uses it.
+    pub keep: Vec<u8>,
+    /// Per position: 1 where `ids[t + 1]` is a real next token of the same document.
+    pub clm_weight: Vec<f32>,
+    /// Entries per position of the sparse target (rows shorter than `k` are padded with
+    /// id 0 and probability 0; a position without a target has all zeros).
+    pub k: usize,
+    pub target_ids: Vec<u32>,
+    pub target_probs: Vec<f32>,
+}
+
+impl LossBatch {
+    /// `batch` sequences of equal length laid end to end in `ids`, every token real, with
+    /// CLM targets only.
+    pub fn sequences(ids: Vec<u32>, batch: usize) -> Result<Self> {
+        let len = if batch == 0 { 0 } else { ids.len() / batch };
+        if len < 2 || len * batch != ids.len() {
+            return Err(Error::msg(format!(
+                "{} ids do not form {batch} sequences of at least 2 tokens; a sequence of one token has no next token to predict",
+                ids.len()
+            )));
+        }
+        let clm_weight = (0..ids.len()).map(|i| if i % len == len - 1 { 0.0 } else { 1.0 }).collect();
+        let keep = vec![1; ids.len()];
+        Ok(Self { batch, len, ids, keep, clm_weight, k: 0, target_ids: Vec::new(), target_probs: Vec::new() })
     }
-    Ok(log_softmax(&logits.narrow(1, 0, t - 1)?)?)
+
+    /// Adds a sparse target of `k` entries per position (`[batch, len, k]`).
+    pub fn with_target(mut self, ids: Vec<u32>, probs: Vec<f32>, k: usize) -> Result<Self> {
+        let n = self.batch * self.len * k;
+        if ids.len() != n || probs.len() != n {
+            return Err(Error::msg(format!(
+                "a target of {} ids and {} probabilities for {} x {} positions x {k} entries",
+                ids.len(),
+                probs.len(),
+                self.batch,
+                self.len
+            )));
+        }
+        (self.k, self.target_ids, self.target_probs) = (k, ids, probs);
+        Ok(self)
+    }
+
+    /// The gold next token of each position (0 where there is none).
+    fn gold(&self) -> Vec<u32> {
+        let mut gold = vec![0; self.ids.len()];
+        for (g, w) in gold.chunks_mut(self.len).zip(self.ids.chunks(self.len)) {
+            g[..self.len - 1].copy_from_slice(&w[1..]);
+        }
+        gold
+    }
+
+    /// Positions that have a fused target.
+    fn target_positions(&self) -> usize {
+        self.target_probs.chunks(self.k.max(1)).filter(|row| row.iter().any(|&p| p > 0.0)).count()
+    }
+
+    /// `sum_k p log p` over all positions: KL = CE + this, per position.
+    fn target_neg_entropy(&self) -> f64 {
+        self.target_probs.iter().filter(|&&p| p > 0.0).map(|&p| p as f64 * (p as f64).ln()).sum()
+    }
+
+    pub fn tokens(&self) -> usize {
+        self.keep.iter().filter(|&&k| k == 1).count()
+    }
+
+    pub fn ids_tensor(&self, device: &Device) -> Result<Tensor> {
+        Ok(Tensor::from_slice(&self.ids, (self.batch, self.len), device)?)
+    }
+
+    /// The attention keep-mask, or None when nothing is padded.
+    pub fn keep_tensor(&self, device: &Device) -> Result<Option<Tensor>> {
+        if self.keep.iter().all(|&k| k == 1) {
+            return Ok(None);
+        }
+        let keep: Vec<u32> = self.keep.iter().map(|&k| k as u32).collect();
+        Ok(Some(Tensor::from_vec(keep, (self.batch, self.len), device)?))
+    }
 }
 
-/// Mean cross-entropy `-log q(ids[t + 1])` over all `b * (t - 1)` predicted positions.
-pub fn clm_loss(logprobs: &Tensor, ids: &Tensor) -> Result<Tensor> {
-    let t = ids.dim(1)?;
-    let gold = ids.narrow(1, 1, t - 1)?.unsqueeze(D::Minus1)?.contiguous()?;
-    Ok(logprobs.gather(&gold, D::Minus1)?.neg()?.mean_all()?)
+/// How the fusion part compares the target with the fused distribution.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Divergence {
+    /// `-sum p log q` (the paper).
+    #[default]
+    Ce,
+    /// `sum p log (p / q)`: the same gradient, a value that is 0 at a perfect match.
+    Kl,
 }
 
-/// Mean fusion loss over positions for a sparse target: `ids`, `probs` `[b, t - 1, k]`.
-pub fn fusion_loss(logprobs: &Tensor, ids: &Tensor, probs: &Tensor) -> Result<Tensor> {
-    let gathered = logprobs.gather(&ids.contiguous()?, D::Minus1)?;
-    let per_position = (gathered * probs.to_dtype(logprobs.dtype())?)?.sum(D::Minus1)?.neg()?;
-    Ok(per_position.mean_all()?)
+/// The objective's settings.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Objective {
+    /// Weight of the CLM part (the paper: 0.9).
+    pub lambda: f64,
+    pub divergence: Divergence,
+    /// Student temperature of the fusion part: `q = softmax(logits / T)`, the part scaled
+    /// by `T^2` as in distillation.
+    pub temperature: f64,
+}
+
+impl Default for Objective {
+    fn default() -> Self {
+        Self { lambda: 0.9, divergence: Divergence::Ce, temperature: 1.0 }
+    }
+}
+
+/// The loss and its two parts (means over their positions).
+pub struct Losses {
+    pub total: Tensor,
+    pub clm: Tensor,
+    pub fusion: Tensor,
+}
+
+impl Objective {
+    /// The losses for `logits` `[batch, len, V]` of `batch`.
+    pub fn losses(&self, logits: &Tensor, batch: &LossBatch) -> Result<Losses> {
+        let device = logits.device();
+        let (b, t, k) = (batch.batch, batch.len, batch.k);
+        if logits.dims3()?.0 != b || logits.dims3()?.1 != t {
+            return Err(Error::msg(format!("logits {:?} do not match a batch of {b} x {t}", logits.dims())));
+        }
+        let gold = Tensor::from_vec(batch.gold(), (b, t, 1), device)?;
+        let clm_weight = Tensor::from_slice(&batch.clm_weight, (b, t, 1), device)?;
+        let clm_positions: f32 = batch.clm_weight.iter().sum();
+        let fused_positions = batch.target_positions();
+        let (clm_nll, fusion_nll) = if k == 0 || fused_positions == 0 {
+            (entry_nll(logits, &gold)?, None)
+        } else {
+            let ids = Tensor::from_slice(&batch.target_ids, (b, t, k), device)?;
+            if self.temperature == 1.0 {
+                // One pass over the vocabulary for both parts.
+                let nll = entry_nll(logits, &Tensor::cat(&[&gold, &ids], D::Minus1)?)?;
+                (nll.narrow(D::Minus1, 0, 1)?, Some(nll.narrow(D::Minus1, 1, k)?))
+            } else {
+                let scaled = (logits / self.temperature)?;
+                (entry_nll(logits, &gold)?, Some(entry_nll(&scaled, &ids)?))
+            }
+        };
+        let clm = ((clm_nll * clm_weight)?.sum_all()? / clm_positions.max(1.0) as f64)?;
+        let fusion = match fusion_nll {
+            None => Tensor::zeros((), DType::F32, device)?,
+            Some(nll) => {
+                let probs = Tensor::from_slice(&batch.target_probs, (b, t, k), device)?;
+                let ce = ((nll * probs)?.sum_all()? / fused_positions as f64)?;
+                let value = match self.divergence {
+                    Divergence::Ce => ce,
+                    Divergence::Kl => (ce + batch.target_neg_entropy() / fused_positions as f64)?,
+                };
+                (value * (self.temperature * self.temperature))?
+            }
+        };
+        let total = ((&clm * self.lambda)? + (&fusion * (1.0 - self.lambda))?)?;
+        Ok(Losses { total, clm, fusion })
+    }
+}
+
+/// The mean CLM loss of plain sequences: `ids` `[batch, len]`, every token real.
+pub fn clm_loss(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let (batch, _) = ids.dims2()?;
+    let batch = LossBatch::sequences(ids.flatten_all()?.to_vec1()?, batch)?;
+    Ok(Objective { lambda: 1.0, ..Default::default() }.losses(logits, &batch)?.clm)
 }

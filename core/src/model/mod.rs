@@ -3,6 +3,7 @@
 //! the training and precompute path).
 
 mod attention;
+pub mod entry_nll;
 pub mod generate;
 mod layers;
 pub mod loss;

@@ -6,7 +6,9 @@
 //! once every shard exists.
 
 mod aligned;
+mod fused;
 mod shard;
+mod tensors;
 
 use std::path::{Path, PathBuf};
 
@@ -18,12 +20,15 @@ use crate::model::Transformer;
 use crate::precompute::{topk, Settings};
 use crate::tokenizer::Tokenizer;
 pub use aligned::AlignedShard;
+pub use fused::FusedShard;
 pub use shard::{Layout, Shard};
 
 /// The version of the store's file format.
 pub const FORMAT: &str = "fusellm-store/1";
 /// The version of the aligned store's file format.
-pub const ALIGNED_FORMAT: &str = "fusellm-aligned/1";
+pub const ALIGNED_FORMAT: &str = "fusellm-aligned/2";
+/// The version of the fused store's file format.
+pub const FUSED_FORMAT: &str = "fusellm-fused/1";
 
 /// What a store was made from and how; a run that asks for something else is refused.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -3,11 +3,7 @@
 //! f16 or f32. The per-token CE is not stored where the gold next token is among the
 //! kept entries (it is one of the stored log-probabilities); only the others are listed.
 
-use std::collections::HashMap;
-
-use half::f16;
-use safetensors::tensor::{Dtype, SafeTensors, TensorView};
-
+use super::tensors::{Reader, Writer};
 use crate::error::{Error, Result};
 use crate::precompute::DocTopK;
 
@@ -103,66 +99,33 @@ impl Shard {
     /// The shard as safetensors bytes.
     pub fn encode(&self, layout: Layout) -> Result<Vec<u8>> {
         let tokens = *self.offsets.last().unwrap_or(&0) as usize;
-        let mut tensors: Vec<(&str, Dtype, Vec<usize>, Vec<u8>)> = vec![
-            ("docs", Dtype::U32, vec![self.docs.len()], u32s(&self.docs)),
-            ("offsets", Dtype::U32, vec![self.offsets.len()], u32s(&self.offsets)),
-            ("ce_missing_at", Dtype::U32, vec![self.ce_missing_at.len()], u32s(&self.ce_missing_at)),
-            ("ce_missing", Dtype::F32, vec![self.ce_missing.len()], f32s(&self.ce_missing)),
-            ("mean_ce", Dtype::F32, vec![self.mean_ce.len()], f32s(&self.mean_ce)),
-        ];
-        let ids = if layout.wide_ids {
-            (Dtype::U32, u32s(&self.topk_ids))
-        } else {
-            (Dtype::U16, self.topk_ids.iter().flat_map(|&i| (i as u16).to_le_bytes()).collect())
+        let w = Writer::default()
+            .u32s("docs", vec![self.docs.len()], &self.docs)
+            .u32s("offsets", vec![self.offsets.len()], &self.offsets)
+            .u32s("ce_missing_at", vec![self.ce_missing_at.len()], &self.ce_missing_at)
+            .floats("ce_missing", vec![self.ce_missing.len()], &self.ce_missing, false)
+            .floats("mean_ce", vec![self.mean_ce.len()], &self.mean_ce, false)
+            .ids("topk_ids", vec![tokens, layout.k], &self.topk_ids, layout.wide_ids)
+            .floats("topk_logprobs", vec![tokens, layout.k], &self.topk_logprobs, layout.half);
+        let w = match &self.residual {
+            Some(r) => w.floats("residual", vec![tokens], r, layout.half),
+            None => w,
         };
-        tensors.push(("topk_ids", ids.0, vec![tokens, layout.k], ids.1));
-        let (dtype, bytes) = floats(&self.topk_logprobs, layout.half);
-        tensors.push(("topk_logprobs", dtype, vec![tokens, layout.k], bytes));
-        if let Some(r) = &self.residual {
-            let (dtype, bytes) = floats(r, layout.half);
-            tensors.push(("residual", dtype, vec![tokens], bytes));
-        }
-        let views = tensors
-            .iter()
-            .map(|(name, dtype, shape, bytes)| {
-                Ok((*name, TensorView::new(*dtype, shape.clone(), bytes).map_err(st_error)?))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let meta = HashMap::from([("format".to_string(), super::FORMAT.to_string())]);
-        safetensors::serialize(views, Some(meta)).map_err(st_error)
+        w.finish(super::FORMAT)
     }
 
     /// Decodes a shard written by [`Shard::encode`].
     pub fn decode(bytes: &[u8]) -> Result<Self> {
-        let st = SafeTensors::deserialize(bytes).map_err(st_error)?;
-        let get = |name: &str| st.tensor(name).map_err(|_| Error::msg(format!("the shard has no `{name}` tensor")));
-        let u32v = |name: &str| -> Result<Vec<u32>> {
-            Ok(get(name)?.data().chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect())
-        };
-        let floatv = |view: TensorView<'_>| -> Vec<f32> {
-            match view.dtype() {
-                Dtype::F16 => {
-                    view.data().chunks_exact(2).map(|c| f16::from_le_bytes(c.try_into().unwrap()).to_f32()).collect()
-                }
-                _ => view.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
-            }
-        };
-        let ids = get("topk_ids")?;
-        let topk_ids = match ids.dtype() {
-            Dtype::U16 => {
-                ids.data().chunks_exact(2).map(|c| u16::from_le_bytes(c.try_into().unwrap()) as u32).collect()
-            }
-            _ => u32v("topk_ids")?,
-        };
+        let r = Reader::new(bytes, "shard")?;
         let shard = Shard {
-            docs: u32v("docs")?,
-            offsets: u32v("offsets")?,
-            topk_ids,
-            topk_logprobs: floatv(get("topk_logprobs")?),
-            ce_missing_at: u32v("ce_missing_at")?,
-            ce_missing: floatv(get("ce_missing")?),
-            mean_ce: floatv(get("mean_ce")?),
-            residual: st.tensor("residual").ok().map(floatv),
+            docs: r.u32s("docs")?,
+            offsets: r.u32s("offsets")?,
+            topk_ids: r.u32s("topk_ids")?,
+            topk_logprobs: r.f32s("topk_logprobs")?,
+            ce_missing_at: r.u32s("ce_missing_at")?,
+            ce_missing: r.f32s("ce_missing")?,
+            mean_ce: r.f32s("mean_ce")?,
+            residual: if r.has("residual") { Some(r.f32s("residual")?) } else { None },
         };
         shard.check().map_err(|e| Error::msg(format!("the shard is inconsistent: {e}")))?;
         Ok(shard)
@@ -193,24 +156,4 @@ impl Shard {
             )),
         }
     }
-}
-
-pub(super) fn u32s(v: &[u32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-pub(super) fn f32s(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-pub(super) fn floats(v: &[f32], half: bool) -> (Dtype, Vec<u8>) {
-    if half {
-        (Dtype::F16, v.iter().flat_map(|&x| f16::from_f32(x).to_le_bytes()).collect())
-    } else {
-        (Dtype::F32, f32s(v))
-    }
-}
-
-pub(super) fn st_error(e: safetensors::SafeTensorError) -> Error {
-    Error::msg(format!("safetensors: {e}"))
 }

@@ -4,13 +4,20 @@
 use fusellm_sdk::{Candidate, FusionInput, ParamSpec, Params};
 
 /// The parameters both fusion functions take.
-pub fn common_params() -> [ParamSpec; 3] {
+pub fn common_params() -> [ParamSpec; 4] {
     [
         ParamSpec::choice(
             "granularity",
             &["document", "token"],
             "document",
             "rank candidates by their mean CE on the document (the paper's code) or by their CE on each token",
+        ),
+        ParamSpec::choice(
+            "ce_norm",
+            &["token", "byte"],
+            "token",
+            "token: CE in nats per token (the paper); byte: scaled by the candidate's tokens per byte of the \
+             document, so that tokenizers of different granularity compare fairly",
         ),
         ParamSpec::bool(
             "include_target",
@@ -28,6 +35,8 @@ pub struct Pool<'a> {
     /// Index in `members` of the target's own distribution, if it takes part.
     target: Option<usize>,
     per_token: bool,
+    /// Per member: the factor from nats per token to the compared unit.
+    scale: Vec<f64>,
     pub temperature: f64,
 }
 
@@ -39,8 +48,11 @@ impl<'a> Pool<'a> {
         if members.is_empty() && input.positions() > 0 {
             return Err("no candidate distributions to fuse".into());
         }
+        let per_byte = params.str("ce_norm") == "byte";
+        let scale = members.iter().map(|c| if per_byte { per_byte_factor(c, input.text_bytes) } else { 1.0 }).collect();
         Ok(Self {
             target: members.iter().position(|c| c.is_target),
+            scale,
             per_token: params.str("granularity") == "token",
             temperature: params.float("temperature"),
             members,
@@ -54,7 +66,7 @@ impl<'a> Pool<'a> {
         if ce.is_nan() {
             f64::INFINITY
         } else {
-            ce
+            ce * self.scale[c]
         }
     }
 
@@ -76,4 +88,10 @@ impl<'a> Pool<'a> {
         let fallback = self.members[self.target?].dist.row(p);
         (!fallback.0.is_empty()).then_some(fallback)
     }
+}
+
+/// Nats per token to nats per byte: the candidate predicts `tokens - 1` tokens of a text of
+/// `text_bytes` bytes, so its total CE over the text is `mean CE * (tokens - 1)`.
+fn per_byte_factor(candidate: &Candidate<'_>, text_bytes: u32) -> f64 {
+    candidate.tokens.saturating_sub(1) as f64 / text_bytes.max(1) as f64
 }

@@ -1,0 +1,145 @@
+//! The one vocabulary-wide operation of both losses: for logits `[n, V]` and kept ids
+//! `[n, K]`, the negative log-likelihoods `lse(logits[r]) - logits[r, ids[r, k]]`, `[n, K]`.
+//!
+//! The CLM loss is the case K = 1 (the gold next token); the sparse fusion loss gathers the
+//! fused target's ids; both together are one call. On the CPU this is a custom op whose
+//! forward keeps O(n * K) and whose backward writes the single `[n, V]` gradient buffer
+//! directly (`softmax * sum_k g_k - scatter(g)`), where the composed `log_softmax + gather`
+//! holds several `[n, V]` intermediates. Elsewhere the composition is used.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
+use rayon::prelude::*;
+
+use super::ops::log_softmax;
+
+/// `-log softmax(logits)[ids]` per kept entry. `logits` `[.., V]` f32, `ids` `[.., K]` u32
+/// with the same leading dimensions; the result has the shape of `ids`.
+pub fn entry_nll(logits: &Tensor, ids: &Tensor) -> candle_core::Result<Tensor> {
+    if logits.device().is_cpu() && logits.dtype() == DType::F32 {
+        let v = logits.dim(D::Minus1)?;
+        let k = ids.dim(D::Minus1)?;
+        let rows = logits.elem_count() / v;
+        let flat = logits.reshape((rows, v))?;
+        return flat.apply_op2(&ids.reshape((rows, k))?.contiguous()?, EntryNll)?.reshape(ids.shape());
+    }
+    composed_entry_nll(logits, ids)
+}
+
+/// The same as a composition of differentiable ops (any device; the reference in tests).
+pub fn composed_entry_nll(logits: &Tensor, ids: &Tensor) -> candle_core::Result<Tensor> {
+    log_softmax(logits)?.gather(&ids.contiguous()?, D::Minus1)?.neg()
+}
+
+struct EntryNll;
+
+/// Row-wise max and log-sum-exp, accumulated in f64 for stability across 32k-wide rows.
+fn log_sum_exp(row: &[f32]) -> f32 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = row.iter().map(|&x| ((x - max) as f64).exp()).sum();
+    max + sum.ln() as f32
+}
+
+fn contiguous<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("entry_nll: {what} must be contiguous"),
+    }
+}
+
+fn inputs<'a>(
+    s1: &'a CpuStorage,
+    l1: &Layout,
+    s2: &'a CpuStorage,
+    l2: &Layout,
+) -> candle_core::Result<(&'a [f32], &'a [u32], usize, usize)> {
+    let (CpuStorage::F32(logits), CpuStorage::U32(ids)) = (s1, s2) else {
+        candle_core::bail!("entry_nll takes f32 logits and u32 ids")
+    };
+    let (rows, v) = l1.shape().dims2()?;
+    let (rows_ids, k) = l2.shape().dims2()?;
+    if rows != rows_ids {
+        candle_core::bail!("entry_nll: {rows} rows of logits but {rows_ids} rows of ids");
+    }
+    let (logits, ids) = (contiguous(logits, l1, "logits")?, contiguous(ids, l2, "ids")?);
+    if let Some(&bad) = ids.iter().find(|&&i| i as usize >= v) {
+        candle_core::bail!("entry_nll: id {bad} is outside the vocabulary of {v}");
+    }
+    Ok((logits, ids, v, k))
+}
+
+impl CustomOp2 for EntryNll {
+    fn name(&self) -> &'static str {
+        "entry-nll"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (logits, ids, v, k) = inputs(s1, l1, s2, l2)?;
+        let mut out = vec![0f32; ids.len()];
+        out.par_chunks_mut(k.max(1)).zip(logits.par_chunks(v)).zip(ids.par_chunks(k.max(1))).for_each(
+            |((out, row), ids)| {
+                let lse = log_sum_exp(row);
+                for (o, &i) in out.iter_mut().zip(ids) {
+                    *o = lse - row[i as usize];
+                }
+            },
+        );
+        Ok((CpuStorage::F32(out), l2.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        ids: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad_logits = logits.apply_op3_no_bwd(ids, &grad.contiguous()?, &EntryNllGrad)?;
+        Ok((Some(grad_logits), None))
+    }
+}
+
+/// The backward of [`EntryNll`]: `d/dlogits = softmax(logits) * sum_k g_k - scatter(g)`.
+struct EntryNllGrad;
+
+impl CustomOp3 for EntryNllGrad {
+    fn name(&self) -> &'static str {
+        "entry-nll-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (logits, ids, v, k) = inputs(s1, l1, s2, l2)?;
+        let CpuStorage::F32(grad) = s3 else { candle_core::bail!("entry_nll: the gradient must be f32") };
+        let grad = contiguous(grad, l3, "gradient")?;
+        let mut out = vec![0f32; logits.len()];
+        out.par_chunks_mut(v)
+            .zip(logits.par_chunks(v))
+            .zip(ids.par_chunks(k.max(1)).zip(grad.par_chunks(k.max(1))))
+            .for_each(|((out, row), (ids, g))| {
+                let total: f32 = g.iter().sum();
+                if total != 0.0 {
+                    let lse = log_sum_exp(row);
+                    for (o, &x) in out.iter_mut().zip(row) {
+                        *o = (x - lse).exp() * total;
+                    }
+                }
+                for (&i, &g) in ids.iter().zip(g) {
+                    out[i as usize] -= g;
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}

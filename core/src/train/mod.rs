@@ -1,0 +1,224 @@
+//! The training loop (DESIGN.md step 6): the target model continually trained on
+//! `lambda * CLM + (1 - lambda) * fusion`, with our own AdamW, clipping by global norm,
+//! warmup and decay, gradient accumulation, checkpoints in the Hugging Face layout plus a
+//! training state, exact resume, and a stop with the step and the parameter at the first
+//! NaN or Inf.
+
+pub mod data;
+mod metrics;
+pub mod optim;
+pub mod schedule;
+mod state;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::model::loss::{Divergence, Objective};
+use crate::model::Transformer;
+pub use data::{Batching, Dataset, Document};
+pub use metrics::StepMetrics;
+use optim::{grad_norm, AdamW, AdamWConfig};
+use schedule::{LambdaSchedule, LrSchedule};
+pub use state::{latest_checkpoint, TrainState};
+
+/// Everything that decides what training computes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Optimizer steps in all.
+    pub steps: u64,
+    pub batching: Batching,
+    /// Micro-batches per optimizer step.
+    pub accumulation: u64,
+    pub lr: LrSchedule,
+    pub lambda: LambdaSchedule,
+    pub divergence: Divergence,
+    pub temperature: f64,
+    pub adamw: AdamWConfig,
+    /// Clip the gradient to this global L2 norm (the paper: 1.0).
+    pub clip: Option<f64>,
+    /// Write a checkpoint every this many steps (and at the end).
+    pub checkpoint_every: u64,
+    /// Checkpoints kept; older ones are removed once a newer one is complete.
+    pub keep_checkpoints: usize,
+}
+
+/// What the caller sees after each step.
+pub struct Progress<'a> {
+    pub metrics: &'a StepMetrics,
+    pub total_steps: u64,
+    pub eta_s: f64,
+}
+
+/// A training run in a folder: `checkpoints/step-NNNNNNN/` (Hugging Face layout, plus the
+/// training state), `metrics.jsonl` and `loss.png`.
+pub struct Trainer<'a> {
+    pub run_dir: PathBuf,
+    /// The folder the target came from: its config.json and tokenizer files go with every
+    /// checkpoint.
+    pub base: PathBuf,
+    pub model: &'a Transformer,
+    pub config: TrainConfig,
+}
+
+/// How a run ended.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Summary {
+    pub step: u64,
+    pub checkpoint: PathBuf,
+    pub tokens: u64,
+    pub seconds: f64,
+}
+
+impl Trainer<'_> {
+    /// Trains from the model's current weights, or, when `resume` and the run folder has a
+    /// checkpoint, from that checkpoint's weights, optimizer state and step. Stops after
+    /// `stop_at` steps when given (a checkpoint is written there).
+    pub fn run(
+        &self,
+        data: &mut Dataset,
+        resume: bool,
+        stop_at: Option<u64>,
+        mut progress: impl FnMut(Progress),
+    ) -> Result<Summary> {
+        let vars = self.model.vars();
+        if vars.is_empty() {
+            return Err(Error::msg("the target must be loaded trainable (LoadMode::Trainable)"));
+        }
+        let mut optimizer = AdamW::new(vars, self.config.adamw)?;
+        let mut state = self.start(resume, &mut optimizer)?;
+        let mut log = metrics::Log::open(&self.run_dir, state.step)?;
+        let end = stop_at.unwrap_or(self.config.steps).min(self.config.steps);
+        let started = Instant::now();
+        let (first, first_tokens) = (state.step, state.tokens);
+        let mut last = latest_checkpoint(&self.run_dir).map(|(_, dir)| dir);
+        while state.step < end {
+            let step = state.step + 1;
+            let mut metrics = self.step(data, &mut optimizer, step, &mut state, started, last.as_deref())?;
+            metrics.tokens_per_s = (state.tokens - first_tokens) as f64 / metrics.elapsed_s.max(1e-9);
+            log.push(&metrics)?;
+            let remaining = (end - step) as f64;
+            let eta_s = started.elapsed().as_secs_f64() / (step - first) as f64 * remaining;
+            progress(Progress { metrics: &metrics, total_steps: self.config.steps, eta_s });
+            if step % self.config.checkpoint_every.max(1) == 0 || step == end {
+                last = Some(self.checkpoint(&optimizer, &state, &log)?);
+            }
+        }
+        let checkpoint = match last {
+            Some(dir) => dir,
+            None => self.checkpoint(&optimizer, &state, &log)?,
+        };
+        Ok(Summary { step: state.step, checkpoint, tokens: state.tokens, seconds: started.elapsed().as_secs_f64() })
+    }
+
+    /// A fresh state, or the one of the latest checkpoint (its weights and moments loaded).
+    fn start(&self, resume: bool, optimizer: &mut AdamW) -> Result<TrainState> {
+        match (latest_checkpoint(&self.run_dir), resume) {
+            (Some((_, dir)), true) => {
+                let state = TrainState::load(&dir, &self.config)?;
+                state::load_weights(&dir, self.model, optimizer, state.step)?;
+                Ok(state)
+            }
+            (Some((_, dir)), false) => Err(Error::msg(format!(
+                "{} already holds a checkpoint ({}); resume it with --resume, or choose another run folder",
+                self.run_dir.display(),
+                dir.display()
+            ))),
+            (None, _) => Ok(TrainState::new(&self.config)),
+        }
+    }
+
+    /// One optimizer step over `accumulation` micro-batches.
+    fn step(
+        &self,
+        data: &mut Dataset,
+        optimizer: &mut AdamW,
+        step: u64,
+        state: &mut TrainState,
+        started: Instant,
+        last_good: Option<&Path>,
+    ) -> Result<StepMetrics> {
+        let config = &self.config;
+        let lambda = config.lambda.at(step, config.steps);
+        let objective = Objective { lambda, divergence: config.divergence, temperature: config.temperature };
+        let accumulation = config.accumulation.max(1);
+        let device = self.model.device();
+        let (mut loss_sum, mut clm_sum, mut fusion_sum, mut tokens) = (0.0, 0.0, 0.0, 0);
+        let mut grads: Option<candle_core::backprop::GradStore> = None;
+        for micro in 0..accumulation {
+            let batch = data.batch((step - 1) * accumulation + micro)?;
+            let logits = self.model.forward(&batch.ids_tensor(device)?, batch.keep_tensor(device)?.as_ref())?;
+            let losses = objective.losses(&logits, &batch)?;
+            let scalar = |t: &candle_core::Tensor| -> Result<f64> { Ok(t.to_scalar::<f32>()? as f64) };
+            let (loss, clm, fusion) = (scalar(&losses.total)?, scalar(&losses.clm)?, scalar(&losses.fusion)?);
+            if !loss.is_finite() {
+                return Err(nan_error(step, &format!("the loss is {loss} (CLM {clm}, fusion {fusion})"), last_good));
+            }
+            let g = (losses.total / accumulation as f64)?.backward()?;
+            grads = Some(match grads {
+                None => g,
+                Some(mut sum) => {
+                    for (_, var) in self.model.vars() {
+                        if let (Some(a), Some(b)) = (sum.get(var), g.get(var)) {
+                            let total = (a + b)?;
+                            sum.insert(var, total);
+                        }
+                    }
+                    sum
+                }
+            });
+            loss_sum += loss;
+            clm_sum += clm;
+            fusion_sum += fusion;
+            tokens += batch.tokens() as u64;
+        }
+        let grads = grads.expect("at least one micro-batch");
+        let vars = self.model.vars();
+        let (norm, bad) = grad_norm(vars, &grads)?;
+        if let Some(name) = bad {
+            return Err(nan_error(step, &format!("the gradient of `{name}` is not finite"), last_good));
+        }
+        let scale = match config.clip {
+            Some(max) if norm > max => max / (norm + 1e-6),
+            _ => 1.0,
+        };
+        let lr = config.lr.at(step, config.steps);
+        optimizer.step(vars, &grads, scale, lr)?;
+        state.step = step;
+        state.tokens += tokens;
+        let n = accumulation as f64;
+        let elapsed = started.elapsed().as_secs_f64();
+        Ok(StepMetrics {
+            step,
+            loss: loss_sum / n,
+            clm: clm_sum / n,
+            fusion: fusion_sum / n,
+            lambda,
+            lr,
+            grad_norm: norm,
+            tokens: state.tokens,
+            tokens_per_s: 0.0,
+            elapsed_s: elapsed,
+        })
+    }
+
+    /// Writes `checkpoints/step-NNNNNNN` atomically, then the plot; prunes old ones.
+    fn checkpoint(&self, optimizer: &AdamW, state: &TrainState, log: &metrics::Log) -> Result<PathBuf> {
+        let dir = state::write_checkpoint(&self.run_dir, &self.base, self.model, optimizer, state)?;
+        log.plot(&self.run_dir.join("loss.png"))?;
+        state::prune(&self.run_dir, self.config.keep_checkpoints.max(1))?;
+        Ok(dir)
+    }
+}
+
+fn nan_error(step: u64, what: &str, last_good: Option<&Path>) -> Error {
+    let kept = match last_good {
+        Some(dir) => format!("the last good checkpoint is {}", dir.display()),
+        None => "no checkpoint was written before it".into(),
+    };
+    Error::msg(format!(
+        "step {step}: {what}; training stopped ({kept}). Lower the learning rate, enable clipping, or check the data of this step"
+    ))
+}

@@ -1,0 +1,117 @@
+//! AdamW with its state in the open (candle's keeps its moments private, and a resumed run
+//! must continue from exactly the same moments): decoupled weight decay, bias correction
+//! and the order of operations of PyTorch's `torch.optim.AdamW` (single-tensor path).
+
+use std::collections::HashMap;
+
+use candle_core::{backprop::GradStore, DType, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    /// The paper's: betas (0.9, 0.95), weight decay 0.1.
+    fn default() -> Self {
+        Self { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 }
+    }
+}
+
+/// The optimizer and its state: the step count and both moments of every parameter (f32,
+/// whatever the compute dtype).
+pub struct AdamW {
+    pub config: AdamWConfig,
+    pub step: u64,
+    moments: Vec<(Tensor, Tensor)>,
+}
+
+impl AdamW {
+    pub fn new(vars: &[(String, Var)], config: AdamWConfig) -> Result<Self> {
+        let moments = vars
+            .iter()
+            .map(|(_, v)| Ok((v.zeros_like()?.to_dtype(DType::F32)?, v.zeros_like()?.to_dtype(DType::F32)?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { config, step: 0, moments })
+    }
+
+    /// One update of every parameter with its gradient in `grads` (scaled by `grad_scale`,
+    /// for clipping) at learning rate `lr`. A parameter without a gradient is an error: it
+    /// means the graph does not reach it.
+    pub fn step(&mut self, vars: &[(String, Var)], grads: &GradStore, grad_scale: f64, lr: f64) -> Result<()> {
+        self.step += 1;
+        let AdamWConfig { beta1, beta2, eps, weight_decay } = self.config;
+        let t = self.step as i32;
+        let step_size = lr / (1.0 - beta1.powi(t));
+        let bias_correction2_sqrt = (1.0 - beta2.powi(t)).sqrt();
+        for ((name, var), (m, v)) in vars.iter().zip(self.moments.iter_mut()) {
+            let grad = grads
+                .get(var)
+                .ok_or_else(|| Error::msg(format!("`{name}` received no gradient; the loss does not depend on it")))?;
+            let grad = (grad.to_dtype(DType::F32)? * grad_scale)?;
+            let param = var.as_tensor().to_dtype(DType::F32)?;
+            let param = (param * (1.0 - lr * weight_decay))?;
+            *m = ((&*m * beta1)? + (&grad * (1.0 - beta1))?)?;
+            *v = ((&*v * beta2)? + (grad.sqr()? * (1.0 - beta2))?)?;
+            let denom = ((v.sqrt()? / bias_correction2_sqrt)? + eps)?;
+            let update = ((&*m / denom)? * step_size)?;
+            var.set(&(param - update)?.to_dtype(var.dtype())?)?;
+        }
+        Ok(())
+    }
+
+    /// The moments by parameter name (`m.<name>`, `v.<name>`), for the training state.
+    pub fn state(&self, vars: &[(String, Var)]) -> HashMap<String, Tensor> {
+        let mut out = HashMap::new();
+        for ((name, _), (m, v)) in vars.iter().zip(&self.moments) {
+            out.insert(format!("m.{name}"), m.clone());
+            out.insert(format!("v.{name}"), v.clone());
+        }
+        out
+    }
+
+    /// Restores the moments saved by [`AdamW::state`] at `step`.
+    pub fn restore(&mut self, vars: &[(String, Var)], mut saved: HashMap<String, Tensor>, step: u64) -> Result<()> {
+        for ((name, var), (m, v)) in vars.iter().zip(self.moments.iter_mut()) {
+            let mut take = |key: String| {
+                saved
+                    .remove(&key)
+                    .ok_or_else(|| Error::msg(format!("the optimizer state has no `{key}`")))?
+                    .to_device(var.device())
+                    .map_err(Error::from)
+            };
+            let (saved_m, saved_v) = (take(format!("m.{name}"))?, take(format!("v.{name}"))?);
+            if saved_m.dims() != var.dims() || saved_v.dims() != var.dims() {
+                return Err(Error::msg(format!(
+                    "the optimizer state of `{name}` has shape {:?}, the parameter {:?}",
+                    saved_m.dims(),
+                    var.dims()
+                )));
+            }
+            (*m, *v) = (saved_m, saved_v);
+        }
+        self.step = step;
+        Ok(())
+    }
+}
+
+/// The global L2 norm of the gradients (summed in f64), and the first parameter whose
+/// gradient is not finite.
+pub fn grad_norm(vars: &[(String, Var)], grads: &GradStore) -> Result<(f64, Option<String>)> {
+    let mut total = 0.0;
+    for (name, var) in vars {
+        let Some(g) = grads.get(var) else { continue };
+        let sq = g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        if !sq.is_finite() {
+            return Ok((f64::NAN, Some(name.clone())));
+        }
+        total += sq;
+    }
+    Ok((total.sqrt(), None))
+}

@@ -1,0 +1,144 @@
+//! Checkpoints of a training run: `checkpoints/step-NNNNNNN/` in the Hugging Face layout
+//! (config.json, model.safetensors, tokenizer files) so that transformers loads it, plus
+//! what resuming needs (optimizer.safetensors, trainer_state.json). A checkpoint is
+//! written under a `.partial` name and renamed when complete.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::optim::AdamW;
+use super::TrainConfig;
+use crate::error::{Context, Error, Result};
+use crate::files::write_atomically;
+use crate::model::Transformer;
+
+/// Files of the base checkpoint that every checkpoint carries along (when present).
+const CARRIED: &[&str] =
+    &["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"];
+
+/// Where a run stands: the step reached and the tokens seen; the configuration it was
+/// started with, so that a resume with another one is refused.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    pub step: u64,
+    pub tokens: u64,
+    pub config: TrainConfig,
+    pub fusellm_version: String,
+}
+
+impl TrainState {
+    pub fn new(config: &TrainConfig) -> Self {
+        Self { step: 0, tokens: 0, config: config.clone(), fusellm_version: env!("CARGO_PKG_VERSION").into() }
+    }
+
+    /// The state of checkpoint `dir`, checked against the configuration of the resumed run.
+    pub fn load(dir: &Path, config: &TrainConfig) -> Result<Self> {
+        let file = dir.join("trainer_state.json");
+        let bytes = std::fs::read(&file).context(|| format!("reading {}", file.display()))?;
+        let state: TrainState = serde_json::from_slice(&bytes).context(|| file.display().to_string())?;
+        if let Some(key) = first_difference(&serde_json::json!(state.config), &serde_json::json!(config), "") {
+            return Err(Error::msg(format!(
+                "{} was trained with another `{key}` than this run asks for; resume with the same training settings, or start a new run folder",
+                dir.display()
+            )));
+        }
+        Ok(state)
+    }
+}
+
+/// The dotted path of the first value that differs between two JSON objects.
+fn first_difference(a: &serde_json::Value, b: &serde_json::Value, at: &str) -> Option<String> {
+    match (a, b) {
+        (serde_json::Value::Object(x), serde_json::Value::Object(y)) => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            keys.into_iter().find_map(|k| {
+                let path = if at.is_empty() { k.clone() } else { format!("{at}.{k}") };
+                first_difference(
+                    x.get(k).unwrap_or(&serde_json::Value::Null),
+                    y.get(k).unwrap_or(&serde_json::Value::Null),
+                    &path,
+                )
+            })
+        }
+        _ => (a != b).then(|| at.to_string()),
+    }
+}
+
+fn checkpoints(run_dir: &Path) -> PathBuf {
+    run_dir.join("checkpoints")
+}
+
+/// The complete checkpoint of the highest step, if any.
+pub fn latest_checkpoint(run_dir: &Path) -> Option<(u64, PathBuf)> {
+    complete_checkpoints(run_dir).into_iter().max_by_key(|(step, _)| *step)
+}
+
+fn complete_checkpoints(run_dir: &Path) -> Vec<(u64, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(checkpoints(run_dir)) else { return Vec::new() };
+    entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter_map(|p| {
+            let step = p.file_name()?.to_str()?.strip_prefix("step-")?.parse::<u64>().ok()?;
+            p.join("trainer_state.json").exists().then_some((step, p))
+        })
+        .collect()
+}
+
+/// Writes the checkpoint of `state.step`.
+pub fn write_checkpoint(
+    run_dir: &Path,
+    base: &Path,
+    model: &Transformer,
+    optimizer: &AdamW,
+    state: &TrainState,
+) -> Result<PathBuf> {
+    let dir = checkpoints(run_dir).join(format!("step-{:07}", state.step));
+    let partial = dir.with_extension("partial");
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial).context(|| format!("removing {}", partial.display()))?;
+    }
+    std::fs::create_dir_all(&partial).context(|| format!("creating {}", partial.display()))?;
+    for name in CARRIED {
+        let from = base.join(name);
+        if from.exists() {
+            std::fs::copy(&from, partial.join(name)).context(|| format!("copying {}", from.display()))?;
+        }
+    }
+    model.save_weights(&partial.join("model.safetensors"))?;
+    candle_core::safetensors::save(&optimizer.state(model.vars()), partial.join("optimizer.safetensors"))
+        .context(|| format!("writing the optimizer state in {}", partial.display()))?;
+    write_atomically(&partial.join("trainer_state.json"), &serde_json::to_vec_pretty(state).expect("JSON"))?;
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).context(|| format!("replacing {}", dir.display()))?;
+    }
+    std::fs::rename(&partial, &dir).context(|| format!("renaming {} into place", partial.display()))?;
+    Ok(dir)
+}
+
+/// Sets the model's weights and the optimizer's moments to those of checkpoint `dir`.
+pub fn load_weights(dir: &Path, model: &Transformer, optimizer: &mut AdamW, step: u64) -> Result<()> {
+    let device = model.device();
+    let weights = candle_core::safetensors::load(dir.join("model.safetensors"), device)
+        .context(|| format!("reading the weights of {}", dir.display()))?;
+    for (name, var) in model.vars() {
+        let saved = weights.get(name).ok_or_else(|| Error::msg(format!("{} has no `{name}`", dir.display())))?;
+        var.set(&saved.to_dtype(var.dtype())?)
+            .context(|| format!("{}: `{name}` does not fit the model", dir.display()))?;
+    }
+    let moments: HashMap<String, candle_core::Tensor> =
+        candle_core::safetensors::load(dir.join("optimizer.safetensors"), device)
+            .context(|| format!("reading the optimizer state of {}", dir.display()))?;
+    optimizer.restore(model.vars(), moments, step)
+}
+
+/// Removes all but the newest `keep` complete checkpoints.
+pub fn prune(run_dir: &Path, keep: usize) -> Result<()> {
+    let mut all = complete_checkpoints(run_dir);
+    all.sort_by_key(|(step, _)| std::cmp::Reverse(*step));
+    for (_, dir) in all.into_iter().skip(keep) {
+        std::fs::remove_dir_all(&dir).context(|| format!("removing the old checkpoint {}", dir.display()))?;
+    }
+    Ok(())
+}
