@@ -24,3 +24,7 @@ mod split;
 mod store;
 mod store_import;
 mod train_step;
+mod training;
+
+#[global_allocator]
+static ALLOCATOR: common::alloc::Counting = common::alloc::Counting;
