@@ -1,11 +1,10 @@
 //! `fusellm split`: the corpus cut into pieces that fit every model's context.
 
-use std::io::Write;
 use std::path::PathBuf;
 
 use clap::Args;
-use fusellm_core::error::{Context, Result};
-use fusellm_core::split::{for_each_document, open_tokenizer, OnBadInput, Piece, Splitter};
+use fusellm_core::error::Result;
+use fusellm_core::split::{open_tokenizer, split_corpus, OnBadInput, Splitter};
 
 #[derive(Args)]
 pub struct SplitArgs {
@@ -35,37 +34,13 @@ pub struct SplitArgs {
 pub fn run(args: SplitArgs) -> Result<()> {
     let tokenizers = args.tokenizers.iter().map(|p| open_tokenizer(p)).collect::<Result<Vec<_>>>()?;
     let splitter = Splitter { tokenizers: &tokenizers, max_len: args.max_len, margin: args.margin };
-    // Written next to the output and renamed at the end: a failed run leaves no half file.
-    let partial = args.out.with_extension("partial");
-    let file = std::fs::File::create(&partial).context(|| format!("creating {}", partial.display()))?;
-    let mut out = std::io::BufWriter::new(file);
-    let mut pieces = 0;
     let on_bad = if args.skip_bad { OnBadInput::Skip } else { OnBadInput::Stop };
-    let count = for_each_document(&args.inputs, &args.text_field, on_bad, |doc| {
-        for (k, (start, end)) in splitter.split(&doc.text)?.into_iter().enumerate() {
-            let piece = Piece {
-                id: format!("{}.{k}", doc.index),
-                doc: doc.index,
-                piece: k,
-                source: &doc.source,
-                text: &doc.text[start..end],
-            };
-            serde_json::to_writer(&mut out, &piece).context(|| "writing a piece".into())?;
-            out.write_all(b"\n").context(|| format!("writing {}", partial.display()))?;
-            pieces += 1;
-        }
-        Ok(())
-    })?;
-    out.into_inner()
-        .map_err(|e| e.into_error())
-        .and_then(|f| f.sync_all())
-        .context(|| format!("writing {}", partial.display()))?;
-    std::fs::rename(&partial, &args.out)
-        .context(|| format!("renaming {} to {}", partial.display(), args.out.display()))?;
+    let summary = split_corpus(&args.inputs, &args.text_field, &splitter, on_bad, &args.out)?;
     eprintln!(
-        "{} documents ({} bad lines skipped) -> {pieces} pieces of at most {} tokens in {}",
-        count.documents,
-        count.skipped,
+        "{} documents ({} bad lines skipped) -> {} pieces of at most {} tokens in {}",
+        summary.documents,
+        summary.skipped,
+        summary.pieces,
         args.max_len,
         args.out.display()
     );

@@ -3,16 +3,10 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use candle_core::{DType, Device};
 use clap::{Args, Subcommand, ValueEnum};
-use fusellm_core::checkpoint::Checkpoint;
 use fusellm_core::error::{Error, Result};
-use fusellm_core::files::file_sha256;
-use fusellm_core::model::LoadMode;
 use fusellm_core::plugins::Registry;
-use fusellm_core::precompute::Settings;
-use fusellm_core::split::{for_each_document, OnBadInput};
-use fusellm_core::store::{merge, precompute, verify, Identity, Layout, Progress, FORMAT};
+use fusellm_core::store::{merge, precompute_model, verify, Options, Progress};
 
 #[derive(Clone, Copy, ValueEnum)]
 enum LogprobDtype {
@@ -64,30 +58,13 @@ pub enum StoreCommand {
 pub fn run_precompute(args: PrecomputeArgs) -> Result<()> {
     let worker = parse_worker(&args.shard)?;
     let registry = Registry::with_builtins()?;
-    let checkpoint = Checkpoint::open(&args.model, &registry, None)?;
-    let model = checkpoint.load_model(LoadMode::Frozen, DType::F32, &Device::Cpu)?;
-    let mut texts = Vec::new();
-    for_each_document(std::slice::from_ref(&args.corpus), &["text".into()], OnBadInput::Stop, |d| {
-        texts.push(d.text);
-        Ok(())
-    })?;
-    let layout = Layout {
+    let options = Options {
         k: args.k,
-        wide_ids: checkpoint.spec.vocab_size > 1 << 16,
         half: matches!(args.dtype, LogprobDtype::F16),
         residual: args.residual,
+        docs_per_shard: args.docs_per_shard,
+        batch_tokens: args.batch_tokens,
     };
-    let identity = Identity {
-        format: FORMAT.into(),
-        model: args.model.display().to_string(),
-        tokenizer_sha256: file_sha256(&args.model.join("tokenizer.json"))?,
-        corpus: args.corpus.display().to_string(),
-        corpus_sha256: file_sha256(&args.corpus)?,
-        documents: texts.len(),
-        docs_per_shard: args.docs_per_shard.max(1),
-        layout,
-    };
-    let settings = Settings { k: args.k, batch_tokens: args.batch_tokens, residual: args.residual };
     let start = Instant::now();
     let progress = |p: Progress| {
         let elapsed = start.elapsed().as_secs_f64();
@@ -100,7 +77,7 @@ pub fn run_precompute(args: PrecomputeArgs) -> Result<()> {
             p.tokens as f64 / elapsed
         );
     };
-    let summary = precompute(&args.out, &identity, &texts, &model, &checkpoint.tokenizer, settings, worker, progress)?;
+    let summary = precompute_model(&registry, &args.model, &args.corpus, &args.out, options, worker, progress)?;
     let secs = start.elapsed().as_secs_f64();
     eprintln!(
         "\n{} shards written ({} already there), {} tokens in {secs:.1} s ({:.0} tokens/s)",

@@ -6,6 +6,7 @@ pub mod align;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod eval;
 pub mod files;
 pub mod fuse;
 pub mod model;

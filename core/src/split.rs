@@ -192,3 +192,45 @@ pub fn read_texts(path: &Path) -> Result<Vec<String>> {
     })?;
     Ok(texts)
 }
+
+/// What [`split_corpus`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct SplitSummary {
+    pub documents: usize,
+    pub skipped: usize,
+    pub pieces: usize,
+}
+
+/// Cuts the corpus `inputs` for `splitter` into pieces written to `out` as JSONL (id,
+/// doc, piece, source, text). The file is written next to `out` and renamed at the end,
+/// so a failed run leaves no half file.
+pub fn split_corpus(
+    inputs: &[PathBuf],
+    text_fields: &[String],
+    splitter: &Splitter<'_>,
+    on_bad: OnBadInput,
+    out: &Path,
+) -> Result<SplitSummary> {
+    use std::io::Write;
+    let partial = out.with_extension("partial");
+    let file = std::fs::File::create(&partial).context(|| format!("creating {}", partial.display()))?;
+    let mut writer = std::io::BufWriter::new(file);
+    let mut pieces = 0;
+    let count = for_each_document(inputs, text_fields, on_bad, |doc| {
+        for (k, (start, end)) in splitter.split(&doc.text)?.into_iter().enumerate() {
+            let piece =
+                Piece { id: format!("{}.{k}", doc.index), doc: doc.index, piece: k, source: &doc.source, text: &doc.text[start..end] };
+            serde_json::to_writer(&mut writer, &piece).context(|| "writing a piece".into())?;
+            writer.write_all(b"\n").context(|| format!("writing {}", partial.display()))?;
+            pieces += 1;
+        }
+        Ok(())
+    })?;
+    writer
+        .into_inner()
+        .map_err(|e| e.into_error())
+        .and_then(|f| f.sync_all())
+        .context(|| format!("writing {}", partial.display()))?;
+    std::fs::rename(&partial, out).context(|| format!("renaming {} to {}", partial.display(), out.display()))?;
+    Ok(SplitSummary { documents: count.documents, skipped: count.skipped, pieces })
+}

@@ -12,7 +12,7 @@ use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::files::{sha256_hex, write_atomically};
 use crate::plugins::{Entry, Registry};
-use crate::split::{for_each_document, OnBadInput};
+use crate::split::read_texts;
 use crate::store::{map_shard, read_identity, shard_file, AlignedShard, Shard};
 use fusellm_sdk::{Alignment, SparseRowsBuf, VocabMap};
 
@@ -70,11 +70,7 @@ pub fn align_stores(
     let map = map_vocab(mapper, &source_vocab, &target_vocab, compat, cache)?;
     let params = aligner.resolve_params(&Default::default()).map_err(|e| Error::msg(e.message))?;
     let doc_aligner = DocumentAligner::new(aligner, params, &map, &source_vocab, &target_vocab, compat);
-    let mut texts = Vec::new();
-    for_each_document(&[source.corpus.clone().into()], &["text".into()], OnBadInput::Stop, |d| {
-        texts.push(d.text);
-        Ok(())
-    })?;
+    let texts = read_texts(Path::new(&source.corpus))?;
     std::fs::create_dir_all(out).map_err(|e| Error::msg(format!("creating {}: {e}", out.display())))?;
     let mut report = Report {
         source: source.model.clone(),

@@ -91,6 +91,62 @@ pub struct Progress {
     pub tokens: usize,
 }
 
+/// What precompute keeps and how it batches (`fusellm precompute`, `[precompute]`).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Options {
+    pub k: usize,
+    /// Log-probabilities as f16 (else f32).
+    pub half: bool,
+    pub residual: bool,
+    pub docs_per_shard: usize,
+    /// Padded tokens per forward pass.
+    pub batch_tokens: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self { k: 10, half: true, residual: false, docs_per_shard: 256, batch_tokens: 4096 }
+    }
+}
+
+/// Precomputes the store of the checkpoint in `model_dir` over the split corpus `corpus`
+/// (this worker's shards of it) into `out`.
+pub fn precompute_model(
+    registry: &crate::plugins::Registry,
+    model_dir: &Path,
+    corpus: &Path,
+    out: &Path,
+    options: Options,
+    worker: (usize, usize),
+    progress: impl FnMut(Progress),
+) -> Result<RunSummary> {
+    let checkpoint = crate::checkpoint::Checkpoint::open(model_dir, registry, None)?;
+    let model = checkpoint.load_model(
+        crate::model::LoadMode::Frozen,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )?;
+    let texts = crate::split::read_texts(corpus)?;
+    let layout = Layout {
+        k: options.k,
+        wide_ids: checkpoint.spec.vocab_size > 1 << 16,
+        half: options.half,
+        residual: options.residual,
+    };
+    let identity = Identity {
+        format: FORMAT.into(),
+        model: model_dir.display().to_string(),
+        tokenizer_sha256: crate::files::file_sha256(&model_dir.join("tokenizer.json"))?,
+        corpus: corpus.display().to_string(),
+        corpus_sha256: crate::files::file_sha256(corpus)?,
+        documents: texts.len(),
+        docs_per_shard: options.docs_per_shard.max(1),
+        layout,
+    };
+    let settings = Settings { k: options.k, batch_tokens: options.batch_tokens, residual: options.residual };
+    precompute(out, &identity, &texts, &model, &checkpoint.tokenizer, settings, worker, progress)
+}
+
 /// Fills this worker's shards of the store in `dir` (creating it, or checking that it was
 /// made from the same model, corpus and layout), then writes the manifest if every shard
 /// now exists.
