@@ -4,6 +4,7 @@ mod align_cmd;
 mod bench_cmd;
 mod generate_cmd;
 mod plugins_cmd;
+mod run_cmd;
 mod split_cmd;
 mod store_cmd;
 
@@ -43,6 +44,14 @@ enum Command {
     Align(align_cmd::AlignArgs),
     /// Map a source tokenizer's vocabulary onto a target's (EM or MinED), as JSON.
     VocabMap(align_cmd::VocabMapArgs),
+    /// Fuse the target's store with the sources' aligned stores (the config's [fusion]).
+    Fuse(run_cmd::FuseArgs),
+    /// Train the target (the config's [target] and [train]) on a fused store.
+    Train(run_cmd::TrainArgs),
+    /// Run an experiment: split, precompute, align, fuse, train, eval; unchanged stages are reused.
+    Run(run_cmd::RunArgs),
+    /// Check an experiment config (files, plugins, parameters, shapes) without computing.
+    Validate(run_cmd::RunArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench_cmd::BenchCommand),
@@ -60,6 +69,10 @@ fn main() -> ExitCode {
             .map_err(|e| e.message),
         Command::Align(args) => align_cmd::align(args).map(|()| ExitCode::SUCCESS),
         Command::VocabMap(args) => align_cmd::vocab_map(args).map(|()| ExitCode::SUCCESS),
+        Command::Fuse(args) => run_cmd::fuse(args).map(|()| ExitCode::SUCCESS).map_err(|e| e.message),
+        Command::Train(args) => run_cmd::train(args).map(|()| ExitCode::SUCCESS).map_err(|e| e.message),
+        Command::Run(args) => run_cmd::run(args).map(|()| ExitCode::SUCCESS).map_err(|e| e.message),
+        Command::Validate(args) => run_cmd::validate_cmd(args).map(|()| ExitCode::SUCCESS).map_err(|e| e.message),
         Command::Generate(args) => generate_cmd::run(args).map(|()| ExitCode::SUCCESS),
     };
     match result {

@@ -34,7 +34,13 @@ impl Score {
 /// one), cut into windows of at most `window` tokens that overlap by one, so that every
 /// token after the first is predicted exactly once; windows go through the model in
 /// batches of at most `batch_tokens` padded tokens.
-pub fn score(model: &Transformer, tokenizer: &Tokenizer, texts: &[String], window: usize, batch_tokens: usize) -> Result<Score> {
+pub fn score(
+    model: &Transformer,
+    tokenizer: &Tokenizer,
+    texts: &[String],
+    window: usize,
+    batch_tokens: usize,
+) -> Result<Score> {
     if window < 2 {
         return Err(Error::msg(format!("an evaluation window of {window} tokens predicts nothing; use at least 2")));
     }
@@ -67,7 +73,8 @@ pub fn score(model: &Transformer, tokenizer: &Tokenizer, texts: &[String], windo
 /// The summed NLL of the next tokens of `windows` (each at most `len` long, right-padded).
 fn batch_nll(model: &Transformer, windows: &[Vec<u32>], len: usize) -> Result<(f64, u64)> {
     let cells = windows.len() * len;
-    let (mut ids, mut keep, mut gold, mut weight) = (vec![0u32; cells], vec![0u32; cells], vec![0u32; cells], vec![0f32; cells]);
+    let (mut ids, mut keep, mut gold, mut weight) =
+        (vec![0u32; cells], vec![0u32; cells], vec![0u32; cells], vec![0f32; cells]);
     for (row, w) in windows.iter().enumerate() {
         for (t, &id) in w.iter().enumerate() {
             ids[row * len + t] = id;

@@ -10,6 +10,7 @@ pub mod eval;
 pub mod files;
 pub mod fuse;
 pub mod model;
+pub mod pipeline;
 pub mod plot;
 pub mod plugins;
 pub mod precompute;

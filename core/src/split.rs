@@ -218,8 +218,13 @@ pub fn split_corpus(
     let mut pieces = 0;
     let count = for_each_document(inputs, text_fields, on_bad, |doc| {
         for (k, (start, end)) in splitter.split(&doc.text)?.into_iter().enumerate() {
-            let piece =
-                Piece { id: format!("{}.{k}", doc.index), doc: doc.index, piece: k, source: &doc.source, text: &doc.text[start..end] };
+            let piece = Piece {
+                id: format!("{}.{k}", doc.index),
+                doc: doc.index,
+                piece: k,
+                source: &doc.source,
+                text: &doc.text[start..end],
+            };
             serde_json::to_writer(&mut writer, &piece).context(|| "writing a piece".into())?;
             writer.write_all(b"\n").context(|| format!("writing {}", partial.display()))?;
             pieces += 1;

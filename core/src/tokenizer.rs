@@ -7,6 +7,7 @@ use fusellm_sdk::ModelSpec;
 
 use crate::error::{Error, Result};
 
+#[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     bos: Option<u32>,

@@ -142,6 +142,40 @@ impl<'d, 'a> Section<'d, 'a> {
         self.typed(key, "a boolean", |v| v.as_bool())
     }
 
+    /// A string or an array of strings.
+    pub fn strings(&self, key: &str) -> Result<Option<Vec<String>>, ConfigError> {
+        let Some(value) = self.get(key) else { return Ok(None) };
+        let bad = || {
+            self.error_at(
+                key,
+                format!("expected a string or an array of strings, found {}", value.get_ref().type_str()),
+            )
+        };
+        match value.get_ref() {
+            DeValue::String(s) => Ok(Some(vec![s.to_string()])),
+            DeValue::Array(items) => items
+                .iter()
+                .map(|v| v.get_ref().as_str().map(str::to_string).ok_or_else(bad))
+                .collect::<Result<_, _>>()
+                .map(Some),
+            _ => Err(bad()),
+        }
+    }
+
+    /// The tables of an array of tables (`[[key]]`), each a section `key.<i>`.
+    pub fn tables(&self, key: &str) -> Result<Vec<Section<'d, 'a>>, ConfigError> {
+        let Some(value) = self.get(key) else { return Ok(Vec::new()) };
+        match value.get_ref() {
+            DeValue::Array(items) => items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| self.doc.section(format!("{}.{i}", self.path_of(key)), v))
+                .collect(),
+            DeValue::Table(_) => Ok(vec![self.doc.section(self.path_of(key), value)?]),
+            other => Err(self.error_at(key, format!("expected [[{key}]] tables, found {}", other.type_str()))),
+        }
+    }
+
     fn typed<T>(
         &self,
         key: &str,

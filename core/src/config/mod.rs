@@ -14,15 +14,19 @@
 //! memory_mib = 1024
 //! ```
 
+mod experiment;
 mod located;
+mod overrides;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use experiment::{AlignSection, DataSection, EvalSection, ModelRef, PathAt, RunSection};
 use fusellm_sdk::{ParamValue, Params, PluginKind};
 pub use located::ConfigError;
 use located::{scalar, Doc, Section};
+pub use overrides::{apply_overrides, variants, Variant};
 use toml::de::DeValue;
 
 use crate::plugins::{Entry, Registry, Tier, WasmLimits};
@@ -31,9 +35,23 @@ use crate::plugins::{Entry, Registry, Tier, WasmLimits};
 #[derive(Clone, Debug)]
 pub struct Config {
     pub path: PathBuf,
+    pub run: RunSection,
+    pub data: Option<DataSection>,
+    pub target: Option<ModelRef>,
+    pub sources: Vec<ModelRef>,
+    pub precompute: crate::store::Options,
+    pub align: AlignSection,
     pub fusion: Option<PluginChoice>,
+    pub train: Option<crate::train::TrainConfig>,
+    pub eval: Option<EvalSection>,
     pub sandbox: WasmLimits,
+    /// Where the keys that later checks refer to were written.
+    located: BTreeMap<&'static str, ConfigError>,
 }
+
+/// Keys whose location checks made after parsing (shapes, files) point at.
+const LOCATED: &[&str] =
+    &["data.max_len", "train.seq_len", "precompute.k", "target", "sources", "fusion", "train", "data"];
 
 /// A stage's choice of plugin, with the locations needed to point at errors found only
 /// once plugins are loaded (an unknown name, a parameter of the wrong type).
@@ -56,7 +74,8 @@ pub enum PluginSpec {
     File { tier: Tier, path: PathBuf, name: Option<String> },
 }
 
-const SECTIONS: &[&str] = &["fusion", "sandbox"];
+const SECTIONS: &[&str] =
+    &["run", "data", "target", "sources", "precompute", "align", "fusion", "train", "eval", "sandbox", "sweep"];
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -79,7 +98,22 @@ impl Config {
         let base = path.parent().unwrap_or(Path::new("."));
         let fusion = root.subsection("fusion")?.map(|s| plugin_choice(&s, PluginKind::Fusion, base)).transpose()?;
         let sandbox = root.subsection("sandbox")?.map(|s| sandbox(&s)).transpose()?.unwrap_or_default();
-        Ok(Config { path: path.to_owned(), fusion, sandbox })
+        let read = experiment::Reader { root: &root, base };
+        let run = read.run(path)?;
+        Ok(Config {
+            path: path.to_owned(),
+            data: read.data()?,
+            target: read.target()?,
+            sources: read.sources()?,
+            precompute: read.precompute()?,
+            align: read.align()?,
+            fusion,
+            train: read.train(run.seed)?,
+            eval: read.eval()?,
+            run,
+            sandbox,
+            located: LOCATED.iter().map(|&key| (key, locate(&root, key))).collect(),
+        })
     }
 
     /// Loads the plugins this config names from files into `registry`.
@@ -91,8 +125,21 @@ impl Config {
         Ok(())
     }
 
+    /// An error located at dotted `key` (one of the keys checked after parsing), or at the
+    /// top of the file when the key is not written.
+    pub fn error_at(&self, key: &str, message: impl Into<String>) -> ConfigError {
+        let at = self.located.get(key).cloned().unwrap_or_else(|| ConfigError {
+            file: self.path.clone(),
+            line: 1,
+            column: 1,
+            key: key.into(),
+            message: String::new(),
+        });
+        ConfigError { message: message.into(), ..at }
+    }
+
     pub fn choices(&self) -> impl Iterator<Item = &PluginChoice> {
-        self.fusion.iter()
+        [&self.align.sequence, &self.align.vocab].into_iter().chain(self.fusion.iter())
     }
 }
 
@@ -100,23 +147,33 @@ impl PluginChoice {
     /// Loads the plugin (from its file if it has one), finds it, and checks the parameters
     /// against its schema: everything a run needs before any compute starts.
     pub fn load<'r>(&self, registry: &'r mut Registry) -> Result<(&'r Entry, Params), ConfigError> {
-        let at = |message: String| ConfigError { message, ..self.plugin_error.clone() };
+        if let PluginSpec::File { tier, path, .. } = &self.plugin {
+            registry.load_file(*tier, path).map_err(|e| self.error(e.message))?;
+        }
+        self.find(registry)
+    }
+
+    /// [`PluginChoice::load`] once the plugin's file is loaded.
+    pub fn find<'r>(&self, registry: &'r Registry) -> Result<(&'r Entry, Params), ConfigError> {
         let name = match &self.plugin {
-            PluginSpec::Named(name) => name.clone(),
-            PluginSpec::File { tier, path, name } => {
-                let names = registry.load_file(*tier, path).map_err(|e| at(e.message))?;
-                match name {
-                    Some(name) => name.clone(),
-                    None => self.only_plugin_of_kind(registry, &names, path).map_err(at)?,
-                }
+            PluginSpec::Named(name) | PluginSpec::File { name: Some(name), .. } => name.clone(),
+            PluginSpec::File { path, name: None, .. } => {
+                let origin = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone()).display().to_string();
+                let names: Vec<String> =
+                    registry.entries().iter().filter(|e| e.origin == origin).map(|e| e.info.name.clone()).collect();
+                self.only_plugin_of_kind(registry, &names, path).map_err(|m| self.error(m))?
             }
         };
-        let entry = registry.get(self.kind, &name).map_err(|e| at(e.message))?;
+        let entry = registry.get(self.kind, &name).map_err(|e| self.error(e.message))?;
         let params = entry.resolve_params(&self.params).map_err(|e| match self.param_errors.get(&e.param) {
             Some(place) => ConfigError { message: e.message, ..place.clone() },
-            None => at(e.message),
+            None => self.error(e.message),
         })?;
         Ok((entry, params))
+    }
+
+    fn error(&self, message: String) -> ConfigError {
+        ConfigError { message, ..self.plugin_error.clone() }
     }
 
     fn only_plugin_of_kind(&self, registry: &Registry, names: &[String], path: &Path) -> Result<String, String> {
@@ -199,4 +256,16 @@ fn sandbox(section: &Section<'_, '_>) -> Result<WasmLimits, ConfigError> {
         limits.cache_dir = None;
     }
     Ok(limits)
+}
+
+/// The location of dotted `key` (of its innermost written section when it is not).
+fn locate(root: &Section<'_, '_>, key: &str) -> ConfigError {
+    match key.split_once('.') {
+        Some((section, rest)) => match root.subsection(section) {
+            Ok(Some(s)) if s.get(rest).is_some() => s.error_at(rest, ""),
+            Ok(Some(s)) => ConfigError { key: key.into(), ..s.error_at(rest, "") },
+            _ => ConfigError { key: key.into(), ..root.error_at(section, "") },
+        },
+        None => root.error_at(key, ""),
+    }
 }

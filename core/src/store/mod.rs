@@ -121,11 +121,8 @@ pub fn precompute_model(
     progress: impl FnMut(Progress),
 ) -> Result<RunSummary> {
     let checkpoint = crate::checkpoint::Checkpoint::open(model_dir, registry, None)?;
-    let model = checkpoint.load_model(
-        crate::model::LoadMode::Frozen,
-        candle_core::DType::F32,
-        &candle_core::Device::Cpu,
-    )?;
+    let model =
+        checkpoint.load_model(crate::model::LoadMode::Frozen, candle_core::DType::F32, &candle_core::Device::Cpu)?;
     let texts = crate::split::read_texts(corpus)?;
     let layout = Layout {
         k: options.k,

@@ -1,0 +1,413 @@
+//! `fusellm run` (DESIGN.md, "The pipeline as stages"): split -> precompute -> vocab-map
+//! and align -> fuse -> train -> eval. Each stage writes into a cache folder named by a
+//! hash of its inputs (the upstream stages' keys, its config section, the names and
+//! versions of its plugins), so a stage whose inputs are unchanged is reused: changing the
+//! fusion plugin never recomputes the sources' forward passes, and a sweep's variants share
+//! every stage they have in common. An interrupted run continues where it stopped.
+
+mod validate;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+use serde::{Deserialize, Serialize};
+
+use crate::align::stage::align_stores;
+use crate::checkpoint::Checkpoint;
+use crate::config::Config;
+use crate::error::{Context, Error, Result};
+use crate::eval::{score, Score};
+use crate::files::{file_sha256, sha256_hex, write_atomically};
+use crate::fuse::fuse_stores;
+use crate::model::LoadMode;
+use crate::plugins::{default_cache_dir, Entry, Registry};
+use crate::split::{for_each_document, read_texts, split_corpus, OnBadInput, Splitter};
+use crate::store::{precompute_model, verify};
+use crate::train::data::fused_documents;
+use crate::train::{latest_checkpoint, Dataset, Document, Trainer};
+pub use validate::{validate, Checked};
+
+/// What a run reports as it goes.
+pub enum Event<'a> {
+    /// A stage starts (`reused`: its output is already in the cache).
+    Stage { name: &'a str, reused: bool },
+    /// A progress line of the running stage (overwrites the previous one).
+    Progress(String),
+}
+
+/// One stage of a run, as recorded in run.json.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StageRecord {
+    pub name: String,
+    pub key: String,
+    pub output: String,
+    pub reused: bool,
+    pub seconds: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PluginRecord {
+    pub role: String,
+    pub name: String,
+    pub version: String,
+    pub tier: String,
+    pub origin: String,
+}
+
+/// A model's score on one evaluation set.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvalRow {
+    pub model: String,
+    pub set: String,
+    #[serde(flatten)]
+    pub score: Score,
+    pub perplexity: f64,
+    pub bits_per_byte: f64,
+}
+
+/// run.json: what was run, with what, and what came out.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub fusellm_version: String,
+    pub git_revision: String,
+    pub config: String,
+    pub plugins: Vec<PluginRecord>,
+    pub stages: Vec<StageRecord>,
+    pub checkpoint: Option<String>,
+    pub eval: Vec<EvalRow>,
+}
+
+/// A stage key: a short hash of everything the stage's output depends on.
+fn key(parts: &[&str]) -> String {
+    sha256_hex(parts.join("\u{1f}").as_bytes())[..16].to_string()
+}
+
+/// What identifies a checkpoint folder's content: its config and tokenizer, and the names,
+/// sizes and times of its weight files (hashing gigabytes of weights on every run would
+/// cost more than it saves).
+fn model_identity(dir: &Path) -> Result<String> {
+    let mut parts = vec![file_sha256(&dir.join("config.json"))?, file_sha256(&dir.join("tokenizer.json"))?];
+    let mut weights: Vec<String> = std::fs::read_dir(dir)
+        .context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
+        .map(|e| {
+            let meta = e.metadata().ok();
+            let modified = meta
+                .as_ref()
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+            format!("{}:{}:{:?}", e.file_name().to_string_lossy(), meta.map_or(0, |m| m.len()), modified)
+        })
+        .collect();
+    weights.sort();
+    parts.extend(weights);
+    Ok(key(&parts.iter().map(String::as_str).collect::<Vec<_>>()))
+}
+
+fn plugin_id(entry: &Entry, params: &fusellm_sdk::Params) -> String {
+    format!("{}@{}:{}", entry.info.name, entry.info.version, serde_json::to_string(params).expect("JSON"))
+}
+
+/// One run of one config: its record is written to `out`/run.json, stages go to `cache`.
+pub struct Run<'c> {
+    pub config: &'c Config,
+    /// The config text as run (after overrides), recorded.
+    pub text: String,
+    pub cache: PathBuf,
+    pub out: PathBuf,
+    pub git_revision: String,
+}
+
+impl Run<'_> {
+    pub fn execute(&self, registry: &mut Registry, events: &mut dyn FnMut(Event)) -> Result<RunRecord> {
+        self.config.load_plugins(registry).map_err(|e| Error::msg(e.to_string()))?;
+        let registry = &*registry;
+        let checked = validate(self.config, registry).map_err(|e| Error::msg(e.to_string()))?;
+        let mut record = RunRecord {
+            fusellm_version: env!("CARGO_PKG_VERSION").into(),
+            git_revision: self.git_revision.clone(),
+            config: self.text.clone(),
+            plugins: plugins(registry, &checked),
+            stages: Vec::new(),
+            checkpoint: None,
+            eval: Vec::new(),
+        };
+        std::fs::create_dir_all(&self.out).context(|| format!("creating {}", self.out.display()))?;
+        let (corpus, split_key) = self.split(&checked, &mut record, events)?;
+        let docs = match &checked.fusion {
+            Some(fusion) => {
+                let (dir, k) =
+                    self.fuse_stages(registry, &checked, fusion, &corpus, &split_key, &mut record, events)?;
+                (fused_documents(&dir)?.1, k)
+            }
+            None => {
+                let texts = read_texts(&corpus)?;
+                let docs = texts
+                    .iter()
+                    .map(|t| Ok(Document { ids: checked.target.tokenizer.encode(t)?, rows: None }))
+                    .collect::<Result<Vec<_>>>()?;
+                (docs, key(&["clm", &split_key, &model_identity(&checked.target.dir)?]))
+            }
+        };
+        if let Some(checkpoint) = self.train(&checked, docs, &mut record, events)? {
+            record.checkpoint = Some(checkpoint.display().to_string());
+            self.evaluate(registry, &checked, &checkpoint, &mut record, events)?;
+        }
+        write_atomically(&self.out.join("run.json"), &serde_json::to_vec_pretty(&record).expect("JSON"))?;
+        write_atomically(&self.out.join("config.toml"), self.text.as_bytes())?;
+        Ok(record)
+    }
+
+    /// Runs `work` into the cache folder `name-key` unless `done` says it is complete there.
+    fn stage(
+        &self,
+        record: &mut RunRecord,
+        events: &mut dyn FnMut(Event),
+        (name, key): (&str, &str),
+        done: impl Fn(&Path) -> bool,
+        work: impl FnOnce(&Path, &mut dyn FnMut(Event)) -> Result<()>,
+    ) -> Result<PathBuf> {
+        let dir = self.cache.join(format!("{name}-{key}"));
+        let reused = done(&dir);
+        events(Event::Stage { name, reused });
+        let start = Instant::now();
+        if !reused {
+            std::fs::create_dir_all(&dir).context(|| format!("creating {}", dir.display()))?;
+            work(&dir, events).map_err(|e| Error::msg(format!("stage {name}: {}", e.message)))?;
+        }
+        record.stages.push(StageRecord {
+            name: name.into(),
+            key: key.into(),
+            output: dir.display().to_string(),
+            reused,
+            seconds: start.elapsed().as_secs_f64(),
+        });
+        Ok(dir)
+    }
+
+    fn split(
+        &self,
+        checked: &Checked,
+        record: &mut RunRecord,
+        events: &mut dyn FnMut(Event),
+    ) -> Result<(PathBuf, String)> {
+        let data = self.config.data.as_ref().expect("validated");
+        let mut parts: Vec<String> = data.corpus.iter().map(|c| file_sha256(&c.path)).collect::<Result<_>>()?;
+        parts.extend(data.text_fields.iter().cloned());
+        parts.push(format!("{} {} {:?}", data.max_len, data.margin, data.on_bad));
+        for c in std::iter::once(&checked.target).chain(&checked.sources) {
+            parts.push(file_sha256(&c.dir.join("tokenizer.json"))?);
+        }
+        let split_key = key(&parts.iter().map(String::as_str).collect::<Vec<_>>());
+        let dir = self.stage(
+            record,
+            events,
+            ("split", &split_key),
+            |d| d.join("pieces.jsonl").exists(),
+            |dir, _| {
+                let tokenizers: Vec<_> =
+                    std::iter::once(&checked.target).chain(&checked.sources).map(|c| c.tokenizer.clone()).collect();
+                let splitter = Splitter { tokenizers: &tokenizers, max_len: data.max_len, margin: data.margin };
+                let corpus: Vec<PathBuf> = data.corpus.iter().map(|c| c.path.clone()).collect();
+                split_corpus(&corpus, &data.text_fields, &splitter, data.on_bad, &dir.join("pieces.jsonl")).map(|_| ())
+            },
+        )?;
+        Ok((dir.join("pieces.jsonl"), split_key))
+    }
+
+    /// Precompute, align and fuse: the fused store and its key.
+    #[allow(clippy::too_many_arguments)]
+    fn fuse_stages(
+        &self,
+        registry: &Registry,
+        checked: &Checked,
+        (fusion, fusion_params): &(&Entry, fusellm_sdk::Params),
+        corpus: &Path,
+        split_key: &str,
+        record: &mut RunRecord,
+        events: &mut dyn FnMut(Event),
+    ) -> Result<(PathBuf, String)> {
+        let options = self.config.precompute;
+        let store = |record: &mut RunRecord,
+                     events: &mut dyn FnMut(Event),
+                     name: &str,
+                     dir: &Path|
+         -> Result<(PathBuf, String)> {
+            let k = key(&[split_key, &model_identity(dir)?, &serde_json::to_string(&options).expect("JSON")]);
+            let out = self.stage(
+                record,
+                events,
+                (&format!("precompute-{name}"), &k),
+                |d| verify(d).is_ok_and(|v| v.missing.is_empty() && v.corrupt.is_empty()),
+                |out, events| {
+                    let start = Instant::now();
+                    precompute_model(registry, dir, corpus, out, options, (0, 1), |p| {
+                        let secs = start.elapsed().as_secs_f64();
+                        events(Event::Progress(format!(
+                            "shard {}/{}  {:.0} tokens/s",
+                            p.shards_done,
+                            p.shards,
+                            p.tokens as f64 / secs
+                        )));
+                    })
+                    .map(|_| ())
+                },
+            )?;
+            Ok((out, k))
+        };
+        let target_name = self.config.target.as_ref().expect("validated").name.clone();
+        let (target_store, target_key) = store(record, events, &target_name, &checked.target.dir)?;
+        let (sequence, vocab) = (&checked.sequence, &checked.vocab);
+        let align_id = format!(
+            "{} {} compat={}",
+            plugin_id(sequence.0, &sequence.1),
+            plugin_id(vocab.0, &vocab.1),
+            self.config.align.compat
+        );
+        let mut aligned = Vec::new();
+        let mut aligned_keys = vec![target_key.clone()];
+        for (source, checkpoint) in self.config.sources.iter().zip(&checked.sources) {
+            let (source_store, source_key) = store(record, events, &source.name, &checkpoint.dir)?;
+            let k = key(&[&source_key, &target_key, &align_id]);
+            let dir = self.stage(
+                record,
+                events,
+                (&format!("align-{}", source.name), &k),
+                |d| d.join("report.json").exists(),
+                |out, _| {
+                    align_stores(
+                        registry,
+                        &source_store,
+                        &target_store,
+                        out,
+                        (sequence.0, vocab.0),
+                        self.config.align.compat,
+                        default_cache_dir().as_deref(),
+                    )
+                    .map(|_| ())
+                },
+            )?;
+            aligned.push(dir);
+            aligned_keys.push(k);
+        }
+        aligned_keys.push(plugin_id(fusion, fusion_params));
+        let k = key(&aligned_keys.iter().map(String::as_str).collect::<Vec<_>>());
+        let dir = self.stage(
+            record,
+            events,
+            ("fuse", &k),
+            |d| d.join("fused.json").exists(),
+            |out, _| fuse_stores(registry, &target_store, &aligned, (fusion, fusion_params), out).map(|_| ()),
+        )?;
+        Ok((dir, k))
+    }
+
+    /// Trains the target when the config has [train]; resumes an interrupted training.
+    fn train(
+        &self,
+        checked: &Checked,
+        (docs, data_key): (Vec<Document>, String),
+        record: &mut RunRecord,
+        events: &mut dyn FnMut(Event),
+    ) -> Result<Option<PathBuf>> {
+        let Some(config) = &self.config.train else { return Ok(None) };
+        let k = key(&[&data_key, &model_identity(&checked.target.dir)?, &serde_json::to_string(config).expect("JSON")]);
+        let finished = |d: &Path| latest_checkpoint(d).is_some_and(|(step, _)| step >= config.steps);
+        let dir = self.stage(record, events, ("train", &k), finished, |run_dir, events| {
+            let model = checked.target.load_model(LoadMode::Trainable, DType::F32, &Device::Cpu)?;
+            let mut data = Dataset::new(docs, config.batching)?;
+            let trainer = Trainer {
+                run_dir: run_dir.to_owned(),
+                base: checked.target.dir.clone(),
+                model: &model,
+                config: config.clone(),
+            };
+            let resume = latest_checkpoint(run_dir).is_some();
+            trainer
+                .run(&mut data, resume, None, |p| {
+                    let m = p.metrics;
+                    events(Event::Progress(format!(
+                        "step {}/{}  loss {:.4} (clm {:.4}, fusion {:.4})  {:.0} tokens/s  ETA {:.0} s",
+                        m.step, p.total_steps, m.loss, m.clm, m.fusion, m.tokens_per_s, p.eta_s
+                    )))
+                })
+                .map(|_| ())
+        })?;
+        Ok(latest_checkpoint(&dir).map(|(_, d)| d))
+    }
+
+    /// Scores the target before and after training on every evaluation set.
+    fn evaluate(
+        &self,
+        registry: &Registry,
+        checked: &Checked,
+        trained: &Path,
+        record: &mut RunRecord,
+        events: &mut dyn FnMut(Event),
+    ) -> Result<()> {
+        let Some(eval) = &self.config.eval else { return Ok(()) };
+        let mut parts = vec![
+            trained.display().to_string(),
+            model_identity(&checked.target.dir)?,
+            format!("{} {}", eval.window, eval.batch_tokens),
+        ];
+        for (name, file) in &eval.sets {
+            parts.push(format!("{name}={}", file_sha256(&file.path)?));
+        }
+        let k = key(&parts.iter().map(String::as_str).collect::<Vec<_>>());
+        let dir = self.stage(
+            record,
+            events,
+            ("eval", &k),
+            |d| d.join("eval.json").exists(),
+            |out, events| {
+                let mut rows = Vec::new();
+                for (label, dir) in [("target-base", checked.target.dir.as_path()), ("trained", trained)] {
+                    let checkpoint = Checkpoint::open(dir, registry, None)?;
+                    let model = checkpoint.load_model(LoadMode::Frozen, DType::F32, &Device::Cpu)?;
+                    for (set, file) in &eval.sets {
+                        events(Event::Progress(format!("{label} on {set}")));
+                        let mut texts = Vec::new();
+                        let fields = &self.config.data.as_ref().expect("validated").text_fields;
+                        for_each_document(std::slice::from_ref(&file.path), fields, OnBadInput::Stop, |d| {
+                            texts.push(d.text);
+                            Ok(())
+                        })?;
+                        let s = score(&model, &checkpoint.tokenizer, &texts, eval.window, eval.batch_tokens)?;
+                        rows.push(EvalRow {
+                            model: label.into(),
+                            set: set.clone(),
+                            score: s,
+                            perplexity: s.perplexity(),
+                            bits_per_byte: s.bits_per_byte(),
+                        });
+                    }
+                }
+                write_atomically(&out.join("eval.json"), &serde_json::to_vec_pretty(&rows).expect("JSON"))
+            },
+        )?;
+        let bytes = std::fs::read(dir.join("eval.json")).context(|| format!("reading {}", dir.display()))?;
+        record.eval = serde_json::from_slice(&bytes).context(|| dir.join("eval.json").display().to_string())?;
+        Ok(())
+    }
+}
+
+fn plugins(registry: &Registry, checked: &Checked) -> Vec<PluginRecord> {
+    let entry = |role: &str, e: &Entry| PluginRecord {
+        role: role.into(),
+        name: e.info.name.clone(),
+        version: e.info.version.clone(),
+        tier: e.tier.as_str().into(),
+        origin: e.origin.clone(),
+    };
+    let mut out = vec![entry("sequence aligner", checked.sequence.0), entry("vocabulary mapper", checked.vocab.0)];
+    out.extend(checked.fusion.as_ref().map(|f| entry("fusion", f.0)));
+    for c in std::iter::once(&checked.target).chain(&checked.sources) {
+        if let Ok(e) = registry.get(fusellm_sdk::PluginKind::Adapter, &c.adapter) {
+            out.push(entry(&format!("adapter of {}", c.dir.display()), e));
+        }
+    }
+    out
+}

@@ -1,0 +1,251 @@
+//! `fusellm run`, `fusellm validate`, and the stages it chains that have no command of
+//! their own yet: `fusellm fuse` and `fusellm train`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use fusellm_core::config::{apply_overrides, variants, Config, Variant};
+use fusellm_core::error::{Context, Error, Result};
+use fusellm_core::pipeline::{validate, Event, Run, RunRecord};
+use fusellm_core::plugins::Registry;
+use fusellm_core::train::data::fused_documents;
+use fusellm_core::train::{Dataset, Trainer};
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// The experiment config (TOML).
+    config: PathBuf,
+    /// Override a config key, as `train.lambda=0.8` or `fusion.plugin=avg_ce` (repeatable).
+    #[arg(long = "set")]
+    set: Vec<String>,
+}
+
+/// The config's text with the overrides applied, and its variants (one without [sweep]).
+fn load(args: &RunArgs) -> Result<Vec<(Variant, Config)>> {
+    let text = std::fs::read_to_string(&args.config).context(|| format!("reading {}", args.config.display()))?;
+    let text = apply_overrides(&args.config, &text, &args.set).map_err(|e| Error::msg(e.to_string()))?;
+    variants(&args.config, &text)
+        .map_err(|e| Error::msg(e.to_string()))?
+        .into_iter()
+        .map(|v| Config::parse(&args.config, &v.text).map(|c| (v, c)).map_err(|e| Error::msg(e.to_string())))
+        .collect()
+}
+
+fn print_event(event: Event) {
+    match event {
+        Event::Stage { name, reused } => eprintln!("\n== {name}{}", if reused { " (unchanged: reused)" } else { "" }),
+        Event::Progress(line) => {
+            eprint!("\r{line:<110}");
+            let _ = std::io::stderr().flush();
+        }
+    }
+}
+
+pub fn run(args: RunArgs) -> Result<()> {
+    let variants = load(&args)?;
+    let sweep = variants.len() > 1 || !variants[0].0.name.is_empty();
+    let mut registry = Registry::with_builtins()?;
+    let mut results = Vec::new();
+    for (variant, config) in &variants {
+        if sweep {
+            eprintln!("\n#### variant {}", variant.name);
+        }
+        let out = if sweep { config.run.dir.join(&variant.slug) } else { config.run.dir.clone() };
+        let run = Run {
+            config,
+            text: variant.text.clone(),
+            cache: config.run.dir.join("cache"),
+            out: out.clone(),
+            git_revision: env!("FUSELLM_GIT_REVISION").into(),
+        };
+        let record = run.execute(&mut registry, &mut print_event)?;
+        eprintln!();
+        println!("{}", eval_table(&record));
+        println!("run record: {}", out.join("run.json").display());
+        results.push((variant.name.clone(), record));
+    }
+    if sweep {
+        let dir = &variants[0].1.run.dir;
+        write_sweep(dir, &results)?;
+        println!("sweep table: {}", dir.join("sweep.md").display());
+    }
+    Ok(())
+}
+
+/// The evaluation rows as a Markdown table: bits per byte per set, and the average.
+fn eval_table(record: &RunRecord) -> String {
+    let mut sets: Vec<&str> = record.eval.iter().map(|r| r.set.as_str()).collect();
+    sets.dedup();
+    let mut models: Vec<&str> = record.eval.iter().map(|r| r.model.as_str()).collect();
+    models.dedup();
+    let mut out = format!("| model | {} | average |\n|---|{}---|\n", sets.join(" | "), "---|".repeat(sets.len()));
+    for model in models {
+        let bpb: Vec<f64> = sets
+            .iter()
+            .map(|s| record.eval.iter().find(|r| r.model == model && r.set == *s).map_or(f64::NAN, |r| r.bits_per_byte))
+            .collect();
+        let cells: Vec<String> = bpb.iter().map(|b| format!("{b:.4}")).collect();
+        out += &format!(
+            "| {model} | {} | {:.4} |\n",
+            cells.join(" | "),
+            bpb.iter().sum::<f64>() / bpb.len().max(1) as f64
+        );
+    }
+    out
+}
+
+/// sweep.json and sweep.md: every variant's trained model, bits per byte per set.
+fn write_sweep(dir: &Path, results: &[(String, RunRecord)]) -> Result<()> {
+    let rows: Vec<serde_json::Value> = results
+        .iter()
+        .map(|(name, r)| {
+            let trained: Vec<_> = r.eval.iter().filter(|e| e.model == "trained").collect();
+            serde_json::json!({
+                "variant": name,
+                "checkpoint": r.checkpoint,
+                "bits_per_byte": trained.iter().map(|e| (e.set.clone(), serde_json::json!(e.bits_per_byte))).collect::<serde_json::Map<_, _>>(),
+                "avg_bits_per_byte": trained.iter().map(|e| e.bits_per_byte).sum::<f64>() / trained.len().max(1) as f64,
+            })
+        })
+        .collect();
+    let mut md = String::from("| variant | average bits per byte |\n|---|---|\n");
+    for row in &rows {
+        md += &format!(
+            "| {} | {:.4} |\n",
+            row["variant"].as_str().unwrap_or(""),
+            row["avg_bits_per_byte"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
+    fusellm_core::files::write_atomically(&dir.join("sweep.json"), &serde_json::to_vec_pretty(&rows).expect("JSON"))?;
+    fusellm_core::files::write_atomically(&dir.join("sweep.md"), md.as_bytes())
+}
+
+pub fn validate_cmd(args: RunArgs) -> Result<()> {
+    let variants = load(&args)?;
+    let mut registry = Registry::with_builtins()?;
+    for (variant, config) in &variants {
+        config.load_plugins(&mut registry).map_err(|e| Error::msg(e.to_string()))?;
+        let checked = validate(config, &registry).map_err(|e| Error::msg(format!("{}{}", e, label(variant))))?;
+        let describe = |c: &fusellm_core::checkpoint::Checkpoint| {
+            format!(
+                "{} ({}, vocab {}, {} positions)",
+                c.dir.display(),
+                c.adapter,
+                c.spec.vocab_size,
+                c.spec.max_positions
+            )
+        };
+        println!("ok{}", label(variant));
+        println!("  target  {}", describe(&checked.target));
+        for s in &checked.sources {
+            println!("  source  {}", describe(s));
+        }
+        let fusion = checked.fusion.as_ref().map_or("none (CLM only)".to_string(), |f| f.0.label());
+        println!("  align   {} + {}; fusion {fusion}", checked.sequence.0.label(), checked.vocab.0.label());
+    }
+    Ok(())
+}
+
+fn label(variant: &Variant) -> String {
+    if variant.name.is_empty() {
+        String::new()
+    } else {
+        format!(" (variant {})", variant.name)
+    }
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// The config whose [target] and [train] to use.
+    #[arg(long)]
+    config: PathBuf,
+    /// A fused store (`fusellm fuse`).
+    #[arg(long)]
+    fused: PathBuf,
+    /// The run folder (checkpoints, metrics.jsonl, loss.png).
+    #[arg(long)]
+    out: PathBuf,
+    /// Continue from the run folder's latest checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Stop (with a checkpoint) after this step.
+    #[arg(long)]
+    stop_at: Option<u64>,
+    #[arg(long = "set")]
+    set: Vec<String>,
+}
+
+pub fn train(args: TrainArgs) -> Result<()> {
+    let run_args = RunArgs { config: args.config.clone(), set: args.set.clone() };
+    let (_, config) = load(&run_args)?.into_iter().next().expect("one variant at least");
+    let registry = Registry::with_builtins()?;
+    let target = config
+        .target
+        .as_ref()
+        .ok_or_else(|| Error::msg(config.error_at("target", "needs a [target] model").to_string()))?;
+    let train = config
+        .train
+        .as_ref()
+        .ok_or_else(|| Error::msg(config.error_at("train", "needs a [train] section").to_string()))?;
+    let checkpoint = fusellm_core::checkpoint::Checkpoint::open(&target.dir.path, &registry, None)?;
+    let model = checkpoint.load_model(
+        fusellm_core::model::LoadMode::Trainable,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )?;
+    let mut data = Dataset::new(fused_documents(&args.fused)?.1, train.batching)?;
+    let trainer =
+        Trainer { run_dir: args.out.clone(), base: checkpoint.dir.clone(), model: &model, config: train.clone() };
+    let summary = trainer.run(&mut data, args.resume, args.stop_at, |p| {
+        let m = p.metrics;
+        print_event(Event::Progress(format!(
+            "step {}/{}  loss {:.4} (clm {:.4}, fusion {:.4})  {:.0} tokens/s  ETA {:.0} s",
+            m.step, p.total_steps, m.loss, m.clm, m.fusion, m.tokens_per_s, p.eta_s
+        )))
+    })?;
+    eprintln!(
+        "\nstep {}: {} ({} tokens in {:.1} s)",
+        summary.step,
+        summary.checkpoint.display(),
+        summary.tokens,
+        summary.seconds
+    );
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct FuseArgs {
+    /// The target model's store.
+    #[arg(long)]
+    target: PathBuf,
+    /// Each source's aligned store (`fusellm align` against the same target store).
+    #[arg(long = "aligned", required = true)]
+    aligned: Vec<PathBuf>,
+    /// The config whose [fusion] plugin and parameters to use.
+    #[arg(long)]
+    config: PathBuf,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+pub fn fuse(args: FuseArgs) -> Result<()> {
+    let config = Config::load(&args.config).map_err(|e| Error::msg(e.to_string()))?;
+    let mut registry = Registry::with_builtins()?;
+    config.load_plugins(&mut registry).map_err(|e| Error::msg(e.to_string()))?;
+    let choice = config
+        .fusion
+        .as_ref()
+        .ok_or_else(|| Error::msg(config.error_at("fusion", "needs a [fusion] section").to_string()))?;
+    let (entry, params) = choice.find(&registry).map_err(|e| Error::msg(e.to_string()))?;
+    let manifest =
+        fusellm_core::fuse::fuse_stores(&registry, &args.target, &args.aligned, (entry, &params), &args.out)?;
+    eprintln!(
+        "{} documents, {} positions, {:.2} entries per position -> {}",
+        manifest.documents,
+        manifest.positions,
+        manifest.entries as f64 / manifest.positions.max(1) as f64,
+        args.out.display()
+    );
+    Ok(())
+}
