@@ -1,9 +1,7 @@
 //! The `fusellm plugins` commands as scripts use them.
 
-use std::process::Command;
-
 fn fusellm(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_fusellm")).args(args).output().expect("run fusellm")
+    crate::common::fusellm_in(std::path::Path::new("."), args)
 }
 
 #[test]

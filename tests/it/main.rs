@@ -20,6 +20,7 @@ mod model_bad_inputs;
 mod model_parity;
 mod plugin_tiers;
 mod precompute;
+mod run_pipeline;
 mod split;
 mod store;
 mod store_import;

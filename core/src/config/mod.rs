@@ -95,7 +95,9 @@ impl Config {
         let table = doc.parse()?;
         let root = Section::root(&doc, &table);
         root.allow_only(SECTIONS)?;
-        let base = path.parent().unwrap_or(Path::new("."));
+        // Absolute, so that the paths a run records stay valid from any working folder.
+        let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let base = &std::path::absolute(parent).unwrap_or_else(|_| parent.to_owned());
         let fusion = root.subsection("fusion")?.map(|s| plugin_choice(&s, PluginKind::Fusion, base)).transpose()?;
         let sandbox = root.subsection("sandbox")?.map(|s| sandbox(&s)).transpose()?.unwrap_or_default();
         let read = experiment::Reader { root: &root, base };

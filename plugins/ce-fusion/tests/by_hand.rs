@@ -160,3 +160,37 @@ fn avg_ce_with_every_ce_infinite_weighs_the_candidates_equally() {
     let out = fuse(&AvgCe, &[("weights", ParamValue::Str("softmax".into()))], &input);
     assert_rows(&out, &[&[(5, 0.5 + 0.5 * 0.75), (9, 0.5 * 0.25)]]);
 }
+
+/// "Über dich" is 10 bytes. The target cuts it into 5 tokens (4 predictions) at 2.0 nats
+/// each: 8 nats, 0.8 per byte. The source cuts it into 3 tokens (2 predictions) at 3.0
+/// nats each: 6 nats, 0.6 per byte. Per token the target is better, per byte the source.
+fn coarse_source() -> FusionInputBuf {
+    let text = "Über dich";
+    assert_eq!(text.len(), 10);
+    let mut target = candidate(&[&[(5, 1.0)]], 2.0, &[2.0], true);
+    target.tokens = 5;
+    let mut source = candidate(&[&[(9, 0.5), (5, 0.5)]], 3.0, &[3.0], false);
+    source.tokens = 3;
+    FusionInputBuf { gold: vec![5], text_bytes: text.len() as u32, candidates: vec![target, source] }
+}
+
+#[test]
+fn ce_per_byte_compares_tokenizers_of_different_granularity() {
+    let per_token = fuse(&MinCe, &[], &coarse_source());
+    assert_rows(&per_token, &[&[(5, 1.0)]]);
+    let per_byte = fuse(&MinCe, &[("ce_norm", ParamValue::Str("byte".into()))], &coarse_source());
+    assert_rows(&per_byte, &[&[(9, 0.5), (5, 0.5)]]);
+    // Per token too: the token CE scales by the candidate's tokens per byte (2.0 * 4 / 10
+    // = 0.8 against 3.0 * 2 / 10 = 0.6).
+    let byte_token = [("ce_norm", ParamValue::Str("byte".into())), ("granularity", ParamValue::Str("token".into()))];
+    assert_rows(&fuse(&MinCe, &byte_token, &coarse_source()), &[&[(9, 0.5), (5, 0.5)]]);
+    // AvgCE weights softmax(-[0.8, 0.6] / tau), tau = 0.1: [1 / (1 + e^2), e^2 / (1 + e^2)].
+    let w_target = 1.0 / (1.0 + 2f64.exp());
+    let softmax = [
+        ("ce_norm", ParamValue::Str("byte".into())),
+        ("weights", ParamValue::Str("softmax".into())),
+        ("tau", ParamValue::Float(0.1)),
+    ];
+    let out = fuse(&AvgCe, &softmax, &coarse_source());
+    assert_rows(&out, &[&[(5, w_target + 0.5 * (1.0 - w_target)), (9, 0.5 * (1.0 - w_target))]]);
+}

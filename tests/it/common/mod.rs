@@ -50,3 +50,8 @@ pub fn registry_of(tier: Tier, path: &std::path::Path, limits: WasmLimits) -> Re
 pub fn tight_limits() -> WasmLimits {
     WasmLimits { deadline: std::time::Duration::from_secs(1), memory_bytes: 64 << 20, cache_dir: None }
 }
+
+/// Runs the `fusellm` binary in `dir` with `args`.
+pub fn fusellm_in(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_fusellm")).current_dir(dir).args(args).output().expect("run fusellm")
+}
