@@ -5,6 +5,7 @@
 pub mod align;
 pub mod checkpoint;
 pub mod config;
+pub mod device;
 pub mod error;
 pub mod eval;
 pub mod files;

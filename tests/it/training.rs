@@ -14,7 +14,7 @@ use fusellm_core::plugins::Registry;
 use fusellm_core::rng::Rng;
 use fusellm_core::train::optim::AdamWConfig;
 use fusellm_core::train::schedule::{Decay, LambdaSchedule, LrSchedule};
-use fusellm_core::train::{latest_checkpoint, Batching, Dataset, Document, TrainConfig, Trainer};
+use fusellm_core::train::{latest_checkpoint, Batching, Dataset, Document, Precision, TrainConfig, Trainer};
 use fusellm_sdk::SparseRowsBuf;
 
 fn scratch(name: &str) -> PathBuf {
@@ -157,7 +157,7 @@ fn documents(checkpoint: &Checkpoint, n: usize) -> Vec<Document> {
         .collect()
 }
 
-fn config(steps: u64) -> TrainConfig {
+fn config(steps: u64, precision: Precision) -> TrainConfig {
     TrainConfig {
         steps,
         batching: Batching { seq_len: 32, batch_size: 2, packing: true, seed: 4 },
@@ -167,6 +167,7 @@ fn config(steps: u64) -> TrainConfig {
         divergence: Default::default(),
         temperature: 1.0,
         adamw: AdamWConfig::default(),
+        precision,
         clip: Some(1.0),
         checkpoint_every: 2,
         keep_checkpoints: 2,
@@ -184,29 +185,38 @@ fn train(
     let base = fixtures::model_dir("tiny-llama2");
     let model = Checkpoint::open(&base, &registry, None)
         .unwrap()
-        .load_model(LoadMode::Trainable, DType::F32, &Device::Cpu)
+        .load_model(LoadMode::Trainable, config.precision.dtype(), &Device::Cpu)
         .unwrap();
     let mut data = Dataset::new(docs, config.batching).unwrap();
     let trainer = Trainer { run_dir: run_dir.to_owned(), base, model: &model, config: config.clone() };
     trainer.run(&mut data, resume, stop_at, |_| {}).map(|s| s.checkpoint)
 }
 
+/// In f32, and in f16 with f32 master weights (the mixed precision that bf16 uses on CUDA;
+/// the CPU has no bf16 matmul).
 #[test]
 fn a_resumed_run_ends_bit_identical_to_an_uninterrupted_one() {
+    for precision in [Precision::F32, Precision::F16] {
+        resume_is_exact(precision);
+    }
+}
+
+fn resume_is_exact(precision: Precision) {
     let registry = Registry::with_builtins().unwrap();
     let checkpoint = Checkpoint::open(&fixtures::model_dir("tiny-llama2"), &registry, None).unwrap();
     let docs = documents(&checkpoint, 16);
-    let (whole, split) = (scratch("whole"), scratch("split"));
-    let end = train(&whole, docs.clone(), &config(6), false, None).unwrap();
-    let stopped = train(&split, docs.clone(), &config(6), false, Some(3)).unwrap();
+    let config = config(6, precision);
+    let (whole, split) = (scratch(&format!("whole-{precision:?}")), scratch(&format!("split-{precision:?}")));
+    let end = train(&whole, docs.clone(), &config, false, None).unwrap();
+    let stopped = train(&split, docs.clone(), &config, false, Some(3)).unwrap();
     assert!(stopped.ends_with("step-0000003"));
-    let refused = train(&split, docs.clone(), &config(6), false, None).unwrap_err();
+    let refused = train(&split, docs.clone(), &config, false, None).unwrap_err();
     assert!(refused.message.contains("--resume"), "{}", refused.message);
-    let resumed = train(&split, docs, &config(6), true, None).unwrap();
+    let resumed = train(&split, docs, &config, true, None).unwrap();
     assert!(resumed.ends_with("step-0000006") && end.ends_with("step-0000006"));
     for file in ["model.safetensors", "optimizer.safetensors"] {
         let same = std::fs::read(end.join(file)).unwrap() == std::fs::read(resumed.join(file)).unwrap();
-        assert!(same, "{file} differs between the resumed and the uninterrupted run");
+        assert!(same, "{precision:?}: {file} differs between the resumed and the uninterrupted run");
     }
     let losses = |dir: &Path| -> Vec<String> {
         let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
@@ -219,6 +229,13 @@ fn a_resumed_run_ends_bit_identical_to_an_uninterrupted_one() {
     reloaded.load_model(LoadMode::Frozen, DType::F32, &Device::Cpu).unwrap();
     assert!(std::fs::read(whole.join("loss.png")).unwrap().starts_with(b"\x89PNG"));
     assert_eq!(latest_checkpoint(&whole).unwrap().0, 6);
+    // Below f32 the weights are stored in the compute dtype and the f32 masters with the
+    // optimizer state.
+    let state = candle_core::safetensors::load(end.join("optimizer.safetensors"), &Device::Cpu).unwrap();
+    let weights = candle_core::safetensors::load(end.join("model.safetensors"), &Device::Cpu).unwrap();
+    let masters = state.iter().filter(|(k, v)| k.starts_with("master.") && v.dtype() == DType::F32).count();
+    assert_eq!(masters, if precision == Precision::F32 { 0 } else { weights.len() });
+    assert!(weights.values().all(|w| w.dtype() == precision.dtype()));
 }
 
 #[test]
@@ -227,7 +244,7 @@ fn a_nan_stops_training_at_its_step_and_keeps_the_last_good_checkpoint() {
     let checkpoint = Checkpoint::open(&fixtures::model_dir("tiny-llama2"), &registry, None).unwrap();
     let mut docs = documents(&checkpoint, 6);
     docs[4].rows.as_mut().unwrap().values[1] = f32::NAN;
-    let mut config = config(6);
+    let mut config = config(6, Precision::F32);
     (config.accumulation, config.checkpoint_every) = (1, 1);
     config.batching = Batching { seq_len: 64, batch_size: 1, packing: false, seed: 4 };
     // The step that serves the poisoned document.

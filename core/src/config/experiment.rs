@@ -13,7 +13,7 @@ use crate::split::OnBadInput;
 use crate::store::Options;
 use crate::train::optim::AdamWConfig;
 use crate::train::schedule::{Decay, LambdaSchedule, LrSchedule};
-use crate::train::{Batching, TrainConfig};
+use crate::train::{Batching, Precision, TrainConfig};
 
 /// A path written in the config, resolved against the config's folder, with where it was
 /// written so that a missing file is reported there.
@@ -34,6 +34,8 @@ pub struct RunSection {
     /// The run folder: stage caches, the record of the run, evaluation results.
     pub dir: PathBuf,
     pub seed: u64,
+    /// `cpu`, `cuda` or `cuda:N`: where the models run.
+    pub device: String,
 }
 
 #[derive(Clone, Debug)]
@@ -118,12 +120,20 @@ impl Reader<'_, '_, '_> {
 
     pub fn run(&self, config_path: &Path) -> Result<RunSection, ConfigError> {
         let stem = config_path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into());
-        let default = RunSection { dir: self.base.join("runs").join(stem), seed: 0 };
+        let default = RunSection { dir: self.base.join("runs").join(stem), seed: 0, device: "cpu".into() };
         let Some(s) = self.root.subsection("run")? else { return Ok(default) };
-        s.allow_only(&["dir", "seed"])?;
+        s.allow_only(&["dir", "seed", "device"])?;
+        let device = s.string("device")?.unwrap_or("cpu");
+        if !(device == "cpu"
+            || device == "cuda"
+            || device.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok()))
+        {
+            return Err(s.error_at("device", format!("`{device}`: expected cpu, cuda or cuda:N")));
+        }
         Ok(RunSection {
             dir: s.string("dir")?.map(|d| self.base.join(d)).unwrap_or(default.dir),
             seed: s.int("seed")?.map(|n| n as u64).unwrap_or(0),
+            device: device.into(),
         })
     }
 
@@ -272,6 +282,11 @@ impl Reader<'_, '_, '_> {
             },
             temperature,
             adamw,
+            precision: match choice(&s, "dtype", &["f32", "bf16", "f16"], "f32")? {
+                "bf16" => Precision::Bf16,
+                "f16" => Precision::F16,
+                _ => Precision::F32,
+            },
             clip: (clip > 0.0).then_some(clip),
             checkpoint_every: positive(&s, "checkpoint_every", steps as usize)? as u64,
             keep_checkpoints: positive(&s, "keep_checkpoints", 2)?,

@@ -160,6 +160,10 @@ impl Run<'_> {
         Ok(record)
     }
 
+    fn device(&self) -> Result<Device> {
+        crate::device::parse(&self.config.run.device)
+    }
+
     /// Runs `work` into the cache folder `name-key` unless `done` says it is complete there.
     fn stage(
         &self,
@@ -316,7 +320,7 @@ impl Run<'_> {
         let k = key(&[&data_key, &model_identity(&checked.target.dir)?, &serde_json::to_string(config).expect("JSON")]);
         let finished = |d: &Path| latest_checkpoint(d).is_some_and(|(step, _)| step >= config.steps);
         let dir = self.stage(record, events, ("train", &k), finished, |run_dir, events| {
-            let model = checked.target.load_model(LoadMode::Trainable, DType::F32, &Device::Cpu)?;
+            let model = checked.target.load_model(LoadMode::Trainable, config.precision.dtype(), &self.device()?)?;
             let mut data = Dataset::new(docs, config.batching)?;
             let trainer = Trainer {
                 run_dir: run_dir.to_owned(),
@@ -366,7 +370,7 @@ impl Run<'_> {
                 let mut rows = Vec::new();
                 for (label, dir) in [("target-base", checked.target.dir.as_path()), ("trained", trained)] {
                     let checkpoint = Checkpoint::open(dir, registry, None)?;
-                    let model = checkpoint.load_model(LoadMode::Frozen, DType::F32, &Device::Cpu)?;
+                    let model = checkpoint.load_model(LoadMode::Frozen, DType::F32, &self.device()?)?;
                     for (set, file) in &eval.sets {
                         events(Event::Progress(format!("{label} on {set}")));
                         let mut texts = Vec::new();

@@ -24,6 +24,27 @@ use optim::{grad_norm, AdamW, AdamWConfig};
 use schedule::{LambdaSchedule, LrSchedule};
 pub use state::{latest_checkpoint, TrainState};
 
+/// The dtype the target computes in. Below f32 the optimizer keeps f32 master weights and
+/// f32 state (bf16 is for CUDA; candle's CPU matmul has no bf16 kernel).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Precision {
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            Precision::F32 => candle_core::DType::F32,
+            Precision::Bf16 => candle_core::DType::BF16,
+            Precision::F16 => candle_core::DType::F16,
+        }
+    }
+}
+
 /// Everything that decides what training computes.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
@@ -37,6 +58,7 @@ pub struct TrainConfig {
     pub divergence: Divergence,
     pub temperature: f64,
     pub adamw: AdamWConfig,
+    pub precision: Precision,
     /// Clip the gradient to this global L2 norm (the paper: 1.0).
     pub clip: Option<f64>,
     /// Write a checkpoint every this many steps (and at the end).

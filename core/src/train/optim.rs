@@ -24,12 +24,14 @@ impl Default for AdamWConfig {
     }
 }
 
-/// The optimizer and its state: the step count and both moments of every parameter (f32,
-/// whatever the compute dtype).
+/// The optimizer and its state: the step count, both moments of every parameter, and for
+/// parameters computed in bf16 or f16 their f32 master weights, which the updates go to (a
+/// 16-bit parameter would lose most small updates to rounding). All state is f32.
 pub struct AdamW {
     pub config: AdamWConfig,
     pub step: u64,
     moments: Vec<(Tensor, Tensor)>,
+    masters: Vec<Option<Tensor>>,
 }
 
 impl AdamW {
@@ -38,7 +40,11 @@ impl AdamW {
             .iter()
             .map(|(_, v)| Ok((v.zeros_like()?.to_dtype(DType::F32)?, v.zeros_like()?.to_dtype(DType::F32)?)))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { config, step: 0, moments })
+        let masters = vars
+            .iter()
+            .map(|(_, v)| (v.dtype() != DType::F32).then(|| v.as_tensor().to_dtype(DType::F32)).transpose())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self { config, step: 0, moments, masters })
     }
 
     /// One update of every parameter with its gradient in `grads` (scaled by `grad_scale`,
@@ -50,35 +56,46 @@ impl AdamW {
         let t = self.step as i32;
         let step_size = lr / (1.0 - beta1.powi(t));
         let bias_correction2_sqrt = (1.0 - beta2.powi(t)).sqrt();
-        for ((name, var), (m, v)) in vars.iter().zip(self.moments.iter_mut()) {
+        for (((name, var), (m, v)), master) in vars.iter().zip(self.moments.iter_mut()).zip(self.masters.iter_mut()) {
             let grad = grads
                 .get(var)
                 .ok_or_else(|| Error::msg(format!("`{name}` received no gradient; the loss does not depend on it")))?;
             let grad = (grad.to_dtype(DType::F32)? * grad_scale)?;
-            let param = var.as_tensor().to_dtype(DType::F32)?;
+            let param = match master {
+                Some(weights) => weights.clone(),
+                None => var.as_tensor().clone(),
+            };
             let param = (param * (1.0 - lr * weight_decay))?;
             *m = ((&*m * beta1)? + (&grad * (1.0 - beta1))?)?;
             *v = ((&*v * beta2)? + (grad.sqr()? * (1.0 - beta2))?)?;
             let denom = ((v.sqrt()? / bias_correction2_sqrt)? + eps)?;
             let update = ((&*m / denom)? * step_size)?;
-            var.set(&(param - update)?.to_dtype(var.dtype())?)?;
+            let updated = (param - update)?;
+            var.set(&updated.to_dtype(var.dtype())?)?;
+            if let Some(weights) = master {
+                *weights = updated;
+            }
         }
         Ok(())
     }
 
-    /// The moments by parameter name (`m.<name>`, `v.<name>`), for the training state.
+    /// The moments and master weights by parameter name (`m.<name>`, `v.<name>`,
+    /// `master.<name>`), for the training state.
     pub fn state(&self, vars: &[(String, Var)]) -> HashMap<String, Tensor> {
         let mut out = HashMap::new();
-        for ((name, _), (m, v)) in vars.iter().zip(&self.moments) {
+        for (((name, _), (m, v)), master) in vars.iter().zip(&self.moments).zip(&self.masters) {
             out.insert(format!("m.{name}"), m.clone());
             out.insert(format!("v.{name}"), v.clone());
+            if let Some(weights) = master {
+                out.insert(format!("master.{name}"), weights.clone());
+            }
         }
         out
     }
 
     /// Restores the moments saved by [`AdamW::state`] at `step`.
     pub fn restore(&mut self, vars: &[(String, Var)], mut saved: HashMap<String, Tensor>, step: u64) -> Result<()> {
-        for ((name, var), (m, v)) in vars.iter().zip(self.moments.iter_mut()) {
+        for (((name, var), (m, v)), master) in vars.iter().zip(self.moments.iter_mut()).zip(self.masters.iter_mut()) {
             let mut take = |key: String| {
                 saved
                     .remove(&key)
@@ -95,6 +112,9 @@ impl AdamW {
                 )));
             }
             (*m, *v) = (saved_m, saved_v);
+            if master.is_some() {
+                *master = Some(take(format!("master.{name}"))?);
+            }
         }
         self.step = step;
         Ok(())
