@@ -26,5 +26,13 @@ fn every_example_config_parses() {
         assert!(config.fusion.is_some(), "{}", path.display());
         seen += 1;
     }
-    assert_eq!(seen, 3);
+    assert_eq!(seen, 4);
+}
+
+#[test]
+fn the_fixture_experiment_validates() {
+    let config = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/configs/fuse-fixtures.toml");
+    let out = crate::common::fusellm_in(std::path::Path::new("."), &["validate", config.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("fusion `min_ce`"));
 }

@@ -288,3 +288,30 @@ fn sequences_pack_documents_and_predict_only_within_them() {
 fn data_batching() -> Batching {
     Batching { seq_len: 4, batch_size: 3, packing: true, seed: 0 }
 }
+
+#[test]
+fn kl_differs_from_ce_by_the_target_entropy_and_temperature_scales_the_student() {
+    let mut rng = Rng::new(21);
+    let shape = (2, 5, 40);
+    let logits = random_logits(&mut rng, shape);
+    let batch = random_batch(&mut rng, shape, 3);
+    let fusion = |objective: Objective| {
+        let f = objective.losses(logits.as_tensor(), &batch).unwrap().fusion;
+        let g = f.backward().unwrap().get(&logits).unwrap().clone();
+        (value(&f) as f64, g)
+    };
+    let ce = Objective { lambda: 0.0, ..Default::default() };
+    let kl = Objective { divergence: fusellm_core::model::loss::Divergence::Kl, ..ce };
+    let ((ce_value, ce_grad), (kl_value, kl_grad)) = (fusion(ce), fusion(kl));
+    let positions = (shape.0 * (shape.1 - 1)) as f64;
+    let neg_entropy: f64 =
+        batch.target_probs.iter().filter(|&&p| p > 0.0).map(|&p| p as f64 * (p as f64).ln()).sum::<f64>() / positions;
+    assert!((kl_value - (ce_value + neg_entropy)).abs() < 1e-5, "{kl_value} vs {ce_value} + {neg_entropy}");
+    assert!(kl_value >= 0.0);
+    assert_eq!(max_diff(&ce_grad, &kl_grad), 0.0);
+    // T = 2: the student's logits are halved, the loss scaled by T^2.
+    let (hot, _) = fusion(Objective { temperature: 2.0, ..ce });
+    let halved = Var::from_tensor(&(logits.as_tensor() / 2.0).unwrap()).unwrap();
+    let reference = ce.losses(halved.as_tensor(), &batch).unwrap().fusion;
+    assert!((hot - 4.0 * value(&reference) as f64).abs() < 1e-4, "{hot} vs 4 x {reference}");
+}

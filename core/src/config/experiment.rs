@@ -237,6 +237,7 @@ impl Reader<'_, '_, '_> {
             "clip",
             "checkpoint_every",
             "keep_checkpoints",
+            "dtype",
         ])?;
         let steps = positive(&s, "steps", 100)? as u64;
         let lr = s.float("lr")?.unwrap_or(1e-5);
