@@ -79,7 +79,7 @@ class StoreWriter:
             ("docs", "U32", [len(docs)], _pack("I", docs)),
             ("offsets", "U32", [len(offsets)], _pack("I", offsets)),
             ("ce_missing_at", "U32", [len(missing_at)], _pack("I", missing_at)),
-            ("ce_missing", "F32", [len(missing)], _pack("f", missing)),
+            ("ce_missing", "F16" if self.half else "F32", [len(missing)], _pack("e" if self.half else "f", missing)),
             ("mean_ce", "F32", [len(mean_ce)], _pack("f", mean_ce)),
             ("topk_ids", "U32" if self.wide_ids else "U16", [tokens, self.k], _pack("I" if self.wide_ids else "H", flat_ids)),
             ("topk_logprobs", "F16" if self.half else "F32", [tokens, self.k], _pack("e" if self.half else "f", flat_lp)),

@@ -1,5 +1,4 @@
-//! A minimal PNG encoder: 8-bit palette images, zlib with stored (uncompressed) blocks.
-//! Plots are a few hundred kilobytes this way, and no image crate is needed.
+//! A minimal PNG encoder: 8-bit palette images, deflated; no image crate needed.
 
 /// The PNG file of a `width` x `height` image of palette indices.
 pub fn encode(width: u32, height: u32, palette: &[[u8; 3]], pixels: &[u8]) -> Vec<u8> {
@@ -15,7 +14,7 @@ pub fn encode(width: u32, height: u32, palette: &[[u8; 3]], pixels: &[u8]) -> Ve
     header.extend_from_slice(&[8, 3, 0, 0, 0]); // 8-bit, palette, deflate, no filter, no interlace
     chunk(&mut out, b"IHDR", &header);
     chunk(&mut out, b"PLTE", &palette.concat());
-    chunk(&mut out, b"IDAT", &zlib_stored(&raw));
+    chunk(&mut out, b"IDAT", &miniz_oxide::deflate::compress_to_vec_zlib(&raw, 6));
     chunk(&mut out, b"IEND", &[]);
     out
 }
@@ -28,26 +27,4 @@ fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
     out.extend_from_slice(kind);
     out.extend_from_slice(data);
     out.extend_from_slice(&crc.finalize().to_be_bytes());
-}
-
-fn zlib_stored(data: &[u8]) -> Vec<u8> {
-    let mut out = vec![0x78, 0x01];
-    let blocks: Vec<&[u8]> = data.chunks(65535).collect();
-    for (i, block) in blocks.iter().enumerate() {
-        out.push(u8::from(i + 1 == blocks.len()));
-        let len = block.len() as u16;
-        out.extend_from_slice(&len.to_le_bytes());
-        out.extend_from_slice(&(!len).to_le_bytes());
-        out.extend_from_slice(block);
-    }
-    if blocks.is_empty() {
-        out.extend_from_slice(&[1, 0, 0, 0xFF, 0xFF]);
-    }
-    let (mut a, mut b) = (1u32, 0u32);
-    for &byte in data {
-        a = (a + byte as u32) % 65521;
-        b = (b + a) % 65521;
-    }
-    out.extend_from_slice(&((b << 16) | a).to_be_bytes());
-    out
 }

@@ -103,7 +103,7 @@ impl Shard {
             .u32s("docs", vec![self.docs.len()], &self.docs)
             .u32s("offsets", vec![self.offsets.len()], &self.offsets)
             .u32s("ce_missing_at", vec![self.ce_missing_at.len()], &self.ce_missing_at)
-            .floats("ce_missing", vec![self.ce_missing.len()], &self.ce_missing, false)
+            .floats("ce_missing", vec![self.ce_missing.len()], &self.ce_missing, layout.half)
             .floats("mean_ce", vec![self.mean_ce.len()], &self.mean_ce, false)
             .ids("topk_ids", vec![tokens, layout.k], &self.topk_ids, layout.wide_ids)
             .floats("topk_logprobs", vec![tokens, layout.k], &self.topk_logprobs, layout.half);
