@@ -115,7 +115,7 @@ fn choice<'c>(
 
 impl Reader<'_, '_, '_> {
     fn path(&self, section: &Section<'_, '_>, key: &str, value: &str) -> PathAt {
-        PathAt { path: self.base.join(value), at: section.error_at(key, "") }
+        PathAt { path: super::lexical(&self.base.join(value)), at: section.error_at(key, "") }
     }
 
     pub fn run(&self, config_path: &Path) -> Result<RunSection, ConfigError> {
@@ -131,7 +131,7 @@ impl Reader<'_, '_, '_> {
             return Err(s.error_at("device", format!("`{device}`: expected cpu, cuda or cuda:N")));
         }
         Ok(RunSection {
-            dir: s.string("dir")?.map(|d| self.base.join(d)).unwrap_or(default.dir),
+            dir: s.string("dir")?.map(|d| super::lexical(&self.base.join(d))).unwrap_or(default.dir),
             seed: s.int("seed")?.map(|n| n as u64).unwrap_or(0),
             device: device.into(),
         })
