@@ -10,6 +10,7 @@ pub mod error;
 pub mod eval;
 pub mod files;
 pub mod fuse;
+pub mod merge;
 pub mod model;
 pub mod pipeline;
 pub mod plot;

@@ -14,6 +14,7 @@ mod bad_plugins;
 mod cli_plugins;
 mod common;
 mod config_plugins;
+mod evaluation;
 mod examples;
 mod gradients;
 mod model_bad_inputs;

@@ -150,7 +150,7 @@ fn init(rng: &mut Rng, std: f64, name: &str, shape: &[usize], device: &Device) -
 
 /// The safetensors files of a checkpoint: those of model.safetensors.index.json when it
 /// is sharded, else model.safetensors, else every *.safetensors file.
-fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+pub(crate) fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
         let text = std::fs::read_to_string(&index).context(|| format!("reading {}", index.display()))?;

@@ -17,7 +17,7 @@ use crate::align::stage::align_stores;
 use crate::checkpoint::Checkpoint;
 use crate::config::Config;
 use crate::error::{Context, Error, Result};
-use crate::eval::{score, Score};
+use crate::eval::{score, Score, Scorer};
 use crate::files::{file_sha256, sha256_hex, write_atomically};
 use crate::fuse::fuse_stores;
 use crate::model::LoadMode;
@@ -379,7 +379,13 @@ impl Run<'_> {
                             texts.push(d.text);
                             Ok(())
                         })?;
-                        let s = score(&model, &checkpoint.tokenizer, &texts, eval.window, eval.batch_tokens)?;
+                        let scorer = Scorer {
+                            model: &model,
+                            tokenizer: &checkpoint.tokenizer,
+                            window: eval.window,
+                            batch_tokens: eval.batch_tokens,
+                        };
+                        let s = score(&scorer.text_nlls(&texts)?, texts.iter().map(|t| t.len() as u64).sum());
                         rows.push(EvalRow {
                             model: label.into(),
                             set: set.clone(),

@@ -4,7 +4,7 @@
 mod font;
 mod png;
 
-const PALETTE: [[u8; 3]; 8] = [
+const PALETTE: [[u8; 3]; 13] = [
     [255, 255, 255], // background
     [40, 40, 40],    // axes and text
     [220, 220, 220], // grid
@@ -13,12 +13,17 @@ const PALETTE: [[u8; 3]; 8] = [
     [44, 160, 44],
     [214, 39, 40],
     [148, 103, 189],
+    [140, 86, 75],
+    [227, 119, 194],
+    [127, 127, 127],
+    [188, 189, 34],
+    [23, 190, 207],
 ];
 const INK: u8 = 1;
 const GRID: u8 = 2;
 /// Palette index of series `i`.
 fn series_color(i: usize) -> u8 {
-    3 + (i % 5) as u8
+    3 + (i % 10) as u8
 }
 
 struct Canvas {
@@ -155,6 +160,42 @@ pub fn line_chart(title: &str, x_label: &str, series: &[(&str, Vec<(f64, f64)>)]
     }
     let names: Vec<&str> = series.iter().map(|(n, _)| *n).collect();
     legend(&mut canvas, &names, 720, 60);
+    canvas.png()
+}
+
+/// A PNG of grouped bars: for each group (an evaluation set), one bar per series (a model).
+pub fn bar_chart(title: &str, groups: &[&str], series: &[(&str, Vec<f64>)]) -> Vec<u8> {
+    let mut canvas = Canvas::new(900, 520);
+    let values = || series.iter().flat_map(|(_, v)| v.iter().copied()).filter(|v| v.is_finite());
+    let hi = values().fold(0.0f64, f64::max);
+    if groups.is_empty() || series.is_empty() || hi <= 0.0 {
+        canvas.text(40, 40, "no data", INK);
+        return canvas.png();
+    }
+    let frame = Frame {
+        left: 110.0,
+        top: 50.0,
+        right: 640.0,
+        bottom: 460.0,
+        x: (0.0, groups.len() as f64),
+        y: (0.0, hi * 1.05),
+    };
+    frame.draw(&mut canvas, title, "");
+    let slot = (frame.right - frame.left) / groups.len() as f64;
+    let bar = slot * 0.8 / series.len() as f64;
+    for (g, group) in groups.iter().enumerate() {
+        let x0 = frame.left + slot * g as f64 + slot * 0.1;
+        for (i, (_, v)) in series.iter().enumerate() {
+            let value = v.get(g).copied().filter(|v| v.is_finite()).unwrap_or(0.0);
+            let (_, top) = frame.at(0.0, value);
+            let x = x0 + bar * i as f64;
+            canvas.rect(x as i64, top as i64, (x + bar - 2.0) as i64, frame.bottom as i64, series_color(i));
+        }
+        let label: String = group.chars().take((slot / 12.0) as usize).collect();
+        canvas.text((x0 + slot * 0.4) as i64 - text_width(&label) / 2, frame.bottom as i64 + 8, &label, INK);
+    }
+    let names: Vec<&str> = series.iter().map(|(n, _)| *n).collect();
+    legend(&mut canvas, &names, 660, 60);
     canvas.png()
 }
 

@@ -22,7 +22,7 @@ pub use data::{Batching, Dataset, Document};
 pub use metrics::StepMetrics;
 use optim::{grad_norm, AdamW, AdamWConfig};
 use schedule::{LambdaSchedule, LrSchedule};
-pub use state::{latest_checkpoint, TrainState};
+pub use state::{copy_carried, latest_checkpoint, TrainState};
 
 /// The dtype the target computes in. Below f32 the optimizer keeps f32 master weights and
 /// f32 state (bf16 is for CUDA; candle's CPU matmul has no bf16 kernel).

@@ -100,12 +100,7 @@ pub fn write_checkpoint(
         std::fs::remove_dir_all(&partial).context(|| format!("removing {}", partial.display()))?;
     }
     std::fs::create_dir_all(&partial).context(|| format!("creating {}", partial.display()))?;
-    for name in CARRIED {
-        let from = base.join(name);
-        if from.exists() {
-            std::fs::copy(&from, partial.join(name)).context(|| format!("copying {}", from.display()))?;
-        }
-    }
+    copy_carried(base, &partial)?;
     model.save_weights(&partial.join("model.safetensors"))?;
     candle_core::safetensors::save(&optimizer.state(model.vars()), partial.join("optimizer.safetensors"))
         .context(|| format!("writing the optimizer state in {}", partial.display()))?;
@@ -139,6 +134,17 @@ pub fn prune(run_dir: &Path, keep: usize) -> Result<()> {
     all.sort_by_key(|(step, _)| std::cmp::Reverse(*step));
     for (_, dir) in all.into_iter().skip(keep) {
         std::fs::remove_dir_all(&dir).context(|| format!("removing the old checkpoint {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Copies the config and tokenizer files of checkpoint folder `from` (those it has) to `to`.
+pub fn copy_carried(from: &Path, to: &Path) -> Result<()> {
+    for name in CARRIED {
+        let file = from.join(name);
+        if file.exists() {
+            std::fs::copy(&file, to.join(name)).context(|| format!("copying {}", file.display()))?;
+        }
     }
     Ok(())
 }

@@ -1,0 +1,227 @@
+//! `fusellm eval` and `fusellm merge`.
+
+use std::path::PathBuf;
+
+use candle_core::DType;
+use clap::Args;
+use fusellm_core::checkpoint::Checkpoint;
+use fusellm_core::error::{Error, Result};
+use fusellm_core::eval::{accuracy, loglik, mixture, read_questions, score, Accuracy, Score, Scorer};
+use fusellm_core::merge::Merge;
+use fusellm_core::model::LoadMode;
+use fusellm_core::plugins::Registry;
+use fusellm_core::split::{for_each_document, OnBadInput};
+use serde::Serialize;
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// Checkpoint folders to evaluate (repeatable).
+    #[arg(long = "model", required = true)]
+    models: Vec<PathBuf>,
+    /// Also evaluate the models as one ensemble: the average of their next-token
+    /// distributions (they must share a tokenizer).
+    #[arg(long)]
+    ensemble: bool,
+    /// A text set, `NAME=FILE` (JSONL or plain text): perplexity and bits per byte.
+    #[arg(long = "set")]
+    sets: Vec<String>,
+    /// A multiple-choice set, `NAME=FILE` (JSONL of {context, choices, answer}): acc, acc_norm.
+    #[arg(long = "choices")]
+    choices: Vec<String>,
+    /// JSONL field(s) holding the text of a set.
+    #[arg(long, default_value = "text", value_delimiter = ',')]
+    text_field: Vec<String>,
+    #[arg(long, default_value_t = 1024)]
+    window: usize,
+    #[arg(long, default_value_t = 4096)]
+    batch_tokens: usize,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Where to write eval.json and eval.png.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Serialize)]
+struct Row {
+    model: String,
+    set: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    score: Option<Score>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    perplexity: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bits_per_byte: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    accuracy: Option<Accuracy>,
+}
+
+fn named(spec: &str) -> Result<(String, PathBuf)> {
+    spec.split_once('=')
+        .map(|(n, p)| (n.to_string(), PathBuf::from(p)))
+        .ok_or_else(|| Error::msg(format!("`{spec}`: expected NAME=FILE")))
+}
+
+pub fn eval(args: EvalArgs) -> Result<()> {
+    let registry = Registry::with_builtins()?;
+    let device = fusellm_core::device::parse(&args.device)?;
+    let mut texts = Vec::new();
+    for spec in &args.sets {
+        let (name, file) = named(spec)?;
+        let mut set = Vec::new();
+        for_each_document(&[file], &args.text_field, OnBadInput::Stop, |d| {
+            set.push(d.text);
+            Ok(())
+        })?;
+        texts.push((name, set));
+    }
+    let questions = args
+        .choices
+        .iter()
+        .map(|s| named(s).and_then(|(n, f)| Ok((n, read_questions(&f)?))))
+        .collect::<Result<Vec<_>>>()?;
+    let mut rows = Vec::new();
+    // Per model: the NLLs of every set's texts and every question's choices, kept for the ensemble.
+    // [set][text][token] and [choice set][question][choice][token].
+    type Nlls = Vec<Vec<Vec<f32>>>;
+    let mut members: Vec<(Nlls, Vec<Nlls>)> = Vec::new();
+    let mut tokenizers = Vec::new();
+    for dir in &args.models {
+        let checkpoint = Checkpoint::open(dir, &registry, None)?;
+        let model = checkpoint.load_model(LoadMode::Frozen, DType::F32, &device)?;
+        let scorer = Scorer {
+            model: &model,
+            tokenizer: &checkpoint.tokenizer,
+            window: args.window,
+            batch_tokens: args.batch_tokens,
+        };
+        let label = dir.display().to_string();
+        let mut set_nlls = Vec::new();
+        for (name, set) in &texts {
+            let nlls = scorer.text_nlls(set)?;
+            rows.push(text_row(&label, name, score(&nlls, set.iter().map(|t| t.len() as u64).sum())));
+            set_nlls.push(nlls);
+        }
+        let mut choice_nlls = Vec::new();
+        for (name, qs) in &questions {
+            let nlls = qs.iter().map(|q| scorer.choice_nlls(q)).collect::<Result<Vec<_>>>()?;
+            rows.push(choice_row(&label, name, qs, &nlls));
+            choice_nlls.push(nlls);
+        }
+        members.push((set_nlls, choice_nlls));
+        tokenizers.push(fusellm_core::files::file_sha256(&dir.join("tokenizer.json"))?);
+    }
+    if args.ensemble {
+        if tokenizers.iter().any(|t| *t != tokenizers[0]) {
+            return Err(Error::msg("--ensemble averages next-token distributions, so its members must share a tokenizer; these have different tokenizer.json files"));
+        }
+        for (s, (name, set)) in texts.iter().enumerate() {
+            let nlls = mixture(&members.iter().map(|m| m.0[s].clone()).collect::<Vec<_>>())?;
+            rows.push(text_row("ensemble", name, score(&nlls, set.iter().map(|t| t.len() as u64).sum())));
+        }
+        for (s, (name, qs)) in questions.iter().enumerate() {
+            let nlls = (0..qs.len())
+                .map(|q| mixture(&members.iter().map(|m| m.1[s][q].clone()).collect::<Vec<_>>()))
+                .collect::<Result<Vec<_>>>()?;
+            rows.push(choice_row("ensemble", name, qs, &nlls));
+        }
+    }
+    print_table(&rows);
+    if let Some(out) = &args.out {
+        write_outputs(out, &rows)?;
+    }
+    Ok(())
+}
+
+fn text_row(model: &str, set: &str, s: Score) -> Row {
+    Row {
+        model: model.into(),
+        set: set.into(),
+        score: Some(s),
+        perplexity: Some(s.perplexity()),
+        bits_per_byte: Some(s.bits_per_byte()),
+        accuracy: None,
+    }
+}
+
+fn choice_row(model: &str, set: &str, questions: &[fusellm_core::eval::Question], nlls: &[Vec<Vec<f32>>]) -> Row {
+    let logliks: Vec<Vec<f64>> = nlls.iter().map(|q| q.iter().map(|c| loglik(c)).collect()).collect();
+    Row {
+        model: model.into(),
+        set: set.into(),
+        score: None,
+        perplexity: None,
+        bits_per_byte: None,
+        accuracy: Some(accuracy(questions, &logliks)),
+    }
+}
+
+fn print_table(rows: &[Row]) {
+    println!("| model | set | bits/byte | perplexity | acc | acc_norm |\n|---|---|---|---|---|---|");
+    let cell = |v: Option<f64>| v.map_or("".to_string(), |v| format!("{v:.4}"));
+    for r in rows {
+        println!(
+            "| {} | {} | {} | {} | {} | {} |",
+            r.model,
+            r.set,
+            cell(r.bits_per_byte),
+            cell(r.perplexity),
+            cell(r.accuracy.map(|a| a.acc)),
+            cell(r.accuracy.map(|a| a.acc_norm))
+        );
+    }
+}
+
+/// eval.json, and eval.png: bits per byte per set and model.
+fn write_outputs(out: &std::path::Path, rows: &[Row]) -> Result<()> {
+    std::fs::create_dir_all(out).map_err(|e| Error::msg(format!("creating {}: {e}", out.display())))?;
+    fusellm_core::files::write_atomically(&out.join("eval.json"), &serde_json::to_vec_pretty(rows).expect("JSON"))?;
+    let mut sets: Vec<&str> = rows.iter().filter(|r| r.bits_per_byte.is_some()).map(|r| r.set.as_str()).collect();
+    sets.dedup();
+    let mut models: Vec<&str> = rows.iter().map(|r| r.model.as_str()).collect();
+    models.dedup();
+    let series: Vec<(&str, Vec<f64>)> = models
+        .iter()
+        .map(|m| {
+            (
+                *m,
+                sets.iter()
+                    .map(|s| {
+                        rows.iter()
+                            .find(|r| r.model == *m && r.set == *s)
+                            .and_then(|r| r.bits_per_byte)
+                            .unwrap_or(f64::NAN)
+                    })
+                    .collect(),
+            )
+        })
+        .collect();
+    fusellm_core::files::write_atomically(
+        &out.join("eval.png"),
+        &fusellm_core::plot::bar_chart("bits per byte", &sets, &series),
+    )?;
+    println!("{} and {}", out.join("eval.json").display(), out.join("eval.png").display());
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct MergeArgs {
+    /// Checkpoints of one architecture (repeatable).
+    #[arg(long = "model", required = true)]
+    models: Vec<PathBuf>,
+    /// One weight per model (default: the plain average).
+    #[arg(long, value_delimiter = ',')]
+    weights: Vec<f64>,
+    /// Task arithmetic: merged = base + sum_i w_i (model_i - base).
+    #[arg(long)]
+    base: Option<PathBuf>,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+pub fn merge(args: MergeArgs) -> Result<()> {
+    Merge { models: &args.models, weights: &args.weights, base: args.base.as_deref() }.write(&args.out)?;
+    eprintln!("merged {} checkpoints into {}", args.models.len(), args.out.display());
+    Ok(())
+}
