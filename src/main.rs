@@ -2,6 +2,7 @@
 
 mod align_cmd;
 mod bench_cmd;
+mod demo_cmd;
 mod eval_cmd;
 mod generate_cmd;
 mod plugins_cmd;
@@ -53,6 +54,8 @@ enum Command {
     Run(run_cmd::RunArgs),
     /// Check an experiment config (files, plugins, parameters, shapes) without computing.
     Validate(run_cmd::RunArgs),
+    /// The embedded default: the FuseLLM experiment in miniature, built from code alone.
+    Demo(demo_cmd::DemoArgs),
     /// Evaluate checkpoints: bits per byte, perplexity, multiple-choice accuracy; ensembles.
     Eval(eval_cmd::EvalArgs),
     /// Merge checkpoints of one architecture: weighted average or task arithmetic.
@@ -78,6 +81,7 @@ fn main() -> ExitCode {
         Command::Train(args) => run_cmd::train(args).map(|()| ExitCode::SUCCESS).map_err(|e| e.message),
         Command::Run(args) => run_cmd::run(args).map(|()| ExitCode::SUCCESS).map_err(|e| e.message),
         Command::Validate(args) => run_cmd::validate_cmd(args).map(|()| ExitCode::SUCCESS).map_err(|e| e.message),
+        Command::Demo(args) => demo_cmd::run(args).map(|()| ExitCode::SUCCESS).map_err(|e| e.message),
         Command::Eval(args) => eval_cmd::eval(args).map(|()| ExitCode::SUCCESS).map_err(|e| e.message),
         Command::Merge(args) => eval_cmd::merge(args).map(|()| ExitCode::SUCCESS).map_err(|e| e.message),
         Command::Generate(args) => generate_cmd::run(args).map(|()| ExitCode::SUCCESS),

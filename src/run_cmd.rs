@@ -32,7 +32,7 @@ fn load(args: &RunArgs) -> Result<Vec<(Variant, Config)>> {
         .collect()
 }
 
-fn print_event(event: Event) {
+pub fn print_event(event: Event) {
     match event {
         Event::Stage { name, reused } => eprintln!("\n== {name}{}", if reused { " (unchanged: reused)" } else { "" }),
         Event::Progress(line) => {

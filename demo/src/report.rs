@@ -1,0 +1,105 @@
+//! The demo's results: results.json (the interface scripts rely on), results.md, and two
+//! plots: bits per byte per model and domain, and the continual-training loss curves.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use fusellm_core::error::Result;
+use fusellm_core::files::write_atomically;
+use fusellm_core::pipeline::RunRecord;
+use serde::{Deserialize, Serialize};
+
+use crate::domains::DOMAINS;
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Row {
+    pub model: String,
+    pub avg_bpb: f64,
+    pub bpb: BTreeMap<String, f64>,
+    /// The training run's metrics.jsonl, where the row was trained.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<PathBuf>,
+}
+
+impl Row {
+    pub fn new(model: &str, bpb: BTreeMap<String, f64>) -> Self {
+        let avg_bpb = bpb.values().sum::<f64>() / bpb.len().max(1) as f64;
+        Self { model: model.into(), avg_bpb, bpb, metrics: None }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Results {
+    pub rows: Vec<Row>,
+}
+
+impl Results {
+    /// The row of a pipeline run: its evaluation of `which` ("trained" or "target-base").
+    pub fn push(&mut self, name: &str, record: &RunRecord, which: &str) {
+        let bpb = record.eval.iter().filter(|e| e.model == which).map(|e| (e.set.clone(), e.bits_per_byte)).collect();
+        let mut row = Row::new(name, bpb);
+        row.metrics =
+            record.stages.iter().find(|s| s.name == "train").map(|s| Path::new(&s.output).join("metrics.jsonl"));
+        self.rows.push(row);
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Row> {
+        self.rows.iter().find(|r| r.model == name)
+    }
+
+    /// The index in `names` of the row with the lowest average bits per byte.
+    pub fn best_of(&self, names: &[&str]) -> usize {
+        let avg = |n: &str| self.get(n).map_or(f64::INFINITY, |r| r.avg_bpb);
+        (0..names.len()).fold(0, |best, i| if avg(names[i]) < avg(names[best]) { i } else { best })
+    }
+
+    /// The table in Markdown.
+    pub fn markdown(&self) -> String {
+        let mut out =
+            format!("| model | {} | average |\n|---|{}---|\n", DOMAINS.join(" | "), "---|".repeat(DOMAINS.len()));
+        for r in &self.rows {
+            let cells: Vec<String> =
+                DOMAINS.iter().map(|d| r.bpb.get(*d).map_or("".into(), |v| format!("{v:.4}"))).collect();
+            out += &format!("| {} | {} | {:.4} |\n", r.model, cells.join(" | "), r.avg_bpb);
+        }
+        out
+    }
+
+    pub fn write(&self, out: &Path) -> Result<()> {
+        write_atomically(&out.join("results.json"), &serde_json::to_vec_pretty(self).expect("JSON"))?;
+        write_atomically(&out.join("results.md"), self.markdown().as_bytes())?;
+        let mut groups: Vec<&str> = DOMAINS.to_vec();
+        groups.push("average");
+        let series: Vec<(&str, Vec<f64>)> = self
+            .rows
+            .iter()
+            .filter(|r| !r.model.starts_with("expert-"))
+            .map(|r| {
+                let mut v: Vec<f64> = DOMAINS.iter().map(|d| r.bpb.get(*d).copied().unwrap_or(f64::NAN)).collect();
+                v.push(r.avg_bpb);
+                (r.model.as_str(), v)
+            })
+            .collect();
+        write_atomically(
+            &out.join("results.png"),
+            &fusellm_core::plot::bar_chart("bits per byte (lower is better)", &groups, &series),
+        )?;
+        let curves: Vec<(&str, Vec<(f64, f64)>)> = ["clm", "fusellm-mince", "fusellm-avgce"]
+            .iter()
+            .filter_map(|name| Some((*name, clm_curve(self.get(name)?.metrics.as_ref()?))))
+            .collect();
+        write_atomically(
+            &out.join("loss.png"),
+            &fusellm_core::plot::line_chart("continual training: CLM loss", "step", &curves),
+        )
+    }
+}
+
+/// The CLM part of the loss per step, from a run's metrics.jsonl.
+fn clm_curve(metrics: &Path) -> Vec<(f64, f64)> {
+    let text = std::fs::read_to_string(metrics).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|m| Some((m["step"].as_f64()?, m["clm"].as_f64()?)))
+        .collect()
+}

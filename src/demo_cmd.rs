@@ -1,0 +1,37 @@
+//! `fusellm demo`: the embedded default experiment (see fusellm-demo).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::Args;
+use fusellm_core::error::Result;
+use fusellm_core::plugins::Registry;
+use fusellm_demo::{Demo, Sizes};
+
+#[derive(Args)]
+pub struct DemoArgs {
+    /// Where everything goes: data, tokenizers, models, runs, results.json.
+    #[arg(long, default_value = "runs/demo")]
+    out: PathBuf,
+    /// The reduced size (about a minute; what CI runs).
+    #[arg(long)]
+    quick: bool,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+pub fn run(args: DemoArgs) -> Result<()> {
+    let start = Instant::now();
+    let mut registry = Registry::with_builtins()?;
+    let sizes = if args.quick { Sizes::quick() } else { Sizes::full() };
+    let mut events = crate::run_cmd::print_event;
+    let results = Demo { out: args.out.clone(), sizes, seed: args.seed, events: &mut events }.run(&mut registry)?;
+    eprintln!();
+    println!("{}", results.markdown());
+    println!(
+        "{:.0} s; {} (also results.md, results.png, loss.png)",
+        start.elapsed().as_secs_f64(),
+        args.out.join("results.json").display()
+    );
+    Ok(())
+}
