@@ -177,10 +177,8 @@ fn print_table(rows: &[Row]) {
 fn write_outputs(out: &std::path::Path, rows: &[Row]) -> Result<()> {
     std::fs::create_dir_all(out).map_err(|e| Error::msg(format!("creating {}: {e}", out.display())))?;
     fusellm_core::files::write_atomically(&out.join("eval.json"), &serde_json::to_vec_pretty(rows).expect("JSON"))?;
-    let mut sets: Vec<&str> = rows.iter().filter(|r| r.bits_per_byte.is_some()).map(|r| r.set.as_str()).collect();
-    sets.dedup();
-    let mut models: Vec<&str> = rows.iter().map(|r| r.model.as_str()).collect();
-    models.dedup();
+    let sets = crate::run_cmd::unique(rows.iter().filter(|r| r.bits_per_byte.is_some()).map(|r| r.set.as_str()));
+    let models = crate::run_cmd::unique(rows.iter().map(|r| r.model.as_str()));
     let series: Vec<(&str, Vec<f64>)> = models
         .iter()
         .map(|m| {

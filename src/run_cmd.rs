@@ -75,10 +75,8 @@ pub fn run(args: RunArgs) -> Result<()> {
 
 /// The evaluation rows as a Markdown table: bits per byte per set, and the average.
 fn eval_table(record: &RunRecord) -> String {
-    let mut sets: Vec<&str> = record.eval.iter().map(|r| r.set.as_str()).collect();
-    sets.dedup();
-    let mut models: Vec<&str> = record.eval.iter().map(|r| r.model.as_str()).collect();
-    models.dedup();
+    let sets = unique(record.eval.iter().map(|r| r.set.as_str()));
+    let models = unique(record.eval.iter().map(|r| r.model.as_str()));
     let mut out = format!("| model | {} | average |\n|---|{}---|\n", sets.join(" | "), "---|".repeat(sets.len()));
     for model in models {
         let bpb: Vec<f64> = sets
@@ -91,6 +89,17 @@ fn eval_table(record: &RunRecord) -> String {
             cells.join(" | "),
             bpb.iter().sum::<f64>() / bpb.len().max(1) as f64
         );
+    }
+    out
+}
+
+/// The distinct items, in order of first appearance.
+pub fn unique<'a>(items: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+    let mut out: Vec<&str> = Vec::new();
+    for item in items {
+        if !out.contains(&item) {
+            out.push(item);
+        }
     }
     out
 }

@@ -191,3 +191,18 @@ fn aligners_give_the_same_results_as_builtin_dylib_and_wasm() {
         assert_eq!(other.1, builtin.1, "{tier}: MinED map");
     }
 }
+
+/// Canonical matching maps a source character to the target token the tokenizer actually
+/// produces: Llama-2 has both `0` and `<0x30>`, and never emits the byte token for it.
+#[test]
+fn canonical_maps_prefer_regular_tokens_to_byte_fallback_twins() {
+    let (llama, neox) = vocabularies();
+    let registry = Registry::with_builtins().unwrap();
+    let em = map_vocab(registry.get(PluginKind::Aligner, "em").unwrap(), neox, llama, false, None).unwrap();
+    let id = |v: &Vocabulary, t: &str| v.tokens.iter().position(|x| x == t).unwrap();
+    let target = |t: &str| em.target[id(neox, t)].map(|i| llama.tokens[i as usize].clone());
+    assert_eq!(target("0").as_deref(), Some("0"));
+    assert_eq!(target("a").as_deref(), Some("a"));
+    // A byte with no regular token still maps to its byte token: a newline.
+    assert_eq!(target("\u{010a}").as_deref(), Some("<0x0A>"));
+}

@@ -14,6 +14,7 @@ mod bad_plugins;
 mod cli_plugins;
 mod common;
 mod config_plugins;
+mod demo;
 mod evaluation;
 mod examples;
 mod gradients;

@@ -41,6 +41,26 @@ impl Vocabulary {
         self.tokens.iter().map(|t| normalizer.canonical(t)).collect()
     }
 
+    /// The canonical strings as a mapping target. A byte-fallback token (`<0x30>`) whose
+    /// text also has a regular token (`0`) is never produced by the tokenizer, so a source
+    /// token must map to the regular one: the byte token is given a string nothing matches.
+    /// (Without this, the first-in-id-order tie rule picks the byte token, which sits at the
+    /// start of sentencepiece vocabularies, and fusion teaches ids the target never sees.)
+    pub fn target_canonical(&self) -> Vec<String> {
+        let canonical = self.canonical();
+        if !self.conventions.byte_fallback {
+            return canonical;
+        }
+        let is_byte = |t: &str| t.len() == 6 && t.starts_with("<0x") && t.ends_with('>');
+        let regular: std::collections::HashSet<&str> =
+            self.tokens.iter().zip(&canonical).filter(|(t, _)| !is_byte(t)).map(|(_, c)| c.as_str()).collect();
+        self.tokens
+            .iter()
+            .zip(&canonical)
+            .map(|(t, c)| if is_byte(t) && regular.contains(c.as_str()) { format!("\u{F8FF}{t}") } else { c.clone() })
+            .collect()
+    }
+
     /// The strings with this tokenizer's space marker replaced by `marker` (the paper's
     /// only normalisation).
     pub fn with_marker(&self, marker: &str) -> Vec<String> {
@@ -89,7 +109,7 @@ pub fn map_vocab(
     let (src, tgt) = if compat {
         (source.with_marker(&target.conventions.space_marker), target.tokens.clone())
     } else {
-        (source.canonical(), target.canonical())
+        (source.canonical(), target.target_canonical())
     };
     let map = mapper.map_vocab(&params, FlatStrings::new(&src).view(), FlatStrings::new(&tgt).view())?;
     if map.target.len() != source.tokens.len()
@@ -106,7 +126,7 @@ pub fn map_vocab(
 
 fn cache_file(dir: &Path, mapper: &Entry, source: &Vocabulary, target: &Vocabulary, compat: bool) -> PathBuf {
     let key = format!(
-        "{}|{}|{}|{}|{}|{compat}",
+        "{}|{}|{}|{}|{}|{compat}|regular-before-byte-tokens",
         mapper.info.name, mapper.info.version, mapper.origin, source.hash, target.hash
     );
     dir.join("vocab-maps").join(format!("{}.json", &sha256_hex(key.as_bytes())[..32]))

@@ -264,8 +264,10 @@ impl Run<'_> {
         let target_name = self.config.target.as_ref().expect("validated").name.clone();
         let (target_store, target_key) = store(record, events, &target_name, &checked.target.dir)?;
         let (sequence, vocab) = (&checked.sequence, &checked.vocab);
+        // The version names the alignment code's behaviour: a change that alters aligned
+        // stores bumps it, so that cached ones are not reused.
         let align_id = format!(
-            "{} {} compat={}",
+            "align/2 {} {} compat={}",
             plugin_id(sequence.0, &sequence.1),
             plugin_id(vocab.0, &vocab.1),
             self.config.align.compat

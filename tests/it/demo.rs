@@ -1,0 +1,60 @@
+//! `fusellm demo --quick`: the embedded default end to end, at the reduced size, with the
+//! rows that scripts rely on.
+
+use crate::common::fusellm_in;
+use fusellm_sdk::TokenizerConventions;
+
+#[test]
+fn the_quick_demo_writes_the_table_with_every_row() {
+    let dir = std::env::temp_dir().join(format!("fusellm-demo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = fusellm_in(&dir, &["demo", "--quick", "--out", "demo"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("demo/results.json")).unwrap()).unwrap();
+    let rows = results["rows"].as_array().unwrap();
+    for name in [
+        "target-base",
+        "clm",
+        "fusellm-mince",
+        "fusellm-avgce",
+        "kd",
+        "ensemble",
+        "weight-merge",
+        "fusellm-experts",
+        "source-llama",
+        "source-mpt",
+        "source-openllama",
+        "fusellm-mince-em",
+    ] {
+        let row = rows.iter().find(|r| r["model"] == name).unwrap_or_else(|| panic!("no row `{name}`"));
+        let bpb = row["bpb"].as_object().unwrap();
+        assert_eq!(bpb.len(), 3, "{name}: {bpb:?}");
+        let avg = row["avg_bpb"].as_f64().unwrap();
+        assert!(avg.is_finite() && avg > 0.0, "{name}: {avg}");
+    }
+    for file in ["results.md", "results.png", "loss.png"] {
+        assert!(dir.join("demo").join(file).exists(), "{file}");
+    }
+    // The three tokenizer families have the conventions of the paper's three.
+    let conventions = |name: &str| {
+        TokenizerConventions::from_tokenizer_json(
+            &std::fs::read_to_string(dir.join(format!("demo/tokenizers/{name}.json"))).unwrap(),
+        )
+        .unwrap()
+    };
+    let (spm, byte, small) = (conventions("spm-bpe"), conventions("byte-bpe"), conventions("spm-bpe-small"));
+    assert!(spm.space_marker == "\u{2581}" && spm.byte_fallback && spm.add_bos);
+    assert!(byte.space_marker == "\u{0120}" && byte.byte_level && !byte.add_bos);
+    assert!(small.space_marker == "\u{2581}" && small.byte_fallback);
+    // Deterministic for a seed: a run from scratch elsewhere gives the same numbers.
+    let again = fusellm_in(&dir, &["demo", "--quick", "--out", "demo2"]);
+    assert!(again.status.success());
+    let second: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("demo2/results.json")).unwrap()).unwrap();
+    let numbers = |v: &serde_json::Value| -> Vec<(String, String)> {
+        v["rows"].as_array().unwrap().iter().map(|r| (r["model"].to_string(), r["bpb"].to_string())).collect()
+    };
+    assert_eq!(numbers(&results), numbers(&second));
+}
