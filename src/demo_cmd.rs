@@ -6,7 +6,7 @@ use std::time::Instant;
 use clap::Args;
 use fusellm_core::error::Result;
 use fusellm_core::plugins::Registry;
-use fusellm_demo::{Demo, Sizes};
+use fusellm_demo::{Demo, Setup, Sizes};
 
 #[derive(Args)]
 pub struct DemoArgs {
@@ -18,14 +18,23 @@ pub struct DemoArgs {
     quick: bool,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// The real tokenizers and corpora of this fixtures folder instead of the procedural
+    /// ones (examples/real-tokenizers; about 40 minutes).
+    #[arg(long)]
+    fixtures: Option<PathBuf>,
 }
 
 pub fn run(args: DemoArgs) -> Result<()> {
     let start = Instant::now();
     let mut registry = Registry::with_builtins()?;
-    let sizes = if args.quick { Sizes::quick() } else { Sizes::full() };
+    let (setup, sizes) = match (&args.fixtures, args.quick) {
+        (Some(dir), _) => (Setup::Fixtures(dir.clone()), Sizes::real()),
+        (None, true) => (Setup::Procedural, Sizes::quick()),
+        (None, false) => (Setup::Procedural, Sizes::full()),
+    };
     let mut events = crate::run_cmd::print_event;
-    let results = Demo { out: args.out.clone(), sizes, seed: args.seed, events: &mut events }.run(&mut registry)?;
+    let results =
+        Demo { out: args.out.clone(), setup, sizes, seed: args.seed, events: &mut events }.run(&mut registry)?;
     eprintln!();
     println!("{}", results.markdown());
     println!(

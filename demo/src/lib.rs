@@ -7,6 +7,7 @@
 //! an ensemble, as a weight merge, and by FuseLLM. Every training, fusion and evaluation
 //! goes through the real pipeline (`fusellm run` configs written to `<out>/configs`).
 
+mod corpora;
 pub mod domains;
 pub mod models;
 mod report;
@@ -21,7 +22,6 @@ use fusellm_core::pipeline::{Event, Run, RunRecord};
 use fusellm_core::plugins::Registry;
 use fusellm_core::rng::Rng;
 
-use domains::DOMAINS;
 use models::{Arch, Shape};
 pub use report::{Results, Row};
 use vocab::Family;
@@ -64,6 +64,25 @@ impl Sizes {
         }
     }
 
+    /// The experiment with the real tokenizers and corpora (examples/real-tokenizers): the
+    /// models are small, but their embeddings span 32k-50k tokens; about 40 minutes.
+    pub fn real() -> Self {
+        Self {
+            pretrain_docs: 1500,
+            continual_docs: 300,
+            eval_docs: 60,
+            vocab: [0; 3],
+            source: Shape { hidden: 96, layers: 2, heads: 4, max_positions: 256 },
+            target: Shape { hidden: 64, layers: 2, heads: 4, max_positions: 256 },
+            seq_len: 128,
+            batch: 8,
+            source_steps: 500,
+            base_steps: 150,
+            continual_steps: 200,
+            expert_steps: 120,
+        }
+    }
+
     /// The reduced size CI runs: every stage, small.
     pub fn quick() -> Self {
         Self {
@@ -84,8 +103,100 @@ impl Sizes {
 }
 
 /// The three sources: architecture, tokenizer family, home domain.
-const SOURCES: [(&str, Arch, usize, &str); 3] =
-    [("llama", Arch::Llama, 0, "arithmetic"), ("mpt", Arch::Mpt, 1, "code"), ("openllama", Arch::Llama, 2, "grammar")];
+const SOURCES: [(&str, Arch, usize); 3] =
+    [("llama", Arch::Llama, 0), ("mpt", Arch::Mpt, 1), ("openllama", Arch::Llama, 2)];
+
+/// Where the demo's text and tokenizers come from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Setup {
+    /// Procedural domains and tokenizers trained on them: the embedded default.
+    Procedural,
+    /// The real tokenizers (Llama-2, GPT-NeoX, OpenLLaMA) and corpora (prose, math, code,
+    /// technical prose) of a fixtures folder: examples/real-tokenizers.
+    Fixtures(PathBuf),
+}
+
+impl Setup {
+    pub fn domains(&self) -> Vec<&'static str> {
+        match self {
+            Setup::Procedural => domains::DOMAINS.to_vec(),
+            Setup::Fixtures(_) => corpora::DOMAINS.iter().map(|d| d.0).collect(),
+        }
+    }
+
+    /// The home domain of each source (by index into `domains`): llama, mpt, openllama.
+    fn homes(&self) -> [usize; 3] {
+        match self {
+            Setup::Procedural => [0, 1, 2],
+            // Llama-2 on prose, MPT (GPT-NeoX tokenizer) on code, OpenLLaMA on math.
+            Setup::Fixtures(_) => [0, 2, 1],
+        }
+    }
+}
+
+/// The documents of every domain: generated, or drawn from real corpora.
+struct Texts {
+    domains: Vec<&'static str>,
+    /// For real corpora: per domain the shuffled training documents and the evaluation ones.
+    real: Option<Vec<(Vec<String>, Vec<String>)>>,
+    seed: u64,
+}
+
+/// Which part of the data a document set is: pretraining draws differ by `Pretrain(k)`.
+#[derive(Clone, Copy)]
+enum Split {
+    Pretrain(u64),
+    Continual,
+    Eval,
+}
+
+impl Texts {
+    fn new(setup: &Setup, seed: u64) -> Result<Self> {
+        let real = match setup {
+            Setup::Procedural => None,
+            Setup::Fixtures(dir) => Some(
+                corpora::DOMAINS
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (_, train, valid, fields))| {
+                        let mut pool = corpora::documents(&dir.join("corpora"), train, fields)?;
+                        Rng::new(seed ^ i as u64).shuffle(&mut pool);
+                        Ok((pool, corpora::documents(&dir.join("corpora"), valid, fields)?))
+                    })
+                    .collect::<Result<Vec<_>>>()?,
+            ),
+        };
+        Ok(Self { domains: setup.domains(), real, seed })
+    }
+
+    /// `n` documents of domain `d` (fewer when a real corpus has fewer). Real continual
+    /// documents are the first of the shuffled training pool, pretraining ones the rest.
+    fn docs(&self, d: usize, split: Split, n: usize, continual: usize) -> Vec<String> {
+        let code = match split {
+            Split::Pretrain(k) => 1 + k,
+            Split::Continual => 10,
+            Split::Eval => 20,
+        };
+        match &self.real {
+            None => {
+                let mut rng = Rng::new(self.seed.wrapping_mul(1_000_003) ^ (code << 8) ^ d as u64);
+                (0..n).map(|_| domains::document(self.domains[d], &mut rng)).collect()
+            }
+            Some(real) => {
+                let (pool, eval) = &real[d];
+                let rest = &pool[continual.min(pool.len())..];
+                match split {
+                    Split::Eval => eval.iter().take(n).cloned().collect(),
+                    Split::Continual => pool.iter().take(n.min(continual)).cloned().collect(),
+                    // Pretraining draws rotate through the rest of the pool.
+                    Split::Pretrain(k) => {
+                        (0..n.min(rest.len())).map(|i| rest[(i + k as usize * 97) % rest.len()].clone()).collect()
+                    }
+                }
+            }
+        }
+    }
+}
 
 /// The fusion sections of the FuseLLM rows.
 const MIN_CE: &str = "plugin = \"min_ce\"\n[fusion.params]\nce_norm = \"byte\"";
@@ -95,6 +206,7 @@ const FAMILIES: [(&str, bool); 3] = [("spm-bpe", false), ("byte-bpe", true), ("s
 
 pub struct Demo<'e> {
     pub out: PathBuf,
+    pub setup: Setup,
     pub sizes: Sizes,
     pub seed: u64,
     pub events: &'e mut dyn FnMut(Event),
@@ -110,15 +222,18 @@ impl Demo<'_> {
         // The configs written below name files by absolute path.
         self.out = std::path::absolute(&self.out).context(|| format!("resolving {}", self.out.display()))?;
         std::fs::create_dir_all(self.path("data")).context(|| format!("creating {}", self.out.display()))?;
-        self.stage("data: three procedural domains");
-        self.write_corpora()?;
-        self.stage("tokenizers: three families trained on the demo's text");
-        let tokenizers = self.train_tokenizers()?;
+        let domains = self.setup.domains();
+        self.stage(&format!("data: {}", domains.join(", ")));
+        self.write_corpora(&Texts::new(&self.setup, self.seed)?)?;
+        self.stage("tokenizers: three families");
+        let tokenizers = self.tokenizers()?;
         let sizes = self.sizes;
+        let homes = self.setup.homes();
 
         let mut results = Results::default();
         let mut sources = Vec::new();
-        for (i, (name, arch, family, domain)) in SOURCES.iter().enumerate() {
+        for (i, (name, arch, family)) in SOURCES.iter().enumerate() {
+            let domain = domains[homes[i]];
             let init = self.path(&format!("models/{name}-init"));
             if !init.join("model.safetensors").exists() {
                 models::create(&init, *arch, sizes.source, &tokenizers[*family], self.seed + i as u64, registry)?;
@@ -198,7 +313,7 @@ impl Demo<'_> {
     /// an ensemble, as a weight merge, and by FuseLLM into the base.
     fn table7(&mut self, registry: &mut Registry, base: &Path, results: &mut Results) -> Result<()> {
         let mut experts = Vec::new();
-        for domain in DOMAINS {
+        for domain in self.setup.domains() {
             self.stage(&format!("expert: the base continued on {domain}"));
             let record = self.pipeline(
                 registry,
@@ -254,7 +369,7 @@ impl Demo<'_> {
                 Ok((c, model))
             })
             .collect::<Result<Vec<_>>>()?;
-        for domain in DOMAINS {
+        for domain in self.setup.domains() {
             let texts = fusellm_core::split::read_texts(&self.path(&format!("data/eval-{domain}.jsonl")))?;
             let nlls = opened
                 .iter()
@@ -281,16 +396,9 @@ impl Demo<'_> {
     /// The corpora as JSONL pieces (a `text` field): per domain pretraining, continual and
     /// evaluation sets; each source's pretraining mix (its domain, and an eighth as much of
     /// each other); the mixtures.
-    fn write_corpora(&self) -> Result<()> {
+    fn write_corpora(&self, texts: &Texts) -> Result<()> {
         let s = self.sizes;
-        let docs = |domain: &str, split: u64, n: usize| -> Vec<String> {
-            let mut rng = Rng::new(
-                self.seed.wrapping_mul(1_000_003)
-                    ^ (split << 8)
-                    ^ DOMAINS.iter().position(|d| *d == domain).unwrap_or(0) as u64,
-            );
-            (0..n).map(|_| domains::document(domain, &mut rng)).collect()
-        };
+        let docs = |d: usize, split: Split, n: usize| texts.docs(d, split, n, s.continual_docs);
         let write = |name: &str, texts: &[String]| -> Result<()> {
             let lines: String = texts.iter().map(|t| serde_json::json!({ "text": t }).to_string() + "\n").collect();
             let file = self.path(&format!("data/{name}.jsonl"));
@@ -300,33 +408,39 @@ impl Demo<'_> {
             let longest = sets.iter().map(Vec::len).max().unwrap_or(0);
             (0..longest).flat_map(|i| sets.iter().filter_map(move |set| set.get(i).cloned())).collect()
         };
-        for (i, home) in DOMAINS.iter().enumerate() {
-            let mix: Vec<Vec<String>> = DOMAINS
-                .iter()
-                .enumerate()
-                .map(
-                    |(j, d)| {
-                        if i == j {
-                            docs(d, 1, s.pretrain_docs)
-                        } else {
-                            docs(d, 2 + i as u64, s.pretrain_docs / 8)
-                        }
-                    },
-                )
+        let all = 0..texts.domains.len();
+        for (i, home) in texts.domains.iter().enumerate() {
+            let mix = all
+                .clone()
+                .map(|j| match i == j {
+                    true => docs(j, Split::Pretrain(0), s.pretrain_docs),
+                    false => docs(j, Split::Pretrain(1 + i as u64), s.pretrain_docs / 8),
+                })
                 .collect();
             write(&format!("pretrain-{home}-heavy"), &interleave(mix))?;
-            write(&format!("continual-{home}"), &docs(home, 10, s.continual_docs))?;
-            write(&format!("eval-{home}"), &docs(home, 20, s.eval_docs))?;
+            write(&format!("continual-{home}"), &docs(i, Split::Continual, s.continual_docs))?;
+            write(&format!("eval-{home}"), &docs(i, Split::Eval, s.eval_docs))?;
         }
-        write("pretrain-mixture", &interleave(DOMAINS.iter().map(|d| docs(d, 30, s.pretrain_docs / 4)).collect()))?;
-        write("continual-mixture", &interleave(DOMAINS.iter().map(|d| docs(d, 10, s.continual_docs)).collect()))
+        write(
+            "pretrain-mixture",
+            &interleave(all.clone().map(|d| docs(d, Split::Pretrain(29), s.pretrain_docs / 4)).collect()),
+        )?;
+        write("continual-mixture", &interleave(all.map(|d| docs(d, Split::Continual, s.continual_docs)).collect()))
     }
 
-    /// The three tokenizer families; the third trained on another mix (its home domain's
-    /// pretraining corpus), as OpenLLaMA's tokenizer was trained on other data than Llama-2's.
-    fn train_tokenizers(&self) -> Result<Vec<PathBuf>> {
+    /// The three tokenizers: trained on the demo's text (the third on another mix, its home
+    /// domain's pretraining corpus, as OpenLLaMA's tokenizer was trained on other data than
+    /// Llama-2's), or the real ones of the fixtures.
+    fn tokenizers(&self) -> Result<Vec<PathBuf>> {
+        if let Setup::Fixtures(dir) = &self.setup {
+            return Ok(["llama2", "gpt-neox-20b", "openllama-v1"]
+                .iter()
+                .map(|t| dir.join("tokenizers").join(t).join("tokenizer.json"))
+                .collect());
+        }
         let mixture = fusellm_core::split::read_texts(&self.path("data/pretrain-mixture.jsonl"))?;
-        let grammar_heavy = fusellm_core::split::read_texts(&self.path("data/pretrain-grammar-heavy.jsonl"))?;
+        let third_home = self.setup.domains()[self.setup.homes()[2]];
+        let other = fusellm_core::split::read_texts(&self.path(&format!("data/pretrain-{third_home}-heavy.jsonl")))?;
         std::fs::create_dir_all(self.path("tokenizers")).context(|| "creating the tokenizer folder".into())?;
         FAMILIES
             .iter()
@@ -334,7 +448,7 @@ impl Demo<'_> {
             .map(|(i, (name, byte_level))| {
                 let out = self.path(&format!("tokenizers/{name}.json"));
                 if !out.exists() {
-                    let texts = if i == 2 { &grammar_heavy } else { &mixture };
+                    let texts = if i == 2 { &other } else { &mixture };
                     vocab::train(Family { name, byte_level: *byte_level, vocab: self.sizes.vocab[i] }, texts, &out)?;
                 }
                 Ok(out)
@@ -422,7 +536,7 @@ impl Plan {
             self.steps
         );
         t += &format!("[eval]\nwindow = {}\n[eval.sets]\n", s.seq_len * 2);
-        for domain in DOMAINS {
+        for domain in demo.setup.domains() {
             t += &format!("{domain} = {}\n", q(&demo.path(&format!("data/eval-{domain}.jsonl"))));
         }
         t

@@ -9,8 +9,6 @@ use fusellm_core::files::write_atomically;
 use fusellm_core::pipeline::RunRecord;
 use serde::{Deserialize, Serialize};
 
-use crate::domains::DOMAINS;
-
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Row {
     pub model: String,
@@ -53,13 +51,19 @@ impl Results {
         (0..names.len()).fold(0, |best, i| if avg(names[i]) < avg(names[best]) { i } else { best })
     }
 
+    /// The evaluation domains, in the rows' order.
+    fn domains(&self) -> Vec<&str> {
+        self.rows.first().map(|r| r.bpb.keys().map(String::as_str).collect()).unwrap_or_default()
+    }
+
     /// The table in Markdown.
     pub fn markdown(&self) -> String {
+        let domains = self.domains();
         let mut out =
-            format!("| model | {} | average |\n|---|{}---|\n", DOMAINS.join(" | "), "---|".repeat(DOMAINS.len()));
+            format!("| model | {} | average |\n|---|{}---|\n", domains.join(" | "), "---|".repeat(domains.len()));
         for r in &self.rows {
             let cells: Vec<String> =
-                DOMAINS.iter().map(|d| r.bpb.get(*d).map_or("".into(), |v| format!("{v:.4}"))).collect();
+                domains.iter().map(|d| r.bpb.get(*d).map_or("".into(), |v| format!("{v:.4}"))).collect();
             out += &format!("| {} | {} | {:.4} |\n", r.model, cells.join(" | "), r.avg_bpb);
         }
         out
@@ -68,14 +72,15 @@ impl Results {
     pub fn write(&self, out: &Path) -> Result<()> {
         write_atomically(&out.join("results.json"), &serde_json::to_vec_pretty(self).expect("JSON"))?;
         write_atomically(&out.join("results.md"), self.markdown().as_bytes())?;
-        let mut groups: Vec<&str> = DOMAINS.to_vec();
+        let domains = self.domains();
+        let mut groups: Vec<&str> = domains.clone();
         groups.push("average");
         let series: Vec<(&str, Vec<f64>)> = self
             .rows
             .iter()
             .filter(|r| !r.model.starts_with("expert-"))
             .map(|r| {
-                let mut v: Vec<f64> = DOMAINS.iter().map(|d| r.bpb.get(*d).copied().unwrap_or(f64::NAN)).collect();
+                let mut v: Vec<f64> = domains.iter().map(|d| r.bpb.get(*d).copied().unwrap_or(f64::NAN)).collect();
                 v.push(r.avg_bpb);
                 (r.model.as_str(), v)
             })
