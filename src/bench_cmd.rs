@@ -11,6 +11,7 @@ use fusellm_core::align::{DocumentAligner, Tokens};
 use fusellm_core::checkpoint::Checkpoint;
 use fusellm_core::error::{Context, Error};
 use fusellm_core::files::{file_sha256, hex, sha256_hex};
+use fusellm_core::model::loss::LossBatch;
 use fusellm_core::model::{LoadMode, Transformer};
 use fusellm_core::plugins::bench::{time_fusion, PAPER_SHAPE};
 use fusellm_core::plugins::conformance::Shape;
@@ -53,6 +54,21 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 5)]
         iters: usize,
     },
+    /// Training steps of a small Llama (forward, loss, backward, AdamW; f32, CPU): the CLM
+    /// step, or with `--fusion` the FuseLLM step (CLM + the sparse fusion loss on a top-10
+    /// target). Run one configuration per process: the peak RSS is the process's.
+    Train {
+        #[arg(long, default_value_t = 32000)]
+        vocab: usize,
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        #[arg(long, default_value_t = 128)]
+        seq: usize,
+        #[arg(long, default_value_t = 10)]
+        iters: usize,
+        #[arg(long)]
+        fusion: bool,
+    },
     /// One fusion call (2048 positions x 3 candidates x top-10) in each tier.
     Plugins {
         /// The ce-fusion plugins built as a dylib.
@@ -76,6 +92,9 @@ pub fn run(cmd: BenchCommand) -> Result<(), String> {
         }
         BenchCommand::Align { fixtures } => align(&fixtures).map_err(|e| e.message),
         BenchCommand::Forward { vocab, batch, seq, iters } => forward(vocab, batch, seq, iters).map_err(|e| e.message),
+        BenchCommand::Train { vocab, batch, seq, iters, fusion } => {
+            train(vocab, batch, seq, iters, fusion).map_err(|e| e.message)
+        }
         BenchCommand::Plugins { dylib, wasm, iters, positions } => plugins(&dylib, &wasm, iters, positions),
     }
 }
@@ -107,6 +126,57 @@ fn forward(vocab: usize, batch: usize, seq: usize, iters: usize) -> fusellm_core
          {:.1} ms per pass, {:.0} tokens/s",
         per_pass * 1e3,
         (batch * seq) as f64 / per_pass
+    );
+    Ok(())
+}
+
+/// A batch of `batch x seq` tokens with, when `fusion`, a random top-10 target per position.
+fn bench_batch(vocab: usize, batch: usize, seq: usize, fusion: bool) -> fusellm_core::error::Result<LossBatch> {
+    let mut rng = fusellm_core::rng::Rng::new(1);
+    let ids: Vec<u32> = (0..batch * seq).map(|_| rng.below(vocab as u32)).collect();
+    let b = LossBatch::sequences(ids, batch)?;
+    if !fusion {
+        return Ok(b);
+    }
+    let k = 10;
+    let target_ids: Vec<u32> =
+        (0..batch * seq * k).map(|i| ((i / k) * 7919 + (i % k) * 131) as u32 % vocab as u32).collect();
+    let target_probs = vec![0.1f32; batch * seq * k];
+    b.with_target(target_ids, target_probs, k)
+}
+
+fn train(vocab: usize, batch: usize, seq: usize, iters: usize, fusion: bool) -> fusellm_core::error::Result<()> {
+    use fusellm_core::model::loss::Objective;
+    use fusellm_core::train::optim::{AdamW, AdamWConfig};
+    let model = Transformer::init(&small_llama(vocab)?, 0, 0.02, &Device::Cpu)?;
+    let data = bench_batch(vocab, batch, seq, fusion)?;
+    let ids = data.ids_tensor(&Device::Cpu)?;
+    let objective = Objective { lambda: if fusion { 0.9 } else { 1.0 }, ..Default::default() };
+    let mut optimizer = AdamW::new(model.vars(), AdamWConfig::default())?;
+    let mut step = || -> fusellm_core::error::Result<()> {
+        let losses = objective.losses(&model.forward(&ids, None)?, &data)?;
+        let grads = losses.total.backward()?;
+        optimizer.step(model.vars(), &grads, 1.0, 1e-4)
+    };
+    step()?;
+    let start = Instant::now();
+    for _ in 0..iters.max(1) {
+        step()?;
+    }
+    let per_step = start.elapsed().as_secs_f64() / iters.max(1) as f64;
+    let peak = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).map(|l| l.trim_start_matches("VmHWM:").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    println!(
+        "train step ({}), small Llama (2 layers, d_model 128, 4 heads, vocab {vocab}), batch {batch} x {seq}, f32 CPU: \
+         {:.1} ms per step, {:.2} steps/s, {:.0} tokens/s; peak RSS {peak}",
+        if fusion { "CLM + sparse fusion, top-10" } else { "CLM" },
+        per_step * 1e3,
+        1.0 / per_step,
+        (batch * seq) as f64 / per_step
     );
     Ok(())
 }

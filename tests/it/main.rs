@@ -17,6 +17,7 @@ mod config_plugins;
 mod demo;
 mod evaluation;
 mod examples;
+mod fused_ops;
 mod gradients;
 mod model_bad_inputs;
 mod model_parity;

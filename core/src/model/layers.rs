@@ -73,7 +73,7 @@ impl Mlp {
     pub fn forward(&self, x: &Tensor) -> CandleResult<Tensor> {
         let up = self.up.forward(x)?;
         let act = match &self.gate {
-            Some(gate) => (gate.forward(x)?.silu()? * up)?,
+            Some(gate) => ops::swiglu(&gate.forward(x)?, &up)?,
             None => up.gelu_erf()?,
         };
         self.down.forward(&act)

@@ -4,6 +4,7 @@
 
 mod attention;
 pub mod entry_nll;
+mod fused;
 pub mod generate;
 mod layers;
 pub mod loss;

@@ -1,18 +1,28 @@
 //! Differentiable building blocks. candle's fused kernels (softmax_last_dim, rms_norm, the
 //! LayerNorm fast path, rope) record no backward op, so training through them would stop
-//! gradients silently; these are compositions of ops that all have one.
+//! gradients silently. On the CPU in f32 these use our own fused kernels, which have a
+//! backward (`fused`); elsewhere, compositions of ops that all have one (`composed`, also
+//! the reference the fused kernels are tested against).
 
 use candle_core::{DType, Result, Tensor, D};
 
-/// Softmax over the last dimension; the max is detached, which changes no gradient
-/// (softmax is shift-invariant) and saves its backward pass.
-pub fn softmax(x: &Tensor) -> Result<Tensor> {
-    let shifted = x.broadcast_sub(&x.max_keepdim(D::Minus1)?.detach())?;
-    let num = shifted.exp()?;
-    num.broadcast_div(&num.sum_keepdim(D::Minus1)?)
+use super::fused;
+
+/// Whether the fused CPU kernels apply to these tensors.
+fn fusable(tensors: &[&Tensor]) -> bool {
+    tensors.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 
-/// Log-softmax over the last dimension, with the same detached max.
+/// Softmax over the last dimension.
+pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    match fusable(&[x]) {
+        true => fused::softmax(x),
+        false => composed::softmax(x),
+    }
+}
+
+/// Log-softmax over the last dimension, with a detached max (softmax is shift-invariant,
+/// so no gradient changes, and the max needs no backward pass).
 pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
     let shifted = x.broadcast_sub(&x.max_keepdim(D::Minus1)?.detach())?;
     shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(D::Minus1)?.log()?)
@@ -21,25 +31,19 @@ pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
 /// RMSNorm as transformers computes it: in f32, x / sqrt(mean(x^2) + eps), then the
 /// weight in the input's dtype.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?;
-    let rms = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?;
-    x.broadcast_div(&rms)?.to_dtype(dtype)?.broadcast_mul(weight)
+    match fusable(&[x, weight]) {
+        true => fused::rms_norm(x, weight, eps),
+        false => composed::rms_norm(x, weight, eps),
+    }
 }
 
 /// LayerNorm with biased variance, computed in f32 with the weight and bias applied before
 /// the cast back, as torch does; `bias` is optional.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?;
-    let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
-    let std = (centred.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?;
-    let y = centred.broadcast_div(&std)?.broadcast_mul(&weight.to_dtype(DType::F32)?)?;
-    let y = match bias {
-        Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?)?,
-        None => y,
-    };
-    y.to_dtype(dtype)
+    match fusable(&[x, weight]) && bias.is_none_or(|b| fusable(&[b])) {
+        true => fused::layer_norm(x, weight, bias, eps),
+        false => composed::layer_norm(x, weight, bias, eps),
+    }
 }
 
 /// `x @ w^T (+ b)` for x of any rank, as `torch.nn.Linear`.
@@ -55,9 +59,62 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
 /// `x: [b, h, t, d]`; `cos` and `sin` are `[t, rot / 2]`.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, rot: usize) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
-    let rotated = candle_nn::rotary_emb::rope_slow(&x.narrow(D::Minus1, 0, rot)?, cos, sin)?;
+    let part = x.narrow(D::Minus1, 0, rot)?;
+    let rotated = match fusable(&[x, cos, sin]) {
+        true => fused::rope(&part, cos, sin)?,
+        false => composed::rope(&part, cos, sin)?,
+    };
     if rot == d {
         return Ok(rotated);
     }
     Tensor::cat(&[&rotated, &x.narrow(D::Minus1, rot, d - rot)?], D::Minus1)
+}
+
+/// `silu(gate) * up`, the SwiGLU activation.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    match fusable(&[gate, up]) {
+        true => fused::swiglu(gate, up),
+        false => composed::swiglu(gate, up),
+    }
+}
+
+/// The compositions: any device and dtype.
+pub mod composed {
+    use super::*;
+
+    /// With a detached max, as [`log_softmax`].
+    pub fn softmax(x: &Tensor) -> Result<Tensor> {
+        let shifted = x.broadcast_sub(&x.max_keepdim(D::Minus1)?.detach())?;
+        let num = shifted.exp()?;
+        num.broadcast_div(&num.sum_keepdim(D::Minus1)?)
+    }
+
+    pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?;
+        let rms = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?;
+        x.broadcast_div(&rms)?.to_dtype(dtype)?.broadcast_mul(weight)
+    }
+
+    pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?;
+        let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+        let std = (centred.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?;
+        let y = centred.broadcast_div(&std)?.broadcast_mul(&weight.to_dtype(DType::F32)?)?;
+        let y = match bias {
+            Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?)?,
+            None => y,
+        };
+        y.to_dtype(dtype)
+    }
+
+    /// On all of `x`'s last dimension.
+    pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        candle_nn::rotary_emb::rope_slow(x, cos, sin)
+    }
+
+    pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        gate.silu()? * up
+    }
 }

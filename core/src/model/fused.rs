@@ -1,0 +1,353 @@
+//! Fused CPU kernels of the block library's hot paths, each with its backward: softmax over
+//! the last dimension, RMSNorm, LayerNorm, rotary embedding and SwiGLU. candle's own fused
+//! ops record no backward; the compositions in `ops` do, but allocate a tensor per step of
+//! the formula (and again in backward). These run row by row over contiguous f32 data on
+//! all cores. `ops` uses them on the CPU in f32 and the compositions elsewhere; tests check
+//! both against each other.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(data) = s else { candle_core::bail!("{what}: f32 only") };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{what}: contiguous inputs only"),
+    }
+}
+
+/// Rows of the last dimension.
+fn width(l: &Layout) -> usize {
+    l.dims().last().copied().unwrap_or(1).max(1)
+}
+
+// ---------------------------------------------------------------- softmax
+
+struct Softmax;
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "fused-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, n) = (slice(s, l, "softmax")?, width(l));
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(y, x)| {
+            let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = (x - max).exp();
+                sum += *y;
+            }
+            y.iter_mut().for_each(|y| *y /= sum);
+        });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(y.apply_op2_no_bwd(&g.contiguous()?, &SoftmaxGrad)?))
+    }
+}
+
+/// `dx = y * (g - sum(g * y))`.
+struct SoftmaxGrad;
+
+impl CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "fused-softmax-grad"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (y, g, n) = (slice(s1, l1, "softmax grad")?, slice(s2, l2, "softmax grad")?, width(l1));
+        let mut dx = vec![0f32; y.len()];
+        dx.par_chunks_mut(n).zip(y.par_chunks(n).zip(g.par_chunks(n))).for_each(|(dx, (y, g))| {
+            let dot: f32 = y.iter().zip(g).map(|(y, g)| y * g).sum();
+            for ((dx, y), g) in dx.iter_mut().zip(y).zip(g) {
+                *dx = y * (g - dot);
+            }
+        });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Softmax)
+}
+
+// ---------------------------------------------------------------- norms
+
+/// RMSNorm (`bias` false) or LayerNorm (`bias` true) over the last dimension:
+/// `y = (x - mean) / sqrt(var + eps) * w (+ b)`, the mean taken as 0 for RMSNorm.
+#[derive(Clone, Copy)]
+struct Norm {
+    eps: f32,
+    centre: bool,
+}
+
+impl Norm {
+    /// `x_hat` of one row and `1 / sqrt(var + eps)`.
+    fn normalise(&self, x: &[f32], out: &mut [f32]) -> f32 {
+        let n = x.len() as f32;
+        let mean = if self.centre { x.iter().sum::<f32>() / n } else { 0.0 };
+        let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+        let r = 1.0 / (var + self.eps).sqrt();
+        for (o, v) in out.iter_mut().zip(x) {
+            *o = (v - mean) * r;
+        }
+        r
+    }
+}
+
+/// Forward: inputs x, w, b (b ignored for RMSNorm, pass w).
+impl CustomOp3 for Norm {
+    fn name(&self) -> &'static str {
+        "fused-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, b, n) = (slice(s1, l1, "norm")?, slice(s2, l2, "norm")?, slice(s3, l3, "norm")?, width(l1));
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(y, x)| {
+            self.normalise(x, y);
+            for (i, y) in y.iter_mut().enumerate() {
+                *y = *y * w[i] + if self.centre { b[i] } else { 0.0 };
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let n = x.dim(candle_core::D::Minus1)?;
+        let rows = x.elem_count() / n;
+        // One buffer: dx (rows x n), then dw (n), then db (n).
+        let packed = x.apply_op3_no_bwd(w, &g.contiguous()?, &NormGrad(*self))?;
+        let dx = packed.narrow(0, 0, rows * n)?.reshape(x.shape())?;
+        let dw = packed.narrow(0, rows * n, n)?;
+        let db = self.centre.then(|| packed.narrow(0, rows * n + n, n)).transpose()?;
+        Ok((Some(dx), Some(dw), db))
+    }
+}
+
+/// The backward of [`Norm`]: `dx = r * (dxh - mean(dxh) - x_hat * mean(dxh * x_hat))` with
+/// `dxh = g * w` (no `mean(dxh)` term for RMSNorm); `dw = sum g * x_hat`; `db = sum g`.
+struct NormGrad(Norm);
+
+impl CustomOp3 for NormGrad {
+    fn name(&self) -> &'static str {
+        "fused-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, g, n) =
+            (slice(s1, l1, "norm grad")?, slice(s2, l2, "norm grad")?, slice(s3, l3, "norm grad")?, width(l1));
+        let mut dx = vec![0f32; x.len()];
+        // dw and db are sums over rows: per fixed block of rows, then over blocks in order,
+        // so that the result does not depend on how threads split the work.
+        const BLOCK: usize = 32;
+        let partial: Vec<(Vec<f32>, Vec<f32>)> = dx
+            .par_chunks_mut(n * BLOCK)
+            .zip(x.par_chunks(n * BLOCK).zip(g.par_chunks(n * BLOCK)))
+            .map(|(dx, (x, g))| {
+                let (mut dw, mut db, mut xh) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+                for ((dx, x), g) in dx.chunks_mut(n).zip(x.chunks(n)).zip(g.chunks(n)) {
+                    let r = self.0.normalise(x, &mut xh);
+                    let (mut mean_d, mut mean_dx) = (0f32, 0f32);
+                    for i in 0..n {
+                        let d = g[i] * w[i];
+                        mean_d += d;
+                        mean_dx += d * xh[i];
+                        dw[i] += g[i] * xh[i];
+                        db[i] += g[i];
+                    }
+                    let (mean_d, mean_dx) = (mean_d / n as f32, mean_dx / n as f32);
+                    let shift = if self.0.centre { mean_d } else { 0.0 };
+                    for i in 0..n {
+                        dx[i] = r * (g[i] * w[i] - shift - xh[i] * mean_dx);
+                    }
+                }
+                (dw, db)
+            })
+            .collect();
+        let mut out = dx;
+        let (mut dw, mut db) = (vec![0f32; n], vec![0f32; n]);
+        for (pw, pb) in partial {
+            dw.iter_mut().zip(pw).for_each(|(a, b)| *a += b);
+            db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
+        }
+        out.extend(dw);
+        out.extend(db);
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(len)))
+    }
+}
+
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(w, w, Norm { eps: eps as f32, centre: false })
+}
+
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    match b {
+        Some(b) => x.contiguous()?.apply_op3(w, b, Norm { eps: eps as f32, centre: true }),
+        // No bias: a zero one that receives no gradient.
+        None => x.contiguous()?.apply_op3(w, &w.zeros_like()?.detach(), Norm { eps: eps as f32, centre: true }),
+    }
+}
+
+// ---------------------------------------------------------------- rotary embedding
+
+/// Rotate-half RoPE of `x: [b, h, t, d]` (all `d` dimensions) by `cos`, `sin` `[t, d / 2]`;
+/// its backward is the rotation by the opposite angle.
+struct Rope {
+    inverse: bool,
+}
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "fused-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, cos, sin) = (slice(s1, l1, "rope")?, slice(s2, l2, "rope")?, slice(s3, l3, "rope")?);
+        let dims = l1.dims();
+        let (t, d) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+        let half = d / 2;
+        let sign = if self.inverse { -1.0 } else { 1.0 };
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(t * d).zip(x.par_chunks(t * d)).for_each(|(y, x)| {
+            for p in 0..t {
+                let (x, y) = (&x[p * d..(p + 1) * d], &mut y[p * d..(p + 1) * d]);
+                for i in 0..half {
+                    let (c, s) = (cos[p * half + i], sign * sin[p * half + i]);
+                    y[i] = x[i] * c - x[i + half] * s;
+                    y[i + half] = x[i + half] * c + x[i] * s;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dx = g.contiguous()?.apply_op3_no_bwd(cos, sin, &Rope { inverse: !self.inverse })?;
+        Ok((Some(dx), None, None))
+    }
+}
+
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope { inverse: false })
+}
+
+// ---------------------------------------------------------------- SwiGLU
+
+/// `silu(gate) * up`.
+struct SwiGlu;
+
+fn sigmoid(z: f32) -> f32 {
+    1.0 / (1.0 + (-z).exp())
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "fused-swiglu"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (gate, up) = (slice(s1, l1, "swiglu")?, slice(s2, l2, "swiglu")?);
+        let mut y = vec![0f32; gate.len()];
+        let n = width(l1);
+        y.par_chunks_mut(n).zip(gate.par_chunks(n).zip(up.par_chunks(n))).for_each(|(y, (gate, up))| {
+            for ((y, &z), &u) in y.iter_mut().zip(gate).zip(up) {
+                *y = z * sigmoid(z) * u;
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(&self, gate: &Tensor, up: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // One buffer: d_gate then d_up.
+        let packed = gate.apply_op3_no_bwd(up, &g.contiguous()?, &SwiGluGrad)?;
+        let n = gate.elem_count();
+        let d_gate = packed.narrow(0, 0, n)?.reshape(gate.shape())?;
+        let d_up = packed.narrow(0, n, n)?.reshape(gate.shape())?;
+        Ok((Some(d_gate), Some(d_up)))
+    }
+}
+
+struct SwiGluGrad;
+
+impl CustomOp3 for SwiGluGrad {
+    fn name(&self) -> &'static str {
+        "fused-swiglu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (gate, up, g) =
+            (slice(s1, l1, "swiglu grad")?, slice(s2, l2, "swiglu grad")?, slice(s3, l3, "swiglu grad")?);
+        let len = gate.len();
+        let mut out = vec![0f32; 2 * len];
+        let (d_gate, d_up) = out.split_at_mut(len);
+        let n = width(l1);
+        d_gate
+            .par_chunks_mut(n)
+            .zip(d_up.par_chunks_mut(n))
+            .zip(gate.par_chunks(n).zip(up.par_chunks(n)).zip(g.par_chunks(n)))
+            .for_each(|((dg, du), ((gate, up), g))| {
+                for i in 0..gate.len() {
+                    let (z, s) = (gate[i], sigmoid(gate[i]));
+                    du[i] = g[i] * z * s;
+                    dg[i] = g[i] * up[i] * s * (1.0 + z * (1.0 - s));
+                }
+            });
+        Ok((CpuStorage::F32(out), Shape::from(2 * len)))
+    }
+}
+
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
+}
