@@ -68,6 +68,9 @@ pub enum BenchCommand {
         iters: usize,
         #[arg(long)]
         fusion: bool,
+        /// Measure only one path (for its peak RSS): `fused` or `composed`.
+        #[arg(long)]
+        only: Option<String>,
     },
     /// One fusion call (2048 positions x 3 candidates x top-10) in each tier.
     Plugins {
@@ -92,17 +95,18 @@ pub fn run(cmd: BenchCommand) -> Result<(), String> {
         }
         BenchCommand::Align { fixtures } => align(&fixtures).map_err(|e| e.message),
         BenchCommand::Forward { vocab, batch, seq, iters } => forward(vocab, batch, seq, iters).map_err(|e| e.message),
-        BenchCommand::Train { vocab, batch, seq, iters, fusion } => {
-            train(vocab, batch, seq, iters, fusion).map_err(|e| e.message)
+        BenchCommand::Train { vocab, batch, seq, iters, fusion, only } => {
+            train(vocab, batch, seq, iters, fusion, only.as_deref()).map_err(|e| e.message)
         }
         BenchCommand::Plugins { dylib, wasm, iters, positions } => plugins(&dylib, &wasm, iters, positions),
     }
 }
 
-/// The small Llama of the benchmarks: 2 layers, d_model 128, 4 heads.
-fn small_llama(vocab: usize) -> fusellm_core::error::Result<fusellm_sdk::ModelSpec> {
+/// The small Llama of the benchmarks: 2 layers, d_model 128, 4 heads, SwiGLU of
+/// `intermediate` (the training bench uses 512, as ../shared/bench/torch_step.py).
+fn small_llama(vocab: usize, intermediate: usize) -> fusellm_core::error::Result<fusellm_sdk::ModelSpec> {
     let config = serde_json::json!({
-        "model_type": "llama", "vocab_size": vocab, "hidden_size": 128, "intermediate_size": 344,
+        "model_type": "llama", "vocab_size": vocab, "hidden_size": 128, "intermediate_size": intermediate,
         "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5
     });
     let registry = Registry::with_builtins()?;
@@ -112,7 +116,7 @@ fn small_llama(vocab: usize) -> fusellm_core::error::Result<fusellm_sdk::ModelSp
 }
 
 fn forward(vocab: usize, batch: usize, seq: usize, iters: usize) -> fusellm_core::error::Result<()> {
-    let model = Transformer::init(&small_llama(vocab)?, 0, 0.02, &Device::Cpu)?;
+    let model = Transformer::init(&small_llama(vocab, 344)?, 0, 0.02, &Device::Cpu)?;
     let ids: Vec<u32> = (0..batch * seq).map(|i| (i * 7919 % vocab) as u32).collect();
     let ids = Tensor::from_vec(ids, (batch, seq), &Device::Cpu)?;
     model.forward(&ids, None)?;
@@ -145,10 +149,19 @@ fn bench_batch(vocab: usize, batch: usize, seq: usize, fusion: bool) -> fusellm_
     b.with_target(target_ids, target_probs, k)
 }
 
-fn train(vocab: usize, batch: usize, seq: usize, iters: usize, fusion: bool) -> fusellm_core::error::Result<()> {
+/// Milliseconds per training step with the fused kernels on or off.
+fn step_ms(
+    vocab: usize,
+    batch: usize,
+    seq: usize,
+    iters: usize,
+    fusion: bool,
+    fused: bool,
+) -> fusellm_core::error::Result<f64> {
     use fusellm_core::model::loss::Objective;
     use fusellm_core::train::optim::{AdamW, AdamWConfig};
-    let model = Transformer::init(&small_llama(vocab)?, 0, 0.02, &Device::Cpu)?;
+    fusellm_core::model::ops::use_fused_kernels(fused);
+    let model = Transformer::init(&small_llama(vocab, 512)?, 0, 0.02, &Device::Cpu)?;
     let data = bench_batch(vocab, batch, seq, fusion)?;
     let ids = data.ids_tensor(&Device::Cpu)?;
     let objective = Objective { lambda: if fusion { 0.9 } else { 1.0 }, ..Default::default() };
@@ -163,21 +176,45 @@ fn train(vocab: usize, batch: usize, seq: usize, iters: usize, fusion: bool) -> 
     for _ in 0..iters.max(1) {
         step()?;
     }
-    let per_step = start.elapsed().as_secs_f64() / iters.max(1) as f64;
+    Ok(start.elapsed().as_secs_f64() * 1e3 / iters.max(1) as f64)
+}
+
+fn train(
+    vocab: usize,
+    batch: usize,
+    seq: usize,
+    iters: usize,
+    fusion: bool,
+    only: Option<&str>,
+) -> fusellm_core::error::Result<()> {
+    let what = if fusion { "CLM + sparse fusion, top-10" } else { "CLM" };
+    let paths: Vec<(&str, bool)> = match only {
+        Some("fused") => vec![("fused", true)],
+        Some("composed") => vec![("composed", false)],
+        Some(other) => {
+            return Err(fusellm_core::error::Error::msg(format!("--only {other}: expected fused or composed")))
+        }
+        None => vec![("composed", false), ("fused", true)],
+    };
+    let mut times = Vec::new();
+    for (name, fused) in &paths {
+        let ms = step_ms(vocab, batch, seq, iters, fusion, *fused)?;
+        println!(
+            "train step ({what}), small Llama (2 layers, d_model 128, 4 heads, SwiGLU 512, vocab {vocab}), batch {batch} x {seq}, f32 CPU, {name} kernels: {ms:.1} ms per step, {:.0} tokens/s",
+            (batch * seq) as f64 / ms * 1e3
+        );
+        times.push(ms);
+    }
+    if let [composed, fused] = times[..] {
+        println!("fused / composed: {:.2}x the time", fused / composed);
+    }
     let peak = std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines().find(|l| l.starts_with("VmHWM:")).map(|l| l.trim_start_matches("VmHWM:").trim().to_string())
         })
         .unwrap_or_else(|| "unknown".into());
-    println!(
-        "train step ({}), small Llama (2 layers, d_model 128, 4 heads, vocab {vocab}), batch {batch} x {seq}, f32 CPU: \
-         {:.1} ms per step, {:.2} steps/s, {:.0} tokens/s; peak RSS {peak}",
-        if fusion { "CLM + sparse fusion, top-10" } else { "CLM" },
-        per_step * 1e3,
-        1.0 / per_step,
-        (batch * seq) as f64 / per_step
-    );
+    println!("peak RSS of this process: {peak}");
     Ok(())
 }
 

@@ -206,13 +206,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
     let mut data = Dataset::new(fused_documents(&args.fused)?.1, train.batching)?;
     let trainer =
         Trainer { run_dir: args.out.clone(), base: checkpoint.dir.clone(), model: &model, config: train.clone() };
-    let summary = trainer.run(&mut data, args.resume, args.stop_at, |p| {
-        let m = p.metrics;
-        print_event(Event::Progress(format!(
-            "step {}/{}  loss {:.4} (clm {:.4}, fusion {:.4})  {:.0} tokens/s  ETA {:.0} s",
-            m.step, p.total_steps, m.loss, m.clm, m.fusion, m.tokens_per_s, p.eta_s
-        )))
-    })?;
+    let summary = trainer.run(&mut data, args.resume, args.stop_at, |p| print_event(Event::Progress(p.line())))?;
     eprintln!(
         "\nstep {}: {} ({} tokens in {:.1} s)",
         summary.step,

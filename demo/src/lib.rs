@@ -69,17 +69,17 @@ impl Sizes {
     pub fn real() -> Self {
         Self {
             pretrain_docs: 1500,
-            continual_docs: 300,
-            eval_docs: 60,
+            continual_docs: 150,
+            eval_docs: 40,
             vocab: [0; 3],
             source: Shape { hidden: 96, layers: 2, heads: 4, max_positions: 256 },
             target: Shape { hidden: 64, layers: 2, heads: 4, max_positions: 256 },
             seq_len: 128,
             batch: 8,
-            source_steps: 500,
-            base_steps: 150,
-            continual_steps: 200,
-            expert_steps: 120,
+            source_steps: 400,
+            base_steps: 120,
+            continual_steps: 160,
+            expert_steps: 100,
         }
     }
 

@@ -4,13 +4,23 @@
 //! backward (`fused`); elsewhere, compositions of ops that all have one (`composed`, also
 //! the reference the fused kernels are tested against).
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use candle_core::{DType, Result, Tensor, D};
 
 use super::fused;
 
+static FUSED: AtomicBool = AtomicBool::new(true);
+
+/// Turns the fused CPU kernels off (or back on) process-wide, so that a benchmark can
+/// measure both paths in one run.
+pub fn use_fused_kernels(on: bool) {
+    FUSED.store(on, Ordering::Relaxed);
+}
+
 /// Whether the fused CPU kernels apply to these tensors.
 fn fusable(tensors: &[&Tensor]) -> bool {
-    tensors.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+    FUSED.load(Ordering::Relaxed) && tensors.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 
 /// Softmax over the last dimension.

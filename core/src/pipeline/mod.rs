@@ -79,8 +79,9 @@ pub struct RunRecord {
 }
 
 /// A stage key: a short hash of everything the stage's output depends on.
-fn key(parts: &[&str]) -> String {
-    sha256_hex(parts.join("\u{1f}").as_bytes())[..16].to_string()
+fn key<S: AsRef<str>>(parts: &[S]) -> String {
+    let joined: Vec<&str> = parts.iter().map(AsRef::as_ref).collect();
+    sha256_hex(joined.join("\u{1f}").as_bytes())[..16].to_string()
 }
 
 /// What identifies a checkpoint folder's content: its config and tokenizer, and the names,
@@ -103,7 +104,7 @@ fn model_identity(dir: &Path) -> Result<String> {
         .collect();
     weights.sort();
     parts.extend(weights);
-    Ok(key(&parts.iter().map(String::as_str).collect::<Vec<_>>()))
+    Ok(key(&parts))
 }
 
 fn plugin_id(entry: &Entry, params: &fusellm_sdk::Params) -> String {
@@ -204,7 +205,7 @@ impl Run<'_> {
         for c in std::iter::once(&checked.target).chain(&checked.sources) {
             parts.push(file_sha256(&c.dir.join("tokenizer.json"))?);
         }
-        let split_key = key(&parts.iter().map(String::as_str).collect::<Vec<_>>());
+        let split_key = key(&parts);
         let dir = self.stage(
             record,
             events,
@@ -299,7 +300,7 @@ impl Run<'_> {
             aligned_keys.push(k);
         }
         aligned_keys.push(plugin_id(fusion, fusion_params));
-        let k = key(&aligned_keys.iter().map(String::as_str).collect::<Vec<_>>());
+        let k = key(&aligned_keys);
         let dir = self.stage(
             record,
             events,
@@ -331,15 +332,7 @@ impl Run<'_> {
                 config: config.clone(),
             };
             let resume = latest_checkpoint(run_dir).is_some();
-            trainer
-                .run(&mut data, resume, None, |p| {
-                    let m = p.metrics;
-                    events(Event::Progress(format!(
-                        "step {}/{}  loss {:.4} (clm {:.4}, fusion {:.4})  {:.0} tokens/s  ETA {:.0} s",
-                        m.step, p.total_steps, m.loss, m.clm, m.fusion, m.tokens_per_s, p.eta_s
-                    )))
-                })
-                .map(|_| ())
+            trainer.run(&mut data, resume, None, |p| events(Event::Progress(p.line()))).map(|_| ())
         })?;
         Ok(latest_checkpoint(&dir).map(|(_, d)| d))
     }
@@ -362,7 +355,7 @@ impl Run<'_> {
         for (name, file) in &eval.sets {
             parts.push(format!("{name}={}", file_sha256(&file.path)?));
         }
-        let k = key(&parts.iter().map(String::as_str).collect::<Vec<_>>());
+        let k = key(&parts);
         let dir = self.stage(
             record,
             events,

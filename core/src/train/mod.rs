@@ -74,6 +74,17 @@ pub struct Progress<'a> {
     pub eta_s: f64,
 }
 
+impl Progress<'_> {
+    /// The progress line: step, loss parts, throughput, time left.
+    pub fn line(&self) -> String {
+        let m = self.metrics;
+        format!(
+            "step {}/{}  loss {:.4} (clm {:.4}, fusion {:.4})  {:.0} tokens/s  ETA {:.0} s",
+            m.step, self.total_steps, m.loss, m.clm, m.fusion, m.tokens_per_s, self.eta_s
+        )
+    }
+}
+
 /// A training run in a folder: `checkpoints/step-NNNNNNN/` (Hugging Face layout, plus the
 /// training state), `metrics.jsonl` and `loss.png`.
 pub struct Trainer<'a> {
