@@ -192,6 +192,7 @@ impl Run<'_> {
         Ok(dir)
     }
 
+    /// The split corpus, and the hash of its content as the key of the stages after it.
     fn split(
         &self,
         checked: &Checked,
@@ -219,7 +220,12 @@ impl Run<'_> {
                 split_corpus(&corpus, &data.text_fields, &splitter, data.on_bad, &dir.join("pieces.jsonl")).map(|_| ())
             },
         )?;
-        Ok((dir.join("pieces.jsonl"), split_key))
+        // Later stages depend on the pieces, not on how they were made: runs whose split
+        // settings differ but cut the corpus alike (another set of sources whose tokenizers
+        // need no extra cut) share their forward passes.
+        let pieces = dir.join("pieces.jsonl");
+        let content = file_sha256(&pieces)?;
+        Ok((pieces, content))
     }
 
     /// Precompute, align and fuse: the fused store and its key.
