@@ -4,7 +4,8 @@
 
 use std::collections::HashMap;
 
-use candle_core::{backprop::GradStore, DType, Tensor, Var};
+use candle_core::{backprop::GradStore, CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -60,6 +61,17 @@ impl AdamW {
             let grad = grads
                 .get(var)
                 .ok_or_else(|| Error::msg(format!("`{name}` received no gradient; the loss does not depend on it")))?;
+            if master.is_none() && in_place(&[var.as_tensor(), grad, m, v]) {
+                // In place on the CPU: three passes, no allocation.
+                m.inplace_op2(grad, &Moment { decay: beta1, scale: (1.0 - beta1) * grad_scale, square: false })?;
+                v.inplace_op2(
+                    grad,
+                    &Moment { decay: beta2, scale: (1.0 - beta2) * grad_scale * grad_scale, square: true },
+                )?;
+                let update = Update { keep: 1.0 - lr * weight_decay, step_size, bias_correction2_sqrt, eps };
+                var.as_tensor().inplace_op3(m, v, &update)?;
+                continue;
+            }
             let grad = (grad.to_dtype(DType::F32)? * grad_scale)?;
             let param = match master {
                 Some(weights) => weights.clone(),
@@ -134,4 +146,81 @@ pub fn grad_norm(vars: &[(String, Var)], grads: &GradStore) -> Result<(f64, Opti
         total += sq;
     }
     Ok((total.sqrt(), None))
+}
+
+/// Whether the in-place CPU update applies: f32, contiguous, on the CPU.
+fn in_place(tensors: &[&Tensor]) -> bool {
+    tensors.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous())
+}
+
+fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(d), Some((a, b))) => Ok(&d[a..b]),
+        _ => candle_core::bail!("adamw: contiguous f32 tensors only"),
+    }
+}
+
+fn f32s_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(d), Some((a, b))) => Ok(&mut d[a..b]),
+        _ => candle_core::bail!("adamw: contiguous f32 tensors only"),
+    }
+}
+
+/// `m = decay * m + scale * g` (or `g^2` when `square`), in place.
+struct Moment {
+    decay: f64,
+    scale: f64,
+    square: bool,
+}
+
+impl InplaceOp2 for Moment {
+    fn name(&self) -> &'static str {
+        "adamw-moment"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+        let (m, g) = (f32s_mut(s1, l1)?, f32s(s2, l2)?);
+        let (decay, scale, square) = (self.decay as f32, self.scale as f32, self.square);
+        m.par_chunks_mut(4096).zip(g.par_chunks(4096)).for_each(|(m, g)| {
+            for (m, &g) in m.iter_mut().zip(g) {
+                *m = decay * *m + scale * if square { g * g } else { g };
+            }
+        });
+        Ok(())
+    }
+}
+
+/// `p = p * keep - step_size * m / (sqrt(v) / bias_correction2_sqrt + eps)`, in place.
+struct Update {
+    keep: f64,
+    step_size: f64,
+    bias_correction2_sqrt: f64,
+    eps: f64,
+}
+
+impl InplaceOp3 for Update {
+    fn name(&self) -> &'static str {
+        "adamw-update"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<()> {
+        let (p, m, v) = (f32s_mut(s1, l1)?, f32s(s2, l2)?, f32s(s3, l3)?);
+        let (keep, step, bc2, eps) =
+            (self.keep as f32, self.step_size as f32, self.bias_correction2_sqrt as f32, self.eps as f32);
+        p.par_chunks_mut(4096).zip(m.par_chunks(4096).zip(v.par_chunks(4096))).for_each(|(p, (m, v))| {
+            for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
+                *p = *p * keep - step * m / (v.sqrt() / bc2 + eps);
+            }
+        });
+        Ok(())
+    }
 }
