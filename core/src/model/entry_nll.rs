@@ -10,6 +10,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
+use super::cpu::{contiguous, f32s};
 use super::ops::log_softmax;
 
 /// `-log softmax(logits)[ids]` per kept entry. `logits` `[.., V]` f32, `ids` `[.., K]` u32
@@ -39,13 +40,6 @@ fn log_sum_exp(row: &[f32]) -> f32 {
     max + sum.ln() as f32
 }
 
-fn contiguous<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("entry_nll: {what} must be contiguous"),
-    }
-}
-
 fn inputs<'a>(
     s1: &'a CpuStorage,
     l1: &Layout,
@@ -60,7 +54,7 @@ fn inputs<'a>(
     if rows != rows_ids {
         candle_core::bail!("entry_nll: {rows} rows of logits but {rows_ids} rows of ids");
     }
-    let (logits, ids) = (contiguous(logits, l1, "logits")?, contiguous(ids, l2, "ids")?);
+    let (logits, ids) = (contiguous(logits, l1, "entry_nll logits")?, contiguous(ids, l2, "entry_nll ids")?);
     if let Some(&bad) = ids.iter().find(|&&i| i as usize >= v) {
         candle_core::bail!("entry_nll: id {bad} is outside the vocabulary of {v}");
     }
@@ -122,8 +116,7 @@ impl CustomOp3 for EntryNllGrad {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (logits, ids, v, k) = inputs(s1, l1, s2, l2)?;
-        let CpuStorage::F32(grad) = s3 else { candle_core::bail!("entry_nll: the gradient must be f32") };
-        let grad = contiguous(grad, l3, "gradient")?;
+        let grad = f32s(s3, l3, "entry_nll gradient")?;
         let mut out = vec![0f32; logits.len()];
         out.par_chunks_mut(v)
             .zip(logits.par_chunks(v))

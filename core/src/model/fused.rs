@@ -8,13 +8,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(data) = s else { candle_core::bail!("{what}: f32 only") };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("{what}: contiguous inputs only"),
-    }
-}
+use super::cpu::f32s;
 
 /// Rows of the last dimension.
 fn width(l: &Layout) -> usize {
@@ -31,7 +25,7 @@ impl CustomOp1 for Softmax {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (x, n) = (slice(s, l, "softmax")?, width(l));
+        let (x, n) = (f32s(s, l, "softmax")?, width(l));
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(y, x)| {
             let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -59,7 +53,7 @@ impl CustomOp2 for SoftmaxGrad {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (y, g, n) = (slice(s1, l1, "softmax grad")?, slice(s2, l2, "softmax grad")?, width(l1));
+        let (y, g, n) = (f32s(s1, l1, "softmax grad")?, f32s(s2, l2, "softmax grad")?, width(l1));
         let mut dx = vec![0f32; y.len()];
         dx.par_chunks_mut(n).zip(y.par_chunks(n).zip(g.par_chunks(n))).for_each(|(dx, (y, g))| {
             let dot: f32 = y.iter().zip(g).map(|(y, g)| y * g).sum();
@@ -114,7 +108,7 @@ impl CustomOp3 for Norm {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, w, b, n) = (slice(s1, l1, "norm")?, slice(s2, l2, "norm")?, slice(s3, l3, "norm")?, width(l1));
+        let (x, w, b, n) = (f32s(s1, l1, "norm")?, f32s(s2, l2, "norm")?, f32s(s3, l3, "norm")?, width(l1));
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(y, x)| {
             self.normalise(x, y);
@@ -163,7 +157,7 @@ impl CustomOp3 for NormGrad {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (x, w, g, n) =
-            (slice(s1, l1, "norm grad")?, slice(s2, l2, "norm grad")?, slice(s3, l3, "norm grad")?, width(l1));
+            (f32s(s1, l1, "norm grad")?, f32s(s2, l2, "norm grad")?, f32s(s3, l3, "norm grad")?, width(l1));
         let mut dx = vec![0f32; x.len()];
         // dw and db are sums over rows: per fixed block of rows, then over blocks in order,
         // so that the result does not depend on how threads split the work.
@@ -239,7 +233,7 @@ impl CustomOp3 for Rope {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, cos, sin) = (slice(s1, l1, "rope")?, slice(s2, l2, "rope")?, slice(s3, l3, "rope")?);
+        let (x, cos, sin) = (f32s(s1, l1, "rope")?, f32s(s2, l2, "rope")?, f32s(s3, l3, "rope")?);
         let dims = l1.dims();
         let (t, d) = (dims[dims.len() - 2], dims[dims.len() - 1]);
         let half = d / 2;
@@ -290,7 +284,7 @@ impl CustomOp2 for SwiGlu {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (gate, up) = (slice(s1, l1, "swiglu")?, slice(s2, l2, "swiglu")?);
+        let (gate, up) = (f32s(s1, l1, "swiglu")?, f32s(s2, l2, "swiglu")?);
         let mut y = vec![0f32; gate.len()];
         let n = width(l1);
         y.par_chunks_mut(n).zip(gate.par_chunks(n).zip(up.par_chunks(n))).for_each(|(y, (gate, up))| {
@@ -327,8 +321,7 @@ impl CustomOp3 for SwiGluGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (gate, up, g) =
-            (slice(s1, l1, "swiglu grad")?, slice(s2, l2, "swiglu grad")?, slice(s3, l3, "swiglu grad")?);
+        let (gate, up, g) = (f32s(s1, l1, "swiglu grad")?, f32s(s2, l2, "swiglu grad")?, f32s(s3, l3, "swiglu grad")?);
         let len = gate.len();
         let mut out = vec![0f32; 2 * len];
         let (d_gate, d_up) = out.split_at_mut(len);

@@ -3,6 +3,7 @@
 //! the training and precompute path).
 
 mod attention;
+pub(crate) mod cpu;
 pub mod entry_nll;
 mod fused;
 pub mod generate;

@@ -6,6 +6,8 @@ use std::collections::HashMap;
 
 use candle_core::{backprop::GradStore, CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
 use rayon::prelude::*;
+
+use crate::model::cpu::{f32s, f32s_mut};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -153,20 +155,6 @@ fn in_place(tensors: &[&Tensor]) -> bool {
     tensors.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous())
 }
 
-fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(d), Some((a, b))) => Ok(&d[a..b]),
-        _ => candle_core::bail!("adamw: contiguous f32 tensors only"),
-    }
-}
-
-fn f32s_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(d), Some((a, b))) => Ok(&mut d[a..b]),
-        _ => candle_core::bail!("adamw: contiguous f32 tensors only"),
-    }
-}
-
 /// `m = decay * m + scale * g` (or `g^2` when `square`), in place.
 struct Moment {
     decay: f64,
@@ -180,7 +168,7 @@ impl InplaceOp2 for Moment {
     }
 
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
-        let (m, g) = (f32s_mut(s1, l1)?, f32s(s2, l2)?);
+        let (m, g) = (f32s_mut(s1, l1, "adamw")?, f32s(s2, l2, "adamw")?);
         let (decay, scale, square) = (self.decay as f32, self.scale as f32, self.square);
         m.par_chunks_mut(4096).zip(g.par_chunks(4096)).for_each(|(m, g)| {
             for (m, &g) in m.iter_mut().zip(g) {
@@ -213,7 +201,7 @@ impl InplaceOp3 for Update {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<()> {
-        let (p, m, v) = (f32s_mut(s1, l1)?, f32s(s2, l2)?, f32s(s3, l3)?);
+        let (p, m, v) = (f32s_mut(s1, l1, "adamw")?, f32s(s2, l2, "adamw")?, f32s(s3, l3, "adamw")?);
         let (keep, step, bc2, eps) =
             (self.keep as f32, self.step_size as f32, self.bias_correction2_sqrt as f32, self.eps as f32);
         p.par_chunks_mut(4096).zip(m.par_chunks(4096).zip(v.par_chunks(4096))).for_each(|(p, (m, v))| {
