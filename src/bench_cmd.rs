@@ -4,23 +4,32 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use fusellm_core::align::stage::Report;
 use fusellm_core::align::vocab::{map_vocab, Vocabulary};
 use fusellm_core::align::{DocumentAligner, Tokens};
-use fusellm_core::checkpoint::Checkpoint;
 use fusellm_core::error::{Context, Error};
-use fusellm_core::files::{file_sha256, hex, sha256_hex};
+use fusellm_core::files::{hex, sha256_hex};
 use fusellm_core::model::loss::LossBatch;
-use fusellm_core::model::{LoadMode, Transformer};
+use fusellm_core::model::Transformer;
 use fusellm_core::plugins::bench::{time_fusion, PAPER_SHAPE};
 use fusellm_core::plugins::conformance::Shape;
 use fusellm_core::plugins::{Entry, Registry, Tier};
-use fusellm_core::split::{for_each_document, OnBadInput};
-use fusellm_core::store::{precompute as store_precompute, verify, Identity, Layout, FORMAT};
+use fusellm_core::store::{precompute_model, verify, Options};
 use fusellm_core::tokenizer::Tokenizer;
 use fusellm_sdk::{CheckpointFiles, PluginKind, SparseRowsBuf};
 use sha2::{Digest, Sha256};
+
+/// The batch of the model benchmarks.
+#[derive(Args, Clone, Copy)]
+pub struct BatchShape {
+    #[arg(long, default_value_t = 32000)]
+    vocab: usize,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    #[arg(long, default_value_t = 128)]
+    seq: usize,
+}
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
@@ -45,12 +54,8 @@ pub enum BenchCommand {
     },
     /// Forward passes of a small Llama (f32, CPU): tokens per second.
     Forward {
-        #[arg(long, default_value_t = 32000)]
-        vocab: usize,
-        #[arg(long, default_value_t = 8)]
-        batch: usize,
-        #[arg(long, default_value_t = 128)]
-        seq: usize,
+        #[command(flatten)]
+        shape: BatchShape,
         #[arg(long, default_value_t = 5)]
         iters: usize,
     },
@@ -58,12 +63,8 @@ pub enum BenchCommand {
     /// step, or with `--fusion` the FuseLLM step (CLM + the sparse fusion loss on a top-10
     /// target). Run one configuration per process: the peak RSS is the process's.
     Train {
-        #[arg(long, default_value_t = 32000)]
-        vocab: usize,
-        #[arg(long, default_value_t = 8)]
-        batch: usize,
-        #[arg(long, default_value_t = 128)]
-        seq: usize,
+        #[command(flatten)]
+        shape: BatchShape,
         #[arg(long, default_value_t = 10)]
         iters: usize,
         #[arg(long)]
@@ -94,9 +95,9 @@ pub fn run(cmd: BenchCommand) -> Result<(), String> {
             precompute(&model, &corpus, max_len).map_err(|e| e.message)
         }
         BenchCommand::Align { fixtures } => align(&fixtures).map_err(|e| e.message),
-        BenchCommand::Forward { vocab, batch, seq, iters } => forward(vocab, batch, seq, iters).map_err(|e| e.message),
-        BenchCommand::Train { vocab, batch, seq, iters, fusion, only } => {
-            train(vocab, batch, seq, iters, fusion, only.as_deref()).map_err(|e| e.message)
+        BenchCommand::Forward { shape, iters } => forward(shape, iters).map_err(|e| e.message),
+        BenchCommand::Train { shape, iters, fusion, only } => {
+            train(shape, iters, fusion, only.as_deref()).map_err(|e| e.message)
         }
         BenchCommand::Plugins { dylib, wasm, iters, positions } => plugins(&dylib, &wasm, iters, positions),
     }
@@ -115,7 +116,8 @@ fn small_llama(vocab: usize, intermediate: usize) -> fusellm_core::error::Result
     Ok(adapter.adapt(&adapter.resolve_params(&Default::default()).expect("no parameters"), files)?)
 }
 
-fn forward(vocab: usize, batch: usize, seq: usize, iters: usize) -> fusellm_core::error::Result<()> {
+fn forward(shape: BatchShape, iters: usize) -> fusellm_core::error::Result<()> {
+    let BatchShape { vocab, batch, seq } = shape;
     let model = Transformer::init(&small_llama(vocab, 344)?, 0, 0.02, &Device::Cpu)?;
     let ids: Vec<u32> = (0..batch * seq).map(|i| (i * 7919 % vocab) as u32).collect();
     let ids = Tensor::from_vec(ids, (batch, seq), &Device::Cpu)?;
@@ -135,7 +137,8 @@ fn forward(vocab: usize, batch: usize, seq: usize, iters: usize) -> fusellm_core
 }
 
 /// A batch of `batch x seq` tokens with, when `fusion`, a random top-10 target per position.
-fn bench_batch(vocab: usize, batch: usize, seq: usize, fusion: bool) -> fusellm_core::error::Result<LossBatch> {
+fn bench_batch(shape: BatchShape, fusion: bool) -> fusellm_core::error::Result<LossBatch> {
+    let BatchShape { vocab, batch, seq } = shape;
     let mut rng = fusellm_core::rng::Rng::new(1);
     let ids: Vec<u32> = (0..batch * seq).map(|_| rng.below(vocab as u32)).collect();
     let b = LossBatch::sequences(ids, batch)?;
@@ -150,19 +153,12 @@ fn bench_batch(vocab: usize, batch: usize, seq: usize, fusion: bool) -> fusellm_
 }
 
 /// Milliseconds per training step with the fused kernels on or off.
-fn step_ms(
-    vocab: usize,
-    batch: usize,
-    seq: usize,
-    iters: usize,
-    fusion: bool,
-    fused: bool,
-) -> fusellm_core::error::Result<f64> {
+fn step_ms(shape: BatchShape, iters: usize, fusion: bool, fused: bool) -> fusellm_core::error::Result<f64> {
     use fusellm_core::model::loss::Objective;
     use fusellm_core::train::optim::{AdamW, AdamWConfig};
     fusellm_core::model::ops::use_fused_kernels(fused);
-    let model = Transformer::init(&small_llama(vocab, 512)?, 0, 0.02, &Device::Cpu)?;
-    let data = bench_batch(vocab, batch, seq, fusion)?;
+    let model = Transformer::init(&small_llama(shape.vocab, 512)?, 0, 0.02, &Device::Cpu)?;
+    let data = bench_batch(shape, fusion)?;
     let ids = data.ids_tensor(&Device::Cpu)?;
     let objective = Objective { lambda: if fusion { 0.9 } else { 1.0 }, ..Default::default() };
     let mut optimizer = AdamW::new(model.vars(), AdamWConfig::default())?;
@@ -179,14 +175,8 @@ fn step_ms(
     Ok(start.elapsed().as_secs_f64() * 1e3 / iters.max(1) as f64)
 }
 
-fn train(
-    vocab: usize,
-    batch: usize,
-    seq: usize,
-    iters: usize,
-    fusion: bool,
-    only: Option<&str>,
-) -> fusellm_core::error::Result<()> {
+fn train(shape: BatchShape, iters: usize, fusion: bool, only: Option<&str>) -> fusellm_core::error::Result<()> {
+    let BatchShape { vocab, batch, seq } = shape;
     let what = if fusion { "CLM + sparse fusion, top-10" } else { "CLM" };
     let paths: Vec<(&str, bool)> = match only {
         Some("fused") => vec![("fused", true)],
@@ -198,7 +188,7 @@ fn train(
     };
     let mut times = Vec::new();
     for (name, fused) in &paths {
-        let ms = step_ms(vocab, batch, seq, iters, fusion, *fused)?;
+        let ms = step_ms(shape, iters, fusion, *fused)?;
         println!(
             "train step ({what}), small Llama (2 layers, d_model 128, 4 heads, SwiGLU 512, vocab {vocab}), batch {batch} x {seq}, f32 CPU, {name} kernels: {ms:.1} ms per step, {:.0} tokens/s",
             (batch * seq) as f64 / ms * 1e3
@@ -385,41 +375,22 @@ fn align(fixtures: &Path) -> fusellm_core::error::Result<()> {
 
 fn precompute(model_dir: &Path, corpus: &Path, max_len: usize) -> fusellm_core::error::Result<()> {
     let registry = Registry::with_builtins()?;
-    let checkpoint = Checkpoint::open(model_dir, &registry, None)?;
-    let model = checkpoint.load_model(LoadMode::Frozen, candle_core::DType::F32, &Device::Cpu)?;
-    let mut texts = Vec::new();
-    for_each_document(&[corpus.to_owned()], &["text".into()], OnBadInput::Stop, |d| {
-        texts.push(d.text);
-        Ok(())
-    })?;
-    let k = 10;
-    let layout = Layout { k, wide_ids: checkpoint.spec.vocab_size > 1 << 16, half: true, residual: false };
-    let identity = Identity {
-        format: FORMAT.into(),
-        model: model_dir.display().to_string(),
-        tokenizer_sha256: file_sha256(&model_dir.join("tokenizer.json"))?,
-        corpus: corpus.display().to_string(),
-        corpus_sha256: file_sha256(corpus)?,
-        documents: texts.len(),
-        docs_per_shard: 256,
-        layout,
-    };
+    let options = Options::default();
     let dir = std::env::temp_dir().join(format!("fusellm-bench-store-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let start = Instant::now();
-    let settings = fusellm_core::precompute::Settings { k, ..Default::default() };
-    let run = store_precompute(&dir, &identity, &texts, &model, &checkpoint.tokenizer, settings, (0, 1), |_| {})?;
+    let run = precompute_model(&registry, model_dir, corpus, &dir, options, (0, 1), |_| {})?;
     let secs = start.elapsed().as_secs_f64();
     let check = verify(&dir)?;
     let ours = check.bytes as f64 / check.tokens as f64;
     // The paper's forward_for_logits keeps, per document padded to max_len: top-k logits
     // (f16) and indices (i64), input ids and attention mask (i64), and a CE (f32).
-    let paper = texts.len() as f64 * (max_len * (k * (2 + 8) + 8 + 8) + 4) as f64 / check.tokens as f64;
+    let paper = run.documents as f64 * (max_len * (options.k * (2 + 8) + 8 + 8) + 4) as f64 / check.tokens as f64;
     println!(
         "precompute {} over {} documents ({} tokens), f32 CPU: {:.0} tokens/s; store: {ours:.1} bytes per token, \
          the paper's layout (padded to {max_len}): {paper:.1} bytes per token ({:.1}x smaller)",
         model_dir.display(),
-        texts.len(),
+        run.documents,
         run.tokens,
         run.tokens as f64 / secs,
         paper / ours
