@@ -10,7 +10,7 @@ use fusellm_core::eval::{accuracy, loglik, mixture, read_questions, score, Accur
 use fusellm_core::merge::Merge;
 use fusellm_core::model::LoadMode;
 use fusellm_core::plugins::Registry;
-use fusellm_core::split::{for_each_document, OnBadInput};
+use fusellm_core::split::read_documents;
 use serde::Serialize;
 
 #[derive(Args)]
@@ -69,12 +69,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     let mut texts = Vec::new();
     for spec in &args.sets {
         let (name, file) = named(spec)?;
-        let mut set = Vec::new();
-        for_each_document(&[file], &args.text_field, OnBadInput::Stop, |d| {
-            set.push(d.text);
-            Ok(())
-        })?;
-        texts.push((name, set));
+        texts.push((name, read_documents(&file, &args.text_field)?));
     }
     let questions = args
         .choices

@@ -185,8 +185,14 @@ pub fn open_tokenizer(path: &Path) -> Result<Tokenizer> {
 /// The texts of the pieces that `fusellm split` wrote (or any JSONL with a `text` field),
 /// in order: what the stages after split index documents by.
 pub fn read_texts(path: &Path) -> Result<Vec<String>> {
+    read_documents(path, &["text".into()])
+}
+
+/// The texts of one corpus file (JSONL, its `text_fields` joined, or plain text), in order;
+/// a bad line stops with its file and line.
+pub fn read_documents(path: &Path, text_fields: &[String]) -> Result<Vec<String>> {
     let mut texts = Vec::new();
-    for_each_document(&[path.to_owned()], &["text".into()], OnBadInput::Stop, |d| {
+    for_each_document(&[path.to_owned()], text_fields, OnBadInput::Stop, |d| {
         texts.push(d.text);
         Ok(())
     })?;

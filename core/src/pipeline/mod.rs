@@ -22,7 +22,7 @@ use crate::files::{file_sha256, sha256_hex, write_atomically};
 use crate::fuse::fuse_stores;
 use crate::model::LoadMode;
 use crate::plugins::{default_cache_dir, Entry, Registry};
-use crate::split::{for_each_document, read_texts, split_corpus, OnBadInput, Splitter};
+use crate::split::{read_documents, read_texts, split_corpus, Splitter};
 use crate::store::{precompute_model, verify};
 use crate::train::data::fused_documents;
 use crate::train::{latest_checkpoint, Dataset, Document, Trainer};
@@ -368,28 +368,28 @@ impl Run<'_> {
             ("eval", &k),
             |d| d.join("eval.json").exists(),
             |out, events| {
+                let fields = &self.config.data.as_ref().expect("validated").text_fields;
+                let sets = eval
+                    .sets
+                    .iter()
+                    .map(|(set, file)| Ok((set, read_documents(&file.path, fields)?)))
+                    .collect::<Result<Vec<_>>>()?;
                 let mut rows = Vec::new();
                 for (label, dir) in [("target-base", checked.target.dir.as_path()), ("trained", trained)] {
                     let checkpoint = Checkpoint::open(dir, registry, None)?;
                     let model = checkpoint.load_model(LoadMode::Frozen, DType::F32, &self.device()?)?;
-                    for (set, file) in &eval.sets {
+                    let scorer = Scorer {
+                        model: &model,
+                        tokenizer: &checkpoint.tokenizer,
+                        window: eval.window,
+                        batch_tokens: eval.batch_tokens,
+                    };
+                    for (set, texts) in &sets {
                         events(Event::Progress(format!("{label} on {set}")));
-                        let mut texts = Vec::new();
-                        let fields = &self.config.data.as_ref().expect("validated").text_fields;
-                        for_each_document(std::slice::from_ref(&file.path), fields, OnBadInput::Stop, |d| {
-                            texts.push(d.text);
-                            Ok(())
-                        })?;
-                        let scorer = Scorer {
-                            model: &model,
-                            tokenizer: &checkpoint.tokenizer,
-                            window: eval.window,
-                            batch_tokens: eval.batch_tokens,
-                        };
-                        let s = score(&scorer.text_nlls(&texts)?, texts.iter().map(|t| t.len() as u64).sum());
+                        let s = score(&scorer.text_nlls(texts)?, texts.iter().map(|t| t.len() as u64).sum());
                         rows.push(EvalRow {
                             model: label.into(),
-                            set: set.clone(),
+                            set: set.to_string(),
                             score: s,
                             perplexity: s.perplexity(),
                             bits_per_byte: s.bits_per_byte(),
