@@ -63,19 +63,22 @@ pub fn fuse_stores(
     };
     for s in 0..identity.shards() {
         let file = fused_file(out, s);
-        let fused = match std::fs::read(&file).ok().and_then(|b| FusedShard::decode(&b).ok()) {
+        // A finished shard of an interrupted run is kept; its bytes are hashed as read.
+        let done = std::fs::read(&file).ok().and_then(|b| FusedShard::decode(&b).ok().map(|f| (f, b)));
+        let (fused, bytes) = match done {
             Some(done) => done,
             None => {
                 let fused = fuse_shard(s, target_dir, aligned_dirs, &checkpoint, &texts, (plugin, params))?;
-                write_atomically(&file, &fused.encode(identity.layout.wide_ids)?)?;
-                fused
+                let bytes = fused.encode(identity.layout.wide_ids)?;
+                write_atomically(&file, &bytes)?;
+                (fused, bytes)
             }
         };
         manifest.documents += fused.docs.len();
         manifest.positions += fused.tokens.len();
         manifest.entries += fused.rows.ids.len();
         let name = file.file_name().expect("a file").to_string_lossy().into_owned();
-        manifest.shards.push((name, crate::files::file_sha256(&file)?));
+        manifest.shards.push((name, crate::files::sha256_hex(&bytes)));
     }
     write_atomically(&out.join("fused.json"), &serde_json::to_vec_pretty(&manifest).expect("JSON"))?;
     Ok(manifest)

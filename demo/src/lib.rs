@@ -250,7 +250,7 @@ impl Demo<'_> {
                     ..Plan::default()
                 },
             )?;
-            results.push(&format!("source-{name}"), &record, "trained");
+            results.push(&format!("source-{name}"), &record);
             sources.push((name.to_string(), checkpoint(&record)?));
         }
         let init = self.path("models/target-init");
@@ -270,7 +270,7 @@ impl Demo<'_> {
             },
         )?;
         let base = checkpoint(&base_record)?;
-        results.push("target-base", &base_record, "trained");
+        results.push("target-base", &base_record);
 
         let mixture = self.path("data/continual-mixture.jsonl");
         let continual = |sources: Vec<(String, PathBuf)>, fusion: Option<&str>| Plan {
@@ -294,7 +294,7 @@ impl Demo<'_> {
         for (name, plan) in &variants {
             self.stage(&format!("continual training: {name}"));
             let record = self.pipeline(registry, name, plan)?;
-            results.push(name, &record, "trained");
+            results.push(name, &record);
         }
         // Knowledge distillation: the same loss with one teacher, the best source.
         let teacher = results.best_of(&["source-llama", "source-mpt", "source-openllama"]);
@@ -302,7 +302,7 @@ impl Demo<'_> {
         self.stage(&format!("knowledge distillation from {}", SOURCES[teacher].0));
         let kd = continual(vec![teacher_source], Some("plugin = \"min_ce\"\n[fusion.params]\ninclude_target = false"));
         let record = self.pipeline(registry, "kd", &kd)?;
-        results.push("kd", &record, "trained");
+        results.push("kd", &record);
 
         self.table7(registry, &base, &mut results)?;
         results.write(&self.out)?;
@@ -326,7 +326,7 @@ impl Demo<'_> {
                     ..Plan::default()
                 },
             )?;
-            results.push(&format!("expert-{domain}"), &record, "trained");
+            results.push(&format!("expert-{domain}"), &record);
             experts.push((domain.to_string(), checkpoint(&record)?));
         }
         self.stage("ensemble and weight merge of the experts");
@@ -349,7 +349,7 @@ impl Demo<'_> {
                 ..Plan::default()
             },
         )?;
-        results.push("fusellm-experts", &record, "trained");
+        results.push("fusellm-experts", &record);
         Ok(())
     }
 

@@ -32,9 +32,10 @@ pub struct Results {
 }
 
 impl Results {
-    /// The row of a pipeline run: its evaluation of `which` ("trained" or "target-base").
-    pub fn push(&mut self, name: &str, record: &RunRecord, which: &str) {
-        let bpb = record.eval.iter().filter(|e| e.model == which).map(|e| (e.set.clone(), e.bits_per_byte)).collect();
+    /// The row of a pipeline run: the evaluation of the model it trained.
+    pub fn push(&mut self, name: &str, record: &RunRecord) {
+        let bpb =
+            record.eval.iter().filter(|e| e.model == "trained").map(|e| (e.set.clone(), e.bits_per_byte)).collect();
         let mut row = Row::new(name, bpb);
         row.metrics =
             record.stages.iter().find(|s| s.name == "train").map(|s| Path::new(&s.output).join("metrics.jsonl"));
