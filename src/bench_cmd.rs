@@ -159,11 +159,10 @@ fn step_ms(shape: BatchShape, iters: usize, fusion: bool, fused: bool) -> fusell
     fusellm_core::model::ops::use_fused_kernels(fused);
     let model = Transformer::init(&small_llama(shape.vocab, 512)?, 0, 0.02, &Device::Cpu)?;
     let data = bench_batch(shape, fusion)?;
-    let ids = data.ids_tensor(&Device::Cpu)?;
     let objective = Objective { lambda: if fusion { 0.9 } else { 1.0 }, ..Default::default() };
     let mut optimizer = AdamW::new(model.vars(), AdamWConfig::default())?;
     let mut step = || -> fusellm_core::error::Result<()> {
-        let losses = objective.losses(&model.forward(&ids, None)?, &data)?;
+        let losses = model.losses(&data, &objective)?;
         let grads = losses.total.backward()?;
         optimizer.step(model.vars(), &grads, 1.0, 1e-4)
     };

@@ -12,6 +12,7 @@ use rayon::prelude::*;
 
 use super::cpu::{contiguous, f32s};
 use super::ops::log_softmax;
+use super::rowwise;
 
 /// `-log softmax(logits)[ids]` per kept entry. `logits` `[.., V]` f32, `ids` `[.., K]` u32
 /// with the same leading dimensions; the result has the shape of `ids`.
@@ -32,13 +33,6 @@ pub fn composed_entry_nll(logits: &Tensor, ids: &Tensor) -> candle_core::Result<
 }
 
 struct EntryNll;
-
-/// Row-wise max and log-sum-exp, accumulated in f64 for stability across 32k-wide rows.
-fn log_sum_exp(row: &[f32]) -> f32 {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = row.iter().map(|&x| ((x - max) as f64).exp()).sum();
-    max + sum.ln() as f32
-}
 
 fn inputs<'a>(
     s1: &'a CpuStorage,
@@ -77,7 +71,7 @@ impl CustomOp2 for EntryNll {
         let mut out = vec![0f32; ids.len()];
         out.par_chunks_mut(k.max(1)).zip(logits.par_chunks(v)).zip(ids.par_chunks(k.max(1))).for_each(
             |((out, row), ids)| {
-                let lse = log_sum_exp(row);
+                let lse = rowwise::log_sum_exp(row, 1.0);
                 for (o, &i) in out.iter_mut().zip(ids) {
                     *o = lse - row[i as usize];
                 }
@@ -124,9 +118,9 @@ impl CustomOp3 for EntryNllGrad {
             .for_each(|((out, row), (ids, g))| {
                 let total: f32 = g.iter().sum();
                 if total != 0.0 {
-                    let lse = log_sum_exp(row);
+                    let lse = rowwise::log_sum_exp(row, 1.0);
                     for (o, &x) in out.iter_mut().zip(row) {
-                        *o = (x - lse).exp() * total;
+                        *o = rowwise::exp(x - lse) * total;
                     }
                 }
                 for (&i, &g) in ids.iter().zip(g) {

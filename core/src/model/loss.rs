@@ -10,6 +10,8 @@ use candle_core::{DType, Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use super::entry_nll::entry_nll;
+use super::head_loss::{head_loss, Term};
+use super::ops;
 use crate::error::{Error, Result};
 
 /// The targets of one batch, on the host; built by the data pipeline or by tests.
@@ -134,46 +136,121 @@ pub struct Losses {
     pub fusion: Tensor,
 }
 
+/// The objective as terms over the logits ([`Term`]): CLM, and fusion when the batch has
+/// a target, plus the constant that turns the fusion CE into a KL.
+struct Terms {
+    terms: Vec<Term>,
+    kl_constant: f64,
+}
+
 impl Objective {
     /// The losses for `logits` `[batch, len, V]` of `batch`.
     pub fn losses(&self, logits: &Tensor, batch: &LossBatch) -> Result<Losses> {
-        let device = logits.device();
-        let (b, t, k) = (batch.batch, batch.len, batch.k);
-        if logits.dims3()?.0 != b || logits.dims3()?.1 != t {
-            return Err(Error::msg(format!("logits {:?} do not match a batch of {b} x {t}", logits.dims())));
+        let (b, t, _) = logits.dims3()?;
+        if b != batch.batch || t != batch.len {
+            return Err(Error::msg(format!(
+                "logits {:?} do not match a batch of {} x {}",
+                logits.dims(),
+                batch.batch,
+                batch.len
+            )));
         }
-        let gold = Tensor::from_vec(batch.gold(), (b, t, 1), device)?;
-        let clm_weight = Tensor::from_slice(&batch.clm_weight, (b, t, 1), device)?;
+        let terms = self.terms(batch);
+        let values = term_values(logits, &terms.terms)?;
+        self.combine(&values, &terms)
+    }
+
+    /// The losses for the final hidden states `[batch, len, d]` under the head `[V, d]`
+    /// (`logits = hidden @ head^T`, in f32). On the CPU in f32 the head and the loss are one
+    /// kernel that never holds the `[batch * len, V]` logits ([`head_loss`]); elsewhere the
+    /// logits are computed and [`Objective::losses`] applies.
+    pub fn losses_at_head(&self, hidden: &Tensor, head: &Tensor, batch: &LossBatch) -> Result<Losses> {
+        if !ops::fusable(&[hidden, head]) {
+            let logits = ops::linear(hidden, head, None)?.to_dtype(DType::F32)?;
+            return self.losses(&logits, batch);
+        }
+        let (b, t, d) = hidden.dims3()?;
+        if b != batch.batch || t != batch.len {
+            return Err(Error::msg(format!(
+                "hidden states {:?} do not match a batch of {} x {}",
+                hidden.dims(),
+                batch.batch,
+                batch.len
+            )));
+        }
+        let terms = self.terms(batch);
+        let values = head_loss(&hidden.reshape((b * t, d))?, head, terms.terms.clone())?;
+        self.combine(&values, &terms)
+    }
+
+    fn terms(&self, batch: &LossBatch) -> Terms {
         let clm_positions: f32 = batch.clm_weight.iter().sum();
-        let fused_positions = batch.target_positions();
-        let (clm_nll, fusion_nll) = if k == 0 || fused_positions == 0 {
-            (entry_nll(logits, &gold)?, None)
-        } else {
-            let ids = Tensor::from_slice(&batch.target_ids, (b, t, k), device)?;
-            if self.temperature == 1.0 {
-                // One pass over the vocabulary for both parts.
-                let nll = entry_nll(logits, &Tensor::cat(&[&gold, &ids], D::Minus1)?)?;
-                (nll.narrow(D::Minus1, 0, 1)?, Some(nll.narrow(D::Minus1, 1, k)?))
-            } else {
-                let scaled = (logits / self.temperature)?;
-                (entry_nll(logits, &gold)?, Some(entry_nll(&scaled, &ids)?))
-            }
+        let clm = Term {
+            scale: 1.0,
+            k: 1,
+            ids: batch.gold(),
+            weights: batch.clm_weight.iter().map(|w| w / clm_positions.max(1.0)).collect(),
+            mix: self.lambda as f32,
         };
-        let clm = ((clm_nll * clm_weight)?.sum_all()? / clm_positions.max(1.0) as f64)?;
-        let fusion = match fusion_nll {
-            None => Tensor::zeros((), DType::F32, device)?,
-            Some(nll) => {
-                let probs = Tensor::from_slice(&batch.target_probs, (b, t, k), device)?;
-                let ce = ((nll * probs)?.sum_all()? / fused_positions as f64)?;
-                let value = match self.divergence {
-                    Divergence::Ce => ce,
-                    Divergence::Kl => (ce + batch.target_neg_entropy() / fused_positions as f64)?,
-                };
-                (value * (self.temperature * self.temperature))?
-            }
+        let fused_positions = batch.target_positions();
+        if batch.k == 0 || fused_positions == 0 {
+            return Terms { terms: vec![clm], kl_constant: 0.0 };
+        }
+        let t2 = self.temperature * self.temperature;
+        let per_position = (t2 / fused_positions as f64) as f32;
+        let fusion = Term {
+            scale: (1.0 / self.temperature) as f32,
+            k: batch.k,
+            ids: batch.target_ids.clone(),
+            weights: batch.target_probs.iter().map(|p| p * per_position).collect(),
+            mix: (1.0 - self.lambda) as f32,
+        };
+        let kl_constant = match self.divergence {
+            Divergence::Ce => 0.0,
+            Divergence::Kl => batch.target_neg_entropy() * t2 / fused_positions as f64,
+        };
+        Terms { terms: vec![clm, fusion], kl_constant }
+    }
+
+    /// The losses from the terms' values `[terms]`: the total is `sum_t mix_t * value_t`,
+    /// the one combination [`head_loss`] can differentiate.
+    fn combine(&self, values: &Tensor, terms: &Terms) -> Result<Losses> {
+        let clm = values.get(0)?;
+        let fusion = match terms.terms.len() {
+            1 => Tensor::zeros((), DType::F32, values.device())?,
+            _ => (values.get(1)? + terms.kl_constant)?,
         };
         let total = ((&clm * self.lambda)? + (&fusion * (1.0 - self.lambda))?)?;
         Ok(Losses { total, clm, fusion })
+    }
+}
+
+/// The terms' values `[terms]` over materialised logits `[b, t, V]`; terms of the same
+/// scale share one pass over the vocabulary.
+fn term_values(logits: &Tensor, terms: &[Term]) -> Result<Tensor> {
+    let (b, t, _) = logits.dims3()?;
+    let device = logits.device();
+    let ids = |term: &Term| Tensor::from_slice(&term.ids, (b, t, term.k), device);
+    let weighted =
+        |nll: Tensor, term: &Term| (nll * Tensor::from_slice(&term.weights, (b, t, term.k), device)?)?.sum_all();
+    let values = match terms {
+        [one, two] if one.scale == two.scale => {
+            let scaled = scale_logits(logits, one.scale)?;
+            let nll = entry_nll(&scaled, &Tensor::cat(&[&ids(one)?, &ids(two)?], D::Minus1)?)?;
+            vec![weighted(nll.narrow(D::Minus1, 0, one.k)?, one)?, weighted(nll.narrow(D::Minus1, one.k, two.k)?, two)?]
+        }
+        _ => terms
+            .iter()
+            .map(|term| weighted(entry_nll(&scale_logits(logits, term.scale)?, &ids(term)?)?, term))
+            .collect::<candle_core::Result<Vec<_>>>()?,
+    };
+    Ok(Tensor::stack(&values, 0)?)
+}
+
+fn scale_logits(logits: &Tensor, scale: f32) -> candle_core::Result<Tensor> {
+    match scale {
+        1.0 => Ok(logits.clone()),
+        s => logits * s as f64,
     }
 }
 

@@ -7,10 +7,12 @@ pub(crate) mod cpu;
 pub mod entry_nll;
 mod fused;
 pub mod generate;
+mod head_loss;
 mod layers;
 pub mod loss;
 pub mod ops;
 pub mod positions;
+mod rowwise;
 pub mod weights;
 
 use std::path::Path;
@@ -21,6 +23,7 @@ use fusellm_sdk::ModelSpec;
 
 use attention::{Attention, Context};
 use layers::{Mlp, Norm};
+use loss::{LossBatch, Losses, Objective};
 pub use weights::LoadMode;
 use weights::Weights;
 
@@ -126,6 +129,18 @@ impl Transformer {
     /// Logits `[b, t, vocab]` (f32) for token ids `[b, t]` (u32); `keep: [b, t]` marks
     /// real tokens (1) and padding (0) when sequences are padded.
     pub fn forward(&self, ids: &Tensor, keep: Option<&Tensor>) -> Result<Tensor> {
+        Ok(ops::linear(&self.hidden(ids, keep)?, &self.head, None)?.to_dtype(DType::F32)?)
+    }
+
+    /// The training losses of `batch`: the forward pass to the final hidden states, then
+    /// the head and the objective together ([`Objective::losses_at_head`]).
+    pub fn losses(&self, batch: &LossBatch, objective: &Objective) -> Result<Losses> {
+        let hidden = self.hidden(&batch.ids_tensor(&self.device)?, batch.keep_tensor(&self.device)?.as_ref())?;
+        objective.losses_at_head(&hidden, &self.head, batch)
+    }
+
+    /// The final (normalised) hidden states `[b, t, hidden]`, the head's input.
+    fn hidden(&self, ids: &Tensor, keep: Option<&Tensor>) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         self.check_input(ids, t)?;
         let ctx = self.context(t, keep)?;
@@ -147,8 +162,7 @@ impl Transformer {
                 }
             };
         }
-        let x = self.final_norm.forward(&x)?;
-        Ok(ops::linear(&x, &self.head, None)?.to_dtype(DType::F32)?)
+        Ok(self.final_norm.forward(&x)?)
     }
 
     fn check_input(&self, ids: &Tensor, t: usize) -> Result<()> {

@@ -19,7 +19,7 @@ pub fn use_fused_kernels(on: bool) {
 }
 
 /// Whether the fused CPU kernels apply to these tensors.
-fn fusable(tensors: &[&Tensor]) -> bool {
+pub(crate) fn fusable(tensors: &[&Tensor]) -> bool {
     FUSED.load(Ordering::Relaxed) && tensors.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 
@@ -57,8 +57,15 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) 
 }
 
 /// `x @ w^T (+ b)` for x of any rank, as `torch.nn.Linear`.
+///
+/// The leading dimensions are folded into rows for one 2-D matmul: a batched matmul against
+/// the broadcast weight would make autograd build the weight's gradient per batch entry
+/// and then sum it.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let y = x.broadcast_matmul(&weight.t()?)?;
+    let (inp, mut dims) = (x.dim(D::Minus1)?, x.dims().to_vec());
+    let y = x.reshape(((), inp))?.matmul(&weight.t()?)?;
+    *dims.last_mut().expect("x has at least one dimension") = weight.dim(0)?;
+    let y = y.reshape(dims)?;
     match bias {
         Some(b) => y.broadcast_add(b),
         None => Ok(y),

@@ -177,13 +177,11 @@ impl Trainer<'_> {
         let lambda = config.lambda.at(step, config.steps);
         let objective = Objective { lambda, divergence: config.divergence, temperature: config.temperature };
         let accumulation = config.accumulation.max(1);
-        let device = self.model.device();
         let (mut loss_sum, mut clm_sum, mut fusion_sum, mut tokens) = (0.0, 0.0, 0.0, 0);
         let mut grads: Option<candle_core::backprop::GradStore> = None;
         for micro in 0..accumulation {
             let batch = data.batch((step - 1) * accumulation + micro)?;
-            let logits = self.model.forward(&batch.ids_tensor(device)?, batch.keep_tensor(device)?.as_ref())?;
-            let losses = objective.losses(&logits, &batch)?;
+            let losses = self.model.losses(&batch, &objective)?;
             let scalar = |t: &candle_core::Tensor| -> Result<f64> { Ok(t.to_scalar::<f32>()? as f64) };
             let (loss, clm, fusion) = (scalar(&losses.total)?, scalar(&losses.clm)?, scalar(&losses.fusion)?);
             if !loss.is_finite() {
