@@ -78,6 +78,30 @@ fn fused_kernels_match_the_compositions() {
             },
         );
     }
+    // (b, t, heads, kv heads, d, rot): full, none, partial rotary; grouped-query heads.
+    for (b, t, h, kv, d, rot) in [(2, 7, 4, 4, 8, 8), (1, 19, 6, 2, 16, 0), (2, 12, 4, 2, 16, 4)] {
+        let (q, k, v) = (
+            random(&mut rng, &[b, t, h * d], 1.0),
+            random(&mut rng, &[b, t, kv * d], 1.0),
+            random(&mut rng, &[b, t, kv * d], 1.0),
+        );
+        let (cos, sin) = fusellm_core::model::positions::rope_tables(10000.0, rot.max(2), t, &Device::Cpu).unwrap();
+        let rope = (rot > 0).then_some((&cos, &sin, rot));
+        // Causal with a padded key in the first sequence, plus ALiBi-like per-head slopes.
+        let keep =
+            Tensor::from_vec((0..b * t).map(|i| u32::from(i != 3)).collect::<Vec<_>>(), (b, t), &Device::Cpu).unwrap();
+        let mask = fusellm_core::model::positions::attention_mask(t, Some(&keep), &Device::Cpu).unwrap();
+        let slopes: Vec<f32> = (0..h).map(|i| 0.5f32.powi(i as i32 + 1)).collect();
+        let alibi = fusellm_core::model::positions::alibi_bias(&slopes, t, &Device::Cpu).unwrap();
+        for bias in [mask.clone(), mask.broadcast_add(&alibi).unwrap()] {
+            check(
+                "attention",
+                &[q.clone(), k.clone(), v.clone()],
+                |x| ops::attention(&x[0], &x[1], &x[2], h, 0.3, &bias, rope).unwrap(),
+                |x| composed::attention(&x[0], &x[1], &x[2], h, 0.3, &bias, rope).unwrap(),
+            );
+        }
+    }
     for shape in [vec![4, 10], vec![2, 8, 172]] {
         let (gate, up) = (random(&mut rng, &shape, 3.0), random(&mut rng, &shape, 1.0));
         check(

@@ -1,7 +1,7 @@
 //! Multi-head and grouped-query causal self-attention with split or fused QKV, RoPE or
 //! ALiBi, optional QKV clipping; scores and softmax in f32, as transformers' eager path.
 
-use candle_core::{DType, Result as CandleResult, Tensor, D};
+use candle_core::{Result as CandleResult, Tensor, D};
 use fusellm_sdk::adapter::{AttentionSpec, QkvLayout};
 
 use super::layers::Linear;
@@ -48,21 +48,10 @@ impl Attention {
 
     /// `x: [b, t, hidden]` -> `[b, t, hidden]`.
     pub fn forward(&self, x: &Tensor, ctx: &Context) -> CandleResult<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        let AttentionSpec { heads: h, kv_heads: kv, head_dim: d, .. } = self.spec;
         let (q, k, v) = self.project(x)?;
-        let heads = |x: Tensor, n: usize| x.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous();
-        let (mut q, mut k, v) = (heads(q, h)?, heads(k, kv)?, heads(v, kv)?);
-        if let Some((cos, sin, rot)) = &ctx.rope {
-            q = ops::rope(&q, cos, sin, *rot)?;
-            k = ops::rope(&k, cos, sin, *rot)?;
-        }
-        let k = candle_transformers::utils::repeat_kv(k, h / kv)?;
-        let v = candle_transformers::utils::repeat_kv(v, h / kv)?;
-        let scale = self.spec.softmax_scale.unwrap_or(1.0 / (d as f64).sqrt());
-        let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?.broadcast_add(&ctx.bias)?;
-        let probs = ops::softmax(&scores)?.to_dtype(v.dtype())?;
-        let y = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h * d))?;
+        let scale = self.spec.softmax_scale.unwrap_or(1.0 / (self.spec.head_dim as f64).sqrt());
+        let rope = ctx.rope.as_ref().map(|(cos, sin, rot)| (cos, sin, *rot));
+        let y = ops::attention(&q, &k, &v, self.spec.heads, scale, &ctx.bias, rope)?;
         self.out.forward(&y)
     }
 

@@ -9,6 +9,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, S
 use rayon::prelude::*;
 
 use super::cpu::f32s;
+use super::rowwise;
 
 /// Rows of the last dimension.
 fn width(l: &Layout) -> usize {
@@ -26,16 +27,8 @@ impl CustomOp1 for Softmax {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (x, n) = (f32s(s, l, "softmax")?, width(l));
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(y, x)| {
-            let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for (y, &x) in y.iter_mut().zip(x) {
-                *y = (x - max).exp();
-                sum += *y;
-            }
-            y.iter_mut().for_each(|y| *y /= sum);
-        });
+        let mut y = x.to_vec();
+        y.par_chunks_mut(n).for_each(rowwise::softmax_in_place);
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -275,7 +268,7 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 struct SwiGlu;
 
 fn sigmoid(z: f32) -> f32 {
-    1.0 / (1.0 + (-z).exp())
+    1.0 / (1.0 + rowwise::exp(-z))
 }
 
 impl CustomOp2 for SwiGlu {

@@ -20,6 +20,7 @@ use candle_core::{CpuStorage, CustomOp2, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::cpu::f32s;
+use super::gemm::{gemm, Threads};
 use super::rowwise;
 
 /// Logits held at once: chunks of rows of at most this many elements (32 MB).
@@ -101,14 +102,14 @@ impl CustomOp2 for HeadLoss {
             let rows = chunk.min(n - start);
             let (z, xc) = (&mut logits[..rows * v], &x[start * d..(start + rows) * d]);
             // z = xc @ w^T, then z becomes dtotal/dz.
-            gemm([rows, v, d], z, false, (xc, d, 1), (w, 1, d));
+            gemm([rows, v, d], z, false, (xc, d, 1), (w, 1, d), Threads::All);
             let values = &mut row_values[start * self.terms.len()..(start + rows) * self.terms.len()];
             z.par_chunks_mut(v)
                 .zip(values.par_chunks_mut(self.terms.len()))
                 .enumerate()
                 .for_each(|(i, (row, values))| self.row(row, start + i, values));
-            gemm([rows, d, v], &mut dx[start * d..(start + rows) * d], false, (z, v, 1), (w, d, 1));
-            gemm([v, d, rows], &mut dw, c > 0, (z, 1, v), (xc, d, 1));
+            gemm([rows, d, v], &mut dx[start * d..(start + rows) * d], false, (z, v, 1), (w, d, 1), Threads::All);
+            gemm([v, d, rows], &mut dw, c > 0, (z, 1, v), (xc, d, 1), Threads::All);
         }
         let mut values = vec![0f64; self.terms.len()];
         for row in row_values.chunks(self.terms.len()) {
@@ -190,44 +191,5 @@ impl HeadLoss {
             );
         }
         Ok(c)
-    }
-}
-
-/// `dst (+)= a @ b` for `[m, n, k]`, with `a` (m x k) and `b` (k x n) given as
-/// (data, row stride, column stride) and `dst` row-major m x n.
-fn gemm(
-    [m, n, k]: [usize; 3],
-    dst: &mut [f32],
-    accumulate: bool,
-    a: (&[f32], usize, usize),
-    b: (&[f32], usize, usize),
-) {
-    let last = |rows: usize, cols: usize, rs: usize, cs: usize| (rows.max(1) - 1) * rs + (cols.max(1) - 1) * cs;
-    assert!(dst.len() >= m * n && a.0.len() > last(m, k, a.1, a.2) && b.0.len() > last(k, n, b.1, b.2));
-    let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    // SAFETY: the assert keeps every index of the three matrices inside its slice.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.0.as_ptr(),
-            a.2 as isize,
-            a.1 as isize,
-            b.0.as_ptr(),
-            b.2 as isize,
-            b.1 as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        )
     }
 }

@@ -6,6 +6,8 @@ mod attention;
 pub(crate) mod cpu;
 pub mod entry_nll;
 mod fused;
+mod fused_attention;
+mod gemm;
 pub mod generate;
 mod head_loss;
 mod layers;

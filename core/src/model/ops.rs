@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{DType, Result, Tensor, D};
 
-use super::fused;
+use super::{fused, fused_attention};
 
 static FUSED: AtomicBool = AtomicBool::new(true);
 
@@ -87,6 +87,26 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, rot: usize) -> Result<Tensor
     Tensor::cat(&[&rotated, &x.narrow(D::Minus1, rot, d - rot)?], D::Minus1)
 }
 
+/// Causal self-attention of projected `q: [b, t, heads * d]`, `k`, `v: [b, t, kv_heads * d]`
+/// (grouped-query when there are fewer key-value heads): RoPE on the first `rot` dimensions
+/// of each head when `rope` is given (`cos`, `sin` `[t, rot / 2]`), scores times `scale`
+/// plus `bias` (`[b or 1, heads or 1, t, t]`: masks, ALiBi), softmax in f32. Returns
+/// `[b, t, heads * d]`.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+    bias: &Tensor,
+    rope: Option<(&Tensor, &Tensor, usize)>,
+) -> Result<Tensor> {
+    match fusable(&[q, k, v]) {
+        true => fused_attention::attention(q, k, v, heads, scale, bias, rope),
+        false => composed::attention(q, k, v, heads, scale, bias, rope),
+    }
+}
+
 /// `silu(gate) * up`, the SwiGLU activation.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     match fusable(&[gate, up]) {
@@ -133,5 +153,32 @@ pub mod composed {
 
     pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         gate.silu()? * up
+    }
+
+    /// As transformers' eager attention: heads transposed out, key-value heads repeated,
+    /// scores and softmax in f32.
+    pub fn attention(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        heads: usize,
+        scale: f64,
+        bias: &Tensor,
+        rope: Option<(&Tensor, &Tensor, usize)>,
+    ) -> Result<Tensor> {
+        let (b, t, width) = q.dims3()?;
+        let d = width / heads;
+        let kv = k.dim(2)? / d;
+        let split = |x: &Tensor, n: usize| x.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous();
+        let (mut q, mut k, v) = (split(q, heads)?, split(k, kv)?, split(v, kv)?);
+        if let Some((cos, sin, rot)) = rope {
+            q = super::rope(&q, cos, sin, rot)?;
+            k = super::rope(&k, cos, sin, rot)?;
+        }
+        let k = candle_transformers::utils::repeat_kv(k, heads / kv)?;
+        let v = candle_transformers::utils::repeat_kv(v, heads / kv)?;
+        let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?.broadcast_add(bias)?;
+        let probs = super::softmax(&scores)?.to_dtype(v.dtype())?;
+        probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, heads * d))
     }
 }

@@ -68,6 +68,26 @@ pub fn exp_sum(row: &[f32], shift: f32, scale: f32) -> f64 {
         .sum()
 }
 
+/// Softmax of `row` in place.
+pub fn softmax_in_place(row: &mut [f32]) {
+    let max = max(row);
+    let mut lanes = [0f32; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for chunk in &mut chunks {
+        for (s, x) in lanes.iter_mut().zip(chunk) {
+            *x = exp(*x - max);
+            *s += *x;
+        }
+    }
+    let mut sum: f32 = lanes.iter().sum();
+    for x in chunks.into_remainder() {
+        *x = exp(*x - max);
+        sum += *x;
+    }
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|x| *x *= inv);
+}
+
 /// `log sum_j e^(row_j * scale)` (`scale > 0`).
 pub fn log_sum_exp(row: &[f32], scale: f32) -> f32 {
     let max = max(row);
