@@ -1,5 +1,6 @@
-//! Fused CPU kernels of the block library's hot paths, each with its backward: softmax over
-//! the last dimension, RMSNorm, LayerNorm, rotary embedding and SwiGLU. candle's own fused
+//! Fused CPU kernels of the block library's hot paths, each with its backward: linear
+//! projections, softmax over the last dimension, RMSNorm, LayerNorm, rotary embedding and
+//! SwiGLU. candle's own fused
 //! ops record no backward; the compositions in `ops` do, but allocate a tensor per step of
 //! the formula (and again in backward). These run row by row over contiguous f32 data on
 //! all cores. `ops` uses them on the CPU in f32 and the compositions elsewhere; tests check
@@ -9,6 +10,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, S
 use rayon::prelude::*;
 
 use super::cpu::f32s;
+use super::gemm::{gemm, Threads};
 use super::rowwise;
 
 /// Rows of the last dimension.
@@ -336,4 +338,72 @@ impl CustomOp3 for SwiGluGrad {
 
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
+}
+
+// ---------------------------------------------------------------- linear
+
+/// `x @ w^T` for `x: [n, inp]`, `w: [out, inp]`. As a composition this is four autograd
+/// nodes (transpose, matmul, two reshapes), each with a gradient buffer to allocate and
+/// accumulate, and a transposed copy of the weight's gradient; here it is one node whose
+/// backward is two GEMMs.
+struct Linear;
+
+impl CustomOp2 for Linear {
+    fn name(&self) -> &'static str {
+        "fused-linear"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, w) = (f32s(s1, l1, "linear")?, f32s(s2, l2, "linear")?);
+        let ((n, inp), (out, _)) = (l1.shape().dims2()?, l2.shape().dims2()?);
+        let mut y = vec![0f32; n * out];
+        gemm([n, out, inp], &mut y, false, (x, inp, 1), (w, 1, inp), Threads::All);
+        Ok((CpuStorage::F32(y), Shape::from((n, out))))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // One buffer: dx then dw.
+        let packed = x.apply_op3_no_bwd(w, &g.contiguous()?, &LinearGrad)?;
+        let (nx, nw) = (x.elem_count(), w.elem_count());
+        let dx = packed.narrow(0, 0, nx)?.reshape(x.shape())?;
+        let dw = packed.narrow(0, nx, nw)?.reshape(w.shape())?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// `dx = g @ w`, `dw = g^T @ x`.
+struct LinearGrad;
+
+impl CustomOp3 for LinearGrad {
+    fn name(&self) -> &'static str {
+        "fused-linear-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, g) = (f32s(s1, l1, "linear grad")?, f32s(s2, l2, "linear grad")?, f32s(s3, l3, "linear grad")?);
+        let ((n, inp), (out, _)) = (l1.shape().dims2()?, l2.shape().dims2()?);
+        let mut packed = vec![0f32; x.len() + w.len()];
+        let (dx, dw) = packed.split_at_mut(x.len());
+        gemm([n, inp, out], dx, false, (g, out, 1), (w, inp, 1), Threads::All);
+        gemm([out, inp, n], dw, false, (g, 1, out), (x, inp, 1), Threads::All);
+        Ok((CpuStorage::F32(packed), Shape::from(x.len() + w.len())))
+    }
+}
+
+/// `x: [n, inp]` times `w: [out, inp]` transposed.
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (_, inp) = x.dims2()?;
+    let (_, w_inp) = w.dims2()?;
+    if inp != w_inp {
+        candle_core::bail!("linear: inputs of width {inp} for a weight {:?}", w.dims());
+    }
+    x.contiguous()?.apply_op2(&w.contiguous()?, Linear)
 }

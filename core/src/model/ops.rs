@@ -58,12 +58,16 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) 
 
 /// `x @ w^T (+ b)` for x of any rank, as `torch.nn.Linear`.
 ///
-/// The leading dimensions are folded into rows for one 2-D matmul: a batched matmul against
+/// The leading dimensions are folded into rows for one 2-D product: a batched matmul against
 /// the broadcast weight would make autograd build the weight's gradient per batch entry
 /// and then sum it.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let (inp, mut dims) = (x.dim(D::Minus1)?, x.dims().to_vec());
-    let y = x.reshape(((), inp))?.matmul(&weight.t()?)?;
+    let rows = x.reshape(((), inp))?;
+    let y = match fusable(&[x, weight]) {
+        true => fused::linear(&rows, weight)?,
+        false => rows.matmul(&weight.t()?)?,
+    };
     *dims.last_mut().expect("x has at least one dimension") = weight.dim(0)?;
     let y = y.reshape(dims)?;
     match bias {
