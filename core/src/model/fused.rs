@@ -342,7 +342,7 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 
 // ---------------------------------------------------------------- linear
 
-/// `x @ w^T` for `x: [n, inp]`, `w: [out, inp]`. As a composition this is four autograd
+/// `x @ w^T` for `x: [.., inp]`, `w: [out, inp]`. As a composition this is four autograd
 /// nodes (transpose, matmul, two reshapes), each with a gradient buffer to allocate and
 /// accumulate, and a transposed copy of the weight's gradient; here it is one node whose
 /// backward is two GEMMs.
@@ -355,10 +355,13 @@ impl CustomOp2 for Linear {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (x, w) = (f32s(s1, l1, "linear")?, f32s(s2, l2, "linear")?);
-        let ((n, inp), (out, _)) = (l1.shape().dims2()?, l2.shape().dims2()?);
+        let (out, inp) = l2.shape().dims2()?;
+        let n = x.len() / inp;
         let mut y = vec![0f32; n * out];
         gemm([n, out, inp], &mut y, false, (x, inp, 1), (w, 1, inp), Threads::All);
-        Ok((CpuStorage::F32(y), Shape::from((n, out))))
+        let mut dims = l1.dims().to_vec();
+        *dims.last_mut().expect("linear: x has a last dimension") = out;
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -389,7 +392,8 @@ impl CustomOp3 for LinearGrad {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (x, w, g) = (f32s(s1, l1, "linear grad")?, f32s(s2, l2, "linear grad")?, f32s(s3, l3, "linear grad")?);
-        let ((n, inp), (out, _)) = (l1.shape().dims2()?, l2.shape().dims2()?);
+        let (out, inp) = l2.shape().dims2()?;
+        let n = x.len() / inp;
         let mut packed = vec![0f32; x.len() + w.len()];
         let (dx, dw) = packed.split_at_mut(x.len());
         gemm([n, inp, out], dx, false, (g, out, 1), (w, inp, 1), Threads::All);
@@ -398,9 +402,9 @@ impl CustomOp3 for LinearGrad {
     }
 }
 
-/// `x: [n, inp]` times `w: [out, inp]` transposed.
+/// `x: [.., inp]` times `w: [out, inp]` transposed.
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let (_, inp) = x.dims2()?;
+    let inp = x.dim(candle_core::D::Minus1)?;
     let (_, w_inp) = w.dims2()?;
     if inp != w_inp {
         candle_core::bail!("linear: inputs of width {inp} for a weight {:?}", w.dims());

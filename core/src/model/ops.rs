@@ -62,14 +62,14 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) 
 /// the broadcast weight would make autograd build the weight's gradient per batch entry
 /// and then sum it.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let (inp, mut dims) = (x.dim(D::Minus1)?, x.dims().to_vec());
-    let rows = x.reshape(((), inp))?;
     let y = match fusable(&[x, weight]) {
-        true => fused::linear(&rows, weight)?,
-        false => rows.matmul(&weight.t()?)?,
+        true => fused::linear(x, weight)?,
+        false => {
+            let (inp, mut dims) = (x.dim(D::Minus1)?, x.dims().to_vec());
+            *dims.last_mut().expect("x has at least one dimension") = weight.dim(0)?;
+            x.reshape(((), inp))?.matmul(&weight.t()?)?.reshape(dims)?
+        }
     };
-    *dims.last_mut().expect("x has at least one dimension") = weight.dim(0)?;
-    let y = y.reshape(dims)?;
     match bias {
         Some(b) => y.broadcast_add(b),
         None => Ok(y),
