@@ -171,7 +171,8 @@ fn step_ms(shape: BatchShape, iters: usize, fusion: bool, fused: bool) -> fusell
     let mut times: Vec<f64> = (0..iters.max(1))
         .map(|_| {
             let start = Instant::now();
-            step().map(|()| start.elapsed().as_secs_f64() * 1e3)
+            // As the trainer runs its steps: on a worker of rayon's pool.
+            rayon::scope(|_| step()).map(|()| start.elapsed().as_secs_f64() * 1e3)
         })
         .collect::<fusellm_core::error::Result<_>>()?;
     times.sort_by(f64::total_cmp);

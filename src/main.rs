@@ -67,6 +67,7 @@ enum Command {
 
 fn main() -> ExitCode {
     keep_freed_memory();
+    one_pool_of_threads();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Plugins(cmd) => plugins_cmd::run(cmd),
@@ -107,5 +108,19 @@ fn keep_freed_memory() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        // One heap for all threads: a per-thread heap would keep its own freed tensors.
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
+/// candle runs its element-wise ops on a thread pool of its own, whose workers spin after
+/// each op; the GEMMs and fusellm's kernels run on rayon's pool. On two cores the spinning
+/// worker took a sixth of a small model's training step from the threads doing the work.
+/// The element-wise ops left to candle are a few percent of the work, so unless the user
+/// chose otherwise they run on the calling thread and rayon's pool is the only one.
+fn one_pool_of_threads() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // SAFETY: no other thread exists yet to read the environment concurrently.
+        unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
     }
 }

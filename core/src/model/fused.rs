@@ -10,7 +10,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, S
 use rayon::prelude::*;
 
 use super::cpu::f32s;
-use super::gemm::{gemm, Threads};
+use super::gemm::{assume_init, gemm_uninit, uninit, Threads};
 use super::rowwise;
 
 /// Rows of the last dimension.
@@ -357,8 +357,10 @@ impl CustomOp2 for Linear {
         let (x, w) = (f32s(s1, l1, "linear")?, f32s(s2, l2, "linear")?);
         let (out, inp) = l2.shape().dims2()?;
         let n = x.len() / inp;
-        let mut y = vec![0f32; n * out];
-        gemm([n, out, inp], &mut y, false, (x, inp, 1), (w, 1, inp), Threads::All);
+        let mut y = uninit(n * out);
+        gemm_uninit([n, out, inp], &mut y, (x, inp, 1), (w, 1, inp), Threads::All);
+        // SAFETY: the product wrote all of `y`.
+        let y = unsafe { assume_init(y) };
         let mut dims = l1.dims().to_vec();
         *dims.last_mut().expect("linear: x has a last dimension") = out;
         Ok((CpuStorage::F32(y), Shape::from(dims)))
@@ -394,10 +396,12 @@ impl CustomOp3 for LinearGrad {
         let (x, w, g) = (f32s(s1, l1, "linear grad")?, f32s(s2, l2, "linear grad")?, f32s(s3, l3, "linear grad")?);
         let (out, inp) = l2.shape().dims2()?;
         let n = x.len() / inp;
-        let mut packed = vec![0f32; x.len() + w.len()];
+        let mut packed = uninit(x.len() + w.len());
         let (dx, dw) = packed.split_at_mut(x.len());
-        gemm([n, inp, out], dx, false, (g, out, 1), (w, inp, 1), Threads::All);
-        gemm([out, inp, n], dw, false, (g, 1, out), (x, inp, 1), Threads::All);
+        gemm_uninit([n, inp, out], dx, (g, out, 1), (w, inp, 1), Threads::All);
+        gemm_uninit([out, inp, n], dw, (g, 1, out), (x, inp, 1), Threads::All);
+        // SAFETY: the two products wrote all of `packed`.
+        let packed = unsafe { assume_init(packed) };
         Ok((CpuStorage::F32(packed), Shape::from(x.len() + w.len())))
     }
 }
