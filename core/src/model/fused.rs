@@ -237,11 +237,7 @@ impl CustomOp3 for Rope {
         y.par_chunks_mut(t * d).zip(x.par_chunks(t * d)).for_each(|(y, x)| {
             for p in 0..t {
                 let (x, y) = (&x[p * d..(p + 1) * d], &mut y[p * d..(p + 1) * d]);
-                for i in 0..half {
-                    let (c, s) = (cos[p * half + i], sign * sin[p * half + i]);
-                    y[i] = x[i] * c - x[i + half] * s;
-                    y[i + half] = x[i + half] * c + x[i] * s;
-                }
+                rotate_half(x, y, &cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half], sign);
             }
         });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
@@ -257,6 +253,17 @@ impl CustomOp3 for Rope {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dx = g.contiguous()?.apply_op3_no_bwd(cos, sin, &Rope { inverse: !self.inverse })?;
         Ok((Some(dx), None, None))
+    }
+}
+
+/// Rotate-half RoPE of one head vector's first `2 * cos.len()` dimensions by `sign` times
+/// the angles whose cosines and sines are given; `dst` gets the rotated part.
+pub(super) fn rotate_half(src: &[f32], dst: &mut [f32], cos: &[f32], sin: &[f32], sign: f32) {
+    let half = cos.len();
+    for (i, (&c, &s)) in cos.iter().zip(sin).enumerate() {
+        let s = sign * s;
+        dst[i] = src[i] * c - src[i + half] * s;
+        dst[i + half] = src[i + half] * c + src[i] * s;
     }
 }
 

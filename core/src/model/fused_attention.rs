@@ -13,6 +13,7 @@ use candle_core::{CpuStorage, CustomOp3, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::cpu::f32s;
+use super::fused::rotate_half;
 use super::gemm::{gemm, Threads};
 use super::rowwise;
 
@@ -42,7 +43,7 @@ pub fn attention(
     }
     let d = width / heads;
     let kv_heads = k.dim(2)? / d;
-    if kv_heads == 0 || heads % kv_heads != 0 || k.dims() != v.dims() {
+    if kv_heads == 0 || !heads.is_multiple_of(kv_heads) || k.dims() != v.dims() {
         candle_core::bail!("attention: k {:?} and v {:?} for {heads} query heads of {d}", k.dims(), v.dims());
     }
     let host = |t: &Tensor| t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>();
@@ -98,7 +99,7 @@ impl Attention {
 
     /// `[b, t, n * d]` -> `[b, n, t, d]`, rotated by `sign` times the RoPE angle when
     /// `rotate`.
-    fn to_heads(&self, x: &[f32], n: usize, rotate: bool, sign: f32) -> Vec<f32> {
+    fn split_heads(&self, x: &[f32], n: usize, rotate: bool, sign: f32) -> Vec<f32> {
         let Dims { t, d, .. } = self.shape;
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(t * d).enumerate().for_each(|(unit, out)| {
@@ -111,8 +112,8 @@ impl Attention {
         out
     }
 
-    /// `[b, n, t, d]` -> `[b, t, n * d]`, rotated as [`Attention::to_heads`].
-    fn from_heads(&self, x: &[f32], n: usize, rotate: bool, sign: f32) -> Vec<f32> {
+    /// `[b, n, t, d]` -> `[b, t, n * d]`, rotated as [`Attention::split_heads`].
+    fn merge_heads(&self, x: &[f32], n: usize, rotate: bool, sign: f32) -> Vec<f32> {
         let Dims { t, d, .. } = self.shape;
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(n * d).enumerate().for_each(|(row, out)| {
@@ -130,11 +131,8 @@ impl Attention {
         dst.copy_from_slice(src);
         let Some(RopeTables { cos, sin, rot }) = self.rope.as_ref().filter(|_| rotate) else { return };
         let half = rot / 2;
-        for i in 0..half {
-            let (c, s) = (cos[p * half + i], sign * sin[p * half + i]);
-            dst[i] = src[i] * c - src[i + half] * s;
-            dst[i + half] = src[i + half] * c + src[i] * s;
-        }
+        let span = p * half..(p + 1) * half;
+        rotate_half(src, dst, &cos[span.clone()], &sin[span], sign);
     }
 }
 
@@ -153,9 +151,9 @@ impl CustomOp3 for Attention {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let Dims { t, heads, kv_heads, d, .. } = self.shape;
-        let q = self.to_heads(f32s(s1, l1, "attention q")?, heads, true, 1.0);
-        let k = self.to_heads(f32s(s2, l2, "attention k")?, kv_heads, true, 1.0);
-        let v = self.to_heads(f32s(s3, l3, "attention v")?, kv_heads, false, 1.0);
+        let q = self.split_heads(f32s(s1, l1, "attention q")?, heads, true, 1.0);
+        let k = self.split_heads(f32s(s2, l2, "attention k")?, kv_heads, true, 1.0);
+        let v = self.split_heads(f32s(s3, l3, "attention v")?, kv_heads, false, 1.0);
         let group = heads / kv_heads;
         let mut probs = vec![0f32; q.len() / d * t];
         let mut y = vec![0f32; q.len()];
@@ -170,7 +168,7 @@ impl CustomOp3 for Attention {
             }
             gemm([t, d, t], y, false, (p, t, 1), (vh, d, 1), Threads::One);
         });
-        let out = self.from_heads(&y, heads, false, 1.0);
+        let out = self.merge_heads(&y, heads, false, 1.0);
         *self.saved.lock().expect("attention state") = Some(Saved { q, k, v, probs });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -186,7 +184,7 @@ impl CustomOp3 for Attention {
         let Dims { b, t, heads, kv_heads, d } = self.shape;
         let guard = self.saved.lock().expect("attention state");
         let Some(saved) = guard.as_ref() else { candle_core::bail!("attention: backward before forward") };
-        let dy = self.to_heads(&grad.flatten_all()?.to_vec1::<f32>()?, heads, false, 1.0);
+        let dy = self.split_heads(&grad.flatten_all()?.to_vec1::<f32>()?, heads, false, 1.0);
         let group = heads / kv_heads;
         let mut dq = vec![0f32; dy.len()];
         let mut dk = vec![0f32; saved.k.len()];
@@ -214,9 +212,9 @@ impl CustomOp3 for Attention {
             });
         let tensor = |x: Vec<f32>, n: usize| Tensor::from_vec(x, (b, t, n * d), &Device::Cpu);
         Ok((
-            Some(tensor(self.from_heads(&dq, heads, true, -1.0), heads)?),
-            Some(tensor(self.from_heads(&dk, kv_heads, true, -1.0), kv_heads)?),
-            Some(tensor(self.from_heads(&dv, kv_heads, false, 1.0), kv_heads)?),
+            Some(tensor(self.merge_heads(&dq, heads, true, -1.0), heads)?),
+            Some(tensor(self.merge_heads(&dk, kv_heads, true, -1.0), kv_heads)?),
+            Some(tensor(self.merge_heads(&dv, kv_heads, false, 1.0), kv_heads)?),
         ))
     }
 }

@@ -54,7 +54,7 @@ impl Term {
 pub fn head_loss(x: &Tensor, w: &Tensor, terms: Vec<Term>) -> candle_core::Result<Tensor> {
     let n = x.dim(0)?;
     for t in &terms {
-        if t.ids.len() != n * t.k || t.weights.len() != n * t.k || !(t.scale > 0.0) {
+        if t.ids.len() != n * t.k || t.weights.len() != n * t.k || t.scale.is_nan() || t.scale <= 0.0 {
             candle_core::bail!(
                 "head_loss: a term of {} ids and {} weights with scale {} for {n} rows of {} entries",
                 t.ids.len(),
