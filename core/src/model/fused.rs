@@ -12,6 +12,7 @@ use rayon::prelude::*;
 use super::cpu::f32s;
 use super::gemm::{assume_init, gemm_uninit, uninit, Threads};
 use super::rowwise;
+use super::simd::simd_fn;
 
 /// Rows of the last dimension.
 fn width(l: &Layout) -> usize {
@@ -74,17 +75,58 @@ struct Norm {
     centre: bool,
 }
 
-impl Norm {
-    /// `x_hat` of one row and `1 / sqrt(var + eps)`.
-    fn normalise(&self, x: &[f32], out: &mut [f32]) -> f32 {
-        let n = x.len() as f32;
-        let mean = if self.centre { x.iter().sum::<f32>() / n } else { 0.0 };
-        let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
-        let r = 1.0 / (var + self.eps).sqrt();
-        for (o, v) in out.iter_mut().zip(x) {
-            *o = (v - mean) * r;
+/// `x_hat` of one row into `out`, and `1 / sqrt(var + eps)`.
+#[inline(always)]
+fn normalise(x: &[f32], out: &mut [f32], eps: f32, centre: bool) -> f32 {
+    let n = x.len() as f32;
+    let mean = if centre { x.iter().sum::<f32>() / n } else { 0.0 };
+    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    let r = 1.0 / (var + eps).sqrt();
+    for (o, v) in out.iter_mut().zip(x) {
+        *o = (v - mean) * r;
+    }
+    r
+}
+
+simd_fn! {
+    /// One row of [`Norm`]'s forward pass.
+    fn norm_row(y: &mut [f32], x: &[f32], w: &[f32], b: &[f32], eps: f32, centre: bool) {
+        normalise(x, y, eps, centre);
+        for ((y, w), b) in y.iter_mut().zip(w).zip(b) {
+            *y = *y * w + if centre { *b } else { 0.0 };
         }
-        r
+    }
+}
+
+simd_fn! {
+    /// A block of rows of [`NormGrad`]: `dx` of each row, and the block's sums of `dw`, `db`.
+    fn norm_grad_rows(
+        dx: &mut [f32],
+        x: &[f32],
+        g: &[f32],
+        w: &[f32],
+        sums: (&mut [f32], &mut [f32], &mut [f32]),
+        eps: f32,
+        centre: bool,
+    ) {
+        let (dw, db, xh) = sums;
+        let n = w.len();
+        for ((dx, x), g) in dx.chunks_mut(n).zip(x.chunks(n)).zip(g.chunks(n)) {
+            let r = normalise(x, xh, eps, centre);
+            let (mut mean_d, mut mean_dx) = (0f32, 0f32);
+            for i in 0..n {
+                let d = g[i] * w[i];
+                mean_d += d;
+                mean_dx += d * xh[i];
+                dw[i] += g[i] * xh[i];
+                db[i] += g[i];
+            }
+            let (mean_d, mean_dx) = (mean_d / n as f32, mean_dx / n as f32);
+            let shift = if centre { mean_d } else { 0.0 };
+            for i in 0..n {
+                dx[i] = r * (g[i] * w[i] - shift - xh[i] * mean_dx);
+            }
+        }
     }
 }
 
@@ -105,12 +147,7 @@ impl CustomOp3 for Norm {
     ) -> Result<(CpuStorage, Shape)> {
         let (x, w, b, n) = (f32s(s1, l1, "norm")?, f32s(s2, l2, "norm")?, f32s(s3, l3, "norm")?, width(l1));
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(y, x)| {
-            self.normalise(x, y);
-            for (i, y) in y.iter_mut().enumerate() {
-                *y = *y * w[i] + if self.centre { b[i] } else { 0.0 };
-            }
-        });
+        y.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(y, x)| norm_row(y, x, w, b, self.eps, self.centre));
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -162,22 +199,7 @@ impl CustomOp3 for NormGrad {
             .zip(x.par_chunks(n * BLOCK).zip(g.par_chunks(n * BLOCK)))
             .map(|(dx, (x, g))| {
                 let (mut dw, mut db, mut xh) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
-                for ((dx, x), g) in dx.chunks_mut(n).zip(x.chunks(n)).zip(g.chunks(n)) {
-                    let r = self.0.normalise(x, &mut xh);
-                    let (mut mean_d, mut mean_dx) = (0f32, 0f32);
-                    for i in 0..n {
-                        let d = g[i] * w[i];
-                        mean_d += d;
-                        mean_dx += d * xh[i];
-                        dw[i] += g[i] * xh[i];
-                        db[i] += g[i];
-                    }
-                    let (mean_d, mean_dx) = (mean_d / n as f32, mean_dx / n as f32);
-                    let shift = if self.0.centre { mean_d } else { 0.0 };
-                    for i in 0..n {
-                        dx[i] = r * (g[i] * w[i] - shift - xh[i] * mean_dx);
-                    }
-                }
+                norm_grad_rows(dx, x, g, w, (&mut dw, &mut db, &mut xh), self.0.eps, self.0.centre);
                 (dw, db)
             })
             .collect();
@@ -276,8 +298,27 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// `silu(gate) * up`.
 struct SwiGlu;
 
+#[inline(always)]
 fn sigmoid(z: f32) -> f32 {
     1.0 / (1.0 + rowwise::exp(-z))
+}
+
+simd_fn! {
+    fn swiglu_row(y: &mut [f32], gate: &[f32], up: &[f32]) {
+        for ((y, &z), &u) in y.iter_mut().zip(gate).zip(up) {
+            *y = z * sigmoid(z) * u;
+        }
+    }
+}
+
+simd_fn! {
+    fn swiglu_grad_row(dg: &mut [f32], du: &mut [f32], gate: &[f32], up: &[f32], g: &[f32]) {
+        for ((((dg, du), &z), &u), &g) in dg.iter_mut().zip(du.iter_mut()).zip(gate).zip(up).zip(g) {
+            let s = sigmoid(z);
+            *du = g * z * s;
+            *dg = g * u * s * (1.0 + z * (1.0 - s));
+        }
+    }
 }
 
 impl CustomOp2 for SwiGlu {
@@ -289,11 +330,9 @@ impl CustomOp2 for SwiGlu {
         let (gate, up) = (f32s(s1, l1, "swiglu")?, f32s(s2, l2, "swiglu")?);
         let mut y = vec![0f32; gate.len()];
         let n = width(l1);
-        y.par_chunks_mut(n).zip(gate.par_chunks(n).zip(up.par_chunks(n))).for_each(|(y, (gate, up))| {
-            for ((y, &z), &u) in y.iter_mut().zip(gate).zip(up) {
-                *y = z * sigmoid(z) * u;
-            }
-        });
+        y.par_chunks_mut(n)
+            .zip(gate.par_chunks(n).zip(up.par_chunks(n)))
+            .for_each(|(y, (gate, up))| swiglu_row(y, gate, up));
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -332,13 +371,7 @@ impl CustomOp3 for SwiGluGrad {
             .par_chunks_mut(n)
             .zip(d_up.par_chunks_mut(n))
             .zip(gate.par_chunks(n).zip(up.par_chunks(n)).zip(g.par_chunks(n)))
-            .for_each(|((dg, du), ((gate, up), g))| {
-                for i in 0..gate.len() {
-                    let (z, s) = (gate[i], sigmoid(gate[i]));
-                    du[i] = g[i] * z * s;
-                    dg[i] = g[i] * up[i] * s * (1.0 + z * (1.0 - s));
-                }
-            });
+            .for_each(|((dg, du), ((gate, up), g))| swiglu_grad_row(dg, du, gate, up, g));
         Ok((CpuStorage::F32(out), Shape::from(2 * len)))
     }
 }

@@ -164,7 +164,7 @@ impl HeadLoss {
         }
         match groups[..] {
             [] => row.fill(0.0),
-            [(scale, _, coef)] => row.iter_mut().for_each(|z| *z = coef * rowwise::exp((*z - max) * scale)),
+            [(scale, _, coef)] => rowwise::scaled_exp_in_place(row, max, scale, coef),
             _ => row.iter_mut().for_each(|z| {
                 let x = *z;
                 *z = groups.iter().map(|&(scale, _, coef)| coef * rowwise::exp((x - max) * scale)).sum();

@@ -15,6 +15,7 @@ pub mod loss;
 pub mod ops;
 pub mod positions;
 mod rowwise;
+mod simd;
 pub mod weights;
 
 use std::path::Path;

@@ -3,7 +3,10 @@
 //! The losses take the log-sum-exp of every row of logits, 32k-50k wide for real
 //! vocabularies; with libm's scalar `exp` that was a fifth of a training step. Here `exp`
 //! is branch-free (a polynomial and an exponent shift, as Cephes' `expf`) and the
-//! reductions keep [`LANES`] independent accumulators, so each loop compiles to SIMD.
+//! reductions keep [`LANES`] independent accumulators, so each loop compiles to SIMD (of
+//! AVX2 where the CPU has it: [`simd_fn`]).
+
+use super::simd::simd_fn;
 
 /// Independent accumulators per reduction: enough for the widest SIMD registers.
 const LANES: usize = 16;
@@ -38,8 +41,63 @@ pub fn exp(x: f32) -> f32 {
     }
 }
 
-/// The largest element (NaN elements are skipped; an all-NaN or empty row gives -inf).
-pub fn max(row: &[f32]) -> f32 {
+simd_fn! {
+    /// The largest element (NaN elements are skipped; an all-NaN or empty row gives -inf).
+    pub fn max(row: &[f32]) -> f32 {
+        max_of(row)
+    }
+}
+
+simd_fn! {
+    /// `sum_j e^((row_j - shift) * scale)`, in f64.
+    pub fn exp_sum(row: &[f32], shift: f32, scale: f32) -> f64 {
+        row.chunks(BLOCK)
+            .map(|block| {
+                let mut lanes = [0f32; LANES];
+                let chunks = block.chunks_exact(LANES);
+                let tail: f32 = chunks.remainder().iter().map(|&x| exp((x - shift) * scale)).sum();
+                for chunk in chunks {
+                    for (s, &x) in lanes.iter_mut().zip(chunk) {
+                        *s += exp((x - shift) * scale);
+                    }
+                }
+                lanes.iter().sum::<f32>() as f64 + tail as f64
+            })
+            .sum()
+    }
+}
+
+simd_fn! {
+    /// `row_j = coef * e^((row_j - shift) * scale)`.
+    pub fn scaled_exp_in_place(row: &mut [f32], shift: f32, scale: f32, coef: f32) {
+        row.iter_mut().for_each(|x| *x = coef * exp((*x - shift) * scale));
+    }
+}
+
+simd_fn! {
+    /// Softmax of `row` in place.
+    pub fn softmax_in_place(row: &mut [f32]) {
+        let max = max_of(row);
+        let mut lanes = [0f32; LANES];
+        let mut chunks = row.chunks_exact_mut(LANES);
+        for chunk in &mut chunks {
+            for (s, x) in lanes.iter_mut().zip(chunk) {
+                *x = exp(*x - max);
+                *s += *x;
+            }
+        }
+        let mut sum: f32 = lanes.iter().sum();
+        for x in chunks.into_remainder() {
+            *x = exp(*x - max);
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|x| *x *= inv);
+    }
+}
+
+#[inline(always)]
+fn max_of(row: &[f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; LANES];
     let chunks = row.chunks_exact(LANES);
     let tail = chunks.remainder();
@@ -49,43 +107,6 @@ pub fn max(row: &[f32]) -> f32 {
         }
     }
     tail.iter().chain(&lanes).fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m })
-}
-
-/// `sum_j e^((row_j - shift) * scale)`, in f64.
-pub fn exp_sum(row: &[f32], shift: f32, scale: f32) -> f64 {
-    row.chunks(BLOCK)
-        .map(|block| {
-            let mut lanes = [0f32; LANES];
-            let chunks = block.chunks_exact(LANES);
-            let tail: f32 = chunks.remainder().iter().map(|&x| exp((x - shift) * scale)).sum();
-            for chunk in chunks {
-                for (s, &x) in lanes.iter_mut().zip(chunk) {
-                    *s += exp((x - shift) * scale);
-                }
-            }
-            lanes.iter().sum::<f32>() as f64 + tail as f64
-        })
-        .sum()
-}
-
-/// Softmax of `row` in place.
-pub fn softmax_in_place(row: &mut [f32]) {
-    let max = max(row);
-    let mut lanes = [0f32; LANES];
-    let mut chunks = row.chunks_exact_mut(LANES);
-    for chunk in &mut chunks {
-        for (s, x) in lanes.iter_mut().zip(chunk) {
-            *x = exp(*x - max);
-            *s += *x;
-        }
-    }
-    let mut sum: f32 = lanes.iter().sum();
-    for x in chunks.into_remainder() {
-        *x = exp(*x - max);
-        sum += *x;
-    }
-    let inv = 1.0 / sum;
-    row.iter_mut().for_each(|x| *x *= inv);
 }
 
 /// `log sum_j e^(row_j * scale)` (`scale > 0`).
