@@ -20,6 +20,25 @@ use fusellm_core::tokenizer::Tokenizer;
 use fusellm_sdk::{CheckpointFiles, PluginKind, SparseRowsBuf};
 use sha2::{Digest, Sha256};
 
+/// Where and what the training benchmark trains.
+#[derive(Args, Clone)]
+pub struct TrainSetup {
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Compute dtype: f32, or bf16/f16 with f32 master weights (as `[train] dtype`).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// A Hugging Face Llama config.json to train instead of the small Llama (its vocabulary
+    /// replaces --vocab).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The device's peak dense TFLOP/s in this dtype, for the model FLOP utilisation (989
+    /// for an H100 or H200 in bf16).
+    #[arg(long)]
+    peak_tflops: Option<f64>,
+}
+
 /// The batch of the model benchmarks.
 #[derive(Args, Clone, Copy)]
 pub struct BatchShape {
@@ -59,12 +78,15 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 5)]
         iters: usize,
     },
-    /// Training steps of a small Llama (forward, loss, backward, AdamW; f32, CPU): the CLM
-    /// step, or with `--fusion` the FuseLLM step (CLM + the sparse fusion loss on a top-10
-    /// target). Run one configuration per process: the peak RSS is the process's.
+    /// Training steps (forward, loss, backward, AdamW) of a small Llama, or of the Llama of
+    /// `--config`: the CLM step, or with `--fusion` the FuseLLM step (CLM + the sparse fusion
+    /// loss on a top-10 target). Run one configuration per process: the peak RSS is the
+    /// process's.
     Train {
         #[command(flatten)]
         shape: BatchShape,
+        #[command(flatten)]
+        setup: TrainSetup,
         #[arg(long, default_value_t = 10)]
         iters: usize,
         #[arg(long)]
@@ -96,8 +118,8 @@ pub fn run(cmd: BenchCommand) -> Result<(), String> {
         }
         BenchCommand::Align { fixtures } => align(&fixtures).map_err(|e| e.message),
         BenchCommand::Forward { shape, iters } => forward(shape, iters).map_err(|e| e.message),
-        BenchCommand::Train { shape, iters, fusion, only } => {
-            train(shape, iters, fusion, only.as_deref()).map_err(|e| e.message)
+        BenchCommand::Train { shape, setup, iters, fusion, only } => {
+            train(shape, &setup, iters, fusion, only.as_deref()).map_err(|e| e.message)
         }
         BenchCommand::Plugins { dylib, wasm, iters, positions } => plugins(&dylib, &wasm, iters, positions),
     }
@@ -110,15 +132,20 @@ fn small_llama(vocab: usize, intermediate: usize) -> fusellm_core::error::Result
         "model_type": "llama", "vocab_size": vocab, "hidden_size": 128, "intermediate_size": intermediate,
         "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5
     });
+    llama_spec(&config.to_string())
+}
+
+/// The block-library spec of a Llama config.json, by the built-in llama adapter.
+fn llama_spec(config_json: &str) -> fusellm_core::error::Result<fusellm_sdk::ModelSpec> {
     let registry = Registry::with_builtins()?;
     let adapter = registry.get(PluginKind::Adapter, "llama")?;
-    let files = CheckpointFiles { config_json: &config.to_string(), tokenizer_json: None };
+    let files = CheckpointFiles { config_json, tokenizer_json: None };
     Ok(adapter.adapt(&adapter.resolve_params(&Default::default()).expect("no parameters"), files)?)
 }
 
 fn forward(shape: BatchShape, iters: usize) -> fusellm_core::error::Result<()> {
     let BatchShape { vocab, batch, seq } = shape;
-    let model = Transformer::init(&small_llama(vocab, 344)?, 0, 0.02, &Device::Cpu)?;
+    let model = Transformer::init(&small_llama(vocab, 344)?, 0, 0.02, candle_core::DType::F32, &Device::Cpu)?;
     let ids: Vec<u32> = (0..batch * seq).map(|i| (i * 7919 % vocab) as u32).collect();
     let ids = Tensor::from_vec(ids, (batch, seq), &Device::Cpu)?;
     model.forward(&ids, None)?;
@@ -152,20 +179,44 @@ fn bench_batch(shape: BatchShape, fusion: bool) -> fusellm_core::error::Result<L
     b.with_target(target_ids, target_probs, k)
 }
 
+/// The benchmark's model: the small Llama of torch_step.py, or a config file's.
+fn bench_model(shape: BatchShape, setup: &TrainSetup) -> fusellm_core::error::Result<Transformer> {
+    use fusellm_core::train::Precision;
+    let spec = match &setup.config {
+        None => small_llama(shape.vocab, 512)?,
+        Some(path) => {
+            let text = std::fs::read_to_string(path).context(|| format!("reading {}", path.display()))?;
+            llama_spec(&text)?
+        }
+    };
+    let dtype = serde_json::from_value::<Precision>(serde_json::json!(setup.dtype))
+        .map_err(|_| Error::msg(format!("--dtype {}: expected f32, bf16 or f16", setup.dtype)))?
+        .dtype();
+    Transformer::init(&spec, 0, 0.02, dtype, &fusellm_core::device::parse(&setup.device)?)
+}
+
+/// Model FLOPs of one training step per token: `6 N` for the N weights every token goes
+/// through (the embedding lookup excluded) plus attention's `12 L d T` (PaLM's MFU).
+fn flops_per_token(model: &Transformer, seq: usize) -> f64 {
+    let spec = model.spec();
+    let weights: usize =
+        model.vars().iter().filter(|(name, _)| name != "embed.weight").map(|(_, v)| v.elem_count()).sum();
+    let head = if spec.tied_embeddings { spec.vocab_size * spec.hidden } else { 0 };
+    6.0 * (weights + head) as f64 + 12.0 * (spec.layers * spec.hidden * seq) as f64
+}
+
 /// The median milliseconds per training step (as torch_step.py reports) with the fused
 /// kernels on or off.
-fn step_ms(shape: BatchShape, iters: usize, fusion: bool, fused: bool) -> fusellm_core::error::Result<f64> {
+fn step_ms(model: &Transformer, data: &LossBatch, iters: usize, fusion: bool) -> fusellm_core::error::Result<f64> {
     use fusellm_core::model::loss::Objective;
     use fusellm_core::train::optim::{AdamW, AdamWConfig};
-    fusellm_core::model::ops::use_fused_kernels(fused);
-    let model = Transformer::init(&small_llama(shape.vocab, 512)?, 0, 0.02, &Device::Cpu)?;
-    let data = bench_batch(shape, fusion)?;
     let objective = Objective { lambda: if fusion { 0.9 } else { 1.0 }, ..Default::default() };
     let mut optimizer = AdamW::new(model.vars(), AdamWConfig::default())?;
     let mut step = || -> fusellm_core::error::Result<()> {
-        let losses = model.losses(&data, &objective)?;
+        let losses = model.losses(data, &objective)?;
         let grads = losses.total.backward()?;
-        optimizer.step(model.vars(), &grads, 1.0, 1e-4)
+        optimizer.step(model.vars(), &grads, 1.0, 1e-4)?;
+        Ok(model.device().synchronize()?)
     };
     step()?;
     let mut times: Vec<f64> = (0..iters.max(1))
@@ -179,8 +230,14 @@ fn step_ms(shape: BatchShape, iters: usize, fusion: bool, fused: bool) -> fusell
     Ok(times[times.len() / 2])
 }
 
-fn train(shape: BatchShape, iters: usize, fusion: bool, only: Option<&str>) -> fusellm_core::error::Result<()> {
-    let BatchShape { vocab, batch, seq } = shape;
+fn train(
+    shape: BatchShape,
+    setup: &TrainSetup,
+    iters: usize,
+    fusion: bool,
+    only: Option<&str>,
+) -> fusellm_core::error::Result<()> {
+    let BatchShape { batch, seq, .. } = shape;
     let what = if fusion { "CLM + sparse fusion, top-10" } else { "CLM" };
     let paths: Vec<(&str, bool)> = match only {
         Some("fused") => vec![("fused", true)],
@@ -192,10 +249,18 @@ fn train(shape: BatchShape, iters: usize, fusion: bool, only: Option<&str>) -> f
     };
     let mut times = Vec::new();
     for (name, fused) in &paths {
-        let ms = step_ms(shape, iters, fusion, *fused)?;
+        fusellm_core::model::ops::use_fused_kernels(*fused);
+        let model = bench_model(shape, setup)?;
+        let spec = model.spec();
+        let data = bench_batch(BatchShape { vocab: spec.vocab_size, ..shape }, fusion)?;
+        let ms = step_ms(&model, &data, iters, fusion)?;
+        let tokens_per_s = (batch * seq) as f64 / ms * 1e3;
+        let tflops = flops_per_token(&model, seq) * tokens_per_s / 1e12;
+        let mfu = setup.peak_tflops.map(|peak| format!(", MFU {:.1}%", 100.0 * tflops / peak)).unwrap_or_default();
         println!(
-            "train step ({what}), small Llama (2 layers, d_model 128, 4 heads, SwiGLU 512, vocab {vocab}), batch {batch} x {seq}, f32 CPU, {name} kernels: median {ms:.1} ms per step, {:.0} tokens/s",
-            (batch * seq) as f64 / ms * 1e3
+            "train step ({what}), Llama ({} layers, d_model {}, {} heads, SwiGLU {}, vocab {}), batch {batch} x {seq}, \
+             {} {}, {name} kernels: median {ms:.1} ms per step, {tokens_per_s:.0} tokens/s, {tflops:.2} model TFLOP/s{mfu}",
+            spec.layers, spec.hidden, spec.attention.heads, spec.mlp.hidden, spec.vocab_size, setup.dtype, setup.device
         );
         times.push(ms);
     }

@@ -68,7 +68,10 @@ fn neox_checkpoint(registry: &Registry, name: &str) -> PathBuf {
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
     std::fs::copy(fixtures::root().join("tokenizers/gpt-neox-20b/tokenizer.json"), dir.join("tokenizer.json")).unwrap();
     let spec = adapt(registry, "gpt_neox", &dir);
-    Transformer::init(&spec, 3, 0.2, &Device::Cpu).unwrap().save_weights(&dir.join("model.safetensors")).unwrap();
+    Transformer::init(&spec, 3, 0.2, candle_core::DType::F32, &Device::Cpu)
+        .unwrap()
+        .save_weights(&dir.join("model.safetensors"))
+        .unwrap();
     dir
 }
 
@@ -113,7 +116,7 @@ fn per_head_and_chunked_qkv_layouts_agree_once_the_rows_are_permuted() {
     let (h, d) = (per_head.spec.attention.heads, per_head.spec.attention.head_dim);
     let mut chunked_spec = per_head.spec.clone();
     chunked_spec.attention.qkv = QkvLayout::Chunked;
-    let chunked = Transformer::init(&chunked_spec, 3, 0.2, &Device::Cpu).unwrap();
+    let chunked = Transformer::init(&chunked_spec, 3, 0.2, candle_core::DType::F32, &Device::Cpu).unwrap();
     for ((name, theirs), (_, ours)) in model.vars().iter().zip(chunked.vars()) {
         let value = if name.contains("query_key_value") {
             // Row (head, part, i) of the per-head layout is row (part, head, i) chunked.

@@ -23,7 +23,7 @@ fn fixture_config(model: &str) -> serde_json::Value {
 
 /// Trains nothing: one CLM loss on a fresh model, and the gradient of every parameter.
 fn assert_every_parameter_learns(label: &str, spec: &ModelSpec) {
-    let model = Transformer::init(spec, 7, 0.2, &Device::Cpu).unwrap();
+    let model = Transformer::init(spec, 7, 0.2, candle_core::DType::F32, &Device::Cpu).unwrap();
     let ids: Vec<u32> = (0..24u32).map(|i| (i * 7919) % spec.vocab_size as u32).collect();
     let ids = Tensor::from_vec(ids, (2, 12), &Device::Cpu).unwrap();
     let loss = clm_loss(&model.forward(&ids, None).unwrap(), &ids).unwrap();

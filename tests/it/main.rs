@@ -15,6 +15,7 @@ mod cli_plugins;
 mod common;
 mod config_plugins;
 mod demo;
+mod device;
 mod evaluation;
 mod examples;
 mod fused_ops;

@@ -60,11 +60,12 @@ impl Transformer {
         Self::build(Weights::open(dir, spec, mode, dtype, device)?)
     }
 
-    /// A freshly initialised, trainable model: matrices N(0, std^2) from `seed`, unit norm
-    /// weights, zero biases.
-    pub fn init(spec: &ModelSpec, seed: u64, std: f64, device: &Device) -> Result<Self> {
+    /// A freshly initialised, trainable model in `dtype`: matrices N(0, std^2) from `seed`,
+    /// unit norm weights, zero biases.
+    pub fn init(spec: &ModelSpec, seed: u64, std: f64, dtype: DType, device: &Device) -> Result<Self> {
+        check_dtype(dtype, device)?;
         spec.check().map_err(Error::msg)?;
-        Self::build(Weights::random(spec, seed, std, DType::F32, device))
+        Self::build(Weights::random(spec, seed, std, dtype, device))
     }
 
     /// Writes the trainable weights as safetensors under their checkpoint names.

@@ -1,0 +1,124 @@
+//! The block library's ops and a bf16 training step on a GPU, against the CPU kernels.
+//! They need a CUDA build and a GPU, so they are ignored by default; scripts/gpu-check.sh
+//! runs them on a GPU machine (`it --ignored device::`). `FUSELLM_TEST_DEVICE` picks the
+//! device (default `cuda`).
+
+use candle_core::{DType, Device, Tensor, Var};
+use fusellm_core::model::entry_nll::entry_nll;
+use fusellm_core::model::loss::{LossBatch, Objective};
+use fusellm_core::model::ops;
+use fusellm_core::model::positions::{attention_mask, rope_tables};
+use fusellm_core::model::Transformer;
+use fusellm_core::rng::Rng;
+use fusellm_core::train::optim::{AdamW, AdamWConfig};
+
+fn device() -> Device {
+    let name = std::env::var("FUSELLM_TEST_DEVICE").unwrap_or_else(|_| "cuda".into());
+    fusellm_core::device::parse(&name).unwrap()
+}
+
+fn random(rng: &mut Rng, shape: &[usize], scale: f64) -> Tensor {
+    let n = shape.iter().product();
+    Tensor::from_vec((0..n).map(|_| (rng.normal() * scale) as f32).collect(), shape, &Device::Cpu).unwrap()
+}
+
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+}
+
+/// `op` on the CPU (fused kernels) and on the device (its own path) from the same inputs:
+/// outputs within `tol` relative, and the inputs' gradients under one random upstream
+/// gradient within `10 * tol`.
+fn same_on_device(name: &str, inputs: &[Tensor], tol: f32, op: impl Fn(&[Tensor]) -> Tensor) {
+    let dev = device();
+    let run = |device: &Device| {
+        let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(&t.to_device(device).unwrap()).unwrap()).collect();
+        let out = op(&vars.iter().map(|v| v.as_tensor().clone()).collect::<Vec<_>>());
+        let upstream = random(&mut Rng::new(3), out.dims(), 1.0).to_device(device).unwrap();
+        let grads = (out.to_dtype(DType::F32).unwrap() * upstream).unwrap().sum_all().unwrap().backward().unwrap();
+        let grads: Vec<Tensor> = vars.iter().map(|v| grads.get(v).unwrap().to_device(&Device::Cpu).unwrap()).collect();
+        (out.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap(), grads)
+    };
+    let ((cpu, cpu_grads), (gpu, gpu_grads)) = (run(&Device::Cpu), run(&dev));
+    let scale = max_abs(&cpu).max(1e-6);
+    let diff = max_abs(&(&gpu - &cpu).unwrap());
+    assert!(diff <= tol * scale, "{name}: values differ by {diff} (scale {scale})");
+    for (i, (a, b)) in gpu_grads.iter().zip(&cpu_grads).enumerate() {
+        let (a, b) = (a.to_dtype(DType::F32).unwrap(), b.to_dtype(DType::F32).unwrap());
+        let scale = max_abs(&b).max(1e-3);
+        let diff = max_abs(&(&a - &b).unwrap());
+        assert!(diff <= 10.0 * tol * scale, "{name}: gradient of input {i} differs by {diff} (scale {scale})");
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA build and a GPU: scripts/gpu-check.sh"]
+fn ops_on_the_device_match_the_cpu_kernels() {
+    let mut rng = Rng::new(1);
+    let (b, t, h, kv, d, v) = (2, 33, 4, 2, 16, 3000);
+    let x = random(&mut rng, &[b, t, h * d], 1.0);
+    let w = random(&mut rng, &[h * d], 1.0);
+    same_on_device("softmax", &[random(&mut rng, &[b, h, t, t], 3.0)], 1e-5, |x| ops::softmax(&x[0]).unwrap());
+    same_on_device("rms_norm", &[x.clone(), w.clone()], 1e-5, |x| ops::rms_norm(&x[0], &x[1], 1e-5).unwrap());
+    same_on_device("layer_norm", &[x.clone(), w.clone(), w.clone()], 1e-5, |x| {
+        ops::layer_norm(&x[0], &x[1], Some(&x[2]), 1e-5).unwrap()
+    });
+    same_on_device("swiglu", &[x.clone(), x.sqr().unwrap()], 1e-5, |x| ops::swiglu(&x[0], &x[1]).unwrap());
+    same_on_device("linear", &[x.clone(), random(&mut rng, &[96, h * d], 0.2)], 1e-4, |x| {
+        ops::linear(&x[0], &x[1], None).unwrap()
+    });
+    let (cos, sin) = rope_tables(10000.0, d, t, &Device::Cpu).unwrap();
+    let mask = attention_mask(t, None, &Device::Cpu).unwrap();
+    let qkv = [x.clone(), random(&mut rng, &[b, t, kv * d], 1.0), random(&mut rng, &[b, t, kv * d], 1.0)];
+    same_on_device("attention", &qkv, 1e-4, |x| {
+        let on = |t: &Tensor| t.to_device(x[0].device()).unwrap();
+        ops::attention(&x[0], &x[1], &x[2], h, 0.25, &on(&mask), Some((&on(&cos), &on(&sin), d))).unwrap()
+    });
+    let ids =
+        Tensor::from_vec((0..b * t * 3).map(|i| (i * 7919 % v) as u32).collect(), (b, t, 3), &Device::Cpu).unwrap();
+    same_on_device("entry_nll", &[random(&mut rng, &[b, t, v], 2.0)], 1e-5, |x| {
+        entry_nll(&x[0], &ids.to_device(x[0].device()).unwrap()).unwrap()
+    });
+}
+
+/// A few bf16 steps of a small Llama on the device on one batch: the loss falls, and every
+/// parameter's gradient is finite and not all zero.
+#[test]
+#[ignore = "needs a CUDA build and a GPU: scripts/gpu-check.sh"]
+fn a_bf16_training_step_on_the_device_learns() {
+    use fusellm_core::plugins::Registry;
+    use fusellm_sdk::{CheckpointFiles, PluginKind};
+    let config = serde_json::json!({
+        "model_type": "llama", "vocab_size": 500, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64
+    })
+    .to_string();
+    let registry = Registry::with_builtins().unwrap();
+    let adapter = registry.get(PluginKind::Adapter, "llama").unwrap();
+    let files = CheckpointFiles { config_json: &config, tokenizer_json: None };
+    let spec = adapter.adapt(&adapter.resolve_params(&Default::default()).unwrap(), files).unwrap();
+    let model = Transformer::init(&spec, 1, 0.02, DType::BF16, &device()).unwrap();
+    let mut rng = Rng::new(2);
+    let ids: Vec<u32> = (0..4 * 48).map(|_| rng.below(500)).collect();
+    let k = 4;
+    let (target_ids, target_probs) = ((0..4 * 48 * k).map(|i| (i % 500) as u32).collect(), vec![0.25; 4 * 48 * k]);
+    let batch = LossBatch::sequences(ids, 4).unwrap().with_target(target_ids, target_probs, k).unwrap();
+    let objective = Objective::default();
+    let mut optimizer = AdamW::new(model.vars(), AdamWConfig::default()).unwrap();
+    let mut losses = Vec::new();
+    for step in 0..8 {
+        let loss = model.losses(&batch, &objective).unwrap().total;
+        losses.push(loss.to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap());
+        let grads = loss.backward().unwrap();
+        if step == 0 {
+            for (name, var) in model.vars() {
+                let g =
+                    grads.get(var).unwrap_or_else(|| panic!("{name} has no gradient")).to_dtype(DType::F32).unwrap();
+                let (sum, max) = (g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), max_abs(&g));
+                assert!(sum.is_finite() && max > 0.0, "{name}: gradient norm^2 {sum}, max {max}");
+            }
+        }
+        optimizer.step(model.vars(), &grads, 1.0, 3e-3).unwrap();
+    }
+    assert!(losses.iter().all(|l| l.is_finite()) && losses[7] < losses[0] - 0.05, "losses {losses:?}");
+}
