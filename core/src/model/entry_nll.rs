@@ -5,7 +5,8 @@
 //! fused target's ids; both together are one call. On the CPU this is a custom op whose
 //! forward keeps O(n * K) and whose backward writes the single `[n, V]` gradient buffer
 //! directly (`softmax * sum_k g_k - scatter(g)`), where the composed `log_softmax + gather`
-//! holds several `[n, V]` intermediates. Elsewhere the composition is used.
+//! holds several `[n, V]` intermediates. On CUDA the same two kernels run on the GPU
+//! (`cuda.rs`); elsewhere the composition is used.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -13,11 +14,15 @@ use rayon::prelude::*;
 use super::cpu::{contiguous, f32s};
 use super::ops::log_softmax;
 use super::rowwise;
+#[cfg(feature = "cuda")]
+use super::{cuda, cuda::gpu};
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
 
 /// `-log softmax(logits)[ids]` per kept entry. `logits` `[.., V]` f32, `ids` `[.., K]` u32
 /// with the same leading dimensions; the result has the shape of `ids`.
 pub fn entry_nll(logits: &Tensor, ids: &Tensor) -> candle_core::Result<Tensor> {
-    if logits.device().is_cpu() && logits.dtype() == DType::F32 {
+    if (logits.device().is_cpu() || logits.device().is_cuda()) && logits.dtype() == DType::F32 {
         let v = logits.dim(D::Minus1)?;
         let k = ids.dim(D::Minus1)?;
         let rows = logits.elem_count() / v;
@@ -80,6 +85,31 @@ impl CustomOp2 for EntryNll {
         Ok((CpuStorage::F32(out), l2.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        use candle_core::cuda_backend::WrapErr;
+        let ((rows, v), (_, k)) = (l1.shape().dims2()?, l2.shape().dims2()?);
+        let (logits, ids) = (gpu::rows::<f32>(s1, l1)?, gpu::rows::<u32>(s2, l2)?);
+        let dev = &s1.device;
+        // SAFETY: the kernel writes every element.
+        let out = unsafe { dev.alloc::<f32>(rows * k)? };
+        let func = dev.get_or_load_custom_func("entry_nll_fwd", cuda::MODULE, cuda::ptx()?)?;
+        let mut b = func.builder();
+        b.arg(&logits);
+        b.arg(&ids);
+        b.arg(&out);
+        candle_core::builder_arg!(b, v as i32, k as i32);
+        // SAFETY: the arguments match the kernel's signature and sizes.
+        unsafe { b.launch(cuda::rows_config(rows)) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), l2.shape().clone()))
+    }
+
     fn bwd(
         &self,
         logits: &Tensor,
@@ -128,5 +158,33 @@ impl CustomOp3 for EntryNllGrad {
                 }
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        use candle_core::cuda_backend::WrapErr;
+        let ((rows, v), (_, k)) = (l1.shape().dims2()?, l2.shape().dims2()?);
+        let (logits, ids, grad) = (gpu::rows::<f32>(s1, l1)?, gpu::rows::<u32>(s2, l2)?, gpu::rows::<f32>(s3, l3)?);
+        let dev = &s1.device;
+        // SAFETY: the kernel writes every element.
+        let out = unsafe { dev.alloc::<f32>(rows * v)? };
+        let func = dev.get_or_load_custom_func("entry_nll_bwd", cuda::MODULE, cuda::ptx()?)?;
+        let mut b = func.builder();
+        b.arg(&logits);
+        b.arg(&ids);
+        b.arg(&grad);
+        b.arg(&out);
+        candle_core::builder_arg!(b, v as i32, k as i32);
+        // SAFETY: the arguments match the kernel's signature and sizes.
+        unsafe { b.launch(cuda::rows_config(rows)) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), l1.shape().clone()))
     }
 }

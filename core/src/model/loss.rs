@@ -155,7 +155,7 @@ impl Objective {
                 batch.len
             )));
         }
-        let terms = self.terms(batch);
+        let terms = self.terms(batch, logits.dim(D::Minus1)?)?;
         let values = term_values(logits, &terms.terms)?;
         self.combine(&values, &terms)
     }
@@ -178,12 +178,27 @@ impl Objective {
                 batch.len
             )));
         }
-        let terms = self.terms(batch);
+        let terms = self.terms(batch, head.dim(0)?)?;
         let values = head_loss(&hidden.reshape((b * t, d))?, head, terms.terms.clone())?;
         self.combine(&values, &terms)
     }
 
-    fn terms(&self, batch: &LossBatch) -> Terms {
+    /// The terms of `batch` for a vocabulary of `vocab`; every id is checked against it here,
+    /// on the host, so that no kernel reads outside a row of logits.
+    fn terms(&self, batch: &LossBatch, vocab: usize) -> Result<Terms> {
+        let outside = |ids: &[u32]| ids.iter().copied().find(|&i| i as usize >= vocab);
+        if let Some(id) = outside(&batch.ids) {
+            return Err(Error::msg(format!("token id {id} is outside the model's vocabulary of {vocab}")));
+        }
+        if let Some(id) = outside(&batch.target_ids) {
+            return Err(Error::msg(format!(
+                "fused target id {id} is outside the model's vocabulary of {vocab}; was the store made for another target tokenizer?"
+            )));
+        }
+        Ok(self.sparse_terms(batch))
+    }
+
+    fn sparse_terms(&self, batch: &LossBatch) -> Terms {
         let clm_positions: f32 = batch.clm_weight.iter().sum();
         let clm = Term {
             scale: 1.0,

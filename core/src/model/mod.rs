@@ -4,6 +4,8 @@
 
 mod attention;
 pub(crate) mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
 pub mod entry_nll;
 mod fused;
 mod fused_attention;
