@@ -93,7 +93,7 @@ impl CustomOp2 for EntryNll {
         s2: &CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        use candle_core::cuda_backend::WrapErr;
+        use candle_core::cuda_backend::{cudarc::driver::PushKernelArg, WrapErr};
         let ((rows, v), (_, k)) = (l1.shape().dims2()?, l2.shape().dims2()?);
         let (logits, ids) = (gpu::rows::<f32>(s1, l1)?, gpu::rows::<u32>(s2, l2)?);
         let dev = &s1.device;
@@ -170,7 +170,7 @@ impl CustomOp3 for EntryNllGrad {
         s3: &CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        use candle_core::cuda_backend::WrapErr;
+        use candle_core::cuda_backend::{cudarc::driver::PushKernelArg, WrapErr};
         let ((rows, v), (_, k)) = (l1.shape().dims2()?, l2.shape().dims2()?);
         let (logits, ids, grad) = (gpu::rows::<f32>(s1, l1)?, gpu::rows::<u32>(s2, l2)?, gpu::rows::<f32>(s3, l3)?);
         let dev = &s1.device;
