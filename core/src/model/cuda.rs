@@ -85,6 +85,24 @@ pub(crate) fn ptx() -> Result<&'static str> {
     }
 }
 
+/// Launches kernel `$name` of the module with one block per row over `$rows` rows, with
+/// the given arguments (device views and scalars, in the kernel's order).
+macro_rules! launch_rows {
+    ($dev:expr, $name:literal, $rows:expr, $($arg:expr),+ $(,)?) => {{
+        use candle_core::cuda_backend::{cudarc::driver::PushKernelArg, WrapErr};
+        let func = $dev.get_or_load_custom_func($name, $crate::model::cuda::MODULE, $crate::model::cuda::ptx()?)?;
+        let mut builder = func.builder();
+        $(
+            let arg = $arg;
+            builder.arg(arg);
+        )+
+        // SAFETY: the callers pass the kernel's arguments, sized for `$rows` rows.
+        unsafe { builder.launch($crate::model::cuda::rows_config($rows)) }.w()
+    }};
+}
+
+pub(crate) use launch_rows;
+
 /// One block of [`ROW_THREADS`] per row.
 pub(crate) fn rows_config(rows: usize) -> cudarc::driver::LaunchConfig {
     cudarc::driver::LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (ROW_THREADS, 1, 1), shared_mem_bytes: 0 }

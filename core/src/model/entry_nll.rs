@@ -15,7 +15,7 @@ use super::cpu::{contiguous, f32s};
 use super::ops::log_softmax;
 use super::rowwise;
 #[cfg(feature = "cuda")]
-use super::{cuda, cuda::gpu};
+use super::cuda::{gpu, launch_rows};
 #[cfg(feature = "cuda")]
 use candle_core::CudaStorage;
 
@@ -93,20 +93,12 @@ impl CustomOp2 for EntryNll {
         s2: &CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        use candle_core::cuda_backend::{cudarc::driver::PushKernelArg, WrapErr};
         let ((rows, v), (_, k)) = (l1.shape().dims2()?, l2.shape().dims2()?);
         let (logits, ids) = (gpu::rows::<f32>(s1, l1)?, gpu::rows::<u32>(s2, l2)?);
         let dev = &s1.device;
         // SAFETY: the kernel writes every element.
         let out = unsafe { dev.alloc::<f32>(rows * k)? };
-        let func = dev.get_or_load_custom_func("entry_nll_fwd", cuda::MODULE, cuda::ptx()?)?;
-        let mut b = func.builder();
-        b.arg(&logits);
-        b.arg(&ids);
-        b.arg(&out);
-        candle_core::builder_arg!(b, v as i32, k as i32);
-        // SAFETY: the arguments match the kernel's signature and sizes.
-        unsafe { b.launch(cuda::rows_config(rows)) }.w()?;
+        launch_rows!(dev, "entry_nll_fwd", rows, &logits, &ids, &out, &(v as i32), &(k as i32))?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), l2.shape().clone()))
     }
 
@@ -170,21 +162,12 @@ impl CustomOp3 for EntryNllGrad {
         s3: &CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        use candle_core::cuda_backend::{cudarc::driver::PushKernelArg, WrapErr};
         let ((rows, v), (_, k)) = (l1.shape().dims2()?, l2.shape().dims2()?);
         let (logits, ids, grad) = (gpu::rows::<f32>(s1, l1)?, gpu::rows::<u32>(s2, l2)?, gpu::rows::<f32>(s3, l3)?);
         let dev = &s1.device;
         // SAFETY: the kernel writes every element.
         let out = unsafe { dev.alloc::<f32>(rows * v)? };
-        let func = dev.get_or_load_custom_func("entry_nll_bwd", cuda::MODULE, cuda::ptx()?)?;
-        let mut b = func.builder();
-        b.arg(&logits);
-        b.arg(&ids);
-        b.arg(&grad);
-        b.arg(&out);
-        candle_core::builder_arg!(b, v as i32, k as i32);
-        // SAFETY: the arguments match the kernel's signature and sizes.
-        unsafe { b.launch(cuda::rows_config(rows)) }.w()?;
+        launch_rows!(dev, "entry_nll_bwd", rows, &logits, &ids, &grad, &out, &(v as i32), &(k as i32))?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), l1.shape().clone()))
     }
 }
