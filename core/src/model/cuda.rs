@@ -71,6 +71,118 @@ extern "C" __global__ void entry_nll_bwd(const float* logits, const unsigned int
         for (int i = 0; i < k; i++) y[row_ids[i]] -= row_g[i];
     }
 }
+// ---- softmax over rows of n: y = softmax(x); dx = y * (g - sum(g * y))
+extern "C" __global__ void softmax_fwd(const float* x, float* y, int n) {
+    const float* xr = x + (size_t)blockIdx.x * n;
+    float* yr = y + (size_t)blockIdx.x * n;
+    float m = NEG_INF;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) m = fmaxf(m, xr[j]);
+    m = block_reduce(m, true);
+    float s = 0.0f;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) s += expf(xr[j] - m);
+    s = block_reduce(s, false);
+    for (int j = threadIdx.x; j < n; j += blockDim.x) yr[j] = expf(xr[j] - m) / s;
+}
+
+extern "C" __global__ void softmax_bwd(const float* y, const float* g, float* dx, int n) {
+    size_t at = (size_t)blockIdx.x * n;
+    float dot = 0.0f;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) dot += y[at + j] * g[at + j];
+    dot = block_reduce(dot, false);
+    for (int j = threadIdx.x; j < n; j += blockDim.x) dx[at + j] = y[at + j] * (g[at + j] - dot);
+}
+
+// ---- RMSNorm (centre = 0) and LayerNorm (centre = 1) over rows of n
+// Row statistics: the mean (0 for RMSNorm) and r = 1 / sqrt(var + eps).
+__device__ void norm_stats(const float* x, int n, float eps, int centre, float* mean, float* r) {
+    float s = 0.0f;
+    if (centre) {
+        for (int j = threadIdx.x; j < n; j += blockDim.x) s += x[j];
+        s = block_reduce(s, false) / n;
+    }
+    float v = 0.0f;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) v += (x[j] - s) * (x[j] - s);
+    v = block_reduce(v, false) / n;
+    *mean = s;
+    *r = rsqrtf(v + eps);
+}
+
+extern "C" __global__ void norm_fwd(const float* x, const float* w, const float* b, float* y, int n, float eps, int centre) {
+    const float* xr = x + (size_t)blockIdx.x * n;
+    float* yr = y + (size_t)blockIdx.x * n;
+    float mean, r;
+    norm_stats(xr, n, eps, centre, &mean, &r);
+    for (int j = threadIdx.x; j < n; j += blockDim.x) yr[j] = (xr[j] - mean) * r * w[j] + (centre ? b[j] : 0.0f);
+}
+
+// dx per row (and the row's statistics for norm_bwd_params):
+// dx = r * (d - mean(d) - x_hat * mean(d * x_hat)), d = g * w (no mean(d) for RMSNorm)
+extern "C" __global__ void norm_bwd_dx(const float* x, const float* w, const float* g, float* dx, float* stats, int n, float eps, int centre) {
+    size_t at = (size_t)blockIdx.x * n;
+    float mean, r;
+    norm_stats(x + at, n, eps, centre, &mean, &r);
+    float md = 0.0f, mdx = 0.0f;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        float d = g[at + j] * w[j];
+        md += d;
+        mdx += d * (x[at + j] - mean) * r;
+    }
+    md = block_reduce(md, false) / n;
+    mdx = block_reduce(mdx, false) / n;
+    float shift = centre ? md : 0.0f;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        float xh = (x[at + j] - mean) * r;
+        dx[at + j] = r * (g[at + j] * w[j] - shift - xh * mdx);
+    }
+    if (threadIdx.x == 0) {
+        stats[2 * blockIdx.x] = mean;
+        stats[2 * blockIdx.x + 1] = r;
+    }
+}
+
+// dw[j] = sum over rows of g * x_hat, db[j] = dw[n + j] = sum over rows of g: one thread
+// per column, rows in order, so the sums do not depend on scheduling.
+extern "C" __global__ void norm_bwd_params(const float* x, const float* g, const float* stats, float* dw, int rows, int n) {
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= n) return;
+    float sw = 0.0f, sb = 0.0f;
+    for (int i = 0; i < rows; i++) {
+        size_t at = (size_t)i * n + j;
+        sw += g[at] * (x[at] - stats[2 * i]) * stats[2 * i + 1];
+        sb += g[at];
+    }
+    dw[j] = sw;
+    dw[n + j] = sb;
+}
+
+// ---- rotate-half RoPE of rows of d (positions cycle with period t); sign -1 inverts it
+extern "C" __global__ void rope(const float* x, const float* cos, const float* sin, float* y, int rows, int t, int d, float sign) {
+    int half = d / 2;
+    size_t k = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (k >= (size_t)rows * half) return;
+    size_t row = k / half;
+    int i = k % half, p = row % t;
+    float c = cos[p * half + i], s = sign * sin[p * half + i];
+    const float* xr = x + row * d;
+    y[row * d + i] = xr[i] * c - xr[i + half] * s;
+    y[row * d + i + half] = xr[i + half] * c + xr[i] * s;
+}
+
+// ---- SwiGLU: y = silu(gate) * up; grads packed [d_gate; d_up]
+extern "C" __global__ void swiglu_fwd(const float* gate, const float* up, float* y, int len) {
+    int k = blockIdx.x * blockDim.x + threadIdx.x;
+    if (k >= len) return;
+    float z = gate[k], s = 1.0f / (1.0f + expf(-z));
+    y[k] = z * s * up[k];
+}
+
+extern "C" __global__ void swiglu_bwd(const float* gate, const float* up, const float* g, float* out, int len) {
+    int k = blockIdx.x * blockDim.x + threadIdx.x;
+    if (k >= len) return;
+    float z = gate[k], s = 1.0f / (1.0f + expf(-z));
+    out[k] = g[k] * up[k] * s * (1.0f + z * (1.0f - s));
+    out[len + k] = g[k] * z * s;
+}
 "#;
 
 static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
@@ -85,10 +197,10 @@ pub(crate) fn ptx() -> Result<&'static str> {
     }
 }
 
-/// Launches kernel `$name` of the module with one block per row over `$rows` rows, with
-/// the given arguments (device views and scalars, in the kernel's order).
-macro_rules! launch_rows {
-    ($dev:expr, $name:literal, $rows:expr, $($arg:expr),+ $(,)?) => {{
+/// Launches kernel `$name` of the module with launch configuration `$config` ([`rows`] or
+/// [`elements`]) and the given arguments (device views and scalars, in the kernel's order).
+macro_rules! launch {
+    ($dev:expr, $name:literal, $config:expr, $($arg:expr),+ $(,)?) => {{
         use candle_core::cuda_backend::{cudarc::driver::PushKernelArg, WrapErr};
         let func = $dev.get_or_load_custom_func($name, $crate::model::cuda::MODULE, $crate::model::cuda::ptx()?)?;
         let mut builder = func.builder();
@@ -96,16 +208,21 @@ macro_rules! launch_rows {
             let arg = $arg;
             builder.arg(arg);
         )+
-        // SAFETY: the callers pass the kernel's arguments, sized for `$rows` rows.
-        unsafe { builder.launch($crate::model::cuda::rows_config($rows)) }.w()
+        // SAFETY: the callers pass the kernel's arguments, sized for `$config`.
+        unsafe { builder.launch($config) }.w()
     }};
 }
 
-pub(crate) use launch_rows;
+pub(crate) use launch;
 
 /// One block of [`ROW_THREADS`] per row.
-pub(crate) fn rows_config(rows: usize) -> cudarc::driver::LaunchConfig {
+pub(crate) fn rows(rows: usize) -> cudarc::driver::LaunchConfig {
     cudarc::driver::LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (ROW_THREADS, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// One thread per element (or per column) of `n`.
+pub(crate) fn elements(n: usize) -> cudarc::driver::LaunchConfig {
+    cudarc::driver::LaunchConfig::for_num_elems(n as u32)
 }
 
 /// Device memory of the custom ops' inputs.

@@ -8,21 +8,21 @@
 //! holds several `[n, V]` intermediates. On CUDA the same two kernels run on the GPU
 //! (`cuda.rs`); elsewhere the composition is used.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
 use super::cpu::{contiguous, f32s};
+#[cfg(feature = "cuda")]
+use super::cuda::{self, gpu, launch};
 use super::ops::log_softmax;
 use super::rowwise;
-#[cfg(feature = "cuda")]
-use super::cuda::{gpu, launch_rows};
 #[cfg(feature = "cuda")]
 use candle_core::CudaStorage;
 
 /// `-log softmax(logits)[ids]` per kept entry. `logits` `[.., V]` f32, `ids` `[.., K]` u32
 /// with the same leading dimensions; the result has the shape of `ids`.
 pub fn entry_nll(logits: &Tensor, ids: &Tensor) -> candle_core::Result<Tensor> {
-    if (logits.device().is_cpu() || logits.device().is_cuda()) && logits.dtype() == DType::F32 {
+    if super::ops::fusable(&[logits], true) {
         let v = logits.dim(D::Minus1)?;
         let k = ids.dim(D::Minus1)?;
         let rows = logits.elem_count() / v;
@@ -98,7 +98,7 @@ impl CustomOp2 for EntryNll {
         let dev = &s1.device;
         // SAFETY: the kernel writes every element.
         let out = unsafe { dev.alloc::<f32>(rows * k)? };
-        launch_rows!(dev, "entry_nll_fwd", rows, &logits, &ids, &out, &(v as i32), &(k as i32))?;
+        launch!(dev, "entry_nll_fwd", cuda::rows(rows), &logits, &ids, &out, &(v as i32), &(k as i32))?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), l2.shape().clone()))
     }
 
@@ -167,7 +167,7 @@ impl CustomOp3 for EntryNllGrad {
         let dev = &s1.device;
         // SAFETY: the kernel writes every element.
         let out = unsafe { dev.alloc::<f32>(rows * v)? };
-        launch_rows!(dev, "entry_nll_bwd", rows, &logits, &ids, &grad, &out, &(v as i32), &(k as i32))?;
+        launch!(dev, "entry_nll_bwd", cuda::rows(rows), &logits, &ids, &grad, &out, &(v as i32), &(k as i32))?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), l1.shape().clone()))
     }
 }

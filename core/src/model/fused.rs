@@ -1,18 +1,22 @@
 //! Fused CPU kernels of the block library's hot paths, each with its backward: linear
 //! projections, softmax over the last dimension, RMSNorm, LayerNorm, rotary embedding and
-//! SwiGLU. candle's own fused
-//! ops record no backward; the compositions in `ops` do, but allocate a tensor per step of
-//! the formula (and again in backward). These run row by row over contiguous f32 data on
-//! all cores. `ops` uses them on the CPU in f32 and the compositions elsewhere; tests check
-//! both against each other.
+//! SwiGLU. candle's own fused ops record no backward; the compositions in `ops` do, but
+//! allocate a tensor per step of the formula (and again in backward). These run row by row
+//! over contiguous f32 data on all cores; softmax, the norms, RoPE and SwiGLU also on CUDA
+//! (`cuda.rs`). `ops` uses them in f32 where they exist and the compositions elsewhere;
+//! tests check both against each other.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::cpu::f32s;
+#[cfg(feature = "cuda")]
+use super::cuda::{self, gpu, launch};
 use super::gemm::{assume_init, gemm_uninit, uninit, Threads};
 use super::rowwise;
 use super::simd::simd_fn;
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
 
 /// Rows of the last dimension.
 fn width(l: &Layout) -> usize {
@@ -33,6 +37,16 @@ impl CustomOp1 for Softmax {
         let mut y = x.to_vec();
         y.par_chunks_mut(n).for_each(rowwise::softmax_in_place);
         Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        let (n, x) = (width(l), gpu::rows::<f32>(s, l)?);
+        let rows = l.shape().elem_count() / n;
+        // SAFETY: the kernel writes every element.
+        let y = unsafe { s.device.alloc::<f32>(rows * n)? };
+        launch!(s.device, "softmax_fwd", cuda::rows(rows), &x, &y, &(n as i32))?;
+        Ok((CudaStorage::wrap_cuda_slice(y, s.device.clone()), l.shape().clone()))
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
@@ -58,6 +72,16 @@ impl CustomOp2 for SoftmaxGrad {
             }
         });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
+        let (n, y, g) = (width(l1), gpu::rows::<f32>(s1, l1)?, gpu::rows::<f32>(s2, l2)?);
+        let rows = l1.shape().elem_count() / n;
+        // SAFETY: the kernel writes every element.
+        let dx = unsafe { s1.device.alloc::<f32>(rows * n)? };
+        launch!(s1.device, "softmax_bwd", cuda::rows(rows), &y, &g, &dx, &(n as i32))?;
+        Ok((CudaStorage::wrap_cuda_slice(dx, s1.device.clone()), l1.shape().clone()))
     }
 }
 
@@ -151,6 +175,26 @@ impl CustomOp3 for Norm {
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (x, w, b) = (gpu::rows::<f32>(s1, l1)?, gpu::rows::<f32>(s2, l2)?, gpu::rows::<f32>(s3, l3)?);
+        let n = width(l1);
+        let rows = l1.shape().elem_count() / n;
+        // SAFETY: the kernel writes every element.
+        let y = unsafe { s1.device.alloc::<f32>(rows * n)? };
+        let (eps, centre) = (self.eps, i32::from(self.centre));
+        launch!(s1.device, "norm_fwd", cuda::rows(rows), &x, &w, &b, &y, &(n as i32), &eps, &centre)?;
+        Ok((CudaStorage::wrap_cuda_slice(y, s1.device.clone()), l1.shape().clone()))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -214,6 +258,30 @@ impl CustomOp3 for NormGrad {
         let len = out.len();
         Ok((CpuStorage::F32(out), Shape::from(len)))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (x, w, g) = (gpu::rows::<f32>(s1, l1)?, gpu::rows::<f32>(s2, l2)?, gpu::rows::<f32>(s3, l3)?);
+        let n = width(l1);
+        let rows = l1.shape().elem_count() / n;
+        let dev = &s1.device;
+        // SAFETY: the two kernels write every element of both.
+        let (mut packed, stats) = unsafe { (dev.alloc::<f32>(rows * n + 2 * n)?, dev.alloc::<f32>(2 * rows)?) };
+        let (eps, centre) = (self.0.eps, i32::from(self.0.centre));
+        let dx = &mut packed.slice_mut(..rows * n);
+        launch!(dev, "norm_bwd_dx", cuda::rows(rows), &x, &w, &g, dx, &stats, &(n as i32), &eps, &centre)?;
+        let params = &mut packed.slice_mut(rows * n..);
+        launch!(dev, "norm_bwd_params", cuda::elements(n), &x, &g, &stats, params, &(rows as i32), &(n as i32))?;
+        Ok((CudaStorage::wrap_cuda_slice(packed, dev.clone()), Shape::from(rows * n + 2 * n)))
+    }
 }
 
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
@@ -263,6 +331,28 @@ impl CustomOp3 for Rope {
             }
         });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (x, cos, sin) = (gpu::rows::<f32>(s1, l1)?, gpu::rows::<f32>(s2, l2)?, gpu::rows::<f32>(s3, l3)?);
+        let dims = l1.dims();
+        let (t, d) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+        let rows = l1.shape().elem_count() / d;
+        let sign: f32 = if self.inverse { -1.0 } else { 1.0 };
+        // SAFETY: the kernel writes every element.
+        let y = unsafe { s1.device.alloc::<f32>(rows * d)? };
+        let config = cuda::elements(rows * (d / 2));
+        launch!(s1.device, "rope", config, &x, &cos, &sin, &y, &(rows as i32), &(t as i32), &(d as i32), &sign)?;
+        Ok((CudaStorage::wrap_cuda_slice(y, s1.device.clone()), l1.shape().clone()))
     }
 
     fn bwd(
@@ -336,6 +426,16 @@ impl CustomOp2 for SwiGlu {
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
+        let (gate, up) = (gpu::rows::<f32>(s1, l1)?, gpu::rows::<f32>(s2, l2)?);
+        let len = l1.shape().elem_count();
+        // SAFETY: the kernel writes every element.
+        let y = unsafe { s1.device.alloc::<f32>(len)? };
+        launch!(s1.device, "swiglu_fwd", cuda::elements(len), &gate, &up, &y, &(len as i32))?;
+        Ok((CudaStorage::wrap_cuda_slice(y, s1.device.clone()), l1.shape().clone()))
+    }
+
     fn bwd(&self, gate: &Tensor, up: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         // One buffer: d_gate then d_up.
         let packed = gate.apply_op3_no_bwd(up, &g.contiguous()?, &SwiGluGrad)?;
@@ -373,6 +473,24 @@ impl CustomOp3 for SwiGluGrad {
             .zip(gate.par_chunks(n).zip(up.par_chunks(n)).zip(g.par_chunks(n)))
             .for_each(|((dg, du), ((gate, up), g))| swiglu_grad_row(dg, du, gate, up, g));
         Ok((CpuStorage::F32(out), Shape::from(2 * len)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (gate, up, g) = (gpu::rows::<f32>(s1, l1)?, gpu::rows::<f32>(s2, l2)?, gpu::rows::<f32>(s3, l3)?);
+        let len = l1.shape().elem_count();
+        // SAFETY: the kernel writes every element.
+        let out = unsafe { s1.device.alloc::<f32>(2 * len)? };
+        launch!(s1.device, "swiglu_bwd", cuda::elements(len), &gate, &up, &g, &out, &(len as i32))?;
+        Ok((CudaStorage::wrap_cuda_slice(out, s1.device.clone()), Shape::from(2 * len)))
     }
 }
 

@@ -165,7 +165,7 @@ impl Objective {
     /// kernel that never holds the `[batch * len, V]` logits ([`head_loss`]); elsewhere the
     /// logits are computed and [`Objective::losses`] applies.
     pub fn losses_at_head(&self, hidden: &Tensor, head: &Tensor, batch: &LossBatch) -> Result<Losses> {
-        if !ops::fusable(&[hidden, head]) {
+        if !ops::fusable(&[hidden, head], false) {
             let logits = ops::linear(hidden, head, None)?.to_dtype(DType::F32)?;
             return self.losses(&logits, batch);
         }

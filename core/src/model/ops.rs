@@ -1,8 +1,9 @@
 //! Differentiable building blocks. candle's fused kernels (softmax_last_dim, rms_norm, the
 //! LayerNorm fast path, rope) record no backward op, so training through them would stop
-//! gradients silently. On the CPU in f32 these use our own fused kernels, which have a
-//! backward (`fused`); elsewhere, compositions of ops that all have one (`composed`, also
-//! the reference the fused kernels are tested against).
+//! gradients silently. In f32 these use our own fused kernels, which have a backward
+//! (`fused`, `fused_attention`, with CUDA versions of softmax, the norms, RoPE and SwiGLU);
+//! elsewhere, compositions of ops that all have one (`composed`, also the reference the
+//! fused kernels are tested against).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -18,14 +19,16 @@ pub fn use_fused_kernels(on: bool) {
     FUSED.store(on, Ordering::Relaxed);
 }
 
-/// Whether the fused CPU kernels apply to these tensors.
-pub(crate) fn fusable(tensors: &[&Tensor]) -> bool {
-    FUSED.load(Ordering::Relaxed) && tensors.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+/// Whether the fused kernels apply to these tensors: f32 on the CPU, or on CUDA where the
+/// kernel has a CUDA version too (`cuda`) and this is a CUDA build.
+pub(crate) fn fusable(tensors: &[&Tensor], cuda: bool) -> bool {
+    let here = |t: &Tensor| t.device().is_cpu() || (cuda && cfg!(feature = "cuda") && t.device().is_cuda());
+    FUSED.load(Ordering::Relaxed) && tensors.iter().all(|t| here(t) && t.dtype() == DType::F32)
 }
 
 /// Softmax over the last dimension.
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
-    match fusable(&[x]) {
+    match fusable(&[x], true) {
         true => fused::softmax(x),
         false => composed::softmax(x),
     }
@@ -41,7 +44,7 @@ pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
 /// RMSNorm as transformers computes it: in f32, x / sqrt(mean(x^2) + eps), then the
 /// weight in the input's dtype.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    match fusable(&[x, weight]) {
+    match fusable(&[x, weight], true) {
         true => fused::rms_norm(x, weight, eps),
         false => composed::rms_norm(x, weight, eps),
     }
@@ -50,7 +53,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 /// LayerNorm with biased variance, computed in f32 with the weight and bias applied before
 /// the cast back, as torch does; `bias` is optional.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
-    match fusable(&[x, weight]) && bias.is_none_or(|b| fusable(&[b])) {
+    match fusable(&[x, weight], true) && bias.is_none_or(|b| fusable(&[b], true)) {
         true => fused::layer_norm(x, weight, bias, eps),
         false => composed::layer_norm(x, weight, bias, eps),
     }
@@ -62,7 +65,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) 
 /// the broadcast weight would make autograd build the weight's gradient per batch entry
 /// and then sum it.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let y = match fusable(&[x, weight]) {
+    let y = match fusable(&[x, weight], false) {
         true => fused::linear(x, weight)?,
         false => {
             let (inp, mut dims) = (x.dim(D::Minus1)?, x.dims().to_vec());
@@ -81,7 +84,7 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, rot: usize) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
     let part = x.narrow(D::Minus1, 0, rot)?;
-    let rotated = match fusable(&[x, cos, sin]) {
+    let rotated = match fusable(&[x, cos, sin], true) {
         true => fused::rope(&part, cos, sin)?,
         false => composed::rope(&part, cos, sin)?,
     };
@@ -105,7 +108,7 @@ pub fn attention(
     bias: &Tensor,
     rope: Option<(&Tensor, &Tensor, usize)>,
 ) -> Result<Tensor> {
-    match fusable(&[q, k, v]) {
+    match fusable(&[q, k, v], false) {
         true => fused_attention::attention(q, k, v, heads, scale, bias, rope),
         false => composed::attention(q, k, v, heads, scale, bias, rope),
     }
@@ -113,7 +116,7 @@ pub fn attention(
 
 /// `silu(gate) * up`, the SwiGLU activation.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    match fusable(&[gate, up]) {
+    match fusable(&[gate, up], true) {
         true => fused::swiglu(gate, up),
         false => composed::swiglu(gate, up),
     }
