@@ -102,6 +102,16 @@ fn fused_kernels_match_the_compositions() {
             );
         }
     }
+    for (shape, out) in [(vec![5, 12], 7), (vec![2, 9, 32], 48)] {
+        let x = random(&mut rng, &shape, 1.0);
+        let w = random(&mut rng, &[out, shape[shape.len() - 1]], 0.5);
+        check(
+            "linear",
+            &[x, w],
+            |t| ops::linear(&t[0], &t[1], None).unwrap(),
+            |t| t[0].broadcast_matmul(&t[1].t().unwrap()).unwrap(),
+        );
+    }
     for shape in [vec![4, 10], vec![2, 8, 172]] {
         let (gate, up) = (random(&mut rng, &shape, 3.0), random(&mut rng, &shape, 1.0));
         check(
@@ -138,7 +148,7 @@ fn head_loss_kernel_matches_the_logits_path() {
         let batch = LossBatch::sequences(ids, b).unwrap().with_target(target_ids, target_probs, k).unwrap();
         for objective in &objectives {
             let fused = objective.losses_at_head(hidden.as_tensor(), head.as_tensor(), &batch).unwrap();
-            let logits = ops::linear(hidden.as_tensor(), head.as_tensor(), None).unwrap();
+            let logits = hidden.as_tensor().broadcast_matmul(&head.as_tensor().t().unwrap()).unwrap();
             let reference = objective.losses(&logits, &batch).unwrap();
             for (name, x, y) in [
                 ("total", &fused.total, &reference.total),
