@@ -162,7 +162,7 @@ impl<'a> From<&AbiFusionInput<'a>> for FusionInput<'a> {
                 is_target: c.is_target,
             })
             .collect();
-        Self { gold: i.gold.as_slice(), text_bytes: i.text_bytes as u32, candidates }
+        Self { gold: i.gold.as_slice(), text_bytes: i.text_bytes, candidates }
     }
 }
 

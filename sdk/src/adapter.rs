@@ -130,7 +130,7 @@ impl ModelSpec {
         if [self.vocab_size, self.hidden, self.layers, a.heads, a.kv_heads, a.head_dim, self.mlp.hidden].contains(&0) {
             return fail("sizes must be positive".into());
         }
-        if a.heads % a.kv_heads != 0 {
+        if !a.heads.is_multiple_of(a.kv_heads) {
             return fail(format!("{} attention heads are not a multiple of {} key/value heads", a.heads, a.kv_heads));
         }
         if a.qkv != QkvLayout::Split && a.kv_heads != a.heads {
@@ -138,7 +138,7 @@ impl ModelSpec {
         }
         if let Positions::Rope { fraction, .. } = self.positions {
             let rot = self.rotary_dim();
-            if !(fraction > 0.0 && fraction <= 1.0) || rot == 0 || rot % 2 != 0 {
+            if !(fraction > 0.0 && fraction <= 1.0) || rot == 0 || !rot.is_multiple_of(2) {
                 return fail(format!(
                     "rotary fraction {fraction} of head_dim {} gives a width of {rot}; it must be even and positive",
                     a.head_dim

@@ -1,7 +1,7 @@
 //! `fusellm align` as a stage: two stores over one split corpus in, an aligned store with a
 //! row and a CE per target position out, and a report that adds up.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::common::fixtures;
 use fusellm_core::align::stage::align_stores;
@@ -20,7 +20,7 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 /// A store of `model` over `corpus` (JSONL of pieces).
-fn store(registry: &Registry, model: &str, corpus: &PathBuf, texts: &[String]) -> PathBuf {
+fn store(registry: &Registry, model: &str, corpus: &Path, texts: &[String]) -> PathBuf {
     let dir = fixtures::model_dir(model);
     let checkpoint = Checkpoint::open(&dir, registry, None).unwrap();
     let transformer =

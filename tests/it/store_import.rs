@@ -57,7 +57,7 @@ fn a_store_written_in_python_reads_as_fusellm_writes_it() {
     assert_eq!(theirs.topk_logprobs, ours.topk_logprobs, "the same f16 values");
     assert_eq!((&theirs.ce_missing_at, &theirs.ce_missing), (&ours.ce_missing_at, &ours.ce_missing));
     assert!(theirs.mean_ce.iter().zip(&ours.mean_ce).all(|(a, b)| (a - b).abs() < 1e-5));
-    for d in 0..2 {
-        assert_eq!(theirs.ce(d, &docs[d], 10).unwrap(), ours.ce(d, &docs[d], 10).unwrap());
+    for (d, doc) in docs.iter().enumerate().take(2) {
+        assert_eq!(theirs.ce(d, doc, 10).unwrap(), ours.ce(d, doc, 10).unwrap());
     }
 }

@@ -36,7 +36,7 @@ impl LossBatch {
     /// `batch` sequences of equal length laid end to end in `ids`, every token real, with
     /// CLM targets only.
     pub fn sequences(ids: Vec<u32>, batch: usize) -> Result<Self> {
-        let len = if batch == 0 { 0 } else { ids.len() / batch };
+        let len = ids.len().checked_div(batch).unwrap_or(0);
         if len < 2 || len * batch != ids.len() {
             return Err(Error::msg(format!(
                 "{} ids do not form {batch} sequences of at least 2 tokens; a sequence of one token has no next token to predict",
