@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds fusellm with candle's CUDA kernels for H100/H200 (sm_90a) on a machine without a GPU.
-#   scripts/cuda-build.sh check    type-check the `cuda` feature (needs only nvcc)
+#   scripts/cuda-build.sh check    type-check the `cuda` feature, and compile fusellm's own
+#                                  CUDA kernels with NVRTC (a unit test that needs no GPU)
 #   scripts/cuda-build.sh build    release build of the fusellm binary
 #   scripts/cuda-build.sh tests    release build of the integration tests (prints the binary)
 # The CUDA 13.0 toolkit comes from NVIDIA's PyPI wheels (../shared/cuda/setup-cuda13.sh) into
@@ -33,11 +34,15 @@ link_libcuda() {
     cp -P "$deb"/x/usr/lib/x86_64-linux-gnu/nvidia/current/libcuda.so* "$dir/"
     rm -rf "$deb"
   fi
-  export LIBRARY_PATH="$dir:${LIBRARY_PATH:-}"
+  export LIBRARY_PATH="$dir:${LIBRARY_PATH:-}" LD_LIBRARY_PATH="$dir:${LD_LIBRARY_PATH:-}"
 }
 
 case "$mode" in
-  check) cargo check --release --features cuda ;;
+  check)
+    cargo check --release --features cuda
+    link_libcuda
+    cargo test --release --features cuda -p fusellm-core --lib model::cuda
+    ;;
   build) link_libcuda; cargo build --release --features cuda ;;
   tests)
     link_libcuda

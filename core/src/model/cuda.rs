@@ -71,6 +71,7 @@ extern "C" __global__ void entry_nll_bwd(const float* logits, const unsigned int
         for (int i = 0; i < k; i++) y[row_ids[i]] -= row_g[i];
     }
 }
+
 // ---- softmax over rows of n: y = softmax(x); dx = y * (g - sum(g * y))
 extern "C" __global__ void softmax_fwd(const float* x, float* y, int n) {
     const float* xr = x + (size_t)blockIdx.x * n;
@@ -156,13 +157,13 @@ extern "C" __global__ void norm_bwd_params(const float* x, const float* g, const
 }
 
 // ---- rotate-half RoPE of rows of d (positions cycle with period t); sign -1 inverts it
-extern "C" __global__ void rope(const float* x, const float* cos, const float* sin, float* y, int rows, int t, int d, float sign) {
+extern "C" __global__ void rope(const float* x, const float* cos_t, const float* sin_t, float* y, int rows, int t, int d, float sign) {
     int half = d / 2;
     size_t k = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (k >= (size_t)rows * half) return;
     size_t row = k / half;
     int i = k % half, p = row % t;
-    float c = cos[p * half + i], s = sign * sin[p * half + i];
+    float c = cos_t[p * half + i], s = sign * sin_t[p * half + i];
     const float* xr = x + row * d;
     y[row * d + i] = xr[i] * c - xr[i + half] * s;
     y[row * d + i + half] = xr[i + half] * c + xr[i] * s;
@@ -236,6 +237,18 @@ pub(crate) mod gpu {
         match l.contiguous_offsets() {
             Some((start, end)) => Ok(s.as_cuda_slice::<T>()?.slice(start..end)),
             None => candle_core::bail!("a fusellm CUDA kernel got a non-contiguous input"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// NVRTC needs no GPU: a CUDA build can check here that the kernels compile.
+    #[test]
+    fn the_kernels_compile_with_nvrtc() {
+        let ptx = super::ptx().unwrap();
+        for kernel in ["entry_nll_fwd", "entry_nll_bwd", "softmax_fwd", "norm_bwd_params", "rope", "swiglu_bwd"] {
+            assert!(ptx.contains(&format!(".entry {kernel}(")), "{kernel} missing from the PTX");
         }
     }
 }
