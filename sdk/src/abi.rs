@@ -162,7 +162,10 @@ impl<'a> From<&AbiFusionInput<'a>> for FusionInput<'a> {
                 is_target: c.is_target,
             })
             .collect();
-        Self { gold: i.gold.as_slice(), text_bytes: i.text_bytes, candidates }
+        // The cast is a no-op except under `simulate-layout-drift`, whose `text_bytes` is a u64.
+        #[allow(clippy::unnecessary_cast)]
+        let text_bytes = i.text_bytes as u32;
+        Self { gold: i.gold.as_slice(), text_bytes, candidates }
     }
 }
 

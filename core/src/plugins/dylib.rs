@@ -122,7 +122,9 @@ impl FusionFn for DylibPlugin {
         let candidates: Vec<AbiCandidate<'_>> = input.candidates.iter().map(AbiCandidate::from).collect();
         let abi_input = AbiFusionInput {
             gold: input.gold.into(),
-            text_bytes: input.text_bytes,
+            // A no-op conversion except under the SDK's `simulate-layout-drift` (u64).
+            #[allow(clippy::useless_conversion)]
+            text_bytes: input.text_bytes.into(),
             candidates: RSlice::from_slice(&candidates),
         };
         match (self.module.fuse())(self.info.name.as_str().into(), params.as_str().into(), &abi_input) {
