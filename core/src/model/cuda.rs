@@ -76,13 +76,8 @@ extern "C" __global__ void entry_nll_bwd(const float* logits, const unsigned int
 extern "C" __global__ void softmax_fwd(const float* x, float* y, int n) {
     const float* xr = x + (size_t)blockIdx.x * n;
     float* yr = y + (size_t)blockIdx.x * n;
-    float m = NEG_INF;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) m = fmaxf(m, xr[j]);
-    m = block_reduce(m, true);
-    float s = 0.0f;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) s += expf(xr[j] - m);
-    s = block_reduce(s, false);
-    for (int j = threadIdx.x; j < n; j += blockDim.x) yr[j] = expf(xr[j] - m) / s;
+    float lse = row_lse(xr, n);
+    for (int j = threadIdx.x; j < n; j += blockDim.x) yr[j] = expf(xr[j] - lse);
 }
 
 extern "C" __global__ void softmax_bwd(const float* y, const float* g, float* dx, int n) {

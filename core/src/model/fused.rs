@@ -23,6 +23,21 @@ fn width(l: &Layout) -> usize {
     l.dims().last().copied().unwrap_or(1).max(1)
 }
 
+/// The gradients a backward kernel wrote one after another into its single output buffer,
+/// cut apart and given their shapes.
+fn unpack<const N: usize>(packed: &Tensor, shapes: [&Shape; N]) -> Result<[Tensor; N]> {
+    let mut start = 0;
+    let parts = shapes
+        .iter()
+        .map(|shape| {
+            let part = packed.narrow(0, start, shape.elem_count())?.reshape(*shape);
+            start += shape.elem_count();
+            part
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(parts.try_into().expect("one part per shape"))
+}
+
 // ---------------------------------------------------------------- softmax
 
 struct Softmax;
@@ -203,14 +218,10 @@ impl CustomOp3 for Norm {
         _y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let n = x.dim(candle_core::D::Minus1)?;
-        let rows = x.elem_count() / n;
-        // One buffer: dx (rows x n), then dw (n), then db (n).
+        // One buffer: dx, then dw, then db.
         let packed = x.apply_op3_no_bwd(w, &g.contiguous()?, &NormGrad(*self))?;
-        let dx = packed.narrow(0, 0, rows * n)?.reshape(x.shape())?;
-        let dw = packed.narrow(0, rows * n, n)?;
-        let db = self.centre.then(|| packed.narrow(0, rows * n + n, n)).transpose()?;
-        Ok((Some(dx), Some(dw), db))
+        let [dx, dw, db] = unpack(&packed, [x.shape(), w.shape(), w.shape()])?;
+        Ok((Some(dx), Some(dw), self.centre.then_some(db)))
     }
 }
 
@@ -439,9 +450,7 @@ impl CustomOp2 for SwiGlu {
     fn bwd(&self, gate: &Tensor, up: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         // One buffer: d_gate then d_up.
         let packed = gate.apply_op3_no_bwd(up, &g.contiguous()?, &SwiGluGrad)?;
-        let n = gate.elem_count();
-        let d_gate = packed.narrow(0, 0, n)?.reshape(gate.shape())?;
-        let d_up = packed.narrow(0, n, n)?.reshape(gate.shape())?;
+        let [d_gate, d_up] = unpack(&packed, [gate.shape(), up.shape()])?;
         Ok((Some(d_gate), Some(d_up)))
     }
 }
@@ -527,9 +536,7 @@ impl CustomOp2 for Linear {
     fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         // One buffer: dx then dw.
         let packed = x.apply_op3_no_bwd(w, &g.contiguous()?, &LinearGrad)?;
-        let (nx, nw) = (x.elem_count(), w.elem_count());
-        let dx = packed.narrow(0, 0, nx)?.reshape(x.shape())?;
-        let dw = packed.narrow(0, nx, nw)?.reshape(w.shape())?;
+        let [dx, dw] = unpack(&packed, [x.shape(), w.shape()])?;
         Ok((Some(dx), Some(dw)))
     }
 }

@@ -83,6 +83,20 @@ impl LossBatch {
         self.target_probs.iter().filter(|&&p| p > 0.0).map(|&p| p as f64 * (p as f64).ln()).sum()
     }
 
+    /// Refuses a `[batch, len, ..]` tensor of other leading dimensions than the batch's.
+    fn check_rows(&self, what: &str, t: &Tensor) -> Result<()> {
+        let (b, len, _) = t.dims3()?;
+        if b != self.batch || len != self.len {
+            return Err(Error::msg(format!(
+                "{what} {:?} do not match a batch of {} x {}",
+                t.dims(),
+                self.batch,
+                self.len
+            )));
+        }
+        Ok(())
+    }
+
     pub fn tokens(&self) -> usize {
         self.keep.iter().filter(|&&k| k == 1).count()
     }
@@ -136,28 +150,12 @@ pub struct Losses {
     pub fusion: Tensor,
 }
 
-/// The objective as terms over the logits ([`Term`]): CLM, and fusion when the batch has
-/// a target, plus the constant that turns the fusion CE into a KL.
-struct Terms {
-    terms: Vec<Term>,
-    kl_constant: f64,
-}
-
 impl Objective {
     /// The losses for `logits` `[batch, len, V]` of `batch`.
     pub fn losses(&self, logits: &Tensor, batch: &LossBatch) -> Result<Losses> {
-        let (b, t, _) = logits.dims3()?;
-        if b != batch.batch || t != batch.len {
-            return Err(Error::msg(format!(
-                "logits {:?} do not match a batch of {} x {}",
-                logits.dims(),
-                batch.batch,
-                batch.len
-            )));
-        }
-        let terms = self.terms(batch, logits.dim(D::Minus1)?)?;
-        let values = term_values(logits, &terms.terms)?;
-        self.combine(&values, &terms)
+        batch.check_rows("logits", logits)?;
+        let (terms, kl_constant) = self.terms(batch, logits.dim(D::Minus1)?)?;
+        self.combine(&term_values(logits, &terms)?, kl_constant)
     }
 
     /// The losses for the final hidden states `[batch, len, d]` under the head `[V, d]`
@@ -169,23 +167,16 @@ impl Objective {
             let logits = ops::linear(hidden, head, None)?.to_dtype(DType::F32)?;
             return self.losses(&logits, batch);
         }
-        let (b, t, d) = hidden.dims3()?;
-        if b != batch.batch || t != batch.len {
-            return Err(Error::msg(format!(
-                "hidden states {:?} do not match a batch of {} x {}",
-                hidden.dims(),
-                batch.batch,
-                batch.len
-            )));
-        }
-        let terms = self.terms(batch, head.dim(0)?)?;
-        let values = head_loss(&hidden.reshape((b * t, d))?, head, terms.terms.clone())?;
-        self.combine(&values, &terms)
+        batch.check_rows("hidden states", hidden)?;
+        let (terms, kl_constant) = self.terms(batch, head.dim(0)?)?;
+        let rows = hidden.flatten_to(1)?;
+        self.combine(&head_loss(&rows, head, terms)?, kl_constant)
     }
 
-    /// The terms of `batch` for a vocabulary of `vocab`; every id is checked against it here,
-    /// on the host, so that no kernel reads outside a row of logits.
-    fn terms(&self, batch: &LossBatch, vocab: usize) -> Result<Terms> {
+    /// The objective as terms over the logits ([`Term`]): CLM, and fusion when the batch has
+    /// a target; with the constant that turns the fusion CE into a KL. Every id is checked
+    /// against `vocab` here, on the host, so that no kernel reads outside a row of logits.
+    fn terms(&self, batch: &LossBatch, vocab: usize) -> Result<(Vec<Term>, f64)> {
         let outside = |ids: &[u32]| ids.iter().copied().find(|&i| i as usize >= vocab);
         if let Some(id) = outside(&batch.ids) {
             return Err(Error::msg(format!("token id {id} is outside the model's vocabulary of {vocab}")));
@@ -198,7 +189,7 @@ impl Objective {
         Ok(self.sparse_terms(batch))
     }
 
-    fn sparse_terms(&self, batch: &LossBatch) -> Terms {
+    fn sparse_terms(&self, batch: &LossBatch) -> (Vec<Term>, f64) {
         let clm_positions: f32 = batch.clm_weight.iter().sum();
         let clm = Term {
             scale: 1.0,
@@ -209,7 +200,7 @@ impl Objective {
         };
         let fused_positions = batch.target_positions();
         if batch.k == 0 || fused_positions == 0 {
-            return Terms { terms: vec![clm], kl_constant: 0.0 };
+            return (vec![clm], 0.0);
         }
         let t2 = self.temperature * self.temperature;
         let per_position = (t2 / fused_positions as f64) as f32;
@@ -224,16 +215,16 @@ impl Objective {
             Divergence::Ce => 0.0,
             Divergence::Kl => batch.target_neg_entropy() * t2 / fused_positions as f64,
         };
-        Terms { terms: vec![clm, fusion], kl_constant }
+        (vec![clm, fusion], kl_constant)
     }
 
     /// The losses from the terms' values `[terms]`: the total is `sum_t mix_t * value_t`,
     /// the one combination [`head_loss`] can differentiate.
-    fn combine(&self, values: &Tensor, terms: &Terms) -> Result<Losses> {
+    fn combine(&self, values: &Tensor, kl_constant: f64) -> Result<Losses> {
         let clm = values.get(0)?;
-        let fusion = match terms.terms.len() {
+        let fusion = match values.dim(0)? {
             1 => Tensor::zeros((), DType::F32, values.device())?,
-            _ => (values.get(1)? + terms.kl_constant)?,
+            _ => (values.get(1)? + kl_constant)?,
         };
         let total = ((&clm * self.lambda)? + (&fusion * (1.0 - self.lambda))?)?;
         Ok(Losses { total, clm, fusion })
