@@ -51,6 +51,12 @@ fn same_on_device(name: &str, inputs: &[Tensor], tol: f32, op: impl Fn(&[Tensor]
     }
 }
 
+/// The inputs in bf16 when they are on a CUDA device (the bf16 kernels), unchanged on the
+/// CPU (the f32 reference).
+fn bf16_on_device(inputs: &[Tensor]) -> Vec<Tensor> {
+    inputs.iter().map(|t| if t.device().is_cuda() { t.to_dtype(DType::BF16).unwrap() } else { t.clone() }).collect()
+}
+
 #[test]
 #[ignore = "needs a CUDA build and a GPU: scripts/gpu-check.sh"]
 fn ops_on_the_device_match_the_cpu_kernels() {
@@ -78,6 +84,37 @@ fn ops_on_the_device_match_the_cpu_kernels() {
         Tensor::from_vec((0..b * t * 3).map(|i| (i * 7919 % v) as u32).collect(), (b, t, 3), &Device::Cpu).unwrap();
     same_on_device("entry_nll", &[random(&mut rng, &[b, t, v], 2.0)], 1e-5, |x| {
         entry_nll(&x[0], &ids.to_device(x[0].device()).unwrap()).unwrap()
+    });
+    // The head and the FuseLLM loss: the CPU kernel against the chunked cuBLAS pass.
+    let ids: Vec<u32> = (0..b * t).map(|i| (i * 31 % v) as u32).collect();
+    let (target_ids, target_probs) = ids.iter().flat_map(|&i| [(i, 0.7), ((i + 1) % v as u32, 0.3)]).unzip();
+    let batch = LossBatch::sequences(ids, b).unwrap().with_target(target_ids, target_probs, 2).unwrap();
+    let hidden_head = [x.clone(), random(&mut rng, &[v, h * d], 0.2)];
+    same_on_device("head loss", &hidden_head, 1e-4, |x| {
+        Objective::default().losses_at_head(&x[0], &x[1], &batch).unwrap().total
+    });
+    // bf16 on the device against f32 on the CPU.
+    same_on_device("rms_norm bf16", &[x.clone(), w.clone()], 1e-2, |x| {
+        let x = bf16_on_device(x);
+        ops::rms_norm(&x[0], &x[1], 1e-5).unwrap()
+    });
+    same_on_device("layer_norm bf16", &[x.clone(), w.clone(), w.clone()], 1e-2, |x| {
+        let x = bf16_on_device(x);
+        ops::layer_norm(&x[0], &x[1], Some(&x[2]), 1e-5).unwrap()
+    });
+    same_on_device("swiglu bf16", &[x.clone(), x.sqr().unwrap()], 1e-2, |x| {
+        let x = bf16_on_device(x);
+        ops::swiglu(&x[0], &x[1]).unwrap()
+    });
+    let heads = x.reshape((b, t, h, d)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+    same_on_device("rope bf16", &[heads], 1e-2, |x| {
+        let on = |t: &Tensor| t.to_device(x[0].device()).unwrap();
+        let x = bf16_on_device(&[x[0].clone(), on(&cos), on(&sin)]);
+        ops::rope(&x[0], &x[1], &x[2], d).unwrap()
+    });
+    same_on_device("head loss bf16", &hidden_head, 1e-2, |x| {
+        let x = bf16_on_device(x);
+        Objective::default().losses_at_head(&x[0], &x[1], &batch).unwrap().total
     });
 }
 

@@ -88,97 +88,130 @@ extern "C" __global__ void softmax_bwd(const float* y, const float* g, float* dx
     for (int j = threadIdx.x; j < n; j += blockDim.x) dx[at + j] = y[at + j] * (g[at + j] - dot);
 }
 
+// ---- Element types. bf16 travels as its bits, so that NVRTC needs no headers: loads widen
+// to f32, stores round to nearest even. The layers' kernels below are templates over the
+// element type; EACH_TYPE instantiates a kernel as <name>_f32 and <name>_bf16.
+typedef unsigned short bf16;
+__device__ __forceinline__ float load(const float* p, size_t i) { return p[i]; }
+__device__ __forceinline__ float load(const bf16* p, size_t i) { return __uint_as_float((unsigned int)p[i] << 16); }
+__device__ __forceinline__ void store(float* p, size_t i, float v) { p[i] = v; }
+__device__ __forceinline__ void store(bf16* p, size_t i, float v) {
+    unsigned int u = __float_as_uint(v);
+    p[i] = (u & 0x7fffffff) > 0x7f800000 ? (bf16)0x7fc0 : (bf16)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+#define EACH_TYPE(KERNEL) KERNEL(float, f32) KERNEL(bf16, bf16)
+
 // ---- RMSNorm (centre = 0) and LayerNorm (centre = 1) over rows of n
 // Row statistics: the mean (0 for RMSNorm) and r = 1 / sqrt(var + eps).
-__device__ void norm_stats(const float* x, int n, float eps, int centre, float* mean, float* r) {
+template <typename T>
+__device__ void norm_stats(const T* x, int n, float eps, int centre, float* mean, float* r) {
     float s = 0.0f;
     if (centre) {
-        for (int j = threadIdx.x; j < n; j += blockDim.x) s += x[j];
+        for (int j = threadIdx.x; j < n; j += blockDim.x) s += load(x, j);
         s = block_reduce(s, false) / n;
     }
     float v = 0.0f;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) v += (x[j] - s) * (x[j] - s);
+    for (int j = threadIdx.x; j < n; j += blockDim.x) v += (load(x, j) - s) * (load(x, j) - s);
     v = block_reduce(v, false) / n;
     *mean = s;
     *r = rsqrtf(v + eps);
 }
 
-extern "C" __global__ void norm_fwd(const float* x, const float* w, const float* b, float* y, int n, float eps, int centre) {
-    const float* xr = x + (size_t)blockIdx.x * n;
-    float* yr = y + (size_t)blockIdx.x * n;
+template <typename T>
+__device__ void norm_fwd(const T* x, const T* w, const T* b, T* y, int n, float eps, int centre) {
+    size_t at = (size_t)blockIdx.x * n;
     float mean, r;
-    norm_stats(xr, n, eps, centre, &mean, &r);
-    for (int j = threadIdx.x; j < n; j += blockDim.x) yr[j] = (xr[j] - mean) * r * w[j] + (centre ? b[j] : 0.0f);
+    norm_stats(x + at, n, eps, centre, &mean, &r);
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        store(y, at + j, (load(x, at + j) - mean) * r * load(w, j) + (centre ? load(b, j) : 0.0f));
+    }
 }
+#define NORM_FWD(T, S) extern "C" __global__ void norm_fwd_##S(const T* x, const T* w, const T* b, T* y, int n, float eps, int centre) { norm_fwd(x, w, b, y, n, eps, centre); }
+EACH_TYPE(NORM_FWD)
 
 // dx per row (and the row's statistics for norm_bwd_params):
 // dx = r * (d - mean(d) - x_hat * mean(d * x_hat)), d = g * w (no mean(d) for RMSNorm)
-extern "C" __global__ void norm_bwd_dx(const float* x, const float* w, const float* g, float* dx, float* stats, int n, float eps, int centre) {
+template <typename T>
+__device__ void norm_bwd_dx(const T* x, const T* w, const T* g, T* dx, float* stats, int n, float eps, int centre) {
     size_t at = (size_t)blockIdx.x * n;
     float mean, r;
     norm_stats(x + at, n, eps, centre, &mean, &r);
     float md = 0.0f, mdx = 0.0f;
     for (int j = threadIdx.x; j < n; j += blockDim.x) {
-        float d = g[at + j] * w[j];
+        float d = load(g, at + j) * load(w, j);
         md += d;
-        mdx += d * (x[at + j] - mean) * r;
+        mdx += d * (load(x, at + j) - mean) * r;
     }
     md = block_reduce(md, false) / n;
     mdx = block_reduce(mdx, false) / n;
     float shift = centre ? md : 0.0f;
     for (int j = threadIdx.x; j < n; j += blockDim.x) {
-        float xh = (x[at + j] - mean) * r;
-        dx[at + j] = r * (g[at + j] * w[j] - shift - xh * mdx);
+        float xh = (load(x, at + j) - mean) * r;
+        store(dx, at + j, r * (load(g, at + j) * load(w, j) - shift - xh * mdx));
     }
     if (threadIdx.x == 0) {
         stats[2 * blockIdx.x] = mean;
         stats[2 * blockIdx.x + 1] = r;
     }
 }
+#define NORM_BWD_DX(T, S) extern "C" __global__ void norm_bwd_dx_##S(const T* x, const T* w, const T* g, T* dx, float* stats, int n, float eps, int centre) { norm_bwd_dx(x, w, g, dx, stats, n, eps, centre); }
+EACH_TYPE(NORM_BWD_DX)
 
 // dw[j] = sum over rows of g * x_hat, db[j] = dw[n + j] = sum over rows of g: one thread
 // per column, rows in order, so the sums do not depend on scheduling.
-extern "C" __global__ void norm_bwd_params(const float* x, const float* g, const float* stats, float* dw, int rows, int n) {
+template <typename T>
+__device__ void norm_bwd_params(const T* x, const T* g, const float* stats, T* dw, int rows, int n) {
     int j = blockIdx.x * blockDim.x + threadIdx.x;
     if (j >= n) return;
     float sw = 0.0f, sb = 0.0f;
     for (int i = 0; i < rows; i++) {
         size_t at = (size_t)i * n + j;
-        sw += g[at] * (x[at] - stats[2 * i]) * stats[2 * i + 1];
-        sb += g[at];
+        sw += load(g, at) * (load(x, at) - stats[2 * i]) * stats[2 * i + 1];
+        sb += load(g, at);
     }
-    dw[j] = sw;
-    dw[n + j] = sb;
+    store(dw, j, sw);
+    store(dw, n + j, sb);
 }
+#define NORM_BWD_PARAMS(T, S) extern "C" __global__ void norm_bwd_params_##S(const T* x, const T* g, const float* stats, T* dw, int rows, int n) { norm_bwd_params(x, g, stats, dw, rows, n); }
+EACH_TYPE(NORM_BWD_PARAMS)
 
 // ---- rotate-half RoPE of rows of d (positions cycle with period t); sign -1 inverts it
-extern "C" __global__ void rope(const float* x, const float* cos_t, const float* sin_t, float* y, int rows, int t, int d, float sign) {
+template <typename T>
+__device__ void rope(const T* x, const T* cos_t, const T* sin_t, T* y, int rows, int t, int d, float sign) {
     int half = d / 2;
     size_t k = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (k >= (size_t)rows * half) return;
     size_t row = k / half;
     int i = k % half, p = row % t;
-    float c = cos_t[p * half + i], s = sign * sin_t[p * half + i];
-    const float* xr = x + row * d;
-    y[row * d + i] = xr[i] * c - xr[i + half] * s;
-    y[row * d + i + half] = xr[i + half] * c + xr[i] * s;
+    float c = load(cos_t, p * half + i), s = sign * load(sin_t, p * half + i);
+    float a = load(x, row * d + i), b = load(x, row * d + i + half);
+    store(y, row * d + i, a * c - b * s);
+    store(y, row * d + i + half, b * c + a * s);
 }
+#define ROPE(T, S) extern "C" __global__ void rope_##S(const T* x, const T* cos_t, const T* sin_t, T* y, int rows, int t, int d, float sign) { rope(x, cos_t, sin_t, y, rows, t, d, sign); }
+EACH_TYPE(ROPE)
 
 // ---- SwiGLU: y = silu(gate) * up; grads packed [d_gate; d_up]
-extern "C" __global__ void swiglu_fwd(const float* gate, const float* up, float* y, int len) {
+template <typename T>
+__device__ void swiglu_fwd(const T* gate, const T* up, T* y, int len) {
     int k = blockIdx.x * blockDim.x + threadIdx.x;
     if (k >= len) return;
-    float z = gate[k], s = 1.0f / (1.0f + expf(-z));
-    y[k] = z * s * up[k];
+    float z = load(gate, k), s = 1.0f / (1.0f + expf(-z));
+    store(y, k, z * s * load(up, k));
 }
+#define SWIGLU_FWD(T, S) extern "C" __global__ void swiglu_fwd_##S(const T* gate, const T* up, T* y, int len) { swiglu_fwd(gate, up, y, len); }
+EACH_TYPE(SWIGLU_FWD)
 
-extern "C" __global__ void swiglu_bwd(const float* gate, const float* up, const float* g, float* out, int len) {
+template <typename T>
+__device__ void swiglu_bwd(const T* gate, const T* up, const T* g, T* out, int len) {
     int k = blockIdx.x * blockDim.x + threadIdx.x;
     if (k >= len) return;
-    float z = gate[k], s = 1.0f / (1.0f + expf(-z));
-    out[k] = g[k] * up[k] * s * (1.0f + z * (1.0f - s));
-    out[len + k] = g[k] * z * s;
+    float z = load(gate, k), s = 1.0f / (1.0f + expf(-z)), gk = load(g, k);
+    store(out, k, gk * load(up, k) * s * (1.0f + z * (1.0f - s)));
+    store(out, len + k, gk * z * s);
 }
+#define SWIGLU_BWD(T, S) extern "C" __global__ void swiglu_bwd_##S(const T* gate, const T* up, const T* g, T* out, int len) { swiglu_bwd(gate, up, g, out, len); }
+EACH_TYPE(SWIGLU_BWD)
 "#;
 
 static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
@@ -193,12 +226,13 @@ pub(crate) fn ptx() -> Result<&'static str> {
     }
 }
 
-/// Launches kernel `$name` of the module with launch configuration `$config` ([`rows`] or
-/// [`elements`]) and the given arguments (device views and scalars, in the kernel's order).
+/// Launches kernel `$name` (a `&str`) of the module with launch configuration `$config`
+/// ([`rows`] or [`elements`]) and the given arguments (device views and scalars, in the
+/// kernel's order).
 macro_rules! launch {
-    ($dev:expr, $name:literal, $config:expr, $($arg:expr),+ $(,)?) => {{
+    ($dev:expr, $name:expr, $config:expr, $($arg:expr),+ $(,)?) => {{
         use candle_core::cuda_backend::{cudarc::driver::PushKernelArg, WrapErr};
-        let func = $dev.get_or_load_custom_func($name, $crate::model::cuda::MODULE, $crate::model::cuda::ptx()?)?;
+        let func = $dev.get_or_load_custom_func(&$name, $crate::model::cuda::MODULE, $crate::model::cuda::ptx()?)?;
         let mut builder = func.builder();
         $(
             let arg = $arg;
@@ -210,6 +244,44 @@ macro_rules! launch {
 }
 
 pub(crate) use launch;
+
+/// The element types of the layers' kernels, which are instantiated per type as
+/// `<name>_f32` and `<name>_bf16`.
+pub(crate) trait Element: candle_core::cuda_backend::CudaDType + cudarc::driver::DeviceRepr {
+    const SUFFIX: &'static str;
+}
+
+impl Element for f32 {
+    const SUFFIX: &'static str = "f32";
+}
+
+impl Element for half::bf16 {
+    const SUFFIX: &'static str = "bf16";
+}
+
+/// The name of kernel `name` for elements of type `T`.
+pub(crate) fn kernel<T: Element>(name: &str) -> String {
+    format!("{name}_{}", T::SUFFIX)
+}
+
+/// Evaluates `$body` with `$t` the [`Element`] type of `$dtype`, or fails for other dtypes.
+macro_rules! per_element {
+    ($dtype:expr, $t:ident => $body:expr) => {
+        match $dtype {
+            candle_core::DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            candle_core::DType::BF16 => {
+                type $t = half::bf16;
+                $body
+            }
+            other => candle_core::bail!("fusellm's CUDA kernels take f32 or bf16, not {other:?}"),
+        }
+    };
+}
+
+pub(crate) use per_element;
 
 /// One block of [`ROW_THREADS`] per row.
 pub(crate) fn rows(rows: usize) -> cudarc::driver::LaunchConfig {
@@ -242,7 +314,10 @@ mod tests {
     #[test]
     fn the_kernels_compile_with_nvrtc() {
         let ptx = super::ptx().unwrap();
-        for kernel in ["entry_nll_fwd", "entry_nll_bwd", "softmax_fwd", "norm_bwd_params", "rope", "swiglu_bwd"] {
+        let layers = ["norm_fwd", "norm_bwd_dx", "norm_bwd_params", "rope", "swiglu_fwd", "swiglu_bwd"];
+        let typed = layers.iter().flat_map(|k| [super::kernel::<f32>(k), super::kernel::<half::bf16>(k)]);
+        let rows = ["entry_nll_fwd", "entry_nll_bwd", "softmax_fwd", "softmax_bwd"].map(String::from);
+        for kernel in rows.into_iter().chain(typed) {
             assert!(ptx.contains(&format!(".entry {kernel}(")), "{kernel} missing from the PTX");
         }
     }

@@ -22,7 +22,7 @@ use candle_core::CudaStorage;
 /// `-log softmax(logits)[ids]` per kept entry. `logits` `[.., V]` f32, `ids` `[.., K]` u32
 /// with the same leading dimensions; the result has the shape of `ids`.
 pub fn entry_nll(logits: &Tensor, ids: &Tensor) -> candle_core::Result<Tensor> {
-    if super::ops::fusable(&[logits], true) {
+    if super::ops::fusable(&[logits], super::ops::Reach::Cuda) {
         let v = logits.dim(D::Minus1)?;
         let k = ids.dim(D::Minus1)?;
         let rows = logits.elem_count() / v;
@@ -109,9 +109,15 @@ impl CustomOp2 for EntryNll {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad_logits = logits.apply_op3_no_bwd(ids, &grad.contiguous()?, &EntryNllGrad)?;
-        Ok((Some(grad_logits), None))
+        Ok((Some(entry_nll_grad(logits, ids, grad)?), None))
     }
+}
+
+/// The gradient with respect to `logits` `[n, V]` of `sum g * entry_nll(logits, ids)` for
+/// `ids` and `g` `[n, K]`, as a value (no backward recorded): `softmax(logits) * sum_k g_k -
+/// scatter(g)`. CPU and CUDA, f32.
+pub(crate) fn entry_nll_grad(logits: &Tensor, ids: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
+    logits.contiguous()?.apply_op3_no_bwd(&ids.contiguous()?, &g.contiguous()?, &EntryNllGrad)
 }
 
 /// The backward of [`EntryNll`]: `d/dlogits = softmax(logits) * sum_k g_k - scatter(g)`.

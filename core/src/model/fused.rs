@@ -3,20 +3,20 @@
 //! SwiGLU. candle's own fused ops record no backward; the compositions in `ops` do, but
 //! allocate a tensor per step of the formula (and again in backward). These run row by row
 //! over contiguous f32 data on all cores; softmax, the norms, RoPE and SwiGLU also on CUDA
-//! (`cuda.rs`). `ops` uses them in f32 where they exist and the compositions elsewhere;
-//! tests check both against each other.
+//! (`cuda.rs`), the last four in f32 and bf16. `ops` uses them where they exist and the
+//! compositions elsewhere; tests check both against each other.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::cpu::f32s;
 #[cfg(feature = "cuda")]
-use super::cuda::{self, gpu, launch};
+use super::cuda::{self, gpu, launch, per_element};
 use super::gemm::{assume_init, gemm_uninit, uninit, Threads};
 use super::rowwise;
 use super::simd::simd_fn;
 #[cfg(feature = "cuda")]
-use candle_core::CudaStorage;
+use candle_core::{backend::BackendStorage, CudaStorage};
 
 /// Rows of the last dimension.
 fn width(l: &Layout) -> usize {
@@ -200,14 +200,17 @@ impl CustomOp3 for Norm {
         s3: &CudaStorage,
         l3: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let (x, w, b) = (gpu::rows::<f32>(s1, l1)?, gpu::rows::<f32>(s2, l2)?, gpu::rows::<f32>(s3, l3)?);
-        let n = width(l1);
-        let rows = l1.shape().elem_count() / n;
-        // SAFETY: the kernel writes every element.
-        let y = unsafe { s1.device.alloc::<f32>(rows * n)? };
-        let (eps, centre) = (self.eps, i32::from(self.centre));
-        launch!(s1.device, "norm_fwd", cuda::rows(rows), &x, &w, &b, &y, &(n as i32), &eps, &centre)?;
-        Ok((CudaStorage::wrap_cuda_slice(y, s1.device.clone()), l1.shape().clone()))
+        per_element!(s1.dtype(), T => {
+            let (x, w, b) = (gpu::rows::<T>(s1, l1)?, gpu::rows::<T>(s2, l2)?, gpu::rows::<T>(s3, l3)?);
+            let n = width(l1);
+            let rows = l1.shape().elem_count() / n;
+            // SAFETY: the kernel writes every element.
+            let y = unsafe { s1.device.alloc::<T>(rows * n)? };
+            let (eps, centre) = (self.eps, i32::from(self.centre));
+            let name = cuda::kernel::<T>("norm_fwd");
+            launch!(s1.device, name, cuda::rows(rows), &x, &w, &b, &y, &(n as i32), &eps, &centre)?;
+            Ok((CudaStorage::wrap_cuda_slice(y, s1.device.clone()), l1.shape().clone()))
+        })
     }
 
     fn bwd(
@@ -280,18 +283,22 @@ impl CustomOp3 for NormGrad {
         s3: &CudaStorage,
         l3: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let (x, w, g) = (gpu::rows::<f32>(s1, l1)?, gpu::rows::<f32>(s2, l2)?, gpu::rows::<f32>(s3, l3)?);
-        let n = width(l1);
-        let rows = l1.shape().elem_count() / n;
-        let dev = &s1.device;
-        // SAFETY: the two kernels write every element of both.
-        let (mut packed, stats) = unsafe { (dev.alloc::<f32>(rows * n + 2 * n)?, dev.alloc::<f32>(2 * rows)?) };
-        let (eps, centre) = (self.0.eps, i32::from(self.0.centre));
-        let dx = &mut packed.slice_mut(..rows * n);
-        launch!(dev, "norm_bwd_dx", cuda::rows(rows), &x, &w, &g, dx, &stats, &(n as i32), &eps, &centre)?;
-        let params = &mut packed.slice_mut(rows * n..);
-        launch!(dev, "norm_bwd_params", cuda::elements(n), &x, &g, &stats, params, &(rows as i32), &(n as i32))?;
-        Ok((CudaStorage::wrap_cuda_slice(packed, dev.clone()), Shape::from(rows * n + 2 * n)))
+        per_element!(s1.dtype(), T => {
+            let (x, w, g) = (gpu::rows::<T>(s1, l1)?, gpu::rows::<T>(s2, l2)?, gpu::rows::<T>(s3, l3)?);
+            let n = width(l1);
+            let rows = l1.shape().elem_count() / n;
+            let dev = &s1.device;
+            // SAFETY: the two kernels write every element of both.
+            let (mut packed, stats) = unsafe { (dev.alloc::<T>(rows * n + 2 * n)?, dev.alloc::<f32>(2 * rows)?) };
+            let (eps, centre) = (self.0.eps, i32::from(self.0.centre));
+            let dx = &mut packed.slice_mut(..rows * n);
+            let name = cuda::kernel::<T>("norm_bwd_dx");
+            launch!(dev, name, cuda::rows(rows), &x, &w, &g, dx, &stats, &(n as i32), &eps, &centre)?;
+            let params = &mut packed.slice_mut(rows * n..);
+            let name = cuda::kernel::<T>("norm_bwd_params");
+            launch!(dev, name, cuda::elements(n), &x, &g, &stats, params, &(rows as i32), &(n as i32))?;
+            Ok((CudaStorage::wrap_cuda_slice(packed, dev.clone()), Shape::from(rows * n + 2 * n)))
+        })
     }
 }
 
@@ -354,16 +361,18 @@ impl CustomOp3 for Rope {
         s3: &CudaStorage,
         l3: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let (x, cos, sin) = (gpu::rows::<f32>(s1, l1)?, gpu::rows::<f32>(s2, l2)?, gpu::rows::<f32>(s3, l3)?);
-        let dims = l1.dims();
-        let (t, d) = (dims[dims.len() - 2], dims[dims.len() - 1]);
-        let rows = l1.shape().elem_count() / d;
-        let sign: f32 = if self.inverse { -1.0 } else { 1.0 };
-        // SAFETY: the kernel writes every element.
-        let y = unsafe { s1.device.alloc::<f32>(rows * d)? };
-        let config = cuda::elements(rows * (d / 2));
-        launch!(s1.device, "rope", config, &x, &cos, &sin, &y, &(rows as i32), &(t as i32), &(d as i32), &sign)?;
-        Ok((CudaStorage::wrap_cuda_slice(y, s1.device.clone()), l1.shape().clone()))
+        per_element!(s1.dtype(), T => {
+            let (x, cos, sin) = (gpu::rows::<T>(s1, l1)?, gpu::rows::<T>(s2, l2)?, gpu::rows::<T>(s3, l3)?);
+            let dims = l1.dims();
+            let (t, d) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+            let rows = l1.shape().elem_count() / d;
+            let sign: f32 = if self.inverse { -1.0 } else { 1.0 };
+            // SAFETY: the kernel writes every element.
+            let y = unsafe { s1.device.alloc::<T>(rows * d)? };
+            let (config, name) = (cuda::elements(rows * (d / 2)), cuda::kernel::<T>("rope"));
+            launch!(s1.device, name, config, &x, &cos, &sin, &y, &(rows as i32), &(t as i32), &(d as i32), &sign)?;
+            Ok((CudaStorage::wrap_cuda_slice(y, s1.device.clone()), l1.shape().clone()))
+        })
     }
 
     fn bwd(
@@ -439,12 +448,15 @@ impl CustomOp2 for SwiGlu {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
-        let (gate, up) = (gpu::rows::<f32>(s1, l1)?, gpu::rows::<f32>(s2, l2)?);
-        let len = l1.shape().elem_count();
-        // SAFETY: the kernel writes every element.
-        let y = unsafe { s1.device.alloc::<f32>(len)? };
-        launch!(s1.device, "swiglu_fwd", cuda::elements(len), &gate, &up, &y, &(len as i32))?;
-        Ok((CudaStorage::wrap_cuda_slice(y, s1.device.clone()), l1.shape().clone()))
+        per_element!(s1.dtype(), T => {
+            let (gate, up) = (gpu::rows::<T>(s1, l1)?, gpu::rows::<T>(s2, l2)?);
+            let len = l1.shape().elem_count();
+            // SAFETY: the kernel writes every element.
+            let y = unsafe { s1.device.alloc::<T>(len)? };
+            let name = cuda::kernel::<T>("swiglu_fwd");
+            launch!(s1.device, name, cuda::elements(len), &gate, &up, &y, &(len as i32))?;
+            Ok((CudaStorage::wrap_cuda_slice(y, s1.device.clone()), l1.shape().clone()))
+        })
     }
 
     fn bwd(&self, gate: &Tensor, up: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -494,12 +506,15 @@ impl CustomOp3 for SwiGluGrad {
         s3: &CudaStorage,
         l3: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let (gate, up, g) = (gpu::rows::<f32>(s1, l1)?, gpu::rows::<f32>(s2, l2)?, gpu::rows::<f32>(s3, l3)?);
-        let len = l1.shape().elem_count();
-        // SAFETY: the kernel writes every element.
-        let out = unsafe { s1.device.alloc::<f32>(2 * len)? };
-        launch!(s1.device, "swiglu_bwd", cuda::elements(len), &gate, &up, &g, &out, &(len as i32))?;
-        Ok((CudaStorage::wrap_cuda_slice(out, s1.device.clone()), Shape::from(2 * len)))
+        per_element!(s1.dtype(), T => {
+            let (gate, up, g) = (gpu::rows::<T>(s1, l1)?, gpu::rows::<T>(s2, l2)?, gpu::rows::<T>(s3, l3)?);
+            let len = l1.shape().elem_count();
+            // SAFETY: the kernel writes every element.
+            let out = unsafe { s1.device.alloc::<T>(2 * len)? };
+            let name = cuda::kernel::<T>("swiglu_bwd");
+            launch!(s1.device, name, cuda::elements(len), &gate, &up, &g, &out, &(len as i32))?;
+            Ok((CudaStorage::wrap_cuda_slice(out, s1.device.clone()), Shape::from(2 * len)))
+        })
     }
 }
 

@@ -9,9 +9,9 @@
 use candle_core::{DType, Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 
-use super::entry_nll::entry_nll;
-use super::head_loss::{head_loss, Term};
+use super::head_loss::head_loss;
 use super::ops;
+use super::terms::{self, Term};
 use crate::error::{Error, Result};
 
 /// The targets of one batch, on the host; built by the data pipeline or by tests.
@@ -155,22 +155,22 @@ impl Objective {
     pub fn losses(&self, logits: &Tensor, batch: &LossBatch) -> Result<Losses> {
         batch.check_rows("logits", logits)?;
         let (terms, kl_constant) = self.terms(batch, logits.dim(D::Minus1)?)?;
-        self.combine(&term_values(logits, &terms)?, kl_constant)
+        self.combine(&terms::values(&logits.flatten_to(1)?, &terms)?, kl_constant)
     }
 
     /// The losses for the final hidden states `[batch, len, d]` under the head `[V, d]`
-    /// (`logits = hidden @ head^T`, in f32). On the CPU in f32 the head and the loss are one
-    /// kernel that never holds the `[batch * len, V]` logits ([`head_loss`]); elsewhere the
-    /// logits are computed and [`Objective::losses`] applies.
+    /// (`logits = hidden @ head^T`, in f32). Where the fused kernels run (CPU, CUDA), the head
+    /// and the loss are one op that never holds the `[batch * len, V]` logits
+    /// ([`head_loss`]); elsewhere the logits are computed and [`Objective::losses`] applies.
     pub fn losses_at_head(&self, hidden: &Tensor, head: &Tensor, batch: &LossBatch) -> Result<Losses> {
-        if !ops::fusable(&[hidden, head], false) {
+        if !ops::kernels_on(hidden.device(), ops::Reach::Cuda) {
             let logits = ops::linear(hidden, head, None)?.to_dtype(DType::F32)?;
             return self.losses(&logits, batch);
         }
         batch.check_rows("hidden states", hidden)?;
         let (terms, kl_constant) = self.terms(batch, head.dim(0)?)?;
         let rows = hidden.flatten_to(1)?;
-        self.combine(&head_loss(&rows, head, terms)?, kl_constant)
+        self.combine(&head_loss(&rows, head, &terms)?, kl_constant)
     }
 
     /// The objective as terms over the logits ([`Term`]): CLM, and fusion when the batch has
@@ -228,35 +228,6 @@ impl Objective {
         };
         let total = ((&clm * self.lambda)? + (&fusion * (1.0 - self.lambda))?)?;
         Ok(Losses { total, clm, fusion })
-    }
-}
-
-/// The terms' values `[terms]` over materialised logits `[b, t, V]`; terms of the same
-/// scale share one pass over the vocabulary.
-fn term_values(logits: &Tensor, terms: &[Term]) -> Result<Tensor> {
-    let (b, t, _) = logits.dims3()?;
-    let device = logits.device();
-    let ids = |term: &Term| Tensor::from_slice(&term.ids, (b, t, term.k), device);
-    let weighted =
-        |nll: Tensor, term: &Term| (nll * Tensor::from_slice(&term.weights, (b, t, term.k), device)?)?.sum_all();
-    let values = match terms {
-        [one, two] if one.scale == two.scale => {
-            let scaled = scale_logits(logits, one.scale)?;
-            let nll = entry_nll(&scaled, &Tensor::cat(&[&ids(one)?, &ids(two)?], D::Minus1)?)?;
-            vec![weighted(nll.narrow(D::Minus1, 0, one.k)?, one)?, weighted(nll.narrow(D::Minus1, one.k, two.k)?, two)?]
-        }
-        _ => terms
-            .iter()
-            .map(|term| weighted(entry_nll(&scale_logits(logits, term.scale)?, &ids(term)?)?, term))
-            .collect::<candle_core::Result<Vec<_>>>()?,
-    };
-    Ok(Tensor::stack(&values, 0)?)
-}
-
-fn scale_logits(logits: &Tensor, scale: f32) -> candle_core::Result<Tensor> {
-    match scale {
-        1.0 => Ok(logits.clone()),
-        s => logits * s as f64,
     }
 }
 

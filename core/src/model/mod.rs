@@ -18,6 +18,7 @@ pub mod ops;
 pub mod positions;
 mod rowwise;
 mod simd;
+mod terms;
 pub mod weights;
 
 use std::path::Path;

@@ -1,7 +1,8 @@
 //! Differentiable building blocks. candle's fused kernels (softmax_last_dim, rms_norm, the
 //! LayerNorm fast path, rope) record no backward op, so training through them would stop
 //! gradients silently. In f32 these use our own fused kernels, which have a backward
-//! (`fused`, `fused_attention`, with CUDA versions of softmax, the norms, RoPE and SwiGLU);
+//! (`fused`, `fused_attention`, with CUDA versions of softmax, and of the norms, RoPE and
+//! SwiGLU in f32 and bf16);
 //! elsewhere, compositions of ops that all have one (`composed`, also the reference the
 //! fused kernels are tested against).
 
@@ -19,16 +20,39 @@ pub fn use_fused_kernels(on: bool) {
     FUSED.store(on, Ordering::Relaxed);
 }
 
-/// Whether the fused kernels apply to these tensors: f32 on the CPU, or on CUDA where the
-/// kernel has a CUDA version too (`cuda`) and this is a CUDA build.
-pub(crate) fn fusable(tensors: &[&Tensor], cuda: bool) -> bool {
-    let here = |t: &Tensor| t.device().is_cpu() || (cuda && cfg!(feature = "cuda") && t.device().is_cuda());
-    FUSED.load(Ordering::Relaxed) && tensors.iter().all(|t| here(t) && t.dtype() == DType::F32)
+/// Where a fused kernel exists.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reach {
+    /// f32 on the CPU.
+    Cpu,
+    /// f32 on the CPU and on CUDA (in a CUDA build).
+    Cuda,
+    /// f32 on the CPU, f32 and bf16 on CUDA.
+    CudaBf16,
+}
+
+/// Whether kernels of `reach` run on `device`: the fused kernels are on, and the device is
+/// the CPU or, for kernels with a CUDA version, a CUDA device of a CUDA build.
+pub(crate) fn kernels_on(device: &candle_core::Device, reach: Reach) -> bool {
+    let cuda = reach != Reach::Cpu && cfg!(feature = "cuda") && device.is_cuda();
+    FUSED.load(Ordering::Relaxed) && (device.is_cpu() || cuda)
+}
+
+/// Whether the fused kernels of `reach` apply to these tensors, which must share one dtype
+/// the kernels take on their device.
+pub(crate) fn fusable(tensors: &[&Tensor], reach: Reach) -> bool {
+    let dtype_ok = |t: &Tensor| match t.dtype() {
+        DType::F32 => true,
+        DType::BF16 => reach == Reach::CudaBf16 && t.device().is_cuda(),
+        _ => false,
+    };
+    let same = |t: &&Tensor| t.dtype() == tensors[0].dtype();
+    tensors.iter().all(|t| kernels_on(t.device(), reach) && dtype_ok(t) && same(&t))
 }
 
 /// Softmax over the last dimension.
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
-    match fusable(&[x], true) {
+    match fusable(&[x], Reach::Cuda) {
         true => fused::softmax(x),
         false => composed::softmax(x),
     }
@@ -44,7 +68,7 @@ pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
 /// RMSNorm as transformers computes it: in f32, x / sqrt(mean(x^2) + eps), then the
 /// weight in the input's dtype.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    match fusable(&[x, weight], true) {
+    match fusable(&[x, weight], Reach::CudaBf16) {
         true => fused::rms_norm(x, weight, eps),
         false => composed::rms_norm(x, weight, eps),
     }
@@ -53,7 +77,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 /// LayerNorm with biased variance, computed in f32 with the weight and bias applied before
 /// the cast back, as torch does; `bias` is optional.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
-    match fusable(&[x, weight], true) && bias.is_none_or(|b| fusable(&[b], true)) {
+    match fusable(&[x, weight], Reach::CudaBf16) && bias.is_none_or(|b| fusable(&[x, b], Reach::CudaBf16)) {
         true => fused::layer_norm(x, weight, bias, eps),
         false => composed::layer_norm(x, weight, bias, eps),
     }
@@ -65,7 +89,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) 
 /// the broadcast weight would make autograd build the weight's gradient per batch entry
 /// and then sum it.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let y = match fusable(&[x, weight], false) {
+    let y = match fusable(&[x, weight], Reach::Cpu) {
         true => fused::linear(x, weight)?,
         false => {
             let (inp, mut dims) = (x.dim(D::Minus1)?, x.dims().to_vec());
@@ -84,7 +108,7 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, rot: usize) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
     let part = x.narrow(D::Minus1, 0, rot)?;
-    let rotated = match fusable(&[x, cos, sin], true) {
+    let rotated = match fusable(&[x, cos, sin], Reach::CudaBf16) {
         true => fused::rope(&part, cos, sin)?,
         false => composed::rope(&part, cos, sin)?,
     };
@@ -108,7 +132,7 @@ pub fn attention(
     bias: &Tensor,
     rope: Option<(&Tensor, &Tensor, usize)>,
 ) -> Result<Tensor> {
-    match fusable(&[q, k, v], false) {
+    match fusable(&[q, k, v], Reach::Cpu) {
         true => fused_attention::attention(q, k, v, heads, scale, bias, rope),
         false => composed::attention(q, k, v, heads, scale, bias, rope),
     }
@@ -116,7 +140,7 @@ pub fn attention(
 
 /// `silu(gate) * up`, the SwiGLU activation.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    match fusable(&[gate, up], true) {
+    match fusable(&[gate, up], Reach::CudaBf16) {
         true => fused::swiglu(gate, up),
         false => composed::swiglu(gate, up),
     }
