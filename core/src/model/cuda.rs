@@ -157,22 +157,36 @@ __device__ void norm_bwd_dx(const T* x, const T* w, const T* g, T* dx, float* st
 #define NORM_BWD_DX(T, S) extern "C" __global__ void norm_bwd_dx_##S(const T* x, const T* w, const T* g, T* dx, float* stats, int n, float eps, int centre) { norm_bwd_dx(x, w, g, dx, stats, n, eps, centre); }
 EACH_TYPE(NORM_BWD_DX)
 
-// dw[j] = sum over rows of g * x_hat, db[j] = dw[n + j] = sum over rows of g: one thread
-// per column, rows in order, so the sums do not depend on scheduling.
+// dw[j] = sum over rows of g * x_hat, db[j] = dw[n + j] = sum over rows of g, in two steps
+// whose order of addition is fixed, so that the sums do not depend on scheduling: partial
+// sums per column over parts of `per_part` rows (a grid of column blocks x parts), then
+// the parts in order.
 template <typename T>
-__device__ void norm_bwd_params(const T* x, const T* g, const float* stats, T* dw, int rows, int n) {
+__device__ void norm_bwd_partial(const T* x, const T* g, const float* stats, float* part, int rows, int n, int per_part) {
     int j = blockIdx.x * blockDim.x + threadIdx.x;
     if (j >= n) return;
+    int first = blockIdx.y * per_part, end = min(rows, first + per_part);
     float sw = 0.0f, sb = 0.0f;
-    for (int i = 0; i < rows; i++) {
+    for (int i = first; i < end; i++) {
         size_t at = (size_t)i * n + j;
         sw += load(g, at) * (load(x, at) - stats[2 * i]) * stats[2 * i + 1];
         sb += load(g, at);
     }
-    store(dw, j, sw);
-    store(dw, n + j, sb);
+    part[(size_t)blockIdx.y * 2 * n + j] = sw;
+    part[(size_t)blockIdx.y * 2 * n + n + j] = sb;
 }
-#define NORM_BWD_PARAMS(T, S) extern "C" __global__ void norm_bwd_params_##S(const T* x, const T* g, const float* stats, T* dw, int rows, int n) { norm_bwd_params(x, g, stats, dw, rows, n); }
+#define NORM_BWD_PARTIAL(T, S) extern "C" __global__ void norm_bwd_partial_##S(const T* x, const T* g, const float* stats, float* part, int rows, int n, int per_part) { norm_bwd_partial(x, g, stats, part, rows, n, per_part); }
+EACH_TYPE(NORM_BWD_PARTIAL)
+
+template <typename T>
+__device__ void norm_bwd_params(const float* part, T* dw, int parts, int width) {
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= width) return;
+    float s = 0.0f;
+    for (int p = 0; p < parts; p++) s += part[(size_t)p * width + j];
+    store(dw, j, s);
+}
+#define NORM_BWD_PARAMS(T, S) extern "C" __global__ void norm_bwd_params_##S(const float* part, T* dw, int parts, int width) { norm_bwd_params(part, dw, parts, width); }
 EACH_TYPE(NORM_BWD_PARAMS)
 
 // ---- rotate-half RoPE of rows of d (positions cycle with period t); sign -1 inverts it
@@ -293,6 +307,16 @@ pub(crate) fn elements(n: usize) -> cudarc::driver::LaunchConfig {
     cudarc::driver::LaunchConfig::for_num_elems(n as u32)
 }
 
+/// One thread per column of `n`, in blocks of [`ROW_THREADS`], times `parts` (`blockIdx.y`).
+pub(crate) fn columns(n: usize, parts: usize) -> cudarc::driver::LaunchConfig {
+    let blocks = n.div_ceil(ROW_THREADS as usize) as u32;
+    cudarc::driver::LaunchConfig {
+        grid_dim: (blocks, parts as u32, 1),
+        block_dim: (ROW_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// Device memory of the custom ops' inputs.
 pub(crate) mod gpu {
     use candle_core::cuda_backend::cudarc::driver::CudaView;
@@ -314,7 +338,8 @@ mod tests {
     #[test]
     fn the_kernels_compile_with_nvrtc() {
         let ptx = super::ptx().unwrap();
-        let layers = ["norm_fwd", "norm_bwd_dx", "norm_bwd_params", "rope", "swiglu_fwd", "swiglu_bwd"];
+        let layers =
+            ["norm_fwd", "norm_bwd_dx", "norm_bwd_partial", "norm_bwd_params", "rope", "swiglu_fwd", "swiglu_bwd"];
         let typed = layers.iter().flat_map(|k| [super::kernel::<f32>(k), super::kernel::<half::bf16>(k)]);
         let rows = ["entry_nll_fwd", "entry_nll_bwd", "softmax_fwd", "softmax_bwd"].map(String::from);
         for kernel in rows.into_iter().chain(typed) {

@@ -288,15 +288,23 @@ impl CustomOp3 for NormGrad {
             let n = width(l1);
             let rows = l1.shape().elem_count() / n;
             let dev = &s1.device;
-            // SAFETY: the two kernels write every element of both.
-            let (mut packed, stats) = unsafe { (dev.alloc::<T>(rows * n + 2 * n)?, dev.alloc::<f32>(2 * rows)?) };
+            // dw and db sum over rows in parts of PER_PART rows, then over the parts.
+            const PER_PART: usize = 64;
+            let parts = rows.div_ceil(PER_PART).max(1);
+            // SAFETY: the kernels write every element of all three.
+            let (mut packed, stats, part) = unsafe {
+                (dev.alloc::<T>(rows * n + 2 * n)?, dev.alloc::<f32>(2 * rows)?, dev.alloc::<f32>(parts * 2 * n)?)
+            };
             let (eps, centre) = (self.0.eps, i32::from(self.0.centre));
             let dx = &mut packed.slice_mut(..rows * n);
             let name = cuda::kernel::<T>("norm_bwd_dx");
             launch!(dev, name, cuda::rows(rows), &x, &w, &g, dx, &stats, &(n as i32), &eps, &centre)?;
+            let (rows_i, n_i, per_part) = (rows as i32, n as i32, PER_PART as i32);
+            let name = cuda::kernel::<T>("norm_bwd_partial");
+            launch!(dev, name, cuda::columns(n, parts), &x, &g, &stats, &part, &rows_i, &n_i, &per_part)?;
             let params = &mut packed.slice_mut(rows * n..);
             let name = cuda::kernel::<T>("norm_bwd_params");
-            launch!(dev, name, cuda::elements(n), &x, &g, &stats, params, &(rows as i32), &(n as i32))?;
+            launch!(dev, name, cuda::elements(2 * n), &part, params, &(parts as i32), &(2 * n as i32))?;
             Ok((CudaStorage::wrap_cuda_slice(packed, dev.clone()), Shape::from(rows * n + 2 * n)))
         })
     }
