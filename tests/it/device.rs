@@ -85,16 +85,24 @@ fn ops_on_the_device_match_the_cpu_kernels() {
     same_on_device("entry_nll", &[random(&mut rng, &[b, t, v], 2.0)], 1e-5, |x| {
         entry_nll(&x[0], &ids.to_device(x[0].device()).unwrap()).unwrap()
     });
-    // The head and the FuseLLM loss: the CPU kernel against the chunked cuBLAS pass.
+    // Rows wider than a block of threads, and enough of them for several parts of the
+    // norms' parameter sums.
+    let (wide, wide_w) = (random(&mut rng, &[3, 100, 600], 1.0), random(&mut rng, &[600], 1.0));
+    same_on_device("layer_norm wide", &[wide.clone(), wide_w.clone(), wide_w.clone()], 1e-5, |x| {
+        ops::layer_norm(&x[0], &x[1], Some(&x[2]), 1e-5).unwrap()
+    });
+    // The head and the FuseLLM loss: the CPU kernel against the chunked cuBLAS pass. A
+    // temperature puts the fusion term at another scale than the CLM term.
+    let objective = Objective { temperature: 2.0, ..Default::default() };
     let ids: Vec<u32> = (0..b * t).map(|i| (i * 31 % v) as u32).collect();
     let (target_ids, target_probs) = ids.iter().flat_map(|&i| [(i, 0.7), ((i + 1) % v as u32, 0.3)]).unzip();
     let batch = LossBatch::sequences(ids, b).unwrap().with_target(target_ids, target_probs, 2).unwrap();
     let hidden_head = [x.clone(), random(&mut rng, &[v, h * d], 0.2)];
     same_on_device("head loss", &hidden_head, 1e-4, |x| {
-        Objective::default().losses_at_head(&x[0], &x[1], &batch).unwrap().total
+        objective.losses_at_head(&x[0], &x[1], &batch).unwrap().total
     });
     // bf16 on the device against f32 on the CPU.
-    same_on_device("rms_norm bf16", &[x.clone(), w.clone()], 1e-2, |x| {
+    same_on_device("rms_norm bf16", &[wide.clone(), wide_w.clone()], 1e-2, |x| {
         let x = bf16_on_device(x);
         ops::rms_norm(&x[0], &x[1], 1e-5).unwrap()
     });
@@ -114,7 +122,7 @@ fn ops_on_the_device_match_the_cpu_kernels() {
     });
     same_on_device("head loss bf16", &hidden_head, 1e-2, |x| {
         let x = bf16_on_device(x);
-        Objective::default().losses_at_head(&x[0], &x[1], &batch).unwrap().total
+        objective.losses_at_head(&x[0], &x[1], &batch).unwrap().total
     });
 }
 

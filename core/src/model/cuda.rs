@@ -222,7 +222,7 @@ __device__ void swiglu_bwd(const T* gate, const T* up, const T* g, T* out, int l
     if (k >= len) return;
     float z = load(gate, k), s = 1.0f / (1.0f + expf(-z)), gk = load(g, k);
     store(out, k, gk * load(up, k) * s * (1.0f + z * (1.0f - s)));
-    store(out, len + k, gk * z * s);
+    store(out, (size_t)len + k, gk * z * s);
 }
 #define SWIGLU_BWD(T, S) extern "C" __global__ void swiglu_bwd_##S(const T* gate, const T* up, const T* g, T* out, int len) { swiglu_bwd(gate, up, g, out, len); }
 EACH_TYPE(SWIGLU_BWD)
@@ -240,9 +240,9 @@ pub(crate) fn ptx() -> Result<&'static str> {
     }
 }
 
-/// Launches kernel `$name` (a `&str`) of the module with launch configuration `$config`
-/// ([`rows`] or [`elements`]) and the given arguments (device views and scalars, in the
-/// kernel's order).
+/// Launches kernel `$name` (a string) of the module with launch configuration `$config`
+/// ([`rows`], [`elements`] or [`columns`]) and the given arguments (device views and
+/// scalars, in the kernel's order).
 macro_rules! launch {
     ($dev:expr, $name:expr, $config:expr, $($arg:expr),+ $(,)?) => {{
         use candle_core::cuda_backend::{cudarc::driver::PushKernelArg, WrapErr};
@@ -297,24 +297,33 @@ macro_rules! per_element {
 
 pub(crate) use per_element;
 
-/// One block of [`ROW_THREADS`] per row.
-pub(crate) fn rows(rows: usize) -> cudarc::driver::LaunchConfig {
-    cudarc::driver::LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (ROW_THREADS, 1, 1), shared_mem_bytes: 0 }
-}
-
-/// One thread per element (or per column) of `n`.
-pub(crate) fn elements(n: usize) -> cudarc::driver::LaunchConfig {
-    cudarc::driver::LaunchConfig::for_num_elems(n as u32)
-}
-
-/// One thread per column of `n`, in blocks of [`ROW_THREADS`], times `parts` (`blockIdx.y`).
-pub(crate) fn columns(n: usize, parts: usize) -> cudarc::driver::LaunchConfig {
-    let blocks = n.div_ceil(ROW_THREADS as usize) as u32;
-    cudarc::driver::LaunchConfig {
-        grid_dim: (blocks, parts as u32, 1),
-        block_dim: (ROW_THREADS, 1, 1),
-        shared_mem_bytes: 0,
+/// A size as the kernels' `int`, or an error where it does not fit.
+pub(crate) fn int(n: usize) -> Result<i32> {
+    match i32::try_from(n) {
+        Ok(n) => Ok(n),
+        Err(_) => candle_core::bail!("{n} is beyond the 32-bit sizes of fusellm's CUDA kernels; use smaller batches"),
     }
+}
+
+/// One block of [`ROW_THREADS`] per row.
+pub(crate) fn rows(rows: usize) -> Result<cudarc::driver::LaunchConfig> {
+    let grid_dim = (int(rows)? as u32, 1, 1);
+    Ok(cudarc::driver::LaunchConfig { grid_dim, block_dim: (ROW_THREADS, 1, 1), shared_mem_bytes: 0 })
+}
+
+/// One thread per element of `n`.
+pub(crate) fn elements(n: usize) -> Result<cudarc::driver::LaunchConfig> {
+    Ok(cudarc::driver::LaunchConfig::for_num_elems(int(n)? as u32))
+}
+
+/// One thread per column of `n`, in blocks of [`ROW_THREADS`], times `parts` (`blockIdx.y`,
+/// at most 65535).
+pub(crate) fn columns(n: usize, parts: usize) -> Result<cudarc::driver::LaunchConfig> {
+    if parts > 65535 {
+        candle_core::bail!("{parts} parts exceed the CUDA grid's 65535 in y");
+    }
+    let grid_dim = (n.div_ceil(ROW_THREADS as usize) as u32, parts as u32, 1);
+    Ok(cudarc::driver::LaunchConfig { grid_dim, block_dim: (ROW_THREADS, 1, 1), shared_mem_bytes: 0 })
 }
 
 /// Device memory of the custom ops' inputs.

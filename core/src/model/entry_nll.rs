@@ -98,7 +98,7 @@ impl CustomOp2 for EntryNll {
         let dev = &s1.device;
         // SAFETY: the kernel writes every element.
         let out = unsafe { dev.alloc::<f32>(rows * k)? };
-        launch!(dev, "entry_nll_fwd", cuda::rows(rows), &logits, &ids, &out, &(v as i32), &(k as i32))?;
+        launch!(dev, "entry_nll_fwd", cuda::rows(rows)?, &logits, &ids, &out, &cuda::int(v)?, &cuda::int(k)?)?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), l2.shape().clone()))
     }
 
@@ -173,7 +173,7 @@ impl CustomOp3 for EntryNllGrad {
         let dev = &s1.device;
         // SAFETY: the kernel writes every element.
         let out = unsafe { dev.alloc::<f32>(rows * v)? };
-        launch!(dev, "entry_nll_bwd", cuda::rows(rows), &logits, &ids, &grad, &out, &(v as i32), &(k as i32))?;
+        launch!(dev, "entry_nll_bwd", cuda::rows(rows)?, &logits, &ids, &grad, &out, &cuda::int(v)?, &cuda::int(k)?)?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), l1.shape().clone()))
     }
 }

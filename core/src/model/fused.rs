@@ -60,7 +60,7 @@ impl CustomOp1 for Softmax {
         let rows = l.shape().elem_count() / n;
         // SAFETY: the kernel writes every element.
         let y = unsafe { s.device.alloc::<f32>(rows * n)? };
-        launch!(s.device, "softmax_fwd", cuda::rows(rows), &x, &y, &(n as i32))?;
+        launch!(s.device, "softmax_fwd", cuda::rows(rows)?, &x, &y, &cuda::int(n)?)?;
         Ok((CudaStorage::wrap_cuda_slice(y, s.device.clone()), l.shape().clone()))
     }
 
@@ -95,7 +95,7 @@ impl CustomOp2 for SoftmaxGrad {
         let rows = l1.shape().elem_count() / n;
         // SAFETY: the kernel writes every element.
         let dx = unsafe { s1.device.alloc::<f32>(rows * n)? };
-        launch!(s1.device, "softmax_bwd", cuda::rows(rows), &y, &g, &dx, &(n as i32))?;
+        launch!(s1.device, "softmax_bwd", cuda::rows(rows)?, &y, &g, &dx, &cuda::int(n)?)?;
         Ok((CudaStorage::wrap_cuda_slice(dx, s1.device.clone()), l1.shape().clone()))
     }
 }
@@ -208,7 +208,7 @@ impl CustomOp3 for Norm {
             let y = unsafe { s1.device.alloc::<T>(rows * n)? };
             let (eps, centre) = (self.eps, i32::from(self.centre));
             let name = cuda::kernel::<T>("norm_fwd");
-            launch!(s1.device, name, cuda::rows(rows), &x, &w, &b, &y, &(n as i32), &eps, &centre)?;
+            launch!(s1.device, name, cuda::rows(rows)?, &x, &w, &b, &y, &cuda::int(n)?, &eps, &centre)?;
             Ok((CudaStorage::wrap_cuda_slice(y, s1.device.clone()), l1.shape().clone()))
         })
     }
@@ -288,9 +288,10 @@ impl CustomOp3 for NormGrad {
             let n = width(l1);
             let rows = l1.shape().elem_count() / n;
             let dev = &s1.device;
-            // dw and db sum over rows in parts of PER_PART rows, then over the parts.
-            const PER_PART: usize = 64;
-            let parts = rows.div_ceil(PER_PART).max(1);
+            // dw and db sum over rows in parts of at least 64 rows (at most 65535 parts, the
+            // grid's limit), then over the parts.
+            let per_part = 64.max(rows.div_ceil(65535));
+            let parts = rows.div_ceil(per_part).max(1);
             // SAFETY: the kernels write every element of all three.
             let (mut packed, stats, part) = unsafe {
                 (dev.alloc::<T>(rows * n + 2 * n)?, dev.alloc::<f32>(2 * rows)?, dev.alloc::<f32>(parts * 2 * n)?)
@@ -298,13 +299,13 @@ impl CustomOp3 for NormGrad {
             let (eps, centre) = (self.0.eps, i32::from(self.0.centre));
             let dx = &mut packed.slice_mut(..rows * n);
             let name = cuda::kernel::<T>("norm_bwd_dx");
-            launch!(dev, name, cuda::rows(rows), &x, &w, &g, dx, &stats, &(n as i32), &eps, &centre)?;
-            let (rows_i, n_i, per_part) = (rows as i32, n as i32, PER_PART as i32);
+            launch!(dev, name, cuda::rows(rows)?, &x, &w, &g, dx, &stats, &cuda::int(n)?, &eps, &centre)?;
+            let (rows_i, n_i, per_part) = (cuda::int(rows)?, cuda::int(n)?, cuda::int(per_part)?);
             let name = cuda::kernel::<T>("norm_bwd_partial");
-            launch!(dev, name, cuda::columns(n, parts), &x, &g, &stats, &part, &rows_i, &n_i, &per_part)?;
+            launch!(dev, name, cuda::columns(n, parts)?, &x, &g, &stats, &part, &rows_i, &n_i, &per_part)?;
             let params = &mut packed.slice_mut(rows * n..);
             let name = cuda::kernel::<T>("norm_bwd_params");
-            launch!(dev, name, cuda::elements(2 * n), &part, params, &(parts as i32), &(2 * n as i32))?;
+            launch!(dev, name, cuda::elements(2 * n)?, &part, params, &cuda::int(parts)?, &cuda::int(2 * n)?)?;
             Ok((CudaStorage::wrap_cuda_slice(packed, dev.clone()), Shape::from(rows * n + 2 * n)))
         })
     }
@@ -377,8 +378,8 @@ impl CustomOp3 for Rope {
             let sign: f32 = if self.inverse { -1.0 } else { 1.0 };
             // SAFETY: the kernel writes every element.
             let y = unsafe { s1.device.alloc::<T>(rows * d)? };
-            let (config, name) = (cuda::elements(rows * (d / 2)), cuda::kernel::<T>("rope"));
-            launch!(s1.device, name, config, &x, &cos, &sin, &y, &(rows as i32), &(t as i32), &(d as i32), &sign)?;
+            let (config, name) = (cuda::elements(rows * (d / 2))?, cuda::kernel::<T>("rope"));
+            launch!(s1.device, name, config, &x, &cos, &sin, &y, &cuda::int(rows)?, &cuda::int(t)?, &cuda::int(d)?, &sign)?;
             Ok((CudaStorage::wrap_cuda_slice(y, s1.device.clone()), l1.shape().clone()))
         })
     }
@@ -408,6 +409,17 @@ pub(super) fn rotate_half(src: &[f32], dst: &mut [f32], cos: &[f32], sin: &[f32]
 }
 
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    // The kernels read `[t, d / 2]` tables for `x: [.., t, d]`.
+    let &[.., t, d] = x.dims() else { candle_core::bail!("rope: x {:?} has no [t, d] dimensions", x.dims()) };
+    let table = [t, d / 2];
+    if cos.dims() != table || sin.dims() != table {
+        candle_core::bail!(
+            "rope: x {:?} needs cos and sin of {table:?}, not {:?} and {:?}",
+            x.dims(),
+            cos.dims(),
+            sin.dims()
+        );
+    }
     x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope { inverse: false })
 }
 
@@ -462,7 +474,7 @@ impl CustomOp2 for SwiGlu {
             // SAFETY: the kernel writes every element.
             let y = unsafe { s1.device.alloc::<T>(len)? };
             let name = cuda::kernel::<T>("swiglu_fwd");
-            launch!(s1.device, name, cuda::elements(len), &gate, &up, &y, &(len as i32))?;
+            launch!(s1.device, name, cuda::elements(len)?, &gate, &up, &y, &cuda::int(len)?)?;
             Ok((CudaStorage::wrap_cuda_slice(y, s1.device.clone()), l1.shape().clone()))
         })
     }
@@ -520,7 +532,7 @@ impl CustomOp3 for SwiGluGrad {
             // SAFETY: the kernel writes every element.
             let out = unsafe { s1.device.alloc::<T>(2 * len)? };
             let name = cuda::kernel::<T>("swiglu_bwd");
-            launch!(s1.device, name, cuda::elements(len), &gate, &up, &g, &out, &(len as i32))?;
+            launch!(s1.device, name, cuda::elements(len)?, &gate, &up, &g, &out, &cuda::int(len)?)?;
             Ok((CudaStorage::wrap_cuda_slice(out, s1.device.clone()), Shape::from(2 * len)))
         })
     }

@@ -29,8 +29,10 @@ use super::terms::{self, Term};
 /// that a chunk stays in cache between its GEMMs).
 const CPU_CHUNK_ELEMENTS: usize = 8 << 20;
 
-/// Logits held at once elsewhere (256 MB of f32): large enough to keep a GPU's GEMMs
-/// efficient, a quarter of the logits of 8 x 1024 tokens at V = 32000.
+/// Logits held at once elsewhere. A chunk's working set is a few buffers of its size (the
+/// logits in the model's dtype and in f32, their gradient in f32 and in the model's dtype),
+/// about 1 GB here: large enough for efficient GPU products, a quarter of the logits of
+/// 8 x 1024 tokens at V = 32000.
 const DEVICE_CHUNK_ELEMENTS: usize = 64 << 20;
 
 /// The value of each term for hidden states `x: [n, d]` and head `w: [V, d]`: a `[terms]`
@@ -103,9 +105,9 @@ fn cpu_pass(x: &Tensor, w: &Tensor, terms: &[Term]) -> candle_core::Result<Pass>
 }
 
 /// The same from tensor ops on any device and dtype, in chunks of `chunk_elements` logits:
-/// the products in the model's dtype (cuBLAS on CUDA), the logits and their gradient in
-/// f32 by the entry-NLL kernels ([`terms::values`], [`terms::logits_grad`]), `dw` summed
-/// in f32.
+/// the products in the model's dtype (cuBLAS on CUDA), the losses and the logits' gradient
+/// in f32 by the entry-NLL kernels ([`terms::values_and_grad`]); the chunks' shares of `dw`
+/// are added up in f32.
 fn chunked_pass(x: &Tensor, w: &Tensor, terms: &[Term], chunk_elements: usize) -> candle_core::Result<Pass> {
     let (x, w) = (x.detach(), w.detach());
     let ((n, _), (v, _)) = (x.dims2()?, w.dims2()?);
@@ -116,9 +118,10 @@ fn chunked_pass(x: &Tensor, w: &Tensor, terms: &[Term], chunk_elements: usize) -
         let part: Vec<Term> = terms.iter().map(|t| t.rows(start, rows)).collect();
         let xc = x.narrow(0, start, rows)?;
         let z = xc.matmul(&w.t()?)?.to_dtype(DType::F32)?;
-        values = (values + terms::values(&z, &part)?)?;
-        let dz = terms::logits_grad(&z, &part)?.to_dtype(x.dtype())?;
+        let (chunk_values, dz) = terms::values_and_grad(&z, &part)?;
         drop(z);
+        values = (values + chunk_values)?;
+        let dz = dz.to_dtype(x.dtype())?;
         dxs.push(dz.matmul(&w)?);
         let dw_chunk = dz.t()?.matmul(&xc)?.to_dtype(DType::F32)?;
         dw = Some(match dw {

@@ -1,10 +1,9 @@
 //! Differentiable building blocks. candle's fused kernels (softmax_last_dim, rms_norm, the
 //! LayerNorm fast path, rope) record no backward op, so training through them would stop
-//! gradients silently. In f32 these use our own fused kernels, which have a backward
-//! (`fused`, `fused_attention`, with CUDA versions of softmax, and of the norms, RoPE and
-//! SwiGLU in f32 and bf16);
-//! elsewhere, compositions of ops that all have one (`composed`, also the reference the
-//! fused kernels are tested against).
+//! gradients silently. These use our own fused kernels, which have a backward, where they
+//! exist (`fused`, `fused_attention`: f32 on the CPU; on CUDA softmax in f32, and the norms,
+//! RoPE and SwiGLU in f32 and bf16); elsewhere, compositions of ops that all have one
+//! (`composed`, also the reference the fused kernels are tested against).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -38,8 +37,9 @@ pub(crate) fn kernels_on(device: &candle_core::Device, reach: Reach) -> bool {
     FUSED.load(Ordering::Relaxed) && (device.is_cpu() || cuda)
 }
 
-/// Whether the fused kernels of `reach` apply to these tensors, which must share one dtype
-/// the kernels take on their device.
+/// Whether the fused kernels of `reach` apply to these tensors: one dtype that the kernels
+/// take on their device. Anything else (say an f32 norm weight for bf16 activations) takes
+/// the composition.
 pub(crate) fn fusable(tensors: &[&Tensor], reach: Reach) -> bool {
     let dtype_ok = |t: &Tensor| match t.dtype() {
         DType::F32 => true,

@@ -94,30 +94,38 @@ fn scaled(logits: &Tensor, scale: f32) -> Result<Tensor> {
 
 /// The terms' values `[terms]` over logits `[n, V]` (f32), differentiable.
 pub fn values(logits: &Tensor, terms: &[Term]) -> Result<Tensor> {
-    let mut values = vec![None; terms.len()];
+    Ok(evaluate(logits, terms, false)?.0)
+}
+
+/// The terms' values as [`values`], and the gradient of `sum_t mix_t * value_t` with
+/// respect to the logits as one `[n, V]` tensor: per scale `s`, `s * (softmax(s z) * sum_k
+/// c_k - scatter(c))` with `c = mix * weights`. Each group's ids, weights and scaled logits
+/// serve both.
+pub fn values_and_grad(logits: &Tensor, terms: &[Term]) -> Result<(Tensor, Tensor)> {
+    let (values, grad) = evaluate(logits, terms, true)?;
+    Ok((values, grad.expect("evaluate returns the gradient when asked")))
+}
+
+fn evaluate(logits: &Tensor, terms: &[Term], with_grad: bool) -> Result<(Tensor, Option<Tensor>)> {
+    let (mut values, mut grad) = (vec![None; terms.len()], None);
     for g in groups(terms, logits.dim(0)?, logits.device())? {
-        let weighted = (entry_nll(&scaled(logits, g.scale)?, &g.ids)? * &g.weights)?;
+        let z = scaled(logits, g.scale)?;
+        let weighted = (entry_nll(&z, &g.ids)? * &g.weights)?;
         for &(i, column) in &g.members {
             values[i] = Some(weighted.narrow(1, column, terms[i].k)?.sum_all()?);
         }
+        if with_grad {
+            let part = scaled(&entry_nll_grad(&z, &g.ids, &g.weights.broadcast_mul(&g.mix)?)?, g.scale)?;
+            grad = Some(match grad {
+                None => part,
+                Some(sum) => (sum + part)?,
+            });
+        }
     }
-    Tensor::stack(&values.into_iter().map(|v| v.expect("every term is in a group")).collect::<Vec<_>>(), 0)
-}
-
-/// The gradient of `sum_t mix_t * value_t` with respect to logits `[n, V]` (f32), as one
-/// `[n, V]` tensor: per scale `s`, `s * (softmax(s z) * sum_k w_k - scatter(w))`.
-pub fn logits_grad(logits: &Tensor, terms: &[Term]) -> Result<Tensor> {
-    let mut grad: Option<Tensor> = None;
-    for g in groups(terms, logits.dim(0)?, logits.device())? {
-        let part = entry_nll_grad(&scaled(logits, g.scale)?, &g.ids, &g.weights.broadcast_mul(&g.mix)?)?;
-        let part = scaled(&part, g.scale)?;
-        grad = Some(match grad {
-            None => part,
-            Some(sum) => (sum + part)?,
-        });
-    }
-    match grad {
-        Some(grad) => Ok(grad),
-        None => logits.zeros_like(),
-    }
+    let values = values.into_iter().map(|v| v.expect("every term is in a group")).collect::<Vec<_>>();
+    let grad = match (with_grad, grad) {
+        (true, None) => Some(logits.zeros_like()?),
+        (_, grad) => grad,
+    };
+    Ok((Tensor::stack(&values, 0)?, grad))
 }
