@@ -46,8 +46,8 @@ pub(crate) fn fusable(tensors: &[&Tensor], reach: Reach) -> bool {
         DType::BF16 => reach == Reach::CudaBf16 && t.device().is_cuda(),
         _ => false,
     };
-    let same = |t: &&Tensor| t.dtype() == tensors[0].dtype();
-    tensors.iter().all(|t| kernels_on(t.device(), reach) && dtype_ok(t) && same(&t))
+    let same = |t: &Tensor| t.dtype() == tensors[0].dtype();
+    tensors.iter().all(|t| kernels_on(t.device(), reach) && dtype_ok(t) && same(t))
 }
 
 /// Softmax over the last dimension.
