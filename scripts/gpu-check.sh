@@ -5,7 +5,8 @@
 #                                compressed into gpu-check/ (gitignored; must stay within 64 MiB)
 #   scripts/gpu-check.sh run     on the GPU machine, from the repository root with gpu-check/
 #                                carried over: the device tests (tests/it/device.rs), then the
-#                                training benchmark in bf16 (tokens/s, MFU); about 4 minutes
+#                                training benchmark in bf16 (tokens/s, MFU), fused and composed;
+#                                about 5 minutes; every step runs even if one fails
 # The GPU machine has driver 580; the CUDA 13 libraries (cuBLAS, cuRAND, NVRTC) come from its
 # PyTorch install, found under python's site-packages.
 set -euo pipefail
@@ -35,18 +36,26 @@ case "$mode" in
     xz -dc "$dir/fusellm.xz" >"$work/fusellm" && xz -dc "$dir/it.xz" >"$work/it"
     chmod +x "$work/fusellm" "$work/it"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
-    timeout 180 "$work/it" --ignored --test-threads 1 device::
+    # Every step runs even when one before it fails; the exit status says whether all passed.
+    # The logs also go to $OUT when the device tool sets it.
+    logs=${OUT:-$work}
+    status=0
+    timeout 180 "$work/it" --ignored --test-threads 1 --nocapture device:: 2>&1 | tee "$logs/device-tests.log" || status=1
     # A Llama of about 0.5B parameters, in bf16 with f32 master weights; 989 TFLOP/s is the
-    # dense bf16 peak of an H100 or H200 (SXM).
+    # dense bf16 peak of an H100 or H200 (SXM). The composed run measures what our kernels
+    # bring over candle's compositions.
     cat >"$work/llama.json" <<'JSON'
 {"model_type": "llama", "vocab_size": 32000, "hidden_size": 1536, "intermediate_size": 4096,
  "num_hidden_layers": 16, "num_attention_heads": 12, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5}
 JSON
-    for fusion in "" --fusion; do
-      timeout 150 "$work/fusellm" bench train --device cuda --dtype bf16 --config "$work/llama.json" \
-        --batch 8 --seq 1024 --iters 10 --only fused --peak-tflops 989 $fusion
+    llama=(bench train --device cuda --dtype bf16 --config "$work/llama.json" --batch 8 --seq 1024 --iters 10 --peak-tflops 989)
+    for args in "--only fused" "--only fused --fusion" "--only composed"; do
+      # shellcheck disable=SC2086 # the arguments split on purpose
+      timeout 150 "$work/fusellm" "${llama[@]}" $args 2>&1 | tee -a "$logs/bench.log" || status=1
     done
-    timeout 60 "$work/fusellm" bench train --device cuda --vocab 32000 --iters 20 --only fused
+    timeout 60 "$work/fusellm" bench train --device cuda --vocab 32000 --iters 20 --only fused 2>&1 |
+      tee -a "$logs/bench.log" || status=1
+    exit $status
     ;;
   *) echo "usage: $0 build|run" >&2; exit 2 ;;
 esac

@@ -254,7 +254,8 @@ mod tests {
     fn term(rng: &mut Rng, n: usize, k: usize, v: u32, scale: f32, mix: f32) -> Term {
         let ids = (0..n * k).map(|_| rng.below(v)).collect();
         // Every fifth row left out of the term.
-        let weights = (0..n * k).map(|i| if (i / k).is_multiple_of(5) { 0.0 } else { rng.unit() as f32 / n as f32 }).collect();
+        let weights =
+            (0..n * k).map(|i| if (i / k).is_multiple_of(5) { 0.0 } else { rng.unit() as f32 / n as f32 }).collect();
         Term { scale, k, ids, weights, mix }
     }
 
