@@ -74,9 +74,15 @@ fn ops_on_the_device_match_the_cpu_kernels() {
     let (b, t, h, kv, d, v) = (2, 33, 4, 2, 16, 3000);
     let x = random(&mut rng, &[b, t, h * d], 1.0);
     let w = random(&mut rng, &[h * d], 1.0);
-    results.push(same_on_device("softmax", &[random(&mut rng, &[b, h, t, t], 3.0)], 1e-5, |x| {
-        ops::softmax(&x[0]).unwrap()
-    }));
+    let scores = random(&mut rng, &[b, h, t, t], 3.0);
+    let bias =
+        random(&mut rng, &[b, 1, t, t], 1.0).broadcast_add(&attention_mask(t, None, &Device::Cpu).unwrap()).unwrap();
+    for (name, tol, dtype) in [("attention softmax", 1e-5, DType::F32), ("attention softmax bf16", 1e-2, DType::BF16)] {
+        results.push(same_on_device(name, &[scores.clone()], tol, |x| {
+            let x = if dtype == DType::BF16 { bf16_on_device(x) } else { x.to_vec() };
+            ops::attention_softmax(&x[0], &bias.to_device(x[0].device()).unwrap(), 0.3).unwrap()
+        }));
+    }
     results.push(same_on_device("rms_norm", &[x.clone(), w.clone()], 1e-5, |x| {
         ops::rms_norm(&x[0], &x[1], 1e-5).unwrap()
     }));

@@ -3,6 +3,7 @@
 
 use candle_core::{Device, Tensor, Var};
 use fusellm_core::model::ops::{self, composed};
+use fusellm_core::model::positions::attention_mask;
 use fusellm_core::rng::Rng;
 
 fn random(rng: &mut Rng, shape: &[usize], scale: f64) -> Var {
@@ -37,9 +38,19 @@ fn check(name: &str, inputs: &[Var], fused: impl Fn(&[Tensor]) -> Tensor, refere
 #[test]
 fn fused_kernels_match_the_compositions() {
     let mut rng = Rng::new(1);
-    for shape in [vec![3, 7], vec![2, 4, 16], vec![2, 3, 5, 64]] {
-        let x = random(&mut rng, &shape, 3.0);
-        check("softmax", &[x], |t| ops::softmax(&t[0]).unwrap(), |t| composed::softmax(&t[0]).unwrap());
+    // Attention scores with a bias per head or per sequence, a causal mask among them.
+    for (b, h, t, s, bias_b, bias_h) in [(1, 1, 3, 7, 1, 1), (2, 3, 5, 5, 1, 3), (2, 4, 16, 64, 2, 1)] {
+        let x = random(&mut rng, &[b, h, t, s], 3.0);
+        let mut bias = random(&mut rng, &[bias_b, bias_h, t, s], 1.0).as_tensor().clone();
+        if t == s {
+            bias = bias.broadcast_add(&attention_mask(t, None, &Device::Cpu).unwrap()).unwrap();
+        }
+        check(
+            "attention softmax",
+            &[x],
+            |x| ops::attention_softmax(&x[0], &bias, 0.3).unwrap(),
+            |x| composed::attention_softmax(&x[0], &bias, 0.3).unwrap(),
+        );
     }
     for (rows, d) in [(5, 8), (2 * 9, 64), (4 * 33, 96)] {
         let (x, w, b) = (random(&mut rng, &[rows, d], 2.0), random(&mut rng, &[d], 1.0), random(&mut rng, &[d], 1.0));

@@ -72,22 +72,6 @@ extern "C" __global__ void entry_nll_bwd(const float* logits, const unsigned int
     }
 }
 
-// ---- softmax over rows of n: y = softmax(x); dx = y * (g - sum(g * y))
-extern "C" __global__ void softmax_fwd(const float* x, float* y, int n) {
-    const float* xr = x + (size_t)blockIdx.x * n;
-    float* yr = y + (size_t)blockIdx.x * n;
-    float lse = row_lse(xr, n);
-    for (int j = threadIdx.x; j < n; j += blockDim.x) yr[j] = expf(xr[j] - lse);
-}
-
-extern "C" __global__ void softmax_bwd(const float* y, const float* g, float* dx, int n) {
-    size_t at = (size_t)blockIdx.x * n;
-    float dot = 0.0f;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) dot += y[at + j] * g[at + j];
-    dot = block_reduce(dot, false);
-    for (int j = threadIdx.x; j < n; j += blockDim.x) dx[at + j] = y[at + j] * (g[at + j] - dot);
-}
-
 // ---- Element types. bf16 travels as its bits, so that NVRTC needs no headers: loads widen
 // to f32, stores round to nearest even. The layers' kernels below are templates over the
 // element type; EACH_TYPE instantiates a kernel as <name>_f32 and <name>_bf16.
@@ -100,6 +84,36 @@ __device__ __forceinline__ void store(bf16* p, size_t i, float v) {
     p[i] = (u & 0x7fffffff) > 0x7f800000 ? (bf16)0x7fc0 : (bf16)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
 }
 #define EACH_TYPE(KERNEL) KERNEL(float, f32) KERNEL(bf16, bf16)
+
+// ---- attention softmax: y = softmax(x * scale + bias) over rows of n (one block per row),
+// x [b, h, t, n], bias [bias_b, bias_h, t, n] f32 with bias_b in {1, b}, bias_h in {1, h};
+// dx = scale * y * (g - sum(g * y))
+template <typename T>
+__device__ void attention_softmax_fwd(const T* x, const float* bias, T* y, int n, int t, int heads, int bias_b, int bias_h, float scale) {
+    size_t row = blockIdx.x, at = row * n;
+    size_t i = row % t, hi = row / t % heads, bi = row / t / heads;
+    const float* br = bias + (((bias_b == 1 ? 0 : bi) * bias_h + (bias_h == 1 ? 0 : hi)) * t + i) * n;
+    float m = NEG_INF;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) m = fmaxf(m, load(x, at + j) * scale + br[j]);
+    m = block_reduce(m, true);
+    float s = 0.0f;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) s += expf(load(x, at + j) * scale + br[j] - m);
+    float lse = m + logf(block_reduce(s, false));
+    for (int j = threadIdx.x; j < n; j += blockDim.x) store(y, at + j, expf(load(x, at + j) * scale + br[j] - lse));
+}
+#define ATTENTION_SOFTMAX_FWD(T, S) extern "C" __global__ void attention_softmax_fwd_##S(const T* x, const float* bias, T* y, int n, int t, int heads, int bias_b, int bias_h, float scale) { attention_softmax_fwd(x, bias, y, n, t, heads, bias_b, bias_h, scale); }
+EACH_TYPE(ATTENTION_SOFTMAX_FWD)
+
+template <typename T>
+__device__ void softmax_bwd(const T* y, const T* g, T* dx, int n, float scale) {
+    size_t at = (size_t)blockIdx.x * n;
+    float dot = 0.0f;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) dot += load(y, at + j) * load(g, at + j);
+    dot = block_reduce(dot, false);
+    for (int j = threadIdx.x; j < n; j += blockDim.x) store(dx, at + j, scale * load(y, at + j) * (load(g, at + j) - dot));
+}
+#define SOFTMAX_BWD(T, S) extern "C" __global__ void softmax_bwd_##S(const T* y, const T* g, T* dx, int n, float scale) { softmax_bwd(y, g, dx, n, scale); }
+EACH_TYPE(SOFTMAX_BWD)
 
 // ---- RMSNorm (centre = 0) and LayerNorm (centre = 1) over rows of n
 // Row statistics: the mean (0 for RMSNorm) and r = 1 / sqrt(var + eps).
@@ -350,7 +364,7 @@ mod tests {
         let layers =
             ["norm_fwd", "norm_bwd_dx", "norm_bwd_partial", "norm_bwd_params", "rope", "swiglu_fwd", "swiglu_bwd"];
         let typed = layers.iter().flat_map(|k| [super::kernel::<f32>(k), super::kernel::<half::bf16>(k)]);
-        let rows = ["entry_nll_fwd", "entry_nll_bwd", "softmax_fwd", "softmax_bwd"].map(String::from);
+        let rows = ["entry_nll_fwd", "entry_nll_bwd"].map(String::from);
         for kernel in rows.into_iter().chain(typed) {
             assert!(ptx.contains(&format!(".entry {kernel}(")), "{kernel} missing from the PTX");
         }

@@ -1,8 +1,8 @@
 //! Differentiable building blocks. candle's fused kernels (softmax_last_dim, rms_norm, the
 //! LayerNorm fast path, rope) record no backward op, so training through them would stop
 //! gradients silently. These use our own fused kernels, which have a backward, where they
-//! exist (`fused`, `fused_attention`: f32 on the CPU; on CUDA softmax in f32, and the norms,
-//! RoPE and SwiGLU in f32 and bf16); elsewhere, compositions of ops that all have one
+//! exist (`fused`, `fused_attention`: f32 on the CPU; on CUDA the attention softmax, the
+//! norms, RoPE and SwiGLU in f32 and bf16); elsewhere, compositions of ops that all have one
 //! (`composed`, also the reference the fused kernels are tested against).
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -50,11 +50,13 @@ pub(crate) fn fusable(tensors: &[&Tensor], reach: Reach) -> bool {
     tensors.iter().all(|t| kernels_on(t.device(), reach) && dtype_ok(t) && same(t))
 }
 
-/// Softmax over the last dimension.
-pub fn softmax(x: &Tensor) -> Result<Tensor> {
-    match fusable(&[x], Reach::Cuda) {
-        true => fused::softmax(x),
-        false => composed::softmax(x),
+/// The attention probabilities `softmax(x * scale + bias)` over the last dimension of
+/// scores `x: [b, h, t, s]`, in `x`'s dtype, computed in f32; `bias` (`[b or 1, h or 1, t,
+/// s]`, f32: masks, ALiBi) gets no gradient.
+pub fn attention_softmax(x: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    match fusable(&[x], Reach::CudaBf16) && fusable(&[bias], Reach::Cuda) {
+        true => fused::attention_softmax(x, bias, scale),
+        false => composed::attention_softmax(x, bias, scale),
     }
 }
 
@@ -150,11 +152,12 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 pub mod composed {
     use super::*;
 
-    /// With a detached max, as [`log_softmax`].
-    pub fn softmax(x: &Tensor) -> Result<Tensor> {
-        let shifted = x.broadcast_sub(&x.max_keepdim(D::Minus1)?.detach())?;
+    /// In f32, with a detached max as [`log_softmax`]; the bias is a constant.
+    pub fn attention_softmax(x: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+        let scores = (x * scale)?.to_dtype(DType::F32)?.broadcast_add(&bias.detach())?;
+        let shifted = scores.broadcast_sub(&scores.max_keepdim(D::Minus1)?.detach())?;
         let num = shifted.exp()?;
-        num.broadcast_div(&num.sum_keepdim(D::Minus1)?)
+        num.broadcast_div(&num.sum_keepdim(D::Minus1)?)?.to_dtype(x.dtype())
     }
 
     pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
@@ -187,7 +190,7 @@ pub mod composed {
     }
 
     /// As transformers' eager attention: heads transposed out, key-value heads repeated,
-    /// scores and softmax in f32.
+    /// softmax in f32 ([`super::attention_softmax`], our kernel where there is one).
     pub fn attention(
         q: &Tensor,
         k: &Tensor,
@@ -208,8 +211,7 @@ pub mod composed {
         }
         let k = candle_transformers::utils::repeat_kv(k, heads / kv)?;
         let v = candle_transformers::utils::repeat_kv(v, heads / kv)?;
-        let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?.broadcast_add(bias)?;
-        let probs = super::softmax(&scores)?.to_dtype(v.dtype())?;
+        let probs = super::attention_softmax(&q.matmul(&k.t()?)?, bias, scale)?;
         probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, heads * d))
     }
 }
