@@ -152,6 +152,31 @@ fn ops_on_the_device_match_the_cpu_kernels() {
     assert!(failed.is_empty(), "{} of {} ops differ beyond their bounds: {failed:#?}", failed.len(), results.len());
 }
 
+/// AdamW in place on the device (f32 parameters, and bf16 ones with f32 master weights)
+/// against the CPU: the same parameters after three steps.
+#[test]
+#[ignore = "needs a CUDA build and a GPU: scripts/gpu-check.sh"]
+fn adamw_on_the_device_matches_the_cpu() {
+    let mut rng = Rng::new(4);
+    let (init, grads) = (random(&mut rng, &[300, 7], 1.0), random(&mut rng, &[300, 7], 0.1));
+    let steps = |device: &Device, dtype: DType| {
+        let var = Var::from_tensor(&init.to_device(device).unwrap().to_dtype(dtype).unwrap()).unwrap();
+        let vars = vec![("w".to_string(), var.clone())];
+        let mut optimizer = AdamW::new(&vars, AdamWConfig::default()).unwrap();
+        for step in 1..=3 {
+            let g = (grads.to_device(device).unwrap().to_dtype(dtype).unwrap() * step as f64).unwrap();
+            let loss = (var.as_tensor() * g).unwrap().sum_all().unwrap();
+            optimizer.step(&vars, &loss.backward().unwrap(), 0.5, 1e-2).unwrap();
+        }
+        var.as_tensor().to_dtype(DType::F32).unwrap().to_device(&Device::Cpu).unwrap()
+    };
+    let cpu = steps(&Device::Cpu, DType::F32);
+    for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
+        let diff = max_abs(&(steps(&device(), dtype) - &cpu).unwrap());
+        assert!(diff <= tol * max_abs(&cpu), "{dtype:?}: parameters differ by {diff}");
+    }
+}
+
 /// A few bf16 steps of a small Llama on the device on one batch: the loss falls, and every
 /// parameter's gradient is finite and not all zero.
 #[test]
@@ -161,7 +186,8 @@ fn a_bf16_training_step_on_the_device_learns() {
     use fusellm_sdk::{CheckpointFiles, PluginKind};
     let config = serde_json::json!({
         "model_type": "llama", "vocab_size": 500, "hidden_size": 64, "intermediate_size": 128,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
+        "rms_norm_eps": 1e-5
     })
     .to_string();
     let registry = Registry::with_builtins().unwrap();

@@ -240,6 +240,24 @@ __device__ void swiglu_bwd(const T* gate, const T* up, const T* g, T* out, int l
 }
 #define SWIGLU_BWD(T, S) extern "C" __global__ void swiglu_bwd_##S(const T* gate, const T* up, const T* g, T* out, int len) { swiglu_bwd(gate, up, g, out, len); }
 EACH_TYPE(SWIGLU_BWD)
+
+// ---- AdamW, in place on f32 state (the gradient in f32 or bf16):
+// m = decay * m + scale * g (or g^2); p = p * keep - step * m / (sqrt(v) / bc2 + eps)
+template <typename T>
+__device__ void adamw_moment(float* m, const T* g, int n, float decay, float scale, int square) {
+    int k = blockIdx.x * blockDim.x + threadIdx.x;
+    if (k >= n) return;
+    float gk = load(g, k);
+    m[k] = decay * m[k] + scale * (square ? gk * gk : gk);
+}
+#define ADAMW_MOMENT(T, S) extern "C" __global__ void adamw_moment_##S(float* m, const T* g, int n, float decay, float scale, int square) { adamw_moment(m, g, n, decay, scale, square); }
+EACH_TYPE(ADAMW_MOMENT)
+
+extern "C" __global__ void adamw_update(float* p, const float* m, const float* v, int n, float keep, float step, float bc2, float eps) {
+    int k = blockIdx.x * blockDim.x + threadIdx.x;
+    if (k >= n) return;
+    p[k] = p[k] * keep - step * m[k] / (sqrtf(v[k]) / bc2 + eps);
+}
 "#;
 
 static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
@@ -267,7 +285,7 @@ macro_rules! launch {
             builder.arg(arg);
         )+
         // SAFETY: the callers pass the kernel's arguments, sized for `$config`.
-        unsafe { builder.launch($config) }.w()
+        unsafe { builder.launch($config) }.w().map(|_| ())
     }};
 }
 
@@ -342,7 +360,7 @@ pub(crate) fn columns(n: usize, parts: usize) -> Result<cudarc::driver::LaunchCo
 
 /// Device memory of the custom ops' inputs.
 pub(crate) mod gpu {
-    use candle_core::cuda_backend::cudarc::driver::CudaView;
+    use candle_core::cuda_backend::cudarc::driver::{CudaView, CudaViewMut};
     use candle_core::cuda_backend::CudaDType;
     use candle_core::{CudaStorage, Layout, Result};
 
@@ -351,6 +369,14 @@ pub(crate) mod gpu {
         match l.contiguous_offsets() {
             Some((start, end)) => Ok(s.as_cuda_slice::<T>()?.slice(start..end)),
             None => candle_core::bail!("a fusellm CUDA kernel got a non-contiguous input"),
+        }
+    }
+
+    /// The same, to write in place.
+    pub(crate) fn rows_mut<'a, T: CudaDType>(s: &'a mut CudaStorage, l: &Layout) -> Result<CudaViewMut<'a, T>> {
+        match l.contiguous_offsets() {
+            Some((start, end)) => Ok(s.as_cuda_slice_mut::<T>()?.slice_mut(start..end)),
+            None => candle_core::bail!("a fusellm CUDA kernel got a non-contiguous output"),
         }
     }
 }
@@ -364,7 +390,7 @@ mod tests {
         let layers =
             ["norm_fwd", "norm_bwd_dx", "norm_bwd_partial", "norm_bwd_params", "rope", "swiglu_fwd", "swiglu_bwd"];
         let typed = layers.iter().flat_map(|k| [super::kernel::<f32>(k), super::kernel::<half::bf16>(k)]);
-        let rows = ["entry_nll_fwd", "entry_nll_bwd"].map(String::from);
+        let rows = ["entry_nll_fwd", "entry_nll_bwd", "adamw_update"].map(String::from);
         for kernel in rows.into_iter().chain(typed) {
             assert!(ptx.contains(&format!(".entry {kernel}(")), "{kernel} missing from the PTX");
         }

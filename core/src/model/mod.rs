@@ -5,7 +5,7 @@
 mod attention;
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
-mod cuda;
+pub(crate) mod cuda;
 pub mod entry_nll;
 mod fused;
 mod fused_attention;

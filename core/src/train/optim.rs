@@ -8,6 +8,10 @@ use candle_core::{backprop::GradStore, CpuStorage, DType, InplaceOp2, InplaceOp3
 use rayon::prelude::*;
 
 use crate::model::cpu::{f32s, f32s_mut};
+#[cfg(feature = "cuda")]
+use crate::model::cuda::{self, gpu, launch, per_element};
+#[cfg(feature = "cuda")]
+use candle_core::{backend::BackendStorage, CudaStorage};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -63,15 +67,23 @@ impl AdamW {
             let grad = grads
                 .get(var)
                 .ok_or_else(|| Error::msg(format!("`{name}` received no gradient; the loss does not depend on it")))?;
-            if master.is_none() && in_place(&[var.as_tensor(), grad, m, v]) {
-                // In place on the CPU: three passes, no allocation.
+            // The f32 tensor the update goes to.
+            let target = match master {
+                Some(weights) => weights.clone(),
+                None => var.as_tensor().clone(),
+            };
+            if in_place(&target, grad, m, v) {
+                // Three passes, no allocation (and the cast of the master weights).
                 m.inplace_op2(grad, &Moment { decay: beta1, scale: (1.0 - beta1) * grad_scale, square: false })?;
                 v.inplace_op2(
                     grad,
                     &Moment { decay: beta2, scale: (1.0 - beta2) * grad_scale * grad_scale, square: true },
                 )?;
                 let update = Update { keep: 1.0 - lr * weight_decay, step_size, bias_correction2_sqrt, eps };
-                var.as_tensor().inplace_op3(m, v, &update)?;
+                target.inplace_op3(m, v, &update)?;
+                if master.is_some() {
+                    var.set(&target.to_dtype(var.dtype())?)?;
+                }
                 continue;
             }
             let grad = (grad.to_dtype(DType::F32)? * grad_scale)?;
@@ -150,9 +162,20 @@ pub fn grad_norm(vars: &[(String, Var)], grads: &GradStore) -> Result<(f64, Opti
     Ok((total.sqrt(), None))
 }
 
-/// Whether the in-place CPU update applies: f32, contiguous, on the CPU.
-fn in_place(tensors: &[&Tensor]) -> bool {
-    tensors.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous())
+/// Whether the in-place update applies: the updated f32 weights and the moments
+/// contiguous on the gradient's device, which is the CPU (an f32 gradient) or, in a CUDA
+/// build, a CUDA device (an f32 or bf16 gradient).
+fn in_place(target: &Tensor, grad: &Tensor, m: &Tensor, v: &Tensor) -> bool {
+    let device = grad.device();
+    let state =
+        [target, m, v].iter().all(|t| t.dtype() == DType::F32 && t.is_contiguous() && t.device().same_device(device));
+    let cuda = cfg!(feature = "cuda") && device.is_cuda();
+    let grad_dtype = match grad.dtype() {
+        DType::F32 => device.is_cpu() || cuda,
+        DType::BF16 => cuda,
+        _ => false,
+    };
+    state && grad_dtype && grad.is_contiguous()
 }
 
 /// `m = decay * m + scale * g` (or `g^2` when `square`), in place.
@@ -176,6 +199,17 @@ impl InplaceOp2 for Moment {
             }
         });
         Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &mut CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> candle_core::Result<()> {
+        let (n, dev) = (l1.shape().elem_count(), s1.device.clone());
+        let m = &mut gpu::rows_mut::<f32>(s1, l1)?;
+        let (decay, scale, square) = (self.decay as f32, self.scale as f32, i32::from(self.square));
+        per_element!(s2.dtype(), T => {
+            let (g, name) = (gpu::rows::<T>(s2, l2)?, cuda::kernel::<T>("adamw_moment"));
+            launch!(dev, name, cuda::elements(n)?, m, &g, &cuda::int(n)?, &decay, &scale, &square)
+        })
     }
 }
 
@@ -210,5 +244,23 @@ impl InplaceOp3 for Update {
             }
         });
         Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<()> {
+        let (n, dev) = (l1.shape().elem_count(), s1.device.clone());
+        let p = &mut gpu::rows_mut::<f32>(s1, l1)?;
+        let (m, v) = (gpu::rows::<f32>(s2, l2)?, gpu::rows::<f32>(s3, l3)?);
+        let (keep, step, bc2, eps) =
+            (self.keep as f32, self.step_size as f32, self.bias_correction2_sqrt as f32, self.eps as f32);
+        launch!(dev, "adamw_update", cuda::elements(n)?, p, &m, &v, &cuda::int(n)?, &keep, &step, &bc2, &eps)
     }
 }
