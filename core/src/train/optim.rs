@@ -148,18 +148,23 @@ impl AdamW {
 }
 
 /// The global L2 norm of the gradients (summed in f64), and the first parameter whose
-/// gradient is not finite.
+/// gradient is not finite. The squared sums are read from the device at once: one
+/// synchronisation per step, not one per parameter.
 pub fn grad_norm(vars: &[(String, Var)], grads: &GradStore) -> Result<(f64, Option<String>)> {
-    let mut total = 0.0;
+    let (mut names, mut sums) = (Vec::new(), Vec::new());
     for (name, var) in vars {
         let Some(g) = grads.get(var) else { continue };
-        let sq = g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-        if !sq.is_finite() {
-            return Ok((f64::NAN, Some(name.clone())));
-        }
-        total += sq;
+        names.push(name);
+        sums.push(g.to_dtype(DType::F32)?.sqr()?.sum_all()?);
     }
-    Ok((total.sqrt(), None))
+    if sums.is_empty() {
+        return Ok((0.0, None));
+    }
+    let sums = Tensor::stack(&sums, 0)?.to_vec1::<f32>()?;
+    if let Some(i) = sums.iter().position(|s| !s.is_finite()) {
+        return Ok((f64::NAN, Some(names[i].clone())));
+    }
+    Ok((sums.iter().map(|&s| s as f64).sum::<f64>().sqrt(), None))
 }
 
 /// Whether the in-place update applies: the updated f32 weights and the moments
