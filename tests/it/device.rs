@@ -22,8 +22,10 @@ fn random(rng: &mut Rng, shape: &[usize], scale: f64) -> Tensor {
     Tensor::from_vec((0..n).map(|_| (rng.normal() * scale) as f32).collect(), shape, &Device::Cpu).unwrap()
 }
 
+/// The largest magnitude, or NaN if any element is NaN (so that no bound holds).
 fn max_abs(t: &Tensor) -> f32 {
-    t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    let values = t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    values.iter().fold(0f32, |a, &v| if a.is_nan() || v.is_nan() { f32::NAN } else { a.max(v.abs()) })
 }
 
 /// `op` on the CPU (fused kernels) and on the device (its own path) from the same inputs:
@@ -74,14 +76,18 @@ fn ops_on_the_device_match_the_cpu_kernels() {
     let (b, t, h, kv, d, v) = (2, 33, 4, 2, 16, 3000);
     let x = random(&mut rng, &[b, t, h * d], 1.0);
     let w = random(&mut rng, &[h * d], 1.0);
-    let scores = random(&mut rng, &[b, h, t, t], 3.0);
-    let bias =
-        random(&mut rng, &[b, 1, t, t], 1.0).broadcast_add(&attention_mask(t, None, &Device::Cpu).unwrap()).unwrap();
-    for (name, tol, dtype) in [("attention softmax", 1e-5, DType::F32), ("attention softmax bf16", 1e-2, DType::BF16)] {
-        results.push(same_on_device(name, &[scores.clone()], tol, |x| {
-            let x = if dtype == DType::BF16 { bf16_on_device(x) } else { x.to_vec() };
-            ops::attention_softmax(&x[0], &bias.to_device(x[0].device()).unwrap(), 0.3).unwrap()
-        }));
+    // Causal scores with a bias per sequence, and wide rows with a bias per head (ALiBi's).
+    let mask = attention_mask(t, None, &Device::Cpu).unwrap();
+    let causal =
+        (random(&mut rng, &[b, h, t, t], 3.0), random(&mut rng, &[b, 1, t, t], 1.0).broadcast_add(&mask).unwrap());
+    let wide_rows = (random(&mut rng, &[b, h, 5, 300], 3.0), random(&mut rng, &[1, h, 5, 300], 1.0));
+    for (what, (scores, bias)) in [("causal", causal), ("wide", wide_rows)] {
+        for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
+            results.push(same_on_device(&format!("attention softmax {what} {dtype:?}"), &[scores.clone()], tol, |x| {
+                let x = if dtype == DType::BF16 { bf16_on_device(x) } else { x.to_vec() };
+                ops::attention_softmax(&x[0], &bias.to_device(x[0].device()).unwrap(), 0.3).unwrap()
+            }));
+        }
     }
     results.push(same_on_device("rms_norm", &[x.clone(), w.clone()], 1e-5, |x| {
         ops::rms_norm(&x[0], &x[1], 1e-5).unwrap()
@@ -152,13 +158,15 @@ fn ops_on_the_device_match_the_cpu_kernels() {
     assert!(failed.is_empty(), "{} of {} ops differ beyond their bounds: {failed:#?}", failed.len(), results.len());
 }
 
-/// AdamW in place on the device (f32 parameters, and bf16 ones with f32 master weights)
-/// against the CPU: the same parameters after three steps.
+/// AdamW in place on the device against the CPU, three steps: f32 parameters alike, and
+/// for bf16 ones the f32 master weights moved alike (within the bf16 gradients' rounding)
+/// and the parameters equal to the master weights rounded.
 #[test]
 #[ignore = "needs a CUDA build and a GPU: scripts/gpu-check.sh"]
 fn adamw_on_the_device_matches_the_cpu() {
     let mut rng = Rng::new(4);
     let (init, grads) = (random(&mut rng, &[300, 7], 1.0), random(&mut rng, &[300, 7], 0.1));
+    // The parameters, and the master weights if any, after three steps.
     let steps = |device: &Device, dtype: DType| {
         let var = Var::from_tensor(&init.to_device(device).unwrap().to_dtype(dtype).unwrap()).unwrap();
         let vars = vec![("w".to_string(), var.clone())];
@@ -168,13 +176,26 @@ fn adamw_on_the_device_matches_the_cpu() {
             let loss = (var.as_tensor() * g).unwrap().sum_all().unwrap();
             optimizer.step(&vars, &loss.backward().unwrap(), 0.5, 1e-2).unwrap();
         }
-        var.as_tensor().to_dtype(DType::F32).unwrap().to_device(&Device::Cpu).unwrap()
+        let cpu = |t: &Tensor| t.to_device(&Device::Cpu).unwrap();
+        (cpu(var.as_tensor()), optimizer.state(&vars).get("master.w").map(cpu))
     };
-    let cpu = steps(&Device::Cpu, DType::F32);
-    for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
-        let diff = max_abs(&(steps(&device(), dtype) - &cpu).unwrap());
-        assert!(diff <= tol * max_abs(&cpu), "{dtype:?}: parameters differ by {diff}");
-    }
+    // How far the weights moved from where they started (bf16 ones start from `init` rounded).
+    let moved = |t: &Tensor, dtype: DType| {
+        let start = init.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
+        (t.to_dtype(DType::F32).unwrap() - start).unwrap()
+    };
+    let (cpu, _) = steps(&Device::Cpu, DType::F32);
+    let scale = max_abs(&moved(&cpu, DType::F32));
+    let (f32s, _) = steps(&device(), DType::F32);
+    let diff = max_abs(&(&f32s - &cpu).unwrap());
+    assert!(diff <= 1e-5 * scale, "f32: parameters differ by {diff}");
+    let (bf16s, master) = steps(&device(), DType::BF16);
+    let master = master.expect("bf16 parameters have f32 master weights");
+    let diff = max_abs(&(moved(&master, DType::BF16) - moved(&cpu, DType::F32)).unwrap());
+    assert!(diff <= 1e-2 * scale, "bf16: master weights moved {diff} apart from the CPU's (of {scale})");
+    let rounded = master.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap();
+    let off = max_abs(&(bf16s.to_dtype(DType::F32).unwrap() - rounded).unwrap());
+    assert_eq!(off, 0.0, "bf16 parameters are not the master weights rounded");
 }
 
 /// A few bf16 steps of a small Llama on the device on one batch: the loss falls, and every

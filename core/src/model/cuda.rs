@@ -387,11 +387,21 @@ mod tests {
     #[test]
     fn the_kernels_compile_with_nvrtc() {
         let ptx = super::ptx().unwrap();
-        let layers =
-            ["norm_fwd", "norm_bwd_dx", "norm_bwd_partial", "norm_bwd_params", "rope", "swiglu_fwd", "swiglu_bwd"];
-        let typed = layers.iter().flat_map(|k| [super::kernel::<f32>(k), super::kernel::<half::bf16>(k)]);
-        let rows = ["entry_nll_fwd", "entry_nll_bwd", "adamw_update"].map(String::from);
-        for kernel in rows.into_iter().chain(typed) {
+        let typed = [
+            "attention_softmax_fwd",
+            "softmax_bwd",
+            "norm_fwd",
+            "norm_bwd_dx",
+            "norm_bwd_partial",
+            "norm_bwd_params",
+            "rope",
+            "swiglu_fwd",
+            "swiglu_bwd",
+            "adamw_moment",
+        ];
+        let typed = typed.iter().flat_map(|k| [super::kernel::<f32>(k), super::kernel::<half::bf16>(k)]);
+        let untyped = ["entry_nll_fwd", "entry_nll_bwd", "adamw_update"].map(String::from);
+        for kernel in untyped.into_iter().chain(typed) {
             assert!(ptx.contains(&format!(".entry {kernel}(")), "{kernel} missing from the PTX");
         }
     }

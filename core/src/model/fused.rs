@@ -51,10 +51,16 @@ struct AttentionSoftmax {
 /// `x`'s dimensions, and the bias's batch and head counts, which must each be 1 or `x`'s.
 fn attention_dims(x: &Layout, bias: &Layout) -> Result<([usize; 4], usize, usize)> {
     let ((b, h, t, s), (bb, bh, bt, bs)) = (x.shape().dims4()?, bias.shape().dims4()?);
-    if (bb != 1 && bb != b) || (bh != 1 && bh != h) || (bt, bs) != (t, s) {
+    if (bb != 1 && bb != b) || (bh != 1 && bh != h) || (bt, bs) != (t, s) || s == 0 {
         candle_core::bail!("attention softmax: scores {:?} with a bias of {:?}", x.dims(), bias.dims());
     }
     Ok(([b, h, t, s], bb, bh))
+}
+
+/// The index of the `[t, s]` block of a `[bb, bh, t, s]` bias (`bb`, `bh` 1 or the batch and
+/// head counts, broadcast where 1) that sequence `bi`, head `hi` reads.
+pub(super) fn bias_block((bb, bh): (usize, usize), bi: usize, hi: usize) -> usize {
+    (if bb == 1 { 0 } else { bi }) * bh + if bh == 1 { 0 } else { hi }
 }
 
 impl CustomOp2 for AttentionSoftmax {
@@ -68,7 +74,7 @@ impl CustomOp2 for AttentionSoftmax {
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(s).zip(x.par_chunks(s)).enumerate().for_each(|(row, (y, x))| {
             let (i, hi, bi) = (row % t, row / t % h, row / t / h);
-            let at = (((if bb == 1 { 0 } else { bi }) * bh + if bh == 1 { 0 } else { hi }) * t + i) * s;
+            let at = (bias_block((bb, bh), bi, hi) * t + i) * s;
             for ((y, x), b) in y.iter_mut().zip(x).zip(&bias[at..at + s]) {
                 *y = x * self.scale + b;
             }

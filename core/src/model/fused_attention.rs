@@ -13,7 +13,7 @@ use candle_core::{CpuStorage, CustomOp3, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::cpu::f32s;
-use super::fused::rotate_half;
+use super::fused::{bias_block, rotate_half};
 use super::gemm::{gemm, Threads};
 use super::rowwise;
 
@@ -91,9 +91,8 @@ struct Attention {
 impl Attention {
     /// The `[t, t]` bias of sequence `bi`, head `hi`.
     fn bias(&self, bi: usize, hi: usize) -> &[f32] {
-        let (bb, bh) = self.bias_dims;
         let t = self.shape.t;
-        let at = ((if bb == 1 { 0 } else { bi }) * bh + if bh == 1 { 0 } else { hi }) * t * t;
+        let at = bias_block(self.bias_dims, bi, hi) * t * t;
         &self.bias[at..at + t * t]
     }
 

@@ -152,7 +152,8 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 pub mod composed {
     use super::*;
 
-    /// In f32, with a detached max as [`log_softmax`]; the bias is a constant.
+    /// As transformers' eager attention: scaled in `x`'s dtype, then in f32 with a detached
+    /// max as [`log_softmax`]; the bias is a constant.
     pub fn attention_softmax(x: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
         let scores = (x * scale)?.to_dtype(DType::F32)?.broadcast_add(&bias.detach())?;
         let shifted = scores.broadcast_sub(&scores.max_keepdim(D::Minus1)?.detach())?;

@@ -73,7 +73,7 @@ impl AdamW {
                 None => var.as_tensor().clone(),
             };
             if in_place(&target, grad, m, v) {
-                // Three passes, no allocation (and the cast of the master weights).
+                // Three passes and no allocation, but for the cast of the master weights.
                 m.inplace_op2(grad, &Moment { decay: beta1, scale: (1.0 - beta1) * grad_scale, square: false })?;
                 v.inplace_op2(
                     grad,
@@ -87,11 +87,7 @@ impl AdamW {
                 continue;
             }
             let grad = (grad.to_dtype(DType::F32)? * grad_scale)?;
-            let param = match master {
-                Some(weights) => weights.clone(),
-                None => var.as_tensor().clone(),
-            };
-            let param = (param * (1.0 - lr * weight_decay))?;
+            let param = (target * (1.0 - lr * weight_decay))?;
             *m = ((&*m * beta1)? + (&grad * (1.0 - beta1))?)?;
             *v = ((&*v * beta2)? + (grad.sqr()? * (1.0 - beta2))?)?;
             let denom = ((v.sqrt()? / bias_correction2_sqrt)? + eps)?;
@@ -130,16 +126,19 @@ impl AdamW {
                     .map_err(Error::from)
             };
             let (saved_m, saved_v) = (take(format!("m.{name}"))?, take(format!("v.{name}"))?);
-            if saved_m.dims() != var.dims() || saved_v.dims() != var.dims() {
-                return Err(Error::msg(format!(
-                    "the optimizer state of `{name}` has shape {:?}, the parameter {:?}",
-                    saved_m.dims(),
-                    var.dims()
-                )));
+            let saved_master = master.as_ref().map(|_| take(format!("master.{name}"))).transpose()?;
+            for saved in [Some(&saved_m), Some(&saved_v), saved_master.as_ref()].into_iter().flatten() {
+                if saved.dims() != var.dims() {
+                    return Err(Error::msg(format!(
+                        "the optimizer state of `{name}` has shape {:?}, the parameter {:?}; was it saved for another model?",
+                        saved.dims(),
+                        var.dims()
+                    )));
+                }
             }
             (*m, *v) = (saved_m, saved_v);
-            if master.is_some() {
-                *master = Some(take(format!("master.{name}"))?);
+            if saved_master.is_some() {
+                *master = saved_master;
             }
         }
         self.step = step;
@@ -183,6 +182,16 @@ fn in_place(target: &Tensor, grad: &Tensor, m: &Tensor, v: &Tensor) -> bool {
     state && grad_dtype && grad.is_contiguous()
 }
 
+/// Refuses operands of the in-place update with different element counts: the kernels
+/// read them all over the length of the first.
+fn same_sizes(layouts: &[&Layout]) -> candle_core::Result<()> {
+    let counts: Vec<usize> = layouts.iter().map(|l| l.shape().elem_count()).collect();
+    if counts.iter().any(|&n| n != counts[0]) {
+        candle_core::bail!("adamw: a parameter, its gradient and its moments of {counts:?} elements");
+    }
+    Ok(())
+}
+
 /// `m = decay * m + scale * g` (or `g^2` when `square`), in place.
 struct Moment {
     decay: f64,
@@ -196,6 +205,7 @@ impl InplaceOp2 for Moment {
     }
 
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+        same_sizes(&[l1, l2])?;
         let (m, g) = (f32s_mut(s1, l1, "adamw")?, f32s(s2, l2, "adamw")?);
         let (decay, scale, square) = (self.decay as f32, self.scale as f32, self.square);
         m.par_chunks_mut(4096).zip(g.par_chunks(4096)).for_each(|(m, g)| {
@@ -208,6 +218,7 @@ impl InplaceOp2 for Moment {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s1: &mut CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> candle_core::Result<()> {
+        same_sizes(&[l1, l2])?;
         let (n, dev) = (l1.shape().elem_count(), s1.device.clone());
         let m = &mut gpu::rows_mut::<f32>(s1, l1)?;
         let (decay, scale, square) = (self.decay as f32, self.scale as f32, i32::from(self.square));
@@ -240,6 +251,7 @@ impl InplaceOp3 for Update {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<()> {
+        same_sizes(&[l1, l2, l3])?;
         let (p, m, v) = (f32s_mut(s1, l1, "adamw")?, f32s(s2, l2, "adamw")?, f32s(s3, l3, "adamw")?);
         let (keep, step, bc2, eps) =
             (self.keep as f32, self.step_size as f32, self.bias_correction2_sqrt as f32, self.eps as f32);
@@ -261,6 +273,7 @@ impl InplaceOp3 for Update {
         s3: &CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<()> {
+        same_sizes(&[l1, l2, l3])?;
         let (n, dev) = (l1.shape().elem_count(), s1.device.clone());
         let p = &mut gpu::rows_mut::<f32>(s1, l1)?;
         let (m, v) = (gpu::rows::<f32>(s2, l2)?, gpu::rows::<f32>(s3, l3)?);
