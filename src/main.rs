@@ -46,9 +46,9 @@ enum Command {
     Align(align_cmd::AlignArgs),
     /// Map a source tokenizer's vocabulary onto a target's (EM or MinED), as JSON.
     VocabMap(align_cmd::VocabMapArgs),
-    /// Fuse the target's store with the sources' aligned stores (the config's [fusion]).
+    /// Fuse the target's store with the sources' aligned stores (the config's `[fusion]`).
     Fuse(run_cmd::FuseArgs),
-    /// Train the target (the config's [target] and [train]) on a fused store.
+    /// Train the target (the config's `[target]` and `[train]`) on a fused store.
     Train(run_cmd::TrainArgs),
     /// Run an experiment: split, precompute, align, fuse, train, eval; unchanged stages are reused.
     Run(run_cmd::RunArgs),

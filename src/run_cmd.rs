@@ -21,7 +21,7 @@ pub struct RunArgs {
     set: Vec<String>,
 }
 
-/// The config's text with the overrides applied, and its variants (one without [sweep]).
+/// The config's text with the overrides applied, and its variants (one without `[sweep]`).
 fn load(args: &RunArgs) -> Result<Vec<(Variant, Config)>> {
     let text = std::fs::read_to_string(&args.config).context(|| format!("reading {}", args.config.display()))?;
     let text = apply_overrides(&args.config, &text, &args.set).map_err(|e| Error::msg(e.to_string()))?;
@@ -166,7 +166,7 @@ fn label(variant: &Variant) -> String {
 
 #[derive(Args)]
 pub struct TrainArgs {
-    /// The config whose [target] and [train] to use.
+    /// The config whose `[target]` and `[train]` to use.
     #[arg(long)]
     config: PathBuf,
     /// A fused store (`fusellm fuse`).
@@ -225,7 +225,7 @@ pub struct FuseArgs {
     /// Each source's aligned store (`fusellm align` against the same target store).
     #[arg(long = "aligned", required = true)]
     aligned: Vec<PathBuf>,
-    /// The config whose [fusion] plugin and parameters to use.
+    /// The config whose `[fusion]` plugin and parameters to use.
     #[arg(long)]
     config: PathBuf,
     #[arg(long)]

@@ -5,9 +5,9 @@
 
 use fusellm_sdk::TokenizerConventions;
 
-/// What BOS tokens ("<s>", ...) become.
+/// What BOS tokens (`<s>`, ...) become.
 pub const BOS: &str = "\u{2402}";
-/// What EOS tokens ("</s>", "<|endoftext|>", ...) become.
+/// What EOS tokens (`</s>`, `<|endoftext|>`, ...) become.
 pub const EOS: &str = "\u{2403}";
 /// Bytes that are not part of valid UTF-8 become private-use characters from here on, so
 /// that every byte stays distinct and every canonical string is valid UTF-8.

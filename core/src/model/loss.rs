@@ -161,7 +161,7 @@ impl Objective {
     /// The losses for the final hidden states `[batch, len, d]` under the head `[V, d]`
     /// (`logits = hidden @ head^T`, in f32). Where the fused kernels run (CPU, CUDA), the head
     /// and the loss are one op that never holds the `[batch * len, V]` logits
-    /// ([`head_loss`]); elsewhere the logits are computed and [`Objective::losses`] applies.
+    /// (`head_loss`); elsewhere the logits are computed and [`Objective::losses`] applies.
     pub fn losses_at_head(&self, hidden: &Tensor, head: &Tensor, batch: &LossBatch) -> Result<Losses> {
         if !ops::kernels_on(hidden.device(), ops::Reach::Cuda) {
             let logits = ops::linear(hidden, head, None)?.to_dtype(DType::F32)?;
