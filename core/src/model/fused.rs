@@ -38,6 +38,14 @@ fn unpack<const N: usize>(packed: &Tensor, shapes: [&Shape; N]) -> Result<[Tenso
     Ok(parts.try_into().expect("one part per shape"))
 }
 
+/// The gradients of both inputs `a`, `b` of a two-input op under the output's gradient `g`,
+/// from `kernel`, which writes them one after the other into one buffer.
+fn both_grads(a: &Tensor, b: &Tensor, g: &Tensor, kernel: &impl CustomOp3) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let packed = a.apply_op3_no_bwd(b, &g.contiguous()?, kernel)?;
+    let [da, db] = unpack(&packed, [a.shape(), b.shape()])?;
+    Ok((Some(da), Some(db)))
+}
+
 // ---------------------------------------------------------------- attention softmax
 
 /// The attention probabilities `softmax(x * scale + bias)` of scores `x: [b, h, t, s]`, with
@@ -520,10 +528,7 @@ impl CustomOp2 for SwiGlu {
     }
 
     fn bwd(&self, gate: &Tensor, up: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        // One buffer: d_gate then d_up.
-        let packed = gate.apply_op3_no_bwd(up, &g.contiguous()?, &SwiGluGrad)?;
-        let [d_gate, d_up] = unpack(&packed, [gate.shape(), up.shape()])?;
-        Ok((Some(d_gate), Some(d_up)))
+        both_grads(gate, up, g, &SwiGluGrad)
     }
 }
 
@@ -609,10 +614,7 @@ impl CustomOp2 for Linear {
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        // One buffer: dx then dw.
-        let packed = x.apply_op3_no_bwd(w, &g.contiguous()?, &LinearGrad)?;
-        let [dx, dw] = unpack(&packed, [x.shape(), w.shape()])?;
-        Ok((Some(dx), Some(dw)))
+        both_grads(x, w, g, &LinearGrad)
     }
 }
 
