@@ -46,7 +46,7 @@ pub struct Sizes {
 }
 
 impl Sizes {
-    /// The demo as documented: about ten minutes on two cores.
+    /// The demo as documented: about 90 seconds on two cores.
     pub fn full() -> Self {
         Self {
             pretrain_docs: 1200,
@@ -65,21 +65,16 @@ impl Sizes {
     }
 
     /// The experiment with the real tokenizers and corpora (examples/real-tokenizers): the
-    /// models are small, but their embeddings span 32k-50k tokens; about 40 minutes.
+    /// models are small, but their embeddings span 32k-50k tokens; about 20 minutes.
     pub fn real() -> Self {
         Self {
             pretrain_docs: 1500,
             continual_docs: 150,
             eval_docs: 40,
             vocab: [0; 3],
-            source: Shape { hidden: 96, layers: 2, heads: 4, max_positions: 256 },
-            target: Shape { hidden: 64, layers: 2, heads: 4, max_positions: 256 },
-            seq_len: 128,
-            batch: 8,
-            source_steps: 400,
-            base_steps: 120,
-            continual_steps: 160,
+            source: Shape { layers: 2, ..Self::full().source },
             expert_steps: 100,
+            ..Self::full()
         }
     }
 
