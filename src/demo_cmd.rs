@@ -13,7 +13,7 @@ pub struct DemoArgs {
     /// Where everything goes: data, tokenizers, models, runs, results.json.
     #[arg(long, default_value = "runs/demo")]
     out: PathBuf,
-    /// The reduced size (about a minute; what CI runs).
+    /// The reduced size (seconds in a release build; what CI runs).
     #[arg(long)]
     quick: bool,
     #[arg(long, default_value_t = 0)]

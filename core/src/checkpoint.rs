@@ -16,12 +16,13 @@ pub struct Checkpoint {
     pub dir: PathBuf,
     pub spec: ModelSpec,
     pub adapter: String,
+    pub adapter_version: String,
     pub tokenizer: Tokenizer,
 }
 
 impl Checkpoint {
-    /// Reads `dir` with the adapter named `adapter`, or else the one that declares the
-    /// config's `model_type`.
+    /// Reads `dir` with the adapter named `adapter`, or else the one a config bound to `dir`
+    /// ([`Registry::bind_adapter`]), or else the one that declares the config's `model_type`.
     pub fn open(dir: &Path, registry: &Registry, adapter: Option<&str>) -> Result<Self> {
         if !dir.is_dir() {
             return Err(Error::msg(format!(
@@ -35,7 +36,7 @@ impl Checkpoint {
         let tokenizer_path = dir.join("tokenizer.json");
         let tokenizer_json = std::fs::read_to_string(&tokenizer_path)
             .context(|| format!("{} has no readable tokenizer.json", dir.display()))?;
-        let entry = match adapter {
+        let entry = match adapter.or_else(|| registry.bound_adapter(dir)) {
             Some(name) => registry.get(PluginKind::Adapter, name)?,
             None => {
                 let config = HfConfig::parse(&config_json).context(|| config_path.display().to_string())?;
@@ -49,7 +50,8 @@ impl Checkpoint {
         let files = CheckpointFiles { config_json: &config_json, tokenizer_json: Some(&tokenizer_json) };
         let spec = entry.adapt(&params, files).map_err(|e| Error::msg(format!("{}: {e}", dir.display())))?;
         let tokenizer = Tokenizer::load(&tokenizer_path, &spec)?;
-        Ok(Self { dir: dir.to_owned(), spec, adapter: entry.info.name.clone(), tokenizer })
+        let (adapter, adapter_version) = (entry.info.name.clone(), entry.info.version.clone());
+        Ok(Self { dir: dir.to_owned(), spec, adapter, adapter_version, tokenizer })
     }
 
     /// Loads the weights: frozen (memory-mapped) or trainable.

@@ -135,3 +135,40 @@ fn per_head_and_chunked_qkv_layouts_agree_once_the_rows_are_permuted() {
     let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert!(diff < 1e-5, "{diff}");
 }
+
+/// A config names a model's adapter: a third-party file for a checkpoint fusellm does not
+/// build in, or another registered adapter than the one config.json's `model_type` picks.
+/// A plugin of another kind is refused at its key.
+#[test]
+fn a_config_names_the_adapter_of_a_model() {
+    use fusellm_core::config::Config;
+    let mut with_neox = Registry::with_builtins().unwrap();
+    with_neox.load_file(Tier::Dylib, &dylib("gpt_neox_adapter")).unwrap();
+    let neox = neox_checkpoint(&with_neox, "config");
+    let llama = fixtures::model_dir("tiny-openllama");
+    let by_model_type = Checkpoint::open(&llama, &Registry::with_builtins().unwrap(), None).unwrap().adapter;
+    let other = if by_model_type == "llama" { "openllama" } else { "llama" };
+    let config = |source_adapter: &str| {
+        let path = neox.join(format!("{source_adapter}.toml"));
+        let text = format!(
+            "[target]\nmodel = \"{}\"\nadapter = {{ dylib = \"{}\" }}\n\n[[sources]]\nmodel = \"{}\"\nadapter = \"{source_adapter}\"\n",
+            neox.display(),
+            dylib("gpt_neox_adapter").display(),
+            llama.display()
+        );
+        std::fs::write(&path, text).unwrap();
+        Config::load(&path).unwrap()
+    };
+
+    let mut registry = Registry::with_builtins().unwrap();
+    config(other).load_plugins(&mut registry).unwrap();
+    assert_eq!(Checkpoint::open(&neox, &registry, None).unwrap().adapter, "gpt_neox");
+    assert_eq!(Checkpoint::open(&llama, &registry, None).unwrap().adapter, other, "the config's choice wins");
+
+    let e = config("min_ce").load_plugins(&mut Registry::with_builtins().unwrap()).unwrap_err();
+    assert_eq!((e.line, e.key.as_str()), (7, "sources.0.adapter"), "{e}");
+    assert!(
+        e.message.contains("`min_ce` (builtin, fusellm-ce-fusion) is a fusion plugin, not an adapter plugin"),
+        "{e}"
+    );
+}

@@ -52,6 +52,9 @@ pub struct DataSection {
 pub struct ModelRef {
     pub name: String,
     pub dir: PathAt,
+    /// The adapter that reads the checkpoint (a registered name, or a dylib or WASM file);
+    /// without one, the adapter that declares its config.json's `model_type`.
+    pub adapter: Option<PluginChoice>,
 }
 
 #[derive(Clone, Debug)]
@@ -154,13 +157,17 @@ impl Reader<'_, '_, '_> {
     }
 
     fn model(&self, s: &Section<'_, '_>, default_name: &str) -> Result<ModelRef, ConfigError> {
-        s.allow_only(&["model", "name"])?;
+        s.allow_only(&["model", "name", "adapter"])?;
         let dir =
             s.string("model")?.ok_or_else(|| s.error_at("model", "missing required key: the checkpoint folder"))?;
         let name = s.string("name")?.map(str::to_string).unwrap_or_else(|| {
             Path::new(dir).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| default_name.into())
         });
-        Ok(ModelRef { name, dir: self.path(s, "model", dir) })
+        let adapter = match s.table.contains_key("adapter") {
+            true => Some(super::named_plugin(s, "adapter", PluginKind::Adapter, self.base)?),
+            false => None,
+        };
+        Ok(ModelRef { name, dir: self.path(s, "model", dir), adapter })
     }
 
     pub fn target(&self) -> Result<Option<ModelRef>, ConfigError> {

@@ -118,11 +118,18 @@ impl Config {
         })
     }
 
-    /// Loads the plugins this config names from files into `registry`.
+    /// Loads the plugins this config names from files into `registry`, and binds each
+    /// model's named adapter to its checkpoint folder.
     pub fn load_plugins(&self, registry: &mut Registry) -> Result<(), ConfigError> {
         registry.set_wasm_limits(self.sandbox.clone());
         for choice in self.choices() {
             choice.load(registry)?;
+        }
+        for model in self.target.iter().chain(&self.sources) {
+            if let Some(adapter) = &model.adapter {
+                let name = adapter.find(registry)?.0.info.name.clone();
+                registry.bind_adapter(&model.dir.path, &name).map_err(|e| adapter.error(e.message))?;
+            }
         }
         Ok(())
     }
@@ -141,7 +148,8 @@ impl Config {
     }
 
     pub fn choices(&self) -> impl Iterator<Item = &PluginChoice> {
-        [&self.align.sequence, &self.align.vocab].into_iter().chain(self.fusion.iter())
+        let adapters = self.target.iter().chain(&self.sources).filter_map(|m| m.adapter.as_ref());
+        [&self.align.sequence, &self.align.vocab].into_iter().chain(self.fusion.iter()).chain(adapters)
     }
 }
 
@@ -195,23 +203,7 @@ impl PluginChoice {
 
 fn plugin_choice(section: &Section<'_, '_>, kind: PluginKind, base: &Path) -> Result<PluginChoice, ConfigError> {
     section.allow_only(&["plugin", "params"])?;
-    let value = section.required("plugin")?;
-    let plugin_error = section.error_at("plugin", "");
-    let plugin = match value.get_ref() {
-        DeValue::String(name) => PluginSpec::Named(name.to_string()),
-        DeValue::Table(_) => plugin_file(&section.doc.section(section.path_of("plugin"), value)?, base)?,
-        other => {
-            return Err(section.error_at(
-                "plugin",
-                format!(
-                    "expected a plugin name or {{ wasm = \"...\" }} / {{ dylib = \"...\" }}, found {}",
-                    other.type_str()
-                ),
-            ))
-        }
-    };
-    let mut params = BTreeMap::new();
-    let mut param_errors = BTreeMap::new();
+    let mut choice = named_plugin(section, "plugin", kind, base)?;
     if let Some(p) = section.subsection("params")? {
         for (key, value) in p.table.iter() {
             let name = key.get_ref().to_string();
@@ -221,11 +213,37 @@ fn plugin_choice(section: &Section<'_, '_>, kind: PluginKind, base: &Path) -> Re
                     format!("a parameter is a string, number or boolean, not {}", value.get_ref().type_str()),
                 )
             })?;
-            param_errors.insert(name.clone(), p.error_at(&name, ""));
-            params.insert(name, v);
+            choice.param_errors.insert(name.clone(), p.error_at(&name, ""));
+            choice.params.insert(name, v);
         }
     }
-    Ok(PluginChoice { kind, plugin, params, plugin_error, param_errors })
+    Ok(choice)
+}
+
+/// The plugin of `kind` that `key` of `section` names (a registered name, or a file), with
+/// no parameters.
+fn named_plugin(
+    section: &Section<'_, '_>,
+    key: &str,
+    kind: PluginKind,
+    base: &Path,
+) -> Result<PluginChoice, ConfigError> {
+    let value = section.required(key)?;
+    let plugin = match value.get_ref() {
+        DeValue::String(name) => PluginSpec::Named(name.to_string()),
+        DeValue::Table(_) => plugin_file(&section.doc.section(section.path_of(key), value)?, base)?,
+        other => {
+            return Err(section.error_at(
+                key,
+                format!(
+                    "expected a plugin name or {{ wasm = \"...\" }} / {{ dylib = \"...\" }}, found {}",
+                    other.type_str()
+                ),
+            ))
+        }
+    };
+    let (params, param_errors) = Default::default();
+    Ok(PluginChoice { kind, plugin, params, plugin_error: section.error_at(key, ""), param_errors })
 }
 
 fn plugin_file(table: &Section<'_, '_>, base: &Path) -> Result<PluginSpec, ConfigError> {

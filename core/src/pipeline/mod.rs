@@ -84,11 +84,16 @@ fn key<S: AsRef<str>>(parts: &[S]) -> String {
     sha256_hex(joined.join("\u{1f}").as_bytes())[..16].to_string()
 }
 
-/// What identifies a checkpoint folder's content: its config and tokenizer, and the names,
-/// sizes and times of its weight files (hashing gigabytes of weights on every run would
-/// cost more than it saves).
-fn model_identity(dir: &Path) -> Result<String> {
-    let mut parts = vec![file_sha256(&dir.join("config.json"))?, file_sha256(&dir.join("tokenizer.json"))?];
+/// What identifies an opened checkpoint: the adapter that read it (name and version), its
+/// config and tokenizer, and the names, sizes and times of its weight files (hashing
+/// gigabytes of weights on every run would cost more than it saves).
+fn model_identity(checkpoint: &Checkpoint) -> Result<String> {
+    let dir = &checkpoint.dir;
+    let mut parts = vec![
+        format!("{}@{}", checkpoint.adapter, checkpoint.adapter_version),
+        file_sha256(&dir.join("config.json"))?,
+        file_sha256(&dir.join("tokenizer.json"))?,
+    ];
     let mut weights: Vec<String> = std::fs::read_dir(dir)
         .context(|| format!("reading {}", dir.display()))?
         .filter_map(|e| e.ok())
@@ -149,7 +154,7 @@ impl Run<'_> {
                     .iter()
                     .map(|t| Ok(Document { ids: checked.target.tokenizer.encode(t)?, rows: None }))
                     .collect::<Result<Vec<_>>>()?;
-                (docs, key(&["clm", &split_key, &model_identity(&checked.target.dir)?]))
+                (docs, key(&["clm", &split_key, &model_identity(&checked.target)?]))
             }
         };
         if let Some(checkpoint) = self.train(&checked, docs, &mut record, events)? {
@@ -244,9 +249,10 @@ impl Run<'_> {
         let store = |record: &mut RunRecord,
                      events: &mut dyn FnMut(Event),
                      name: &str,
-                     dir: &Path|
+                     checkpoint: &Checkpoint|
          -> Result<(PathBuf, String)> {
-            let k = key(&[split_key, &model_identity(dir)?, &serde_json::to_string(&options).expect("JSON")]);
+            let dir = checkpoint.dir.as_path();
+            let k = key(&[split_key, &model_identity(checkpoint)?, &serde_json::to_string(&options).expect("JSON")]);
             let out = self.stage(
                 record,
                 events,
@@ -269,7 +275,7 @@ impl Run<'_> {
             Ok((out, k))
         };
         let target_name = self.config.target.as_ref().expect("validated").name.clone();
-        let (target_store, target_key) = store(record, events, &target_name, &checked.target.dir)?;
+        let (target_store, target_key) = store(record, events, &target_name, &checked.target)?;
         let (sequence, vocab) = (&checked.sequence, &checked.vocab);
         // The version names the alignment code's behaviour: a change that alters aligned
         // stores bumps it, so that cached ones are not reused.
@@ -282,7 +288,7 @@ impl Run<'_> {
         let mut aligned = Vec::new();
         let mut aligned_keys = vec![target_key.clone()];
         for (source, checkpoint) in self.config.sources.iter().zip(&checked.sources) {
-            let (source_store, source_key) = store(record, events, &source.name, &checkpoint.dir)?;
+            let (source_store, source_key) = store(record, events, &source.name, checkpoint)?;
             let k = key(&[&source_key, &target_key, &align_id]);
             let dir = self.stage(
                 record,
@@ -326,7 +332,7 @@ impl Run<'_> {
         events: &mut dyn FnMut(Event),
     ) -> Result<Option<PathBuf>> {
         let Some(config) = &self.config.train else { return Ok(None) };
-        let k = key(&[&data_key, &model_identity(&checked.target.dir)?, &serde_json::to_string(config).expect("JSON")]);
+        let k = key(&[&data_key, &model_identity(&checked.target)?, &serde_json::to_string(config).expect("JSON")]);
         let finished = |d: &Path| latest_checkpoint(d).is_some_and(|(step, _)| step >= config.steps);
         let dir = self.stage(record, events, ("train", &k), finished, |run_dir, events| {
             let model = checked.target.load_model(LoadMode::Trainable, config.precision.dtype(), &self.device()?)?;
@@ -355,7 +361,7 @@ impl Run<'_> {
         let Some(eval) = &self.config.eval else { return Ok(()) };
         let mut parts = vec![
             trained.display().to_string(),
-            model_identity(&checked.target.dir)?,
+            model_identity(&checked.target)?,
             format!("{} {}", eval.window, eval.batch_tokens),
         ];
         for (name, file) in &eval.sets {

@@ -192,7 +192,7 @@ impl Entry {
     }
 
     fn not_a(&self, kind: PluginKind) -> PluginError {
-        PluginError::new(format!("{} is a {} plugin, not a {kind} plugin", self.label(), self.info.kind))
+        PluginError::new(format!("{} is {}, not {}", self.label(), with_article(self.info.kind), with_article(kind)))
     }
 }
 
@@ -226,6 +226,8 @@ impl<T: SequenceAligner + VocabMapper> RemoteAligner for T {
 pub struct Registry {
     entries: Vec<Entry>,
     loaded_files: Vec<PathBuf>,
+    /// Checkpoint folders (canonical) and the adapter a config names for each.
+    bound_adapters: Vec<(PathBuf, String)>,
     wasm: Option<WasmHost>,
     wasm_limits: WasmLimits,
 }
@@ -241,7 +243,13 @@ impl Registry {
     }
 
     pub fn empty() -> Self {
-        Self { entries: Vec::new(), loaded_files: Vec::new(), wasm: None, wasm_limits: WasmLimits::default() }
+        Self {
+            entries: Vec::new(),
+            loaded_files: Vec::new(),
+            bound_adapters: Vec::new(),
+            wasm: None,
+            wasm_limits: WasmLimits::default(),
+        }
     }
 
     /// Sets the sandbox limits of WASM plugins loaded from now on.
@@ -316,11 +324,27 @@ impl Registry {
         })
     }
 
+    /// Makes adapter `name` the one that reads the checkpoint in `dir`, whatever its
+    /// config.json's `model_type` (a config's `adapter = ...` of a model).
+    pub fn bind_adapter(&mut self, dir: &Path, name: &str) -> Result<(), PluginError> {
+        self.get(PluginKind::Adapter, name)?;
+        let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_owned());
+        self.bound_adapters.retain(|(d, _)| *d != dir);
+        self.bound_adapters.push((dir, name.to_string()));
+        Ok(())
+    }
+
+    /// The adapter bound to the checkpoint in `dir` ([`Registry::bind_adapter`]), if any.
+    pub fn bound_adapter(&self, dir: &Path) -> Option<&str> {
+        let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_owned());
+        self.bound_adapters.iter().find(|(d, _)| *d == dir).map(|(_, name)| name.as_str())
+    }
+
     /// The plugin `name` of `kind`; an unknown name gets the nearest known one suggested.
     pub fn get(&self, kind: PluginKind, name: &str) -> Result<&Entry, PluginError> {
         match self.entries.iter().find(|e| e.info.name == name) {
             Some(e) if e.info.kind == kind => Ok(e),
-            Some(e) => Err(PluginError::new(format!("{} is a {} plugin, not a {kind} plugin", e.label(), e.info.kind))),
+            Some(e) => Err(e.not_a(kind)),
             None => {
                 let known: Vec<&str> =
                     self.entries.iter().filter(|e| e.info.kind == kind).map(|e| e.info.name.as_str()).collect();
@@ -332,6 +356,13 @@ impl Registry {
             }
         }
     }
+}
+
+/// "a fusion plugin", "an adapter plugin".
+fn with_article(kind: PluginKind) -> String {
+    let name = kind.to_string();
+    let article = if name.starts_with(['a', 'e', 'i', 'o', 'u']) { "an" } else { "a" };
+    format!("{article} {name} plugin")
 }
 
 /// Canonical path of a plugin file that exists and can be read.
