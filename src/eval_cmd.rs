@@ -38,6 +38,10 @@ pub struct EvalArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// A plugin file to load (repeatable; .so/.dylib/.dll or .wasm): a third-party adapter
+    /// in it reads the checkpoints whose model_type it declares.
+    #[arg(long = "plugin")]
+    plugins: Vec<PathBuf>,
     /// Where to write eval.json and eval.png.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -64,7 +68,8 @@ fn named(spec: &str) -> Result<(String, PathBuf)> {
 }
 
 pub fn eval(args: EvalArgs) -> Result<()> {
-    let registry = Registry::with_builtins()?;
+    let mut registry = Registry::with_builtins()?;
+    registry.load_files(&args.plugins)?;
     let device = fusellm_core::device::parse(&args.device)?;
     let mut texts = Vec::new();
     for spec in &args.sets {

@@ -25,10 +25,15 @@ pub struct GenerateArgs {
     /// The adapter to read the checkpoint with (default: by config.json's model_type).
     #[arg(long)]
     adapter: Option<String>,
+    /// A plugin file to load (repeatable; .so/.dylib/.dll or .wasm): a third-party adapter
+    /// in it reads the checkpoints whose model_type it declares, or is named by --adapter.
+    #[arg(long = "plugin")]
+    plugins: Vec<PathBuf>,
 }
 
 pub fn run(args: GenerateArgs) -> Result<(), String> {
-    let registry = Registry::with_builtins().map_err(|e| e.message)?;
+    let mut registry = Registry::with_builtins().map_err(|e| e.message)?;
+    registry.load_files(&args.plugins).map_err(|e| e.message)?;
     let checkpoint = Checkpoint::open(&args.model, &registry, args.adapter.as_deref()).map_err(|e| e.message)?;
     let model = checkpoint.load_model(LoadMode::Frozen, DType::F32, &Device::Cpu).map_err(|e| e.message)?;
     let prompt = checkpoint.tokenizer.encode(&args.prompt).map_err(|e| e.message)?;

@@ -172,3 +172,22 @@ fn a_config_names_the_adapter_of_a_model() {
         "{e}"
     );
 }
+
+/// `--plugin FILE` loads a third-party adapter on the command line: without it the
+/// checkpoint's `model_type` is unknown, with it the model generates.
+#[test]
+fn the_command_line_loads_an_adapter_file() {
+    use crate::common::fusellm_in;
+    let mut with_neox = Registry::with_builtins().unwrap();
+    with_neox.load_file(Tier::Dylib, &dylib("gpt_neox_adapter")).unwrap();
+    let neox = neox_checkpoint(&with_neox, "cli");
+    let (model, plugin) = (neox.display().to_string(), dylib("gpt_neox_adapter").display().to_string());
+    let args = ["generate", "--model", &model, "--prompt", "Pythia", "--max-new-tokens", "3", "--ids"];
+    let without = fusellm_in(&neox, &args);
+    let stderr = String::from_utf8_lossy(&without.stderr);
+    assert!(!without.status.success() && stderr.contains("no adapter understands model_type `gpt_neox`"), "{stderr}");
+    let with = fusellm_in(&neox, &[&args[..], &["--plugin", &plugin]].concat());
+    let stdout = String::from_utf8_lossy(&with.stdout);
+    assert!(with.status.success(), "{}", String::from_utf8_lossy(&with.stderr));
+    assert_eq!(stdout.split_whitespace().filter(|id| id.parse::<u32>().is_ok()).count(), 3, "{stdout}");
+}

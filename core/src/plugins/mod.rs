@@ -324,6 +324,15 @@ impl Registry {
         })
     }
 
+    /// Loads plugin files, each of the tier its extension says (`.wasm`; `.so`, `.dylib`,
+    /// `.dll`): the command line's `--plugin`.
+    pub fn load_files(&mut self, files: &[PathBuf]) -> Result<(), PluginError> {
+        for file in files {
+            self.load_file(Tier::of_file(file)?, file)?;
+        }
+        Ok(())
+    }
+
     /// Makes adapter `name` the one that reads the checkpoint in `dir`, whatever its
     /// config.json's `model_type` (a config's `adapter = ...` of a model).
     pub fn bind_adapter(&mut self, dir: &Path, name: &str) -> Result<(), PluginError> {
