@@ -36,7 +36,7 @@ fn store(registry: &Registry, model: &str, corpus: &Path, texts: &[String]) -> P
         layout: Layout { k: 10, wide_ids: false, half: true, residual: false },
     };
     let out = scratch(&format!("{model}-{}", corpus.file_stem().unwrap().to_string_lossy()));
-    precompute(&out, &identity, texts, &transformer, &checkpoint.tokenizer, Settings::default(), (0, 1), |_| {})
+    precompute(&out, &identity, texts, (&transformer, &checkpoint.tokenizer), Settings::default(), (0, 1), |_| {})
         .unwrap();
     out
 }

@@ -83,10 +83,15 @@ fn ops_on_the_device_match_the_cpu_kernels() {
     let wide_rows = (random(&mut rng, &[b, h, 5, 300], 3.0), random(&mut rng, &[1, h, 5, 300], 1.0));
     for (what, (scores, bias)) in [("causal", causal), ("wide", wide_rows)] {
         for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
-            results.push(same_on_device(&format!("attention softmax {what} {dtype:?}"), &[scores.clone()], tol, |x| {
-                let x = if dtype == DType::BF16 { bf16_on_device(x) } else { x.to_vec() };
-                ops::attention_softmax(&x[0], &bias.to_device(x[0].device()).unwrap(), 0.3).unwrap()
-            }));
+            results.push(same_on_device(
+                &format!("attention softmax {what} {dtype:?}"),
+                std::slice::from_ref(&scores),
+                tol,
+                |x| {
+                    let x = if dtype == DType::BF16 { bf16_on_device(x) } else { x.to_vec() };
+                    ops::attention_softmax(&x[0], &bias.to_device(x[0].device()).unwrap(), 0.3).unwrap()
+                },
+            ));
         }
     }
     results.push(same_on_device("rms_norm", &[x.clone(), w.clone()], 1e-5, |x| {

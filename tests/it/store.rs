@@ -50,7 +50,7 @@ fn run(
     (checkpoint, model): &(Checkpoint, Transformer),
 ) -> fusellm_core::error::Result<()> {
     let settings = Settings { k: id.layout.k, batch_tokens: 2048, residual: false };
-    precompute(dir, id, &texts()[..id.documents], model, &checkpoint.tokenizer, settings, worker, |_| {}).map(|_| ())
+    precompute(dir, id, &texts()[..id.documents], (model, &checkpoint.tokenizer), settings, worker, |_| {}).map(|_| ())
 }
 
 fn manifest(dir: &Path) -> Manifest {
@@ -134,7 +134,7 @@ fn a_store_made_otherwise_is_refused_and_a_corrupt_shard_is_found() {
     // Running precompute again computes that shard, and only it, again.
     let settings = Settings { k: 10, batch_tokens: 2048, residual: false };
     let summary =
-        precompute(&dir, &identity(3, 10), &texts()[..3], &setup.1, &setup.0.tokenizer, settings, (0, 1), |_| {})
+        precompute(&dir, &identity(3, 10), &texts()[..3], (&setup.1, &setup.0.tokenizer), settings, (0, 1), |_| {})
             .unwrap();
     assert_eq!((summary.written, summary.skipped), (1, 0));
     assert!(verify(&dir).unwrap().corrupt.is_empty());

@@ -141,7 +141,7 @@ pub fn precompute_model(
         layout,
     };
     let settings = Settings { k: options.k, batch_tokens: options.batch_tokens, residual: options.residual };
-    precompute(out, &identity, &texts, &model, &checkpoint.tokenizer, settings, worker, progress)
+    precompute(out, &identity, &texts, (&model, &checkpoint.tokenizer), settings, worker, progress)
 }
 
 /// Fills this worker's shards of the store in `dir` (creating it, or checking that it was
@@ -151,8 +151,7 @@ pub fn precompute(
     dir: &Path,
     identity: &Identity,
     texts: &[String],
-    model: &Transformer,
-    tokenizer: &Tokenizer,
+    (model, tokenizer): (&Transformer, &Tokenizer),
     settings: Settings,
     (worker, workers): (usize, usize),
     mut progress: impl FnMut(Progress),
