@@ -4,9 +4,10 @@
 //! outside the top-k). The store that writes these to disk builds on it.
 
 use candle_core::Tensor;
+use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::model::Transformer;
+use crate::model::{rowwise, Transformer};
 
 /// What precompute keeps of one document.
 #[derive(Clone, Debug, PartialEq)]
@@ -67,7 +68,19 @@ pub fn topk(model: &Transformer, docs: &[Vec<u32>], settings: Settings) -> Resul
     Ok(out.into_iter().map(|d| d.expect("every document was in a batch")).collect())
 }
 
-/// One padded forward pass over `batch` (documents of at most `t` tokens).
+/// Logits held at once: chunks of rows of at most this many (32 MB).
+const CHUNK_ELEMENTS: usize = 8 << 20;
+
+/// What one position keeps: the log-sum-exp of its logits, their top-k, and the logit of
+/// the next token (none at a document's last position).
+struct Position {
+    lse: f32,
+    top: Vec<(u32, f32)>,
+    next: Option<f32>,
+}
+
+/// One padded forward pass over `batch` (documents of at most `t` tokens), its logits
+/// summarised in chunks of rows on all cores.
 fn forward_batch(
     model: &Transformer,
     docs: &[Vec<u32>],
@@ -85,45 +98,39 @@ fn forward_batch(
     }
     let ids = Tensor::from_vec(ids, (batch.len(), t), device)?;
     let keep = Tensor::from_vec(keep, (batch.len(), t), device)?;
-    let logits = model.forward(&ids, Some(&keep))?;
-    batch
-        .iter()
-        .enumerate()
-        .map(|(row, &i)| {
-            let doc = &docs[i];
-            let logits: Vec<f32> = logits.get(row)?.narrow(0, 0, doc.len())?.flatten_all()?.to_vec1()?;
-            Ok(summarise(doc, &logits, model.spec().vocab_size, s))
-        })
-        .collect()
+    let vocab = model.spec().vocab_size;
+    let mut positions: Vec<Option<Position>> = Vec::with_capacity(batch.len() * t);
+    model.logits_in_chunks(&ids, Some(&keep), CHUNK_ELEMENTS / vocab, |start, chunk| {
+        let summarised = chunk.par_chunks_exact(vocab).enumerate().map(|(i, z)| {
+            let doc = &docs[batch[(start + i) / t]];
+            let p = (start + i) % t;
+            (p < doc.len()).then(|| Position {
+                lse: rowwise::log_sum_exp(z, 1.0),
+                top: top_k(z, s.k),
+                next: doc.get(p + 1).map(|&id| z[id as usize]),
+            })
+        });
+        positions.par_extend(summarised);
+    })?;
+    Ok(batch.iter().enumerate().map(|(b, &i)| summarise(&docs[i], &positions[b * t..(b + 1) * t], s)).collect())
 }
 
-/// Top-k, CE and residual of one document from its logits (`[t, V]`, flat): per row one
-/// pass for the log-sum-exp and one for the top-k, never a full log-softmax.
-fn summarise(doc: &[u32], logits: &[f32], vocab: usize, s: Settings) -> DocTopK {
+/// A document's top-k, CE and residual from its positions.
+fn summarise(doc: &[u32], positions: &[Option<Position>], s: Settings) -> DocTopK {
+    let positions: Vec<&Position> = positions.iter().map_while(Option::as_ref).collect();
     let (mut topk_ids, mut topk_logprobs) = (Vec::with_capacity(doc.len() * s.k), Vec::with_capacity(doc.len() * s.k));
     let mut residual = s.residual.then(|| Vec::with_capacity(doc.len()));
-    let mut lse = Vec::with_capacity(doc.len());
-    for row in logits.chunks_exact(vocab) {
-        let z = log_sum_exp(row);
-        lse.push(z);
-        let top = top_k(row, s.k);
+    for Position { lse, top, .. } in &positions {
         topk_ids.extend(top.iter().map(|&(i, _)| i));
-        topk_logprobs.extend(top.iter().map(|&(_, v)| v - z));
+        topk_logprobs.extend(top.iter().map(|&(_, v)| v - lse));
         if let Some(r) = residual.as_mut() {
-            let kept: f64 = top.iter().map(|&(_, v)| ((v - z) as f64).exp()).sum();
+            let kept: f64 = top.iter().map(|&(_, v)| ((v - lse) as f64).exp()).sum();
             r.push((1.0 - kept).max(0.0) as f32);
         }
     }
-    let ce: Vec<f32> = (0..doc.len() - 1).map(|p| lse[p] - logits[p * vocab + doc[p + 1] as usize]).collect();
+    let ce: Vec<f32> = positions.iter().filter_map(|p| p.next.map(|next| p.lse - next)).collect();
     let mean_ce = (ce.iter().map(|&x| x as f64).sum::<f64>() / ce.len() as f64) as f32;
     DocTopK { ids: doc.to_vec(), topk_ids, topk_logprobs, ce, mean_ce, residual }
-}
-
-/// `log(sum(exp(row)))`, shifted by the maximum for stability, summed in f64.
-fn log_sum_exp(row: &[f32]) -> f32 {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = row.iter().map(|&x| ((x - max) as f64).exp()).sum();
-    max + sum.ln() as f32
 }
 
 /// The `k` largest entries of a row with their indices, largest first (ties: lower index

@@ -1,7 +1,7 @@
 //! The data of CPU storages as the custom kernels read and write it: contiguous slices of
 //! the right type, or an error naming the kernel.
 
-use candle_core::{CpuStorage, Layout, Result};
+use candle_core::{CpuStorage, DType, Device, Layout, Result, Storage, Tensor};
 
 pub(crate) fn contiguous<'a, T>(data: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
@@ -21,4 +21,21 @@ pub(crate) fn f32s_mut<'a>(s: &'a mut CpuStorage, l: &Layout, what: &str) -> Res
         Some((a, b)) => Ok(&mut data[a..b]),
         None => candle_core::bail!("{what}: contiguous inputs only"),
     }
+}
+
+/// Runs `f` on the elements of `t` as f32 on the host: in place for a contiguous f32 CPU
+/// tensor, else from a converted copy (another dtype or device).
+pub(crate) fn with_host_f32s<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let host;
+    let t = match t.device().is_cpu() && t.dtype() == DType::F32 {
+        true => t,
+        false => {
+            host = t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+            &host
+        }
+    };
+    let t = &t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(storage) = &*storage else { candle_core::bail!("a host copy that is not on the host") };
+    Ok(f(f32s(storage, layout, "host f32s")?))
 }

@@ -16,10 +16,10 @@
 //! terms, and it can be differentiated only through the mixture the terms were built with
 //! (`sum_t mix_t * value_t`, the training loss), which [`HeadLoss::bwd`] checks.
 
-use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::f32s;
+use super::cpu::with_host_f32s;
 use super::gemm::{gemm, Threads};
 use super::ops::{self, Reach};
 use super::rowwise;
@@ -62,13 +62,6 @@ pub fn head_loss(x: &Tensor, w: &Tensor, terms: &[Term]) -> candle_core::Result<
 /// The terms' values, and the total's gradients with respect to `x` and `w`.
 type Pass = (Vec<f32>, (Tensor, Tensor));
 
-/// Runs `f` on the f32 data of a contiguous CPU tensor.
-fn with_f32s<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(storage) = &*storage else { candle_core::bail!("{what}: a CPU tensor only") };
-    Ok(f(f32s(storage, layout, what)?))
-}
-
 /// One CPU kernel: per chunk, `z = x w^T` (GEMM), then each row of `z` becomes the row's
 /// losses and, in place, `d total / d z`, then two GEMMs add the chunk's `dx` and `dw`.
 fn cpu_pass(x: &Tensor, w: &Tensor, terms: &[Term]) -> candle_core::Result<Pass> {
@@ -80,8 +73,8 @@ fn cpu_pass(x: &Tensor, w: &Tensor, terms: &[Term]) -> candle_core::Result<Pass>
     let mut row_values = vec![0f64; n * terms.len()];
     let chunk = (CPU_CHUNK_ELEMENTS / v.max(1)).clamp(1, n.max(1));
     let mut logits = vec![0f32; chunk * v];
-    with_f32s(x, "head_loss hidden states", |x| {
-        with_f32s(w, "head_loss head", |w| {
+    with_host_f32s(x, |x| {
+        with_host_f32s(w, |w| {
             for (c, start) in (0..n).step_by(chunk).enumerate() {
                 let rows = chunk.min(n - start);
                 let (z, xc) = (&mut logits[..rows * v], &x[start * d..(start + rows) * d]);

@@ -16,7 +16,7 @@ mod layers;
 pub mod loss;
 pub mod ops;
 pub mod positions;
-mod rowwise;
+pub(crate) mod rowwise;
 mod simd;
 mod terms;
 pub mod weights;
@@ -137,6 +137,26 @@ impl Transformer {
     /// real tokens (1) and padding (0) when sequences are padded.
     pub fn forward(&self, ids: &Tensor, keep: Option<&Tensor>) -> Result<Tensor> {
         Ok(ops::linear(&self.hidden(ids, keep)?, &self.head, None)?.to_dtype(DType::F32)?)
+    }
+
+    /// The logits `[b * t, V]` of token ids `[b, t]` (f32, on the host) handed to `f` in
+    /// chunks of at most `rows` rows, with the index of each chunk's first row: the full
+    /// logits (gigabytes at a 50k vocabulary) never exist at once, and a chunk's buffer is
+    /// small enough for the allocator to reuse.
+    pub fn logits_in_chunks(
+        &self,
+        ids: &Tensor,
+        keep: Option<&Tensor>,
+        rows: usize,
+        mut f: impl FnMut(usize, &[f32]),
+    ) -> Result<()> {
+        let hidden = self.hidden(ids, keep)?.flatten_to(1)?;
+        let n = hidden.dim(0)?;
+        for start in (0..n).step_by(rows.max(1)) {
+            let chunk = ops::linear(&hidden.narrow(0, start, rows.max(1).min(n - start))?, &self.head, None)?;
+            cpu::with_host_f32s(&chunk, |z| f(start, z))?;
+        }
+        Ok(())
     }
 
     /// The training losses of `batch`: the forward pass to the final hidden states, then
