@@ -7,11 +7,11 @@
 use std::path::Path;
 
 use candle_core::Tensor;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Context, Error, Result};
-use crate::model::entry_nll::entry_nll;
-use crate::model::Transformer;
+use crate::model::{rowwise, Transformer};
 use crate::tokenizer::Tokenizer;
 
 /// The summed negative log-likelihood of a model over a set of texts.
@@ -93,30 +93,36 @@ impl Scorer<'_> {
         Ok(out)
     }
 
-    /// Right-padded to `len`; one forward pass.
+    /// Right-padded to `len`; one forward pass, its logits read in chunks of rows (the full
+    /// `[batch * len, V]` logits never exist at once).
     fn batch_nlls(&self, batch: &[&Vec<u32>], len: usize) -> Result<Vec<Vec<f32>>> {
         let cells = batch.len() * len;
-        let (mut ids, mut keep, mut gold) = (vec![0u32; cells], vec![0u32; cells], vec![0u32; cells]);
+        let (mut ids, mut keep) = (vec![0u32; cells], vec![0u32; cells]);
         for (row, seq) in batch.iter().enumerate() {
-            for (t, &id) in seq.iter().enumerate() {
-                ids[row * len + t] = id;
-                keep[row * len + t] = 1;
-                if t + 1 < seq.len() {
-                    gold[row * len + t] = seq[t + 1];
-                }
-            }
+            ids[row * len..row * len + seq.len()].copy_from_slice(seq);
+            keep[row * len..row * len + seq.len()].fill(1);
         }
         let device = self.model.device();
         let shape = (batch.len(), len);
         let padded = keep.contains(&0);
         let keep = Tensor::from_vec(keep, shape, device)?;
-        let logits = self.model.forward(&Tensor::from_vec(ids, shape, device)?, padded.then_some(&keep))?;
-        let nll = entry_nll(&logits, &Tensor::from_vec(gold, (shape.0, shape.1, 1), device)?)?;
-        let nll = nll.flatten_all()?.to_vec1::<f32>()?;
+        let vocab = self.model.spec().vocab_size;
+        // Per position: the NLL of the next token, where there is one.
+        let mut nlls: Vec<Option<f32>> = Vec::with_capacity(cells);
+        let ids = Tensor::from_vec(ids, shape, device)?;
+        self.model.logits_in_chunks(&ids, padded.then_some(&keep), |start, chunk| {
+            let rows = chunk.par_chunks_exact(vocab).enumerate().map(|(i, z)| {
+                let (seq, t) = (batch[(start + i) / len], (start + i) % len);
+                seq.get(t + 1).map(|&next| rowwise::log_sum_exp(z, 1.0) - z[next as usize])
+            });
+            nlls.par_extend(rows);
+        })?;
         Ok(batch
             .iter()
             .enumerate()
-            .map(|(row, seq)| nll[row * len..row * len + seq.len().saturating_sub(1)].to_vec())
+            .map(|(row, seq)| {
+                nlls[row * len..row * len + seq.len().saturating_sub(1)].iter().flatten().copied().collect()
+            })
             .collect())
     }
 

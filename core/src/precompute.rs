@@ -68,9 +68,6 @@ pub fn topk(model: &Transformer, docs: &[Vec<u32>], settings: Settings) -> Resul
     Ok(out.into_iter().map(|d| d.expect("every document was in a batch")).collect())
 }
 
-/// Logits held at once: chunks of rows of at most this many (32 MB).
-const CHUNK_ELEMENTS: usize = 8 << 20;
-
 /// What one position keeps: the log-sum-exp of its logits, their top-k, and the logit of
 /// the next token (none at a document's last position).
 struct Position {
@@ -100,7 +97,7 @@ fn forward_batch(
     let keep = Tensor::from_vec(keep, (batch.len(), t), device)?;
     let vocab = model.spec().vocab_size;
     let mut positions: Vec<Option<Position>> = Vec::with_capacity(batch.len() * t);
-    model.logits_in_chunks(&ids, Some(&keep), CHUNK_ELEMENTS / vocab, |start, chunk| {
+    model.logits_in_chunks(&ids, Some(&keep), |start, chunk| {
         let summarised = chunk.par_chunks_exact(vocab).enumerate().map(|(i, z)| {
             let doc = &docs[batch[(start + i) / t]];
             let p = (start + i) % t;

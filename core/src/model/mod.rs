@@ -140,20 +140,21 @@ impl Transformer {
     }
 
     /// The logits `[b * t, V]` of token ids `[b, t]` (f32, on the host) handed to `f` in
-    /// chunks of at most `rows` rows, with the index of each chunk's first row: the full
+    /// chunks of rows of at most 32 MB, with the index of each chunk's first row: the full
     /// logits (gigabytes at a 50k vocabulary) never exist at once, and a chunk's buffer is
     /// small enough for the allocator to reuse.
     pub fn logits_in_chunks(
         &self,
         ids: &Tensor,
         keep: Option<&Tensor>,
-        rows: usize,
         mut f: impl FnMut(usize, &[f32]),
     ) -> Result<()> {
+        const CHUNK_ELEMENTS: usize = 8 << 20;
+        let rows = (CHUNK_ELEMENTS / self.spec.vocab_size).max(1);
         let hidden = self.hidden(ids, keep)?.flatten_to(1)?;
         let n = hidden.dim(0)?;
-        for start in (0..n).step_by(rows.max(1)) {
-            let chunk = ops::linear(&hidden.narrow(0, start, rows.max(1).min(n - start))?, &self.head, None)?;
+        for start in (0..n).step_by(rows) {
+            let chunk = ops::linear(&hidden.narrow(0, start, rows.min(n - start))?, &self.head, None)?;
             cpu::with_host_f32s(&chunk, |z| f(start, z))?;
         }
         Ok(())
