@@ -19,7 +19,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// The real tokenizers and corpora of this fixtures folder instead of the procedural
-    /// ones (examples/real-tokenizers; about 20 minutes).
+    /// ones (examples/real-tokenizers; about 12 minutes).
     #[arg(long)]
     fixtures: Option<PathBuf>,
 }

@@ -65,7 +65,7 @@ impl Sizes {
     }
 
     /// The experiment with the real tokenizers and corpora (examples/real-tokenizers): the
-    /// models are small, but their embeddings span 32k-50k tokens; about 20 minutes.
+    /// models are small, but their embeddings span 32k-50k tokens; about 12 minutes.
     pub fn real() -> Self {
         Self {
             pretrain_docs: 1500,
