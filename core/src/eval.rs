@@ -6,8 +6,6 @@
 
 use std::path::Path;
 
-use candle_core::Tensor;
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Context, Error, Result};
@@ -85,7 +83,7 @@ impl Scorer<'_> {
             let len = sequences[order[i]].len().max(2);
             let n = (self.batch_tokens / len).clamp(1, order.len() - i);
             let batch: Vec<&Vec<u32>> = order[i..i + n].iter().map(|&j| &sequences[j]).collect();
-            for (j, nll) in order[i..i + n].iter().zip(self.batch_nlls(&batch, len)?) {
+            for (j, nll) in order[i..i + n].iter().zip(self.batch_nlls(&batch)?) {
                 out[*j] = nll;
             }
             i += n;
@@ -93,37 +91,13 @@ impl Scorer<'_> {
         Ok(out)
     }
 
-    /// Right-padded to `len`; one forward pass, its logits read in chunks of rows (the full
-    /// `[batch * len, V]` logits never exist at once).
-    fn batch_nlls(&self, batch: &[&Vec<u32>], len: usize) -> Result<Vec<Vec<f32>>> {
-        let cells = batch.len() * len;
-        let (mut ids, mut keep) = (vec![0u32; cells], vec![0u32; cells]);
-        for (row, seq) in batch.iter().enumerate() {
-            ids[row * len..row * len + seq.len()].copy_from_slice(seq);
-            keep[row * len..row * len + seq.len()].fill(1);
-        }
-        let device = self.model.device();
-        let shape = (batch.len(), len);
-        let padded = keep.contains(&0);
-        let keep = Tensor::from_vec(keep, shape, device)?;
-        let vocab = self.model.spec().vocab_size;
-        // Per position: the NLL of the next token, where there is one.
-        let mut nlls: Vec<Option<f32>> = Vec::with_capacity(cells);
-        let ids = Tensor::from_vec(ids, shape, device)?;
-        self.model.logits_in_chunks(&ids, padded.then_some(&keep), |start, chunk| {
-            let rows = chunk.par_chunks_exact(vocab).enumerate().map(|(i, z)| {
-                let (seq, t) = (batch[(start + i) / len], (start + i) % len);
-                seq.get(t + 1).map(|&next| rowwise::log_sum_exp(z, 1.0) - z[next as usize])
-            });
-            nlls.par_extend(rows);
+    /// Right-padded; one forward pass ([`Transformer::map_positions`]).
+    fn batch_nlls(&self, batch: &[&Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        let seqs: Vec<&[u32]> = batch.iter().map(|s| s.as_slice()).collect();
+        let nlls = self.model.map_positions(&seqs, |b, t, z| {
+            seqs[b].get(t + 1).map(|&next| rowwise::log_sum_exp(z, 1.0) - z[next as usize])
         })?;
-        Ok(batch
-            .iter()
-            .enumerate()
-            .map(|(row, seq)| {
-                nlls[row * len..row * len + seq.len().saturating_sub(1)].iter().flatten().copied().collect()
-            })
-            .collect())
+        Ok(nlls.into_iter().map(|nll| nll.into_iter().flatten().collect()).collect())
     }
 
     /// Per choice, the NLL of each token of its continuation after `context`, as the

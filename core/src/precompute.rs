@@ -3,9 +3,6 @@
 //! gold next token, and per document the mean CE (and, optionally, the probability mass
 //! outside the top-k). The store that writes these to disk builds on it.
 
-use candle_core::Tensor;
-use rayon::prelude::*;
-
 use crate::error::{Error, Result};
 use crate::model::{rowwise, Transformer};
 
@@ -60,7 +57,7 @@ pub fn topk(model: &Transformer, docs: &[Vec<u32>], settings: Settings) -> Resul
         let t = docs[order[start]].len();
         let per_batch = (settings.batch_tokens / t).max(1);
         let batch = &order[start..(start + per_batch).min(order.len())];
-        for (&i, result) in batch.iter().zip(forward_batch(model, docs, batch, t, settings)?) {
+        for (&i, result) in batch.iter().zip(forward_batch(model, docs, batch, settings)?) {
             out[i] = Some(result);
         }
         start += batch.len();
@@ -76,48 +73,22 @@ struct Position {
     next: Option<f32>,
 }
 
-/// One padded forward pass over `batch` (documents of at most `t` tokens), its logits
-/// summarised in chunks of rows on all cores.
-fn forward_batch(
-    model: &Transformer,
-    docs: &[Vec<u32>],
-    batch: &[usize],
-    t: usize,
-    s: Settings,
-) -> Result<Vec<DocTopK>> {
-    let device = model.device();
-    let mut ids = Vec::with_capacity(batch.len() * t);
-    let mut keep = Vec::with_capacity(batch.len() * t);
-    for &i in batch {
-        let doc = &docs[i];
-        ids.extend(doc.iter().copied().chain(std::iter::repeat_n(0, t - doc.len())));
-        keep.extend((0..t).map(|p| u8::from(p < doc.len())));
-    }
-    let ids = Tensor::from_vec(ids, (batch.len(), t), device)?;
-    let keep = Tensor::from_vec(keep, (batch.len(), t), device)?;
-    let vocab = model.spec().vocab_size;
-    let mut positions: Vec<Option<Position>> = Vec::with_capacity(batch.len() * t);
-    model.logits_in_chunks(&ids, Some(&keep), |start, chunk| {
-        let summarised = chunk.par_chunks_exact(vocab).enumerate().map(|(i, z)| {
-            let doc = &docs[batch[(start + i) / t]];
-            let p = (start + i) % t;
-            (p < doc.len()).then(|| Position {
-                lse: rowwise::log_sum_exp(z, 1.0),
-                top: top_k(z, s.k),
-                next: doc.get(p + 1).map(|&id| z[id as usize]),
-            })
-        });
-        positions.par_extend(summarised);
+/// One padded forward pass over `batch`, its positions summarised on all cores.
+fn forward_batch(model: &Transformer, docs: &[Vec<u32>], batch: &[usize], s: Settings) -> Result<Vec<DocTopK>> {
+    let seqs: Vec<&[u32]> = batch.iter().map(|&i| docs[i].as_slice()).collect();
+    let positions = model.map_positions(&seqs, |b, p, z| Position {
+        lse: rowwise::log_sum_exp(z, 1.0),
+        top: top_k(z, s.k),
+        next: seqs[b].get(p + 1).map(|&id| z[id as usize]),
     })?;
-    Ok(batch.iter().enumerate().map(|(b, &i)| summarise(&docs[i], &positions[b * t..(b + 1) * t], s)).collect())
+    Ok(seqs.iter().zip(&positions).map(|(doc, positions)| summarise(doc, positions, s)).collect())
 }
 
 /// A document's top-k, CE and residual from its positions.
-fn summarise(doc: &[u32], positions: &[Option<Position>], s: Settings) -> DocTopK {
-    let positions: Vec<&Position> = positions.iter().map_while(Option::as_ref).collect();
+fn summarise(doc: &[u32], positions: &[Position], s: Settings) -> DocTopK {
     let (mut topk_ids, mut topk_logprobs) = (Vec::with_capacity(doc.len() * s.k), Vec::with_capacity(doc.len() * s.k));
     let mut residual = s.residual.then(|| Vec::with_capacity(doc.len()));
-    for Position { lse, top, .. } in &positions {
+    for Position { lse, top, .. } in positions {
         topk_ids.extend(top.iter().map(|&(i, _)| i));
         topk_logprobs.extend(top.iter().map(|&(_, v)| v - lse));
         if let Some(r) = residual.as_mut() {

@@ -26,6 +26,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor, Var};
 use fusellm_sdk::adapter::{Positions, Residual};
 use fusellm_sdk::ModelSpec;
+use rayon::prelude::*;
 
 use attention::{Attention, Context};
 use layers::{Mlp, Norm};
@@ -139,25 +140,41 @@ impl Transformer {
         Ok(ops::linear(&self.hidden(ids, keep)?, &self.head, None)?.to_dtype(DType::F32)?)
     }
 
-    /// The logits `[b * t, V]` of token ids `[b, t]` (f32, on the host) handed to `f` in
-    /// chunks of rows of at most 32 MB, with the index of each chunk's first row: the full
-    /// logits (gigabytes at a 50k vocabulary) never exist at once, and a chunk's buffer is
-    /// small enough for the allocator to reuse.
-    pub fn logits_in_chunks(
+    /// One forward pass over `seqs` (right-padded to the longest), mapping the logits of
+    /// every real position with `f(sequence, position, logits)` on all cores; returns each
+    /// sequence's results in order. The logits (f32, on the host) are computed in chunks of
+    /// rows of at most 32 MB: the full `[batch * len, V]` logits (gigabytes at a 50k
+    /// vocabulary) never exist at once, and a chunk's buffer is small enough for the
+    /// allocator to reuse.
+    pub fn map_positions<T: Send>(
         &self,
-        ids: &Tensor,
-        keep: Option<&Tensor>,
-        mut f: impl FnMut(usize, &[f32]),
-    ) -> Result<()> {
+        seqs: &[&[u32]],
+        f: impl Fn(usize, usize, &[f32]) -> T + Sync,
+    ) -> Result<Vec<Vec<T>>> {
         const CHUNK_ELEMENTS: usize = 8 << 20;
-        let rows = (CHUNK_ELEMENTS / self.spec.vocab_size).max(1);
-        let hidden = self.hidden(ids, keep)?.flatten_to(1)?;
-        let n = hidden.dim(0)?;
+        let len = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
+        let (mut ids, mut keep) = (vec![0u32; seqs.len() * len], vec![0u32; seqs.len() * len]);
+        for (row, seq) in seqs.iter().enumerate() {
+            ids[row * len..row * len + seq.len()].copy_from_slice(seq);
+            keep[row * len..row * len + seq.len()].fill(1);
+        }
+        let shape = (seqs.len(), len);
+        let keep = keep.contains(&0).then(|| Tensor::from_vec(keep, shape, &self.device)).transpose()?;
+        let hidden = self.hidden(&Tensor::from_vec(ids, shape, &self.device)?, keep.as_ref())?.flatten_to(1)?;
+        let (n, vocab) = (hidden.dim(0)?, self.spec.vocab_size);
+        let rows = (CHUNK_ELEMENTS / vocab).max(1);
+        let mut mapped: Vec<Option<T>> = Vec::with_capacity(n);
         for start in (0..n).step_by(rows) {
             let chunk = ops::linear(&hidden.narrow(0, start, rows.min(n - start))?, &self.head, None)?;
-            cpu::with_host_f32s(&chunk, |z| f(start, z))?;
+            cpu::with_host_f32s(&chunk, |z| {
+                mapped.par_extend(z.par_chunks_exact(vocab).enumerate().map(|(i, logits)| {
+                    let (s, p) = ((start + i) / len, (start + i) % len);
+                    (p < seqs[s].len()).then(|| f(s, p, logits))
+                }))
+            })?;
         }
-        Ok(())
+        let mut mapped = mapped.into_iter();
+        Ok(seqs.iter().map(|_| mapped.by_ref().take(len).flatten().collect()).collect())
     }
 
     /// The training losses of `batch`: the forward pass to the final hidden states, then
