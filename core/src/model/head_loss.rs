@@ -25,10 +25,6 @@ use super::ops::{self, Reach};
 use super::rowwise;
 use super::terms::{self, Term};
 
-/// Logits held at once on the CPU: chunks of rows of at most this many elements (32 MB, so
-/// that a chunk stays in cache between its GEMMs).
-const CPU_CHUNK_ELEMENTS: usize = 8 << 20;
-
 /// Logits held at once elsewhere. A chunk's working set is a few buffers of its size (the
 /// logits in the model's dtype and in f32, their gradient in f32 and in the model's dtype),
 /// about 1 GB here: large enough for efficient GPU products, a quarter of the logits of
@@ -71,7 +67,7 @@ fn cpu_pass(x: &Tensor, w: &Tensor, terms: &[Term]) -> candle_core::Result<Pass>
     }
     let (mut dx, mut dw) = (vec![0f32; n * d], vec![0f32; v * d]);
     let mut row_values = vec![0f64; n * terms.len()];
-    let chunk = (CPU_CHUNK_ELEMENTS / v.max(1)).clamp(1, n.max(1));
+    let chunk = (super::HOST_CHUNK_ELEMENTS / v.max(1)).clamp(1, n.max(1));
     let mut logits = vec![0f32; chunk * v];
     with_host_f32s(x, |x| {
         with_host_f32s(w, |w| {

@@ -36,6 +36,11 @@ use weights::Weights;
 
 use crate::error::{Error, Result};
 
+/// Logits held at once on the host by the kernels that walk them in chunks of rows (the
+/// head's loss, [`Transformer::map_positions`]): 32 MB, small enough to stay in cache
+/// between a chunk's GEMMs and for the allocator to reuse the buffer.
+const HOST_CHUNK_ELEMENTS: usize = 8 << 20;
+
 struct Block {
     attn_norm: Norm,
     attn: Attention,
@@ -151,7 +156,6 @@ impl Transformer {
         seqs: &[&[u32]],
         f: impl Fn(usize, usize, &[f32]) -> T + Sync,
     ) -> Result<Vec<Vec<T>>> {
-        const CHUNK_ELEMENTS: usize = 8 << 20;
         let len = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
         let (mut ids, mut keep) = (vec![0u32; seqs.len() * len], vec![0u32; seqs.len() * len]);
         for (row, seq) in seqs.iter().enumerate() {
@@ -162,7 +166,7 @@ impl Transformer {
         let keep = keep.contains(&0).then(|| Tensor::from_vec(keep, shape, &self.device)).transpose()?;
         let hidden = self.hidden(&Tensor::from_vec(ids, shape, &self.device)?, keep.as_ref())?.flatten_to(1)?;
         let (n, vocab) = (hidden.dim(0)?, self.spec.vocab_size);
-        let rows = (CHUNK_ELEMENTS / vocab).max(1);
+        let rows = (HOST_CHUNK_ELEMENTS / vocab).max(1);
         let mut mapped: Vec<Option<T>> = Vec::with_capacity(n);
         for start in (0..n).step_by(rows) {
             let chunk = ops::linear(&hidden.narrow(0, start, rows.min(n - start))?, &self.head, None)?;
