@@ -15,7 +15,7 @@ profile=debug
 flags=(--profile dev)
 if [ "${1:-}" = "--release" ]; then profile=release; flags=(--release); fi
 target=$(cargo metadata --no-deps --format-version 1 | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
-plugins=(-p fusellm-ce-fusion -p fusellm-align -p fusellm-llama -p fusellm-mpt -p entropy-fusion -p gpt-neox-adapter -p fusellm-test-plugins)
+plugins=(-p fusellm-ce-fusion -p fusellm-align -p fusellm-llama -p fusellm-mpt -p fusellm-gpt-neox -p fusellm-gemma -p fusellm-phi3 -p entropy-fusion -p gpt-neox-adapter -p fusellm-test-plugins)
 
 if ! rustup target list --installed | grep -qx wasm32-wasip2; then
   rustup target add wasm32-wasip2 || { echo "error: the wasm32-wasip2 target is missing and could not be installed (offline?)" >&2; exit 1; }

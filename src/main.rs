@@ -18,8 +18,11 @@ use clap::{Parser, Subcommand};
 // from dropping their registrations.
 use fusellm_align as _;
 use fusellm_ce_fusion as _;
+use fusellm_gemma as _;
+use fusellm_gpt_neox as _;
 use fusellm_llama as _;
 use fusellm_mpt as _;
+use fusellm_phi3 as _;
 
 #[derive(Parser)]
 #[command(name = "fusellm", version, about = "Knowledge fusion of large language models (FuseLLM)")]

@@ -31,18 +31,21 @@ pub struct Settings {
     /// `batch_tokens * vocab * 4` bytes).
     pub batch_tokens: usize,
     pub residual: bool,
+    /// The tokenizer's vocabulary, when the embedding has more rows (Qwen, Phi-3 and MPT
+    /// pad it): ids at or beyond it are rows no text produces, never kept in the top-k.
+    pub tokens: Option<usize>,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Self { k: 10, batch_tokens: 4096, residual: false }
+        Self { k: 10, batch_tokens: 4096, residual: false, tokens: None }
     }
 }
 
 /// The top-k of every document, in the order given. Documents are batched by length
 /// (longest first, so padding stays small) within the token budget.
 pub fn topk(model: &Transformer, docs: &[Vec<u32>], settings: Settings) -> Result<Vec<DocTopK>> {
-    let vocab = model.spec().vocab_size;
+    let vocab = settings.tokens.map_or(model.spec().vocab_size, |t| t.min(model.spec().vocab_size));
     if settings.k == 0 || settings.k > vocab {
         return Err(Error::msg(format!("k = {} must be between 1 and the vocabulary size {vocab}", settings.k)));
     }
@@ -76,9 +79,10 @@ struct Position {
 /// One padded forward pass over `batch`, its positions summarised on all cores.
 fn forward_batch(model: &Transformer, docs: &[Vec<u32>], batch: &[usize], s: Settings) -> Result<Vec<DocTopK>> {
     let seqs: Vec<&[u32]> = batch.iter().map(|&i| docs[i].as_slice()).collect();
+    let tokens = s.tokens.unwrap_or(usize::MAX);
     let positions = model.map_positions(&seqs, |b, p, z| Position {
         lse: rowwise::log_sum_exp(z, 1.0),
-        top: top_k(z, s.k),
+        top: top_k(&z[..tokens.min(z.len())], s.k),
         next: seqs[b].get(p + 1).map(|&id| z[id as usize]),
     })?;
     Ok(seqs.iter().zip(&positions).map(|(doc, positions)| summarise(doc, positions, s)).collect())

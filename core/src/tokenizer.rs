@@ -59,6 +59,11 @@ impl Tokenizer {
         Ok(self.encode_with_spans(text)?.0)
     }
 
+    /// The ids a text can produce: the vocabulary with its added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, false).map_err(|e| Error::msg(format!("decoding: {e}")))
     }

@@ -1,6 +1,6 @@
 //! Model adapters in every tier: the built-in adapters give the same spec as builtin, dylib
-//! and WASM plugins, and a third-party adapter (GPT-NeoX, a dylib) runs a model that
-//! fusellm does not build in.
+//! and WASM plugins, and a third-party adapter (the GPT-NeoX-shaped template, a dylib)
+//! runs a model whose `model_type` fusellm does not build in.
 
 use std::path::PathBuf;
 
@@ -29,6 +29,13 @@ fn built_in_adapters_give_the_same_spec_in_every_tier() {
         ("fusellm_llama", "llama", "tiny-llama2"),
         ("fusellm_llama", "openllama", "tiny-openllama"),
         ("fusellm_mpt", "mpt", "tiny-mpt"),
+        ("fusellm_llama", "llama", "tiny-llama3"),
+        ("fusellm_llama", "qwen2", "tiny-qwen2"),
+        ("fusellm_llama", "qwen3", "tiny-qwen3"),
+        ("fusellm_llama", "mistral", "tiny-mistral"),
+        ("fusellm_gemma", "gemma2", "tiny-gemma2"),
+        ("fusellm_phi3", "phi3", "tiny-phi3"),
+        ("fusellm_gpt_neox", "gpt_neox", "tiny-pythia"),
     ] {
         let dir = fixtures::model_dir(model);
         let expected = adapt(&builtin, adapter, &dir);
@@ -60,14 +67,14 @@ fn neox_checkpoint(registry: &Registry, name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let config = serde_json::json!({
-        "model_type": "gpt_neox", "vocab_size": 50304, "hidden_size": 32, "num_hidden_layers": 2,
+        "model_type": "neox_example", "vocab_size": 50304, "hidden_size": 32, "num_hidden_layers": 2,
         "num_attention_heads": 4, "intermediate_size": 64, "hidden_act": "gelu", "rotary_pct": 0.25,
         "rotary_emb_base": 10000, "max_position_embeddings": 128, "layer_norm_eps": 1e-5,
         "use_parallel_residual": true, "tie_word_embeddings": false
     });
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
     std::fs::copy(fixtures::root().join("tokenizers/gpt-neox-20b/tokenizer.json"), dir.join("tokenizer.json")).unwrap();
-    let spec = adapt(registry, "gpt_neox", &dir);
+    let spec = adapt(registry, "neox_example", &dir);
     Transformer::init(&spec, 3, 0.2, candle_core::DType::F32, &Device::Cpu)
         .unwrap()
         .save_weights(&dir.join("model.safetensors"))
@@ -82,7 +89,7 @@ fn a_third_party_dylib_adapter_runs_gpt_neox() {
     let dir = neox_checkpoint(&registry, "run");
 
     let checkpoint = Checkpoint::open(&dir, &registry, None).unwrap();
-    assert_eq!(checkpoint.adapter, "gpt_neox", "chosen by config.json's model_type");
+    assert_eq!(checkpoint.adapter, "neox_example", "chosen by config.json's model_type");
     let spec = &checkpoint.spec;
     assert_eq!((spec.residual, spec.attention.qkv, spec.rotary_dim()), (Residual::Parallel, QkvLayout::PerHead, 2));
     assert!(matches!(spec.positions, Positions::Rope { fraction, .. } if fraction == 0.25));
@@ -162,7 +169,7 @@ fn a_config_names_the_adapter_of_a_model() {
 
     let mut registry = Registry::with_builtins().unwrap();
     config(other).load_plugins(&mut registry).unwrap();
-    assert_eq!(Checkpoint::open(&neox, &registry, None).unwrap().adapter, "gpt_neox");
+    assert_eq!(Checkpoint::open(&neox, &registry, None).unwrap().adapter, "neox_example");
     assert_eq!(Checkpoint::open(&llama, &registry, None).unwrap().adapter, other, "the config's choice wins");
 
     let e = config("min_ce").load_plugins(&mut Registry::with_builtins().unwrap()).unwrap_err();
@@ -185,7 +192,7 @@ fn the_command_line_loads_an_adapter_file() {
     let args = ["generate", "--model", &model, "--prompt", "Pythia", "--max-new-tokens", "3", "--ids"];
     let without = fusellm_in(&neox, &args);
     let stderr = String::from_utf8_lossy(&without.stderr);
-    assert!(!without.status.success() && stderr.contains("no adapter understands model_type `gpt_neox`"), "{stderr}");
+    assert!(!without.status.success() && stderr.contains("no adapter understands model_type `neox_example`"), "{stderr}");
     let with = fusellm_in(&neox, &[&args[..], &["--plugin", &plugin]].concat());
     let stdout = String::from_utf8_lossy(&with.stdout);
     assert!(with.status.success(), "{}", String::from_utf8_lossy(&with.stderr));

@@ -77,7 +77,7 @@ fn ops_on_the_device_match_the_cpu_kernels() {
     let x = random(&mut rng, &[b, t, h * d], 1.0);
     let w = random(&mut rng, &[h * d], 1.0);
     // Causal scores with a bias per sequence, and wide rows with a bias per head (ALiBi's).
-    let mask = attention_mask(t, None, &Device::Cpu).unwrap();
+    let mask = attention_mask(t, None, None, &Device::Cpu).unwrap();
     let causal =
         (random(&mut rng, &[b, h, t, t], 3.0), random(&mut rng, &[b, 1, t, t], 1.0).broadcast_add(&mask).unwrap());
     let wide_rows = (random(&mut rng, &[b, h, 5, 300], 3.0), random(&mut rng, &[1, h, 5, 300], 1.0));
@@ -105,12 +105,14 @@ fn ops_on_the_device_match_the_cpu_kernels() {
     results.push(same_on_device("linear", &[x.clone(), random(&mut rng, &[96, h * d], 0.2)], 1e-4, |x| {
         ops::linear(&x[0], &x[1], None).unwrap()
     }));
-    let (cos, sin) = rope_tables(10000.0, d, t, &Device::Cpu).unwrap();
-    let mask = attention_mask(t, None, &Device::Cpu).unwrap();
+    let (cos, sin) = rope_tables(10000.0, &Default::default(), d, t, &Device::Cpu).unwrap();
+    let mask = attention_mask(t, None, None, &Device::Cpu).unwrap();
     let qkv = [x.clone(), random(&mut rng, &[b, t, kv * d], 1.0), random(&mut rng, &[b, t, kv * d], 1.0)];
     results.push(same_on_device("attention", &qkv, 1e-4, |x| {
         let on = |t: &Tensor| t.to_device(x[0].device()).unwrap();
-        ops::attention(&x[0], &x[1], &x[2], h, 0.25, &on(&mask), Some((&on(&cos), &on(&sin), d))).unwrap()
+        let (mask, cos, sin) = (on(&mask), on(&cos), on(&sin));
+        let scores = ops::Scores { heads: h, scale: 0.25, softcap: None, bias: &mask, rope: Some((&cos, &sin, d)) };
+        ops::attention(&x[0], &x[1], &x[2], &scores).unwrap()
     }));
     let ids =
         Tensor::from_vec((0..b * t * 3).map(|i| (i * 7919 % v) as u32).collect(), (b, t, 3), &Device::Cpu).unwrap();
@@ -131,7 +133,7 @@ fn ops_on_the_device_match_the_cpu_kernels() {
     let batch = LossBatch::sequences(ids, b).unwrap().with_target(target_ids, target_probs, 2).unwrap();
     let hidden_head = [x.clone(), random(&mut rng, &[v, h * d], 0.2)];
     results.push(same_on_device("head loss", &hidden_head, 1e-4, |x| {
-        objective.losses_at_head(&x[0], &x[1], &batch).unwrap().total
+        objective.losses_at_head(&x[0], &x[1], None, &batch).unwrap().total
     }));
     // bf16 on the device against f32 on the CPU.
     results.push(same_on_device("rms_norm bf16", &[wide.clone(), wide_w.clone()], 1e-2, |x| {
@@ -154,7 +156,7 @@ fn ops_on_the_device_match_the_cpu_kernels() {
     }));
     results.push(same_on_device("head loss bf16", &hidden_head, 1e-2, |x| {
         let x = bf16_on_device(x);
-        objective.losses_at_head(&x[0], &x[1], &batch).unwrap().total
+        objective.losses_at_head(&x[0], &x[1], None, &batch).unwrap().total
     }));
     let failed: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
     for line in &results {

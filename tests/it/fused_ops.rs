@@ -2,7 +2,7 @@
 //! relative and gradients within 1e-4, on random inputs of several shapes.
 
 use candle_core::{Device, Tensor, Var};
-use fusellm_core::model::ops::{self, composed};
+use fusellm_core::model::ops::{self, composed, Scores};
 use fusellm_core::model::positions::attention_mask;
 use fusellm_core::rng::Rng;
 
@@ -43,7 +43,7 @@ fn fused_kernels_match_the_compositions() {
         let x = random(&mut rng, &[b, h, t, s], 3.0);
         let mut bias = random(&mut rng, &[bias_b, bias_h, t, s], 1.0).as_tensor().clone();
         if t == s {
-            bias = bias.broadcast_add(&attention_mask(t, None, &Device::Cpu).unwrap()).unwrap();
+            bias = bias.broadcast_add(&attention_mask(t, None, None, &Device::Cpu).unwrap()).unwrap();
         }
         check(
             "attention softmax",
@@ -75,7 +75,7 @@ fn fused_kernels_match_the_compositions() {
     }
     for (b, h, t, d, rot) in [(1, 2, 5, 8, 8), (2, 4, 17, 32, 32), (2, 2, 9, 16, 4)] {
         let x = random(&mut rng, &[b, h, t, d], 1.0);
-        let (cos, sin) = fusellm_core::model::positions::rope_tables(10000.0, rot, t, &Device::Cpu).unwrap();
+        let (cos, sin) = fusellm_core::model::positions::rope_tables(10000.0, &Default::default(), rot, t, &Device::Cpu).unwrap();
         check(
             "rope",
             &[x],
@@ -96,20 +96,24 @@ fn fused_kernels_match_the_compositions() {
             random(&mut rng, &[b, t, kv * d], 1.0),
             random(&mut rng, &[b, t, kv * d], 1.0),
         );
-        let (cos, sin) = fusellm_core::model::positions::rope_tables(10000.0, rot.max(2), t, &Device::Cpu).unwrap();
+        let (cos, sin) = fusellm_core::model::positions::rope_tables(10000.0, &Default::default(), rot.max(2), t, &Device::Cpu).unwrap();
         let rope = (rot > 0).then_some((&cos, &sin, rot));
         // Causal with a padded key in the first sequence, plus ALiBi-like per-head slopes.
         let keep =
             Tensor::from_vec((0..b * t).map(|i| u32::from(i != 3)).collect::<Vec<_>>(), (b, t), &Device::Cpu).unwrap();
-        let mask = fusellm_core::model::positions::attention_mask(t, Some(&keep), &Device::Cpu).unwrap();
+        let mask = fusellm_core::model::positions::attention_mask(t, Some(&keep), None, &Device::Cpu).unwrap();
+        let window = fusellm_core::model::positions::attention_mask(t, Some(&keep), Some(3), &Device::Cpu).unwrap();
         let slopes: Vec<f32> = (0..h).map(|i| 0.5f32.powi(i as i32 + 1)).collect();
         let alibi = fusellm_core::model::positions::alibi_bias(&slopes, t, &Device::Cpu).unwrap();
-        for bias in [mask.clone(), mask.broadcast_add(&alibi).unwrap()] {
+        // A sliding window, and Gemma 2's soft-capped scores.
+        let biases = [(mask.clone(), None), (mask.broadcast_add(&alibi).unwrap(), None), (window, Some(2.0))];
+        for (bias, softcap) in biases {
+            let scores = Scores { heads: h, scale: 0.3, softcap, bias: &bias, rope };
             check(
                 "attention",
                 &[q.clone(), k.clone(), v.clone()],
-                |x| ops::attention(&x[0], &x[1], &x[2], h, 0.3, &bias, rope).unwrap(),
-                |x| composed::attention(&x[0], &x[1], &x[2], h, 0.3, &bias, rope).unwrap(),
+                |x| ops::attention(&x[0], &x[1], &x[2], &scores).unwrap(),
+                |x| composed::attention(&x[0], &x[1], &x[2], &scores).unwrap(),
             );
         }
     }
@@ -135,8 +139,9 @@ fn fused_kernels_match_the_compositions() {
 }
 
 /// The head and the loss as one kernel ([`Objective::losses_at_head`] on the CPU) against
-/// the logits path: every loss part within 1e-5, the total's gradients within 1e-4. The
-/// second vocabulary is wide enough for the kernel to walk the rows in two chunks.
+/// the logits path: every loss part within 1e-5, the total's gradients within 1e-4, with
+/// and without a soft-cap of the logits. The second vocabulary is wide enough for the
+/// kernel to walk the rows in two chunks.
 #[test]
 fn head_loss_kernel_matches_the_logits_path() {
     use fusellm_core::model::loss::{Divergence, LossBatch, Objective};
@@ -157,9 +162,14 @@ fn head_loss_kernel_matches_the_logits_path() {
         target_probs[..k].fill(0.0);
         (target_ids[k + 2], target_probs[k + 2]) = (0, 0.0);
         let batch = LossBatch::sequences(ids, b).unwrap().with_target(target_ids, target_probs, k).unwrap();
-        for objective in &objectives {
-            let fused = objective.losses_at_head(hidden.as_tensor(), head.as_tensor(), &batch).unwrap();
-            let logits = hidden.as_tensor().broadcast_matmul(&head.as_tensor().t().unwrap()).unwrap();
+        // Gemma 2's soft-capped logits with the last objective.
+        let softcaps = [None, None, Some(3.0)];
+        for (objective, softcap) in objectives.iter().zip(softcaps) {
+            let fused = objective.losses_at_head(hidden.as_tensor(), head.as_tensor(), softcap, &batch).unwrap();
+            let mut logits = hidden.as_tensor().broadcast_matmul(&head.as_tensor().t().unwrap()).unwrap();
+            if let Some(cap) = softcap {
+                logits = ((logits / cap).unwrap().tanh().unwrap() * cap).unwrap();
+            }
             let reference = objective.losses(&logits, &batch).unwrap();
             for (name, x, y) in [
                 ("total", &fused.total, &reference.total),
@@ -189,7 +199,7 @@ fn head_loss_kernel_refuses_gradients_of_a_single_part() {
     let mut rng = Rng::new(6);
     let (hidden, head) = (random(&mut rng, &[1, 4, 8], 1.0), random(&mut rng, &[20, 8], 1.0));
     let batch = LossBatch::sequences(vec![1, 2, 3, 4], 1).unwrap().with_target(vec![5; 4], vec![1.0; 4], 1).unwrap();
-    let losses = Objective::default().losses_at_head(hidden.as_tensor(), head.as_tensor(), &batch).unwrap();
+    let losses = Objective::default().losses_at_head(hidden.as_tensor(), head.as_tensor(), None, &batch).unwrap();
     let err = losses.clm.backward().unwrap_err().to_string();
     assert!(err.contains("differentiable only through the total"), "{err}");
 }

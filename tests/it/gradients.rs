@@ -77,7 +77,7 @@ fn learned_positions_and_parallel_residual_with_partial_rotary() {
     config["vocab_size"] = 512.into();
     let mut neox_like = spec("llama", config);
     neox_like.residual = fusellm_sdk::adapter::Residual::Parallel;
-    neox_like.positions = Positions::Rope { theta: 10_000.0, fraction: 0.25 };
+    neox_like.positions = Positions::Rope { theta: 10_000.0, fraction: 0.25, scaling: Default::default() };
     assert_every_parameter_learns("parallel residual, partial rotary", &neox_like);
 }
 

@@ -5,7 +5,10 @@
 use fusellm_align as _;
 use fusellm_ce_fusion as _;
 use fusellm_llama as _;
+use fusellm_gemma as _;
+use fusellm_gpt_neox as _;
 use fusellm_mpt as _;
+use fusellm_phi3 as _;
 
 mod adapters;
 mod align_stage;
@@ -18,6 +21,7 @@ mod demo;
 mod device;
 mod evaluation;
 mod examples;
+mod families;
 mod fused_ops;
 mod gradients;
 mod model_bad_inputs;

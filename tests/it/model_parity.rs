@@ -1,5 +1,7 @@
 //! The block library computes what transformers computes: every fixture model against its
-//! reference forward pass (top-10 log-probs, per-token CE, full logits, greedy ids).
+//! reference forward pass (top-10 log-probs, per-token CE, logit statistics, greedy ids;
+//! full logits where the reference keeps them). The 2024-2026 families are loaded from
+//! their bf16 files and computed in f32, as transformers' float32 references were.
 
 use crate::common::fixtures;
 use candle_core::{DType, Device, IndexOp, Tensor};
@@ -8,7 +10,21 @@ use fusellm_core::model::generate::greedy;
 use fusellm_core::model::{ops, LoadMode, Transformer};
 use fusellm_core::plugins::Registry;
 
+/// The models whose references keep the full logits of the `english` text.
 const MODELS: [&str; 3] = ["tiny-llama2", "tiny-openllama", "tiny-mpt"];
+/// Every fixture model: the paper's three families and the seven of today.
+const ALL_MODELS: [&str; 10] = [
+    "tiny-llama2",
+    "tiny-openllama",
+    "tiny-mpt",
+    "tiny-llama3",
+    "tiny-qwen2",
+    "tiny-qwen3",
+    "tiny-mistral",
+    "tiny-gemma2",
+    "tiny-phi3",
+    "tiny-pythia",
+];
 const ATOL: f32 = 1e-4;
 
 fn open(name: &str) -> (Checkpoint, Transformer) {
@@ -38,7 +54,7 @@ fn top_k(row: &[f32], k: usize) -> Vec<(u32, f32)> {
 #[test]
 fn tokenization_top10_logprobs_and_ce_match_transformers() {
     let texts = fixtures::json("texts.json");
-    for name in MODELS {
+    for name in ALL_MODELS {
         let (checkpoint, model) = open(name);
         let reference = fixtures::tensors(&format!("{name}.forward.safetensors"));
         let summary = fixtures::json(&format!("{name}.forward.json"));
@@ -76,7 +92,31 @@ fn tokenization_top10_logprobs_and_ce_match_transformers() {
             let mean = ce.iter().map(|&x| x as f64).sum::<f64>() / ce.len() as f64;
             let ref_mean = summary["texts"][t]["mean_ce"].as_f64().unwrap();
             assert!((mean - ref_mean).abs() < 2e-5, "{name} {t} mean CE: {mean} vs {ref_mean}");
+            assert_logit_statistics(name, t, &model, &ids, &reference);
         }
+    }
+}
+
+/// The max and the L2 norm of every position's logits over the whole vocabulary (padded
+/// rows included) as transformers' float32 logits have them.
+fn assert_logit_statistics(
+    name: &str,
+    text: &str,
+    model: &Transformer,
+    ids: &[u32],
+    reference: &std::collections::HashMap<String, Tensor>,
+) {
+    let input = Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let logits = model.forward(&input, None).unwrap().i(0).unwrap();
+    let max: Vec<f32> = logits.max(1).unwrap().to_vec1().unwrap();
+    let l2: Vec<f64> =
+        logits.to_dtype(DType::F64).unwrap().sqr().unwrap().sum(1).unwrap().sqrt().unwrap().to_vec1().unwrap();
+    let ref_max: Vec<f32> = reference[&format!("{text}.logit_max")].to_vec1().unwrap();
+    let ref_l2: Vec<f64> = reference[&format!("{text}.logit_l2")].to_vec1().unwrap();
+    for p in 0..ids.len() {
+        assert!((max[p] - ref_max[p]).abs() < ATOL, "{name} {text} max logit at {p}: {} vs {}", max[p], ref_max[p]);
+        let rel = (l2[p] - ref_l2[p]).abs() / ref_l2[p];
+        assert!(rel < 1e-5, "{name} {text} logit L2 at {p}: {} vs {}", l2[p], ref_l2[p]);
     }
 }
 
@@ -100,10 +140,12 @@ fn full_logits_match_transformers() {
 
 #[test]
 fn greedy_decoding_matches_transformers() {
-    for name in MODELS {
+    for name in ALL_MODELS {
         let (_, model) = open(name);
         let reference = fixtures::tensors(&format!("{name}.forward.safetensors"));
-        let prompt = fixtures::ids(&reference["greedy.prompt_ids"]);
+        // The newer references decode after the `english` text's ids.
+        let prompt = reference.get("greedy.prompt_ids").unwrap_or(&reference["english.input_ids"]);
+        let prompt = fixtures::ids(prompt);
         let new = greedy(&model, &prompt, 20).unwrap();
         assert_eq!(new, fixtures::ids(&reference["greedy.new_ids"]), "{name}");
     }
@@ -120,7 +162,7 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
 
 #[test]
 fn right_padded_batches_give_the_logits_of_unpadded_sequences() {
-    for name in MODELS {
+    for name in ALL_MODELS {
         let (checkpoint, model) = open(name);
         let short = checkpoint.tokenizer.encode("A short one.").unwrap();
         let long = checkpoint.tokenizer.encode("A rather longer sentence, to pad the other against.").unwrap();

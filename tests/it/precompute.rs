@@ -19,7 +19,7 @@ fn batched_top10_and_ce_agree_with_the_reference() {
         let names: Vec<&str> = texts.as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
         let docs: Vec<Vec<u32>> = names.iter().map(|t| fixtures::ids(&reference[&format!("{t}.input_ids")])).collect();
         // A small budget forces several batches of padded documents.
-        let settings = Settings { k: 10, batch_tokens: 300, residual: true };
+        let settings = Settings { k: 10, batch_tokens: 300, residual: true, tokens: None };
         let kept = topk(&model, &docs, settings).unwrap();
         for (t, doc) in names.iter().zip(&kept) {
             let ref_lp: Vec<Vec<f32>> = reference[&format!("{t}.top10_logprobs")].to_vec2().unwrap();

@@ -14,8 +14,13 @@ fn scratch(name: &str) -> PathBuf {
     dir
 }
 
-/// A run folder with a corpus of 24 GSM8K problems, an evaluation set of 8 and a config.
+/// A run folder with a corpus of 24 GSM8K problems, an evaluation set of 8 and a config
+/// fusing tiny-mpt and tiny-openllama into tiny-llama2.
 fn experiment(name: &str) -> PathBuf {
+    experiment_of(name, "tiny-llama2", ["tiny-mpt", "tiny-openllama"], 4)
+}
+
+fn experiment_of(name: &str, target: &str, sources: [&str; 2], steps: usize) -> PathBuf {
     let dir = scratch(name);
     let lines: Vec<String> = std::fs::read_to_string(fixtures::root().join("corpora/math/gsm8k.valid.jsonl"))
         .unwrap()
@@ -44,7 +49,7 @@ docs_per_shard = 16
 [fusion]
 plugin = "min_ce"
 [train]
-steps = 4
+steps = {steps}
 batch_size = 4
 seq_len = 128
 lr = 1e-3
@@ -55,9 +60,9 @@ window = 128
 [eval.sets]
 math = "eval.jsonl"
 "#,
-        model("tiny-llama2"),
-        model("tiny-mpt"),
-        model("tiny-openllama")
+        model(target),
+        model(sources[0]),
+        model(sources[1])
     );
     std::fs::write(dir.join("run.toml"), config).unwrap();
     dir
@@ -116,6 +121,38 @@ fn an_experiment_runs_end_to_end_and_reruns_only_what_changed() {
         assert_eq!(stage["reused"].as_bool(), Some(expected), "stage {name}");
     }
     assert!(again["config"].as_str().unwrap().contains("avg_ce"));
+}
+
+/// The families people fuse today: a Llama-3 target (128256 ids, tied, llama3 RoPE) with
+/// Qwen2.5 (151936 ids, q/k/v biases, its own byte-level tokenizer) and Mistral (sliding
+/// window, the Llama-2 tokenizer) as sources, from their bf16 files, through every stage.
+#[test]
+fn a_llama3_target_fuses_qwen2_and_mistral_sources() {
+    let dir = experiment_of("modern", "tiny-llama3", ["tiny-qwen2", "tiny-mistral"], 2);
+    assert_ok(&fusellm_in(&dir, &["validate", "run.toml"]));
+    assert_ok(&fusellm_in(&dir, &["run", "run.toml"]));
+    let record = run_record(&dir.join("out/run.json"));
+    let stages: Vec<&str> = record["stages"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        stages,
+        [
+            "split",
+            "precompute-tiny-llama3",
+            "precompute-tiny-qwen2",
+            "align-tiny-qwen2",
+            "precompute-tiny-mistral",
+            "align-tiny-mistral",
+            "fuse",
+            "train",
+            "eval"
+        ]
+    );
+    let bpb = |model: &str| {
+        record["eval"].as_array().unwrap().iter().find(|r| r["model"] == model).unwrap()["bits_per_byte"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(bpb("trained").is_finite() && bpb("trained") < bpb("target-base"), "{} vs {}", bpb("trained"), bpb("target-base"));
 }
 
 #[test]

@@ -49,7 +49,7 @@ fn run(
     worker: (usize, usize),
     (checkpoint, model): &(Checkpoint, Transformer),
 ) -> fusellm_core::error::Result<()> {
-    let settings = Settings { k: id.layout.k, batch_tokens: 2048, residual: false };
+    let settings = Settings { k: id.layout.k, batch_tokens: 2048, residual: false, tokens: None };
     precompute(dir, id, &texts()[..id.documents], (model, &checkpoint.tokenizer), settings, worker, |_| {}).map(|_| ())
 }
 
@@ -132,7 +132,7 @@ fn a_store_made_otherwise_is_refused_and_a_corrupt_shard_is_found() {
     std::fs::write(&shard, bytes).unwrap();
     assert_eq!(verify(&dir).unwrap().corrupt, vec!["shard-00000.safetensors".to_string()]);
     // Running precompute again computes that shard, and only it, again.
-    let settings = Settings { k: 10, batch_tokens: 2048, residual: false };
+    let settings = Settings { k: 10, batch_tokens: 2048, residual: false, tokens: None };
     let summary =
         precompute(&dir, &identity(3, 10), &texts()[..3], (&setup.1, &setup.0.tokenizer), settings, (0, 1), |_| {})
             .unwrap();

@@ -15,6 +15,7 @@ use rayon::prelude::*;
 use super::cpu::f32s;
 use super::fused::{bias_block, rotate_half};
 use super::gemm::{gemm, Threads};
+use super::ops::Scores;
 use super::rowwise;
 
 /// Rotary tables `cos`, `sin` (`[t, rot / 2]`, flattened) and the rotary width.
@@ -24,18 +25,11 @@ struct RopeTables {
     rot: usize,
 }
 
-/// `q: [b, t, heads * d]`, `k`, `v`: `[b, t, kv_heads * d]` (f32, CPU) -> `[b, t, heads * d]`.
-/// `bias` is `[b or 1, heads or 1, t, t]`, added to the scaled scores; `rope` rotates the
-/// first `rot` dimensions of each query and key head (rotate-half layout).
-pub fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    heads: usize,
-    scale: f64,
-    bias: &Tensor,
-    rope: Option<(&Tensor, &Tensor, usize)>,
-) -> Result<Tensor> {
+/// `q: [b, t, heads * d]`, `k`, `v`: `[b, t, kv_heads * d]` (f32, CPU) -> `[b, t, heads * d]`,
+/// with the scores of `scores`: RoPE on the first `rot` dimensions of each query and key
+/// head (rotate-half layout), scale, soft-cap, then the bias.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scores: &Scores) -> Result<Tensor> {
+    let (heads, bias) = (scores.heads, scores.bias);
     let (b, t, width) = q.dims3()?;
     let (bias_b, bias_h, _, _) = bias.dims4()?;
     if width % heads != 0 || (bias_b != 1 && bias_b != b) || (bias_h != 1 && bias_h != heads) {
@@ -47,13 +41,14 @@ pub fn attention(
         candle_core::bail!("attention: k {:?} and v {:?} for {heads} query heads of {d}", k.dims(), v.dims());
     }
     let host = |t: &Tensor| t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>();
-    let rope = match rope {
+    let rope = match scores.rope {
         Some((cos, sin, rot)) => Some(RopeTables { cos: host(cos)?, sin: host(sin)?, rot }),
         None => None,
     };
     let op = Attention {
         shape: Dims { b, t, heads, kv_heads, d },
-        scale: scale as f32,
+        scale: scores.scale as f32,
+        softcap: scores.softcap.map(|c| c as f32),
         bias: host(bias)?,
         bias_dims: (bias_b, bias_h),
         rope,
@@ -77,11 +72,14 @@ struct Saved {
     k: Vec<f32>,
     v: Vec<f32>,
     probs: Vec<f32>,
+    /// With a soft-cap, the derivative `1 - tanh^2` of each capped score, `[b, h, t, t]`.
+    cap_slopes: Option<Vec<f32>>,
 }
 
 struct Attention {
     shape: Dims,
     scale: f32,
+    softcap: Option<f32>,
     bias: Vec<f32>,
     bias_dims: (usize, usize),
     rope: Option<RopeTables>,
@@ -156,19 +154,31 @@ impl CustomOp3 for Attention {
         let group = heads / kv_heads;
         let mut probs = vec![0f32; q.len() / d * t];
         let mut y = vec![0f32; q.len()];
-        probs.par_chunks_mut(t * t).zip(y.par_chunks_mut(t * d)).enumerate().for_each(|(unit, (p, y))| {
+        // Without a soft-cap, one unused slope per unit keeps the chunks aligned.
+        let units = probs.len() / (t * t);
+        let mut slopes = vec![0f32; if self.softcap.is_some() { probs.len() } else { units }];
+        let per_unit = slopes.len() / units;
+        let parts = probs.par_chunks_mut(t * t).zip(y.par_chunks_mut(t * d)).zip(slopes.par_chunks_mut(per_unit));
+        parts.enumerate().for_each(|(unit, ((p, y), slopes))| {
             let (bi, hi) = (unit / heads, unit % heads);
             let kv = (bi * kv_heads + hi / group) * t * d;
             let (qh, kh, vh) = (&q[unit * t * d..][..t * d], &k[kv..kv + t * d], &v[kv..kv + t * d]);
             gemm([t, t, d], p, false, (qh, d, 1), (kh, 1, d), Threads::One);
+            match self.softcap {
+                Some(cap) => p.iter_mut().zip(slopes.iter_mut()).for_each(|(s, slope)| {
+                    let tanh = (*s * self.scale / cap).tanh();
+                    (*s, *slope) = (cap * tanh, 1.0 - tanh * tanh);
+                }),
+                None => p.iter_mut().for_each(|s| *s *= self.scale),
+            }
             for (row, bias) in p.chunks_mut(t).zip(self.bias(bi, hi).chunks(t)) {
-                row.iter_mut().zip(bias).for_each(|(s, b)| *s = *s * self.scale + b);
+                row.iter_mut().zip(bias).for_each(|(s, b)| *s += b);
                 rowwise::softmax_in_place(row);
             }
             gemm([t, d, t], y, false, (p, t, 1), (vh, d, 1), Threads::One);
         });
         let out = self.merge_heads(&y, heads, false, 1.0);
-        *self.saved.lock().expect("attention state") = Some(Saved { q, k, v, probs });
+        *self.saved.lock().expect("attention state") = Some(Saved { q, k, v, probs, cap_slopes: self.softcap.map(|_| slopes) });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -203,6 +213,10 @@ impl CustomOp3 for Attention {
                     for (ds, p) in ds.chunks_mut(t).zip(p.chunks(t)) {
                         let dot: f32 = ds.iter().zip(p).map(|(g, p)| g * p).sum();
                         ds.iter_mut().zip(p).for_each(|(g, p)| *g = p * (*g - dot) * self.scale);
+                    }
+                    if let Some(slopes) = &saved.cap_slopes {
+                        let slopes = &slopes[head * t * t..(head + 1) * t * t];
+                        ds.iter_mut().zip(slopes).for_each(|(g, slope)| *g *= slope);
                     }
                     gemm([t, d, t], dq, false, (&ds, t, 1), (kh, d, 1), Threads::One);
                     gemm([t, d, t], dk, j > 0, (&ds, 1, t), (qh, d, 1), Threads::One);

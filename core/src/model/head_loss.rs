@@ -31,10 +31,11 @@ use super::terms::{self, Term};
 /// 8 x 1024 tokens at V = 32000.
 const DEVICE_CHUNK_ELEMENTS: usize = 64 << 20;
 
-/// The value of each term for hidden states `x: [n, d]` and head `w: [V, d]`: a `[terms]`
-/// f32 tensor, differentiable through `sum_t mix_t * value_t`. The terms' ids are below
-/// `V`: `Objective::terms` checks them before any kernel runs.
-pub fn head_loss(x: &Tensor, w: &Tensor, terms: &[Term]) -> candle_core::Result<Tensor> {
+/// The value of each term for hidden states `x: [n, d]` and head `w: [V, d]` (logits
+/// `x w^T`, soft-capped as `c * tanh(z / c)` when `softcap` is given): a `[terms]` f32
+/// tensor, differentiable through `sum_t mix_t * value_t`. The terms' ids are below `V`:
+/// `Objective::terms` checks them before any kernel runs.
+pub fn head_loss(x: &Tensor, w: &Tensor, terms: &[Term], softcap: Option<f32>) -> candle_core::Result<Tensor> {
     let n = x.dim(0)?;
     for t in terms {
         if t.ids.len() != n * t.k || t.weights.len() != n * t.k || t.scale.is_nan() || t.scale <= 0.0 {
@@ -49,8 +50,8 @@ pub fn head_loss(x: &Tensor, w: &Tensor, terms: &[Term]) -> candle_core::Result<
     }
     let (x, w) = (x.contiguous()?, w.contiguous()?);
     let (values, grads) = match ops::fusable(&[&x, &w], Reach::Cpu) {
-        true => cpu_pass(&x, &w, terms)?,
-        false => chunked_pass(&x, &w, terms, DEVICE_CHUNK_ELEMENTS)?,
+        true => cpu_pass(&x, &w, terms, softcap)?,
+        false => chunked_pass(&x, &w, terms, softcap, DEVICE_CHUNK_ELEMENTS)?,
     };
     x.apply_op2(&w, HeadLoss { mix: terms.iter().map(|t| t.mix).collect(), values, grads })
 }
@@ -58,9 +59,10 @@ pub fn head_loss(x: &Tensor, w: &Tensor, terms: &[Term]) -> candle_core::Result<
 /// The terms' values, and the total's gradients with respect to `x` and `w`.
 type Pass = (Vec<f32>, (Tensor, Tensor));
 
-/// One CPU kernel: per chunk, `z = x w^T` (GEMM), then each row of `z` becomes the row's
-/// losses and, in place, `d total / d z`, then two GEMMs add the chunk's `dx` and `dw`.
-fn cpu_pass(x: &Tensor, w: &Tensor, terms: &[Term]) -> candle_core::Result<Pass> {
+/// One CPU kernel: per chunk, `z = x w^T` (GEMM), soft-capped in place, then each row of
+/// `z` becomes the row's losses and, in place, `d total / d z`, then two GEMMs add the
+/// chunk's `dx` and `dw`.
+fn cpu_pass(x: &Tensor, w: &Tensor, terms: &[Term], softcap: Option<f32>) -> candle_core::Result<Pass> {
     let ((n, d), (v, d_w)) = (x.dims2()?, w.dims2()?);
     if d != d_w {
         candle_core::bail!("head_loss: hidden states of width {d} but a head of width {d_w}");
@@ -69,6 +71,9 @@ fn cpu_pass(x: &Tensor, w: &Tensor, terms: &[Term]) -> candle_core::Result<Pass>
     let mut row_values = vec![0f64; n * terms.len()];
     let chunk = (super::HOST_CHUNK_ELEMENTS / v.max(1)).clamp(1, n.max(1));
     let mut logits = vec![0f32; chunk * v];
+    // With a soft-cap, the derivative of the cap at each logit of the chunk.
+    let mut slopes = vec![0f32; if softcap.is_some() { chunk * v } else { chunk }];
+    let per_row = slopes.len() / chunk;
     with_host_f32s(x, |x| {
         with_host_f32s(w, |w| {
             for (c, start) in (0..n).step_by(chunk).enumerate() {
@@ -78,8 +83,17 @@ fn cpu_pass(x: &Tensor, w: &Tensor, terms: &[Term]) -> candle_core::Result<Pass>
                 let values = &mut row_values[start * terms.len()..(start + rows) * terms.len()];
                 z.par_chunks_mut(v)
                     .zip(values.par_chunks_mut(terms.len()))
+                    .zip(slopes.par_chunks_mut(per_row))
                     .enumerate()
-                    .for_each(|(i, (row, values))| grad_row(terms, row, start + i, values));
+                    .for_each(|(i, ((row, values), slopes))| {
+                        if let Some(cap) = softcap {
+                            soft_cap(row, slopes, cap);
+                        }
+                        grad_row(terms, row, start + i, values);
+                        if softcap.is_some() {
+                            row.iter_mut().zip(slopes.iter()).for_each(|(g, s)| *g *= s);
+                        }
+                    });
                 gemm([rows, d, v], &mut dx[start * d..(start + rows) * d], false, (z, v, 1), (w, d, 1), Threads::All);
                 gemm([v, d, rows], &mut dw, c > 0, (z, 1, v), (xc, d, 1), Threads::All);
             }
@@ -93,11 +107,25 @@ fn cpu_pass(x: &Tensor, w: &Tensor, terms: &[Term]) -> candle_core::Result<Pass>
     Ok((values.iter().map(|&s| s as f32).collect(), grads))
 }
 
+/// `z = c * tanh(z / c)` in place, with the derivative `1 - tanh^2` of each into `slopes`.
+fn soft_cap(row: &mut [f32], slopes: &mut [f32], cap: f32) {
+    for (z, slope) in row.iter_mut().zip(slopes) {
+        let tanh = (*z / cap).tanh();
+        (*z, *slope) = (cap * tanh, 1.0 - tanh * tanh);
+    }
+}
+
 /// The same from tensor ops on any device and dtype, in chunks of `chunk_elements` logits:
 /// the products in the model's dtype (cuBLAS on CUDA), the losses and the logits' gradient
 /// in f32 by the entry-NLL kernels ([`terms::values_and_grad`]); the chunks' shares of `dw`
 /// are added up in f32.
-fn chunked_pass(x: &Tensor, w: &Tensor, terms: &[Term], chunk_elements: usize) -> candle_core::Result<Pass> {
+fn chunked_pass(
+    x: &Tensor,
+    w: &Tensor,
+    terms: &[Term],
+    softcap: Option<f32>,
+    chunk_elements: usize,
+) -> candle_core::Result<Pass> {
     let (x, w) = (x.detach(), w.detach());
     let ((n, _), (v, _)) = (x.dims2()?, w.dims2()?);
     let chunk = (chunk_elements / v.max(1)).clamp(1, n.max(1));
@@ -106,9 +134,18 @@ fn chunked_pass(x: &Tensor, w: &Tensor, terms: &[Term], chunk_elements: usize) -
         let rows = chunk.min(n - start);
         let part: Vec<Term> = terms.iter().map(|t| t.rows(start, rows)).collect();
         let xc = x.narrow(0, start, rows)?;
-        let z = xc.matmul(&w.t()?)?.to_dtype(DType::F32)?;
-        let (chunk_values, dz) = terms::values_and_grad(&z, &part)?;
+        let mut z = xc.matmul(&w.t()?)?.to_dtype(DType::F32)?;
+        let mut slopes = None;
+        if let Some(cap) = softcap {
+            let tanh = (z / cap as f64)?.tanh()?;
+            slopes = Some((1.0 - tanh.sqr()?)?);
+            z = (tanh * cap as f64)?;
+        }
+        let (chunk_values, mut dz) = terms::values_and_grad(&z, &part)?;
         drop(z);
+        if let Some(slopes) = slopes {
+            dz = (dz * slopes)?;
+        }
         values = (values + chunk_values)?;
         let dz = dz.to_dtype(x.dtype())?;
         dxs.push(dz.matmul(&w)?);
@@ -267,18 +304,20 @@ mod tests {
             term(&mut rng, n, 3, 300, 1.0, 0.2),
             term(&mut rng, n, 2, 300, 0.5, 0.1),
         ];
-        let (values, (dx, dw)) = cpu_pass(&x, &w, &terms).unwrap();
+        for softcap in [None, Some(1.5)] {
+        let (values, (dx, dw)) = cpu_pass(&x, &w, &terms, softcap).unwrap();
         for dtype in [DType::F32, DType::F64] {
             let (x, w) = (x.to_dtype(dtype).unwrap(), w.to_dtype(dtype).unwrap());
-            let (chunked, (cdx, cdw)) = chunked_pass(&x, &w, &terms, 7 * v).unwrap();
+            let (chunked, (cdx, cdw)) = chunked_pass(&x, &w, &terms, softcap, 7 * v).unwrap();
             for (a, b) in chunked.iter().zip(&values) {
                 assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{dtype:?}: values {chunked:?} vs {values:?}");
             }
             assert_eq!((cdx.dims(), cdx.dtype(), cdw.dims(), cdw.dtype()), (dx.dims(), dtype, dw.dims(), dtype));
             for (name, a, b) in [("dx", &cdx, &dx), ("dw", &cdw, &dw)] {
                 let scale = max_abs_diff(b, &b.zeros_like().unwrap());
-                assert!(max_abs_diff(a, b) <= 1e-4 * scale, "{dtype:?}: {name} differs");
+                assert!(max_abs_diff(a, b) <= 1e-4 * scale, "{dtype:?} {softcap:?}: {name} differs");
             }
+        }
         }
     }
 }

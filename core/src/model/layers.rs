@@ -1,6 +1,6 @@
 //! The layers of a block: linear projections, norms and MLPs, loaded by block-library name.
 
-use candle_core::{Result as CandleResult, Tensor};
+use candle_core::{Result as CandleResult, Tensor, D};
 use fusellm_sdk::adapter::{MlpKind, MlpSpec, NormKind};
 
 use super::ops;
@@ -34,28 +34,40 @@ pub struct Norm {
 }
 
 impl Norm {
-    pub fn load(w: &mut Weights, name: &str, layer: Option<usize>, kind: NormKind, hidden: usize) -> Result<Self> {
-        let weight = w.get(&format!("{name}.weight"), layer, &[hidden])?;
+    /// Loads `{name}.weight` (and `{name}.bias` for a LayerNorm with bias) of width `width`.
+    pub fn load(w: &mut Weights, name: &str, layer: Option<usize>, kind: NormKind, width: usize) -> Result<Self> {
+        let weight = w.get(&format!("{name}.weight"), layer, &[width])?;
         let bias = match kind {
-            NormKind::LayerNorm { bias: true, .. } => Some(w.get(&format!("{name}.bias"), layer, &[hidden])?),
+            NormKind::LayerNorm { bias: true, .. } => Some(w.get(&format!("{name}.bias"), layer, &[width])?),
             _ => None,
         };
         Ok(Self { kind, weight, bias })
     }
 
+    /// Normalises over the last dimension of `x`.
     pub fn forward(&self, x: &Tensor) -> CandleResult<Tensor> {
         match self.kind {
-            NormKind::RmsNorm { eps } => ops::rms_norm(x, &self.weight, eps),
+            NormKind::RmsNorm { eps, offset: 0.0 } => ops::rms_norm(x, &self.weight, eps),
+            // Gemma's `(1 + w)`, as a differentiable op so that the gradient reaches w.
+            NormKind::RmsNorm { eps, offset } => ops::rms_norm(x, &(&self.weight + offset)?, eps),
             NormKind::LayerNorm { eps, .. } => ops::layer_norm(x, &self.weight, self.bias.as_ref(), eps),
         }
     }
 }
 
-/// The feed-forward network: SwiGLU (gate, up, down) or GELU (up, down).
+/// The feed-forward network: gated (SwiGLU, GeGLU: gate, up, down, the gate and up
+/// projections possibly one tensor) or GELU (up, down).
 pub struct Mlp {
-    gate: Option<Linear>,
-    up: Linear,
+    kind: MlpKind,
+    inputs: MlpInputs,
     down: Linear,
+}
+
+enum MlpInputs {
+    Up(Linear),
+    Gated { gate: Linear, up: Linear },
+    /// One projection, rows [gate | up] (Phi-3).
+    GateUp(Linear),
 }
 
 impl Mlp {
@@ -63,18 +75,29 @@ impl Mlp {
         let proj = |w: &mut Weights, name: &str, out, inp| {
             Linear::load(w, &format!("layers.{{i}}.mlp.{name}"), Some(layer), out, inp, spec.bias)
         };
-        let gate = match spec.kind {
-            MlpKind::SwiGlu => Some(proj(w, "gate", spec.hidden, hidden)?),
-            MlpKind::Gelu => None,
+        let inputs = match (spec.kind.gated(), spec.fused_gate_up) {
+            (false, _) => MlpInputs::Up(proj(w, "up", spec.hidden, hidden)?),
+            (true, false) => {
+                MlpInputs::Gated { gate: proj(w, "gate", spec.hidden, hidden)?, up: proj(w, "up", spec.hidden, hidden)? }
+            }
+            (true, true) => MlpInputs::GateUp(proj(w, "gate_up", 2 * spec.hidden, hidden)?),
         };
-        Ok(Self { gate, up: proj(w, "up", spec.hidden, hidden)?, down: proj(w, "down", hidden, spec.hidden)? })
+        Ok(Self { kind: spec.kind, inputs, down: proj(w, "down", hidden, spec.hidden)? })
     }
 
     pub fn forward(&self, x: &Tensor) -> CandleResult<Tensor> {
-        let up = self.up.forward(x)?;
-        let act = match &self.gate {
-            Some(gate) => ops::swiglu(&gate.forward(x)?, &up)?,
-            None => up.gelu_erf()?,
+        let (gate, up) = match &self.inputs {
+            MlpInputs::Up(up) => return self.down.forward(&up.forward(x)?.gelu_erf()?),
+            MlpInputs::Gated { gate, up } => (gate.forward(x)?, up.forward(x)?),
+            MlpInputs::GateUp(gate_up) => {
+                let y = gate_up.forward(x)?;
+                let half = y.dim(D::Minus1)? / 2;
+                (y.narrow(D::Minus1, 0, half)?, y.narrow(D::Minus1, half, half)?)
+            }
+        };
+        let act = match self.kind {
+            MlpKind::GeGlu => (gate.gelu()? * up)?,
+            _ => ops::swiglu(&gate, &up)?,
         };
         self.down.forward(&act)
     }

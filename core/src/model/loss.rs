@@ -159,18 +159,29 @@ impl Objective {
     }
 
     /// The losses for the final hidden states `[batch, len, d]` under the head `[V, d]`
-    /// (`logits = hidden @ head^T`, in f32). Where the fused kernels run (CPU, CUDA), the head
-    /// and the loss are one op that never holds the `[batch * len, V]` logits
-    /// (`head_loss`); elsewhere the logits are computed and [`Objective::losses`] applies.
-    pub fn losses_at_head(&self, hidden: &Tensor, head: &Tensor, batch: &LossBatch) -> Result<Losses> {
+    /// (`logits = hidden @ head^T`, in f32, soft-capped as `c * tanh(z / c)` when `softcap`
+    /// is given). Where the fused kernels run (CPU, CUDA), the head and the loss are one op
+    /// that never holds the `[batch * len, V]` logits (`head_loss`); elsewhere the logits
+    /// are computed and [`Objective::losses`] applies.
+    pub fn losses_at_head(
+        &self,
+        hidden: &Tensor,
+        head: &Tensor,
+        softcap: Option<f64>,
+        batch: &LossBatch,
+    ) -> Result<Losses> {
         if !ops::kernels_on(hidden.device(), ops::Reach::Cuda) {
             let logits = ops::linear(hidden, head, None)?.to_dtype(DType::F32)?;
+            let logits = match softcap {
+                Some(cap) => ((logits / cap)?.tanh()? * cap)?,
+                None => logits,
+            };
             return self.losses(&logits, batch);
         }
         batch.check_rows("hidden states", hidden)?;
         let (terms, kl_constant) = self.terms(batch, head.dim(0)?)?;
         let rows = hidden.flatten_to(1)?;
-        self.combine(&head_loss(&rows, head, &terms)?, kl_constant)
+        self.combine(&head_loss(&rows, head, &terms, softcap.map(|c| c as f32))?, kl_constant)
     }
 
     /// The objective as terms over the logits ([`Term`]): CLM, and fusion when the batch has

@@ -46,6 +46,48 @@ struct Block {
     attn: Attention,
     mlp_norm: Norm,
     mlp: Mlp,
+    /// Sandwich norms of the attention's and the MLP's outputs (Gemma 2, 3).
+    post_norms: Option<(Norm, Norm)>,
+}
+
+impl Block {
+    fn load(w: &mut Weights, i: usize, spec: &ModelSpec) -> Result<Self> {
+        let (d, norm) = (spec.hidden, spec.norm);
+        let post_norms = match spec.post_norms {
+            true => Some((
+                Norm::load(w, "layers.{i}.attn_post_norm", Some(i), norm, d)?,
+                Norm::load(w, "layers.{i}.mlp_post_norm", Some(i), norm, d)?,
+            )),
+            false => None,
+        };
+        Ok(Block {
+            attn_norm: Norm::load(w, "layers.{i}.attn_norm", Some(i), norm, d)?,
+            attn: Attention::load(w, i, spec.attention, norm, d)?,
+            mlp_norm: Norm::load(w, "layers.{i}.mlp_norm", Some(i), norm, d)?,
+            mlp: Mlp::load(w, i, spec.mlp, d)?,
+            post_norms,
+        })
+    }
+
+    /// The block's residual update of `x` under the layer's context.
+    fn forward(&self, x: Tensor, ctx: &Context, residual: Residual) -> candle_core::Result<Tensor> {
+        let post = |y: Tensor, which: fn(&(Norm, Norm)) -> &Norm| match &self.post_norms {
+            Some(norms) => which(norms).forward(&y),
+            None => Ok(y),
+        };
+        let attn = post(self.attn.forward(&self.attn_norm.forward(&x)?, ctx)?, |n| &n.0)?;
+        match residual {
+            Residual::Sequential => {
+                let x = (x + attn)?;
+                let mlp = post(self.mlp.forward(&self.mlp_norm.forward(&x)?)?, |n| &n.1)?;
+                x + mlp
+            }
+            Residual::Parallel => {
+                let mlp = post(self.mlp.forward(&self.mlp_norm.forward(&x)?)?, |n| &n.1)?;
+                (x + attn)? + mlp
+            }
+        }
+    }
 }
 
 /// A causal language model built from a spec and a checkpoint.
@@ -93,20 +135,11 @@ impl Transformer {
         let device = &w.device().clone();
         let (v, d) = (spec.vocab_size, spec.hidden);
         let embed = w.get("embed.weight", None, &[v, d])?;
-        let pos_embed = match spec.positions {
+        let pos_embed = match &spec.positions {
             Positions::Learned => Some(w.get("pos_embed.weight", None, &[spec.max_positions, d])?),
             _ => None,
         };
-        let blocks = (0..spec.layers)
-            .map(|i| {
-                Ok(Block {
-                    attn_norm: Norm::load(&mut w, "layers.{i}.attn_norm", Some(i), spec.norm, d)?,
-                    attn: Attention::load(&mut w, i, spec.attention, d)?,
-                    mlp_norm: Norm::load(&mut w, "layers.{i}.mlp_norm", Some(i), spec.norm, d)?,
-                    mlp: Mlp::load(&mut w, i, spec.mlp, d)?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let blocks = (0..spec.layers).map(|i| Block::load(&mut w, i, spec)).collect::<Result<Vec<_>>>()?;
         let final_norm = Norm::load(&mut w, "final_norm", None, spec.norm, d)?;
         // A tied head is the embedding; so is a missing one (transformers' fallback).
         let head = if spec.tied_embeddings || !w.contains("lm_head.weight", None) {
@@ -142,7 +175,16 @@ impl Transformer {
     /// Logits `[b, t, vocab]` (f32) for token ids `[b, t]` (u32); `keep: [b, t]` marks
     /// real tokens (1) and padding (0) when sequences are padded.
     pub fn forward(&self, ids: &Tensor, keep: Option<&Tensor>) -> Result<Tensor> {
-        Ok(ops::linear(&self.hidden(ids, keep)?, &self.head, None)?.to_dtype(DType::F32)?)
+        self.logits(&self.hidden(ids, keep)?)
+    }
+
+    /// The head's logits (f32) of hidden states, soft-capped where the model caps them.
+    fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let logits = ops::linear(hidden, &self.head, None)?.to_dtype(DType::F32)?;
+        Ok(match self.spec.final_softcap {
+            Some(cap) => ((logits / cap)?.tanh()? * cap)?,
+            None => logits,
+        })
     }
 
     /// One forward pass over `seqs` (right-padded to the longest), mapping the logits of
@@ -169,7 +211,7 @@ impl Transformer {
         let rows = (HOST_CHUNK_ELEMENTS / vocab).max(1);
         let mut mapped: Vec<Option<T>> = Vec::with_capacity(n);
         for start in (0..n).step_by(rows) {
-            let chunk = ops::linear(&hidden.narrow(0, start, rows.min(n - start))?, &self.head, None)?;
+            let chunk = self.logits(&hidden.narrow(0, start, rows.min(n - start))?)?;
             cpu::with_host_f32s(&chunk, |z| {
                 mapped.par_extend(z.par_chunks_exact(vocab).enumerate().map(|(i, logits)| {
                     let (s, p) = ((start + i) / len, (start + i) % len);
@@ -185,31 +227,23 @@ impl Transformer {
     /// the head and the objective together ([`Objective::losses_at_head`]).
     pub fn losses(&self, batch: &LossBatch, objective: &Objective) -> Result<Losses> {
         let hidden = self.hidden(&batch.ids_tensor(&self.device)?, batch.keep_tensor(&self.device)?.as_ref())?;
-        objective.losses_at_head(&hidden, &self.head, batch)
+        objective.losses_at_head(&hidden, &self.head, self.spec.final_softcap, batch)
     }
 
     /// The final (normalised) hidden states `[b, t, hidden]`, the head's input.
     fn hidden(&self, ids: &Tensor, keep: Option<&Tensor>) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         self.check_input(ids, t)?;
-        let ctx = self.context(t, keep)?;
+        let contexts = self.contexts(t, keep)?;
         let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.spec.hidden))?;
+        if let Some(scale) = self.spec.embed_scale {
+            x = (x * scale)?;
+        }
         if let Some(table) = &self.pos_embed {
             x = x.broadcast_add(&table.narrow(0, 0, t)?)?;
         }
-        for block in &self.blocks {
-            let attn = block.attn.forward(&block.attn_norm.forward(&x)?, &ctx)?;
-            x = match self.spec.residual {
-                Residual::Sequential => {
-                    let x = (x + attn)?;
-                    let mlp = block.mlp.forward(&block.mlp_norm.forward(&x)?)?;
-                    (x + mlp)?
-                }
-                Residual::Parallel => {
-                    let mlp = block.mlp.forward(&block.mlp_norm.forward(&x)?)?;
-                    ((x + attn)? + mlp)?
-                }
-            };
+        for (block, ctx) in self.blocks.iter().zip(&contexts) {
+            x = block.forward(x, ctx, self.spec.residual)?;
         }
         Ok(self.final_norm.forward(&x)?)
     }
@@ -236,17 +270,34 @@ impl Transformer {
         Ok(())
     }
 
-    fn context(&self, t: usize, keep: Option<&Tensor>) -> Result<Context> {
-        let mask = positions::attention_mask(t, keep, &self.device)?;
-        let (rope, bias) = match self.spec.positions {
-            Positions::Rope { theta, .. } => {
-                let rot = self.spec.rotary_dim();
-                let (cos, sin) = positions::rope_tables(theta, rot, t, &self.device)?;
+    /// Each layer's context: its mask (causal, padding, window) and positions. Layers that
+    /// attend alike share one.
+    fn contexts(&self, t: usize, keep: Option<&Tensor>) -> Result<Vec<Context>> {
+        let mut made: Vec<((Option<usize>, &Positions), Context)> = Vec::new();
+        (0..self.spec.layers)
+            .map(|i| {
+                let layer = self.spec.layer(i);
+                if let Some((_, ctx)) = made.iter().find(|(key, _)| *key == layer) {
+                    return Ok(ctx.clone());
+                }
+                let ctx = self.context(t, keep, layer.0, layer.1)?;
+                made.push((layer, ctx.clone()));
+                Ok(ctx)
+            })
+            .collect()
+    }
+
+    fn context(&self, t: usize, keep: Option<&Tensor>, window: Option<usize>, positions: &Positions) -> Result<Context> {
+        let mask = positions::attention_mask(t, keep, window, &self.device)?;
+        let (rope, bias) = match positions {
+            Positions::Rope { theta, fraction, scaling } => {
+                let rot = (self.spec.attention.head_dim as f64 * fraction) as usize;
+                let (cos, sin) = positions::rope_tables(*theta, scaling, rot, t, &self.device)?;
                 let dtype = self.embed.dtype();
                 (Some((cos.to_dtype(dtype)?, sin.to_dtype(dtype)?, rot)), mask)
             }
             Positions::Alibi { max_bias } => {
-                let slopes = positions::alibi_slopes(self.spec.attention.heads, max_bias);
+                let slopes = positions::alibi_slopes(self.spec.attention.heads, *max_bias);
                 (None, mask.broadcast_add(&positions::alibi_bias(&slopes, t, &self.device)?)?)
             }
             Positions::Learned => (None, mask),

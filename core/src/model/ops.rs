@@ -120,23 +120,25 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, rot: usize) -> Result<Tensor
     Tensor::cat(&[&rotated, &x.narrow(D::Minus1, rot, d - rot)?], D::Minus1)
 }
 
+/// How the scores of an attention are made: the head count, the scale, an optional
+/// soft-cap `c * tanh(s / c)` of the scaled scores (Gemma 2), the additive bias
+/// (`[b or 1, heads or 1, t, t]`: masks, ALiBi) and RoPE on the first `rot` dimensions of
+/// each query and key head (`cos`, `sin` `[t, rot / 2]`).
+pub struct Scores<'a> {
+    pub heads: usize,
+    pub scale: f64,
+    pub softcap: Option<f64>,
+    pub bias: &'a Tensor,
+    pub rope: Option<(&'a Tensor, &'a Tensor, usize)>,
+}
+
 /// Causal self-attention of projected `q: [b, t, heads * d]`, `k`, `v: [b, t, kv_heads * d]`
-/// (grouped-query when there are fewer key-value heads): RoPE on the first `rot` dimensions
-/// of each head when `rope` is given (`cos`, `sin` `[t, rot / 2]`), scores times `scale`
-/// plus `bias` (`[b or 1, heads or 1, t, t]`: masks, ALiBi), softmax in f32. Returns
-/// `[b, t, heads * d]`.
-pub fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    heads: usize,
-    scale: f64,
-    bias: &Tensor,
-    rope: Option<(&Tensor, &Tensor, usize)>,
-) -> Result<Tensor> {
+/// (grouped-query when there are fewer key-value heads), with scores as `scores` says and
+/// softmax in f32. Returns `[b, t, heads * d]`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scores: &Scores) -> Result<Tensor> {
     match fusable(&[q, k, v], Reach::Cpu) {
-        true => fused_attention::attention(q, k, v, heads, scale, bias, rope),
-        false => composed::attention(q, k, v, heads, scale, bias, rope),
+        true => fused_attention::attention(q, k, v, scores),
+        false => composed::attention(q, k, v, scores),
     }
 }
 
@@ -191,28 +193,26 @@ pub mod composed {
     }
 
     /// As transformers' eager attention: heads transposed out, key-value heads repeated,
-    /// softmax in f32 ([`super::attention_softmax`], our kernel where there is one).
-    pub fn attention(
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        heads: usize,
-        scale: f64,
-        bias: &Tensor,
-        rope: Option<(&Tensor, &Tensor, usize)>,
-    ) -> Result<Tensor> {
+    /// scores scaled (and soft-capped), softmax in f32 ([`super::attention_softmax`], our
+    /// kernel where there is one).
+    pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scores: &Scores) -> Result<Tensor> {
+        let heads = scores.heads;
         let (b, t, width) = q.dims3()?;
         let d = width / heads;
         let kv = k.dim(2)? / d;
         let split = |x: &Tensor, n: usize| x.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous();
         let (mut q, mut k, v) = (split(q, heads)?, split(k, kv)?, split(v, kv)?);
-        if let Some((cos, sin, rot)) = rope {
+        if let Some((cos, sin, rot)) = scores.rope {
             q = super::rope(&q, cos, sin, rot)?;
             k = super::rope(&k, cos, sin, rot)?;
         }
         let k = candle_transformers::utils::repeat_kv(k, heads / kv)?;
         let v = candle_transformers::utils::repeat_kv(v, heads / kv)?;
-        let probs = super::attention_softmax(&q.matmul(&k.t()?)?, bias, scale)?;
+        let raw = q.matmul(&k.t()?)?;
+        let probs = match scores.softcap {
+            Some(cap) => super::attention_softmax(&(((raw * (scores.scale / cap))?.tanh()? * cap)?), scores.bias, 1.0)?,
+            None => super::attention_softmax(&raw, scores.bias, scores.scale)?,
+        };
         probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, heads * d))
     }
 }

@@ -124,6 +124,14 @@ fn read(files: &MmapedSafetensors, dir: &Path, name: &str, shape: &[usize], devi
             dir.display()
         ))
     })?;
+    use safetensors::Dtype;
+    if !matches!(view.dtype(), Dtype::F32 | Dtype::BF16 | Dtype::F16 | Dtype::F64) {
+        return Err(Error::msg(format!(
+            "{}: tensor `{name}` is stored as {:?}, which fusellm cannot load as weights; supported: F32, BF16, F16, F64 (convert the checkpoint, e.g. dequantise it)",
+            dir.display(),
+            view.dtype()
+        )));
+    }
     if view.shape() != shape {
         return Err(Error::msg(format!(
             "{}: tensor `{name}` has shape {:?} but config.json implies {shape:?}",

@@ -140,7 +140,7 @@ pub fn precompute_model(
         docs_per_shard: options.docs_per_shard.max(1),
         layout,
     };
-    let settings = Settings { k: options.k, batch_tokens: options.batch_tokens, residual: options.residual };
+    let settings = Settings { k: options.k, batch_tokens: options.batch_tokens, residual: options.residual, ..Default::default() }; 
     precompute(out, &identity, &texts, (&model, &checkpoint.tokenizer), settings, worker, progress)
 }
 
@@ -162,6 +162,8 @@ pub fn precompute(
         )));
     }
     claim(dir, identity)?;
+    // The embedding's padded rows (beyond the tokenizer's ids) never enter the top-k.
+    let settings = Settings { tokens: Some(tokenizer.vocab_size()), ..settings };
     let mut summary = RunSummary::default();
     let mine: Vec<usize> = (0..identity.shards()).filter(|s| s % workers == worker).collect();
     let recorded = read_manifest(dir).ok();

@@ -1,11 +1,13 @@
-//! GPT-NeoX (Pythia) is not built into fusellm, but the block library can execute it: this
-//! adapter only describes it. Parallel residual, rotary embeddings on a fraction of each
-//! head, LayerNorm with bias, biased projections, and a fused QKV projection whose rows
-//! are grouped per head, as transformers' `modeling_gpt_neox`.
+//! The template of a third-party model adapter: a crate that depends on fusellm-sdk alone
+//! and describes an architecture as data, which fusellm's block library then executes.
+//! It describes GPT-NeoX (parallel residual, rotary embeddings on a fraction of each head,
+//! LayerNorm with bias, biased projections, a fused QKV projection whose rows are grouped
+//! per head, as transformers' `modeling_gpt_neox`) for checkpoints whose config.json says
+//! `"model_type": "neox_example"`, so that it never shadows fusellm's built-in `gpt_neox`.
 
 use std::collections::BTreeMap;
 
-use fusellm_sdk::adapter::{AttentionSpec, MlpKind, MlpSpec, NormKind, Positions, QkvLayout, Residual};
+use fusellm_sdk::adapter::{AttentionBias, AttentionSpec, MlpKind, MlpSpec, NormKind, Positions, QkvLayout, Residual};
 use fusellm_sdk::{
     CheckpointFiles, HfConfig, ModelAdapter, ModelSpec, Params, PluginInfo, PluginKind, TensorNames,
     TokenizerConventions,
@@ -17,11 +19,11 @@ impl ModelAdapter for GptNeox {
     fn info(&self) -> PluginInfo {
         PluginInfo::new(
             PluginKind::Adapter,
-            "gpt_neox",
+            "neox_example",
             "0.1.0",
-            "GPT-NeoX and Pythia (GPTNeoXForCausalLM) checkpoints",
+            "the third-party adapter template: GPT-NeoX-shaped checkpoints of model_type neox_example",
         )
-        .handles(&["gpt_neox"])
+        .handles(&["neox_example"])
     }
 
     fn spec(&self, _params: &Params, files: CheckpointFiles<'_>) -> Result<ModelSpec, String> {
@@ -34,7 +36,7 @@ impl ModelAdapter for GptNeox {
         let bias = c.bool_or("attention_bias", true)?;
         let eps = c.opt_f64("layer_norm_eps")?.unwrap_or(1e-5);
         Ok(ModelSpec {
-            model_type: "gpt_neox".into(),
+            model_type: "neox_example".into(),
             vocab_size: c.usize("vocab_size")?,
             hidden,
             layers: c.usize("num_hidden_layers")?,
@@ -43,20 +45,27 @@ impl ModelAdapter for GptNeox {
             positions: Positions::Rope {
                 theta: c.opt_f64("rotary_emb_base")?.unwrap_or(10_000.0),
                 fraction: c.opt_f64("rotary_pct")?.unwrap_or(0.25),
+                scaling: Default::default(),
             },
             attention: AttentionSpec {
                 heads,
                 kv_heads: heads,
                 head_dim: hidden / heads.max(1),
                 qkv: QkvLayout::PerHead,
-                bias,
+                bias: AttentionBias::all(bias),
                 clip_qkv: None,
                 softmax_scale: None,
+                qk_norm: false,
+                softcap: None,
             },
-            mlp: MlpSpec { kind: MlpKind::Gelu, hidden: c.usize("intermediate_size")?, bias: true },
+            mlp: MlpSpec { kind: MlpKind::Gelu, hidden: c.usize("intermediate_size")?, bias: true, fused_gate_up: false },
             residual: if c.bool_or("use_parallel_residual", true)? { Residual::Parallel } else { Residual::Sequential },
             tied_embeddings: c.bool_or("tie_word_embeddings", false)?,
             tensor_names: tensor_names(bias),
+            embed_scale: None,
+            final_softcap: None,
+            post_norms: false,
+            layer_attention: Vec::new(),
             tokenizer: match files.tokenizer_json {
                 Some(json) => TokenizerConventions::from_tokenizer_json(json)?,
                 None => {

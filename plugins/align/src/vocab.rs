@@ -2,7 +2,9 @@
 //! the exact match only; `mined` falls back to the target token of minimum edit distance,
 //! ties to the lowest target id, as the paper's `find_best_mapping`, but without comparing
 //! every pair: candidates are visited by length difference (a lower bound of the distance)
-//! and the search stops once that bound exceeds the best distance found.
+//! and the search stops once that bound exceeds the best distance found; within a length,
+//! a second lower bound from the sets of symbols each token holds (one XOR and a popcount)
+//! rules out nearly every candidate before an edit distance is computed.
 
 use std::collections::HashMap;
 
@@ -64,21 +66,43 @@ impl VocabMapper for Mined {
 /// The target vocabulary, indexed for exact lookups and grouped by length.
 struct Vocab {
     exact: HashMap<String, u32>,
-    /// `by_len[l]`: (id, symbols) of the tokens of `l` symbols, in id order.
-    by_len: Vec<Vec<(u32, Vec<u32>)>>,
+    /// `by_len[l]`: the tokens of `l` symbols, in id order.
+    by_len: Vec<Group>,
+}
+
+/// The tokens of one length, column-wise: the signatures are scanned for every query.
+#[derive(Default)]
+struct Group {
+    ids: Vec<u32>,
+    signatures: Vec<u64>,
+    symbols: Vec<Vec<u32>>,
+}
+
+/// The set of symbols of a token, hashed into 64 bits. An edit changes the set by at most
+/// one symbol removed and one added, so it flips at most two bits: `ceil(popcount(a ^ b)
+/// / 2)` is a lower bound of the edit distance (hash collisions only weaken it).
+fn signature(symbols: &[u32]) -> u64 {
+    symbols.iter().fold(0, |sig, &s| sig | 1 << (s.wrapping_mul(0x9E37_79B9) >> 26))
+}
+
+fn signature_bound(a: u64, b: u64) -> u32 {
+    (a ^ b).count_ones().div_ceil(2)
 }
 
 impl Vocab {
     fn new(tokens: TokenStrings<'_>) -> Result<Self, String> {
         let strings = decode(tokens)?;
         let mut exact = HashMap::new();
-        let mut by_len: Vec<Vec<(u32, Vec<u32>)>> = Vec::new();
+        let mut by_len: Vec<Group> = Vec::new();
         for (id, s) in strings.into_iter().enumerate() {
             let sym = symbols(&s);
             if by_len.len() <= sym.len() {
-                by_len.resize_with(sym.len() + 1, Vec::new);
+                by_len.resize_with(sym.len() + 1, Group::default);
             }
-            by_len[sym.len()].push((id as u32, sym));
+            let group = &mut by_len[sym.len()];
+            group.ids.push(id as u32);
+            group.signatures.push(signature(&sym));
+            group.symbols.push(sym);
             exact.entry(s).or_insert(id as u32);
         }
         Ok(Self { exact, by_len })
@@ -94,7 +118,8 @@ impl Vocab {
         if let Some(id) = self.exact(s) {
             return (id, 0);
         }
-        let pattern = Pattern::new(&symbols(s));
+        let sym = symbols(s);
+        let (pattern, sig) = (Pattern::new(&sym), signature(&sym));
         let len = pattern.len();
         let mut best = (u32::MAX, u32::MAX); // (distance, id)
         for gap in 0.. {
@@ -102,16 +127,20 @@ impl Vocab {
                 break;
             }
             let lengths = [len.checked_sub(gap), (gap > 0).then_some(len + gap)];
-            for l in lengths.into_iter().flatten().filter(|&l| l < self.by_len.len()) {
-                for (id, sym) in &self.by_len[l] {
+            for group in lengths.into_iter().flatten().filter_map(|l| self.by_len.get(l)) {
+                for (k, (&id, &other)) in group.ids.iter().zip(&group.signatures).enumerate() {
                     // Every candidate here is at least `gap` away; ids grow within a group,
                     // so once the best is at `gap`, the rest can at most tie, and lose.
-                    if gap as u32 == best.0 && *id > best.1 {
+                    if gap as u32 == best.0 && id > best.1 {
                         break;
                     }
-                    let d = pattern.distance(sym);
-                    if (d, *id) < best {
-                        best = (d, *id);
+                    let bound = (gap as u32).max(signature_bound(sig, other));
+                    if (bound, id) >= best {
+                        continue;
+                    }
+                    let d = pattern.distance(&group.symbols[k]);
+                    if (d, id) < best {
+                        best = (d, id);
                     }
                 }
             }

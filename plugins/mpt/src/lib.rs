@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use fusellm_sdk::adapter::{AttentionSpec, MlpKind, MlpSpec, NormKind, Positions, QkvLayout, Residual};
+use fusellm_sdk::adapter::{AttentionBias, AttentionSpec, MlpKind, MlpSpec, NormKind, Positions, QkvLayout, Residual};
 use fusellm_sdk::{
     CheckpointFiles, HfConfig, ModelAdapter, ModelSpec, Params, PluginInfo, PluginKind, TensorNames,
     TokenizerConventions,
@@ -54,14 +54,20 @@ impl ModelAdapter for Mpt {
                 kv_heads: heads,
                 head_dim: hidden / heads.max(1),
                 qkv: QkvLayout::Chunked,
-                bias,
+                bias: AttentionBias::all(bias),
                 clip_qkv: attn.opt_f64("clip_qkv")?,
                 softmax_scale: attn.opt_f64("softmax_scale")?,
+                qk_norm: false,
+                softcap: None,
             },
-            mlp: MlpSpec { kind: MlpKind::Gelu, hidden: c.opt_usize("expansion_ratio")?.unwrap_or(4) * hidden, bias },
+            mlp: MlpSpec { kind: MlpKind::Gelu, hidden: c.opt_usize("expansion_ratio")?.unwrap_or(4) * hidden, bias, fused_gate_up: false },
             residual: Residual::Sequential,
             tied_embeddings: tied,
             tensor_names: tensor_names(bias, tied),
+            embed_scale: None,
+            final_softcap: None,
+            post_norms: false,
+            layer_attention: Vec::new(),
             tokenizer: tokenizer(files.tokenizer_json)?,
         })
     }
