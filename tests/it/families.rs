@@ -12,8 +12,16 @@ use fusellm_core::model::{LoadMode, Transformer};
 use fusellm_core::plugins::Registry;
 use fusellm_sdk::{CheckpointFiles, PluginKind};
 
-const FAMILIES: [&str; 7] =
-    ["tiny-llama3", "tiny-qwen2", "tiny-qwen3", "tiny-mistral", "tiny-gemma2", "tiny-phi3", "tiny-pythia"];
+const FAMILIES: [&str; 8] = [
+    "tiny-llama3",
+    "tiny-qwen2",
+    "tiny-qwen3",
+    "tiny-mistral",
+    "tiny-gemma2",
+    "tiny-phi3",
+    "tiny-pythia",
+    "tiny-gemma3",
+];
 
 fn checkpoint(name: &str) -> Checkpoint {
     Checkpoint::open(&fixtures::model_dir(name), &Registry::with_builtins().unwrap(), None).unwrap()
@@ -121,8 +129,36 @@ fn each_adapter_describes_its_family() {
         panic!("phi3: {:?}", phi3.positions)
     };
     assert!((attention_factor - 1.5f64.sqrt()).abs() < 1e-12, "{attention_factor}");
+    let gemma3 = checkpoint("tiny-gemma3").spec;
+    assert_eq!((gemma3.attention.qk_norm, gemma3.attention.softcap, gemma3.final_softcap), (true, None, None));
+    let local = Positions::Rope { theta: 10_000.0, fraction: 1.0, scaling: RopeScaling::None };
+    let global = Positions::Rope { theta: 1e6, fraction: 1.0, scaling: RopeScaling::Linear { factor: 8.0 } };
+    assert_eq!(gemma3.positions, global);
+    for i in 0..6 {
+        let expected = if i % 3 == 2 { (None, &global) } else { (Some(12), &local) };
+        assert_eq!(gemma3.layer(i), expected, "gemma3 layer {i}");
+    }
     let pythia = checkpoint("tiny-pythia").spec;
     assert_eq!((pythia.attention.qkv, pythia.rotary_dim(), pythia.tied_embeddings), (QkvLayout::PerHead, 4, false));
+}
+
+/// Gemma 3's config in transformers 4's layout (a window pattern instead of layer types, a
+/// separate RoPE base for the local layers, the global layers' scaling in `rope_scaling`)
+/// describes the same model as transformers 5's.
+#[test]
+fn gemma3_configs_of_both_layouts_give_one_spec() {
+    let v5 = adapt("gemma3_text", "tiny-gemma3", |_| ()).unwrap();
+    let v4 = adapt("gemma3_text", "tiny-gemma3", |c| {
+        let c = c.as_object_mut().unwrap();
+        c.remove("layer_types");
+        c.remove("rope_parameters");
+        c.insert("sliding_window_pattern".into(), 3.into());
+        c.insert("rope_theta".into(), 1e6.into());
+        c.insert("rope_local_base_freq".into(), 1e4.into());
+        c.insert("rope_scaling".into(), serde_json::json!({"rope_type": "linear", "factor": 8.0}));
+    })
+    .unwrap();
+    assert_eq!(v4, v5);
 }
 
 /// The spec an adapter makes of an edited fixture config, or its error.
@@ -167,4 +203,25 @@ fn configs_the_block_library_cannot_run_are_refused_at_their_key() {
     for (adapter, model) in [("llama", "tiny-llama3"), ("gemma2", "tiny-gemma2"), ("phi3", "tiny-phi3")] {
         adapt(adapter, model, |_| ()).unwrap();
     }
+}
+
+/// A tensor stored in a dtype that is not a float (a quantised or integer tensor) is
+/// refused when the weights load, naming the tensor, its dtype and what is supported.
+#[test]
+fn a_tensor_of_another_dtype_is_refused_by_name() {
+    let src = fixtures::model_dir("tiny-llama2");
+    let dir = std::env::temp_dir().join(format!("fusellm-int-weights-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for file in ["config.json", "tokenizer.json"] {
+        std::fs::copy(src.join(file), dir.join(file)).unwrap();
+    }
+    let mut tensors = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let norm = tensors["model.norm.weight"].to_dtype(DType::I64).unwrap();
+    tensors.insert("model.norm.weight".into(), norm);
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+    let checkpoint = Checkpoint::open(&dir, &Registry::with_builtins().unwrap(), None).unwrap();
+    let err = checkpoint.load_model(LoadMode::Frozen, DType::F32, &Device::Cpu).err().unwrap().message;
+    assert!(err.contains("tensor `model.norm.weight` is stored as I64") && err.contains("supported: F32, BF16, F16, F64"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -55,7 +55,7 @@ fn an_unknown_architecture_or_a_missing_field_is_named() {
     let dir = variant("bert", "tiny-llama2", |c| c["model_type"] = "bert".into());
     assert_contains(
         &load_error(&dir),
-        "no adapter understands model_type `bert`; known: llama, mpt; load an adapter plugin for it",
+        "no adapter understands model_type `bert`; known: gemma, gemma2, gemma3_text, gpt_neox, llama, mistral, mpt, phi3, qwen2, qwen3; load an adapter plugin for it",
     );
     let dir = variant("typo", "tiny-mpt", |c| c["model_type"] = "mtp".into());
     assert_contains(&load_error(&dir), "did you mean `mpt`?");

@@ -12,8 +12,9 @@ use fusellm_core::plugins::Registry;
 
 /// The models whose references keep the full logits of the `english` text.
 const MODELS: [&str; 3] = ["tiny-llama2", "tiny-openllama", "tiny-mpt"];
-/// Every fixture model: the paper's three families and the seven of today.
-const ALL_MODELS: [&str; 10] = [
+/// Every fixture model: the paper's three families, the seven of today in
+/// ../shared and Gemma 3 (tests/fixtures).
+const ALL_MODELS: [&str; 11] = [
     "tiny-llama2",
     "tiny-openllama",
     "tiny-mpt",
@@ -24,6 +25,7 @@ const ALL_MODELS: [&str; 10] = [
     "tiny-gemma2",
     "tiny-phi3",
     "tiny-pythia",
+    "tiny-gemma3",
 ];
 const ATOL: f32 = 1e-4;
 

@@ -71,6 +71,7 @@ impl ModelAdapter for Gemma {
             _ => RopeDefaults::default(),
         };
         let tied = c.bool_or("tie_word_embeddings", true)?;
+        let positions = c.rope(Some("full_attention"), &rope)?;
         Ok(ModelSpec {
             model_type: self.name.into(),
             vocab_size: c.usize("vocab_size")?,
@@ -78,7 +79,8 @@ impl ModelAdapter for Gemma {
             layers,
             max_positions: c.usize("max_position_embeddings")?,
             norm: NormKind::RmsNorm { eps: c.opt_f64("rms_norm_eps")?.unwrap_or(1e-6), offset: 1.0 },
-            positions: c.rope(Some("full_attention"), &rope)?,
+            layer_attention: self.layer_attention(&c, layers, &positions)?,
+            positions,
             attention: AttentionSpec {
                 heads,
                 kv_heads: c.opt_usize("num_key_value_heads")?.unwrap_or(heads),
@@ -98,7 +100,6 @@ impl ModelAdapter for Gemma {
             embed_scale: Some((hidden as f64).sqrt()),
             final_softcap,
             post_norms: later,
-            layer_attention: self.layer_attention(&c, layers)?,
         })
     }
 }
@@ -132,7 +133,9 @@ impl Gemma {
     /// Sliding and global layers: `layer_types` where the config has it, else the
     /// generation's pattern (Gemma 2: even layers slide; Gemma 3: all but every
     /// `sliding_window_pattern`-th).
-    fn layer_attention(&self, c: &HfConfig, layers: usize) -> Result<Vec<LayerAttention>, String> {
+    /// A layer's positions are left unset where they are the model's (`global`), so that
+    /// both config layouts give one spec.
+    fn layer_attention(&self, c: &HfConfig, layers: usize, global: &Positions) -> Result<Vec<LayerAttention>, String> {
         if self.generation == Generation::One {
             return Ok(Vec::new());
         }
@@ -160,6 +163,9 @@ impl Gemma {
             for layer in per_layer.iter_mut().filter(|l| l.window.is_some() && l.positions.is_none()) {
                 layer.positions = Some(local.clone());
             }
+        }
+        for layer in per_layer.iter_mut().filter(|l| l.positions.as_ref() == Some(global)) {
+            layer.positions = None;
         }
         Ok(per_layer)
     }
