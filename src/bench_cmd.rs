@@ -392,14 +392,31 @@ fn align(fixtures: &Path) -> fusellm_core::error::Result<()> {
     let paper = &timing["summary"];
 
     let mined = registry.get(PluginKind::Aligner, "mined")?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let start = Instant::now();
     let map = map_vocab(mined, &neox, &llama, true, None)?;
     let mined_s = start.elapsed().as_secs_f64();
     println!(
-        "MinED map NeoX -> Llama-2 (50277 x 32000), {} threads: {mined_s:.2} s; the paper's code: 568.4 s on one core ({:.0}x)",
-        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        "MinED map NeoX -> Llama-2 (50277 x 32000, compat), {threads} threads: {mined_s:.2} s; the paper's code: 568.4 s on one core ({:.0}x)",
         568.36 / mined_s
     );
+    // The pairs of today's vocabularies, canonical strings (as `fusellm vocab-map` maps).
+    let (llama3, qwen) = (tokenizer("llama3")?, tokenizer("qwen2.5")?);
+    for (what, source, target) in [
+        ("NeoX -> Llama-2", &neox, &llama),
+        ("Llama 3 -> Qwen2.5", &llama3, &qwen),
+        ("Qwen2.5 -> Llama 3", &qwen, &llama3),
+    ] {
+        let start = Instant::now();
+        let map = map_vocab(mined, source, target, false, None)?;
+        let unmatched = map.distance.iter().filter(|&&d| d > 0).count();
+        println!(
+            "MinED map {what} ({} x {}, canonical), {threads} threads: {:.2} s ({unmatched} tokens without an exact match)",
+            source.tokens.len(),
+            target.tokens.len(),
+            start.elapsed().as_secs_f64()
+        );
+    }
 
     let open = |name: &str| Tokenizer::open(&fixtures.join("tokenizers").join(name).join("tokenizer.json"));
     let docs = read_set_a(&fixtures.join("alignment"), &open("llama2")?, &open("gpt-neox-20b")?)?;

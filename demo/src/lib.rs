@@ -1,6 +1,7 @@
 //! `fusellm demo`: the FuseLLM experiment in miniature, built from code alone (no file, no
 //! network). Three procedural text domains; three tokenizer families trained on them; three
-//! source models of the three built-in architectures, each pretrained mainly on one domain;
+//! source models of the paper's architectures, each pretrained mainly on one domain (with
+//! the real tokenizers of a fixtures folder: four domains, five sources and families);
 //! a target pretrained briefly on the mixture and then continued three ways (CLM only,
 //! FuseLLM with MinCE, FuseLLM with AvgCE), plus MinED vs EM, knowledge distillation from
 //! one teacher, and the paper's second comparison (its Table 7): domain experts combined as
@@ -97,19 +98,33 @@ impl Sizes {
     }
 }
 
-/// The three sources: architecture, tokenizer family, home domain.
-const SOURCES: [(&str, Arch, usize); 3] =
-    [("llama", Arch::Llama, 0), ("mpt", Arch::Mpt, 1), ("openllama", Arch::Llama, 2)];
+/// A source model of the experiment.
+#[derive(Clone, Copy)]
+struct Source {
+    name: &'static str,
+    arch: Arch,
+    /// Index into the setup's tokenizers.
+    tokenizer: usize,
+    /// Index into the setup's domains: the domain it is pretrained mainly on.
+    home: usize,
+}
+
+const fn source(name: &'static str, arch: Arch, tokenizer: usize, home: usize) -> Source {
+    Source { name, arch, tokenizer, home }
+}
 
 /// Where the demo's text and tokenizers come from.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Setup {
     /// Procedural domains and tokenizers trained on them: the embedded default.
     Procedural,
-    /// The real tokenizers (Llama-2, GPT-NeoX, OpenLLaMA) and corpora (prose, math, code,
-    /// technical prose) of a fixtures folder: examples/real-tokenizers.
+    /// The real tokenizers (Llama-2, GPT-NeoX, OpenLLaMA, Llama 3, Qwen2.5) and corpora
+    /// (prose, math, code, technical prose) of a fixtures folder: examples/real-tokenizers.
     Fixtures(PathBuf),
 }
+
+/// The fixtures' tokenizers, by folder: the target's (Llama-2's) first.
+const REAL_TOKENIZERS: [&str; 5] = ["llama2", "gpt-neox-20b", "openllama-v1", "llama3", "qwen2.5"];
 
 impl Setup {
     pub fn domains(&self) -> Vec<&'static str> {
@@ -119,12 +134,26 @@ impl Setup {
         }
     }
 
-    /// The home domain of each source (by index into `domains`): llama, mpt, openllama.
-    fn homes(&self) -> [usize; 3] {
+    /// The sources: the paper's three (Llama-2, MPT, OpenLLaMA) each on a domain of its
+    /// own; with the real tokenizers also a Llama 3 and a Qwen2.5, five tokenizer families.
+    fn sources(&self) -> Vec<Source> {
         match self {
-            Setup::Procedural => [0, 1, 2],
-            // Llama-2 on prose, MPT (GPT-NeoX tokenizer) on code, OpenLLaMA on math.
-            Setup::Fixtures(_) => [0, 2, 1],
+            Setup::Procedural => {
+                vec![
+                    source("llama", Arch::Llama, 0, 0),
+                    source("mpt", Arch::Mpt, 1, 1),
+                    source("openllama", Arch::Llama, 2, 2),
+                ]
+            }
+            // Llama-2 on prose, MPT (GPT-NeoX tokenizer) on code, OpenLLaMA and Qwen2.5 on
+            // math, Llama 3 on technical prose.
+            Setup::Fixtures(_) => vec![
+                source("llama", Arch::Llama, 0, 0),
+                source("mpt", Arch::Mpt, 1, 2),
+                source("openllama", Arch::Llama, 2, 1),
+                source("llama3", Arch::Llama3, 3, 3),
+                source("qwen2", Arch::Qwen2, 4, 1),
+            ],
         }
     }
 }
@@ -220,18 +249,18 @@ impl Demo<'_> {
         let domains = self.setup.domains();
         self.stage(&format!("data: {}", domains.join(", ")));
         self.write_corpora(&Texts::new(&self.setup, self.seed)?)?;
-        self.stage("tokenizers: three families");
+        let plan = self.setup.sources();
         let tokenizers = self.tokenizers()?;
+        self.stage(&format!("tokenizers: {} families", tokenizers.len()));
         let sizes = self.sizes;
-        let homes = self.setup.homes();
 
         let mut results = Results::default();
         let mut sources = Vec::new();
-        for (i, (name, arch, family)) in SOURCES.iter().enumerate() {
-            let domain = domains[homes[i]];
+        for (i, Source { name, arch, tokenizer, home }) in plan.iter().copied().enumerate() {
+            let domain = domains[home];
             let init = self.path(&format!("models/{name}-init"));
             if !init.join("model.safetensors").exists() {
-                models::create(&init, *arch, sizes.source, &tokenizers[*family], self.seed + i as u64, registry)?;
+                models::create(&init, arch, sizes.source, &tokenizers[tokenizer], self.seed + i as u64, registry)?;
             }
             self.stage(&format!("source {name}: pretrained mainly on {domain}"));
             let record = self.pipeline(
@@ -292,9 +321,10 @@ impl Demo<'_> {
             results.push(name, &record);
         }
         // Knowledge distillation: the same loss with one teacher, the best source.
-        let teacher = results.best_of(&["source-llama", "source-mpt", "source-openllama"]);
+        let names: Vec<String> = plan.iter().map(|s| format!("source-{}", s.name)).collect();
+        let teacher = results.best_of(&names.iter().map(String::as_str).collect::<Vec<_>>());
         let teacher_source = sources[teacher].clone();
-        self.stage(&format!("knowledge distillation from {}", SOURCES[teacher].0));
+        self.stage(&format!("knowledge distillation from {}", plan[teacher].name));
         let kd = continual(vec![teacher_source], Some("plugin = \"min_ce\"\n[fusion.params]\ninclude_target = false"));
         let record = self.pipeline(registry, "kd", &kd)?;
         results.push("kd", &record);
@@ -423,18 +453,15 @@ impl Demo<'_> {
         write("continual-mixture", &interleave(all.map(|d| docs(d, Split::Continual, s.continual_docs)).collect()))
     }
 
-    /// The three tokenizers: trained on the demo's text (the third on another mix, its home
+    /// The tokenizers: three trained on the demo's text (the third on another mix, its home
     /// domain's pretraining corpus, as OpenLLaMA's tokenizer was trained on other data than
-    /// Llama-2's), or the real ones of the fixtures.
+    /// Llama-2's), or the five real ones of the fixtures.
     fn tokenizers(&self) -> Result<Vec<PathBuf>> {
         if let Setup::Fixtures(dir) = &self.setup {
-            return Ok(["llama2", "gpt-neox-20b", "openllama-v1"]
-                .iter()
-                .map(|t| dir.join("tokenizers").join(t).join("tokenizer.json"))
-                .collect());
+            return Ok(REAL_TOKENIZERS.iter().map(|t| dir.join("tokenizers").join(t).join("tokenizer.json")).collect());
         }
         let mixture = fusellm_core::split::read_texts(&self.path("data/pretrain-mixture.jsonl"))?;
-        let third_home = self.setup.domains()[self.setup.homes()[2]];
+        let third_home = self.setup.domains()[self.setup.sources()[2].home];
         let other = fusellm_core::split::read_texts(&self.path(&format!("data/pretrain-{third_home}-heavy.jsonl")))?;
         std::fs::create_dir_all(self.path("tokenizers")).context(|| "creating the tokenizer folder".into())?;
         FAMILIES

@@ -16,6 +16,10 @@ pub enum Arch {
     Llama,
     /// MPT: LayerNorm, ALiBi, GELU, tied embeddings.
     Mpt,
+    /// Llama 3.2: grouped-query attention, tied embeddings, llama3 RoPE scaling.
+    Llama3,
+    /// Qwen2.5: q/k/v biases, tied embeddings, the embedding padded to a multiple of 128.
+    Qwen2,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -36,6 +40,26 @@ fn config(arch: Arch, shape: Shape, vocab: usize) -> serde_json::Value {
             "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": false,
             "attention_bias": false, "mlp_bias": false, "vocab_size": vocab,
             "bos_token_id": 1, "eos_token_id": 2, "dtype": "float32"
+        }),
+        Arch::Llama3 => serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+            "hidden_size": shape.hidden, "intermediate_size": shape.hidden * 8 / 3,
+            "num_attention_heads": shape.heads, "num_key_value_heads": shape.heads / 2,
+            "num_hidden_layers": shape.layers, "max_position_embeddings": shape.max_positions,
+            "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": true,
+            "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+            "vocab_size": vocab, "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009],
+            "dtype": "float32"
+        }),
+        Arch::Qwen2 => serde_json::json!({
+            "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
+            "hidden_size": shape.hidden, "intermediate_size": shape.hidden * 8 / 3,
+            "num_attention_heads": shape.heads, "num_key_value_heads": shape.heads / 2,
+            "num_hidden_layers": shape.layers, "max_position_embeddings": shape.max_positions,
+            "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": true,
+            "use_sliding_window": false, "vocab_size": vocab.next_multiple_of(128),
+            "bos_token_id": 151643, "eos_token_id": 151643, "dtype": "float32"
         }),
         Arch::Mpt => serde_json::json!({
             "architectures": ["MptForCausalLM"], "model_type": "mpt", "d_model": shape.hidden,

@@ -192,7 +192,10 @@ fn the_command_line_loads_an_adapter_file() {
     let args = ["generate", "--model", &model, "--prompt", "Pythia", "--max-new-tokens", "3", "--ids"];
     let without = fusellm_in(&neox, &args);
     let stderr = String::from_utf8_lossy(&without.stderr);
-    assert!(!without.status.success() && stderr.contains("no adapter understands model_type `neox_example`"), "{stderr}");
+    assert!(
+        !without.status.success() && stderr.contains("no adapter understands model_type `neox_example`"),
+        "{stderr}"
+    );
     let with = fusellm_in(&neox, &[&args[..], &["--plugin", &plugin]].concat());
     let stdout = String::from_utf8_lossy(&with.stdout);
     assert!(with.status.success(), "{}", String::from_utf8_lossy(&with.stderr));

@@ -78,7 +78,10 @@ fn every_family_trains_in_every_parameter_and_the_fused_step_equals_the_composed
         let (loss, grads) = step(&fused, &batch);
         let composed = checkpoint.load_model(LoadMode::Trainable, DType::F64, &Device::Cpu).unwrap();
         let (reference_loss, reference_grads) = step(&composed, &batch);
-        assert!((loss - reference_loss).abs() <= 1e-5 * reference_loss.abs(), "{name}: loss {loss} vs {reference_loss}");
+        assert!(
+            (loss - reference_loss).abs() <= 1e-5 * reference_loss.abs(),
+            "{name}: loss {loss} vs {reference_loss}"
+        );
         for ((param, g), (_, r)) in grads.iter().zip(&reference_grads) {
             let scale = max_abs(r);
             assert!(scale > 0.0 && scale.is_finite(), "{name}: `{param}` has gradient {scale}");
@@ -98,7 +101,8 @@ fn the_command_line_generates_transformers_greedy_ids() {
         let args = ["generate", "--model", dir.to_str().unwrap(), "--prompt", text, "--max-new-tokens", "20", "--ids"];
         let out = fusellm_in(&std::env::temp_dir(), &args);
         assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
-        let ids: Vec<u32> = String::from_utf8_lossy(&out.stdout).split_whitespace().map(|i| i.parse().unwrap()).collect();
+        let ids: Vec<u32> =
+            String::from_utf8_lossy(&out.stdout).split_whitespace().map(|i| i.parse().unwrap()).collect();
         let reference = fixtures::tensors(&format!("{name}.forward.safetensors"));
         assert_eq!(ids, fixtures::ids(&reference["greedy.new_ids"]), "{name}");
     }
@@ -110,7 +114,10 @@ fn each_adapter_describes_its_family() {
     use fusellm_sdk::adapter::{MlpKind, NormKind, Positions, QkvLayout, RopeScaling};
     let llama3 = checkpoint("tiny-llama3").spec;
     assert!(llama3.tied_embeddings);
-    assert!(matches!(llama3.positions, Positions::Rope { theta: 500_000.0, scaling: RopeScaling::Llama3 { factor: 32.0, original: 8192, .. }, .. }));
+    assert!(matches!(
+        llama3.positions,
+        Positions::Rope { theta: 500_000.0, scaling: RopeScaling::Llama3 { factor: 32.0, original: 8192, .. }, .. }
+    ));
     let qwen2 = checkpoint("tiny-qwen2").spec;
     assert_eq!((qwen2.attention.bias.qkv, qwen2.attention.bias.out, qwen2.vocab_size), (true, false, 151_936));
     let qwen3 = checkpoint("tiny-qwen3").spec;
@@ -119,13 +126,20 @@ fn each_adapter_describes_its_family() {
     assert!(mistral.layer_attention.iter().all(|l| l.window == Some(24)) && mistral.layer_attention.len() == 2);
     let gemma2 = checkpoint("tiny-gemma2").spec;
     assert_eq!(gemma2.norm, NormKind::RmsNorm { eps: 1e-6, offset: 1.0 });
-    assert_eq!((gemma2.embed_scale, gemma2.final_softcap, gemma2.attention.softcap), (Some(8.0), Some(30.0), Some(50.0)));
-    assert_eq!((gemma2.mlp.kind, gemma2.post_norms, gemma2.attention.softmax_scale), (MlpKind::GeGlu, true, Some(24f64.powf(-0.5))));
+    assert_eq!(
+        (gemma2.embed_scale, gemma2.final_softcap, gemma2.attention.softcap),
+        (Some(8.0), Some(30.0), Some(50.0))
+    );
+    assert_eq!(
+        (gemma2.mlp.kind, gemma2.post_norms, gemma2.attention.softmax_scale),
+        (MlpKind::GeGlu, true, Some(24f64.powf(-0.5)))
+    );
     let windows: Vec<Option<usize>> = gemma2.layer_attention.iter().map(|l| l.window).collect();
     assert_eq!(windows, [Some(16), None, Some(16)]);
     let phi3 = checkpoint("tiny-phi3").spec;
     assert_eq!((phi3.attention.qkv, phi3.mlp.fused_gate_up, phi3.rotary_dim()), (QkvLayout::Chunked, true, 12));
-    let Positions::Rope { scaling: RopeScaling::LongRope { attention_factor, original: 256, .. }, .. } = phi3.positions else {
+    let Positions::Rope { scaling: RopeScaling::LongRope { attention_factor, original: 256, .. }, .. } = phi3.positions
+    else {
         panic!("phi3: {:?}", phi3.positions)
     };
     assert!((attention_factor - 1.5f64.sqrt()).abs() < 1e-12, "{attention_factor}");
@@ -162,7 +176,11 @@ fn gemma3_configs_of_both_layouts_give_one_spec() {
 }
 
 /// The spec an adapter makes of an edited fixture config, or its error.
-fn adapt(adapter: &str, model: &str, edit: impl FnOnce(&mut serde_json::Value)) -> Result<fusellm_sdk::ModelSpec, String> {
+fn adapt(
+    adapter: &str,
+    model: &str,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> Result<fusellm_sdk::ModelSpec, String> {
     let dir = fixtures::model_dir(model);
     let mut config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
@@ -180,7 +198,12 @@ fn adapt(adapter: &str, model: &str, edit: impl FnOnce(&mut serde_json::Value)) 
 #[test]
 fn configs_the_block_library_cannot_run_are_refused_at_their_key() {
     let cases: [(&str, &str, Box<dyn FnOnce(&mut serde_json::Value)>, &str); 6] = [
-        ("llama", "tiny-llama3", Box::new(|c| c["rope_scaling"]["rope_type"] = "ntk-by-parts".into()), "RoPE type `ntk-by-parts` is not supported; supported: default, linear"),
+        (
+            "llama",
+            "tiny-llama3",
+            Box::new(|c| c["rope_scaling"]["rope_type"] = "ntk-by-parts".into()),
+            "RoPE type `ntk-by-parts` is not supported; supported: default, linear",
+        ),
         (
             "llama",
             "tiny-llama3",
@@ -190,10 +213,30 @@ fn configs_the_block_library_cannot_run_are_refused_at_their_key() {
             }),
             "hidden_size 66 is not a multiple of num_attention_heads 4",
         ),
-        ("gemma2", "tiny-gemma2", Box::new(|c| c["layer_types"] = serde_json::json!(["full_attention"])), "`layer_types` has 1 entries for num_hidden_layers = 3"),
-        ("gemma2", "tiny-gemma2", Box::new(|c| c["layer_types"][1] = "chunked_attention".into()), "layer type `chunked_attention` is not supported"),
-        ("phi3", "tiny-phi3", Box::new(|c| c["rope_parameters"]["short_factor"] = serde_json::json!([1.0, 2.0])), "longrope short_factor has 2 entries, but a rotary width of 12 has 6 frequencies"),
-        ("gemma2", "tiny-gemma2", Box::new(|c| c["hidden_activation"] = "relu".into()), "hidden_activation `relu` is not supported by the gemma2 adapter"),
+        (
+            "gemma2",
+            "tiny-gemma2",
+            Box::new(|c| c["layer_types"] = serde_json::json!(["full_attention"])),
+            "`layer_types` has 1 entries for num_hidden_layers = 3",
+        ),
+        (
+            "gemma2",
+            "tiny-gemma2",
+            Box::new(|c| c["layer_types"][1] = "chunked_attention".into()),
+            "layer type `chunked_attention` is not supported",
+        ),
+        (
+            "phi3",
+            "tiny-phi3",
+            Box::new(|c| c["rope_parameters"]["short_factor"] = serde_json::json!([1.0, 2.0])),
+            "longrope short_factor has 2 entries, but a rotary width of 12 has 6 frequencies",
+        ),
+        (
+            "gemma2",
+            "tiny-gemma2",
+            Box::new(|c| c["hidden_activation"] = "relu".into()),
+            "hidden_activation `relu` is not supported by the gemma2 adapter",
+        ),
     ];
     for (adapter, model, edit, expected) in cases {
         let err = adapt(adapter, model, edit).unwrap_err();
@@ -222,6 +265,9 @@ fn a_tensor_of_another_dtype_is_refused_by_name() {
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
     let checkpoint = Checkpoint::open(&dir, &Registry::with_builtins().unwrap(), None).unwrap();
     let err = checkpoint.load_model(LoadMode::Frozen, DType::F32, &Device::Cpu).err().unwrap().message;
-    assert!(err.contains("tensor `model.norm.weight` is stored as I64") && err.contains("supported: F32, BF16, F16, F64"), "{err}");
+    assert!(
+        err.contains("tensor `model.norm.weight` is stored as I64") && err.contains("supported: F32, BF16, F16, F64"),
+        "{err}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -75,7 +75,8 @@ fn fused_kernels_match_the_compositions() {
     }
     for (b, h, t, d, rot) in [(1, 2, 5, 8, 8), (2, 4, 17, 32, 32), (2, 2, 9, 16, 4)] {
         let x = random(&mut rng, &[b, h, t, d], 1.0);
-        let (cos, sin) = fusellm_core::model::positions::rope_tables(10000.0, &Default::default(), rot, t, &Device::Cpu).unwrap();
+        let (cos, sin) =
+            fusellm_core::model::positions::rope_tables(10000.0, &Default::default(), rot, t, &Device::Cpu).unwrap();
         check(
             "rope",
             &[x],
@@ -96,7 +97,9 @@ fn fused_kernels_match_the_compositions() {
             random(&mut rng, &[b, t, kv * d], 1.0),
             random(&mut rng, &[b, t, kv * d], 1.0),
         );
-        let (cos, sin) = fusellm_core::model::positions::rope_tables(10000.0, &Default::default(), rot.max(2), t, &Device::Cpu).unwrap();
+        let (cos, sin) =
+            fusellm_core::model::positions::rope_tables(10000.0, &Default::default(), rot.max(2), t, &Device::Cpu)
+                .unwrap();
         let rope = (rot > 0).then_some((&cos, &sin, rot));
         // Causal with a padded key in the first sequence, plus ALiBi-like per-head slopes.
         let keep =

@@ -4,9 +4,9 @@
 // Built-in plugin crates register through `inventory`; referencing them keeps them linked.
 use fusellm_align as _;
 use fusellm_ce_fusion as _;
-use fusellm_llama as _;
 use fusellm_gemma as _;
 use fusellm_gpt_neox as _;
+use fusellm_llama as _;
 use fusellm_mpt as _;
 use fusellm_phi3 as _;
 

@@ -152,7 +152,12 @@ fn a_llama3_target_fuses_qwen2_and_mistral_sources() {
             .as_f64()
             .unwrap()
     };
-    assert!(bpb("trained").is_finite() && bpb("trained") < bpb("target-base"), "{} vs {}", bpb("trained"), bpb("target-base"));
+    assert!(
+        bpb("trained").is_finite() && bpb("trained") < bpb("target-base"),
+        "{} vs {}",
+        bpb("trained"),
+        bpb("target-base")
+    );
 }
 
 #[test]

@@ -178,7 +178,8 @@ impl CustomOp3 for Attention {
             gemm([t, d, t], y, false, (p, t, 1), (vh, d, 1), Threads::One);
         });
         let out = self.merge_heads(&y, heads, false, 1.0);
-        *self.saved.lock().expect("attention state") = Some(Saved { q, k, v, probs, cap_slopes: self.softcap.map(|_| slopes) });
+        *self.saved.lock().expect("attention state") =
+            Some(Saved { q, k, v, probs, cap_slopes: self.softcap.map(|_| slopes) });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 

@@ -65,7 +65,10 @@ pub struct Mlp {
 
 enum MlpInputs {
     Up(Linear),
-    Gated { gate: Linear, up: Linear },
+    Gated {
+        gate: Linear,
+        up: Linear,
+    },
     /// One projection, rows [gate | up] (Phi-3).
     GateUp(Linear),
 }
@@ -77,9 +80,10 @@ impl Mlp {
         };
         let inputs = match (spec.kind.gated(), spec.fused_gate_up) {
             (false, _) => MlpInputs::Up(proj(w, "up", spec.hidden, hidden)?),
-            (true, false) => {
-                MlpInputs::Gated { gate: proj(w, "gate", spec.hidden, hidden)?, up: proj(w, "up", spec.hidden, hidden)? }
-            }
+            (true, false) => MlpInputs::Gated {
+                gate: proj(w, "gate", spec.hidden, hidden)?,
+                up: proj(w, "up", spec.hidden, hidden)?,
+            },
             (true, true) => MlpInputs::GateUp(proj(w, "gate_up", 2 * spec.hidden, hidden)?),
         };
         Ok(Self { kind: spec.kind, inputs, down: proj(w, "down", hidden, spec.hidden)? })

@@ -287,7 +287,13 @@ impl Transformer {
             .collect()
     }
 
-    fn context(&self, t: usize, keep: Option<&Tensor>, window: Option<usize>, positions: &Positions) -> Result<Context> {
+    fn context(
+        &self,
+        t: usize,
+        keep: Option<&Tensor>,
+        window: Option<usize>,
+        positions: &Positions,
+    ) -> Result<Context> {
         let mask = positions::attention_mask(t, keep, window, &self.device)?;
         let (rope, bias) = match positions {
             Positions::Rope { theta, fraction, scaling } => {

@@ -11,7 +11,13 @@ const MASKED: f64 = -1e30;
 /// `cos` and `sin` of `t * inv_freq_i` for positions `0..len`, each `[len, rot / 2]`,
 /// times the scaling's attention factor, as transformers computes them (f32 inverse
 /// frequencies; [`inverse_frequencies`]).
-pub fn rope_tables(theta: f64, scaling: &RopeScaling, rot: usize, len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+pub fn rope_tables(
+    theta: f64,
+    scaling: &RopeScaling,
+    rot: usize,
+    len: usize,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
     let (inv_freq, factor) = inverse_frequencies(theta, scaling, rot, len);
     let inv_freq = Tensor::new(inv_freq.as_slice(), device)?;
     let positions = Tensor::arange(0u32, len as u32, device)?.to_dtype(DType::F32)?;
@@ -26,7 +32,8 @@ pub fn rope_tables(theta: f64, scaling: &RopeScaling, rot: usize, len: usize, de
 /// depend on it) and the factor that scales cos and sin, each kind as transformers'
 /// `modeling_rope_utils` computes it in f32.
 pub fn inverse_frequencies(theta: f64, scaling: &RopeScaling, rot: usize, len: usize) -> (Vec<f32>, f32) {
-    let plain = |base: f32| -> Vec<f32> { (0..rot / 2).map(|i| 1.0 / base.powf(2.0 * i as f32 / rot as f32)).collect() };
+    let plain =
+        |base: f32| -> Vec<f32> { (0..rot / 2).map(|i| 1.0 / base.powf(2.0 * i as f32 / rot as f32)).collect() };
     let base = theta as f32;
     match scaling {
         RopeScaling::None => (plain(base), 1.0),
@@ -54,9 +61,8 @@ pub fn inverse_frequencies(theta: f64, scaling: &RopeScaling, rot: usize, len: u
         }
         RopeScaling::LongRope { short_factor, long_factor, original, attention_factor } => {
             let factors = if len > *original { long_factor } else { short_factor };
-            let freqs = factors.iter().enumerate().map(|(i, &e)| {
-                1.0 / (e as f32 * base.powf((2 * i) as f32 / rot as f32))
-            });
+            let freqs =
+                factors.iter().enumerate().map(|(i, &e)| 1.0 / (e as f32 * base.powf((2 * i) as f32 / rot as f32)));
             (freqs.collect(), *attention_factor as f32)
         }
         RopeScaling::Yarn { factor, original, beta_fast, beta_slow, attention_factor, truncate } => {

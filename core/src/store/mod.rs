@@ -140,7 +140,8 @@ pub fn precompute_model(
         docs_per_shard: options.docs_per_shard.max(1),
         layout,
     };
-    let settings = Settings { k: options.k, batch_tokens: options.batch_tokens, residual: options.residual, ..Default::default() }; 
+    let settings =
+        Settings { k: options.k, batch_tokens: options.batch_tokens, residual: options.residual, ..Default::default() };
     precompute(out, &identity, &texts, (&model, &checkpoint.tokenizer), settings, worker, progress)
 }
 

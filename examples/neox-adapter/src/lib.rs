@@ -58,7 +58,12 @@ impl ModelAdapter for GptNeox {
                 qk_norm: false,
                 softcap: None,
             },
-            mlp: MlpSpec { kind: MlpKind::Gelu, hidden: c.usize("intermediate_size")?, bias: true, fused_gate_up: false },
+            mlp: MlpSpec {
+                kind: MlpKind::Gelu,
+                hidden: c.usize("intermediate_size")?,
+                bias: true,
+                fused_gate_up: false,
+            },
             residual: if c.bool_or("use_parallel_residual", true)? { Residual::Parallel } else { Residual::Sequential },
             tied_embeddings: c.bool_or("tie_word_embeddings", false)?,
             tensor_names: tensor_names(bias),

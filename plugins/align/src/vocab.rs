@@ -1,10 +1,13 @@
 //! Vocabulary mapping (DESIGN.md step 3): every source token to a target token. `em` takes
 //! the exact match only; `mined` falls back to the target token of minimum edit distance,
 //! ties to the lowest target id, as the paper's `find_best_mapping`, but without comparing
-//! every pair: candidates are visited by length difference (a lower bound of the distance)
-//! and the search stops once that bound exceeds the best distance found; within a length,
-//! a second lower bound from the sets of symbols each token holds (one XOR and a popcount)
-//! rules out nearly every candidate before an edit distance is computed.
+//! every pair. The targets one edit away are found by lookups: a target within one edit
+//! shares a key with the source token, where the keys of a token are the token and each
+//! of its one-symbol deletions. The rest are searched by length difference (a lower bound
+//! of the distance) until that bound exceeds the best distance found; within a length, the
+//! bag distance over hashed symbol counts rules out nearly every candidate before an edit
+//! distance is computed, and once no target can be nearer than the best, only lower ids
+//! are visited.
 
 use std::collections::HashMap;
 
@@ -63,9 +66,14 @@ impl VocabMapper for Mined {
     }
 }
 
-/// The target vocabulary, indexed for exact lookups and grouped by length.
+/// The target vocabulary, indexed for exact lookups, one-edit lookups and grouped by
+/// length.
 struct Vocab {
     exact: HashMap<String, u32>,
+    /// Each target's symbols, by id.
+    symbols: Vec<Vec<u32>>,
+    /// (key, id) for every key of every target ([`keys`]), sorted.
+    one_edit: Vec<(u64, u32)>,
     /// `by_len[l]`: the tokens of `l` symbols, in id order.
     by_len: Vec<Group>,
 }
@@ -75,18 +83,55 @@ struct Vocab {
 struct Group {
     ids: Vec<u32>,
     signatures: Vec<u64>,
-    symbols: Vec<Vec<u32>>,
+    bags: Vec<Bag>,
 }
 
 /// The set of symbols of a token, hashed into 64 bits. An edit changes the set by at most
 /// one symbol removed and one added, so it flips at most two bits: `ceil(popcount(a ^ b)
-/// / 2)` is a lower bound of the edit distance (hash collisions only weaken it).
+/// / 2)` is a lower bound of the edit distance (hash collisions only weaken it). One XOR
+/// and a popcount: the first test of every candidate.
 fn signature(symbols: &[u32]) -> u64 {
     symbols.iter().fold(0, |sig, &s| sig | 1 << (s.wrapping_mul(0x9E37_79B9) >> 26))
 }
 
-fn signature_bound(a: u64, b: u64) -> u32 {
+fn signature_distance(a: u64, b: u64) -> u32 {
     (a ^ b).count_ones().div_ceil(2)
+}
+
+/// How many symbols of a token fall in each of 32 hash buckets (saturating). An edit
+/// removes at most one symbol and adds at most one, so the bag distance, the larger of the
+/// two one-sided count differences, is a lower bound of the edit distance too, and a
+/// stronger one where symbols repeat; the second test.
+type Bag = [u8; 32];
+
+fn bag(symbols: &[u32]) -> Bag {
+    let mut bag = [0u8; 32];
+    for &s in symbols {
+        let bucket = (s.wrapping_mul(0x9E37_79B9) >> 27) as usize;
+        bag[bucket] = bag[bucket].saturating_add(1);
+    }
+    bag
+}
+
+fn bag_distance(a: &Bag, b: &Bag) -> u32 {
+    let (mut more, mut fewer) = (0u32, 0u32);
+    for (x, y) in a.iter().zip(b) {
+        more += u32::from(x.saturating_sub(*y));
+        fewer += u32::from(y.saturating_sub(*x));
+    }
+    more.max(fewer)
+}
+
+/// The keys of a token: hashes of its symbols and of each one-symbol deletion. Two tokens
+/// one edit apart share one: an insertion is the other's deletion, a substitution at `i`
+/// is both deleting `i`. (A hash collision only adds a candidate, which is verified.)
+fn keys(symbols: &[u32]) -> impl Iterator<Item = u64> + '_ {
+    let hash = |skip: Option<usize>| {
+        let kept = symbols.iter().enumerate().filter(move |(i, _)| Some(*i) != skip);
+        let h = kept.fold(0xcbf2_9ce4_8422_2325u64, |h, (_, &s)| (h ^ u64::from(s)).wrapping_mul(0x0100_0000_01b3));
+        h ^ (h >> 29)
+    };
+    std::iter::once(None).chain((0..symbols.len()).map(Some)).map(hash)
 }
 
 impl Vocab {
@@ -94,6 +139,8 @@ impl Vocab {
         let strings = decode(tokens)?;
         let mut exact = HashMap::new();
         let mut by_len: Vec<Group> = Vec::new();
+        let mut symbols_by_id = Vec::with_capacity(strings.len());
+        let mut one_edit = Vec::new();
         for (id, s) in strings.into_iter().enumerate() {
             let sym = symbols(&s);
             if by_len.len() <= sym.len() {
@@ -102,10 +149,14 @@ impl Vocab {
             let group = &mut by_len[sym.len()];
             group.ids.push(id as u32);
             group.signatures.push(signature(&sym));
-            group.symbols.push(sym);
+            group.bags.push(bag(&sym));
+            one_edit.extend(keys(&sym).map(|k| (k, id as u32)));
+            symbols_by_id.push(sym);
             exact.entry(s).or_insert(id as u32);
         }
-        Ok(Self { exact, by_len })
+        one_edit.sort_unstable();
+        one_edit.dedup();
+        Ok(Self { exact, symbols: symbols_by_id, one_edit, by_len })
     }
 
     fn exact(&self, s: &str) -> Option<u32> {
@@ -119,26 +170,57 @@ impl Vocab {
             return (id, 0);
         }
         let sym = symbols(s);
-        let (pattern, sig) = (Pattern::new(&sym), signature(&sym));
-        let len = pattern.len();
+        let pattern = Pattern::new(&sym);
+        match self.one_edit_away(&sym, &pattern) {
+            Some(id) => (id, 1),
+            // No target matches exactly or within one edit: none is nearer than two.
+            None => self.search(&sym, &pattern, 2),
+        }
+    }
+
+    /// The lowest id of the targets one edit from `sym` (which matches none exactly).
+    fn one_edit_away(&self, sym: &[u32], pattern: &Pattern) -> Option<u32> {
+        let mut best: Option<u32> = None;
+        for key in keys(sym) {
+            let start = self.one_edit.partition_point(|&(k, _)| k < key);
+            // A key's ids ascend: its first at distance one is its lowest.
+            for &(_, id) in self.one_edit[start..].iter().take_while(|&&(k, _)| k == key) {
+                if best.is_some_and(|b| id >= b) {
+                    break;
+                }
+                if pattern.distance(&self.symbols[id as usize]) == 1 {
+                    best = Some(id);
+                    break;
+                }
+            }
+        }
+        best
+    }
+
+    /// The nearest target by length difference, given that none is nearer than `floor`.
+    fn search(&self, sym: &[u32], pattern: &Pattern, floor: u32) -> (u32, u32) {
+        let (len, sig, bag) = (sym.len(), signature(sym), bag(sym));
         let mut best = (u32::MAX, u32::MAX); // (distance, id)
         for gap in 0.. {
-            if gap as u32 > best.0 || (gap > len && len + gap >= self.by_len.len()) {
+            let bound = floor.max(gap as u32);
+            if bound > best.0 || (gap > len && len + gap >= self.by_len.len()) {
                 break;
             }
             let lengths = [len.checked_sub(gap), (gap > 0).then_some(len + gap)];
             for group in lengths.into_iter().flatten().filter_map(|l| self.by_len.get(l)) {
-                for (k, (&id, &other)) in group.ids.iter().zip(&group.signatures).enumerate() {
-                    // Every candidate here is at least `gap` away; ids grow within a group,
-                    // so once the best is at `gap`, the rest can at most tie, and lose.
-                    if gap as u32 == best.0 && id > best.1 {
+                for (k, &id) in group.ids.iter().enumerate() {
+                    // Every candidate here is at least `bound` away; ids grow within a
+                    // group, so once the best is at `bound`, the rest can at most tie, and lose.
+                    if bound == best.0 && id > best.1 {
                         break;
                     }
-                    let bound = (gap as u32).max(signature_bound(sig, other));
-                    if (bound, id) >= best {
+                    let beats = |lower: u32| (lower.max(bound), id) < best;
+                    if !beats(signature_distance(sig, group.signatures[k]))
+                        || !beats(bag_distance(&bag, &group.bags[k]))
+                    {
                         continue;
                     }
-                    let d = pattern.distance(&group.symbols[k]);
+                    let d = pattern.distance(&self.symbols[id as usize]);
                     if (d, id) < best {
                         best = (d, id);
                     }
@@ -190,4 +272,47 @@ fn parallel_map<T: Sync, R: Send>(items: &[T], threads: usize, f: impl Fn(&T) ->
     });
     parts.sort_by_key(|(start, _)| *start);
     parts.into_iter().flat_map(|(_, r)| r).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(words: &[String]) -> (Vec<u32>, Vec<u8>) {
+        let mut offsets = vec![0u32];
+        let mut bytes = Vec::new();
+        for w in words {
+            bytes.extend_from_slice(w.as_bytes());
+            offsets.push(bytes.len() as u32);
+        }
+        (offsets, bytes)
+    }
+
+    /// The search with its bounds finds what comparing every pair finds: the minimum
+    /// distance and, among the targets at it, the lowest id; over words of a few symbols,
+    /// multi-byte ones among them, with duplicates in the target.
+    #[test]
+    fn the_bounded_search_equals_the_exhaustive_one() {
+        let alphabet: Vec<char> = "abcdeé▁Ġ日\u{F700}".chars().collect();
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = |n: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n as u64) as usize
+        };
+        let mut word = |next: &mut dyn FnMut(usize) -> usize| -> String {
+            (0..next(9)).map(|_| alphabet[next(alphabet.len())]).collect()
+        };
+        let targets: Vec<String> = (0..400).map(|_| word(&mut next)).collect();
+        let sources: Vec<String> = (0..300).map(|_| word(&mut next)).collect();
+        let (offsets, bytes) = strings(&targets);
+        let vocab = Vocab::new(TokenStrings { offsets: &offsets, bytes: &bytes }).unwrap();
+        for s in &sources {
+            let pattern = Pattern::new(&symbols(s));
+            let exhaustive =
+                targets.iter().enumerate().map(|(id, t)| (pattern.distance(&symbols(t)), id as u32)).min().unwrap();
+            assert_eq!(vocab.nearest(s), (exhaustive.1, exhaustive.0), "{s:?}");
+        }
+    }
 }

@@ -62,7 +62,9 @@ impl ModelAdapter for Gemma {
         };
         let (softcap, final_softcap) = match self.generation {
             Generation::One => (None, None),
-            Generation::Two => (capped(&c, "attn_logit_softcapping", 50.0)?, capped(&c, "final_logit_softcapping", 30.0)?),
+            Generation::Two => {
+                (capped(&c, "attn_logit_softcapping", 50.0)?, capped(&c, "final_logit_softcapping", 30.0)?)
+            }
             // Gemma 3 keeps attn_logit_softcapping in its config but never applies it.
             Generation::Three => (None, c.opt_f64("final_logit_softcapping")?),
         };
@@ -92,7 +94,12 @@ impl ModelAdapter for Gemma {
                 qk_norm: self.generation == Generation::Three,
                 softcap,
             },
-            mlp: MlpSpec { kind: MlpKind::GeGlu, hidden: c.usize("intermediate_size")?, bias: false, fused_gate_up: false },
+            mlp: MlpSpec {
+                kind: MlpKind::GeGlu,
+                hidden: c.usize("intermediate_size")?,
+                bias: false,
+                fused_gate_up: false,
+            },
             residual: Residual::Sequential,
             tied_embeddings: tied,
             tensor_names: self.tensor_names(bias),
@@ -193,7 +200,8 @@ impl Gemma {
         }
         if self.generation == Generation::Three {
             for p in ["q", "k"] {
-                names = names.add(&format!("layers.{{i}}.attn.{p}_norm"), &format!("{layer}.self_attn.{p}_norm"), false);
+                names =
+                    names.add(&format!("layers.{{i}}.attn.{p}_norm"), &format!("{layer}.self_attn.{p}_norm"), false);
             }
         }
         for p in ["gate", "up", "down"] {

@@ -26,7 +26,9 @@ impl ModelAdapter for GptNeox {
     fn spec(&self, _params: &Params, files: CheckpointFiles<'_>) -> Result<ModelSpec, String> {
         let c = HfConfig::parse(files.config_json)?;
         if let Some(act) = c.str("hidden_act").filter(|a| *a != "gelu") {
-            return Err(format!("config.json: hidden_act `{act}` is not supported by the gpt_neox adapter (expected gelu)"));
+            return Err(format!(
+                "config.json: hidden_act `{act}` is not supported by the gpt_neox adapter (expected gelu)"
+            ));
         }
         let hidden = c.usize("hidden_size")?;
         let heads = c.usize("num_attention_heads")?;
@@ -51,13 +53,20 @@ impl ModelAdapter for GptNeox {
                 qk_norm: false,
                 softcap: None,
             },
-            mlp: MlpSpec { kind: MlpKind::Gelu, hidden: c.usize("intermediate_size")?, bias: true, fused_gate_up: false },
+            mlp: MlpSpec {
+                kind: MlpKind::Gelu,
+                hidden: c.usize("intermediate_size")?,
+                bias: true,
+                fused_gate_up: false,
+            },
             residual: if c.bool_or("use_parallel_residual", true)? { Residual::Parallel } else { Residual::Sequential },
             tied_embeddings: tied,
             tensor_names: tensor_names(bias, tied),
             tokenizer: match files.tokenizer_json {
                 Some(json) => TokenizerConventions::from_tokenizer_json(json)?,
-                None => TokenizerConventions { space_marker: "\u{0120}".into(), byte_level: true, ..Default::default() },
+                None => {
+                    TokenizerConventions { space_marker: "\u{0120}".into(), byte_level: true, ..Default::default() }
+                }
             },
             embed_scale: None,
             final_softcap: None,

@@ -60,7 +60,12 @@ impl ModelAdapter for Mpt {
                 qk_norm: false,
                 softcap: None,
             },
-            mlp: MlpSpec { kind: MlpKind::Gelu, hidden: c.opt_usize("expansion_ratio")?.unwrap_or(4) * hidden, bias, fused_gate_up: false },
+            mlp: MlpSpec {
+                kind: MlpKind::Gelu,
+                hidden: c.opt_usize("expansion_ratio")?.unwrap_or(4) * hidden,
+                bias,
+                fused_gate_up: false,
+            },
             residual: Residual::Sequential,
             tied_embeddings: tied,
             tensor_names: tensor_names(bias, tied),

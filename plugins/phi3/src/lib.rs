@@ -27,7 +27,9 @@ impl ModelAdapter for Phi3 {
     fn spec(&self, _params: &Params, files: CheckpointFiles<'_>) -> Result<ModelSpec, String> {
         let c = HfConfig::parse(files.config_json)?;
         if let Some(act) = c.str("hidden_act").filter(|a| *a != "silu") {
-            return Err(format!("config.json: hidden_act `{act}` is not supported by the phi3 adapter (expected silu)"));
+            return Err(format!(
+                "config.json: hidden_act `{act}` is not supported by the phi3 adapter (expected silu)"
+            ));
         }
         let hidden = c.usize("hidden_size")?;
         let heads = c.usize("num_attention_heads")?;
@@ -52,7 +54,12 @@ impl ModelAdapter for Phi3 {
                 qk_norm: false,
                 softcap: None,
             },
-            mlp: MlpSpec { kind: MlpKind::SwiGlu, hidden: c.usize("intermediate_size")?, bias: false, fused_gate_up: true },
+            mlp: MlpSpec {
+                kind: MlpKind::SwiGlu,
+                hidden: c.usize("intermediate_size")?,
+                bias: false,
+                fused_gate_up: true,
+            },
             residual: Residual::Sequential,
             tied_embeddings: c.bool_or("tie_word_embeddings", false)?,
             tensor_names: tensor_names(),

@@ -373,4 +373,3 @@ pub trait ModelAdapter: Send + Sync {
 
     fn spec(&self, params: &Params, files: CheckpointFiles<'_>) -> Result<ModelSpec, String>;
 }
-

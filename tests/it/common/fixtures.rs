@@ -30,7 +30,9 @@ pub fn model_dir(name: &str) -> PathBuf {
     let base = OWN.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("fusellm-own-fixtures-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        for entry in std::fs::read_dir(own()).unwrap().filter_map(|e| e.ok()).filter(|e| e.path().join("config.json").exists()) {
+        for entry in
+            std::fs::read_dir(own()).unwrap().filter_map(|e| e.ok()).filter(|e| e.path().join("config.json").exists())
+        {
             let model = dir.join(entry.file_name());
             std::fs::create_dir_all(&model).unwrap();
             for file in ["config.json", "model.safetensors"] {
