@@ -12,16 +12,7 @@ use fusellm_core::model::{LoadMode, Transformer};
 use fusellm_core::plugins::Registry;
 use fusellm_sdk::{CheckpointFiles, PluginKind};
 
-const FAMILIES: [&str; 8] = [
-    "tiny-llama3",
-    "tiny-qwen2",
-    "tiny-qwen3",
-    "tiny-mistral",
-    "tiny-gemma2",
-    "tiny-phi3",
-    "tiny-pythia",
-    "tiny-gemma3",
-];
+use crate::common::fixtures::MODERN as FAMILIES;
 
 fn checkpoint(name: &str) -> Checkpoint {
     Checkpoint::open(&fixtures::model_dir(name), &Registry::with_builtins().unwrap(), None).unwrap()

@@ -12,21 +12,10 @@ use fusellm_core::plugins::Registry;
 
 /// The models whose references keep the full logits of the `english` text.
 const MODELS: [&str; 3] = ["tiny-llama2", "tiny-openllama", "tiny-mpt"];
-/// Every fixture model: the paper's three families, the seven of today in
-/// ../shared and Gemma 3 (tests/fixtures).
-const ALL_MODELS: [&str; 11] = [
-    "tiny-llama2",
-    "tiny-openllama",
-    "tiny-mpt",
-    "tiny-llama3",
-    "tiny-qwen2",
-    "tiny-qwen3",
-    "tiny-mistral",
-    "tiny-gemma2",
-    "tiny-phi3",
-    "tiny-pythia",
-    "tiny-gemma3",
-];
+/// Every fixture model: the paper's three families and those of today.
+fn all_models() -> impl Iterator<Item = &'static str> {
+    MODELS.into_iter().chain(fixtures::MODERN)
+}
 const ATOL: f32 = 1e-4;
 
 fn open(name: &str) -> (Checkpoint, Transformer) {
@@ -56,7 +45,7 @@ fn top_k(row: &[f32], k: usize) -> Vec<(u32, f32)> {
 #[test]
 fn tokenization_top10_logprobs_and_ce_match_transformers() {
     let texts = fixtures::json("texts.json");
-    for name in ALL_MODELS {
+    for name in all_models() {
         let (checkpoint, model) = open(name);
         let reference = fixtures::tensors(&format!("{name}.forward.safetensors"));
         let summary = fixtures::json(&format!("{name}.forward.json"));
@@ -142,7 +131,7 @@ fn full_logits_match_transformers() {
 
 #[test]
 fn greedy_decoding_matches_transformers() {
-    for name in ALL_MODELS {
+    for name in all_models() {
         let (_, model) = open(name);
         let reference = fixtures::tensors(&format!("{name}.forward.safetensors"));
         // The newer references decode after the `english` text's ids.
@@ -164,7 +153,7 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
 
 #[test]
 fn right_padded_batches_give_the_logits_of_unpadded_sequences() {
-    for name in ALL_MODELS {
+    for name in all_models() {
         let (checkpoint, model) = open(name);
         let short = checkpoint.tokenizer.encode("A short one.").unwrap();
         let long = checkpoint.tokenizer.encode("A rather longer sentence, to pad the other against.").unwrap();

@@ -72,6 +72,23 @@ fn run_record(path: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
+/// The stages a run record lists, by name: split, then the target's precompute and per
+/// source its precompute and alignment, then fuse, train and eval.
+fn assert_stages(record: &serde_json::Value, target: &str, sources: [&str; 2]) {
+    let stages: Vec<&str> = record["stages"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+    let mut expected = vec!["split".to_string(), format!("precompute-{target}")];
+    for source in sources {
+        expected.extend([format!("precompute-{source}"), format!("align-{source}")]);
+    }
+    expected.extend(["fuse", "train", "eval"].map(String::from));
+    assert_eq!(stages, expected);
+}
+
+/// A model's bits per byte in a run record.
+fn bits_per_byte(record: &serde_json::Value, model: &str) -> f64 {
+    record["eval"].as_array().unwrap().iter().find(|r| r["model"] == model).unwrap()["bits_per_byte"].as_f64().unwrap()
+}
+
 fn assert_ok(out: &std::process::Output) {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
@@ -82,21 +99,7 @@ fn an_experiment_runs_end_to_end_and_reruns_only_what_changed() {
     assert_ok(&fusellm_in(&dir, &["validate", "run.toml"]));
     assert_ok(&fusellm_in(&dir, &["run", "run.toml"]));
     let record = run_record(&dir.join("out/run.json"));
-    let stages: Vec<&str> = record["stages"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
-    assert_eq!(
-        stages,
-        [
-            "split",
-            "precompute-tiny-llama2",
-            "precompute-tiny-mpt",
-            "align-tiny-mpt",
-            "precompute-tiny-openllama",
-            "align-tiny-openllama",
-            "fuse",
-            "train",
-            "eval"
-        ]
-    );
+    assert_stages(&record, "tiny-llama2", ["tiny-mpt", "tiny-openllama"]);
     assert!(record["git_revision"].as_str().unwrap().len() >= 7);
     assert!(record["plugins"].as_array().unwrap().iter().any(|p| p["name"] == "min_ce" && p["version"] == "0.1.0"));
     // The trained checkpoint is in the Hugging Face layout and better than the base on the
@@ -105,12 +108,8 @@ fn an_experiment_runs_end_to_end_and_reruns_only_what_changed() {
     for file in ["config.json", "model.safetensors", "tokenizer.json", "trainer_state.json"] {
         assert!(checkpoint.join(file).exists(), "{file} missing in {}", checkpoint.display());
     }
-    let bpb = |model: &str| {
-        record["eval"].as_array().unwrap().iter().find(|r| r["model"] == model).unwrap()["bits_per_byte"]
-            .as_f64()
-            .unwrap()
-    };
-    assert!(bpb("trained") < bpb("target-base"), "{} vs {}", bpb("trained"), bpb("target-base"));
+    let (trained, base) = (bits_per_byte(&record, "trained"), bits_per_byte(&record, "target-base"));
+    assert!(trained < base, "{trained} vs {base}");
 
     // Another fusion plugin: the forward passes and alignments are reused.
     assert_ok(&fusellm_in(&dir, &["run", "run.toml", "--set", "fusion.plugin=avg_ce"]));
@@ -132,32 +131,9 @@ fn a_llama3_target_fuses_qwen2_and_mistral_sources() {
     assert_ok(&fusellm_in(&dir, &["validate", "run.toml"]));
     assert_ok(&fusellm_in(&dir, &["run", "run.toml"]));
     let record = run_record(&dir.join("out/run.json"));
-    let stages: Vec<&str> = record["stages"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
-    assert_eq!(
-        stages,
-        [
-            "split",
-            "precompute-tiny-llama3",
-            "precompute-tiny-qwen2",
-            "align-tiny-qwen2",
-            "precompute-tiny-mistral",
-            "align-tiny-mistral",
-            "fuse",
-            "train",
-            "eval"
-        ]
-    );
-    let bpb = |model: &str| {
-        record["eval"].as_array().unwrap().iter().find(|r| r["model"] == model).unwrap()["bits_per_byte"]
-            .as_f64()
-            .unwrap()
-    };
-    assert!(
-        bpb("trained").is_finite() && bpb("trained") < bpb("target-base"),
-        "{} vs {}",
-        bpb("trained"),
-        bpb("target-base")
-    );
+    assert_stages(&record, "tiny-llama3", ["tiny-qwen2", "tiny-mistral"]);
+    let (trained, base) = (bits_per_byte(&record, "trained"), bits_per_byte(&record, "target-base"));
+    assert!(trained.is_finite() && trained < base, "{trained} vs {base}");
 }
 
 #[test]

@@ -173,7 +173,7 @@ impl Objective {
         if !ops::kernels_on(hidden.device(), ops::Reach::Cuda) {
             let logits = ops::linear(hidden, head, None)?.to_dtype(DType::F32)?;
             let logits = match softcap {
-                Some(cap) => ((logits / cap)?.tanh()? * cap)?,
+                Some(cap) => ops::soft_cap(&logits, cap)?,
                 None => logits,
             };
             return self.losses(&logits, batch);

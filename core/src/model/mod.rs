@@ -182,7 +182,7 @@ impl Transformer {
     fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let logits = ops::linear(hidden, &self.head, None)?.to_dtype(DType::F32)?;
         Ok(match self.spec.final_softcap {
-            Some(cap) => ((logits / cap)?.tanh()? * cap)?,
+            Some(cap) => ops::soft_cap(&logits, cap)?,
             None => logits,
         })
     }

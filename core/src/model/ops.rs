@@ -60,6 +60,11 @@ pub fn attention_softmax(x: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor
     }
 }
 
+/// `c * tanh(x / c)`: Gemma 2's soft-cap of the logits, differentiable.
+pub fn soft_cap(x: &Tensor, cap: f64) -> Result<Tensor> {
+    (x / cap)?.tanh()? * cap
+}
+
 /// Log-softmax over the last dimension, with a detached max (softmax is shift-invariant,
 /// so no gradient changes, and the max needs no backward pass).
 pub fn log_softmax(x: &Tensor) -> Result<Tensor> {

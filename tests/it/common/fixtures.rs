@@ -8,6 +8,18 @@ use std::sync::OnceLock;
 
 use candle_core::{Device, Tensor};
 
+/// The fixture models of the 2024-2026 families: the seven of ../shared and Gemma 3.
+pub const MODERN: [&str; 8] = [
+    "tiny-llama3",
+    "tiny-qwen2",
+    "tiny-qwen3",
+    "tiny-mistral",
+    "tiny-gemma2",
+    "tiny-phi3",
+    "tiny-pythia",
+    "tiny-gemma3",
+];
+
 pub fn root() -> PathBuf {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
     assert!(root.exists(), "{} is missing: the shared fixtures sit beside the checkout", root.display());
