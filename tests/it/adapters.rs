@@ -51,7 +51,7 @@ fn tokenizer_conventions_come_with_the_spec() {
     let registry = Registry::with_builtins().unwrap();
     let llama = adapt(&registry, "llama", &fixtures::model_dir("tiny-llama2")).tokenizer;
     assert_eq!((llama.space_marker.as_str(), llama.byte_fallback, llama.byte_level), ("\u{2581}", true, false));
-    assert_eq!((llama.add_bos, llama.bos.as_deref(), llama.eos.as_deref()), (true, Some("<s>"), Some("</s>")));
+    assert_eq!((llama.add_bos, llama.bos.as_deref(), llama.eos.as_slice()), (true, Some("<s>"), ["</s>".to_string()].as_slice()));
     let mpt = adapt(&registry, "mpt", &fixtures::model_dir("tiny-mpt")).tokenizer;
     assert_eq!((mpt.space_marker.as_str(), mpt.byte_fallback, mpt.byte_level), ("\u{0120}", false, true));
     assert_eq!((mpt.add_bos, mpt.bos.as_deref()), (false, None));

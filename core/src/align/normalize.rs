@@ -29,7 +29,7 @@ impl<'a> Normalizer<'a> {
         if c.bos.as_deref() == Some(token) {
             return BOS.into();
         }
-        if c.eos.as_deref() == Some(token) {
+        if c.eos.iter().any(|e| e == token) {
             return EOS.into();
         }
         if c.special_tokens.iter().any(|s| s == token) {
@@ -104,7 +104,7 @@ mod tests {
             byte_fallback: true,
             add_bos: true,
             bos: Some("<s>".into()),
-            eos: Some("</s>".into()),
+            eos: vec!["</s>".into()],
             special_tokens: vec!["<unk>".into(), "<s>".into(), "</s>".into()],
             ..Default::default()
         }
@@ -114,7 +114,7 @@ mod tests {
         TokenizerConventions {
             space_marker: "\u{0120}".into(),
             byte_level: true,
-            eos: Some("<|endoftext|>".into()),
+            eos: vec!["<|endoftext|>".into()],
             special_tokens: vec!["<|endoftext|>".into(), "<|padding|>".into()],
             ..Default::default()
         }

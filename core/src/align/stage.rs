@@ -65,8 +65,7 @@ pub fn align_stores(
     }
     let open = |model: &str| Checkpoint::open(Path::new(model), registry, None);
     let (source_ckpt, target_ckpt) = (open(&source.model)?, open(&target.model)?);
-    let vocab = |c: &Checkpoint| Vocabulary::from_tokenizer_json(&c.dir.join("tokenizer.json"));
-    let (source_vocab, target_vocab) = (vocab(&source_ckpt)?, vocab(&target_ckpt)?);
+    let (source_vocab, target_vocab) = (Vocabulary::from_checkpoint(&source_ckpt)?, Vocabulary::from_checkpoint(&target_ckpt)?);
     let map = map_vocab(mapper, &source_vocab, &target_vocab, compat, cache)?;
     let params = aligner.resolve_params(&Default::default()).map_err(|e| Error::msg(e.message))?;
     let doc_aligner = DocumentAligner::new(aligner, params, &map, &source_vocab, &target_vocab, compat);

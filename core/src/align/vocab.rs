@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use fusellm_sdk::{TokenStrings, TokenizerConventions, VocabMap};
 
 use super::normalize::Normalizer;
+use crate::checkpoint::Checkpoint;
 use crate::error::{Context, Error, Result};
 use crate::files::{sha256_hex, write_cache};
 use crate::plugins::Entry;
@@ -20,10 +21,24 @@ pub struct Vocabulary {
 }
 
 impl Vocabulary {
+    /// A tokenizer file alone, with the conventions it says itself.
     pub fn from_tokenizer_json(path: &Path) -> Result<Self> {
+        Self::read(path, None)
+    }
+
+    /// A checkpoint's tokenizer with the conventions its adapter gave (the EOS tokens of
+    /// config.json among them).
+    pub fn from_checkpoint(checkpoint: &Checkpoint) -> Result<Self> {
+        Self::read(&checkpoint.dir.join("tokenizer.json"), Some(&checkpoint.spec.tokenizer))
+    }
+
+    fn read(path: &Path, conventions: Option<&TokenizerConventions>) -> Result<Self> {
         let text = std::fs::read_to_string(path).context(|| format!("reading {}", path.display()))?;
-        let conventions = TokenizerConventions::from_tokenizer_json(&text)
-            .map_err(|e| Error::msg(format!("{}: {e}", path.display())))?;
+        let conventions = match conventions {
+            Some(c) => c.clone(),
+            None => TokenizerConventions::from_tokenizer_json(&text)
+                .map_err(|e| Error::msg(format!("{}: {e}", path.display())))?,
+        };
         let tokenizer = tokenizers::Tokenizer::from_bytes(text.as_bytes())
             .map_err(|e| Error::msg(format!("{}: {e}", path.display())))?;
         let size = tokenizer.get_vocab_size(true) as u32;
@@ -32,7 +47,10 @@ impl Vocabulary {
                 tokenizer.id_to_token(id).ok_or_else(|| Error::msg(format!("{}: no token has id {id}", path.display())))
             })
             .collect::<Result<Vec<_>>>()?;
-        let hash = sha256_hex(text.as_bytes());
+        // The canonical strings depend on the conventions too: both are in the hash that
+        // keys the map cache.
+        let conventions_json = serde_json::to_string(&conventions).expect("conventions serialise");
+        let hash = sha256_hex([text.as_bytes(), conventions_json.as_bytes()].concat().as_slice());
         Ok(Self { tokens, conventions, hash })
     }
 

@@ -72,7 +72,7 @@ impl ModelAdapter for GptNeox {
             post_norms: false,
             layer_attention: Vec::new(),
             tokenizer: match files.tokenizer_json {
-                Some(json) => TokenizerConventions::from_tokenizer_json(json)?,
+                Some(json) => TokenizerConventions::from_checkpoint(json, &c)?,
                 None => {
                     TokenizerConventions { space_marker: "\u{0120}".into(), byte_level: true, ..Default::default() }
                 }

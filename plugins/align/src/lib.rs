@@ -2,6 +2,7 @@
 //! tokenizations of one document; `em` and `mined` map one vocabulary onto another. They see token strings the
 //! host has already normalised (or, in compat mode, prepared as the paper's code does).
 
+mod deletion_index;
 mod dtw;
 mod edit_distance;
 mod offsets;

@@ -1,19 +1,25 @@
 //! Vocabulary mapping (DESIGN.md step 3): every source token to a target token. `em` takes
 //! the exact match only; `mined` falls back to the target token of minimum edit distance,
 //! ties to the lowest target id, as the paper's `find_best_mapping`, but without comparing
-//! every pair. The targets one edit away are found by lookups: a target within one edit
-//! shares a key with the source token, where the keys of a token are the token and each
-//! of its one-symbol deletions. The rest are searched by length difference (a lower bound
-//! of the distance) until that bound exceeds the best distance found; within a length, the
-//! bag distance over hashed symbol counts rules out nearly every candidate before an edit
-//! distance is computed, and once no target can be nearer than the best, only lower ids
-//! are visited.
+//! every pair. The targets within two edits are found by lookups in a [`DeletionIndex`].
+//! The rest, at three edits or more, are searched by length difference (a lower bound of
+//! the distance) until that bound exceeds the best distance found; within a length, a
+//! symbol-set signature and the bag distance over hashed symbol counts rule out nearly
+//! every candidate before an edit distance is computed, and once no target can be nearer
+//! than the best, only lower ids are visited.
 
 use std::collections::HashMap;
 
 use fusellm_sdk::{ParamSpec, Params, PluginInfo, PluginKind, TokenStrings, VocabMap, VocabMapper};
 
+use crate::deletion_index::{keys, DeletionIndex};
 use crate::edit_distance::{symbols, Pattern};
+
+/// Targets up to this many symbols are in the deletion index: those within two edits of a
+/// query of up to [`LONGEST_LOOKUP`] symbols. (Key counts grow with the square of the
+/// length; the few longer queries are searched.)
+const LONGEST_INDEXED: usize = LONGEST_LOOKUP + 2;
+const LONGEST_LOOKUP: usize = 24;
 
 /// Exact match after normalisation.
 pub struct Em;
@@ -66,14 +72,14 @@ impl VocabMapper for Mined {
     }
 }
 
-/// The target vocabulary, indexed for exact lookups, one-edit lookups and grouped by
-/// length.
+/// The target vocabulary, indexed for exact lookups, lookups within two edits, and grouped
+/// by length.
 struct Vocab {
     exact: HashMap<String, u32>,
-    /// Each target's symbols, by id.
-    symbols: Vec<Vec<u32>>,
-    /// (key, id) for every key of every target ([`keys`]), sorted.
-    one_edit: Vec<(u64, u32)>,
+    /// Every target's symbols, concatenated in id order; `offsets[id]..offsets[id + 1]`.
+    symbols: Vec<u32>,
+    offsets: Vec<usize>,
+    within_two: DeletionIndex,
     /// `by_len[l]`: the tokens of `l` symbols, in id order.
     by_len: Vec<Group>,
 }
@@ -122,25 +128,12 @@ fn bag_distance(a: &Bag, b: &Bag) -> u32 {
     more.max(fewer)
 }
 
-/// The keys of a token: hashes of its symbols and of each one-symbol deletion. Two tokens
-/// one edit apart share one: an insertion is the other's deletion, a substitution at `i`
-/// is both deleting `i`. (A hash collision only adds a candidate, which is verified.)
-fn keys(symbols: &[u32]) -> impl Iterator<Item = u64> + '_ {
-    let hash = |skip: Option<usize>| {
-        let kept = symbols.iter().enumerate().filter(move |(i, _)| Some(*i) != skip);
-        let h = kept.fold(0xcbf2_9ce4_8422_2325u64, |h, (_, &s)| (h ^ u64::from(s)).wrapping_mul(0x0100_0000_01b3));
-        h ^ (h >> 29)
-    };
-    std::iter::once(None).chain((0..symbols.len()).map(Some)).map(hash)
-}
-
 impl Vocab {
     fn new(tokens: TokenStrings<'_>) -> Result<Self, String> {
         let strings = decode(tokens)?;
         let mut exact = HashMap::new();
         let mut by_len: Vec<Group> = Vec::new();
-        let mut symbols_by_id = Vec::with_capacity(strings.len());
-        let mut one_edit = Vec::new();
+        let (mut symbols_flat, mut offsets) = (Vec::new(), vec![0]);
         for (id, s) in strings.into_iter().enumerate() {
             let sym = symbols(&s);
             if by_len.len() <= sym.len() {
@@ -150,17 +143,23 @@ impl Vocab {
             group.ids.push(id as u32);
             group.signatures.push(signature(&sym));
             group.bags.push(bag(&sym));
-            one_edit.extend(keys(&sym).map(|k| (k, id as u32)));
-            symbols_by_id.push(sym);
+            symbols_flat.extend_from_slice(&sym);
+            offsets.push(symbols_flat.len());
             exact.entry(s).or_insert(id as u32);
         }
-        one_edit.sort_unstable();
-        one_edit.dedup();
-        Ok(Self { exact, symbols: symbols_by_id, one_edit, by_len })
+        let token = |id: usize| &symbols_flat[offsets[id]..offsets[id + 1]];
+        let within_two = DeletionIndex::new(|| {
+            (0..offsets.len() - 1).map(|id| (id as u32, token(id))).filter(|(_, s)| s.len() <= LONGEST_INDEXED)
+        });
+        Ok(Self { exact, symbols: symbols_flat, offsets, within_two, by_len })
     }
 
     fn exact(&self, s: &str) -> Option<u32> {
         self.exact.get(s).copied()
+    }
+
+    fn token(&self, id: u32) -> &[u32] {
+        &self.symbols[self.offsets[id as usize]..self.offsets[id as usize + 1]]
     }
 
     /// (id, distance) of the nearest target token; (u32::MAX, u32::MAX) for an empty
@@ -171,30 +170,35 @@ impl Vocab {
         }
         let sym = symbols(s);
         let pattern = Pattern::new(&sym);
-        match self.one_edit_away(&sym, &pattern) {
-            Some(id) => (id, 1),
-            // No target matches exactly or within one edit: none is nearer than two.
-            None => self.search(&sym, &pattern, 2),
+        if sym.len() > LONGEST_LOOKUP {
+            // No target matches exactly: none is nearer than one.
+            return self.search(&sym, &pattern, 1);
+        }
+        match self.within_two(&sym, &pattern) {
+            Some((d, id)) => (id, d),
+            // None is within two edits: none is nearer than three.
+            None => self.search(&sym, &pattern, 3),
         }
     }
 
-    /// The lowest id of the targets one edit from `sym` (which matches none exactly).
-    fn one_edit_away(&self, sym: &[u32], pattern: &Pattern) -> Option<u32> {
-        let mut best: Option<u32> = None;
-        for key in keys(sym) {
-            let start = self.one_edit.partition_point(|&(k, _)| k < key);
-            // A key's ids ascend: its first at distance one is its lowest.
-            for &(_, id) in self.one_edit[start..].iter().take_while(|&&(k, _)| k == key) {
-                if best.is_some_and(|b| id >= b) {
+    /// (distance, id) of the nearest target within two edits of `sym` (which matches none
+    /// exactly), the lowest id among equals.
+    fn within_two(&self, sym: &[u32], pattern: &Pattern) -> Option<(u32, u32)> {
+        let mut best = (3, u32::MAX);
+        keys(sym, |key| {
+            for id in self.within_two.ids(key) {
+                // A key's ids ascend: past the best, only a nearer target wins, and none
+                // is nearer than one.
+                if best.0 == 1 && id > best.1 {
                     break;
                 }
-                if pattern.distance(&self.symbols[id as usize]) == 1 {
-                    best = Some(id);
-                    break;
+                let target = self.token(id);
+                if target.len().abs_diff(sym.len()) <= 2 {
+                    best = best.min((pattern.distance(target), id));
                 }
             }
-        }
-        best
+        });
+        (best.0 <= 2).then_some(best)
     }
 
     /// The nearest target by length difference, given that none is nearer than `floor`.
@@ -220,7 +224,7 @@ impl Vocab {
                     {
                         continue;
                     }
-                    let d = pattern.distance(&self.symbols[id as usize]);
+                    let d = pattern.distance(self.token(id));
                     if (d, id) < best {
                         best = (d, id);
                     }
@@ -289,8 +293,8 @@ mod tests {
     }
 
     /// The search with its bounds finds what comparing every pair finds: the minimum
-    /// distance and, among the targets at it, the lowest id; over words of a few symbols,
-    /// multi-byte ones among them, with duplicates in the target.
+    /// distance and, among the targets at it, the lowest id; over words of a few symbols
+    /// and some of 20-31, multi-byte ones among them, with duplicates in the target.
     #[test]
     fn the_bounded_search_equals_the_exhaustive_one() {
         let alphabet: Vec<char> = "abcdeé▁Ġ日\u{F700}".chars().collect();
@@ -302,10 +306,12 @@ mod tests {
             (state % n as u64) as usize
         };
         let mut word = |next: &mut dyn FnMut(usize) -> usize| -> String {
-            (0..next(9)).map(|_| alphabet[next(alphabet.len())]).collect()
+            // Mostly short, as tokens are; some longer than the deletion index covers.
+            let len = if next(8) == 0 { 20 + next(12) } else { next(9) };
+            (0..len).map(|_| alphabet[next(alphabet.len())]).collect()
         };
         let targets: Vec<String> = (0..400).map(|_| word(&mut next)).collect();
-        let sources: Vec<String> = (0..300).map(|_| word(&mut next)).collect();
+        let sources: Vec<String> = (0..1000).map(|_| word(&mut next)).collect();
         let (offsets, bytes) = strings(&targets);
         let vocab = Vocab::new(TokenStrings { offsets: &offsets, bytes: &bytes }).unwrap();
         for s in &sources {

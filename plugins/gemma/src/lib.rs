@@ -103,7 +103,7 @@ impl ModelAdapter for Gemma {
             residual: Residual::Sequential,
             tied_embeddings: tied,
             tensor_names: self.tensor_names(bias),
-            tokenizer: TokenizerConventions::from_tokenizer_json(files.tokenizer_json.unwrap_or("{}"))?,
+            tokenizer: TokenizerConventions::from_checkpoint(files.tokenizer_json.unwrap_or("{}"), &c)?,
             embed_scale: Some((hidden as f64).sqrt()),
             final_softcap,
             post_norms: later,

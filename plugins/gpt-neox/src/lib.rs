@@ -63,7 +63,7 @@ impl ModelAdapter for GptNeox {
             tied_embeddings: tied,
             tensor_names: tensor_names(bias, tied),
             tokenizer: match files.tokenizer_json {
-                Some(json) => TokenizerConventions::from_tokenizer_json(json)?,
+                Some(json) => TokenizerConventions::from_checkpoint(json, &c)?,
                 None => {
                     TokenizerConventions { space_marker: "\u{0120}".into(), byte_level: true, ..Default::default() }
                 }

@@ -116,7 +116,7 @@ impl ModelAdapter for Llama {
             residual: Residual::Sequential,
             tied_embeddings: c.bool_or("tie_word_embeddings", false)?,
             tensor_names: tensor_names(bias, mlp_bias, self.variant == Variant::Qwen3),
-            tokenizer: tokenizer(files.tokenizer_json)?,
+            tokenizer: tokenizer(files.tokenizer_json, &c)?,
             embed_scale: None,
             final_softcap: None,
             post_norms: false,
@@ -171,15 +171,15 @@ fn tensor_names(bias: AttentionBias, mlp_bias: bool, qk_norm: bool) -> BTreeMap<
 }
 
 /// Conventions from tokenizer.json when there is one, else the Llama-2 tokenizer's.
-fn tokenizer(tokenizer_json: Option<&str>) -> Result<TokenizerConventions, String> {
+fn tokenizer(tokenizer_json: Option<&str>, config: &HfConfig) -> Result<TokenizerConventions, String> {
     match tokenizer_json {
-        Some(json) => TokenizerConventions::from_tokenizer_json(json),
+        Some(json) => TokenizerConventions::from_checkpoint(json, config),
         None => Ok(TokenizerConventions {
             space_marker: "\u{2581}".into(),
             byte_fallback: true,
             add_bos: true,
             bos: Some("<s>".into()),
-            eos: Some("</s>".into()),
+            eos: vec!["</s>".into()],
             special_tokens: vec!["<unk>".into(), "<s>".into(), "</s>".into()],
             ..Default::default()
         }),

@@ -73,7 +73,7 @@ impl ModelAdapter for Mpt {
             final_softcap: None,
             post_norms: false,
             layer_attention: Vec::new(),
-            tokenizer: tokenizer(files.tokenizer_json)?,
+            tokenizer: tokenizer(files.tokenizer_json, &c)?,
         })
     }
 }
@@ -93,9 +93,9 @@ fn tensor_names(bias: bool, tied: bool) -> BTreeMap<String, String> {
 }
 
 /// Conventions from tokenizer.json when there is one, else GPT-NeoX's; MPT adds no BOS.
-fn tokenizer(tokenizer_json: Option<&str>) -> Result<TokenizerConventions, String> {
+fn tokenizer(tokenizer_json: Option<&str>, config: &HfConfig) -> Result<TokenizerConventions, String> {
     let mut conventions = match tokenizer_json {
-        Some(json) => TokenizerConventions::from_tokenizer_json(json)?,
+        Some(json) => TokenizerConventions::from_checkpoint(json, config)?,
         None => TokenizerConventions {
             space_marker: "\u{0120}".into(),
             byte_level: true,
@@ -105,7 +105,9 @@ fn tokenizer(tokenizer_json: Option<&str>) -> Result<TokenizerConventions, Strin
     };
     conventions.add_bos = false;
     conventions.bos = None;
-    conventions.eos = Some("<|endoftext|>".into());
+    if conventions.eos.is_empty() {
+        conventions.eos = vec!["<|endoftext|>".into()];
+    }
     Ok(conventions)
 }
 

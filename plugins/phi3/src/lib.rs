@@ -63,7 +63,7 @@ impl ModelAdapter for Phi3 {
             residual: Residual::Sequential,
             tied_embeddings: c.bool_or("tie_word_embeddings", false)?,
             tensor_names: tensor_names(),
-            tokenizer: TokenizerConventions::from_tokenizer_json(files.tokenizer_json.unwrap_or("{}"))?,
+            tokenizer: TokenizerConventions::from_checkpoint(files.tokenizer_json.unwrap_or("{}"), &c)?,
             embed_scale: None,
             final_softcap: None,
             post_norms: false,

@@ -96,6 +96,16 @@ impl HfConfig {
 
     /// The width of an attention head: `head_dim` where the config gives it (Qwen3 and
     /// Gemma choose it freely), else `hidden_size / num_attention_heads`, which must divide.
+    /// Token ids written as one integer or a list (`eos_token_id`); none when absent.
+    pub fn id_list(&self, key: &str) -> Result<Vec<u64>, String> {
+        let bad = || format!("config.json: `{key}` must be a token id or a list of token ids");
+        match self.get(key) {
+            None => Ok(Vec::new()),
+            Some(serde_json::Value::Array(ids)) => ids.iter().map(|v| v.as_u64().ok_or_else(bad)).collect(),
+            Some(v) => v.as_u64().map(|id| vec![id]).ok_or_else(bad),
+        }
+    }
+
     pub fn head_dim(&self, hidden: usize, heads: usize) -> Result<usize, String> {
         if let Some(d) = self.opt_usize("head_dim")? {
             return match d {

@@ -122,6 +122,21 @@ impl From<BiasJson> for AttentionBias {
     }
 }
 
+/// A list that may also be written as one item or null.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Option::<OneOrMany>::deserialize(deserializer)? {
+        None => Vec::new(),
+        Some(OneOrMany::One(s)) => vec![s],
+        Some(OneOrMany::Many(v)) => v,
+    })
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AttentionSpec {
     pub heads: usize,
@@ -208,7 +223,11 @@ pub struct TokenizerConventions {
     /// A BOS token is prepended to every document (Llama family: yes; MPT: no).
     pub add_bos: bool,
     pub bos: Option<String>,
-    pub eos: Option<String>,
+    /// Every token that ends a text (Llama 3: `<|end_of_text|>`, `<|eom_id|>`,
+    /// `<|eot_id|>`); the aligners read them all as one EOS. Reads a single string or null
+    /// too (the first SDK's form).
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub eos: Vec<String>,
     pub special_tokens: Vec<String>,
 }
 
