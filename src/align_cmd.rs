@@ -1,17 +1,16 @@
-//! `fusellm vocab-map`: a vocabulary map between two tokenizers, as JSON.
+//! `fusellm vocab-map` (a vocabulary map between two tokenizers, as JSON) and
+//! `fusellm align` (a source's store aligned to the target's).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use clap::{Args, ValueEnum};
+use clap::Args;
 use fusellm_core::align::vocab::{map_vocab, Vocabulary};
-use fusellm_core::plugins::{default_cache_dir, Registry};
+use fusellm_core::checkpoint::{Checkpoint, Stored};
+use fusellm_core::plugins::{default_cache_dir, Configured};
+use fusellm_core::store::read_identity;
 use fusellm_sdk::PluginKind;
 
-#[derive(Clone, Copy, ValueEnum)]
-enum Method {
-    Em,
-    Mined,
-}
+use crate::model_args::PluginArgs;
 
 #[derive(Args)]
 pub struct VocabMapArgs {
@@ -21,8 +20,9 @@ pub struct VocabMapArgs {
     /// The target model's tokenizer.json.
     #[arg(long)]
     target: PathBuf,
-    #[arg(long, value_enum)]
-    method: Method,
+    /// The vocabulary mapper: em, mined, or one a --plugin file holds.
+    #[arg(long)]
+    method: String,
     /// Reproduce the paper's mapping exactly: only the space marker swapped, no byte or
     /// special-token normalisation.
     #[arg(long)]
@@ -31,17 +31,15 @@ pub struct VocabMapArgs {
     /// where there is none).
     #[arg(long)]
     out: PathBuf,
+    #[command(flatten)]
+    plugins: PluginArgs,
 }
 
 pub fn vocab_map(args: VocabMapArgs) -> Result<(), String> {
     let source = Vocabulary::from_tokenizer_json(&args.source).map_err(|e| e.message)?;
     let target = Vocabulary::from_tokenizer_json(&args.target).map_err(|e| e.message)?;
-    let registry = Registry::with_builtins().map_err(|e| e.message)?;
-    let name = match args.method {
-        Method::Em => "em",
-        Method::Mined => "mined",
-    };
-    let mapper = registry.get(PluginKind::Aligner, name).map_err(|e| e.message)?;
+    let registry = args.plugins.registry().map_err(|e| e.message)?;
+    let mapper = &Configured::named(&registry, PluginKind::VocabMapper, &args.method).map_err(|e| e.message)?;
     let start = std::time::Instant::now();
     let map =
         map_vocab(mapper, &source, &target, args.compat, default_cache_dir().as_deref()).map_err(|e| e.message)?;
@@ -65,12 +63,6 @@ pub fn vocab_map(args: VocabMapArgs) -> Result<(), String> {
     Ok(())
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum SequenceMethod {
-    Dtw,
-    Offsets,
-}
-
 #[derive(Args)]
 pub struct AlignArgs {
     /// The source model's store (`fusellm precompute`).
@@ -82,33 +74,41 @@ pub struct AlignArgs {
     /// Where to write the aligned store and report.json.
     #[arg(long)]
     out: PathBuf,
-    #[arg(long, value_enum, default_value = "dtw")]
-    aligner: SequenceMethod,
-    #[arg(long, value_enum, default_value = "mined")]
-    vocab: Method,
+    /// The sequence aligner: dtw, offsets, or one a --plugin file holds.
+    #[arg(long, default_value = "dtw")]
+    aligner: String,
+    /// The vocabulary mapper: mined, em, or one a --plugin file holds.
+    #[arg(long, default_value = "mined")]
+    vocab: String,
     /// The paper's projection and normalisation, defects included.
     #[arg(long)]
     compat: bool,
+    /// The adapter that reads the source's checkpoint (default: by its model_type).
+    #[arg(long)]
+    source_adapter: Option<String>,
+    /// The adapter that reads the target's checkpoint (default: by its model_type).
+    #[arg(long)]
+    target_adapter: Option<String>,
+    #[command(flatten)]
+    plugins: PluginArgs,
 }
 
 pub fn align(args: AlignArgs) -> Result<(), String> {
-    let registry = Registry::with_builtins().map_err(|e| e.message)?;
-    let get = |name: &str| registry.get(PluginKind::Aligner, name).map_err(|e| e.message);
-    let aligner = get(match args.aligner {
-        SequenceMethod::Dtw => "dtw",
-        SequenceMethod::Offsets => "offsets",
-    })?;
-    let mapper = get(match args.vocab {
-        Method::Em => "em",
-        Method::Mined => "mined",
-    })?;
+    let registry = args.plugins.registry().map_err(|e| e.message)?;
+    let aligner = Configured::named(&registry, PluginKind::SequenceAligner, &args.aligner).map_err(|e| e.message)?;
+    let mapper = Configured::named(&registry, PluginKind::VocabMapper, &args.vocab).map_err(|e| e.message)?;
+    // Each store names the checkpoint it was computed from.
+    let open = |store: &Path, adapter: Option<&str>| -> fusellm_core::error::Result<Checkpoint> {
+        Checkpoint::open(Path::new(&read_identity(store)?.model), &registry, adapter)
+    };
+    let source = open(&args.source, args.source_adapter.as_deref()).map_err(|e| e.message)?;
+    let target = open(&args.target, args.target_adapter.as_deref()).map_err(|e| e.message)?;
     let start = std::time::Instant::now();
     let report = fusellm_core::align::stage::align_stores(
-        &registry,
-        &args.source,
-        &args.target,
+        Stored { dir: &args.source, checkpoint: &source },
+        Stored { dir: &args.target, checkpoint: &target },
         &args.out,
-        (aligner, mapper),
+        (&aligner, &mapper),
         args.compat,
         default_cache_dir().as_deref(),
     )

@@ -14,7 +14,7 @@ use fusellm_core::model::loss::LossBatch;
 use fusellm_core::model::Transformer;
 use fusellm_core::plugins::bench::{time_fusion, PAPER_SHAPE};
 use fusellm_core::plugins::conformance::Shape;
-use fusellm_core::plugins::{Entry, Registry, Tier};
+use fusellm_core::plugins::{Configured, Entry, Registry, Tier};
 use fusellm_core::store::{precompute_model, verify, Options};
 use fusellm_core::tokenizer::Tokenizer;
 use fusellm_sdk::{CheckpointFiles, PluginKind, SparseRowsBuf};
@@ -391,7 +391,7 @@ fn align(fixtures: &Path) -> fusellm_core::error::Result<()> {
     .map_err(|e| Error::msg(e.to_string()))?;
     let paper = &timing["summary"];
 
-    let mined = registry.get(PluginKind::Aligner, "mined")?;
+    let mined = &Configured::named(&registry, PluginKind::VocabMapper, "mined")?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let start = Instant::now();
     let map = map_vocab(mined, &neox, &llama, true, None)?;
@@ -423,7 +423,7 @@ fn align(fixtures: &Path) -> fusellm_core::error::Result<()> {
     let tokens: usize = docs.iter().map(|d| d.base.len()).sum();
     let paper_rate = paper["transform_base_tokens_per_s"].as_f64().unwrap_or(f64::NAN);
     for (aligner_name, compat) in [("dtw", true), ("dtw", false), ("offsets", false)] {
-        let entry = registry.get(PluginKind::Aligner, aligner_name)?;
+        let entry = registry.get(PluginKind::SequenceAligner, aligner_name)?;
         let params = entry.resolve_params(&Default::default()).expect("defaults");
         let aligner = DocumentAligner::new(entry, params, &map, &neox, &llama, compat);
         let start = Instant::now();
@@ -465,7 +465,8 @@ fn precompute(model_dir: &Path, corpus: &Path, max_len: usize) -> fusellm_core::
     let dir = std::env::temp_dir().join(format!("fusellm-bench-store-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let start = Instant::now();
-    let run = precompute_model(&registry, model_dir, corpus, &dir, options, (0, 1), |_| {})?;
+    let checkpoint = fusellm_core::checkpoint::Checkpoint::open(model_dir, &registry, None)?;
+    let run = precompute_model(&checkpoint, &candle_core::Device::Cpu, corpus, &dir, options, (0, 1), |_| {})?;
     let secs = start.elapsed().as_secs_f64();
     let check = verify(&dir)?;
     let ours = check.bytes as f64 / check.tokens as f64;

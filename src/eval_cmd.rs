@@ -4,14 +4,14 @@ use std::path::PathBuf;
 
 use candle_core::DType;
 use clap::Args;
-use fusellm_core::checkpoint::Checkpoint;
 use fusellm_core::error::{Error, Result};
 use fusellm_core::eval::{accuracy, loglik, mixture, read_questions, score, Accuracy, Score, Scorer};
 use fusellm_core::merge::Merge;
 use fusellm_core::model::LoadMode;
-use fusellm_core::plugins::Registry;
 use fusellm_core::split::read_documents;
 use serde::Serialize;
+
+use crate::model_args::ModelArgs;
 
 #[derive(Args)]
 pub struct EvalArgs {
@@ -35,13 +35,8 @@ pub struct EvalArgs {
     window: usize,
     #[arg(long, default_value_t = 4096)]
     batch_tokens: usize,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// A plugin file to load (repeatable; .so/.dylib/.dll or .wasm): a third-party adapter
-    /// in it reads the checkpoints whose model_type it declares.
-    #[arg(long = "plugin")]
-    plugins: Vec<PathBuf>,
+    #[command(flatten)]
+    open: ModelArgs,
     /// Where to write eval.json and eval.png.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -68,9 +63,8 @@ fn named(spec: &str) -> Result<(String, PathBuf)> {
 }
 
 pub fn eval(args: EvalArgs) -> Result<()> {
-    let mut registry = Registry::with_builtins()?;
-    registry.load_files(&args.plugins)?;
-    let device = fusellm_core::device::parse(&args.device)?;
+    let registry = args.open.plugins.registry()?;
+    let device = args.open.device()?;
     let mut texts = Vec::new();
     for spec in &args.sets {
         let (name, file) = named(spec)?;
@@ -88,7 +82,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     let mut members: Vec<(Nlls, Vec<Nlls>)> = Vec::new();
     let mut tokenizers = Vec::new();
     for dir in &args.models {
-        let checkpoint = Checkpoint::open(dir, &registry, None)?;
+        let checkpoint = args.open.open(&registry, dir)?;
         let model = checkpoint.load_model(LoadMode::Frozen, DType::F32, &device)?;
         let scorer = Scorer {
             model: &model,

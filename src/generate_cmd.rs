@@ -2,12 +2,12 @@
 
 use std::path::PathBuf;
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 use clap::Args;
-use fusellm_core::checkpoint::Checkpoint;
 use fusellm_core::model::generate::greedy;
 use fusellm_core::model::LoadMode;
-use fusellm_core::plugins::Registry;
+
+use crate::model_args::ModelArgs;
 
 #[derive(Args)]
 pub struct GenerateArgs {
@@ -22,20 +22,15 @@ pub struct GenerateArgs {
     /// Print the generated token ids, separated by spaces, instead of text.
     #[arg(long)]
     ids: bool,
-    /// The adapter to read the checkpoint with (default: by config.json's model_type).
-    #[arg(long)]
-    adapter: Option<String>,
-    /// A plugin file to load (repeatable; .so/.dylib/.dll or .wasm): a third-party adapter
-    /// in it reads the checkpoints whose model_type it declares, or is named by --adapter.
-    #[arg(long = "plugin")]
-    plugins: Vec<PathBuf>,
+    #[command(flatten)]
+    open: ModelArgs,
 }
 
 pub fn run(args: GenerateArgs) -> Result<(), String> {
-    let mut registry = Registry::with_builtins().map_err(|e| e.message)?;
-    registry.load_files(&args.plugins).map_err(|e| e.message)?;
-    let checkpoint = Checkpoint::open(&args.model, &registry, args.adapter.as_deref()).map_err(|e| e.message)?;
-    let model = checkpoint.load_model(LoadMode::Frozen, DType::F32, &Device::Cpu).map_err(|e| e.message)?;
+    let registry = args.open.plugins.registry().map_err(|e| e.message)?;
+    let checkpoint = args.open.open(&registry, &args.model).map_err(|e| e.message)?;
+    let device = args.open.device().map_err(|e| e.message)?;
+    let model = checkpoint.load_model(LoadMode::Frozen, DType::F32, &device).map_err(|e| e.message)?;
     let prompt = checkpoint.tokenizer.encode(&args.prompt).map_err(|e| e.message)?;
     let new = greedy(&model, &prompt, args.max_new_tokens).map_err(|e| e.message)?;
     if args.ids {

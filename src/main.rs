@@ -5,6 +5,7 @@ mod bench_cmd;
 mod demo_cmd;
 mod eval_cmd;
 mod generate_cmd;
+mod model_args;
 mod plugins_cmd;
 mod run_cmd;
 mod split_cmd;

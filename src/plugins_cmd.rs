@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Subcommand;
 use fusellm_core::config::Config;
 use fusellm_core::plugins::conformance::check_fusion;
-use fusellm_core::plugins::{Registry, Tier};
+use fusellm_core::plugins::{Entry, Registry, Tier};
 use fusellm_sdk::PluginKind;
 
 #[derive(Subcommand)]
@@ -19,6 +19,10 @@ pub enum PluginsCommand {
         /// Print a JSON array of {name, kind, tier, version, source, params}.
         #[arg(long)]
         json: bool,
+        /// Only plugins of this kind: adapter, sequence-aligner, vocab-mapper, fusion, or
+        /// aligner for both kinds of aligner.
+        #[arg(long)]
+        kind: Option<String>,
     },
     /// Run the conformance check on a plugin: a registered name, or a .wasm / .so file.
     Test {
@@ -34,12 +38,14 @@ pub enum PluginsCommand {
 
 pub fn run(cmd: PluginsCommand) -> Result<ExitCode, String> {
     match cmd {
-        PluginsCommand::List { config, json } => {
+        PluginsCommand::List { config, json, kind } => {
             let registry = registry(config.as_deref())?;
+            let kinds = kinds(kind.as_deref())?;
+            let entries: Vec<&Entry> = registry.entries().iter().filter(|e| kinds.contains(&e.info.kind)).collect();
             if json {
-                println!("{}", serde_json::to_string_pretty(&listing(&registry)).expect("JSON"));
+                println!("{}", serde_json::to_string_pretty(&listing(&entries)).expect("JSON"));
             } else {
-                print_table(&registry);
+                print_table(&entries);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -56,9 +62,24 @@ fn registry(config: Option<&Path>) -> Result<Registry, String> {
     Ok(registry)
 }
 
-fn listing(registry: &Registry) -> serde_json::Value {
-    registry
-        .entries()
+/// The kinds a `--kind` filter names; all without one.
+fn kinds(filter: Option<&str>) -> Result<Vec<PluginKind>, String> {
+    match filter {
+        None => Ok(PluginKind::ALL.to_vec()),
+        Some("aligner") => Ok(vec![PluginKind::SequenceAligner, PluginKind::VocabMapper]),
+        Some(name) => PluginKind::ALL.into_iter().find(|k| k.as_str() == name).map(|k| vec![k]).ok_or_else(|| {
+            let names = PluginKind::ALL.map(PluginKind::as_str);
+            format!(
+                "--kind {name}: not a plugin kind{}; kinds: {}, aligner (both aligners)",
+                fusellm_sdk::suggest::did_you_mean(name, names.into_iter().chain(["aligner"])),
+                names.join(", ")
+            )
+        }),
+    }
+}
+
+fn listing(entries: &[&Entry]) -> serde_json::Value {
+    entries
         .iter()
         .map(|e| {
             serde_json::json!({
@@ -74,11 +95,11 @@ fn listing(registry: &Registry) -> serde_json::Value {
         .collect()
 }
 
-fn print_table(registry: &Registry) {
-    println!("{:<20} {:<8} {:<8} {:<8} source", "name", "kind", "tier", "version");
-    for e in registry.entries() {
+fn print_table(entries: &[&Entry]) {
+    println!("{:<20} {:<16} {:<8} {:<8} source", "name", "kind", "tier", "version");
+    for e in entries {
         println!(
-            "{:<20} {:<8} {:<8} {:<8} {}",
+            "{:<20} {:<16} {:<8} {:<8} {}",
             e.info.name,
             e.info.kind.as_str(),
             e.tier.as_str(),

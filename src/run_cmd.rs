@@ -5,12 +5,13 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use clap::Args;
+use fusellm_core::checkpoint::{Checkpoint, Stored};
 use fusellm_core::config::{apply_overrides, variants, Config, Variant};
 use fusellm_core::error::{Context, Error, Result};
-use fusellm_core::pipeline::{validate, Event, Run, RunRecord};
+use fusellm_core::pipeline::{open_model, train_target, validate, Event, Run, RunRecord};
 use fusellm_core::plugins::Registry;
+use fusellm_core::store::read_identity;
 use fusellm_core::train::data::fused_documents;
-use fusellm_core::train::{Dataset, Trainer};
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -46,6 +47,11 @@ pub fn run(args: RunArgs) -> Result<()> {
     let variants = load(&args)?;
     let sweep = variants.len() > 1 || !variants[0].0.name.is_empty();
     let mut registry = Registry::with_builtins()?;
+    // Every variant is checked before the first one computes anything.
+    for (variant, config) in &variants {
+        config.load_plugins(&mut registry).map_err(|e| Error::msg(format!("{e}{}", label(variant))))?;
+        validate(config, &registry).map_err(|e| Error::msg(format!("{e}{}", label(variant))))?;
+    }
     let mut results = Vec::new();
     for (variant, config) in &variants {
         if sweep {
@@ -134,8 +140,8 @@ pub fn validate_cmd(args: RunArgs) -> Result<()> {
     let variants = load(&args)?;
     let mut registry = Registry::with_builtins()?;
     for (variant, config) in &variants {
-        config.load_plugins(&mut registry).map_err(|e| Error::msg(e.to_string()))?;
-        let checked = validate(config, &registry).map_err(|e| Error::msg(format!("{}{}", e, label(variant))))?;
+        config.load_plugins(&mut registry).map_err(|e| Error::msg(format!("{e}{}", label(variant))))?;
+        let checked = validate(config, &registry).map_err(|e| Error::msg(format!("{e}{}", label(variant))))?;
         let describe = |c: &fusellm_core::checkpoint::Checkpoint| {
             format!(
                 "{} ({}, vocab {}, {} positions)",
@@ -150,8 +156,8 @@ pub fn validate_cmd(args: RunArgs) -> Result<()> {
         for s in &checked.sources {
             println!("  source  {}", describe(s));
         }
-        let fusion = checked.fusion.as_ref().map_or("none (CLM only)".to_string(), |f| f.0.label());
-        println!("  align   {} + {}; fusion {fusion}", checked.sequence.0.label(), checked.vocab.0.label());
+        let fusion = checked.fusion.as_ref().map_or("none (CLM only)".to_string(), |f| f.entry.label());
+        println!("  align   {} + {}; fusion {fusion}", checked.sequence.entry.label(), checked.vocab.entry.label());
     }
     Ok(())
 }
@@ -185,28 +191,21 @@ pub struct TrainArgs {
     set: Vec<String>,
 }
 
+/// The train stage of `fusellm run` on a fused store: the same config resolution (its
+/// plugins, the target's adapter, `[train] dtype`, `[run] device`), the same wiring.
 pub fn train(args: TrainArgs) -> Result<()> {
     let run_args = RunArgs { config: args.config.clone(), set: args.set.clone() };
     let (_, config) = load(&run_args)?.into_iter().next().expect("one variant at least");
-    let registry = Registry::with_builtins()?;
+    let mut registry = Registry::with_builtins()?;
+    config.load_plugins(&mut registry).map_err(|e| Error::msg(e.to_string()))?;
     let target = config
         .target
         .as_ref()
         .ok_or_else(|| Error::msg(config.error_at("target", "needs a [target] model").to_string()))?;
-    let train = config
-        .train
-        .as_ref()
-        .ok_or_else(|| Error::msg(config.error_at("train", "needs a [train] section").to_string()))?;
-    let checkpoint = fusellm_core::checkpoint::Checkpoint::open(&target.dir.path, &registry, None)?;
-    let model = checkpoint.load_model(
-        fusellm_core::model::LoadMode::Trainable,
-        candle_core::DType::F32,
-        &candle_core::Device::Cpu,
-    )?;
-    let mut data = Dataset::new(fused_documents(&args.fused)?.1, train.batching)?;
-    let trainer =
-        Trainer { run_dir: args.out.clone(), base: checkpoint.dir.clone(), model: &model, config: train.clone() };
-    let summary = trainer.run(&mut data, args.resume, args.stop_at, |p| print_event(Event::Progress(p.line())))?;
+    let checkpoint = open_model(target, &registry).map_err(|e| Error::msg(e.to_string()))?;
+    let docs = fused_documents(&args.fused)?.1;
+    let progress = |p: fusellm_core::train::Progress| print_event(Event::Progress(p.line()));
+    let summary = train_target(&config, &checkpoint, docs, &args.out, (args.resume, args.stop_at), progress)?;
     eprintln!(
         "\nstep {}: {} ({} tokens in {:.1} s)",
         summary.step,
@@ -225,7 +224,8 @@ pub struct FuseArgs {
     /// Each source's aligned store (`fusellm align` against the same target store).
     #[arg(long = "aligned", required = true)]
     aligned: Vec<PathBuf>,
-    /// The config whose `[fusion]` plugin and parameters to use.
+    /// The config whose `[fusion]` plugin and parameters to use (and whose `[target]`, if it
+    /// has one, reads the target store's checkpoint with its adapter).
     #[arg(long)]
     config: PathBuf,
     #[arg(long)]
@@ -240,9 +240,14 @@ pub fn fuse(args: FuseArgs) -> Result<()> {
         .fusion
         .as_ref()
         .ok_or_else(|| Error::msg(config.error_at("fusion", "needs a [fusion] section").to_string()))?;
-    let (entry, params) = choice.find(&registry).map_err(|e| Error::msg(e.to_string()))?;
-    let manifest =
-        fusellm_core::fuse::fuse_stores(&registry, &args.target, &args.aligned, (entry, &params), &args.out)?;
+    let fusion = choice.find(&registry).map_err(|e| Error::msg(e.to_string()))?;
+    // The config's target, read by the adapter it names; else the store's model by its model_type.
+    let target = match &config.target {
+        Some(target) => open_model(target, &registry).map_err(|e| Error::msg(e.to_string()))?,
+        None => Checkpoint::open(Path::new(&read_identity(&args.target)?.model), &registry, None)?,
+    };
+    let target = Stored { dir: &args.target, checkpoint: &target };
+    let manifest = fusellm_core::fuse::fuse_stores(target, &args.aligned, &fusion, &args.out)?;
     eprintln!(
         "{} documents, {} positions, {:.2} entries per position -> {}",
         manifest.documents,

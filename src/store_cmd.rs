@@ -5,8 +5,9 @@ use std::time::Instant;
 
 use clap::{Args, Subcommand, ValueEnum};
 use fusellm_core::error::{Error, Result};
-use fusellm_core::plugins::Registry;
 use fusellm_core::store::{merge, precompute_model, verify, Options, Progress};
+
+use crate::model_args::ModelArgs;
 
 #[derive(Clone, Copy, ValueEnum)]
 enum LogprobDtype {
@@ -40,6 +41,8 @@ pub struct PrecomputeArgs {
     /// This worker's slice, `i/N`: the shards s with s % N == i.
     #[arg(long, default_value = "0/1")]
     shard: String,
+    #[command(flatten)]
+    open: ModelArgs,
 }
 
 #[derive(Subcommand)]
@@ -57,7 +60,9 @@ pub enum StoreCommand {
 
 pub fn run_precompute(args: PrecomputeArgs) -> Result<()> {
     let worker = parse_worker(&args.shard)?;
-    let registry = Registry::with_builtins()?;
+    let registry = args.open.plugins.registry()?;
+    let checkpoint = args.open.open(&registry, &args.model)?;
+    let device = args.open.device()?;
     let options = Options {
         k: args.k,
         half: matches!(args.dtype, LogprobDtype::F16),
@@ -77,7 +82,7 @@ pub fn run_precompute(args: PrecomputeArgs) -> Result<()> {
             p.tokens as f64 / elapsed
         );
     };
-    let summary = precompute_model(&registry, &args.model, &args.corpus, &args.out, options, worker, progress)?;
+    let summary = precompute_model(&checkpoint, &device, &args.corpus, &args.out, options, worker, progress)?;
     let secs = start.elapsed().as_secs_f64();
     eprintln!(
         "\n{} shards written ({} already there), {} tokens in {secs:.1} s ({:.0} tokens/s)",

@@ -7,8 +7,10 @@ use candle_core::{DType, Device};
 use fusellm_sdk::{CheckpointFiles, HfConfig, ModelSpec, PluginKind};
 
 use crate::error::{Context, Error, Result};
+use crate::files::file_sha256;
 use crate::model::{LoadMode, Transformer};
 use crate::plugins::Registry;
+use crate::store::{read_identity, Identity};
 use crate::tokenizer::Tokenizer;
 
 /// An opened checkpoint: its spec (from the adapter) and tokenizer; weights load on demand.
@@ -21,8 +23,8 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    /// Reads `dir` with the adapter named `adapter`, or else the one a config bound to `dir`
-    /// ([`Registry::bind_adapter`]), or else the one that declares the config's `model_type`.
+    /// Reads `dir` with the adapter named `adapter`, or else the one that declares the
+    /// config's `model_type`.
     pub fn open(dir: &Path, registry: &Registry, adapter: Option<&str>) -> Result<Self> {
         if !dir.is_dir() {
             return Err(Error::msg(format!(
@@ -36,7 +38,7 @@ impl Checkpoint {
         let tokenizer_path = dir.join("tokenizer.json");
         let tokenizer_json = std::fs::read_to_string(&tokenizer_path)
             .context(|| format!("{} has no readable tokenizer.json", dir.display()))?;
-        let entry = match adapter.or_else(|| registry.bound_adapter(dir)) {
+        let entry = match adapter {
             Some(name) => registry.get(PluginKind::Adapter, name)?,
             None => {
                 let config = HfConfig::parse(&config_json).context(|| config_path.display().to_string())?;
@@ -54,8 +56,53 @@ impl Checkpoint {
         Ok(Self { dir: dir.to_owned(), spec, adapter, adapter_version, tokenizer })
     }
 
+    /// Checks the weight files without loading a tensor: every file's header reads, its
+    /// data is as long as the header says (a truncated download is caught here), and every
+    /// tensor the spec names is in one of them.
+    pub fn check_weights(&self) -> Result<()> {
+        let files = crate::model::weights::safetensors_files(&self.dir)?;
+        // SAFETY: mapped read-only, only the headers are read.
+        let weights = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
+            .context(|| format!("reading the weights in {}", self.dir.display()))?;
+        for name in self.spec.checkpoint_tensors() {
+            if weights.get(&name).is_err() {
+                return Err(Error::msg(format!(
+                    "{}: the weights have no tensor `{name}`, which the {} adapter needs; is the checkpoint complete?",
+                    self.dir.display(),
+                    self.adapter
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Loads the weights: frozen (memory-mapped) or trainable.
     pub fn load_model(&self, mode: LoadMode, dtype: DType, device: &Device) -> Result<Transformer> {
         Transformer::load(&self.dir, &self.spec, mode, dtype, device)
+    }
+}
+
+/// A model's store and the checkpoint it was computed from, opened by the caller with the
+/// adapter the caller chose.
+#[derive(Clone, Copy)]
+pub struct Stored<'a> {
+    pub dir: &'a Path,
+    pub checkpoint: &'a Checkpoint,
+}
+
+impl Stored<'_> {
+    /// The store's identity, checked against the checkpoint: the same tokenizer.
+    pub fn identity(&self) -> Result<Identity> {
+        let identity = read_identity(self.dir)?;
+        let tokenizer = file_sha256(&self.checkpoint.dir.join("tokenizer.json"))?;
+        if identity.tokenizer_sha256 != tokenizer {
+            return Err(Error::msg(format!(
+                "{} was computed with another tokenizer than {}'s (store: {}); give the checkpoint it was computed from",
+                self.dir.display(),
+                self.checkpoint.dir.display(),
+                identity.model
+            )));
+        }
+        Ok(identity)
     }
 }

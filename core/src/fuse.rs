@@ -7,13 +7,13 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, Stored};
 use crate::error::{Context, Error, Result};
 use crate::files::write_atomically;
-use crate::plugins::{Entry, Registry};
+use crate::plugins::Configured;
 use crate::split::read_texts;
-use crate::store::{map_shard, read_identity, shard_file, AlignedShard, FusedShard, Shard};
-use fusellm_sdk::{CandidateBuf, FusionInputBuf, Params, SparseRowsBuf};
+use crate::store::{map_shard, shard_file, AlignedShard, FusedShard, Shard};
+use fusellm_sdk::{CandidateBuf, FusionInputBuf, SparseRowsBuf};
 
 /// What a fused store was made from, written as fused.json when every shard exists.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -40,14 +40,13 @@ pub fn fused_file(dir: &Path, s: usize) -> PathBuf {
 /// Fuses the target's store with the sources' aligned stores (aligned against it), shard
 /// by shard; finished shards of an interrupted run are kept.
 pub fn fuse_stores(
-    registry: &Registry,
-    target_dir: &Path,
+    target: Stored<'_>,
     aligned_dirs: &[PathBuf],
-    (plugin, params): (&Entry, &Params),
+    fusion: &Configured<'_>,
     out: &Path,
 ) -> Result<FusedManifest> {
-    let identity = read_identity(target_dir)?;
-    let checkpoint = Checkpoint::open(Path::new(&identity.model), registry, None)?;
+    let identity = target.identity()?;
+    let (target_dir, checkpoint, plugin, params) = (target.dir, target.checkpoint, fusion.entry, &fusion.params);
     let texts = read_texts(Path::new(&identity.corpus))?;
     std::fs::create_dir_all(out).context(|| format!("creating {}", out.display()))?;
     let mut manifest = FusedManifest {
@@ -68,7 +67,7 @@ pub fn fuse_stores(
         let (fused, bytes) = match done {
             Some(done) => done,
             None => {
-                let fused = fuse_shard(s, target_dir, aligned_dirs, &checkpoint, &texts, (plugin, params))?;
+                let fused = fuse_shard(s, target_dir, aligned_dirs, checkpoint, &texts, fusion)?;
                 let bytes = fused.encode(identity.layout.wide_ids)?;
                 write_atomically(&file, &bytes)?;
                 (fused, bytes)
@@ -90,7 +89,7 @@ fn fuse_shard(
     aligned_dirs: &[PathBuf],
     checkpoint: &Checkpoint,
     texts: &[String],
-    (plugin, params): (&Entry, &Params),
+    fusion: &Configured<'_>,
 ) -> Result<FusedShard> {
     let file = shard_file(target_dir, s);
     let target = Shard::decode(&map_shard(&file)?).context(|| file.display().to_string())?;
@@ -115,8 +114,9 @@ fn fuse_shard(
         let text = texts.get(doc as usize).ok_or_else(|| Error::msg(format!("document {doc} is not in the corpus")))?;
         let ids = checkpoint.tokenizer.encode(text)?;
         let input = fusion_input(&target, d, k, &ids, text.len(), &sources)?;
-        let mut fused = plugin
-            .fuse(params, &input.view())
+        let mut fused = fusion
+            .entry
+            .fuse(&fusion.params, &input.view())
             .map_err(|e| Error::msg(format!("document {doc} (shard {s}): {}", e.message)))?;
         fused.end_row(); // the last position predicts nothing
         out.push(doc, &ids, &fused);

@@ -84,6 +84,16 @@ pub trait SequenceAligner: Send + Sync {
     fn align(&self, params: &Params, a: Tokenization<'_>, b: Tokenization<'_>) -> Result<Alignment, String>;
 }
 
+/// A built-in is a `&'static` plugin; hosts hold every plugin alike behind one pointer type.
+impl<T: SequenceAligner + ?Sized> SequenceAligner for &T {
+    fn info(&self) -> PluginInfo {
+        (**self).info()
+    }
+    fn align(&self, params: &Params, a: Tokenization<'_>, b: Tokenization<'_>) -> Result<Alignment, String> {
+        (**self).align(params, a, b)
+    }
+}
+
 /// Maps every source-vocabulary token to a target-vocabulary token (`em`, `mined`, ...).
 pub trait VocabMapper: Send + Sync {
     fn info(&self) -> PluginInfo;
@@ -93,4 +103,18 @@ pub trait VocabMapper: Send + Sync {
         source: TokenStrings<'_>,
         target: TokenStrings<'_>,
     ) -> Result<VocabMap, String>;
+}
+
+impl<T: VocabMapper + ?Sized> VocabMapper for &T {
+    fn info(&self) -> PluginInfo {
+        (**self).info()
+    }
+    fn map_vocab(
+        &self,
+        params: &Params,
+        source: TokenStrings<'_>,
+        target: TokenStrings<'_>,
+    ) -> Result<VocabMap, String> {
+        (**self).map_vocab(params, source, target)
+    }
 }

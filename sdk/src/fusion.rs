@@ -15,3 +15,13 @@ pub trait FusionFn: Send + Sync {
     /// `params` has been resolved against `info().params`: every declared name is present.
     fn fuse(&self, params: &Params, input: &FusionInput<'_>) -> Result<FusedTarget, String>;
 }
+
+/// A built-in is a `&'static` plugin; hosts hold every plugin alike behind one pointer type.
+impl<T: FusionFn + ?Sized> FusionFn for &T {
+    fn info(&self) -> PluginInfo {
+        (**self).info()
+    }
+    fn fuse(&self, params: &Params, input: &FusionInput<'_>) -> Result<FusedTarget, String> {
+        (**self).fuse(params, input)
+    }
+}

@@ -1,4 +1,4 @@
-//! What every plugin declares about itself, and the three kinds of plugin.
+//! What every plugin declares about itself, and the four kinds of plugin.
 
 use serde::{Deserialize, Serialize};
 
@@ -6,21 +6,38 @@ use crate::params::ParamSpec;
 
 /// The extension points of DESIGN.md.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum PluginKind {
     /// Checkpoint directory -> ModelSpec.
     Adapter,
-    /// Sequence alignment or vocabulary mapping between tokenizers.
-    Aligner,
+    /// Two tokenizations of one text -> the pairs of positions that align.
+    SequenceAligner,
+    /// A source vocabulary -> a target token for each of its tokens.
+    VocabMapper,
     /// Candidates' aligned distributions -> fused target.
     Fusion,
 }
 
 impl PluginKind {
+    pub const ALL: [PluginKind; 4] =
+        [PluginKind::Adapter, PluginKind::SequenceAligner, PluginKind::VocabMapper, PluginKind::Fusion];
+
+    /// The name configs, listings and messages use.
     pub fn as_str(self) -> &'static str {
         match self {
             PluginKind::Adapter => "adapter",
-            PluginKind::Aligner => "aligner",
+            PluginKind::SequenceAligner => "sequence-aligner",
+            PluginKind::VocabMapper => "vocab-mapper",
+            PluginKind::Fusion => "fusion",
+        }
+    }
+
+    /// The kind in words, for messages: "sequence aligner".
+    pub fn words(self) -> &'static str {
+        match self {
+            PluginKind::Adapter => "adapter",
+            PluginKind::SequenceAligner => "sequence aligner",
+            PluginKind::VocabMapper => "vocabulary mapper",
             PluginKind::Fusion => "fusion",
         }
     }
@@ -28,7 +45,7 @@ impl PluginKind {
 
 impl std::fmt::Display for PluginKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
+        f.write_str(self.words())
     }
 }
 

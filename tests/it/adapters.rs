@@ -6,13 +6,14 @@ use std::path::PathBuf;
 
 use crate::common::{dylib, fixtures, registry_of, wasm};
 use candle_core::{DType, Device, Tensor};
+use fusellm_core::align::normalize::{Normalizer, EOS};
 use fusellm_core::checkpoint::Checkpoint;
 use fusellm_core::model::generate::greedy;
 use fusellm_core::model::loss::clm_loss;
 use fusellm_core::model::{LoadMode, Transformer};
 use fusellm_core::plugins::{Registry, Tier, WasmLimits};
 use fusellm_sdk::adapter::{Positions, QkvLayout, Residual};
-use fusellm_sdk::{CheckpointFiles, ModelSpec, PluginKind};
+use fusellm_sdk::{CheckpointFiles, ModelSpec, PluginKind, TokenizerConventions};
 
 fn adapt(registry: &Registry, adapter: &str, model_dir: &std::path::Path) -> ModelSpec {
     let config = std::fs::read_to_string(model_dir.join("config.json")).unwrap();
@@ -51,13 +52,31 @@ fn tokenizer_conventions_come_with_the_spec() {
     let registry = Registry::with_builtins().unwrap();
     let llama = adapt(&registry, "llama", &fixtures::model_dir("tiny-llama2")).tokenizer;
     assert_eq!((llama.space_marker.as_str(), llama.byte_fallback, llama.byte_level), ("\u{2581}", true, false));
-    assert_eq!((llama.add_bos, llama.bos.as_deref(), llama.eos.as_slice()), (true, Some("<s>"), ["</s>".to_string()].as_slice()));
+    assert_eq!(
+        (llama.add_bos, llama.bos.as_deref(), llama.eos.as_slice()),
+        (true, Some("<s>"), ["</s>".to_string()].as_slice())
+    );
     let mpt = adapt(&registry, "mpt", &fixtures::model_dir("tiny-mpt")).tokenizer;
     assert_eq!((mpt.space_marker.as_str(), mpt.byte_fallback, mpt.byte_level), ("\u{0120}", false, true));
     assert_eq!((mpt.add_bos, mpt.bos.as_deref()), (false, None));
     assert!(mpt.special_tokens.contains(&"<|endoftext|>".to_string()));
     let openllama = adapt(&registry, "openllama", &fixtures::model_dir("tiny-openllama")).tokenizer;
     assert!(openllama.special_tokens.contains(&"[PAD]".to_string()));
+    // config.json's eos_token_id list names Llama 3's three end tokens; tokenizer.json
+    // alone knows only the first by its name. The aligners read all three as one EOS.
+    let llama3 = adapt(&registry, "llama", &fixtures::model_dir("tiny-llama3")).tokenizer;
+    assert_eq!(llama3.eos, ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"]);
+    let alone = TokenizerConventions::from_tokenizer_json(
+        &std::fs::read_to_string(fixtures::model_dir("tiny-llama3").join("tokenizer.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(alone.eos, ["<|end_of_text|>"]);
+    let normalizer = Normalizer::new(&llama3);
+    assert!(llama3.eos.iter().all(|e| normalizer.canonical(e) == EOS));
+    // An id the stand-in tokenizer lacks (Phi-3's 32000 in a 32000-token tokenizer) leaves
+    // the EOS the names give.
+    let phi3 = adapt(&registry, "phi3", &fixtures::model_dir("tiny-phi3")).tokenizer;
+    assert_eq!(phi3.eos, ["</s>"]);
 }
 
 /// A tiny Pythia-shaped checkpoint: config.json, fresh weights written under the names the
@@ -168,9 +187,13 @@ fn a_config_names_the_adapter_of_a_model() {
     };
 
     let mut registry = Registry::with_builtins().unwrap();
-    config(other).load_plugins(&mut registry).unwrap();
-    assert_eq!(Checkpoint::open(&neox, &registry, None).unwrap().adapter, "neox_example");
-    assert_eq!(Checkpoint::open(&llama, &registry, None).unwrap().adapter, other, "the config's choice wins");
+    let chosen = config(other);
+    chosen.load_plugins(&mut registry).unwrap();
+    let open = |model| fusellm_core::pipeline::open_model(model, &registry).unwrap().adapter;
+    assert_eq!(open(chosen.target.as_ref().unwrap()), "neox_example");
+    assert_eq!(open(&chosen.sources[0]), other, "the config's choice wins");
+    // The registry is a plain map: the config's choice does not follow the folder around.
+    assert_eq!(Checkpoint::open(&llama, &registry, None).unwrap().adapter, by_model_type);
 
     let e = config("min_ce").load_plugins(&mut Registry::with_builtins().unwrap()).unwrap_err();
     assert_eq!((e.line, e.key.as_str()), (7, "sources.0.adapter"), "{e}");
@@ -200,4 +223,51 @@ fn the_command_line_loads_an_adapter_file() {
     let stdout = String::from_utf8_lossy(&with.stdout);
     assert!(with.status.success(), "{}", String::from_utf8_lossy(&with.stderr));
     assert_eq!(stdout.split_whitespace().filter(|id| id.parse::<u32>().is_ok()).count(), 3, "{stdout}");
+}
+
+/// A target that only a third-party adapter reads goes through every stage with it: the
+/// run precomputes, fuses, trains and evaluates the trained checkpoint with the adapter
+/// the config names, and `fusellm train --config` trains it the same way.
+#[test]
+fn a_target_of_a_third_party_adapter_trains_and_is_evaluated_with_it() {
+    use crate::common::fusellm_in;
+    let mut with_neox = Registry::with_builtins().unwrap();
+    with_neox.load_file(Tier::Dylib, &dylib("gpt_neox_adapter")).unwrap();
+    let neox = neox_checkpoint(&with_neox, "stages");
+    let models = format!(
+        "[target]\nmodel = \"{}\"\nadapter = {{ dylib = \"{}\" }}\n[[sources]]\nmodel = \"{}\"\n",
+        neox.display(),
+        dylib("gpt_neox_adapter").display(),
+        fixtures::model_dir("tiny-pythia").display()
+    );
+    crate::common::write_experiment(&neox, &models, 2);
+    let out = fusellm_in(&neox, &["run", "run.toml"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(neox.join("out/run.json")).unwrap()).unwrap();
+    let rows = record["eval"].as_array().unwrap();
+    assert!(rows.iter().any(|r| r["model"] == "trained" && r["bits_per_byte"].as_f64().is_some_and(f64::is_finite)));
+
+    let fused = std::fs::read_dir(neox.join("out/cache"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("fuse-"))
+        .expect("the run's fused store");
+    let out = fusellm_in(
+        &neox,
+        &[
+            "train",
+            "--config",
+            "run.toml",
+            "--fused",
+            fused.to_str().unwrap(),
+            "--out",
+            "again",
+            "--set",
+            "train.steps=1",
+        ],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let step = neox.join("again/checkpoints/step-0000001");
+    assert!(step.join("model.safetensors").exists(), "no checkpoint in {}", step.display());
 }

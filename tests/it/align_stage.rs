@@ -5,13 +5,13 @@ use std::path::{Path, PathBuf};
 
 use crate::common::fixtures;
 use fusellm_core::align::stage::align_stores;
-use fusellm_core::checkpoint::Checkpoint;
+use fusellm_core::checkpoint::{Checkpoint, Stored};
 use fusellm_core::files::file_sha256;
 use fusellm_core::model::LoadMode;
-use fusellm_core::plugins::Registry;
+use fusellm_core::plugins::{Configured, Registry};
 use fusellm_core::precompute::Settings;
 use fusellm_core::store::{precompute, AlignedShard, Identity, Layout, FORMAT};
-use fusellm_sdk::PluginKind;
+use fusellm_sdk::{ParamValue, PluginKind};
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("fusellm-align-stage-{}-{name}", std::process::id()));
@@ -55,19 +55,23 @@ fn a_source_store_aligns_to_the_target_positions() {
     let (source, target) =
         (store(&registry, "tiny-mpt", &corpus, &texts), store(&registry, "tiny-llama2", &corpus, &texts));
 
+    let checkpoint = |model: &str| Checkpoint::open(&fixtures::model_dir(model), &registry, None).unwrap();
+    let (mpt, llama) = (checkpoint("tiny-mpt"), checkpoint("tiny-llama2"));
+    let stored = |dir, checkpoint| Stored { dir, checkpoint };
+    let mined = Configured::named(&registry, PluginKind::VocabMapper, "mined").unwrap();
     let cache = scratch("cache");
     for (aligner, compat) in [("dtw", true), ("dtw", false), ("offsets", false)] {
         let out = scratch(&format!("aligned-{aligner}-{compat}"));
-        let entries =
-            (registry.get(PluginKind::Aligner, aligner).unwrap(), registry.get(PluginKind::Aligner, "mined").unwrap());
-        let report = align_stores(&registry, &source, &target, &out, entries, compat, Some(&cache)).unwrap();
+        let aligner_of = Configured::named(&registry, PluginKind::SequenceAligner, aligner).unwrap();
+        let plugins = (&aligner_of, &mined);
+        let report =
+            align_stores(stored(&source, &mpt), stored(&target, &llama), &out, plugins, compat, Some(&cache)).unwrap();
         assert_eq!(report.documents, 6);
         let kinds = report.one_to_one + report.one_to_many + report.many_to_one + report.unaligned;
         assert_eq!(kinds, report.target_positions);
         assert!((report.mass_exact + report.mass_mined + report.mass_lost - 1.0).abs() < 1e-9);
         assert!(report.one_to_one > report.target_positions / 2, "{aligner}: mostly one-to-one on prose");
 
-        let llama = Checkpoint::open(&fixtures::model_dir("tiny-llama2"), &registry, None).unwrap();
         let mut positions = 0;
         for (file, _) in &report.shards {
             let shard = AlignedShard::decode(&std::fs::read(out.join(file)).unwrap()).unwrap();
@@ -82,11 +86,30 @@ fn a_source_store_aligns_to_the_target_positions() {
         assert_eq!(positions, report.target_positions);
     }
 
+    // The aligner's parameters reach it: DTW within one position of the diagonal aligns
+    // otherwise than over the full matrix.
+    let dtw = Configured::named(&registry, PluginKind::SequenceAligner, "dtw").unwrap();
+    let band = [("band".to_string(), ParamValue::Int(1))].into_iter().collect();
+    let banded = Configured::new(dtw.entry, &band).unwrap();
+    let run = |aligner: &Configured, name: &str| {
+        align_stores(stored(&source, &mpt), stored(&target, &llama), &scratch(name), (aligner, &mined), false, None)
+            .unwrap()
+    };
+    let (full, narrow) = (run(&dtw, "full"), run(&banded, "banded"));
+    assert_ne!(full.shards, narrow.shards, "band = 1 changed nothing: the parameter did not reach the aligner");
+
     let other = scratch("other.jsonl");
     std::fs::write(&other, "{\"text\": \"something else\"}\n").unwrap();
     let elsewhere = store(&registry, "tiny-llama2", &other, &["something else".to_string()]);
-    let entries =
-        (registry.get(PluginKind::Aligner, "dtw").unwrap(), registry.get(PluginKind::Aligner, "mined").unwrap());
-    let e = align_stores(&registry, &source, &elsewhere, &scratch("never"), entries, false, None).unwrap_err().message;
+    let e =
+        align_stores(stored(&source, &mpt), stored(&elsewhere, &llama), &scratch("never"), (&dtw, &mined), false, None)
+            .unwrap_err()
+            .message;
     assert!(e.contains("were computed over different corpora"), "{e}");
+    // A checkpoint that is not the one a store was computed from is refused.
+    let e =
+        align_stores(stored(&source, &llama), stored(&target, &llama), &scratch("never"), (&dtw, &mined), false, None)
+            .unwrap_err()
+            .message;
+    assert!(e.contains("was computed with another tokenizer"), "{e}");
 }

@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 use crate::common::fixtures;
 use fusellm_core::align::vocab::{map_vocab, FlatStrings, Vocabulary};
 use fusellm_core::align::{DocumentAligner, Tokens};
-use fusellm_core::plugins::Registry;
+use fusellm_core::plugins::{Configured, Registry};
 use fusellm_sdk::{Alignment, PluginKind, SparseRowsBuf, Tokenization, VocabMap};
 
 fn vocab(name: &str) -> Vocabulary {
@@ -34,7 +34,7 @@ fn strings(vocab: &Vocabulary, ids: &[u32]) -> Vec<String> {
 /// The paper's DTW: source strings without "Ġ", target strings without "▁".
 fn paper_dtw(base: &[String], blending: &[String]) -> Alignment {
     let registry = Registry::with_builtins().unwrap();
-    let dtw = registry.get(PluginKind::Aligner, "dtw").unwrap();
+    let dtw = registry.get(PluginKind::SequenceAligner, "dtw").unwrap();
     let params = dtw.resolve_params(&Default::default()).unwrap();
     let strip = |tokens: &[String], marker: &str| tokens.iter().map(|t| t.replace(marker, "")).collect::<Vec<_>>();
     let (a, b) = (FlatStrings::new(&strip(blending, "\u{0120}")), FlatStrings::new(&strip(base, "\u{2581}")));
@@ -74,7 +74,8 @@ fn paper_map() -> &'static VocabMap {
     MAP.get_or_init(|| {
         let (llama, neox) = vocabularies();
         let registry = Registry::with_builtins().unwrap();
-        map_vocab(registry.get(PluginKind::Aligner, "mined").unwrap(), neox, llama, true, None).unwrap()
+        map_vocab(&Configured::named(&registry, PluginKind::VocabMapper, "mined").unwrap(), neox, llama, true, None)
+            .unwrap()
     })
 }
 
@@ -98,7 +99,8 @@ fn mined_reproduces_the_paper_mapping_of_sampled_tokens() {
 fn em_maps_only_exact_matches() {
     let (llama, neox) = vocabularies();
     let registry = Registry::with_builtins().unwrap();
-    let em = map_vocab(registry.get(PluginKind::Aligner, "em").unwrap(), neox, llama, true, None).unwrap();
+    let em = map_vocab(&Configured::named(&registry, PluginKind::VocabMapper, "em").unwrap(), neox, llama, true, None)
+        .unwrap();
     let exact = em.target.iter().flatten().count();
     assert_eq!(exact, 20362, "the paper's full map has 20362 exact matches");
     for (id, t) in em.target.iter().enumerate() {
@@ -113,7 +115,7 @@ fn compat_projection_reproduces_the_paper_transform() {
     let (llama, neox) = vocabularies();
     let fixture = alignment_json("testvec_transform_10docs.json");
     let registry = Registry::with_builtins().unwrap();
-    let dtw = registry.get(PluginKind::Aligner, "dtw").unwrap();
+    let dtw = registry.get(PluginKind::SequenceAligner, "dtw").unwrap();
     let aligner =
         DocumentAligner::new(dtw, dtw.resolve_params(&Default::default()).unwrap(), paper_map(), neox, llama, true);
     for doc in fixture["docs"].as_array().unwrap() {
@@ -170,8 +172,8 @@ fn aligners_give_the_same_results_as_builtin_dylib_and_wasm() {
     let target = FlatStrings::new(&llama.tokens);
     let (a, b) = (FlatStrings::new(&blending), FlatStrings::new(&base));
     let run = |registry: &Registry| {
-        let dtw = registry.get(PluginKind::Aligner, "dtw").unwrap();
-        let mined = registry.get(PluginKind::Aligner, "mined").unwrap();
+        let dtw = registry.get(PluginKind::SequenceAligner, "dtw").unwrap();
+        let mined = registry.get(PluginKind::VocabMapper, "mined").unwrap();
         let path = dtw
             .align(
                 &dtw.resolve_params(&Default::default()).unwrap(),
@@ -198,7 +200,8 @@ fn aligners_give_the_same_results_as_builtin_dylib_and_wasm() {
 fn canonical_maps_prefer_regular_tokens_to_byte_fallback_twins() {
     let (llama, neox) = vocabularies();
     let registry = Registry::with_builtins().unwrap();
-    let em = map_vocab(registry.get(PluginKind::Aligner, "em").unwrap(), neox, llama, false, None).unwrap();
+    let em = map_vocab(&Configured::named(&registry, PluginKind::VocabMapper, "em").unwrap(), neox, llama, false, None)
+        .unwrap();
     let id = |v: &Vocabulary, t: &str| v.tokens.iter().position(|x| x == t).unwrap();
     let target = |t: &str| em.target[id(neox, t)].map(|i| llama.tokens[i as usize].clone());
     assert_eq!(target("0").as_deref(), Some("0"));

@@ -24,6 +24,31 @@ fn plugins_list_json_includes_builtins_and_config_plugins() {
     assert_eq!((entropy["kind"].as_str(), entropy["tier"].as_str()), (Some("fusion"), Some("wasm")));
 }
 
+/// Four kinds: the two kinds of aligner apart, `aligner` as a filter for both.
+#[test]
+fn plugins_list_shows_four_kinds_and_filters_by_kind() {
+    let list = |extra: &[&str]| -> Vec<(String, String)> {
+        let out = fusellm(&[&["plugins", "list", "--json"], extra].concat());
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is JSON");
+        let entries = list.as_array().unwrap().iter();
+        entries.map(|p| (p["name"].as_str().unwrap().into(), p["kind"].as_str().unwrap().into())).collect()
+    };
+    let all = list(&[]);
+    let kind_of = |name: &str| all.iter().find(|(n, _)| n == name).map(|(_, k)| k.as_str()).unwrap();
+    assert_eq!([kind_of("dtw"), kind_of("offsets")], ["sequence-aligner"; 2]);
+    assert_eq!([kind_of("mined"), kind_of("em")], ["vocab-mapper"; 2]);
+    assert_eq!([kind_of("llama"), kind_of("min_ce")], ["adapter", "fusion"]);
+    let mappers: Vec<String> = list(&["--kind", "vocab-mapper"]).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(mappers, ["em", "mined"]);
+    let aligners = list(&["--kind", "aligner"]);
+    assert_eq!(aligners.len(), 4, "{aligners:?}");
+    assert!(aligners.iter().all(|(_, k)| k == "sequence-aligner" || k == "vocab-mapper"));
+    let out = fusellm(&["plugins", "list", "--kind", "mapper"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--kind mapper: not a plugin kind"));
+}
+
 #[test]
 fn plugins_test_passes_a_good_plugin_and_fails_a_bad_one() {
     let out = fusellm(&["plugins", "test", "min_ce"]);

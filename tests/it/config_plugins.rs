@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use crate::common::{dylib, wasm};
 use fusellm_core::config::{Config, ConfigError};
 use fusellm_core::plugins::conformance::{synthetic_input, Shape};
-use fusellm_core::plugins::Registry;
+use fusellm_core::plugins::{Configured, Registry};
 
 fn write_config(name: &str, text: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("fusellm-config-{}", std::process::id()));
@@ -42,7 +42,7 @@ fn the_example_plugin_runs_from_a_config_in_both_forms() {
         );
         let config = Config::load(&write_config(&format!("example-{key}.toml"), &text)).unwrap();
         let mut registry = Registry::with_builtins().unwrap();
-        let (entry, params) = config.fusion.as_ref().unwrap().load(&mut registry).unwrap();
+        let Configured { entry, params } = config.fusion.as_ref().unwrap().load(&mut registry).unwrap();
         assert_eq!(entry.tier.as_str(), key);
         assert_eq!(params.float("eps"), 0.5);
         outputs.push(entry.fuse(&params, &input.view()).unwrap());
@@ -55,7 +55,7 @@ fn a_file_with_one_fusion_plugin_needs_no_name() {
     let text = format!("[fusion]\nplugin = {{ wasm = \"{}\" }}\n", toml_path(&wasm("entropy_fusion")));
     let config = Config::load(&write_config("no-name.toml", &text)).unwrap();
     let mut registry = Registry::with_builtins().unwrap();
-    let (entry, _) = config.fusion.as_ref().unwrap().load(&mut registry).unwrap();
+    let entry = config.fusion.as_ref().unwrap().load(&mut registry).unwrap().entry;
     assert_eq!(entry.info.name, "entropy_weighted");
 }
 
@@ -67,11 +67,27 @@ fn built_in_plugins_are_chosen_by_name_with_typed_params() {
     );
     let config = Config::load(&path).unwrap();
     let mut registry = Registry::with_builtins().unwrap();
-    let (entry, params) = config.fusion.as_ref().unwrap().load(&mut registry).unwrap();
+    let Configured { entry, params } = config.fusion.as_ref().unwrap().load(&mut registry).unwrap();
     assert_eq!(entry.info.name, "avg_ce");
     assert_eq!(params.str("weights"), "softmax");
     assert_eq!(params.float("tau"), 2.0, "an integer widens to a float parameter");
     assert_eq!(params.str("granularity"), "document", "defaults are filled in");
+}
+
+/// A vocabulary mapper is no sequence aligner, nor the reverse: refused when the plugins
+/// load, where the config names it, before any model is run.
+#[test]
+fn an_aligner_of_the_other_kind_is_refused_at_its_key() {
+    let path = write_config("kinds.toml", "[align.sequence]\nplugin = \"mined\"\n");
+    let config = Config::load(&path).unwrap();
+    let e = config.load_plugins(&mut Registry::with_builtins().unwrap()).unwrap_err();
+    assert_eq!((e.line, e.key.as_str()), (2, "align.sequence.plugin"));
+    assert!(e.message.contains("is a vocabulary mapper plugin, not a sequence aligner plugin"), "{e}");
+    let path = write_config("kinds2.toml", "[align.vocab]\nplugin = \"dtw\"\n");
+    let config = Config::load(&path).unwrap();
+    let e = config.load_plugins(&mut Registry::with_builtins().unwrap()).unwrap_err();
+    assert_eq!((e.line, e.key.as_str()), (2, "align.vocab.plugin"));
+    assert!(e.message.contains("is a sequence aligner plugin, not a vocabulary mapper plugin"), "{e}");
 }
 
 #[test]

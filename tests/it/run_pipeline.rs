@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::common::{fixtures, fusellm_in};
+use crate::common::{fixtures, fusellm_in, write_experiment};
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("fusellm-run-{}-{name}", std::process::id()));
@@ -22,49 +22,14 @@ fn experiment(name: &str) -> PathBuf {
 
 fn experiment_of(name: &str, target: &str, sources: [&str; 2], steps: usize) -> PathBuf {
     let dir = scratch(name);
-    let lines: Vec<String> = std::fs::read_to_string(fixtures::root().join("corpora/math/gsm8k.valid.jsonl"))
-        .unwrap()
-        .lines()
-        .map(str::to_string)
-        .collect();
-    std::fs::write(dir.join("train.jsonl"), lines[..24].join("\n")).unwrap();
-    std::fs::write(dir.join("eval.jsonl"), lines[24..32].join("\n")).unwrap();
     let model = |m: &str| fixtures::model_dir(m).display().to_string();
-    let config = format!(
-        r#"[run]
-dir = "out"
-[data]
-corpus = ["train.jsonl"]
-text_fields = ["question", "answer"]
-max_len = 128
-margin = 8
-[target]
-model = "{}"
-[[sources]]
-model = "{}"
-[[sources]]
-model = "{}"
-[precompute]
-docs_per_shard = 16
-[fusion]
-plugin = "min_ce"
-[train]
-steps = {steps}
-batch_size = 4
-seq_len = 128
-lr = 1e-3
-warmup_steps = 1
-checkpoint_every = 2
-[eval]
-window = 128
-[eval.sets]
-math = "eval.jsonl"
-"#,
+    let models = format!(
+        "[target]\nmodel = \"{}\"\n[[sources]]\nmodel = \"{}\"\n[[sources]]\nmodel = \"{}\"\n",
         model(target),
         model(sources[0]),
         model(sources[1])
     );
-    std::fs::write(dir.join("run.toml"), config).unwrap();
+    write_experiment(&dir, &models, steps);
     dir
 }
 
@@ -155,4 +120,65 @@ fn validate_points_at_the_file_line_and_key() {
     check(text.replace("train.jsonl", "missing.jsonl"), &["`data.corpus`", "missing.jsonl does not exist"]);
     check(text.replace("plugin = \"min_ce\"", "plugin = \"min_cee\""), &["`fusion.plugin`", "min_ce"]);
     check(text.replace("seq_len = 128", "seq_len = 1024"), &["`train.seq_len`", "1024 tokens do not fit"]);
+
+    // What a run would reject hours later, or silently bend.
+    check(text.replace("margin = 8", "margin = 128"), &["`data.margin`", "use less than max_len"]);
+    check(text.replace("margin = 8", "margin = -5"), &["`data.margin`", "must be zero or a positive integer, not -5"]);
+    check(text.replace("[run]\n", "[run]\nseed = -1\n"), &["`run.seed`", "not -1"]);
+    check(text.replace("warmup_steps = 1", "warmup_steps = -3"), &["`train.warmup_steps`", "not -3"]);
+    for (key, value, says) in [
+        ("temperature", "nan", "a positive number, not NaN"),
+        ("beta1", "1", "at least 0 and below 1, not 1"),
+        ("clip", "-1", "or 0 for no clipping, not -1"),
+        ("eps", "-1e-8", "a positive number"),
+        ("weight_decay", "-0.1", "zero or positive"),
+    ] {
+        let bad = text.replace("lr = 1e-3", &format!("lr = 1e-3\n{key} = {value}"));
+        check(bad, &[&format!("`train.{key}`"), says]);
+    }
+    std::fs::write(dir.join("empty.jsonl"), "\n\n").unwrap();
+    check(text.replace("train.jsonl", "empty.jsonl"), &["`data.corpus`", "empty.jsonl is empty"]);
+    if !candle_core::utils::cuda_is_available() {
+        let on_cuda = text.replace("[run]\n", "[run]\ndevice = \"cuda\"\n");
+        check(on_cuda, &["`run.device`", "CUDA needs a build with `--features cuda`"]);
+    }
+    // A source whose weights are cut short, and one that lacks a tensor.
+    let copy = |name: &str| {
+        let to = dir.join(name);
+        std::fs::create_dir_all(&to).unwrap();
+        for file in std::fs::read_dir(fixtures::model_dir("tiny-mpt")).unwrap() {
+            let file = file.unwrap().path();
+            std::fs::copy(&file, to.join(file.file_name().unwrap())).unwrap();
+        }
+        to
+    };
+    let truncated = copy("truncated");
+    let weights = truncated.join("model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &bytes[..bytes.len() - 100]).unwrap();
+    let mpt = fixtures::model_dir("tiny-mpt").display().to_string();
+    check(text.replace(&mpt, &truncated.display().to_string()), &["`sources.0.model`", "reading the weights in"]);
+    let incomplete = copy("incomplete");
+    let weights = incomplete.join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&weights, &candle_core::Device::Cpu).unwrap();
+    tensors.remove("transformer.blocks.1.ffn.down_proj.weight").expect("the tensor is there first");
+    candle_core::safetensors::save(&tensors, &weights).unwrap();
+    check(
+        text.replace(&mpt, &incomplete.display().to_string()),
+        &["`sources.0.model`", "no tensor `transformer.blocks.1.ffn.down_proj.weight`"],
+    );
+}
+
+/// Every variant of a sweep is validated before the first computes: a typo in the second
+/// variant stops the run at once, with nothing run.
+#[test]
+fn a_sweep_is_validated_whole_before_any_stage() {
+    let dir = experiment("sweep");
+    let text = std::fs::read_to_string(dir.join("run.toml")).unwrap();
+    std::fs::write(dir.join("run.toml"), text + "[sweep]\n\"fusion.plugin\" = [\"min_ce\", \"avg_cee\"]\n").unwrap();
+    let out = fusellm_in(&dir, &["run", "run.toml"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("unknown fusion plugin `avg_cee`") && stderr.contains("(variant"), "{stderr}");
+    assert!(!dir.join("out/cache").exists(), "a stage ran before the sweep was validated");
 }

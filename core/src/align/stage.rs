@@ -8,12 +8,12 @@ use serde::Serialize;
 
 use super::vocab::{map_vocab, Vocabulary};
 use super::{DocumentAligner, Tokens};
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::Stored;
 use crate::error::{Error, Result};
 use crate::files::{sha256_hex, write_atomically};
-use crate::plugins::{Entry, Registry};
+use crate::plugins::Configured;
 use crate::split::read_texts;
-use crate::store::{map_shard, read_identity, shard_file, AlignedShard, Shard};
+use crate::store::{map_shard, shard_file, AlignedShard, Shard};
 use fusellm_sdk::{Alignment, SparseRowsBuf, VocabMap};
 
 /// How the alignment went, for one source.
@@ -43,17 +43,18 @@ pub struct Report {
     pub shards: Vec<(String, String)>,
 }
 
-/// Aligns the store of a source (`source_dir`) to the target's (`target_dir`).
+/// Aligns the store of a source to the target's, with a sequence aligner and a
+/// vocabulary mapper and their parameters.
 pub fn align_stores(
-    registry: &Registry,
-    source_dir: &Path,
-    target_dir: &Path,
+    source_store: Stored<'_>,
+    target_store: Stored<'_>,
     out: &Path,
-    (aligner, mapper): (&Entry, &Entry),
+    (aligner, mapper): (&Configured<'_>, &Configured<'_>),
     compat: bool,
     cache: Option<&Path>,
 ) -> Result<Report> {
-    let (source, target) = (read_identity(source_dir)?, read_identity(target_dir)?);
+    let (source, target) = (source_store.identity()?, target_store.identity()?);
+    let (source_dir, target_dir) = (source_store.dir, target_store.dir);
     if source.corpus_sha256 != target.corpus_sha256 {
         return Err(Error::msg(format!(
             "{} and {} were computed over different corpora ({} vs {}); precompute both over the same split",
@@ -63,19 +64,19 @@ pub fn align_stores(
             target.corpus
         )));
     }
-    let open = |model: &str| Checkpoint::open(Path::new(model), registry, None);
-    let (source_ckpt, target_ckpt) = (open(&source.model)?, open(&target.model)?);
-    let (source_vocab, target_vocab) = (Vocabulary::from_checkpoint(&source_ckpt)?, Vocabulary::from_checkpoint(&target_ckpt)?);
+    let (source_ckpt, target_ckpt) = (source_store.checkpoint, target_store.checkpoint);
+    let (source_vocab, target_vocab) =
+        (Vocabulary::from_checkpoint(source_ckpt)?, Vocabulary::from_checkpoint(target_ckpt)?);
     let map = map_vocab(mapper, &source_vocab, &target_vocab, compat, cache)?;
-    let params = aligner.resolve_params(&Default::default()).map_err(|e| Error::msg(e.message))?;
-    let doc_aligner = DocumentAligner::new(aligner, params, &map, &source_vocab, &target_vocab, compat);
+    let doc_aligner =
+        DocumentAligner::new(aligner.entry, aligner.params.clone(), &map, &source_vocab, &target_vocab, compat);
     let texts = read_texts(Path::new(&source.corpus))?;
     std::fs::create_dir_all(out).map_err(|e| Error::msg(format!("creating {}: {e}", out.display())))?;
     let mut report = Report {
         source: source.model.clone(),
         target: target.model.clone(),
-        aligner: aligner.info.name.clone(),
-        mapper: mapper.info.name.clone(),
+        aligner: aligner.entry.info.name.clone(),
+        mapper: mapper.entry.info.name.clone(),
         compat,
         distance_histogram: histogram(&map),
         ..Default::default()

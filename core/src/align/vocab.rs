@@ -10,7 +10,7 @@ use super::normalize::Normalizer;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Context, Error, Result};
 use crate::files::{sha256_hex, write_cache};
-use crate::plugins::Entry;
+use crate::plugins::Configured;
 
 /// A tokenizer's vocabulary: every id's string as the tokenizer spells it, added tokens
 /// included, with the tokenizer's conventions and a hash of its file.
@@ -113,13 +113,12 @@ impl FlatStrings {
 /// `cache` is given. In `compat` mode strings are prepared as the paper's code does (the
 /// source's space marker swapped for the target's, nothing else), otherwise canonical.
 pub fn map_vocab(
-    mapper: &Entry,
+    mapper: &Configured<'_>,
     source: &Vocabulary,
     target: &Vocabulary,
     compat: bool,
     cache: Option<&Path>,
 ) -> Result<VocabMap> {
-    let params = mapper.resolve_params(&Default::default()).map_err(|e| Error::msg(e.message))?;
     let file = cache.map(|dir| cache_file(dir, mapper, source, target, compat));
     if let Some(map) = file.as_ref().and_then(|f| std::fs::read(f).ok()).and_then(|b| serde_json::from_slice(&b).ok()) {
         return Ok(map);
@@ -129,11 +128,14 @@ pub fn map_vocab(
     } else {
         (source.canonical(), target.target_canonical())
     };
-    let map = mapper.map_vocab(&params, FlatStrings::new(&src).view(), FlatStrings::new(&tgt).view())?;
+    let map = mapper.entry.map_vocab(&mapper.params, FlatStrings::new(&src).view(), FlatStrings::new(&tgt).view())?;
     if map.target.len() != source.tokens.len()
         || map.target.iter().flatten().any(|&t| t as usize >= target.tokens.len())
     {
-        return Err(Error::msg(format!("vocabulary mapper {} returned a map of the wrong shape", mapper.label())));
+        return Err(Error::msg(format!(
+            "vocabulary mapper {} returned a map of the wrong shape",
+            mapper.entry.label()
+        )));
     }
     if let Some(file) = file {
         // The cache only saves time: failing to write it is not an error.
@@ -142,10 +144,13 @@ pub fn map_vocab(
     Ok(map)
 }
 
-fn cache_file(dir: &Path, mapper: &Entry, source: &Vocabulary, target: &Vocabulary, compat: bool) -> PathBuf {
+fn cache_file(dir: &Path, mapper: &Configured<'_>, source: &Vocabulary, target: &Vocabulary, compat: bool) -> PathBuf {
     let key = format!(
-        "{}|{}|{}|{}|{}|{compat}|regular-before-byte-tokens",
-        mapper.info.name, mapper.info.version, mapper.origin, source.hash, target.hash
+        "{}|{}|{}|{}|{compat}|regular-before-byte-tokens",
+        mapper.id(),
+        mapper.entry.origin,
+        source.hash,
+        target.hash
     );
     dir.join("vocab-maps").join(format!("{}.json", &sha256_hex(key.as_bytes())[..32]))
 }

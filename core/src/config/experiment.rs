@@ -87,12 +87,37 @@ fn positive(section: &Section<'_, '_>, key: &str, default: usize) -> Result<usiz
     }
 }
 
-fn fraction(section: &Section<'_, '_>, key: &str, default: f64) -> Result<f64, ConfigError> {
+fn non_negative(section: &Section<'_, '_>, key: &str, default: u64) -> Result<u64, ConfigError> {
+    match section.int(key)? {
+        None => Ok(default),
+        Some(n) if n >= 0 => Ok(n as u64),
+        Some(n) => Err(section.error_at(key, format!("must be zero or a positive integer, not {n}"))),
+    }
+}
+
+/// A number that `ok` accepts (NaN never is), else an error saying `what` it must be.
+fn float_where(
+    section: &Section<'_, '_>,
+    key: &str,
+    default: f64,
+    ok: impl Fn(f64) -> bool,
+    what: &str,
+) -> Result<f64, ConfigError> {
     match section.float(key)? {
         None => Ok(default),
-        Some(x) if (0.0..=1.0).contains(&x) => Ok(x),
-        Some(x) => Err(section.error_at(key, format!("must be between 0 and 1, not {x}"))),
+        Some(x) if x.is_finite() && ok(x) => Ok(x),
+        Some(x) => Err(section.error_at(key, format!("must be {what}, not {x}"))),
     }
+}
+
+fn fraction(section: &Section<'_, '_>, key: &str, default: f64) -> Result<f64, ConfigError> {
+    float_where(section, key, default, |x| (0.0..=1.0).contains(&x), "between 0 and 1")
+}
+
+/// An exponential decay rate of Adam: 1 would never forget, and divide by zero in the bias
+/// correction.
+fn decay_rate(section: &Section<'_, '_>, key: &str, default: f64) -> Result<f64, ConfigError> {
+    float_where(section, key, default, |x| (0.0..1.0).contains(&x), "at least 0 and below 1")
 }
 
 fn choice<'c>(
@@ -135,7 +160,7 @@ impl Reader<'_, '_, '_> {
         }
         Ok(RunSection {
             dir: s.string("dir")?.map(|d| super::lexical(&self.base.join(d))).unwrap_or(default.dir),
-            seed: s.int("seed")?.map(|n| n as u64).unwrap_or(0),
+            seed: non_negative(&s, "seed", 0)?,
             device: device.into(),
         })
     }
@@ -146,7 +171,13 @@ impl Reader<'_, '_, '_> {
         let corpus =
             s.strings("corpus")?.ok_or_else(|| s.error_at("corpus", "missing required key: the corpus files"))?;
         let max_len = positive(&s, "max_len", 2048)?;
-        let margin = s.int("margin")?.map(|m| m.max(0) as usize).unwrap_or(48.min(max_len / 8));
+        let margin = non_negative(&s, "margin", 48.min(max_len as u64 / 8))? as usize;
+        if margin >= max_len {
+            return Err(s.error_at(
+                "margin",
+                format!("a margin of {margin} tokens leaves nothing of pieces of {max_len}; use less than max_len"),
+            ));
+        }
         Ok(Some(DataSection {
             corpus: corpus.iter().map(|c| self.path(&s, "corpus", c)).collect(),
             text_fields: s.strings("text_fields")?.unwrap_or_else(|| vec!["text".into()]),
@@ -208,15 +239,15 @@ impl Reader<'_, '_, '_> {
         if let Some(s) = &s {
             s.allow_only(&["sequence", "vocab", "compat"])?;
         }
-        let pick = |key: &str, default: &str| -> Result<PluginChoice, ConfigError> {
+        let pick = |key: &str, kind: PluginKind, default: &str| -> Result<PluginChoice, ConfigError> {
             match s.as_ref().map(|s| s.subsection(key)).transpose()?.flatten() {
-                Some(sub) => plugin_choice(&sub, PluginKind::Aligner, self.base),
-                None => Ok(PluginChoice::named(PluginKind::Aligner, default, self.root.error_at("align", ""))),
+                Some(sub) => plugin_choice(&sub, kind, self.base),
+                None => Ok(PluginChoice::named(kind, default, self.root.error_at("align", ""))),
             }
         };
         Ok(AlignSection {
-            sequence: pick("sequence", "dtw")?,
-            vocab: pick("vocab", "mined")?,
+            sequence: pick("sequence", PluginKind::SequenceAligner, "dtw")?,
+            vocab: pick("vocab", PluginKind::VocabMapper, "mined")?,
             compat: s.as_ref().map(|s| s.bool("compat")).transpose()?.flatten().unwrap_or(false),
         })
     }
@@ -252,16 +283,14 @@ impl Reader<'_, '_, '_> {
             return Err(s.error_at("lr", format!("a learning rate of {lr}: use a positive value below 1")));
         }
         let lambda = fraction(&s, "lambda", 0.9)?;
-        let temperature = s.float("temperature")?.unwrap_or(1.0);
-        if temperature <= 0.0 {
-            return Err(s.error_at("temperature", "must be positive"));
-        }
-        let clip = s.float("clip")?.unwrap_or(1.0);
+        let positive_float = |key: &str, default: f64| float_where(&s, key, default, |x| x > 0.0, "a positive number");
+        let temperature = positive_float("temperature", 1.0)?;
+        let clip = float_where(&s, "clip", 1.0, |x| x >= 0.0, "a positive gradient norm, or 0 for no clipping")?;
         let adamw = AdamWConfig {
-            beta1: fraction(&s, "beta1", 0.9)?,
-            beta2: fraction(&s, "beta2", 0.95)?,
-            eps: s.float("eps")?.unwrap_or(1e-8),
-            weight_decay: s.float("weight_decay")?.unwrap_or(0.1),
+            beta1: decay_rate(&s, "beta1", 0.9)?,
+            beta2: decay_rate(&s, "beta2", 0.95)?,
+            eps: positive_float("eps", 1e-8)?,
+            weight_decay: float_where(&s, "weight_decay", 0.1, |x| x >= 0.0, "zero or positive")?,
         };
         Ok(Some(TrainConfig {
             steps,
@@ -274,7 +303,7 @@ impl Reader<'_, '_, '_> {
             accumulation: positive(&s, "accumulation", 1)? as u64,
             lr: LrSchedule {
                 peak: lr,
-                warmup_steps: s.int("warmup_steps")?.map(|w| w.max(0) as u64).unwrap_or(0),
+                warmup_steps: non_negative(&s, "warmup_steps", 0)?,
                 decay: match choice(&s, "decay", &["cosine", "linear", "constant"], "cosine")? {
                     "linear" => Decay::Linear,
                     "constant" => Decay::Constant,

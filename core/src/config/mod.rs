@@ -23,13 +23,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use experiment::{AlignSection, DataSection, EvalSection, ModelRef, PathAt, RunSection};
-use fusellm_sdk::{ParamValue, Params, PluginKind};
+use fusellm_sdk::{ParamValue, PluginKind};
 pub use located::ConfigError;
 use located::{scalar, Doc, Section};
 pub use overrides::{apply_overrides, variants, Variant};
 use toml::de::DeValue;
 
-use crate::plugins::{Entry, Registry, Tier, WasmLimits};
+use crate::plugins::{Configured, Registry, Tier, WasmLimits};
 
 /// A loaded configuration.
 #[derive(Clone, Debug)]
@@ -51,7 +51,7 @@ pub struct Config {
 
 /// Keys whose location checks made after parsing (shapes, files) point at.
 const LOCATED: &[&str] =
-    &["data.max_len", "train.seq_len", "precompute.k", "target", "sources", "fusion", "train", "data"];
+    &["data.max_len", "train.seq_len", "precompute.k", "run.device", "target", "sources", "fusion", "train", "data"];
 
 /// A stage's choice of plugin, with the locations needed to point at errors found only
 /// once plugins are loaded (an unknown name, a parameter of the wrong type).
@@ -118,18 +118,12 @@ impl Config {
         })
     }
 
-    /// Loads the plugins this config names from files into `registry`, and binds each
-    /// model's named adapter to its checkpoint folder.
+    /// Loads the plugins this config names from files into `registry`, and checks that
+    /// each is there, of its kind, and takes its parameters.
     pub fn load_plugins(&self, registry: &mut Registry) -> Result<(), ConfigError> {
         registry.set_wasm_limits(self.sandbox.clone());
         for choice in self.choices() {
             choice.load(registry)?;
-        }
-        for model in self.target.iter().chain(&self.sources) {
-            if let Some(adapter) = &model.adapter {
-                let name = adapter.find(registry)?.0.info.name.clone();
-                registry.bind_adapter(&model.dir.path, &name).map_err(|e| adapter.error(e.message))?;
-            }
         }
         Ok(())
     }
@@ -156,7 +150,7 @@ impl Config {
 impl PluginChoice {
     /// Loads the plugin (from its file if it has one), finds it, and checks the parameters
     /// against its schema: everything a run needs before any compute starts.
-    pub fn load<'r>(&self, registry: &'r mut Registry) -> Result<(&'r Entry, Params), ConfigError> {
+    pub fn load<'r>(&self, registry: &'r mut Registry) -> Result<Configured<'r>, ConfigError> {
         if let PluginSpec::File { tier, path, .. } = &self.plugin {
             registry.load_file(*tier, path).map_err(|e| self.error(e.message))?;
         }
@@ -164,7 +158,7 @@ impl PluginChoice {
     }
 
     /// [`PluginChoice::load`] once the plugin's file is loaded.
-    pub fn find<'r>(&self, registry: &'r Registry) -> Result<(&'r Entry, Params), ConfigError> {
+    pub fn find<'r>(&self, registry: &'r Registry) -> Result<Configured<'r>, ConfigError> {
         let name = match &self.plugin {
             PluginSpec::Named(name) | PluginSpec::File { name: Some(name), .. } => name.clone(),
             PluginSpec::File { path, name: None, .. } => {
@@ -175,11 +169,10 @@ impl PluginChoice {
             }
         };
         let entry = registry.get(self.kind, &name).map_err(|e| self.error(e.message))?;
-        let params = entry.resolve_params(&self.params).map_err(|e| match self.param_errors.get(&e.param) {
+        Configured::new(entry, &self.params).map_err(|e| match self.param_errors.get(&e.param) {
             Some(place) => ConfigError { message: e.message, ..place.clone() },
             None => self.error(e.message),
-        })?;
-        Ok((entry, params))
+        })
     }
 
     fn error(&self, message: String) -> ConfigError {

@@ -14,19 +14,19 @@ use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 
 use crate::align::stage::align_stores;
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, Stored};
 use crate::config::Config;
 use crate::error::{Context, Error, Result};
 use crate::eval::{score, Score, Scorer};
 use crate::files::{file_sha256, sha256_hex, write_atomically};
 use crate::fuse::fuse_stores;
 use crate::model::LoadMode;
-use crate::plugins::{default_cache_dir, Entry, Registry};
+use crate::plugins::{default_cache_dir, Configured, Entry, Registry};
 use crate::split::{read_documents, read_texts, split_corpus, Splitter};
 use crate::store::{precompute_model, verify};
 use crate::train::data::fused_documents;
 use crate::train::{latest_checkpoint, Dataset, Document, Trainer};
-pub use validate::{validate, Checked};
+pub use validate::{open_model, validate, Checked};
 
 /// What a run reports as it goes.
 pub enum Event<'a> {
@@ -112,8 +112,27 @@ fn model_identity(checkpoint: &Checkpoint) -> Result<String> {
     Ok(key(&parts))
 }
 
-fn plugin_id(entry: &Entry, params: &fusellm_sdk::Params) -> String {
-    format!("{}@{}:{}", entry.info.name, entry.info.version, serde_json::to_string(params).expect("JSON"))
+/// Trains `target` on `docs` into `run_dir` as the config's `[train]` says, in its dtype on
+/// `[run] device`, resuming from the latest checkpoint there when asked and stopping after
+/// step `stop_at` if given: the train stage for `fusellm run` and `fusellm train` alike.
+pub fn train_target(
+    config: &Config,
+    target: &Checkpoint,
+    docs: Vec<Document>,
+    run_dir: &Path,
+    (resume, stop_at): (bool, Option<u64>),
+    progress: impl FnMut(crate::train::Progress),
+) -> Result<crate::train::Summary> {
+    let train = config
+        .train
+        .as_ref()
+        .ok_or_else(|| Error::msg(config.error_at("train", "needs a [train] section").to_string()))?;
+    let device = crate::device::parse(&config.run.device)?;
+    let model = target.load_model(LoadMode::Trainable, train.precision.dtype(), &device)?;
+    let mut data = Dataset::new(docs, train.batching)?;
+    let trainer =
+        Trainer { run_dir: run_dir.to_owned(), base: target.dir.clone(), model: &model, config: train.clone() };
+    trainer.run(&mut data, resume, stop_at, progress)
 }
 
 /// One run of one config: its record is written to `out`/run.json, stages go to `cache`.
@@ -144,8 +163,7 @@ impl Run<'_> {
         let (corpus, split_key) = self.split(&checked, &mut record, events)?;
         let docs = match &checked.fusion {
             Some(fusion) => {
-                let (dir, k) =
-                    self.fuse_stages(registry, &checked, fusion, &corpus, &split_key, &mut record, events)?;
+                let (dir, k) = self.fuse_stages(&checked, fusion, &corpus, &split_key, &mut record, events)?;
                 (fused_documents(&dir)?.1, k)
             }
             None => {
@@ -234,12 +252,10 @@ impl Run<'_> {
     }
 
     /// Precompute, align and fuse: the fused store and its key.
-    #[allow(clippy::too_many_arguments)]
     fn fuse_stages(
         &self,
-        registry: &Registry,
         checked: &Checked,
-        (fusion, fusion_params): &(&Entry, fusellm_sdk::Params),
+        fusion: &Configured<'_>,
         corpus: &Path,
         split_key: &str,
         record: &mut RunRecord,
@@ -251,7 +267,6 @@ impl Run<'_> {
                      name: &str,
                      checkpoint: &Checkpoint|
          -> Result<(PathBuf, String)> {
-            let dir = checkpoint.dir.as_path();
             let k = key(&[split_key, &model_identity(checkpoint)?, &serde_json::to_string(&options).expect("JSON")]);
             let out = self.stage(
                 record,
@@ -260,7 +275,7 @@ impl Run<'_> {
                 |d| verify(d).is_ok_and(|v| v.missing.is_empty() && v.corrupt.is_empty()),
                 |out, events| {
                     let start = Instant::now();
-                    precompute_model(registry, dir, corpus, out, options, (0, 1), |p| {
+                    precompute_model(checkpoint, &self.device()?, corpus, out, options, (0, 1), |p| {
                         let secs = start.elapsed().as_secs_f64();
                         events(Event::Progress(format!(
                             "shard {}/{}  {:.0} tokens/s",
@@ -279,12 +294,7 @@ impl Run<'_> {
         let (sequence, vocab) = (&checked.sequence, &checked.vocab);
         // The version names the alignment code's behaviour: a change that alters aligned
         // stores bumps it, so that cached ones are not reused.
-        let align_id = format!(
-            "align/2 {} {} compat={}",
-            plugin_id(sequence.0, &sequence.1),
-            plugin_id(vocab.0, &vocab.1),
-            self.config.align.compat
-        );
+        let align_id = format!("align/2 {} {} compat={}", sequence.id(), vocab.id(), self.config.align.compat);
         let mut aligned = Vec::new();
         let mut aligned_keys = vec![target_key.clone()];
         for (source, checkpoint) in self.config.sources.iter().zip(&checked.sources) {
@@ -297,11 +307,10 @@ impl Run<'_> {
                 |d| d.join("report.json").exists(),
                 |out, _| {
                     align_stores(
-                        registry,
-                        &source_store,
-                        &target_store,
+                        Stored { dir: &source_store, checkpoint },
+                        Stored { dir: &target_store, checkpoint: &checked.target },
                         out,
-                        (sequence.0, vocab.0),
+                        (sequence, vocab),
                         self.config.align.compat,
                         default_cache_dir().as_deref(),
                     )
@@ -311,14 +320,17 @@ impl Run<'_> {
             aligned.push(dir);
             aligned_keys.push(k);
         }
-        aligned_keys.push(plugin_id(fusion, fusion_params));
+        aligned_keys.push(fusion.id());
         let k = key(&aligned_keys);
         let dir = self.stage(
             record,
             events,
             ("fuse", &k),
             |d| d.join("fused.json").exists(),
-            |out, _| fuse_stores(registry, &target_store, &aligned, (fusion, fusion_params), out).map(|_| ()),
+            |out, _| {
+                let target = Stored { dir: &target_store, checkpoint: &checked.target };
+                fuse_stores(target, &aligned, fusion, out).map(|_| ())
+            },
         )?;
         Ok((dir, k))
     }
@@ -335,16 +347,9 @@ impl Run<'_> {
         let k = key(&[&data_key, &model_identity(&checked.target)?, &serde_json::to_string(config).expect("JSON")]);
         let finished = |d: &Path| latest_checkpoint(d).is_some_and(|(step, _)| step >= config.steps);
         let dir = self.stage(record, events, ("train", &k), finished, |run_dir, events| {
-            let model = checked.target.load_model(LoadMode::Trainable, config.precision.dtype(), &self.device()?)?;
-            let mut data = Dataset::new(docs, config.batching)?;
-            let trainer = Trainer {
-                run_dir: run_dir.to_owned(),
-                base: checked.target.dir.clone(),
-                model: &model,
-                config: config.clone(),
-            };
             let resume = latest_checkpoint(run_dir).is_some();
-            trainer.run(&mut data, resume, None, |p| events(Event::Progress(p.line()))).map(|_| ())
+            let progress = |p: crate::train::Progress| events(Event::Progress(p.line()));
+            train_target(self.config, &checked.target, docs, run_dir, (resume, None), progress).map(|_| ())
         })?;
         Ok(latest_checkpoint(&dir).map(|(_, d)| d))
     }
@@ -381,8 +386,10 @@ impl Run<'_> {
                     .map(|(set, file)| Ok((set, read_documents(&file.path, fields)?)))
                     .collect::<Result<Vec<_>>>()?;
                 let mut rows = Vec::new();
+                // The trained checkpoint is the target's architecture: the same adapter reads it.
+                let adapter = Some(checked.target.adapter.as_str());
                 for (label, dir) in [("target-base", checked.target.dir.as_path()), ("trained", trained)] {
-                    let checkpoint = Checkpoint::open(dir, registry, None)?;
+                    let checkpoint = Checkpoint::open(dir, registry, adapter)?;
                     let model = checkpoint.load_model(LoadMode::Frozen, DType::F32, &self.device()?)?;
                     let scorer = Scorer {
                         model: &model,
@@ -419,8 +426,9 @@ fn plugins(registry: &Registry, checked: &Checked) -> Vec<PluginRecord> {
         tier: e.tier.as_str().into(),
         origin: e.origin.clone(),
     };
-    let mut out = vec![entry("sequence aligner", checked.sequence.0), entry("vocabulary mapper", checked.vocab.0)];
-    out.extend(checked.fusion.as_ref().map(|f| entry("fusion", f.0)));
+    let mut out =
+        vec![entry("sequence aligner", checked.sequence.entry), entry("vocabulary mapper", checked.vocab.entry)];
+    out.extend(checked.fusion.as_ref().map(|f| entry("fusion", f.entry)));
     for c in std::iter::once(&checked.target).chain(&checked.sources) {
         if let Ok(e) = registry.get(fusellm_sdk::PluginKind::Adapter, &c.adapter) {
             out.push(entry(&format!("adapter of {}", c.dir.display()), e));

@@ -1,33 +1,54 @@
-//! `fusellm validate`: everything a run needs, checked before any compute: files exist,
-//! checkpoints open with their adapters, plugins load and take their parameters, and the
-//! lengths fit every model.
+//! `fusellm validate`: everything a run needs, checked before any compute: files exist and
+//! hold text, the device is there, checkpoints open with their adapters and their weight
+//! files hold every tensor, plugins load and take their parameters, and the lengths fit
+//! every model.
 
 use std::path::Path;
 
-use fusellm_sdk::Params;
-
 use crate::checkpoint::Checkpoint;
 use crate::config::{Config, ConfigError, ModelRef, PathAt};
-use crate::plugins::{Entry, Registry};
+use crate::plugins::{Configured, Registry};
 
-/// The opened parts of a valid config.
+/// The opened parts of a valid config: every model resolved to its checkpoint (with the
+/// adapter the config names) and every stage's plugin with its parameters, once, for all
+/// the stages that use them.
 pub struct Checked<'r> {
     pub target: Checkpoint,
     pub sources: Vec<Checkpoint>,
-    pub sequence: (&'r Entry, Params),
-    pub vocab: (&'r Entry, Params),
-    pub fusion: Option<(&'r Entry, Params)>,
+    pub sequence: Configured<'r>,
+    pub vocab: Configured<'r>,
+    pub fusion: Option<Configured<'r>>,
 }
 
-fn exists(path: &PathAt, what: &str) -> Result<(), ConfigError> {
-    match path.path.exists() {
+/// The file exists, can be read, and holds some text (its first 64 KiB are read).
+fn has_text(path: &PathAt, what: &str) -> Result<(), ConfigError> {
+    use std::io::Read;
+    let shown = path.path.display();
+    if !path.path.exists() {
+        return Err(path.error(format!("{what} {shown} does not exist")));
+    }
+    let mut head = Vec::new();
+    std::fs::File::open(&path.path)
+        .and_then(|f| f.take(64 << 10).read_to_end(&mut head))
+        .map_err(|e| path.error(format!("{what} {shown} cannot be read: {e}")))?;
+    match head.iter().any(|b| !b.is_ascii_whitespace()) {
         true => Ok(()),
-        false => Err(path.error(format!("{what} {} does not exist", path.path.display()))),
+        false => Err(path.error(format!("{what} {shown} is empty"))),
     }
 }
 
-fn open(model: &ModelRef, registry: &Registry) -> Result<Checkpoint, ConfigError> {
-    Checkpoint::open(&model.dir.path, registry, None).map_err(|e| model.dir.error(e.message))
+/// The checkpoint of `model`, read by the adapter the config names for it, if any.
+pub fn open_model(model: &ModelRef, registry: &Registry) -> Result<Checkpoint, ConfigError> {
+    let adapter = model.adapter.as_ref().map(|a| a.find(registry)).transpose()?;
+    let name = adapter.as_ref().map(|a| a.entry.info.name.as_str());
+    Checkpoint::open(&model.dir.path, registry, name).map_err(|e| model.dir.error(e.message))
+}
+
+/// [`open_model`], and its weight files checked against the spec without loading them.
+fn open_checked(model: &ModelRef, registry: &Registry) -> Result<Checkpoint, ConfigError> {
+    let checkpoint = open_model(model, registry)?;
+    checkpoint.check_weights().map_err(|e| model.dir.error(e.message))?;
+    Ok(checkpoint)
 }
 
 /// Checks `config` for a run, with the plugins it names by file already loaded into
@@ -36,11 +57,12 @@ pub fn validate<'r>(config: &Config, registry: &'r Registry) -> Result<Checked<'
     let data =
         config.data.as_ref().ok_or_else(|| config.error_at("data", "a run needs a [data] section with the corpus"))?;
     for file in &data.corpus {
-        exists(file, "the corpus file")?;
+        has_text(file, "the corpus file")?;
     }
+    crate::device::parse(&config.run.device).map_err(|e| config.error_at("run.device", e.message))?;
     let target = config.target.as_ref().ok_or_else(|| config.error_at("target", "a run needs a [target] model"))?;
-    let target = open(target, registry)?;
-    let sources = config.sources.iter().map(|s| open(s, registry)).collect::<Result<Vec<_>, _>>()?;
+    let target = open_checked(target, registry)?;
+    let sources = config.sources.iter().map(|s| open_checked(s, registry)).collect::<Result<Vec<_>, _>>()?;
     if config.fusion.is_some() && sources.is_empty() {
         return Err(config.error_at("fusion", "fusion needs at least one [[sources]] model"));
     }
@@ -60,7 +82,7 @@ pub fn validate<'r>(config: &Config, registry: &'r Registry) -> Result<Checked<'
     }
     if let Some(eval) = &config.eval {
         for (_, file) in &eval.sets {
-            exists(file, "the evaluation set")?;
+            has_text(file, "the evaluation set")?;
         }
     }
     let load = |choice: &crate::config::PluginChoice| choice.find(registry);

@@ -8,7 +8,7 @@ pub(super) fn entries() -> Result<Vec<Entry>, PluginError> {
     let mut out = Vec::new();
     for set in builtin_sets() {
         for plugin in set.plugins {
-            out.push(Entry::new(plugin.info(), Tier::Builtin, set.crate_name.to_string(), Handle::Builtin(*plugin))?);
+            out.push(Entry::new(plugin.info(), Tier::Builtin, set.crate_name.to_string(), Handle::builtin(*plugin))?);
         }
     }
     out.sort_by(|a, b| a.info.name.cmp(&b.info.name));

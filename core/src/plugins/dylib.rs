@@ -15,7 +15,7 @@ use fusellm_sdk::{
     SequenceAligner, TokenStrings, Tokenization, VocabMap, VocabMapper,
 };
 
-use super::{remote_handle, Entry, PluginError, Tier};
+use super::{Entry, Handle, PluginError, Tier};
 
 pub(super) fn load(path: &Path) -> Result<Vec<Entry>, PluginError> {
     let module = open(path).map_err(|e| PluginError::new(summarise(path, &e)))?;
@@ -28,7 +28,7 @@ pub(super) fn load(path: &Path) -> Result<Vec<Entry>, PluginError> {
     parse_manifest(path, &manifest)?
         .into_iter()
         .map(|info| {
-            let handle = remote_handle(DylibPlugin { module, info: info.clone() });
+            let handle = Handle::remote(DylibPlugin { module, info: info.clone() });
             Entry::new(info, Tier::Dylib, path.display().to_string(), handle)
         })
         .collect()

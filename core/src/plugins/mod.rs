@@ -90,14 +90,62 @@ pub struct Entry {
     handle: Handle,
 }
 
+/// A plugin with its parameters resolved against its schema: what a stage calls, carried
+/// together from the config (or the command line) to the call.
+#[derive(Clone)]
+pub struct Configured<'r> {
+    pub entry: &'r Entry,
+    pub params: Params,
+}
+
+impl<'r> Configured<'r> {
+    /// `entry` with the parameters `given` (the rest at their defaults).
+    pub fn new(entry: &'r Entry, given: &BTreeMap<String, ParamValue>) -> Result<Self, ParamError> {
+        Ok(Self { entry, params: entry.resolve_params(given)? })
+    }
+
+    /// The registered plugin `name` of `kind` with its default parameters.
+    pub fn named(registry: &'r Registry, kind: PluginKind, name: &str) -> Result<Self, PluginError> {
+        let entry = registry.get(kind, name)?;
+        Self::new(entry, &BTreeMap::new()).map_err(|e| PluginError::new(e.message))
+    }
+
+    /// What identifies its behaviour in a cache key: name, version and parameters.
+    pub fn id(&self) -> String {
+        let info = &self.entry.info;
+        format!("{}@{}:{}", info.name, info.version, serde_json::to_string(&self.params).expect("JSON"))
+    }
+}
+
+/// What a plugin is called through: one handle per kind, whatever its tier.
 #[derive(Clone)]
 enum Handle {
-    Fusion(Arc<dyn FusionFn>),
     Adapter(Arc<dyn ModelAdapter>),
-    /// An aligner in a dylib or component: which role it has, the plugin itself says.
-    Aligner(Arc<dyn RemoteAligner>),
-    /// A plugin linked into this binary, of any kind.
-    Builtin(fusellm_sdk::Plugin),
+    SequenceAligner(Arc<dyn SequenceAligner>),
+    VocabMapper(Arc<dyn VocabMapper>),
+    Fusion(Arc<dyn FusionFn>),
+}
+
+impl Handle {
+    /// The handle of a plugin linked into this binary.
+    fn builtin(plugin: fusellm_sdk::Plugin) -> Self {
+        match plugin {
+            fusellm_sdk::Plugin::Adapter(p) => Handle::Adapter(Arc::new(p)),
+            fusellm_sdk::Plugin::SequenceAligner(p) => Handle::SequenceAligner(Arc::new(p)),
+            fusellm_sdk::Plugin::VocabMapper(p) => Handle::VocabMapper(Arc::new(p)),
+            fusellm_sdk::Plugin::Fusion(p) => Handle::Fusion(Arc::new(p)),
+        }
+    }
+
+    /// The handle of a plugin inside a dylib or component, of the kind it declares.
+    fn remote<P: FusionFn + ModelAdapter + SequenceAligner + VocabMapper + 'static>(plugin: P) -> Self {
+        match FusionFn::info(&plugin).kind {
+            PluginKind::Adapter => Handle::Adapter(Arc::new(plugin)),
+            PluginKind::SequenceAligner => Handle::SequenceAligner(Arc::new(plugin)),
+            PluginKind::VocabMapper => Handle::VocabMapper(Arc::new(plugin)),
+            PluginKind::Fusion => Handle::Fusion(Arc::new(plugin)),
+        }
+    }
 }
 
 impl Entry {
@@ -119,11 +167,7 @@ impl Entry {
 
     /// Runs an adapter on a checkpoint's files and checks the spec it returns.
     pub fn adapt(&self, params: &Params, files: CheckpointFiles<'_>) -> Result<ModelSpec, PluginError> {
-        let adapter: &dyn ModelAdapter = match &self.handle {
-            Handle::Adapter(a) => a.as_ref(),
-            Handle::Builtin(fusellm_sdk::Plugin::Adapter(a)) => *a,
-            _ => return Err(self.not_a(PluginKind::Adapter)),
-        };
+        let Handle::Adapter(adapter) = &self.handle else { return Err(self.not_a(PluginKind::Adapter)) };
         let spec = catch_panics(|| adapter.spec(params, files))
             .map_err(|e| PluginError::new(format!("adapter {}: {e}", self.label())))?;
         spec.check().map_err(|e| PluginError::new(format!("adapter {} returned a bad spec: {e}", self.label())))?;
@@ -132,10 +176,8 @@ impl Entry {
 
     /// Aligns two tokenizations with a sequence aligner.
     pub fn align(&self, params: &Params, a: Tokenization<'_>, b: Tokenization<'_>) -> Result<Alignment, PluginError> {
-        let aligner: &dyn SequenceAligner = match &self.handle {
-            Handle::Builtin(fusellm_sdk::Plugin::SequenceAligner(aligner)) => *aligner,
-            Handle::Aligner(remote) => remote.as_sequence_aligner(),
-            _ => return Err(self.not_a_role("sequence aligner")),
+        let Handle::SequenceAligner(aligner) = &self.handle else {
+            return Err(self.not_a(PluginKind::SequenceAligner));
         };
         let alignment = catch_panics(|| aligner.align(params, a, b))
             .map_err(|e| PluginError::new(format!("aligner {} failed: {e}", self.label())))?;
@@ -158,17 +200,9 @@ impl Entry {
         source: TokenStrings<'_>,
         target: TokenStrings<'_>,
     ) -> Result<VocabMap, PluginError> {
-        let mapper: &dyn VocabMapper = match &self.handle {
-            Handle::Builtin(fusellm_sdk::Plugin::VocabMapper(mapper)) => *mapper,
-            Handle::Aligner(remote) => remote.as_vocab_mapper(),
-            _ => return Err(self.not_a_role("vocabulary mapper")),
-        };
+        let Handle::VocabMapper(mapper) = &self.handle else { return Err(self.not_a(PluginKind::VocabMapper)) };
         catch_panics(|| mapper.map_vocab(params, source, target))
             .map_err(|e| PluginError::new(format!("vocabulary mapper {} failed: {e}", self.label())))
-    }
-
-    fn not_a_role(&self, role: &str) -> PluginError {
-        PluginError::new(format!("{} is not a {role}", self.label()))
     }
 
     /// Runs a fusion plugin on one document, checking the input before and the output
@@ -186,7 +220,6 @@ impl Entry {
     fn fusion(&self) -> Result<&dyn FusionFn, PluginError> {
         match &self.handle {
             Handle::Fusion(f) => Ok(f.as_ref()),
-            Handle::Builtin(fusellm_sdk::Plugin::Fusion(f)) => Ok(*f),
             _ => Err(self.not_a(PluginKind::Fusion)),
         }
     }
@@ -196,38 +229,10 @@ impl Entry {
     }
 }
 
-/// A plugin inside a dylib or component, as the handle of each kind it can serve.
-fn remote_handle<P: FusionFn + ModelAdapter + RemoteAligner + 'static>(plugin: P) -> Handle {
-    match FusionFn::info(&plugin).kind {
-        PluginKind::Fusion => Handle::Fusion(Arc::new(plugin)),
-        PluginKind::Adapter => Handle::Adapter(Arc::new(plugin)),
-        PluginKind::Aligner => Handle::Aligner(Arc::new(plugin)),
-    }
-}
-
-/// A plugin across a boundary that may be either kind of aligner: calling it in the
-/// wrong role is the plugin's error to report.
-trait RemoteAligner: SequenceAligner + VocabMapper {
-    fn as_sequence_aligner(&self) -> &dyn SequenceAligner;
-    fn as_vocab_mapper(&self) -> &dyn VocabMapper;
-}
-
-impl<T: SequenceAligner + VocabMapper> RemoteAligner for T {
-    fn as_sequence_aligner(&self) -> &dyn SequenceAligner {
-        self
-    }
-
-    fn as_vocab_mapper(&self) -> &dyn VocabMapper {
-        self
-    }
-}
-
 /// The plugins fusellm knows, by name (unique across kinds and tiers).
 pub struct Registry {
     entries: Vec<Entry>,
     loaded_files: Vec<PathBuf>,
-    /// Checkpoint folders (canonical) and the adapter a config names for each.
-    bound_adapters: Vec<(PathBuf, String)>,
     wasm: Option<WasmHost>,
     wasm_limits: WasmLimits,
 }
@@ -243,13 +248,7 @@ impl Registry {
     }
 
     pub fn empty() -> Self {
-        Self {
-            entries: Vec::new(),
-            loaded_files: Vec::new(),
-            bound_adapters: Vec::new(),
-            wasm: None,
-            wasm_limits: WasmLimits::default(),
-        }
+        Self { entries: Vec::new(), loaded_files: Vec::new(), wasm: None, wasm_limits: WasmLimits::default() }
     }
 
     /// Sets the sandbox limits of WASM plugins loaded from now on.
@@ -331,22 +330,6 @@ impl Registry {
             self.load_file(Tier::of_file(file)?, file)?;
         }
         Ok(())
-    }
-
-    /// Makes adapter `name` the one that reads the checkpoint in `dir`, whatever its
-    /// config.json's `model_type` (a config's `adapter = ...` of a model).
-    pub fn bind_adapter(&mut self, dir: &Path, name: &str) -> Result<(), PluginError> {
-        self.get(PluginKind::Adapter, name)?;
-        let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_owned());
-        self.bound_adapters.retain(|(d, _)| *d != dir);
-        self.bound_adapters.push((dir, name.to_string()));
-        Ok(())
-    }
-
-    /// The adapter bound to the checkpoint in `dir` ([`Registry::bind_adapter`]), if any.
-    pub fn bound_adapter(&self, dir: &Path) -> Option<&str> {
-        let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_owned());
-        self.bound_adapters.iter().find(|(d, _)| *d == dir).map(|(_, name)| name.as_str())
     }
 
     /// The plugin `name` of `kind`; an unknown name gets the nearest known one suggested.

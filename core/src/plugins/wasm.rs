@@ -21,7 +21,7 @@ use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::dylib::{parse_manifest, parse_spec};
-use super::{remote_handle, Entry, PluginError, Tier};
+use super::{Entry, Handle, PluginError, Tier};
 
 mod bindings {
     wasmtime::component::bindgen!({ world: "plugin", path: "../sdk/wit/plugin.wit" });
@@ -133,7 +133,7 @@ impl WasmHost {
         parse_manifest(path, &manifest)?
             .into_iter()
             .map(|info| {
-                let handle = remote_handle(WasmPlugin { loaded: loaded.clone(), info: info.clone() });
+                let handle = Handle::remote(WasmPlugin { loaded: loaded.clone(), info: info.clone() });
                 Entry::new(info, Tier::Wasm, path.display().to_string(), handle)
             })
             .collect()

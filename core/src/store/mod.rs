@@ -109,20 +109,19 @@ impl Default for Options {
     }
 }
 
-/// Precomputes the store of the checkpoint in `model_dir` over the split corpus `corpus`
-/// (this worker's shards of it) into `out`.
+/// Precomputes the store of `checkpoint` on `device` over the split corpus `corpus` (this
+/// worker's shards of it) into `out`.
 pub fn precompute_model(
-    registry: &crate::plugins::Registry,
-    model_dir: &Path,
+    checkpoint: &crate::checkpoint::Checkpoint,
+    device: &candle_core::Device,
     corpus: &Path,
     out: &Path,
     options: Options,
     worker: (usize, usize),
     progress: impl FnMut(Progress),
 ) -> Result<RunSummary> {
-    let checkpoint = crate::checkpoint::Checkpoint::open(model_dir, registry, None)?;
-    let model =
-        checkpoint.load_model(crate::model::LoadMode::Frozen, candle_core::DType::F32, &candle_core::Device::Cpu)?;
+    let model_dir = checkpoint.dir.as_path();
+    let model = checkpoint.load_model(crate::model::LoadMode::Frozen, candle_core::DType::F32, device)?;
     let texts = crate::split::read_texts(corpus)?;
     let layout = Layout {
         k: options.k,

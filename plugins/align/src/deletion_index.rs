@@ -91,11 +91,10 @@ mod tests {
     /// Every string within two edits of another shares a key with it.
     #[test]
     fn strings_within_two_edits_share_a_key() {
-        let words: Vec<Vec<u32>> =
-            ["", "a", "ab", "ba", "abc", "acb", "abcd", "bcda", "xabcx", "aabb", "abab", "ab c"]
-                .iter()
-                .map(|w| w.chars().map(u32::from).collect())
-                .collect();
+        let words: Vec<Vec<u32>> = ["", "a", "ab", "ba", "abc", "acb", "abcd", "bcda", "xabcx", "aabb", "abab", "ab c"]
+            .iter()
+            .map(|w| w.chars().map(u32::from).collect())
+            .collect();
         let index = DeletionIndex::new(|| words.iter().enumerate().map(|(id, w)| (id as u32, w.as_slice())));
         for q in &words {
             let mut found = Vec::new();

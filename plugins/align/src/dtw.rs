@@ -17,7 +17,7 @@ pub struct Dtw;
 impl SequenceAligner for Dtw {
     fn info(&self) -> PluginInfo {
         PluginInfo::new(
-            PluginKind::Aligner,
+            PluginKind::SequenceAligner,
             "dtw",
             env!("CARGO_PKG_VERSION"),
             "dynamic time warping with edit-distance costs, the paper's path and tie rule",

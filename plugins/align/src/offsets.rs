@@ -9,7 +9,7 @@ pub struct Offsets;
 impl SequenceAligner for Offsets {
     fn info(&self) -> PluginInfo {
         PluginInfo::new(
-            PluginKind::Aligner,
+            PluginKind::SequenceAligner,
             "offsets",
             env!("CARGO_PKG_VERSION"),
             "aligns tokens whose character spans overlap (linear time; needs the tokenizers' offsets)",

@@ -29,7 +29,7 @@ pub struct Mined;
 
 impl VocabMapper for Em {
     fn info(&self) -> PluginInfo {
-        PluginInfo::new(PluginKind::Aligner, "em", env!("CARGO_PKG_VERSION"), "exact match of token strings")
+        PluginInfo::new(PluginKind::VocabMapper, "em", env!("CARGO_PKG_VERSION"), "exact match of token strings")
     }
 
     fn map_vocab(
@@ -47,7 +47,7 @@ impl VocabMapper for Em {
 impl VocabMapper for Mined {
     fn info(&self) -> PluginInfo {
         PluginInfo::new(
-            PluginKind::Aligner,
+            PluginKind::VocabMapper,
             "mined",
             env!("CARGO_PKG_VERSION"),
             "exact match, else the target token of minimum edit distance (ties to the lowest id)",

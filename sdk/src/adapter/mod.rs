@@ -336,6 +336,23 @@ impl ModelSpec {
         Ok(())
     }
 
+    /// Every checkpoint tensor the model must read: the names of [`ModelSpec::tensor_names`]
+    /// with `{i}` expanded over the layers, but for the LM head (absent, it is the
+    /// embedding, as in transformers).
+    pub fn checkpoint_tensors(&self) -> Vec<String> {
+        let mut names = Vec::new();
+        for (ours, pattern) in &self.tensor_names {
+            if ours == "lm_head.weight" {
+                continue;
+            }
+            match pattern.contains("{i}") {
+                true => names.extend((0..self.layers).map(|i| pattern.replace("{i}", &i.to_string()))),
+                false => names.push(pattern.clone()),
+            }
+        }
+        names
+    }
+
     /// Layer `i`'s sliding window (`None`: all earlier keys) and positions.
     pub fn layer(&self, i: usize) -> (Option<usize>, &Positions) {
         match self.layer_attention.get(i) {
@@ -391,4 +408,14 @@ pub trait ModelAdapter: Send + Sync {
     fn info(&self) -> PluginInfo;
 
     fn spec(&self, params: &Params, files: CheckpointFiles<'_>) -> Result<ModelSpec, String>;
+}
+
+/// A built-in is a `&'static` plugin; hosts hold every plugin alike behind one pointer type.
+impl<T: ModelAdapter + ?Sized> ModelAdapter for &T {
+    fn info(&self) -> PluginInfo {
+        (**self).info()
+    }
+    fn spec(&self, params: &Params, files: CheckpointFiles<'_>) -> Result<ModelSpec, String> {
+        (**self).spec(params, files)
+    }
 }

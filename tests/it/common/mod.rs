@@ -55,3 +55,42 @@ pub fn tight_limits() -> WasmLimits {
 pub fn fusellm_in(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_fusellm")).current_dir(dir).args(args).output().expect("run fusellm")
 }
+
+/// An experiment in `dir`: a corpus of 24 GSM8K problems, an evaluation set of 8, and
+/// run.toml fusing the `models` (its `[target]` and `[[sources]]` tables) with MinCE at
+/// 128 tokens, then `steps` training steps and evaluation.
+pub fn write_experiment(dir: &std::path::Path, models: &str, steps: usize) {
+    let lines: Vec<String> = std::fs::read_to_string(fixtures::root().join("corpora/math/gsm8k.valid.jsonl"))
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    std::fs::write(dir.join("train.jsonl"), lines[..24].join("\n")).unwrap();
+    std::fs::write(dir.join("eval.jsonl"), lines[24..32].join("\n")).unwrap();
+    let config = format!(
+        r#"[run]
+dir = "out"
+[data]
+corpus = ["train.jsonl"]
+text_fields = ["question", "answer"]
+max_len = 128
+margin = 8
+{models}[precompute]
+docs_per_shard = 16
+[fusion]
+plugin = "min_ce"
+[train]
+steps = {steps}
+batch_size = 4
+seq_len = 128
+lr = 1e-3
+warmup_steps = 1
+checkpoint_every = 2
+[eval]
+window = 128
+[eval.sets]
+math = "eval.jsonl"
+"#
+    );
+    std::fs::write(dir.join("run.toml"), config).unwrap();
+}
