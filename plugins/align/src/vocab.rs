@@ -305,7 +305,7 @@ mod tests {
             state ^= state << 17;
             (state % n as u64) as usize
         };
-        let mut word = |next: &mut dyn FnMut(usize) -> usize| -> String {
+        let word = |next: &mut dyn FnMut(usize) -> usize| -> String {
             // Mostly short, as tokens are; some longer than the deletion index covers.
             let len = if next(8) == 0 { 20 + next(12) } else { next(9) };
             (0..len).map(|_| alphabet[next(alphabet.len())]).collect()
