@@ -94,13 +94,8 @@ impl PluginInfo {
         if !name_ok {
             return Err(format!("plugin name {:?} must be non-empty ASCII letters, digits, `_` or `-`", self.name));
         }
-        let parts: Vec<&str> = self.version.split(['.', '-', '+']).take(3).collect();
-        if parts.len() < 3 || parts.iter().any(|p| p.parse::<u64>().is_err()) {
-            return Err(format!(
-                "plugin `{}` has version {:?}, not a semantic version like 1.2.3",
-                self.name, self.version
-            ));
-        }
-        Ok(())
+        semver::Version::parse(&self.version).map(|_| ()).map_err(|e| {
+            format!("plugin `{}` has version {:?}, not a semantic version like 1.2.3 ({e})", self.name, self.version)
+        })
     }
 }

@@ -3,20 +3,7 @@
 /// Edit distance counting a swap of two adjacent characters as one edit (optimal string
 /// alignment), since "mtp" for "mpt" is as likely a typo as one wrong letter.
 pub fn edit_distance(a: &str, b: &str) -> usize {
-    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
-    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
-    (0..=a.len()).for_each(|i| d[i][0] = i);
-    (0..=b.len()).for_each(|j| d[0][j] = j);
-    for i in 1..=a.len() {
-        for j in 1..=b.len() {
-            let sub = d[i - 1][j - 1] + usize::from(a[i - 1] != b[j - 1]);
-            d[i][j] = sub.min(d[i - 1][j] + 1).min(d[i][j - 1] + 1);
-            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
-                d[i][j] = d[i][j].min(d[i - 2][j - 2] + 1);
-            }
-        }
-    }
-    d[a.len()][b.len()]
+    strsim::osa_distance(a, b)
 }
 
 /// The candidate nearest to `name`, if it is close enough to be a plausible typo
