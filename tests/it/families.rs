@@ -186,9 +186,12 @@ fn adapt(
     Ok(spec)
 }
 
+/// A change to a config.json.
+type Edit = Box<dyn FnOnce(&mut serde_json::Value)>;
+
 #[test]
 fn configs_the_block_library_cannot_run_are_refused_at_their_key() {
-    let cases: [(&str, &str, Box<dyn FnOnce(&mut serde_json::Value)>, &str); 6] = [
+    let cases: [(&str, &str, Edit, &str); 6] = [
         (
             "llama",
             "tiny-llama3",

@@ -154,17 +154,17 @@ mod tests {
             }
             assert!((factor - want_factor).abs() < 1e-4, "{scaling:?}: attention factor {factor}");
         };
-        let linear = [0.25, 0.079056941, 0.025, 0.0079056947, 0.0025, 0.00079056947, 0.00025000001, 7.9056947e-05];
+        let linear = [0.25, 0.079_056_94, 0.025, 0.007_905_695, 0.0025, 0.00079056947, 0.000_25, 7.905_695e-5];
         check(RopeScaling::Linear { factor: 4.0 }, 100, linear, 1.0);
         let dynamic =
-            [1.0, 0.28788307, 0.082876667, 0.023858791, 0.0068685426, 0.0019773371, 0.00056924188, 0.00016387513];
+            [1.0, 0.28788307, 0.082_876_67, 0.023858791, 0.0068685426, 0.001_977_337, 0.000_569_241_9, 0.00016387513];
         check(RopeScaling::Dynamic { factor: 2.0, original: 4096 }, 6000, dynamic, 1.0);
         let (plain, _) = inverse_frequencies(1e4, &RopeScaling::None, 16, 100);
         assert_eq!(inverse_frequencies(1e4, &RopeScaling::Dynamic { factor: 2.0, original: 4096 }, 16, 4096).0, plain);
-        let llama3 = [1.0, 0.31622776, 0.1, 0.031622779, 0.0099999998, 0.0031622779, 0.00012935125, 9.8821183e-06];
+        let llama3 = [1.0, 0.31622776, 0.1, 0.031_622_78, 0.01, 0.0031622779, 0.00012935125, 9.882_118e-6];
         let scaling = RopeScaling::Llama3 { factor: 32.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original: 8192 };
         check(scaling, 100, llama3, 1.0);
-        let yarn = [1.0, 0.31622776, 0.081250004, 0.019764237, 0.004375, 0.00079056947, 0.00025000001, 7.9056947e-05];
+        let yarn = [1.0, 0.31622776, 0.081250004, 0.019764237, 0.004375, 0.00079056947, 0.000_25, 7.905_695e-5];
         let scaling = RopeScaling::Yarn {
             factor: 4.0,
             original: 1024,

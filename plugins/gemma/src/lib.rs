@@ -152,8 +152,8 @@ impl Gemma {
             None => {
                 let pattern = c.opt_usize("sliding_window_pattern")?.unwrap_or(6).max(1);
                 let sliding = |i: usize| match self.generation {
-                    Generation::Two => i % 2 == 0,
-                    _ => (i + 1) % pattern != 0,
+                    Generation::Two => i.is_multiple_of(2),
+                    _ => !(i + 1).is_multiple_of(pattern),
                 };
                 let name = |i| if sliding(i) { "sliding_attention" } else { "full_attention" };
                 (0..layers).map(|i| name(i).to_string()).collect()
