@@ -5,7 +5,8 @@ use std::time::Instant;
 
 use clap::{Args, Subcommand, ValueEnum};
 use fusellm_core::error::{Error, Result};
-use fusellm_core::store::{merge, precompute_model, verify, Options, Progress};
+use fusellm_core::precompute::precompute_model;
+use fusellm_core::store::{merge, verify, Options, Progress};
 
 use crate::model_args::ModelArgs;
 

@@ -3,25 +3,13 @@
 //! gold next token, and per document the mean CE (and, optionally, the probability mass
 //! outside the top-k). The store that writes these to disk builds on it.
 
-use crate::error::{Error, Result};
-use crate::model::{rowwise, Transformer};
+use std::path::Path;
 
-/// What precompute keeps of one document.
-#[derive(Clone, Debug, PartialEq)]
-pub struct DocTopK {
-    /// The document's token ids (BOS included where the model adds one).
-    pub ids: Vec<u32>,
-    /// `k` ids per position, by decreasing probability (`ids.len() * k`).
-    pub topk_ids: Vec<u32>,
-    /// Their natural-log probabilities under the full softmax.
-    pub topk_logprobs: Vec<f32>,
-    /// `-log p(ids[t + 1])` for `t < ids.len() - 1`.
-    pub ce: Vec<f32>,
-    /// The mean of `ce` (NaN for a one-token document).
-    pub mean_ce: f32,
-    /// Per position, the probability mass outside the top-k (when asked for).
-    pub residual: Option<Vec<f32>>,
-}
+use crate::checkpoint::Checkpoint;
+use crate::error::{Error, Result};
+use crate::model::{rowwise, LoadMode, Transformer};
+use crate::store::{fill, DocTopK, Identity, Layout, Options, Progress, RunSummary, FORMAT};
+use crate::tokenizer::Tokenizer;
 
 /// Batching and what to keep.
 #[derive(Clone, Copy, Debug)]
@@ -40,6 +28,61 @@ impl Default for Settings {
     fn default() -> Self {
         Self { k: 10, batch_tokens: 4096, residual: false, tokens: None }
     }
+}
+
+/// Precomputes the store of `checkpoint` on `device` over the split corpus `corpus` (this
+/// worker's shards of it) into `out`.
+pub fn precompute_model(
+    checkpoint: &Checkpoint,
+    device: &candle_core::Device,
+    corpus: &Path,
+    out: &Path,
+    options: Options,
+    worker: (usize, usize),
+    progress: impl FnMut(Progress),
+) -> Result<RunSummary> {
+    let model_dir = checkpoint.dir.as_path();
+    let model = checkpoint.load_model(LoadMode::Frozen, candle_core::DType::F32, device)?;
+    let texts = crate::split::read_texts(corpus)?;
+    let layout = Layout {
+        k: options.k,
+        wide_ids: checkpoint.spec.vocab_size > 1 << 16,
+        half: options.half,
+        residual: options.residual,
+    };
+    let identity = Identity {
+        format: FORMAT.into(),
+        model: model_dir.display().to_string(),
+        tokenizer_sha256: crate::files::file_sha256(&model_dir.join("tokenizer.json"))?,
+        corpus: corpus.display().to_string(),
+        corpus_sha256: crate::files::file_sha256(corpus)?,
+        documents: texts.len(),
+        docs_per_shard: options.docs_per_shard.max(1),
+        layout,
+    };
+    let settings =
+        Settings { k: options.k, batch_tokens: options.batch_tokens, residual: options.residual, ..Default::default() };
+    precompute(out, &identity, &texts, (&model, &checkpoint.tokenizer), settings, worker, progress)
+}
+
+/// Fills this worker's shards of the store in `dir` with the top-k of `texts` under
+/// `model` ([`fill`]).
+pub fn precompute(
+    dir: &Path,
+    identity: &Identity,
+    texts: &[String],
+    (model, tokenizer): (&Transformer, &Tokenizer),
+    settings: Settings,
+    worker: (usize, usize),
+    progress: impl FnMut(Progress),
+) -> Result<RunSummary> {
+    // The embedding's padded rows (beyond the tokenizer's ids) never enter the top-k.
+    let settings = Settings { tokens: Some(tokenizer.vocab_size()), ..settings };
+    let compute = |range: std::ops::Range<usize>| {
+        let docs = texts[range].iter().map(|t| tokenizer.encode(t)).collect::<Result<Vec<_>>>()?;
+        topk(model, &docs, settings)
+    };
+    fill(dir, identity, worker, compute, progress)
 }
 
 /// The top-k of every document, in the order given. Documents are batched by length

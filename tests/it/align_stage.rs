@@ -9,8 +9,8 @@ use fusellm_core::checkpoint::{Checkpoint, Stored};
 use fusellm_core::files::file_sha256;
 use fusellm_core::model::LoadMode;
 use fusellm_core::plugins::{Configured, Registry};
-use fusellm_core::precompute::Settings;
-use fusellm_core::store::{precompute, AlignedShard, Identity, Layout, FORMAT};
+use fusellm_core::precompute::{precompute, Settings};
+use fusellm_core::store::{AlignedShard, Identity, Layout, FORMAT};
 use fusellm_sdk::{ParamValue, PluginKind};
 
 fn scratch(name: &str) -> PathBuf {

@@ -9,8 +9,8 @@ use candle_core::{DType, Device};
 use fusellm_core::checkpoint::Checkpoint;
 use fusellm_core::model::{LoadMode, Transformer};
 use fusellm_core::plugins::Registry;
-use fusellm_core::precompute::{topk, Settings};
-use fusellm_core::store::{precompute, verify, Identity, Layout, Manifest, Shard, FORMAT};
+use fusellm_core::precompute::{precompute, topk, Settings};
+use fusellm_core::store::{verify, Identity, Layout, Manifest, Shard, FORMAT};
 
 fn texts() -> Vec<String> {
     let prose = std::fs::read_to_string(fixtures::root().join("corpora/prose/tinyshakespeare.test.txt")).unwrap();

@@ -10,15 +10,13 @@ mod fused;
 mod shard;
 mod tensors;
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Context, Error, Result};
 use crate::files::{sha256_hex, write_atomically};
-use crate::model::Transformer;
-use crate::precompute::{topk, Settings};
-use crate::tokenizer::Tokenizer;
 pub use aligned::AlignedShard;
 pub use fused::FusedShard;
 pub use shard::{Layout, Shard};
@@ -72,6 +70,23 @@ pub fn shard_file(dir: &Path, s: usize) -> PathBuf {
     dir.join(format!("shard-{s:05}.safetensors"))
 }
 
+/// What precompute keeps of one document.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DocTopK {
+    /// The document's token ids (BOS included where the model adds one).
+    pub ids: Vec<u32>,
+    /// `k` ids per position, by decreasing probability (`ids.len() * k`).
+    pub topk_ids: Vec<u32>,
+    /// Their natural-log probabilities under the full softmax.
+    pub topk_logprobs: Vec<f32>,
+    /// `-log p(ids[t + 1])` for `t < ids.len() - 1`.
+    pub ce: Vec<f32>,
+    /// The mean of `ce` (NaN for a one-token document).
+    pub mean_ce: f32,
+    /// Per position, the probability mass outside the top-k (when asked for).
+    pub residual: Option<Vec<f32>>,
+}
+
 /// What one precompute run did.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RunSummary {
@@ -109,51 +124,15 @@ impl Default for Options {
     }
 }
 
-/// Precomputes the store of `checkpoint` on `device` over the split corpus `corpus` (this
-/// worker's shards of it) into `out`.
-pub fn precompute_model(
-    checkpoint: &crate::checkpoint::Checkpoint,
-    device: &candle_core::Device,
-    corpus: &Path,
-    out: &Path,
-    options: Options,
-    worker: (usize, usize),
-    progress: impl FnMut(Progress),
-) -> Result<RunSummary> {
-    let model_dir = checkpoint.dir.as_path();
-    let model = checkpoint.load_model(crate::model::LoadMode::Frozen, candle_core::DType::F32, device)?;
-    let texts = crate::split::read_texts(corpus)?;
-    let layout = Layout {
-        k: options.k,
-        wide_ids: checkpoint.spec.vocab_size > 1 << 16,
-        half: options.half,
-        residual: options.residual,
-    };
-    let identity = Identity {
-        format: FORMAT.into(),
-        model: model_dir.display().to_string(),
-        tokenizer_sha256: crate::files::file_sha256(&model_dir.join("tokenizer.json"))?,
-        corpus: corpus.display().to_string(),
-        corpus_sha256: crate::files::file_sha256(corpus)?,
-        documents: texts.len(),
-        docs_per_shard: options.docs_per_shard.max(1),
-        layout,
-    };
-    let settings =
-        Settings { k: options.k, batch_tokens: options.batch_tokens, residual: options.residual, ..Default::default() };
-    precompute(out, &identity, &texts, (&model, &checkpoint.tokenizer), settings, worker, progress)
-}
-
 /// Fills this worker's shards of the store in `dir` (creating it, or checking that it was
-/// made from the same model, corpus and layout), then writes the manifest if every shard
-/// now exists.
-pub fn precompute(
+/// made from the same model, corpus and layout) with what `compute` returns for each
+/// shard's documents, then writes the manifest if every shard now exists. Finished, sound
+/// shards are kept; `compute` is called only for the others.
+pub fn fill(
     dir: &Path,
     identity: &Identity,
-    texts: &[String],
-    (model, tokenizer): (&Transformer, &Tokenizer),
-    settings: Settings,
     (worker, workers): (usize, usize),
+    mut compute: impl FnMut(Range<usize>) -> Result<Vec<DocTopK>>,
     mut progress: impl FnMut(Progress),
 ) -> Result<RunSummary> {
     if workers == 0 || worker >= workers {
@@ -162,8 +141,6 @@ pub fn precompute(
         )));
     }
     claim(dir, identity)?;
-    // The embedding's padded rows (beyond the tokenizer's ids) never enter the top-k.
-    let settings = Settings { tokens: Some(tokenizer.vocab_size()), ..settings };
     let mut summary = RunSummary::default();
     let mine: Vec<usize> = (0..identity.shards()).filter(|s| s % workers == worker).collect();
     let recorded = read_manifest(dir).ok();
@@ -174,14 +151,13 @@ pub fn precompute(
             continue;
         }
         let range = s * identity.docs_per_shard..((s + 1) * identity.docs_per_shard).min(identity.documents);
-        let docs = texts[range.clone()].iter().map(|t| tokenizer.encode(t)).collect::<Result<Vec<_>>>()?;
-        let tops = topk(model, &docs, settings)?;
+        let tops = compute(range.clone())?;
         let indices: Vec<u32> = range.map(|i| i as u32).collect();
         let bytes = Shard::new(&indices, &tops, identity.layout).encode(identity.layout)?;
         write_atomically(&file, &bytes)?;
         summary.written += 1;
-        summary.tokens += docs.iter().map(Vec::len).sum::<usize>();
-        summary.documents += docs.len();
+        summary.tokens += tops.iter().map(|t| t.ids.len()).sum::<usize>();
+        summary.documents += tops.len();
         progress(Progress {
             shards_done: n + 1,
             shards: mine.len(),

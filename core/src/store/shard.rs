@@ -4,8 +4,8 @@
 //! kept entries (it is one of the stored log-probabilities); only the others are listed.
 
 use super::tensors::{Reader, Writer};
+use super::DocTopK;
 use crate::error::{Error, Result};
-use crate::precompute::DocTopK;
 
 /// Storage types of a store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
