@@ -220,40 +220,187 @@ impl Params {
         Ok(Params(out))
     }
 
-    /// The value of a resolved parameter. Hosts resolve against the plugin's own schema
-    /// before calling it, so a declared name is always present with its declared type.
-    pub fn get(&self, name: &str) -> &ParamValue {
-        self.0.get(name).unwrap_or_else(|| panic!("parameter `{name}` is not declared in the plugin's schema"))
+    /// The value of parameter `name`, if resolved.
+    pub fn get(&self, name: &str) -> Option<&ParamValue> {
+        self.0.get(name)
     }
 
-    pub fn bool(&self, name: &str) -> bool {
+    /// Parameter `name` as a `T`. Hosts resolve against the plugin's own schema before
+    /// calling it, so a declared name is there with its declared type; anything else is an
+    /// error, not a panic.
+    pub fn read<T: ParamType>(&self, name: &str) -> Result<T, String> {
         match self.get(name) {
-            ParamValue::Bool(b) => *b,
-            other => panic!("parameter `{name}` is {}, not a boolean", other.type_name()),
+            Some(value) => {
+                T::read(value).ok_or_else(|| format!("parameter `{name}` is {}, not {}", value.type_name(), T::NAME))
+            }
+            None => Err(format!("parameter `{name}` was not resolved; is it declared in the plugin's schema?")),
         }
+    }
+}
+
+/// A Rust type a parameter can have.
+pub trait ParamType: Sized {
+    /// The type in words, for errors.
+    const NAME: &'static str;
+    fn spec(name: &str, default: Self, doc: &str) -> ParamSpec;
+    fn read(value: &ParamValue) -> Option<Self>;
+}
+
+impl ParamType for bool {
+    const NAME: &'static str = "a boolean";
+    fn spec(name: &str, default: Self, doc: &str) -> ParamSpec {
+        ParamSpec::bool(name, default, doc)
+    }
+    fn read(value: &ParamValue) -> Option<Self> {
+        match value {
+            ParamValue::Bool(b) => Some(*b),
+            _ => None,
+        }
+    }
+}
+
+impl ParamType for i64 {
+    const NAME: &'static str = "an integer";
+    fn spec(name: &str, default: Self, doc: &str) -> ParamSpec {
+        ParamSpec::int(name, default, doc)
+    }
+    fn read(value: &ParamValue) -> Option<Self> {
+        match value {
+            ParamValue::Int(i) => Some(*i),
+            _ => None,
+        }
+    }
+}
+
+impl ParamType for f64 {
+    const NAME: &'static str = "a float";
+    fn spec(name: &str, default: Self, doc: &str) -> ParamSpec {
+        ParamSpec::float(name, default, doc)
+    }
+    fn read(value: &ParamValue) -> Option<Self> {
+        match value {
+            ParamValue::Float(x) => Some(*x),
+            ParamValue::Int(i) => Some(*i as f64),
+            _ => None,
+        }
+    }
+}
+
+impl ParamType for String {
+    const NAME: &'static str = "a string";
+    fn spec(name: &str, default: Self, doc: &str) -> ParamSpec {
+        ParamSpec::string(name, &default, doc)
+    }
+    fn read(value: &ParamValue) -> Option<Self> {
+        match value {
+            ParamValue::Str(s) => Some(s.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// A plugin's parameters as one typed struct, declared once with [`params!`](crate::params!):
+/// the schema hosts check configs against and the struct the plugin reads (its inherent
+/// `read`) come from the same declaration.
+pub trait Declared: Sized {
+    fn schema() -> Vec<ParamSpec>;
+}
+
+/// One field of a [`params!`](crate::params!) struct: its default and its bounds or choices.
+pub struct Field<T> {
+    default: T,
+    range: (Option<f64>, Option<f64>),
+    options: &'static [&'static str],
+}
+
+impl<T: ParamType> Field<T> {
+    pub fn new(default: impl Into<T>) -> Self {
+        Self { default: default.into(), range: (None, None), options: &[] }
     }
 
-    pub fn int(&self, name: &str) -> i64 {
-        match self.get(name) {
-            ParamValue::Int(i) => *i,
-            other => panic!("parameter `{name}` is {}, not an integer", other.type_name()),
-        }
+    /// The smallest value allowed (inclusive), for a number.
+    pub fn min(mut self, lo: f64) -> Self {
+        self.range.0 = Some(lo);
+        self
     }
 
-    pub fn float(&self, name: &str) -> f64 {
-        match self.get(name) {
-            ParamValue::Float(x) => *x,
-            ParamValue::Int(i) => *i as f64,
-            other => panic!("parameter `{name}` is {}, not a float", other.type_name()),
-        }
+    /// The largest value allowed (inclusive), for a number.
+    pub fn max(mut self, hi: f64) -> Self {
+        self.range.1 = Some(hi);
+        self
     }
 
-    pub fn str(&self, name: &str) -> &str {
-        match self.get(name) {
-            ParamValue::Str(s) => s,
-            other => panic!("parameter `{name}` is {}, not a string", other.type_name()),
-        }
+    /// The strings allowed, for a string: the parameter becomes a choice.
+    pub fn options(mut self, options: &'static [&'static str]) -> Self {
+        self.options = options;
+        self
     }
+
+    /// The declared parameter `name`, documented by the field's doc comment lines.
+    pub fn spec(self, name: &str, doc: &[&str]) -> ParamSpec {
+        let doc: Vec<&str> = doc.iter().map(|line| line.trim()).collect();
+        let mut spec = T::spec(name, self.default, &doc.join(" "));
+        if self.range != (None, None) {
+            spec = spec.range(self.range.0, self.range.1);
+        }
+        if !self.options.is_empty() {
+            spec.kind = ParamKind::Choice { options: self.options.iter().map(|o| o.to_string()).collect() };
+        }
+        spec
+    }
+}
+
+/// Declares a plugin's parameters once, as a struct: each field's doc comment, type,
+/// default and bounds (`min(x)`, `max(x)`) or choices (`options(&[..])`). The struct
+/// implements [`Declared`], its schema for [`PluginInfo::params`](crate::PluginInfo::params),
+/// and has `read(&Params) -> Result<Self, String>` for the resolved parameters.
+///
+/// ```
+/// fusellm_sdk::params! {
+///     /// What `dtw` takes.
+///     pub struct DtwParams {
+///         /// 0: the full matrix; otherwise only cells this near the diagonal
+///         band: i64 = 0, min(0.0);
+///         /// how a tie is broken
+///         ties: String = "diagonal", options(&["diagonal", "up"]);
+///     }
+/// }
+/// use fusellm_sdk::params::Declared;
+/// assert_eq!(DtwParams::schema()[0].name, "band");
+/// ```
+#[macro_export]
+macro_rules! params {
+    (
+        $(#[$meta:meta])*
+        $vis:vis struct $name:ident {
+            $(
+                $(#[doc = $doc:literal])*
+                $field:ident : $ty:ty = $default:expr $(, $opt:ident($($arg:expr),*))* ;
+            )*
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Clone, Debug, PartialEq)]
+        $vis struct $name {
+            $( $(#[doc = $doc])* pub $field: $ty, )*
+        }
+
+        impl $crate::params::Declared for $name {
+            fn schema() -> Vec<$crate::ParamSpec> {
+                vec![$(
+                    $crate::params::Field::<$ty>::new($default)$(.$opt($($arg),*))*
+                        .spec(stringify!($field), &[$($doc),*])
+                ),*]
+            }
+        }
+
+        impl $name {
+            /// The resolved parameters as this struct.
+            $vis fn read(params: &$crate::Params) -> Result<Self, String> {
+                Ok(Self { $( $field: params.read::<$ty>(stringify!($field))?, )* })
+            }
+        }
+    };
 }
 
 #[cfg(test)]
@@ -275,9 +422,39 @@ mod tests {
     #[test]
     fn fills_defaults_and_widens_ints() {
         let p = Params::resolve(&schema(), &given(&[("tau", ParamValue::Int(2))])).unwrap();
-        assert_eq!(p.float("tau"), 2.0);
-        assert_eq!(p.str("weights"), "paper");
-        assert!(p.bool("include_target"));
+        assert_eq!(p.read::<f64>("tau"), Ok(2.0));
+        assert_eq!(p.read::<String>("weights").as_deref(), Ok("paper"));
+        assert_eq!(p.read::<bool>("include_target"), Ok(true));
+        assert!(p.read::<i64>("tau").unwrap_err().contains("parameter `tau` is float, not an integer"));
+        assert!(p.read::<bool>("nope").is_err(), "reading an undeclared name is an error, not a panic");
+    }
+
+    crate::params! {
+        /// A declaration as plugins write one.
+        struct Weighting {
+            /// candidates' weights
+            weights: String = "paper", options(&["paper", "softmax"]);
+            /// temperature
+            /// of the softmax
+            tau: f64 = 1.0, min(0.0);
+            include_target: bool = true;
+        }
+    }
+
+    /// The struct's declaration gives the same schema as the one written out, and reads
+    /// resolved parameters into its fields.
+    #[test]
+    fn a_declared_struct_is_its_schema_and_its_reader() {
+        let declared = Weighting::schema();
+        let names: Vec<&str> = declared.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["weights", "tau", "include_target"]);
+        assert_eq!(
+            declared.iter().map(|s| &s.kind).collect::<Vec<_>>(),
+            schema().iter().map(|s| &s.kind).collect::<Vec<_>>()
+        );
+        assert_eq!(declared[1].doc, "temperature of the softmax");
+        let p = Params::resolve(&declared, &given(&[("tau", ParamValue::Int(3))])).unwrap();
+        assert_eq!(Weighting::read(&p), Ok(Weighting { weights: "paper".into(), tau: 3.0, include_target: true }));
     }
 
     #[test]

@@ -81,9 +81,9 @@ impl PluginInfo {
         self
     }
 
-    /// Declares one parameter (builder style, next to the plugin's code).
-    pub fn param(mut self, spec: ParamSpec) -> Self {
-        self.params.push(spec);
+    /// Declares the parameters of a [`params!`](crate::params!) struct.
+    pub fn params<P: crate::params::Declared>(mut self) -> Self {
+        self.params.extend(P::schema());
         self
     }
 

@@ -44,7 +44,7 @@ fn the_example_plugin_runs_from_a_config_in_both_forms() {
         let mut registry = Registry::with_builtins().unwrap();
         let Configured { entry, params } = config.fusion.as_ref().unwrap().load(&mut registry).unwrap();
         assert_eq!(entry.tier.as_str(), key);
-        assert_eq!(params.float("eps"), 0.5);
+        assert_eq!(params.read::<f64>("eps"), Ok(0.5));
         outputs.push(entry.fuse(&params, &input.view()).unwrap());
     }
     assert!(outputs[0].bit_identical(&outputs[1]), "dylib and wasm forms differ");
@@ -69,9 +69,9 @@ fn built_in_plugins_are_chosen_by_name_with_typed_params() {
     let mut registry = Registry::with_builtins().unwrap();
     let Configured { entry, params } = config.fusion.as_ref().unwrap().load(&mut registry).unwrap();
     assert_eq!(entry.info.name, "avg_ce");
-    assert_eq!(params.str("weights"), "softmax");
-    assert_eq!(params.float("tau"), 2.0, "an integer widens to a float parameter");
-    assert_eq!(params.str("granularity"), "document", "defaults are filled in");
+    assert_eq!(params.read::<String>("weights").as_deref(), Ok("softmax"));
+    assert_eq!(params.read::<f64>("tau"), Ok(2.0), "an integer widens to a float parameter");
+    assert_eq!(params.read::<String>("granularity").as_deref(), Ok("document"), "defaults are filled in");
 }
 
 /// A vocabulary mapper is no sequence aligner, nor the reverse: refused when the plugins

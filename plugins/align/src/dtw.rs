@@ -8,11 +8,20 @@
 
 use std::collections::HashMap;
 
-use fusellm_sdk::{Alignment, ParamSpec, Params, PluginInfo, PluginKind, SequenceAligner, TokenStrings, Tokenization};
+use fusellm_sdk::{Alignment, Params, PluginInfo, PluginKind, SequenceAligner, TokenStrings, Tokenization};
 
 use crate::edit_distance::{symbols, Pattern};
 
 pub struct Dtw;
+
+fusellm_sdk::params! {
+    /// What `dtw` takes.
+    pub struct DtwParams {
+        /// 0: the full matrix (the paper); otherwise only cells within this many positions of
+        /// the diagonal
+        band: i64 = 0, min(0.0);
+    }
+}
 
 impl SequenceAligner for Dtw {
     fn info(&self) -> PluginInfo {
@@ -22,14 +31,7 @@ impl SequenceAligner for Dtw {
             env!("CARGO_PKG_VERSION"),
             "dynamic time warping with edit-distance costs, the paper's path and tie rule",
         )
-        .param(
-            ParamSpec::int(
-                "band",
-                0,
-                "0: the full matrix (the paper); otherwise only cells within this many positions of the diagonal",
-            )
-            .range(Some(0.0), None),
-        )
+        .params::<DtwParams>()
     }
 
     fn align(&self, params: &Params, a: Tokenization<'_>, b: Tokenization<'_>) -> Result<Alignment, String> {
@@ -38,7 +40,8 @@ impl SequenceAligner for Dtw {
                 .map(|i| std::str::from_utf8(t.get(i)).map(symbols).map_err(|e| format!("token {i} is not UTF-8: {e}")))
                 .collect()
         };
-        Ok(dtw(&strings(a.strings)?, &strings(b.strings)?, params.int("band") as usize))
+        let DtwParams { band } = DtwParams::read(params)?;
+        Ok(dtw(&strings(a.strings)?, &strings(b.strings)?, band as usize))
     }
 }
 

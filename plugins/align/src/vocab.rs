@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 
-use fusellm_sdk::{ParamSpec, Params, PluginInfo, PluginKind, TokenStrings, VocabMap, VocabMapper};
+use fusellm_sdk::{Params, PluginInfo, PluginKind, TokenStrings, VocabMap, VocabMapper};
 
 use crate::deletion_index::{keys, DeletionIndex};
 use crate::edit_distance::{symbols, Pattern};
@@ -26,6 +26,14 @@ pub struct Em;
 
 /// Exact match, else minimum edit distance.
 pub struct Mined;
+
+fusellm_sdk::params! {
+    /// What `mined` takes.
+    pub struct MinedParams {
+        /// worker threads; 0: one per core
+        threads: i64 = 0, min(0.0);
+    }
+}
 
 impl VocabMapper for Em {
     fn info(&self) -> PluginInfo {
@@ -52,7 +60,7 @@ impl VocabMapper for Mined {
             env!("CARGO_PKG_VERSION"),
             "exact match, else the target token of minimum edit distance (ties to the lowest id)",
         )
-        .param(ParamSpec::int("threads", 0, "worker threads; 0: one per core").range(Some(0.0), None))
+        .params::<MinedParams>()
     }
 
     fn map_vocab(
@@ -64,7 +72,7 @@ impl VocabMapper for Mined {
         let target = Vocab::new(target)?;
         let source = decode(source)?;
         let best: Vec<(u32, u32)> =
-            parallel_map(&source, threads(params.int("threads") as usize), |s| target.nearest(s));
+            parallel_map(&source, threads(MinedParams::read(params)?.threads as usize), |s| target.nearest(s));
         Ok(VocabMap {
             target: best.iter().map(|&(id, _)| (id != u32::MAX).then_some(id)).collect(),
             distance: best.iter().map(|&(_, d)| d).collect(),

@@ -1,33 +1,38 @@
 use fusellm_sdk::math::{exp, softmax_into};
-use fusellm_sdk::{FusedTarget, FusionFn, FusionInput, Mixture, ParamSpec, Params, PluginInfo, PluginKind};
+use fusellm_sdk::{FusedTarget, FusionFn, FusionInput, Mixture, Params, PluginInfo, PluginKind};
 
-use crate::candidates::{common_params, Pool};
+use crate::candidates::{Pool, PoolParams};
+
+fusellm_sdk::params! {
+    /// How AvgCE weighs the candidates.
+    pub struct Weighting {
+        /// paper: softmax(exp(-CE)) as the paper's code (nearly uniform); softmax:
+        /// softmax(-CE / tau)
+        weights: String = "paper", options(&["paper", "softmax"]);
+        /// temperature of weights = "softmax"
+        tau: f64 = 1.0, min(1e-6);
+    }
+}
 
 /// AvgCE: the average of the candidates' distributions weighted by their cross-entropy.
 pub struct AvgCe;
 
 impl FusionFn for AvgCe {
     fn info(&self) -> PluginInfo {
-        let info = PluginInfo::new(
+        PluginInfo::new(
             PluginKind::Fusion,
             "avg_ce",
             env!("CARGO_PKG_VERSION"),
             "average of the candidates' distributions weighted by their cross-entropy",
         )
-        .param(ParamSpec::choice(
-            "weights",
-            &["paper", "softmax"],
-            "paper",
-            "paper: softmax(exp(-CE)) as the paper's code (nearly uniform); softmax: softmax(-CE / tau)",
-        ))
-        .param(ParamSpec::float("tau", 1.0, "temperature of weights = \"softmax\"").range(Some(1e-6), None));
-        common_params().into_iter().fold(info, PluginInfo::param)
+        .params::<Weighting>()
+        .params::<PoolParams>()
     }
 
     fn fuse(&self, params: &Params, input: &FusionInput<'_>) -> Result<FusedTarget, String> {
         let pool = Pool::new(params, input)?;
-        let paper = params.str("weights") == "paper";
-        let tau = params.float("tau");
+        let Weighting { weights, tau } = Weighting::read(params)?;
+        let paper = weights == "paper";
         let positions = input.positions();
         let mut out = FusedTarget::with_capacity(positions, positions * 10);
         let (mut logits, mut weights, mut probs, mut mix) = (Vec::new(), Vec::new(), Vec::new(), Mixture::default());

@@ -1,32 +1,22 @@
 //! What min_ce and avg_ce share: which candidates take part, the CE each is ranked by,
 //! and the row a candidate contributes at a position.
 
-use fusellm_sdk::{Candidate, FusionInput, ParamSpec, Params};
+use fusellm_sdk::{Candidate, FusionInput, Params};
 
-/// The parameters both fusion functions take.
-pub fn common_params() -> [ParamSpec; 4] {
-    [
-        ParamSpec::choice(
-            "granularity",
-            &["document", "token"],
-            "document",
-            "rank candidates by their mean CE on the document (the paper's code) or by their CE on each token",
-        ),
-        ParamSpec::choice(
-            "ce_norm",
-            &["token", "byte"],
-            "token",
-            "token: CE in nats per token (the paper); byte: scaled by the candidate's tokens per byte of the \
-             document, so that tokenizers of different granularity compare fairly",
-        ),
-        ParamSpec::bool(
-            "include_target",
-            true,
-            "whether the target's own distribution is a candidate (the paper: yes)",
-        ),
-        ParamSpec::float("temperature", 1.0, "teacher temperature of the softmax over each candidate's kept top-k")
-            .range(Some(1e-6), None),
-    ]
+fusellm_sdk::params! {
+    /// The parameters both fusion functions take.
+    pub struct PoolParams {
+        /// rank candidates by their mean CE on the document (the paper's code) or by their CE
+        /// on each token
+        granularity: String = "document", options(&["document", "token"]);
+        /// token: CE in nats per token (the paper); byte: scaled by the candidate's tokens per
+        /// byte of the document, so that tokenizers of different granularity compare fairly
+        ce_norm: String = "token", options(&["token", "byte"]);
+        /// whether the target's own distribution is a candidate (the paper: yes)
+        include_target: bool = true;
+        /// teacher temperature of the softmax over each candidate's kept top-k
+        temperature: f64 = 1.0, min(1e-6);
+    }
 }
 
 /// The candidates taking part in fusion, with the settings that apply to all positions.
@@ -42,19 +32,20 @@ pub struct Pool<'a> {
 
 impl<'a> Pool<'a> {
     pub fn new(params: &Params, input: &FusionInput<'a>) -> Result<Self, String> {
-        let include_target = params.bool("include_target");
+        let p = PoolParams::read(params)?;
+        let include_target = p.include_target;
         let members: Vec<Candidate<'a>> =
             input.candidates.iter().copied().filter(|c| include_target || !c.is_target).collect();
         if members.is_empty() && input.positions() > 0 {
             return Err("no candidate distributions to fuse".into());
         }
-        let per_byte = params.str("ce_norm") == "byte";
+        let per_byte = p.ce_norm == "byte";
         let scale = members.iter().map(|c| if per_byte { per_byte_factor(c, input.text_bytes) } else { 1.0 }).collect();
         Ok(Self {
             target: members.iter().position(|c| c.is_target),
             scale,
-            per_token: params.str("granularity") == "token",
-            temperature: params.float("temperature"),
+            per_token: p.granularity == "token",
+            temperature: p.temperature,
             members,
         })
     }

@@ -1,7 +1,7 @@
 use fusellm_sdk::math::softmax_into;
 use fusellm_sdk::{FusedTarget, FusionFn, FusionInput, Params, PluginInfo, PluginKind};
 
-use crate::candidates::{common_params, Pool};
+use crate::candidates::{Pool, PoolParams};
 
 /// MinCE: at each position, the distribution of the candidate with the lowest
 /// cross-entropy (FuseLLM, eq. 5 with the minimum-CE fusion function).
@@ -9,13 +9,13 @@ pub struct MinCe;
 
 impl FusionFn for MinCe {
     fn info(&self) -> PluginInfo {
-        let info = PluginInfo::new(
+        PluginInfo::new(
             PluginKind::Fusion,
             "min_ce",
             env!("CARGO_PKG_VERSION"),
             "the distribution of the candidate with the minimum cross-entropy; ties go to the target",
-        );
-        common_params().into_iter().fold(info, PluginInfo::param)
+        )
+        .params::<PoolParams>()
     }
 
     fn fuse(&self, params: &Params, input: &FusionInput<'_>) -> Result<FusedTarget, String> {
