@@ -167,6 +167,17 @@ fn validate_points_at_the_file_line_and_key() {
         text.replace(&mpt, &incomplete.display().to_string()),
         &["`sources.0.model`", "no tensor `transformer.blocks.1.ffn.down_proj.weight`"],
     );
+    // And one whose tensor has another shape than its config.json implies.
+    let reshaped = copy("reshaped");
+    let config = reshaped.join("config.json");
+    let text_of = std::fs::read_to_string(&config).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&text_of).unwrap();
+    json["expansion_ratio"] = (json["expansion_ratio"].as_u64().unwrap_or(4) * 2).into();
+    std::fs::write(&config, json.to_string()).unwrap();
+    check(
+        text.replace(&mpt, &reshaped.display().to_string()),
+        &["`sources.0.model`", "has shape", "but config.json implies"],
+    );
 }
 
 /// Every variant of a sweep is validated before the first computes: a typo in the second

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor, Var};
 use fusellm_sdk::ModelSpec;
+use safetensors::tensor::TensorView;
 
 use crate::error::{Context, Error, Result};
 use crate::rng::Rng;
@@ -18,6 +19,10 @@ pub enum LoadMode {
     Frozen,
     /// Every tensor a `Var`, so that a backward pass reaches it.
     Trainable,
+    /// Nothing read: each tensor's name, dtype and shape checked against the spec from the
+    /// file headers, and a zero stand-in of its shape (a broadcast scalar, no memory) given
+    /// in its place. For checking a checkpoint before a run, not for computing.
+    HeadersOnly,
 }
 
 /// Where tensors come from.
@@ -96,12 +101,19 @@ impl Weights {
             return Ok(var.as_tensor().clone());
         }
         let tensor = match &mut self.source {
-            Source::Checkpoint { files, dir } => read(files, dir, &full, shape, &self.device)?,
+            Source::Checkpoint { files, dir } if self.mode == LoadMode::HeadersOnly => {
+                view(files, dir, &full, shape)?;
+                return Ok(Tensor::zeros((), self.dtype, &self.device)?.broadcast_as(shape)?);
+            }
+            Source::Checkpoint { files, dir } => {
+                view(files, dir, &full, shape)?;
+                files.load(&full, &self.device)?
+            }
             Source::Random { rng, std } => init(rng, *std, name, shape, &self.device)?,
         }
         .to_dtype(self.dtype)?;
         match self.mode {
-            LoadMode::Frozen => Ok(tensor),
+            LoadMode::Frozen | LoadMode::HeadersOnly => Ok(tensor),
             LoadMode::Trainable => {
                 let var = Var::from_tensor(&tensor)?;
                 self.vars.push((full, var.clone()));
@@ -116,8 +128,9 @@ impl Weights {
     }
 }
 
-/// Reads tensor `name` of a checkpoint, checked against the shape the config implies.
-fn read(files: &MmapedSafetensors, dir: &Path, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
+/// Tensor `name` of a checkpoint, its dtype and shape checked against what the config
+/// implies (only the header is read).
+fn view<'a>(files: &'a MmapedSafetensors, dir: &Path, name: &str, shape: &[usize]) -> Result<TensorView<'a>> {
     let view = files.get(name).map_err(|_| {
         Error::msg(format!(
             "{}: the checkpoint has no tensor `{name}` (the config implies one of shape {shape:?})",
@@ -139,7 +152,7 @@ fn read(files: &MmapedSafetensors, dir: &Path, name: &str, shape: &[usize], devi
             view.shape()
         )));
     }
-    Ok(files.load(name, device)?)
+    Ok(view)
 }
 
 /// A fresh tensor for block-library tensor `name`: norm weights one, biases zero,

@@ -336,23 +336,6 @@ impl ModelSpec {
         Ok(())
     }
 
-    /// Every checkpoint tensor the model must read: the names of [`ModelSpec::tensor_names`]
-    /// with `{i}` expanded over the layers, but for the LM head (absent, it is the
-    /// embedding, as in transformers).
-    pub fn checkpoint_tensors(&self) -> Vec<String> {
-        let mut names = Vec::new();
-        for (ours, pattern) in &self.tensor_names {
-            if ours == "lm_head.weight" {
-                continue;
-            }
-            match pattern.contains("{i}") {
-                true => names.extend((0..self.layers).map(|i| pattern.replace("{i}", &i.to_string()))),
-                false => names.push(pattern.clone()),
-            }
-        }
-        names
-    }
-
     /// Layer `i`'s sliding window (`None`: all earlier keys) and positions.
     pub fn layer(&self, i: usize) -> (Option<usize>, &Positions) {
         match self.layer_attention.get(i) {
