@@ -72,6 +72,7 @@ enum Command {
 fn main() -> ExitCode {
     keep_freed_memory();
     one_pool_of_threads();
+    report_warnings();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Plugins(cmd) => plugins_cmd::run(cmd),
@@ -127,4 +128,19 @@ fn one_pool_of_threads() {
         // SAFETY: no other thread exists yet to read the environment concurrently.
         unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
     }
+}
+
+/// The library's warnings (a skipped corpus line, a corrupt shard computed again) on
+/// stderr, as `WARN ...` lines; `RUST_LOG` chooses other levels and modules.
+fn report_warnings() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(colour)
+        .without_time()
+        .with_target(false)
+        .init();
 }

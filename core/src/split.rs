@@ -121,7 +121,7 @@ pub fn for_each_document(
     let mut bad = |message: String| match on_bad {
         OnBadInput::Stop => Err(Error::msg(format!("{message}; fix it, or pass --skip-bad to skip such lines"))),
         OnBadInput::Skip => {
-            eprintln!("warning: skipped {message}");
+            tracing::warn!("skipped {message}");
             skipped += 1;
             Ok(())
         }

@@ -84,6 +84,20 @@ fn a_bad_line_stops_the_run_with_its_place_or_is_skipped() {
     let (count, texts) = read(OnBadInput::Skip).unwrap();
     assert_eq!((count.documents, count.skipped), (2, 3));
     assert_eq!(texts, vec!["good", "also good"]);
+
+    // The command line says what it skipped, each line a warning.
+    let tokenizer = fixtures::model_dir("tiny-llama2");
+    let out = corpus.with_extension("pieces.jsonl");
+    let (corpus, tokenizer, pieces) = (corpus.to_str().unwrap(), tokenizer.to_str().unwrap(), out.to_str().unwrap());
+    let args = ["split", "--input", corpus, "--tokenizer", tokenizer, "--max-len", "64", "--skip-bad", "--out", pieces];
+    let run = crate::common::fusellm_in(std::path::Path::new("."), &args);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert_eq!(
+        stderr.lines().filter(|l| l.contains("WARN") && l.contains("skipped") && l.contains("bad.jsonl:")).count(),
+        3,
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -182,7 +182,7 @@ fn shard_is_sound(file: &Path, manifest: Option<&Manifest>) -> bool {
         None => Shard::decode(&bytes).is_ok(),
     };
     if !sound {
-        eprintln!("warning: {} is corrupt; computing it again", file.display());
+        tracing::warn!("{} is corrupt; computing it again", file.display());
     }
     sound
 }
