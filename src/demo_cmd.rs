@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use clap::Args;
 use fusellm_core::error::Result;
+use fusellm_core::pipeline::Event;
 use fusellm_core::plugins::Registry;
 use fusellm_demo::{Demo, Setup, Sizes};
 
@@ -32,10 +33,10 @@ pub fn run(args: DemoArgs) -> Result<()> {
         (None, true) => (Setup::Procedural, Sizes::quick()),
         (None, false) => (Setup::Procedural, Sizes::full()),
     };
-    let mut events = crate::run_cmd::print_event;
+    let mut reporter = crate::run_cmd::Reporter::default();
+    let mut events = |e: Event| reporter.event(e);
     let results =
         Demo { out: args.out.clone(), setup, sizes, seed: args.seed, events: &mut events }.run(&mut registry)?;
-    eprintln!();
     println!("{}", results.markdown());
     println!(
         "{:.0} s; {} (also results.md, results.png, loss.png)",

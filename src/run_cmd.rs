@@ -1,7 +1,6 @@
 //! `fusellm run`, `fusellm validate`, and the stages it chains that have no command of
 //! their own yet: `fusellm fuse` and `fusellm train`.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use clap::Args;
@@ -12,6 +11,7 @@ use fusellm_core::pipeline::{open_model, train_target, validate, Event, Run, Run
 use fusellm_core::plugins::Registry;
 use fusellm_core::store::read_identity;
 use fusellm_core::train::data::fused_documents;
+use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -33,12 +33,32 @@ fn load(args: &RunArgs) -> Result<Vec<(Variant, Config)>> {
         .collect()
 }
 
-pub fn print_event(event: Event) {
-    match event {
-        Event::Stage { name, reused } => eprintln!("\n== {name}{}", if reused { " (unchanged: reused)" } else { "" }),
-        Event::Progress(line) => {
-            eprint!("\r{line:<110}");
-            let _ = std::io::stderr().flush();
+/// Draws a run's events on stderr: a line as each stage starts, and a bar of the running
+/// stage's progress with its rate and time left (drawn only on a terminal).
+#[derive(Default)]
+pub struct Reporter {
+    bar: Option<ProgressBar>,
+}
+
+impl Reporter {
+    pub fn event(&mut self, event: Event) {
+        match event {
+            Event::Stage { name, reused } => {
+                if let Some(bar) = self.bar.take() {
+                    bar.finish();
+                }
+                eprintln!("== {name}{}", if reused { " (unchanged: reused)" } else { "" });
+            }
+            Event::Progress { done, total, message } => {
+                let bar = self.bar.get_or_insert_with(|| {
+                    let style = ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}  ({elapsed}, ETA {eta})")
+                        .expect("a valid template");
+                    ProgressBar::new(total).with_style(style)
+                });
+                bar.set_length(total);
+                bar.set_position(done);
+                bar.set_message(message);
+            }
         }
     }
 }
@@ -65,8 +85,8 @@ pub fn run(args: RunArgs) -> Result<()> {
             out: out.clone(),
             git_revision: env!("FUSELLM_GIT_REVISION").into(),
         };
-        let record = run.execute(&mut registry, &mut print_event)?;
-        eprintln!();
+        let mut reporter = Reporter::default();
+        let record = run.execute(&mut registry, &mut |e| reporter.event(e))?;
         println!("{}", eval_table(&record));
         println!("run record: {}", out.join("run.json").display());
         results.push((variant.name.clone(), record));
@@ -204,7 +224,8 @@ pub fn train(args: TrainArgs) -> Result<()> {
         .ok_or_else(|| Error::msg(config.error_at("target", "needs a [target] model").to_string()))?;
     let checkpoint = open_model(target, &registry).map_err(|e| Error::msg(e.to_string()))?;
     let docs = fused_documents(&args.fused)?.1;
-    let progress = |p: fusellm_core::train::Progress| print_event(Event::Progress(p.line()));
+    let mut reporter = Reporter::default();
+    let progress = |p: fusellm_core::train::Progress| reporter.event(p.into());
     let summary = train_target(&config, &checkpoint, docs, &args.out, (args.resume, args.stop_at), progress)?;
     eprintln!(
         "\nstep {}: {} ({} tokens in {:.1} s)",

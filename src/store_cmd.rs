@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use clap::{Args, Subcommand, ValueEnum};
 use fusellm_core::error::{Error, Result};
+use fusellm_core::pipeline::Event;
 use fusellm_core::precompute::precompute_model;
 use fusellm_core::store::{merge, verify, Options, Progress};
 
@@ -72,21 +73,12 @@ pub fn run_precompute(args: PrecomputeArgs) -> Result<()> {
         batch_tokens: args.batch_tokens,
     };
     let start = Instant::now();
-    let progress = |p: Progress| {
-        let elapsed = start.elapsed().as_secs_f64();
-        let eta = elapsed / p.shards_done as f64 * (p.shards - p.shards_done) as f64;
-        eprint!(
-            "\rshard {}/{}  {:.1} documents/s  {:.0} tokens/s  ETA {eta:.0} s   ",
-            p.shards_done,
-            p.shards,
-            p.documents as f64 / elapsed,
-            p.tokens as f64 / elapsed
-        );
-    };
+    let mut reporter = crate::run_cmd::Reporter::default();
+    let progress = |p: Progress| reporter.event(Event::of_precompute(&p, start.elapsed().as_secs_f64()));
     let summary = precompute_model(&checkpoint, &device, &args.corpus, &args.out, options, worker, progress)?;
     let secs = start.elapsed().as_secs_f64();
     eprintln!(
-        "\n{} shards written ({} already there), {} tokens in {secs:.1} s ({:.0} tokens/s)",
+        "{} shards written ({} already there), {} tokens in {secs:.1} s ({:.0} tokens/s)",
         summary.written,
         summary.skipped,
         summary.tokens,

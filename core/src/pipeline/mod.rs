@@ -33,8 +33,24 @@ pub use validate::{open_model, validate, Checked};
 pub enum Event<'a> {
     /// A stage starts (`reused`: its output is already in the cache).
     Stage { name: &'a str, reused: bool },
-    /// A progress line of the running stage (overwrites the previous one).
-    Progress(String),
+    /// Where the running stage stands: `done` of `total` units (shards, steps, sets), and
+    /// what else to show (throughput, losses).
+    Progress { done: u64, total: u64, message: String },
+}
+
+impl Event<'_> {
+    /// A precompute's progress, `elapsed_s` seconds after it started.
+    pub fn of_precompute(p: &crate::store::Progress, elapsed_s: f64) -> Self {
+        let rate = |n: usize| n as f64 / elapsed_s.max(1e-9);
+        let message = format!("shards  {:.1} documents/s  {:.0} tokens/s", rate(p.documents), rate(p.tokens));
+        Event::Progress { done: p.shards_done as u64, total: p.shards as u64, message }
+    }
+}
+
+impl From<crate::train::Progress<'_>> for Event<'_> {
+    fn from(p: crate::train::Progress<'_>) -> Self {
+        Event::Progress { done: p.metrics.step, total: p.total_steps, message: p.parts() }
+    }
 }
 
 /// One stage of a run, as recorded in run.json.
@@ -277,13 +293,7 @@ impl Run<'_> {
                 |out, events| {
                     let start = Instant::now();
                     precompute_model(checkpoint, &self.device()?, corpus, out, options, (0, 1), |p| {
-                        let secs = start.elapsed().as_secs_f64();
-                        events(Event::Progress(format!(
-                            "shard {}/{}  {:.0} tokens/s",
-                            p.shards_done,
-                            p.shards,
-                            p.tokens as f64 / secs
-                        )));
+                        events(Event::of_precompute(&p, start.elapsed().as_secs_f64()));
                     })
                     .map(|_| ())
                 },
@@ -349,7 +359,7 @@ impl Run<'_> {
         let finished = |d: &Path| latest_checkpoint(d).is_some_and(|(step, _)| step >= config.steps);
         let dir = self.stage(record, events, ("train", &k), finished, |run_dir, events| {
             let resume = latest_checkpoint(run_dir).is_some();
-            let progress = |p: crate::train::Progress| events(Event::Progress(p.line()));
+            let progress = |p: crate::train::Progress| events(p.into());
             train_target(self.config, &checked.target, docs, run_dir, (resume, None), progress).map(|_| ())
         })?;
         Ok(latest_checkpoint(&dir).map(|(_, d)| d))
@@ -399,7 +409,8 @@ impl Run<'_> {
                         batch_tokens: eval.batch_tokens,
                     };
                     for (set, texts) in &sets {
-                        events(Event::Progress(format!("{label} on {set}")));
+                        let (done, total) = (rows.len() as u64, 2 * sets.len() as u64);
+                        events(Event::Progress { done, total, message: format!("sets: {label} on {set}") });
                         let s = score(&scorer.text_nlls(texts)?, texts.iter().map(|t| t.len() as u64).sum());
                         rows.push(EvalRow {
                             model: label.into(),

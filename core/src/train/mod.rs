@@ -71,17 +71,13 @@ pub struct TrainConfig {
 pub struct Progress<'a> {
     pub metrics: &'a StepMetrics,
     pub total_steps: u64,
-    pub eta_s: f64,
 }
 
 impl Progress<'_> {
-    /// The progress line: step, loss parts, throughput, time left.
-    pub fn line(&self) -> String {
+    /// The loss parts and the throughput of the last step.
+    pub fn parts(&self) -> String {
         let m = self.metrics;
-        format!(
-            "step {}/{}  loss {:.4} (clm {:.4}, fusion {:.4})  {:.0} tokens/s  ETA {:.0} s",
-            m.step, self.total_steps, m.loss, m.clm, m.fusion, m.tokens_per_s, self.eta_s
-        )
+        format!("steps  loss {:.4} (clm {:.4}, fusion {:.4})  {:.0} tokens/s", m.loss, m.clm, m.fusion, m.tokens_per_s)
     }
 }
 
@@ -125,7 +121,7 @@ impl Trainer<'_> {
         let mut log = metrics::Log::open(&self.run_dir, state.step)?;
         let end = stop_at.unwrap_or(self.config.steps).min(self.config.steps);
         let started = Instant::now();
-        let (first, first_tokens) = (state.step, state.tokens);
+        let first_tokens = state.tokens;
         let mut last = latest_checkpoint(&self.run_dir).map(|(_, dir)| dir);
         while state.step < end {
             let step = state.step + 1;
@@ -136,9 +132,7 @@ impl Trainer<'_> {
                 rayon::scope(|_| self.step(data, &mut optimizer, step, &mut state, started, last.as_deref()))?;
             metrics.tokens_per_s = (state.tokens - first_tokens) as f64 / metrics.elapsed_s.max(1e-9);
             log.push(&metrics)?;
-            let remaining = (end - step) as f64;
-            let eta_s = started.elapsed().as_secs_f64() / (step - first) as f64 * remaining;
-            progress(Progress { metrics: &metrics, total_steps: self.config.steps, eta_s });
+            progress(Progress { metrics: &metrics, total_steps: self.config.steps });
             if step % self.config.checkpoint_every.max(1) == 0 || step == end {
                 last = Some(self.checkpoint(&optimizer, &state, &log)?);
             }
