@@ -1,13 +1,12 @@
 //! `fusellm vocab-map` (a vocabulary map between two tokenizers, as JSON) and
 //! `fusellm align` (a source's store aligned to the target's).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use clap::Args;
 use fusellm_core::align::vocab::{map_vocab, Vocabulary};
 use fusellm_core::checkpoint::{Checkpoint, Stored};
 use fusellm_core::plugins::{default_cache_dir, Configured};
-use fusellm_core::store::read_identity;
 use fusellm_sdk::PluginKind;
 
 use crate::model_args::PluginArgs;
@@ -97,12 +96,9 @@ pub fn align(args: AlignArgs) -> Result<(), String> {
     let registry = args.plugins.registry().map_err(|e| e.message)?;
     let aligner = Configured::named(&registry, PluginKind::SequenceAligner, &args.aligner).map_err(|e| e.message)?;
     let mapper = Configured::named(&registry, PluginKind::VocabMapper, &args.vocab).map_err(|e| e.message)?;
-    // Each store names the checkpoint it was computed from.
-    let open = |store: &Path, adapter: Option<&str>| -> fusellm_core::error::Result<Checkpoint> {
-        Checkpoint::open(Path::new(&read_identity(store)?.model), &registry, adapter)
-    };
-    let source = open(&args.source, args.source_adapter.as_deref()).map_err(|e| e.message)?;
-    let target = open(&args.target, args.target_adapter.as_deref()).map_err(|e| e.message)?;
+    let of_store = |store, adapter| Checkpoint::of_store(store, &registry, adapter).map_err(|e| e.message);
+    let source = of_store(&args.source, args.source_adapter.as_deref())?;
+    let target = of_store(&args.target, args.target_adapter.as_deref())?;
     let start = std::time::Instant::now();
     let report = fusellm_core::align::stage::align_stores(
         Stored { dir: &args.source, checkpoint: &source },

@@ -7,9 +7,8 @@ use clap::Args;
 use fusellm_core::checkpoint::{Checkpoint, Stored};
 use fusellm_core::config::{apply_overrides, variants, Config, Variant};
 use fusellm_core::error::{Context, Error, Result};
-use fusellm_core::pipeline::{open_model, train_target, validate, Event, Run, RunRecord};
+use fusellm_core::pipeline::{open_model, train_target, validate, Checked, Event, Run, RunRecord};
 use fusellm_core::plugins::Registry;
-use fusellm_core::store::read_identity;
 use fusellm_core::train::data::fused_documents;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -67,13 +66,9 @@ pub fn run(args: RunArgs) -> Result<()> {
     let variants = load(&args)?;
     let sweep = variants.len() > 1 || !variants[0].0.name.is_empty();
     let mut registry = Registry::with_builtins()?;
-    // Every variant is checked before the first one computes anything.
-    for (variant, config) in &variants {
-        config.load_plugins(&mut registry).map_err(|e| Error::msg(format!("{e}{}", label(variant))))?;
-        validate(config, &registry).map_err(|e| Error::msg(format!("{e}{}", label(variant))))?;
-    }
+    let (registry, checked) = check_all(&variants, &mut registry)?;
     let mut results = Vec::new();
-    for (variant, config) in &variants {
+    for ((variant, config), checked) in variants.iter().zip(&checked) {
         if sweep {
             eprintln!("\n#### variant {}", variant.name);
         }
@@ -86,7 +81,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             git_revision: env!("FUSELLM_GIT_REVISION").into(),
         };
         let mut reporter = Reporter::default();
-        let record = run.execute(&mut registry, &mut |e| reporter.event(e))?;
+        let record = run.execute_checked(registry, checked, &mut |e| reporter.event(e))?;
         println!("{}", eval_table(&record));
         println!("run record: {}", out.join("run.json").display());
         results.push((variant.name.clone(), record));
@@ -156,12 +151,26 @@ fn write_sweep(dir: &Path, results: &[(String, RunRecord)]) -> Result<()> {
     fusellm_core::files::write_atomically(&dir.join("sweep.md"), md.as_bytes())
 }
 
+/// Every variant's plugins loaded, then every variant validated: all of a sweep is checked
+/// before any of it computes. The registry comes back shared, for the runs.
+fn check_all<'r>(
+    variants: &[(Variant, Config)],
+    registry: &'r mut Registry,
+) -> Result<(&'r Registry, Vec<Checked<'r>>)> {
+    for (variant, config) in variants {
+        config.load_plugins(registry).map_err(|e| Error::msg(format!("{e}{}", label(variant))))?;
+    }
+    let registry = &*registry;
+    let check = |(variant, config): &(Variant, Config)| {
+        validate(config, registry).map_err(|e| Error::msg(format!("{e}{}", label(variant))))
+    };
+    Ok((registry, variants.iter().map(check).collect::<Result<_>>()?))
+}
+
 pub fn validate_cmd(args: RunArgs) -> Result<()> {
     let variants = load(&args)?;
     let mut registry = Registry::with_builtins()?;
-    for (variant, config) in &variants {
-        config.load_plugins(&mut registry).map_err(|e| Error::msg(format!("{e}{}", label(variant))))?;
-        let checked = validate(config, &registry).map_err(|e| Error::msg(format!("{e}{}", label(variant))))?;
+    for ((variant, _), checked) in variants.iter().zip(check_all(&variants, &mut registry)?.1) {
         let describe = |c: &fusellm_core::checkpoint::Checkpoint| {
             format!(
                 "{} ({}, vocab {}, {} positions)",
@@ -265,7 +274,7 @@ pub fn fuse(args: FuseArgs) -> Result<()> {
     // The config's target, read by the adapter it names; else the store's model by its model_type.
     let target = match &config.target {
         Some(target) => open_model(target, &registry).map_err(|e| Error::msg(e.to_string()))?,
-        None => Checkpoint::open(Path::new(&read_identity(&args.target)?.model), &registry, None)?,
+        None => Checkpoint::of_store(&args.target, &registry, None)?,
     };
     let target = Stored { dir: &args.target, checkpoint: &target };
     let manifest = fusellm_core::fuse::fuse_stores(target, &args.aligned, &fusion, &args.out)?;

@@ -56,6 +56,12 @@ impl Checkpoint {
         Ok(Self { dir: dir.to_owned(), spec, adapter, adapter_version, tokenizer })
     }
 
+    /// The checkpoint the store in `store` was computed from (its store.json names it),
+    /// read as [`Checkpoint::open`] reads one.
+    pub fn of_store(store: &Path, registry: &Registry, adapter: Option<&str>) -> Result<Self> {
+        Self::open(Path::new(&read_identity(store)?.model), registry, adapter)
+    }
+
     /// Checks the weight files without loading a tensor: every file's header reads, its
     /// data is as long as the header says (a truncated download is caught here), and every
     /// tensor the model needs is there with a loadable dtype and the shape config.json

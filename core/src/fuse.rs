@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{Checkpoint, Stored};
+use crate::checkpoint::Stored;
 use crate::error::{Context, Error, Result};
 use crate::files::write_atomically;
 use crate::plugins::Configured;
@@ -46,15 +46,14 @@ pub fn fuse_stores(
     out: &Path,
 ) -> Result<FusedManifest> {
     let identity = target.identity()?;
-    let (target_dir, checkpoint, plugin, params) = (target.dir, target.checkpoint, fusion.entry, &fusion.params);
     let texts = read_texts(Path::new(&identity.corpus))?;
     std::fs::create_dir_all(out).context(|| format!("creating {}", out.display()))?;
     let mut manifest = FusedManifest {
         format: crate::store::FUSED_FORMAT.into(),
-        plugin: plugin.info.name.clone(),
-        plugin_version: plugin.info.version.clone(),
-        params: serde_json::to_string(params).expect("JSON"),
-        target_store: target_dir.display().to_string(),
+        plugin: fusion.entry.info.name.clone(),
+        plugin_version: fusion.entry.info.version.clone(),
+        params: serde_json::to_string(&fusion.params).expect("JSON"),
+        target_store: target.dir.display().to_string(),
         aligned_stores: aligned_dirs.iter().map(|d| d.display().to_string()).collect(),
         target_model: identity.model.clone(),
         wide_ids: identity.layout.wide_ids,
@@ -67,7 +66,7 @@ pub fn fuse_stores(
         let (fused, bytes) = match done {
             Some(done) => done,
             None => {
-                let fused = fuse_shard(s, target_dir, aligned_dirs, checkpoint, &texts, fusion)?;
+                let fused = fuse_shard(s, target, aligned_dirs, &texts, fusion)?;
                 let bytes = fused.encode(identity.layout.wide_ids)?;
                 write_atomically(&file, &bytes)?;
                 (fused, bytes)
@@ -85,9 +84,8 @@ pub fn fuse_stores(
 
 fn fuse_shard(
     s: usize,
-    target_dir: &Path,
+    Stored { dir: target_dir, checkpoint }: Stored<'_>,
     aligned_dirs: &[PathBuf],
-    checkpoint: &Checkpoint,
     texts: &[String],
     fusion: &Configured<'_>,
 ) -> Result<FusedShard> {

@@ -163,24 +163,35 @@ pub struct Run<'c> {
 }
 
 impl Run<'_> {
+    /// Loads the config's plugins, validates it, and runs it.
     pub fn execute(&self, registry: &mut Registry, events: &mut dyn FnMut(Event)) -> Result<RunRecord> {
         self.config.load_plugins(registry).map_err(|e| Error::msg(e.to_string()))?;
         let registry = &*registry;
         let checked = validate(self.config, registry).map_err(|e| Error::msg(e.to_string()))?;
+        self.execute_checked(registry, &checked, events)
+    }
+
+    /// Runs the config, `checked` being what [`validate`] made of it.
+    pub fn execute_checked(
+        &self,
+        registry: &Registry,
+        checked: &Checked,
+        events: &mut dyn FnMut(Event),
+    ) -> Result<RunRecord> {
         let mut record = RunRecord {
             fusellm_version: env!("CARGO_PKG_VERSION").into(),
             git_revision: self.git_revision.clone(),
             config: self.text.clone(),
-            plugins: plugins(registry, &checked),
+            plugins: plugins(registry, checked),
             stages: Vec::new(),
             checkpoint: None,
             eval: Vec::new(),
         };
         std::fs::create_dir_all(&self.out).context(|| format!("creating {}", self.out.display()))?;
-        let (corpus, split_key) = self.split(&checked, &mut record, events)?;
+        let (corpus, split_key) = self.split(checked, &mut record, events)?;
         let docs = match &checked.fusion {
             Some(fusion) => {
-                let (dir, k) = self.fuse_stages(&checked, fusion, &corpus, &split_key, &mut record, events)?;
+                let (dir, k) = self.fuse_stages(checked, fusion, &corpus, &split_key, &mut record, events)?;
                 (fused_documents(&dir)?.1, k)
             }
             None => {
@@ -192,9 +203,9 @@ impl Run<'_> {
                 (docs, key(&["clm", &split_key, &model_identity(&checked.target)?]))
             }
         };
-        if let Some(checkpoint) = self.train(&checked, docs, &mut record, events)? {
+        if let Some(checkpoint) = self.train(checked, docs, &mut record, events)? {
             record.checkpoint = Some(checkpoint.display().to_string());
-            self.evaluate(registry, &checked, &checkpoint, &mut record, events)?;
+            self.evaluate(registry, checked, &checkpoint, &mut record, events)?;
         }
         write_atomically(&self.out.join("run.json"), &serde_json::to_vec_pretty(&record).expect("JSON"))?;
         write_atomically(&self.out.join("config.toml"), self.text.as_bytes())?;

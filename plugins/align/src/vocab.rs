@@ -155,9 +155,9 @@ impl Vocab {
             offsets.push(symbols_flat.len());
             exact.entry(s).or_insert(id as u32);
         }
-        let token = |id: usize| &symbols_flat[offsets[id]..offsets[id + 1]];
         let within_two = DeletionIndex::new(|| {
-            (0..offsets.len() - 1).map(|id| (id as u32, token(id))).filter(|(_, s)| s.len() <= LONGEST_INDEXED)
+            let tokens = offsets.windows(2).map(|w| &symbols_flat[w[0]..w[1]]);
+            (0..).zip(tokens).filter(|(_, s)| s.len() <= LONGEST_INDEXED)
         });
         Ok(Self { exact, symbols: symbols_flat, offsets, within_two, by_len })
     }
