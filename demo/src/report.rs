@@ -88,7 +88,7 @@ impl Results {
             .collect();
         write_atomically(
             &out.join("results.png"),
-            &fusellm_core::plot::bar_chart("bits per byte (lower is better)", &groups, &series),
+            &fusellm_core::plot::bar_chart("bits per byte (lower is better)", &groups, &series)?,
         )?;
         let curves: Vec<(&str, Vec<(f64, f64)>)> = ["clm", "fusellm-mince", "fusellm-avgce"]
             .iter()
@@ -96,7 +96,7 @@ impl Results {
             .collect();
         write_atomically(
             &out.join("loss.png"),
-            &fusellm_core::plot::line_chart("continual training: CLM loss", "step", &curves),
+            &fusellm_core::plot::line_chart("continual training: CLM loss", "step", &curves)?,
         )
     }
 }

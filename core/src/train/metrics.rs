@@ -63,7 +63,7 @@ impl Log {
             "training loss",
             "step",
             &[("total", curve(|m| m.loss)), ("clm", curve(|m| m.clm)), ("fusion", curve(|m| m.fusion))],
-        );
+        )?;
         write_atomically(file, &png)
     }
 }
