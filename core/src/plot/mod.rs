@@ -11,6 +11,8 @@ use crate::error::{Error, Result};
 
 const WIDTH: u32 = 900;
 const HEIGHT: u32 = 520;
+/// A bar chart's x units per group.
+const SLOT: i32 = 1000;
 /// The font family every text uses; registered once from the embedded bytes.
 const FONT: &str = "sans-serif";
 
@@ -92,13 +94,8 @@ pub fn line_chart(title: &str, x_label: &str, series: &[(&str, Vec<(f64, f64)>)]
         if x_lo > x_hi {
             return empty(root, "no data yet");
         }
-        let mut chart = ChartBuilder::on(root)
-            .caption(title, (FONT, 22))
-            .margin(16)
-            .x_label_area_size(40)
-            .y_label_area_size(70)
-            .build_cartesian_2d(padded(x_lo, x_hi), padded(y_lo, y_hi))
-            .map_err(drawing)?;
+        let mut chart =
+            framed(root, title).build_cartesian_2d(padded(x_lo, x_hi), padded(y_lo, y_hi)).map_err(drawing)?;
         chart.configure_mesh().x_desc(x_label).label_style((FONT, 15)).draw().map_err(drawing)?;
         for (i, ((name, _), points)) in series.iter().zip(finite).enumerate() {
             let color = series_color(i);
@@ -120,28 +117,25 @@ pub fn bar_chart(title: &str, groups: &[&str], series: &[(&str, Vec<f64>)]) -> R
         if groups.is_empty() || series.is_empty() || hi <= 0.0 {
             return empty(root, "no data");
         }
-        // x in hundredths of a group, so that bars sit between integer key points (plotters
+        // x in units of 1/SLOT group, so that bars sit between integer key points (plotters
         // draws labels at key points of integer axes only).
-        let centers: Vec<i32> = (0..groups.len() as i32).map(|g| g * 100 + 50).collect();
-        let mut chart = ChartBuilder::on(root)
-            .caption(title, (FONT, 22))
-            .margin(16)
-            .x_label_area_size(40)
-            .y_label_area_size(70)
-            .build_cartesian_2d((0..groups.len() as i32 * 100).with_key_points(centers), 0.0..hi * 1.05)
+        let centers: Vec<i32> = (0..groups.len() as i32).map(|g| g * SLOT + SLOT / 2).collect();
+        let mut chart = framed(root, title)
+            .build_cartesian_2d((0..groups.len() as i32 * SLOT).with_key_points(centers), 0.0..hi * 1.05)
             .map_err(drawing)?;
         chart
             .configure_mesh()
             .disable_x_mesh()
-            .x_label_formatter(&|x| groups.get(*x as usize / 100).map(|g| g.to_string()).unwrap_or_default())
+            .x_label_formatter(&|x| groups.get((*x / SLOT) as usize).map(|g| g.to_string()).unwrap_or_default())
             .label_style((FONT, 15))
             .draw()
             .map_err(drawing)?;
-        let width = 80 / series.len() as i32;
+        // The bars fill the middle 80% of a group's slot, with a tenth of a bar between two.
+        let width = SLOT * 8 / 10 / series.len() as i32;
         for (i, (name, values)) in series.iter().enumerate() {
             let color = series_color(i);
             let bars = values.iter().enumerate().filter(|(g, v)| *g < groups.len() && v.is_finite()).map(|(g, v)| {
-                let x = g as i32 * 100 + 10 + width * i as i32;
+                let x = g as i32 * SLOT + SLOT / 10 + width * i as i32;
                 Rectangle::new([(x, 0.0), (x + width * 9 / 10, *v)], color.filled())
             });
             chart
@@ -152,6 +146,16 @@ pub fn bar_chart(title: &str, groups: &[&str], series: &[(&str, Vec<f64>)]) -> R
         }
         legend(&mut chart)
     })
+}
+
+/// A chart builder with the title and the margins every chart shares.
+fn framed<'a, 'b>(
+    root: &'a DrawingArea<BitMapBackend<'b>, plotters::coord::Shift>,
+    title: &str,
+) -> ChartBuilder<'a, 'b, BitMapBackend<'b>> {
+    let mut builder = ChartBuilder::on(root);
+    builder.caption(title, (FONT, 22)).margin(16).x_label_area_size(40).y_label_area_size(70);
+    builder
 }
 
 fn legend<'a, CT: CoordTranslate>(chart: &mut ChartContext<'a, BitMapBackend<'a>, CT>) -> Result<()> {
