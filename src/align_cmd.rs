@@ -1,6 +1,7 @@
 //! `fusellm vocab-map` (a vocabulary map between two tokenizers, as JSON) and
 //! `fusellm align` (a source's store aligned to the target's).
 
+use anyhow::{Context, Result};
 use std::path::PathBuf;
 
 use clap::Args;
@@ -34,14 +35,13 @@ pub struct VocabMapArgs {
     plugins: PluginArgs,
 }
 
-pub fn vocab_map(args: VocabMapArgs) -> Result<(), String> {
-    let source = Vocabulary::from_tokenizer_json(&args.source).map_err(|e| e.message)?;
-    let target = Vocabulary::from_tokenizer_json(&args.target).map_err(|e| e.message)?;
-    let registry = args.plugins.registry().map_err(|e| e.message)?;
-    let mapper = &Configured::named(&registry, PluginKind::VocabMapper, &args.method).map_err(|e| e.message)?;
+pub fn vocab_map(args: VocabMapArgs) -> Result<()> {
+    let source = Vocabulary::from_tokenizer_json(&args.source)?;
+    let target = Vocabulary::from_tokenizer_json(&args.target)?;
+    let registry = args.plugins.registry()?;
+    let mapper = &Configured::named(&registry, PluginKind::VocabMapper, &args.method)?;
     let start = std::time::Instant::now();
-    let map =
-        map_vocab(mapper, &source, &target, args.compat, default_cache_dir().as_deref()).map_err(|e| e.message)?;
+    let map = map_vocab(mapper, &source, &target, args.compat, default_cache_dir().as_deref())?;
     let json: serde_json::Map<String, serde_json::Value> = source
         .tokens
         .iter()
@@ -49,7 +49,7 @@ pub fn vocab_map(args: VocabMapArgs) -> Result<(), String> {
         .map(|(s, t)| (s.clone(), t.map_or(serde_json::Value::Null, |t| target.tokens[t as usize].clone().into())))
         .collect();
     let text = serde_json::to_string_pretty(&json).expect("JSON");
-    std::fs::write(&args.out, text).map_err(|e| format!("writing {}: {e}", args.out.display()))?;
+    std::fs::write(&args.out, text).with_context(|| format!("writing {}", args.out.display()))?;
     let exact = map.distance.iter().zip(&map.target).filter(|(d, t)| **d == 0 && t.is_some()).count();
     eprintln!(
         "{} source tokens: {exact} exact, {} by edit distance, {} unmapped ({:.2} s) -> {}",
@@ -92,11 +92,11 @@ pub struct AlignArgs {
     plugins: PluginArgs,
 }
 
-pub fn align(args: AlignArgs) -> Result<(), String> {
-    let registry = args.plugins.registry().map_err(|e| e.message)?;
-    let aligner = Configured::named(&registry, PluginKind::SequenceAligner, &args.aligner).map_err(|e| e.message)?;
-    let mapper = Configured::named(&registry, PluginKind::VocabMapper, &args.vocab).map_err(|e| e.message)?;
-    let of_store = |store, adapter| Checkpoint::of_store(store, &registry, adapter).map_err(|e| e.message);
+pub fn align(args: AlignArgs) -> Result<()> {
+    let registry = args.plugins.registry()?;
+    let aligner = Configured::named(&registry, PluginKind::SequenceAligner, &args.aligner)?;
+    let mapper = Configured::named(&registry, PluginKind::VocabMapper, &args.vocab)?;
+    let of_store = |store, adapter| Checkpoint::of_store(store, &registry, adapter);
     let source = of_store(&args.source, args.source_adapter.as_deref())?;
     let target = of_store(&args.target, args.target_adapter.as_deref())?;
     let start = std::time::Instant::now();
@@ -107,8 +107,7 @@ pub fn align(args: AlignArgs) -> Result<(), String> {
         (&aligner, &mapper),
         args.compat,
         default_cache_dir().as_deref(),
-    )
-    .map_err(|e| e.message)?;
+    )?;
     println!(
         "{} documents, {} target positions in {:.1} s",
         report.documents,

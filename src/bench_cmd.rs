@@ -3,12 +3,12 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use clap::{Args, Subcommand};
 use fusellm_core::align::stage::Report;
 use fusellm_core::align::vocab::{map_vocab, Vocabulary};
 use fusellm_core::align::{DocumentAligner, Tokens};
-use fusellm_core::error::{Context, Error};
 use fusellm_core::files::{hex, sha256_hex};
 use fusellm_core::model::loss::LossBatch;
 use fusellm_core::model::Transformer;
@@ -112,15 +112,13 @@ pub enum BenchCommand {
     },
 }
 
-pub fn run(cmd: BenchCommand) -> Result<(), String> {
+pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
-        BenchCommand::Precompute { model, corpus, max_len } => {
-            precompute(&model, &corpus, max_len).map_err(|e| e.message)
-        }
-        BenchCommand::Align { fixtures } => align(&fixtures).map_err(|e| e.message),
-        BenchCommand::Forward { shape, iters } => forward(shape, iters).map_err(|e| e.message),
+        BenchCommand::Precompute { model, corpus, max_len } => precompute(&model, &corpus, max_len),
+        BenchCommand::Align { fixtures } => align(&fixtures),
+        BenchCommand::Forward { shape, iters } => forward(shape, iters),
         BenchCommand::Train { shape, setup, iters, fusion, only } => {
-            train(shape, &setup, iters, fusion, only.as_deref()).map_err(|e| e.message)
+            train(shape, &setup, iters, fusion, only.as_deref())
         }
         BenchCommand::Plugins { dylib, wasm, iters, positions } => plugins(&dylib, &wasm, iters, positions),
     }
@@ -128,7 +126,7 @@ pub fn run(cmd: BenchCommand) -> Result<(), String> {
 
 /// The small Llama of the benchmarks: 2 layers, d_model 128, 4 heads, SwiGLU of
 /// `intermediate` (the training bench uses 512, as ../shared/bench/torch_step.py).
-fn small_llama(vocab: usize, intermediate: usize) -> fusellm_core::error::Result<fusellm_sdk::ModelSpec> {
+fn small_llama(vocab: usize, intermediate: usize) -> Result<fusellm_sdk::ModelSpec> {
     let config = serde_json::json!({
         "model_type": "llama", "vocab_size": vocab, "hidden_size": 128, "intermediate_size": intermediate,
         "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5
@@ -137,14 +135,14 @@ fn small_llama(vocab: usize, intermediate: usize) -> fusellm_core::error::Result
 }
 
 /// The block-library spec of a Llama config.json, by the built-in llama adapter.
-fn llama_spec(config_json: &str) -> fusellm_core::error::Result<fusellm_sdk::ModelSpec> {
+fn llama_spec(config_json: &str) -> Result<fusellm_sdk::ModelSpec> {
     let registry = Registry::with_builtins()?;
     let adapter = registry.get(PluginKind::Adapter, "llama")?;
     let files = CheckpointFiles { config_json, tokenizer_json: None };
     Ok(adapter.adapt(&adapter.resolve_params(&Default::default()).expect("no parameters"), files)?)
 }
 
-fn forward(shape: BatchShape, iters: usize) -> fusellm_core::error::Result<()> {
+fn forward(shape: BatchShape, iters: usize) -> Result<()> {
     let BatchShape { vocab, batch, seq } = shape;
     let model = Transformer::init(&small_llama(vocab, 344)?, 0, 0.02, candle_core::DType::F32, &Device::Cpu)?;
     let ids: Vec<u32> = (0..batch * seq).map(|i| (i * 7919 % vocab) as u32).collect();
@@ -165,7 +163,7 @@ fn forward(shape: BatchShape, iters: usize) -> fusellm_core::error::Result<()> {
 }
 
 /// A batch of `batch x seq` tokens with, when `fusion`, a random top-10 target per position.
-fn bench_batch(shape: BatchShape, fusion: bool) -> fusellm_core::error::Result<LossBatch> {
+fn bench_batch(shape: BatchShape, fusion: bool) -> Result<LossBatch> {
     let BatchShape { vocab, batch, seq } = shape;
     let mut rng = fusellm_core::rng::Rng::new(1);
     let ids: Vec<u32> = (0..batch * seq).map(|_| rng.below(vocab as u32)).collect();
@@ -177,23 +175,23 @@ fn bench_batch(shape: BatchShape, fusion: bool) -> fusellm_core::error::Result<L
     let target_ids: Vec<u32> =
         (0..batch * seq * k).map(|i| ((i / k) * 7919 + (i % k) * 131) as u32 % vocab as u32).collect();
     let target_probs = vec![0.1f32; batch * seq * k];
-    b.with_target(target_ids, target_probs, k)
+    Ok(b.with_target(target_ids, target_probs, k)?)
 }
 
 /// The benchmark's model: the small Llama of torch_step.py, or a config file's.
-fn bench_model(shape: BatchShape, setup: &TrainSetup) -> fusellm_core::error::Result<Transformer> {
+fn bench_model(shape: BatchShape, setup: &TrainSetup) -> Result<Transformer> {
     use fusellm_core::train::Precision;
     let spec = match &setup.config {
         None => small_llama(shape.vocab, 512)?,
         Some(path) => {
-            let text = std::fs::read_to_string(path).context(|| format!("reading {}", path.display()))?;
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
             llama_spec(&text)?
         }
     };
     let dtype = serde_json::from_value::<Precision>(serde_json::json!(setup.dtype))
-        .map_err(|_| Error::msg(format!("--dtype {}: expected f32, bf16 or f16", setup.dtype)))?
+        .map_err(|_| anyhow::anyhow!("--dtype {}: expected f32, bf16 or f16", setup.dtype))?
         .dtype();
-    Transformer::init(&spec, 0, 0.02, dtype, &fusellm_core::device::parse(&setup.device)?)
+    Ok(Transformer::init(&spec, 0, 0.02, dtype, &fusellm_core::device::parse(&setup.device)?)?)
 }
 
 /// Model FLOPs of one training step per token: `6 N` for the N weights every token goes
@@ -208,12 +206,12 @@ fn flops_per_token(model: &Transformer, seq: usize) -> f64 {
 
 /// The median milliseconds per training step (as torch_step.py reports) with the fused
 /// kernels on or off.
-fn step_ms(model: &Transformer, data: &LossBatch, iters: usize, fusion: bool) -> fusellm_core::error::Result<f64> {
+fn step_ms(model: &Transformer, data: &LossBatch, iters: usize, fusion: bool) -> Result<f64> {
     use fusellm_core::model::loss::Objective;
     use fusellm_core::train::optim::{AdamW, AdamWConfig};
     let objective = Objective { lambda: if fusion { 0.9 } else { 1.0 }, ..Default::default() };
     let mut optimizer = AdamW::new(model.vars(), AdamWConfig::default())?;
-    let mut step = || -> fusellm_core::error::Result<()> {
+    let mut step = || -> Result<()> {
         let losses = model.losses(data, &objective)?;
         let grads = losses.total.backward()?;
         optimizer.step(model.vars(), &grads, 1.0, 1e-4)?;
@@ -226,25 +224,19 @@ fn step_ms(model: &Transformer, data: &LossBatch, iters: usize, fusion: bool) ->
             // As the trainer runs its steps: on a worker of rayon's pool.
             rayon::scope(|_| step()).map(|()| start.elapsed().as_secs_f64() * 1e3)
         })
-        .collect::<fusellm_core::error::Result<_>>()?;
+        .collect::<Result<_>>()?;
     times.sort_by(f64::total_cmp);
     Ok(times[times.len() / 2])
 }
 
-fn train(
-    shape: BatchShape,
-    setup: &TrainSetup,
-    iters: usize,
-    fusion: bool,
-    only: Option<&str>,
-) -> fusellm_core::error::Result<()> {
+fn train(shape: BatchShape, setup: &TrainSetup, iters: usize, fusion: bool, only: Option<&str>) -> Result<()> {
     let BatchShape { batch, seq, .. } = shape;
     let what = if fusion { "CLM + sparse fusion, top-10" } else { "CLM" };
     let paths: Vec<(&str, bool)> = match only {
         Some("fused") => vec![("fused", true)],
         Some("composed") => vec![("composed", false)],
         Some(other) => {
-            return Err(fusellm_core::error::Error::msg(format!("--only {other}: expected fused or composed")))
+            anyhow::bail!("--only {other}: expected fused or composed")
         }
         None => vec![("composed", false), ("fused", true)],
     };
@@ -278,37 +270,39 @@ fn train(
     Ok(())
 }
 
-fn plugins(dylib: &Path, wasm: &Path, iters: usize, positions: usize) -> Result<(), String> {
+fn plugins(dylib: &Path, wasm: &Path, iters: usize, positions: usize) -> Result<()> {
     let shape = Shape { positions, ..PAPER_SHAPE };
-    let builtin = Registry::with_builtins().map_err(|e| e.message)?;
+    let builtin = Registry::with_builtins()?;
     let from_file = |tier, path: &Path| {
         let mut r = Registry::empty();
-        r.load_file(tier, path).map_err(|e| e.message)?;
-        Ok::<_, String>(r)
+        r.load_file(tier, path)?;
+        anyhow::Ok(r)
     };
     let tiers = [builtin, from_file(Tier::Dylib, dylib)?, from_file(Tier::Wasm, wasm)?];
     println!(
         "one fusion call: {} positions x {} candidates x top-{}, median of {iters} (release build recommended)",
         shape.positions, shape.candidates, shape.top_k
     );
-    println!("{:<10} {:>12} {:>12} {:>8} {:>12} {:>8}", "plugin", "builtin", "dylib", "ratio", "wasm", "ratio");
+    let mut table = crate::table::terminal(["plugin", "builtin", "dylib", "ratio", "wasm", "ratio"]);
+    crate::table::align_right(&mut table, 1..6);
     for name in ["min_ce", "avg_ce"] {
         let mut micros = Vec::new();
         for registry in &tiers {
-            let entry: &Entry = registry.get(PluginKind::Fusion, name).map_err(|e| e.message)?;
-            let params = entry.resolve_params(&Default::default()).map_err(|e| e.message)?;
-            let t = time_fusion(entry, &params, shape, iters).map_err(|e| e.message)?;
+            let entry: &Entry = registry.get(PluginKind::Fusion, name)?;
+            let params = entry.resolve_params(&Default::default())?;
+            let t = time_fusion(entry, &params, shape, iters)?;
             micros.push(t.as_secs_f64() * 1e6);
         }
-        println!(
-            "{name:<10} {:>10.1}us {:>10.1}us {:>7.2}x {:>10.1}us {:>7.2}x",
-            micros[0],
-            micros[1],
-            micros[1] / micros[0],
-            micros[2],
-            micros[2] / micros[0]
-        );
+        table.add_row([
+            name.to_string(),
+            format!("{:.1} us", micros[0]),
+            format!("{:.1} us", micros[1]),
+            format!("{:.2}x", micros[1] / micros[0]),
+            format!("{:.1} us", micros[2]),
+            format!("{:.2}x", micros[2] / micros[0]),
+        ]);
     }
+    println!("{table}");
     Ok(())
 }
 
@@ -324,27 +318,28 @@ struct SetADoc {
 
 /// Spans of `ids` (a document's tokens plus its EOS) by encoding `text` again; the EOS is
 /// a zero-width span at the end.
-fn spans(tokenizer: &Tokenizer, text: &str, ids: &[u32]) -> fusellm_core::error::Result<Vec<u32>> {
+fn spans(tokenizer: &Tokenizer, text: &str, ids: &[u32]) -> Result<Vec<u32>> {
     let (again, mut spans) = tokenizer.encode_with_spans(text)?;
     if again.len() + 1 != ids.len() || again[..] != ids[..again.len()] {
-        return Err(Error::msg("the fixture's token ids differ from encoding its text again"));
+        anyhow::bail!("the fixture's token ids differ from encoding its text again");
     }
     spans.extend([text.len() as u32; 2]);
     Ok(spans)
 }
 
-fn read_set_a(dir: &Path, base_tok: &Tokenizer, blending_tok: &Tokenizer) -> fusellm_core::error::Result<Vec<SetADoc>> {
-    let read = |name: &str| std::fs::read(dir.join(name)).context(|| format!("reading {}", dir.join(name).display()));
+fn read_set_a(dir: &Path, base_tok: &Tokenizer, blending_tok: &Tokenizer) -> Result<Vec<SetADoc>> {
+    let read =
+        |name: &str| std::fs::read(dir.join(name)).with_context(|| format!("reading {}", dir.join(name).display()));
     let (logits, indices) = (read("synthetic_setA_blending_logits.f32")?, read("synthetic_setA_blending_indices.i32")?);
     let word = |bytes: &[u8], k: usize| <[u8; 4]>::try_from(&bytes[4 * k..4 * k + 4]).expect("4 bytes");
-    let text = String::from_utf8(read("docs_setA.jsonl")?).map_err(|e| Error::msg(e.to_string()))?;
+    let text = String::from_utf8(read("docs_setA.jsonl")?)?;
     let ids = |v: &serde_json::Value| {
         v.as_array().map(|a| a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect::<Vec<_>>())
     };
     let mut row = 0;
     text.lines()
         .map(|line| {
-            let doc: serde_json::Value = serde_json::from_str(line).map_err(|e| Error::msg(e.to_string()))?;
+            let doc: serde_json::Value = serde_json::from_str(line)?;
             let (base, blending) =
                 (ids(&doc["base_input_ids"]).unwrap_or_default(), ids(&doc["blending_input_ids"]).unwrap_or_default());
             let mut topk = SparseRowsBuf::with_capacity(blending.len(), 10 * blending.len());
@@ -380,16 +375,14 @@ fn set_a_digest(outputs: &[SparseRowsBuf]) -> String {
     sha256_hex(all.as_bytes())
 }
 
-fn align(fixtures: &Path) -> fusellm_core::error::Result<()> {
+fn align(fixtures: &Path) -> Result<()> {
     let tokenizer =
         |name: &str| Vocabulary::from_tokenizer_json(&fixtures.join("tokenizers").join(name).join("tokenizer.json"));
     let (llama, neox) = (tokenizer("llama2")?, tokenizer("gpt-neox-20b")?);
     let registry = Registry::with_builtins()?;
     let timing: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(fixtures.join("alignment/timing_alignment_setA.json"))
-            .context(|| "reading the paper's timings".into())?,
-    )
-    .map_err(|e| Error::msg(e.to_string()))?;
+        &std::fs::read(fixtures.join("alignment/timing_alignment_setA.json")).context("reading the paper's timings")?,
+    )?;
     let paper = &timing["summary"];
 
     let mined = &Configured::named(&registry, PluginKind::VocabMapper, "mined")?;
@@ -460,7 +453,7 @@ fn align(fixtures: &Path) -> fusellm_core::error::Result<()> {
     Ok(())
 }
 
-fn precompute(model_dir: &Path, corpus: &Path, max_len: usize) -> fusellm_core::error::Result<()> {
+fn precompute(model_dir: &Path, corpus: &Path, max_len: usize) -> Result<()> {
     let registry = Registry::with_builtins()?;
     let options = Options::default();
     let dir = std::env::temp_dir().join(format!("fusellm-bench-store-{}", std::process::id()));
@@ -483,5 +476,5 @@ fn precompute(model_dir: &Path, corpus: &Path, max_len: usize) -> fusellm_core::
         run.tokens as f64 / secs,
         paper / ours
     );
-    std::fs::remove_dir_all(&dir).context(|| format!("removing {}", dir.display()))
+    std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))
 }

@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use anyhow::Result;
 use clap::Args;
-use fusellm_core::error::Result;
 use fusellm_core::pipeline::Event;
 use fusellm_core::plugins::Registry;
 use fusellm_demo::{Demo, Setup, Sizes};

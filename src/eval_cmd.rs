@@ -2,9 +2,9 @@
 
 use std::path::PathBuf;
 
+use anyhow::{Context, Result};
 use candle_core::DType;
 use clap::Args;
-use fusellm_core::error::{Error, Result};
 use fusellm_core::eval::{accuracy, loglik, mixture, read_questions, score, Accuracy, Score, Scorer};
 use fusellm_core::merge::Merge;
 use fusellm_core::model::LoadMode;
@@ -59,7 +59,7 @@ struct Row {
 fn named(spec: &str) -> Result<(String, PathBuf)> {
     spec.split_once('=')
         .map(|(n, p)| (n.to_string(), PathBuf::from(p)))
-        .ok_or_else(|| Error::msg(format!("`{spec}`: expected NAME=FILE")))
+        .ok_or_else(|| anyhow::anyhow!("`{spec}`: expected NAME=FILE"))
 }
 
 pub fn eval(args: EvalArgs) -> Result<()> {
@@ -99,7 +99,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         }
         let mut choice_nlls = Vec::new();
         for (name, qs) in &questions {
-            let nlls = qs.iter().map(|q| scorer.choice_nlls(q)).collect::<Result<Vec<_>>>()?;
+            let nlls = qs.iter().map(|q| scorer.choice_nlls(q)).collect::<fusellm_core::error::Result<Vec<_>>>()?;
             rows.push(choice_row(&label, name, qs, &nlls));
             choice_nlls.push(nlls);
         }
@@ -108,7 +108,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     }
     if args.ensemble {
         if tokenizers.iter().any(|t| *t != tokenizers[0]) {
-            return Err(Error::msg("--ensemble averages next-token distributions, so its members must share a tokenizer; these have different tokenizer.json files"));
+            anyhow::bail!("--ensemble averages next-token distributions, so its members must share a tokenizer; these have different tokenizer.json files");
         }
         for (s, (name, set)) in texts.iter().enumerate() {
             let nlls = mixture(&members.iter().map(|m| m.0[s].clone()).collect::<Vec<_>>())?;
@@ -117,7 +117,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         for (s, (name, qs)) in questions.iter().enumerate() {
             let nlls = (0..qs.len())
                 .map(|q| mixture(&members.iter().map(|m| m.1[s][q].clone()).collect::<Vec<_>>()))
-                .collect::<Result<Vec<_>>>()?;
+                .collect::<fusellm_core::error::Result<Vec<_>>>()?;
             rows.push(choice_row("ensemble", name, qs, &nlls));
         }
     }
@@ -152,24 +152,20 @@ fn choice_row(model: &str, set: &str, questions: &[fusellm_core::eval::Question]
 }
 
 fn print_table(rows: &[Row]) {
-    println!("| model | set | bits/byte | perplexity | acc | acc_norm |\n|---|---|---|---|---|---|");
     let cell = |v: Option<f64>| v.map_or("".to_string(), |v| format!("{v:.4}"));
-    for r in rows {
-        println!(
-            "| {} | {} | {} | {} | {} | {} |",
-            r.model,
-            r.set,
-            cell(r.bits_per_byte),
-            cell(r.perplexity),
-            cell(r.accuracy.map(|a| a.acc)),
-            cell(r.accuracy.map(|a| a.acc_norm))
-        );
-    }
+    let rows = rows.iter().map(|r| {
+        let accuracy = [r.accuracy.map(|a| a.acc), r.accuracy.map(|a| a.acc_norm)];
+        [r.model.clone(), r.set.clone(), cell(r.bits_per_byte), cell(r.perplexity)]
+            .into_iter()
+            .chain(accuracy.map(cell))
+            .collect()
+    });
+    print!("{}", fusellm_core::table::markdown(&["model", "set", "bits/byte", "perplexity", "acc", "acc_norm"], rows));
 }
 
 /// eval.json, and eval.png: bits per byte per set and model.
 fn write_outputs(out: &std::path::Path, rows: &[Row]) -> Result<()> {
-    std::fs::create_dir_all(out).map_err(|e| Error::msg(format!("creating {}: {e}", out.display())))?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     fusellm_core::files::write_atomically(&out.join("eval.json"), &serde_json::to_vec_pretty(rows).expect("JSON"))?;
     let sets = crate::run_cmd::unique(rows.iter().filter(|r| r.bits_per_byte.is_some()).map(|r| r.set.as_str()));
     let models = crate::run_cmd::unique(rows.iter().map(|r| r.model.as_str()));

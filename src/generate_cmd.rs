@@ -1,5 +1,6 @@
 //! `fusellm generate`: greedy decoding from a checkpoint, for smoke checks.
 
+use anyhow::Result;
 use std::path::PathBuf;
 
 use candle_core::DType;
@@ -26,17 +27,17 @@ pub struct GenerateArgs {
     open: ModelArgs,
 }
 
-pub fn run(args: GenerateArgs) -> Result<(), String> {
-    let registry = args.open.plugins.registry().map_err(|e| e.message)?;
-    let checkpoint = args.open.open(&registry, &args.model).map_err(|e| e.message)?;
-    let device = args.open.device().map_err(|e| e.message)?;
-    let model = checkpoint.load_model(LoadMode::Frozen, DType::F32, &device).map_err(|e| e.message)?;
-    let prompt = checkpoint.tokenizer.encode(&args.prompt).map_err(|e| e.message)?;
-    let new = greedy(&model, &prompt, args.max_new_tokens).map_err(|e| e.message)?;
+pub fn run(args: GenerateArgs) -> Result<()> {
+    let registry = args.open.plugins.registry()?;
+    let checkpoint = args.open.open(&registry, &args.model)?;
+    let device = args.open.device()?;
+    let model = checkpoint.load_model(LoadMode::Frozen, DType::F32, &device)?;
+    let prompt = checkpoint.tokenizer.encode(&args.prompt)?;
+    let new = greedy(&model, &prompt, args.max_new_tokens)?;
     if args.ids {
         println!("{}", new.iter().map(u32::to_string).collect::<Vec<_>>().join(" "));
     } else {
-        println!("{}", checkpoint.tokenizer.decode(&new).map_err(|e| e.message)?);
+        println!("{}", checkpoint.tokenizer.decode(&new)?);
     }
     Ok(())
 }

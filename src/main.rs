@@ -10,6 +10,7 @@ mod plugins_cmd;
 mod run_cmd;
 mod split_cmd;
 mod store_cmd;
+mod table;
 
 use std::process::ExitCode;
 
@@ -77,26 +78,27 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Plugins(cmd) => plugins_cmd::run(cmd),
         Command::Bench(cmd) => bench_cmd::run(cmd).map(|()| ExitCode::SUCCESS),
-        Command::Split(args) => split_cmd::run(args).map(|()| ExitCode::SUCCESS).map_err(|e| e.message),
-        Command::Precompute(args) => store_cmd::run_precompute(args).map(|()| ExitCode::SUCCESS).map_err(|e| e.message),
-        Command::Store(cmd) => store_cmd::run_store(cmd)
-            .map(|ok| if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
-            .map_err(|e| e.message),
+        Command::Split(args) => split_cmd::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Precompute(args) => store_cmd::run_precompute(args).map(|()| ExitCode::SUCCESS),
+        Command::Store(cmd) => {
+            store_cmd::run_store(cmd).map(|ok| if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
         Command::Align(args) => align_cmd::align(args).map(|()| ExitCode::SUCCESS),
         Command::VocabMap(args) => align_cmd::vocab_map(args).map(|()| ExitCode::SUCCESS),
-        Command::Fuse(args) => run_cmd::fuse(args).map(|()| ExitCode::SUCCESS).map_err(|e| e.message),
-        Command::Train(args) => run_cmd::train(args).map(|()| ExitCode::SUCCESS).map_err(|e| e.message),
-        Command::Run(args) => run_cmd::run(args).map(|()| ExitCode::SUCCESS).map_err(|e| e.message),
-        Command::Validate(args) => run_cmd::validate_cmd(args).map(|()| ExitCode::SUCCESS).map_err(|e| e.message),
-        Command::Demo(args) => demo_cmd::run(args).map(|()| ExitCode::SUCCESS).map_err(|e| e.message),
-        Command::Eval(args) => eval_cmd::eval(args).map(|()| ExitCode::SUCCESS).map_err(|e| e.message),
-        Command::Merge(args) => eval_cmd::merge(args).map(|()| ExitCode::SUCCESS).map_err(|e| e.message),
+        Command::Fuse(args) => run_cmd::fuse(args).map(|()| ExitCode::SUCCESS),
+        Command::Train(args) => run_cmd::train(args).map(|()| ExitCode::SUCCESS),
+        Command::Run(args) => run_cmd::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Validate(args) => run_cmd::validate_cmd(args).map(|()| ExitCode::SUCCESS),
+        Command::Demo(args) => demo_cmd::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Eval(args) => eval_cmd::eval(args).map(|()| ExitCode::SUCCESS),
+        Command::Merge(args) => eval_cmd::merge(args).map(|()| ExitCode::SUCCESS),
         Command::Generate(args) => generate_cmd::run(args).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
-        Err(message) => {
-            eprintln!("error: {message}");
+        Err(e) => {
+            // The error with its causes, "what: cause: cause".
+            eprintln!("error: {e:#}");
             ExitCode::from(2)
         }
     }

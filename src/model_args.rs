@@ -4,10 +4,10 @@
 
 use std::path::{Path, PathBuf};
 
+use anyhow::Result;
 use candle_core::Device;
 use clap::Args;
 use fusellm_core::checkpoint::Checkpoint;
-use fusellm_core::error::Result;
 use fusellm_core::plugins::Registry;
 
 /// Plugin files to load besides the built-ins.
@@ -43,11 +43,11 @@ pub struct ModelArgs {
 
 impl ModelArgs {
     pub fn device(&self) -> Result<Device> {
-        fusellm_core::device::parse(&self.device)
+        Ok(fusellm_core::device::parse(&self.device)?)
     }
 
     /// The checkpoint in `dir`, read by the chosen adapter.
     pub fn open(&self, registry: &Registry, dir: &Path) -> Result<Checkpoint> {
-        Checkpoint::open(dir, registry, self.adapter.as_deref())
+        Ok(Checkpoint::open(dir, registry, self.adapter.as_deref())?)
     }
 }

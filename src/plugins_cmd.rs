@@ -1,5 +1,6 @@
 //! `fusellm plugins ...` and `fusellm bench plugins`.
 
+use anyhow::Result;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -36,7 +37,7 @@ pub enum PluginsCommand {
     },
 }
 
-pub fn run(cmd: PluginsCommand) -> Result<ExitCode, String> {
+pub fn run(cmd: PluginsCommand) -> Result<ExitCode> {
     match cmd {
         PluginsCommand::List { config, json, kind } => {
             let registry = registry(config.as_deref())?;
@@ -53,23 +54,23 @@ pub fn run(cmd: PluginsCommand) -> Result<ExitCode, String> {
     }
 }
 
-fn registry(config: Option<&Path>) -> Result<Registry, String> {
-    let mut registry = Registry::with_builtins().map_err(|e| e.message)?;
+fn registry(config: Option<&Path>) -> Result<Registry> {
+    let mut registry = Registry::with_builtins()?;
     if let Some(path) = config {
-        let config = Config::load(path).map_err(|e| e.to_string())?;
-        config.load_plugins(&mut registry).map_err(|e| e.to_string())?;
+        let config = Config::load(path)?;
+        config.load_plugins(&mut registry)?;
     }
     Ok(registry)
 }
 
 /// The kinds a `--kind` filter names; all without one.
-fn kinds(filter: Option<&str>) -> Result<Vec<PluginKind>, String> {
+fn kinds(filter: Option<&str>) -> Result<Vec<PluginKind>> {
     match filter {
         None => Ok(PluginKind::ALL.to_vec()),
         Some("aligner") => Ok(vec![PluginKind::SequenceAligner, PluginKind::VocabMapper]),
         Some(name) => PluginKind::ALL.into_iter().find(|k| k.as_str() == name).map(|k| vec![k]).ok_or_else(|| {
             let names = PluginKind::ALL.map(PluginKind::as_str);
-            format!(
+            anyhow::anyhow!(
                 "--kind {name}: not a plugin kind{}; kinds: {}, aligner (both aligners)",
                 fusellm_sdk::suggest::did_you_mean(name, names.into_iter().chain(["aligner"])),
                 names.join(", ")
@@ -95,34 +96,31 @@ fn listing(entries: &[&Entry]) -> serde_json::Value {
         .collect()
 }
 
+/// One row per plugin; its doc and parameters (with type and default) under its name.
 fn print_table(entries: &[&Entry]) {
-    println!("{:<20} {:<16} {:<8} {:<8} source", "name", "kind", "tier", "version");
+    let mut table = crate::table::terminal(["name", "kind", "tier", "version", "about"]);
     for e in entries {
-        println!(
-            "{:<20} {:<16} {:<8} {:<8} {}",
-            e.info.name,
-            e.info.kind.as_str(),
-            e.tier.as_str(),
-            e.info.version,
-            e.origin
-        );
-        println!("    {}", e.info.doc);
-        for p in &e.info.params {
-            println!("    {} ({}, default {}): {}", p.name, p.type_label(), p.default, p.doc);
-        }
+        let params = e
+            .info
+            .params
+            .iter()
+            .map(|p| format!("\n- {} ({}, default {}): {}", p.name, p.type_label(), p.default, p.doc));
+        let about = format!("{}\nfrom {}{}", e.info.doc, e.origin, params.collect::<String>());
+        table.add_row([e.info.name.as_str(), e.info.kind.as_str(), e.tier.as_str(), &e.info.version, &about]);
     }
+    println!("{table}");
 }
 
-fn test(spec: &str, name: Option<&str>, config: Option<&Path>) -> Result<ExitCode, String> {
+fn test(spec: &str, name: Option<&str>, config: Option<&Path>) -> Result<ExitCode> {
     let mut registry = registry(config)?;
     let is_file = Path::new(spec).extension().is_some();
     let names = if is_file {
         let path = Path::new(spec);
-        let tier = Tier::of_file(path).map_err(|e| e.message)?;
-        let held = registry.load_file(tier, path).map_err(|e| e.message)?;
+        let tier = Tier::of_file(path)?;
+        let held = registry.load_file(tier, path)?;
         match name {
             Some(n) if held.iter().any(|h| h == n) => vec![n.to_string()],
-            Some(n) => return Err(format!("{spec} holds no plugin `{n}`; it holds: {}", held.join(", "))),
+            Some(n) => anyhow::bail!("{spec} holds no plugin `{n}`; it holds: {}", held.join(", ")),
             None => held,
         }
     } else {
@@ -130,7 +128,7 @@ fn test(spec: &str, name: Option<&str>, config: Option<&Path>) -> Result<ExitCod
     };
     let mut failed = 0;
     for name in names {
-        let entry = registry.get(PluginKind::Fusion, &name).map_err(|e| e.message);
+        let entry = registry.get(PluginKind::Fusion, &name);
         let entry = match entry {
             Ok(entry) => entry,
             // A file may hold adapters too; the conformance checks are those of fusion plugins.
@@ -138,7 +136,7 @@ fn test(spec: &str, name: Option<&str>, config: Option<&Path>) -> Result<ExitCod
                 println!("`{name}`: skipped (not a fusion plugin; conformance checks cover fusion plugins)");
                 continue;
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         };
         println!("{}", entry.label());
         for check in check_fusion(entry) {

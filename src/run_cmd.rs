@@ -3,10 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
+use anyhow::{Context, Result};
 use clap::Args;
 use fusellm_core::checkpoint::{Checkpoint, Stored};
 use fusellm_core::config::{apply_overrides, variants, Config, Variant};
-use fusellm_core::error::{Context, Error, Result};
 use fusellm_core::pipeline::{open_model, train_target, validate, Checked, Event, Run, RunRecord};
 use fusellm_core::plugins::Registry;
 use fusellm_core::train::data::fused_documents;
@@ -23,13 +23,10 @@ pub struct RunArgs {
 
 /// The config's text with the overrides applied, and its variants (one without `[sweep]`).
 fn load(args: &RunArgs) -> Result<Vec<(Variant, Config)>> {
-    let text = std::fs::read_to_string(&args.config).context(|| format!("reading {}", args.config.display()))?;
-    let text = apply_overrides(&args.config, &text, &args.set).map_err(|e| Error::msg(e.to_string()))?;
-    variants(&args.config, &text)
-        .map_err(|e| Error::msg(e.to_string()))?
-        .into_iter()
-        .map(|v| Config::parse(&args.config, &v.text).map(|c| (v, c)).map_err(|e| Error::msg(e.to_string())))
-        .collect()
+    let text = std::fs::read_to_string(&args.config).with_context(|| format!("reading {}", args.config.display()))?;
+    let text = apply_overrides(&args.config, &text, &args.set)?;
+    let variants = variants(&args.config, &text)?.into_iter();
+    Ok(variants.map(|v| Config::parse(&args.config, &v.text).map(|c| (v, c))).collect::<Result<_, _>>()?)
 }
 
 /// Draws a run's events on stderr: a line as each stage starts, and a bar of the running
@@ -98,20 +95,16 @@ pub fn run(args: RunArgs) -> Result<()> {
 fn eval_table(record: &RunRecord) -> String {
     let sets = unique(record.eval.iter().map(|r| r.set.as_str()));
     let models = unique(record.eval.iter().map(|r| r.model.as_str()));
-    let mut out = format!("| model | {} | average |\n|---|{}---|\n", sets.join(" | "), "---|".repeat(sets.len()));
-    for model in models {
+    let header: Vec<&str> = std::iter::once("model").chain(sets.iter().copied()).chain(["average"]).collect();
+    let rows = models.into_iter().map(|model| {
         let bpb: Vec<f64> = sets
             .iter()
             .map(|s| record.eval.iter().find(|r| r.model == model && r.set == *s).map_or(f64::NAN, |r| r.bits_per_byte))
             .collect();
-        let cells: Vec<String> = bpb.iter().map(|b| format!("{b:.4}")).collect();
-        out += &format!(
-            "| {model} | {} | {:.4} |\n",
-            cells.join(" | "),
-            bpb.iter().sum::<f64>() / bpb.len().max(1) as f64
-        );
-    }
-    out
+        let average = bpb.iter().sum::<f64>() / bpb.len().max(1) as f64;
+        std::iter::once(model.to_string()).chain(bpb.iter().chain([&average]).map(|b| format!("{b:.4}"))).collect()
+    });
+    fusellm_core::table::markdown(&header, rows)
 }
 
 /// The distinct items, in order of first appearance.
@@ -139,16 +132,15 @@ fn write_sweep(dir: &Path, results: &[(String, RunRecord)]) -> Result<()> {
             })
         })
         .collect();
-    let mut md = String::from("| variant | average bits per byte |\n|---|---|\n");
-    for row in &rows {
-        md += &format!(
-            "| {} | {:.4} |\n",
-            row["variant"].as_str().unwrap_or(""),
-            row["avg_bits_per_byte"].as_f64().unwrap_or(f64::NAN)
-        );
-    }
+    let md = fusellm_core::table::markdown(
+        &["variant", "average bits per byte"],
+        rows.iter().map(|row| {
+            let average = row["avg_bits_per_byte"].as_f64().unwrap_or(f64::NAN);
+            vec![row["variant"].as_str().unwrap_or("").to_string(), format!("{average:.4}")]
+        }),
+    );
     fusellm_core::files::write_atomically(&dir.join("sweep.json"), &serde_json::to_vec_pretty(&rows).expect("JSON"))?;
-    fusellm_core::files::write_atomically(&dir.join("sweep.md"), md.as_bytes())
+    Ok(fusellm_core::files::write_atomically(&dir.join("sweep.md"), md.as_bytes())?)
 }
 
 /// Every variant's plugins loaded, then every variant validated: all of a sweep is checked
@@ -158,11 +150,11 @@ fn check_all<'r>(
     registry: &'r mut Registry,
 ) -> Result<(&'r Registry, Vec<Checked<'r>>)> {
     for (variant, config) in variants {
-        config.load_plugins(registry).map_err(|e| Error::msg(format!("{e}{}", label(variant))))?;
+        config.load_plugins(registry).map_err(|e| anyhow::anyhow!("{e}{}", label(variant)))?;
     }
     let registry = &*registry;
     let check = |(variant, config): &(Variant, Config)| {
-        validate(config, registry).map_err(|e| Error::msg(format!("{e}{}", label(variant))))
+        validate(config, registry).map_err(|e| anyhow::anyhow!("{e}{}", label(variant)))
     };
     Ok((registry, variants.iter().map(check).collect::<Result<_>>()?))
 }
@@ -226,12 +218,9 @@ pub fn train(args: TrainArgs) -> Result<()> {
     let run_args = RunArgs { config: args.config.clone(), set: args.set.clone() };
     let (_, config) = load(&run_args)?.into_iter().next().expect("one variant at least");
     let mut registry = Registry::with_builtins()?;
-    config.load_plugins(&mut registry).map_err(|e| Error::msg(e.to_string()))?;
-    let target = config
-        .target
-        .as_ref()
-        .ok_or_else(|| Error::msg(config.error_at("target", "needs a [target] model").to_string()))?;
-    let checkpoint = open_model(target, &registry).map_err(|e| Error::msg(e.to_string()))?;
+    config.load_plugins(&mut registry)?;
+    let target = config.target.as_ref().ok_or_else(|| config.error_at("target", "needs a [target] model"))?;
+    let checkpoint = open_model(target, &registry)?;
     let docs = fused_documents(&args.fused)?.1;
     let mut reporter = Reporter::default();
     let progress = |p: fusellm_core::train::Progress| reporter.event(p.into());
@@ -263,17 +252,14 @@ pub struct FuseArgs {
 }
 
 pub fn fuse(args: FuseArgs) -> Result<()> {
-    let config = Config::load(&args.config).map_err(|e| Error::msg(e.to_string()))?;
+    let config = Config::load(&args.config)?;
     let mut registry = Registry::with_builtins()?;
-    config.load_plugins(&mut registry).map_err(|e| Error::msg(e.to_string()))?;
-    let choice = config
-        .fusion
-        .as_ref()
-        .ok_or_else(|| Error::msg(config.error_at("fusion", "needs a [fusion] section").to_string()))?;
-    let fusion = choice.find(&registry).map_err(|e| Error::msg(e.to_string()))?;
+    config.load_plugins(&mut registry)?;
+    let choice = config.fusion.as_ref().ok_or_else(|| config.error_at("fusion", "needs a [fusion] section"))?;
+    let fusion = choice.find(&registry)?;
     // The config's target, read by the adapter it names; else the store's model by its model_type.
     let target = match &config.target {
-        Some(target) => open_model(target, &registry).map_err(|e| Error::msg(e.to_string()))?,
+        Some(target) => open_model(target, &registry)?,
         None => Checkpoint::of_store(&args.target, &registry, None)?,
     };
     let target = Stored { dir: &args.target, checkpoint: &target };

@@ -2,8 +2,8 @@
 
 use std::path::PathBuf;
 
+use anyhow::Result;
 use clap::Args;
-use fusellm_core::error::Result;
 use fusellm_core::split::{open_tokenizer, split_corpus, OnBadInput, Splitter};
 
 #[derive(Args)]
@@ -32,7 +32,8 @@ pub struct SplitArgs {
 }
 
 pub fn run(args: SplitArgs) -> Result<()> {
-    let tokenizers = args.tokenizers.iter().map(|p| open_tokenizer(p)).collect::<Result<Vec<_>>>()?;
+    let tokenizers =
+        args.tokenizers.iter().map(|p| open_tokenizer(p)).collect::<fusellm_core::error::Result<Vec<_>>>()?;
     let splitter = Splitter { tokenizers: &tokenizers, max_len: args.max_len, margin: args.margin };
     let on_bad = if args.skip_bad { OnBadInput::Skip } else { OnBadInput::Stop };
     let summary = split_corpus(&args.inputs, &args.text_field, &splitter, on_bad, &args.out)?;

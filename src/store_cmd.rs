@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use anyhow::Result;
 use clap::{Args, Subcommand, ValueEnum};
-use fusellm_core::error::{Error, Result};
 use fusellm_core::pipeline::Event;
 use fusellm_core::precompute::precompute_model;
 use fusellm_core::store::{merge, verify, Options, Progress};
@@ -101,7 +101,7 @@ fn parse_worker(spec: &str) -> Result<(usize, usize)> {
     };
     parse()
         .filter(|&(i, n)| i < n)
-        .ok_or_else(|| Error::msg(format!("--shard {spec}: expected i/N with i < N, such as 0/4")))
+        .ok_or_else(|| anyhow::anyhow!("--shard {spec}: expected i/N with i < N, such as 0/4"))
 }
 
 pub fn run_store(cmd: StoreCommand) -> Result<bool> {

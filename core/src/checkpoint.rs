@@ -48,9 +48,9 @@ impl Checkpoint {
                 registry.adapter_for(model_type)?
             }
         };
-        let params = entry.resolve_params(&Default::default()).map_err(|e| Error::msg(e.message))?;
+        let params = entry.resolve_params(&Default::default())?;
         let files = CheckpointFiles { config_json: &config_json, tokenizer_json: Some(&tokenizer_json) };
-        let spec = entry.adapt(&params, files).map_err(|e| Error::msg(format!("{}: {e}", dir.display())))?;
+        let spec = entry.adapt(&params, files).context(|| dir.display().to_string())?;
         let tokenizer = Tokenizer::load(&tokenizer_path, &spec)?;
         let (adapter, adapter_version) = (entry.info.name.clone(), entry.info.version.clone());
         Ok(Self { dir: dir.to_owned(), spec, adapter, adapter_version, tokenizer })

@@ -1,48 +1,68 @@
-//! The error of fusellm's stages: a message that says what went wrong, where, and what to do.
+//! The error of fusellm's stages. Each variant keeps what it wraps as its `source`, so a
+//! caller sees the whole chain (what was being done, down to the I/O or tensor error
+//! underneath); [`Error::report`] and the binary render it as `what: cause: cause`.
 
-use std::fmt;
+use crate::config::ConfigError;
+use crate::plugins::PluginError;
 
-#[derive(Clone, Debug, PartialEq)]
-pub struct Error {
-    pub message: String,
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A finding of fusellm's own checks: what is wrong, where, and what to do.
+    #[error("{0}")]
+    Invalid(String),
+    /// What was being done when a lower-level error happened (the source).
+    #[error("{what}")]
+    Context {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A tensor operation of candle.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// Loading, resolving or calling a plugin.
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
+    /// A plugin's parameters that do not match its schema.
+    #[error(transparent)]
+    Param(#[from] fusellm_sdk::params::ParamError),
+    /// The experiment config, with the file, line and column it points at.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn msg(message: impl Into<String>) -> Self {
-        Self { message: message.into() }
+        Self::Invalid(message.into())
+    }
+
+    /// The error and its sources, joined by ": " (what the binary prints).
+    pub fn report(&self) -> String {
+        report(self)
     }
 }
 
-impl fmt::Display for Error {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)
+/// Any error and its chain of sources, joined by ": ".
+pub fn report(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        out += ": ";
+        out += &e.to_string();
+        source = e.source();
     }
+    out
 }
 
-impl std::error::Error for Error {}
-
-impl From<candle_core::Error> for Error {
-    fn from(e: candle_core::Error) -> Self {
-        // candle appends a backtrace when RUST_BACKTRACE is set; the first line is the error.
-        Self::msg(e.to_string().lines().next().unwrap_or_default().to_string())
-    }
-}
-
-impl From<crate::plugins::PluginError> for Error {
-    fn from(e: crate::plugins::PluginError) -> Self {
-        Self::msg(e.message)
-    }
-}
-
-/// Adds what was being done to an error.
+/// Adds what was being done to an error, keeping the error as the source.
 pub trait Context<T> {
     fn context(self, what: impl FnOnce() -> String) -> Result<T>;
 }
 
-impl<T, E: fmt::Display> Context<T> for std::result::Result<T, E> {
+impl<T, E: Into<Box<dyn std::error::Error + Send + Sync>>> Context<T> for std::result::Result<T, E> {
     fn context(self, what: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|e| Error::msg(format!("{}: {e}", what())))
+        self.map_err(|e| Error::Context { what: what(), source: e.into() })
     }
 }

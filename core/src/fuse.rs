@@ -112,10 +112,8 @@ fn fuse_shard(
         let text = texts.get(doc as usize).ok_or_else(|| Error::msg(format!("document {doc} is not in the corpus")))?;
         let ids = checkpoint.tokenizer.encode(text)?;
         let input = fusion_input(&target, d, k, &ids, text.len(), &sources)?;
-        let mut fused = fusion
-            .entry
-            .fuse(&fusion.params, &input.view())
-            .map_err(|e| Error::msg(format!("document {doc} (shard {s}): {}", e.message)))?;
+        let mut fused =
+            fusion.entry.fuse(&fusion.params, &input.view()).context(|| format!("document {doc} (shard {s})"))?;
         fused.end_row(); // the last position predicts nothing
         out.push(doc, &ids, &fused);
     }

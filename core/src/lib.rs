@@ -19,5 +19,6 @@ pub mod precompute;
 pub mod rng;
 pub mod split;
 pub mod store;
+pub mod table;
 pub mod tokenizer;
 pub mod train;

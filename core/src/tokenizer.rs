@@ -5,7 +5,7 @@ use std::path::Path;
 
 use fusellm_sdk::ModelSpec;
 
-use crate::error::{Error, Result};
+use crate::error::{Context, Error, Result};
 
 #[derive(Clone)]
 pub struct Tokenizer {
@@ -38,8 +38,7 @@ impl Tokenizer {
 
     /// A tokenizer.json on its own, with no BOS policy and no model to check against.
     pub fn open(path: &Path) -> Result<Self> {
-        let inner =
-            tokenizers::Tokenizer::from_file(path).map_err(|e| Error::msg(format!("{}: {e}", path.display())))?;
+        let inner = tokenizers::Tokenizer::from_file(path).context(|| path.display().to_string())?;
         Ok(Self { inner, bos: None })
     }
 
@@ -47,7 +46,7 @@ impl Tokenizer {
     /// convention has one, no EOS), and each token's byte span in the text, flat
     /// `[start, end)` pairs as the `offsets` aligner takes them (the BOS spans nothing).
     pub fn encode_with_spans(&self, text: &str) -> Result<(Vec<u32>, Vec<u32>)> {
-        let encoding = self.inner.encode(text, false).map_err(|e| Error::msg(format!("tokenizing: {e}")))?;
+        let encoding = self.inner.encode(text, false).context(|| "tokenizing".into())?;
         let ids = self.bos.into_iter().chain(encoding.get_ids().iter().copied()).collect();
         let bos_span = self.bos.map(|_| [0, 0]).into_iter().flatten();
         let spans = bos_span.chain(encoding.get_offsets().iter().flat_map(|&(s, e)| [s as u32, e as u32])).collect();
@@ -65,6 +64,6 @@ impl Tokenizer {
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, false).map_err(|e| Error::msg(format!("decoding: {e}")))
+        self.inner.decode(ids, false).context(|| "decoding".into())
     }
 }

@@ -485,7 +485,7 @@ impl Demo<'_> {
         let file = self.path(&format!("configs/{name}.toml"));
         std::fs::create_dir_all(self.path("configs")).context(|| "creating the config folder".into())?;
         std::fs::write(&file, &text).context(|| format!("writing {}", file.display()))?;
-        let config = Config::parse(&file, &text).map_err(|e| Error::msg(e.to_string()))?;
+        let config = Config::parse(&file, &text)?;
         let run = Run {
             config: &config,
             text,

@@ -60,14 +60,12 @@ impl Results {
     /// The table in Markdown.
     pub fn markdown(&self) -> String {
         let domains = self.domains();
-        let mut out =
-            format!("| model | {} | average |\n|---|{}---|\n", domains.join(" | "), "---|".repeat(domains.len()));
-        for r in &self.rows {
-            let cells: Vec<String> =
-                domains.iter().map(|d| r.bpb.get(*d).map_or("".into(), |v| format!("{v:.4}"))).collect();
-            out += &format!("| {} | {} | {:.4} |\n", r.model, cells.join(" | "), r.avg_bpb);
-        }
-        out
+        let header: Vec<&str> = std::iter::once("model").chain(domains.iter().copied()).chain(["average"]).collect();
+        let rows = self.rows.iter().map(|r| {
+            let cells = domains.iter().map(|d| r.bpb.get(*d).map_or("".into(), |v| format!("{v:.4}")));
+            std::iter::once(r.model.clone()).chain(cells).chain([format!("{:.4}", r.avg_bpb)]).collect()
+        });
+        fusellm_core::table::markdown(&header, rows)
     }
 
     pub fn write(&self, out: &Path) -> Result<()> {

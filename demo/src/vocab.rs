@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::str::FromStr;
 
-use fusellm_core::error::{Error, Result};
+use fusellm_core::error::{Context, Result};
 use tokenizers::models::bpe::BpeTrainerBuilder;
 use tokenizers::models::TrainerWrapper;
 use tokenizers::{AddedToken, Tokenizer};
@@ -22,9 +22,7 @@ pub struct Family {
     pub vocab: usize,
 }
 
-fn error(e: impl std::fmt::Display) -> Error {
-    Error::msg(format!("training a demo tokenizer: {e}"))
-}
+const TRAINING: fn() -> String = || "training a demo tokenizer".into();
 
 /// The untrained pipeline of a family, as tokenizer.json.
 fn template(byte_level: bool) -> serde_json::Value {
@@ -54,7 +52,7 @@ fn template(byte_level: bool) -> serde_json::Value {
 
 /// Trains `family` on `texts` and writes its tokenizer.json to `out`.
 pub fn train(family: Family, texts: &[String], out: &Path) -> Result<()> {
-    let mut tokenizer = Tokenizer::from_str(&template(family.byte_level).to_string()).map_err(error)?;
+    let mut tokenizer = Tokenizer::from_str(&template(family.byte_level).to_string()).context(TRAINING)?;
     let specials: Vec<&str> = if family.byte_level { vec!["<|endoftext|>"] } else { vec!["<unk>", "<s>", "</s>"] };
     // Sentencepiece-style vocabularies also hold the 256 byte tokens, added below.
     let merges_budget = if family.byte_level { family.vocab } else { family.vocab - 256 };
@@ -70,14 +68,13 @@ pub fn train(family: Family, texts: &[String], out: &Path) -> Result<()> {
         .initial_alphabet(alphabet)
         .build();
     let mut trainer = TrainerWrapper::BpeTrainer(trainer);
-    tokenizer.train(&mut trainer, texts.iter()).map_err(error)?;
+    tokenizer.train(&mut trainer, texts.iter()).context(TRAINING)?;
     let mut json: serde_json::Value =
-        serde_json::from_str(&tokenizer.to_string(false).map_err(error)?).map_err(error)?;
+        serde_json::from_str(&tokenizer.to_string(false).context(TRAINING)?).context(TRAINING)?;
     if !family.byte_level {
         insert_byte_tokens(&mut json, specials.len());
     }
-    std::fs::write(out, serde_json::to_string(&json).expect("JSON"))
-        .map_err(|e| error(format!("{}: {e}", out.display())))
+    std::fs::write(out, serde_json::to_string(&json).expect("JSON")).context(|| format!("writing {}", out.display()))
 }
 
 /// Puts `<0x00>`..`<0xFF>` right after the special tokens, as Llama-2's vocabulary has
@@ -97,6 +94,6 @@ fn insert_byte_tokens(json: &mut serde_json::Value, specials: usize) {
 
 /// The vocabulary size of a trained tokenizer.json.
 pub fn vocab_size(path: &Path) -> Result<usize> {
-    let tokenizer = Tokenizer::from_file(path).map_err(error)?;
+    let tokenizer = Tokenizer::from_file(path).context(TRAINING)?;
     Ok(tokenizer.get_vocab_size(true))
 }

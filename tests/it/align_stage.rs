@@ -104,12 +104,12 @@ fn a_source_store_aligns_to_the_target_positions() {
     let e =
         align_stores(stored(&source, &mpt), stored(&elsewhere, &llama), &scratch("never"), (&dtw, &mined), false, None)
             .unwrap_err()
-            .message;
+            .report();
     assert!(e.contains("were computed over different corpora"), "{e}");
     // A checkpoint that is not the one a store was computed from is refused.
     let e =
         align_stores(stored(&source, &llama), stored(&target, &llama), &scratch("never"), (&dtw, &mined), false, None)
             .unwrap_err()
-            .message;
+            .report();
     assert!(e.contains("was computed with another tokenizer"), "{e}");
 }

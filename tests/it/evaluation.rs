@@ -87,7 +87,7 @@ fn an_ensemble_averages_the_members_probabilities() {
     let mixed = mixture(&[vec![vec![1.0, 2.0]], vec![vec![3.0, 2.0]]]).unwrap();
     let expected = -((-1f64).exp() / 2.0 + (-3f64).exp() / 2.0).ln();
     assert!((mixed[0][0] as f64 - expected).abs() < 1e-6 && (mixed[0][1] - 2.0).abs() < 1e-6);
-    assert!(mixture(&[vec![vec![1.0]], vec![vec![1.0, 2.0]]]).unwrap_err().message.contains("share a tokenizer"));
+    assert!(mixture(&[vec![vec![1.0]], vec![vec![1.0, 2.0]]]).unwrap_err().report().contains("share a tokenizer"));
 
     // Two different models with one tokenizer: tiny-llama2 and its weights scaled by 0.8.
     let dir = scratch("ensemble");

@@ -258,7 +258,7 @@ fn a_tensor_of_another_dtype_is_refused_by_name() {
     tensors.insert("model.norm.weight".into(), norm);
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
     let checkpoint = Checkpoint::open(&dir, &Registry::with_builtins().unwrap(), None).unwrap();
-    let err = checkpoint.load_model(LoadMode::Frozen, DType::F32, &Device::Cpu).err().unwrap().message;
+    let err = checkpoint.load_model(LoadMode::Frozen, DType::F32, &Device::Cpu).err().unwrap().report();
     assert!(
         err.contains("tensor `model.norm.weight` is stored as I64") && err.contains("supported: F32, BF16, F16, F64"),
         "{err}"

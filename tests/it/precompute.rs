@@ -53,9 +53,9 @@ fn bad_settings_and_empty_documents_are_refused() {
     let registry = Registry::with_builtins().unwrap();
     let checkpoint = Checkpoint::open(&fixtures::model_dir("tiny-mpt"), &registry, None).unwrap();
     let model = checkpoint.load_model(LoadMode::Frozen, DType::F32, &Device::Cpu).unwrap();
-    let e = topk(&model, &[vec![1, 2, 3], vec![]], Settings::default()).unwrap_err().message;
+    let e = topk(&model, &[vec![1, 2, 3], vec![]], Settings::default()).unwrap_err().report();
     assert!(e.contains("document 1 has no tokens"), "{e}");
-    let e = topk(&model, &[vec![1, 2]], Settings { k: 0, ..Settings::default() }).unwrap_err().message;
+    let e = topk(&model, &[vec![1, 2]], Settings { k: 0, ..Settings::default() }).unwrap_err().report();
     assert!(e.contains("k = 0"), "{e}");
     let one = topk(&model, &[vec![7]], Settings::default()).unwrap();
     assert!(one[0].ce.is_empty() && one[0].mean_ce.is_nan() && one[0].topk_ids.len() == 10);

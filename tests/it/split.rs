@@ -78,7 +78,7 @@ fn a_bad_line_stops_the_run_with_its_place_or_is_skipped() {
         });
         count.map(|c| (c, texts))
     };
-    let e = read(OnBadInput::Stop).unwrap_err().message;
+    let e = read(OnBadInput::Stop).unwrap_err().report();
     assert!(e.contains("bad.jsonl:2: not valid JSON"), "{e}");
     assert!(e.contains("--skip-bad"), "{e}");
     let (count, texts) = read(OnBadInput::Skip).unwrap();
@@ -103,6 +103,6 @@ fn a_bad_line_stops_the_run_with_its_place_or_is_skipped() {
 #[test]
 fn a_text_file_that_is_not_utf8_is_named() {
     let file = scratch("latin1.txt", b"caf\xe9\n");
-    let e = for_each_document(&[file], &[], OnBadInput::Stop, |_| Ok(())).unwrap_err().message;
+    let e = for_each_document(&[file], &[], OnBadInput::Stop, |_| Ok(())).unwrap_err().report();
     assert!(e.contains("latin1.txt: not UTF-8 text"), "{e}");
 }

@@ -100,7 +100,7 @@ fn an_interrupted_run_resumes_to_the_same_bytes_and_workers_cover_the_corpus_onc
     // Workers on nodes without a shared folder: two stores, merged into one.
     let (node_a, node_b, merged) = (fresh("node-a"), fresh("node-b"), fresh("merged"));
     run(&node_a, &id, (0, 2), &setup).unwrap();
-    let e = fusellm_core::store::merge(&merged, std::slice::from_ref(&node_a)).unwrap_err().message;
+    let e = fusellm_core::store::merge(&merged, std::slice::from_ref(&node_a)).unwrap_err().report();
     assert!(e.contains("shard(s) 1 are in none of the inputs"), "{e}");
     run(&node_b, &id, (1, 2), &setup).unwrap();
     fusellm_core::store::merge(&merged, &[node_a, node_b]).unwrap();
@@ -119,9 +119,9 @@ fn a_store_made_otherwise_is_refused_and_a_corrupt_shard_is_found() {
     let setup = setup();
     let dir = fresh("mismatch");
     run(&dir, &identity(3, 10), (0, 1), &setup).unwrap();
-    let e = run(&dir, &identity(3, 5), (0, 1), &setup).unwrap_err().message;
+    let e = run(&dir, &identity(3, 5), (0, 1), &setup).unwrap_err().report();
     assert!(e.contains("was written with another k: 10, not 5"), "{e}");
-    let e = run(&dir, &identity(3, 10), (2, 2), &setup).unwrap_err().message;
+    let e = run(&dir, &identity(3, 10), (2, 2), &setup).unwrap_err().report();
     assert!(e.contains("worker index must be below"), "{e}");
 
     assert!(verify(&dir).unwrap().corrupt.is_empty());
@@ -138,7 +138,7 @@ fn a_store_made_otherwise_is_refused_and_a_corrupt_shard_is_found() {
             .unwrap();
     assert_eq!((summary.written, summary.skipped), (1, 0));
     assert!(verify(&dir).unwrap().corrupt.is_empty());
-    let e = verify(&fresh("none")).unwrap_err().message;
+    let e = verify(&fresh("none")).unwrap_err().report();
     assert!(e.contains("has no manifest"), "{e}");
 }
 
@@ -185,7 +185,7 @@ fn a_failed_write_keeps_the_finished_shards_and_the_run_completes_later() {
     std::fs::create_dir_all(&dir).unwrap();
     let blocker = dir.join(format!("shard-00001.tmp{}", std::process::id()));
     std::fs::create_dir_all(blocker.join("inside")).unwrap();
-    let e = run(&dir, &id, (0, 1), &setup).unwrap_err().message;
+    let e = run(&dir, &id, (0, 1), &setup).unwrap_err().report();
     assert!(e.contains("writing") && e.contains("shard-00001"), "{e}");
     assert!(dir.join("shard-00000.safetensors").exists(), "the finished shard stays");
     assert!(!dir.join("shard-00001.safetensors").exists() && !dir.join("manifest.json").exists());

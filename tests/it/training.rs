@@ -211,7 +211,7 @@ fn resume_is_exact(precision: Precision) {
     let stopped = train(&split, docs.clone(), &config, false, Some(3)).unwrap();
     assert!(stopped.ends_with("step-0000003"));
     let refused = train(&split, docs.clone(), &config, false, None).unwrap_err();
-    assert!(refused.message.contains("--resume"), "{}", refused.message);
+    assert!(refused.report().contains("--resume"), "{}", refused.report());
     let resumed = train(&split, docs, &config, true, None).unwrap();
     assert!(resumed.ends_with("step-0000006") && end.ends_with("step-0000006"));
     for file in ["model.safetensors", "optimizer.safetensors"] {
@@ -251,7 +251,7 @@ fn a_nan_stops_training_at_its_step_and_keeps_the_last_good_checkpoint() {
     let mut data = Dataset::new(docs.clone(), config.batching).unwrap();
     let poisoned = (0..6u64).find(|&g| data.batch(g).unwrap().target_probs.iter().any(|p| p.is_nan())).unwrap() + 1;
     let run_dir = scratch("nan");
-    let error = train(&run_dir, docs, &config, false, None).unwrap_err().message;
+    let error = train(&run_dir, docs, &config, false, None).unwrap_err().report();
     assert!(error.starts_with(&format!("step {poisoned}: the loss is NaN")), "{error}");
     match latest_checkpoint(&run_dir) {
         Some((step, dir)) => {

@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::vocab::{map_vocab, Vocabulary};
 use super::{DocumentAligner, Tokens};
 use crate::checkpoint::Stored;
-use crate::error::{Error, Result};
+use crate::error::{Context, Error, Result};
 use crate::files::{sha256_hex, write_atomically};
 use crate::plugins::Configured;
 use crate::split::read_texts;
@@ -71,7 +71,7 @@ pub fn align_stores(
     let doc_aligner =
         DocumentAligner::new(aligner.entry, aligner.params.clone(), &map, &source_vocab, &target_vocab, compat);
     let texts = read_texts(Path::new(&source.corpus))?;
-    std::fs::create_dir_all(out).map_err(|e| Error::msg(format!("creating {}: {e}", out.display())))?;
+    std::fs::create_dir_all(out).context(|| format!("creating {}", out.display()))?;
     let mut report = Report {
         source: source.model.clone(),
         target: target.model.clone(),
@@ -86,7 +86,7 @@ pub fn align_stores(
     for s in 0..source.shards() {
         let file = shard_file(source_dir, s);
         let bytes = map_shard(&file)?;
-        let shard = Shard::decode(&bytes).map_err(|e| Error::msg(format!("{}: {e}", file.display())))?;
+        let shard = Shard::decode(&bytes).context(|| file.display().to_string())?;
         if shard.topk_ids.len() != *shard.offsets.last().unwrap_or(&0) as usize * k {
             return Err(Error::msg(format!(
                 "{} does not hold k = {k} entries per token as store.json says",

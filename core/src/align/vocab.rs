@@ -36,11 +36,9 @@ impl Vocabulary {
         let text = std::fs::read_to_string(path).context(|| format!("reading {}", path.display()))?;
         let conventions = match conventions {
             Some(c) => c.clone(),
-            None => TokenizerConventions::from_tokenizer_json(&text)
-                .map_err(|e| Error::msg(format!("{}: {e}", path.display())))?,
+            None => TokenizerConventions::from_tokenizer_json(&text).context(|| path.display().to_string())?,
         };
-        let tokenizer = tokenizers::Tokenizer::from_bytes(text.as_bytes())
-            .map_err(|e| Error::msg(format!("{}: {e}", path.display())))?;
+        let tokenizer = tokenizers::Tokenizer::from_bytes(text.as_bytes()).context(|| path.display().to_string())?;
         let size = tokenizer.get_vocab_size(true) as u32;
         let tokens = (0..size)
             .map(|id| {

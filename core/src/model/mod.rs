@@ -34,7 +34,7 @@ use loss::{LossBatch, Losses, Objective};
 pub use weights::LoadMode;
 use weights::Weights;
 
-use crate::error::{Error, Result};
+use crate::error::{Context as _, Error, Result};
 
 /// Logits held at once on the host by the kernels that walk them in chunks of rows (the
 /// head's loss, [`Transformer::map_positions`]): 32 MB, small enough to stay in cache
@@ -126,8 +126,7 @@ impl Transformer {
         }
         let tensors: std::collections::HashMap<String, Tensor> =
             self.vars.iter().map(|(name, var)| (name.clone(), var.as_tensor().clone())).collect();
-        candle_core::safetensors::save(&tensors, path)
-            .map_err(|e| Error::msg(format!("writing {}: {e}", path.display())))
+        candle_core::safetensors::save(&tensors, path).context(|| format!("writing {}", path.display()))
     }
 
     fn build(mut w: Weights) -> Result<Self> {

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::align::stage::align_stores;
 use crate::checkpoint::{Checkpoint, Stored};
 use crate::config::Config;
-use crate::error::{Context, Error, Result};
+use crate::error::{Context, Result};
 use crate::eval::{score, Score, Scorer};
 use crate::files::{file_sha256, sha256_hex, write_atomically};
 use crate::fuse::fuse_stores;
@@ -140,10 +140,7 @@ pub fn train_target(
     (resume, stop_at): (bool, Option<u64>),
     progress: impl FnMut(crate::train::Progress),
 ) -> Result<crate::train::Summary> {
-    let train = config
-        .train
-        .as_ref()
-        .ok_or_else(|| Error::msg(config.error_at("train", "needs a [train] section").to_string()))?;
+    let train = config.train.as_ref().ok_or_else(|| config.error_at("train", "needs a [train] section"))?;
     let device = crate::device::parse(&config.run.device)?;
     let model = target.load_model(LoadMode::Trainable, train.precision.dtype(), &device)?;
     let mut data = Dataset::new(docs, train.batching)?;
@@ -165,9 +162,9 @@ pub struct Run<'c> {
 impl Run<'_> {
     /// Loads the config's plugins, validates it, and runs it.
     pub fn execute(&self, registry: &mut Registry, events: &mut dyn FnMut(Event)) -> Result<RunRecord> {
-        self.config.load_plugins(registry).map_err(|e| Error::msg(e.to_string()))?;
+        self.config.load_plugins(registry)?;
         let registry = &*registry;
-        let checked = validate(self.config, registry).map_err(|e| Error::msg(e.to_string()))?;
+        let checked = validate(self.config, registry)?;
         self.execute_checked(registry, &checked, events)
     }
 
@@ -231,7 +228,7 @@ impl Run<'_> {
         let start = Instant::now();
         if !reused {
             std::fs::create_dir_all(&dir).context(|| format!("creating {}", dir.display()))?;
-            work(&dir, events).map_err(|e| Error::msg(format!("stage {name}: {}", e.message)))?;
+            work(&dir, events).context(|| format!("stage {name}"))?;
         }
         record.stages.push(StageRecord {
             name: name.into(),

@@ -41,13 +41,13 @@ fn has_text(path: &PathAt, what: &str) -> Result<(), ConfigError> {
 pub fn open_model(model: &ModelRef, registry: &Registry) -> Result<Checkpoint, ConfigError> {
     let adapter = model.adapter.as_ref().map(|a| a.find(registry)).transpose()?;
     let name = adapter.as_ref().map(|a| a.entry.info.name.as_str());
-    Checkpoint::open(&model.dir.path, registry, name).map_err(|e| model.dir.error(e.message))
+    Checkpoint::open(&model.dir.path, registry, name).map_err(|e| model.dir.error(e.report()))
 }
 
 /// [`open_model`], and its weight files checked against the spec without loading them.
 fn open_checked(model: &ModelRef, registry: &Registry) -> Result<Checkpoint, ConfigError> {
     let checkpoint = open_model(model, registry)?;
-    checkpoint.check_weights().map_err(|e| model.dir.error(e.message))?;
+    checkpoint.check_weights().map_err(|e| model.dir.error(e.report()))?;
     Ok(checkpoint)
 }
 
@@ -59,7 +59,7 @@ pub fn validate<'r>(config: &Config, registry: &'r Registry) -> Result<Checked<'
     for file in &data.corpus {
         has_text(file, "the corpus file")?;
     }
-    crate::device::parse(&config.run.device).map_err(|e| config.error_at("run.device", e.message))?;
+    crate::device::parse(&config.run.device).map_err(|e| config.error_at("run.device", e.report()))?;
     let target = config.target.as_ref().ok_or_else(|| config.error_at("target", "a run needs a [target] model"))?;
     let target = open_checked(target, registry)?;
     let sources = config.sources.iter().map(|s| open_checked(s, registry)).collect::<Result<Vec<_>, _>>()?;

@@ -5,7 +5,7 @@
 
 use super::tensors::{Reader, Writer};
 use super::DocTopK;
-use crate::error::{Error, Result};
+use crate::error::{Context, Error, Result};
 
 /// Storage types of a store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -127,7 +127,7 @@ impl Shard {
             mean_ce: r.f32s("mean_ce")?,
             residual: if r.has("residual") { Some(r.f32s("residual")?) } else { None },
         };
-        shard.check().map_err(|e| Error::msg(format!("the shard is inconsistent: {e}")))?;
+        shard.check().context(|| "the shard is inconsistent".into())?;
         Ok(shard)
     }
 

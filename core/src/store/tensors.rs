@@ -153,7 +153,7 @@ impl<'a> Reader<'a> {
 }
 
 fn st_error(e: safetensors::SafeTensorError) -> Error {
-    Error::msg(format!("safetensors: {e}"))
+    Error::Context { what: "safetensors".into(), source: e.into() }
 }
 
 #[cfg(test)]
