@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use clap::Args;
 use fusellm_core::align::vocab::{map_vocab, Vocabulary};
 use fusellm_core::checkpoint::{Checkpoint, Stored};
+use fusellm_core::pipeline::stage::Stage;
+use fusellm_core::pipeline::stages::Align;
 use fusellm_core::plugins::{default_cache_dir, Configured};
 use fusellm_sdk::PluginKind;
 
@@ -100,14 +102,16 @@ pub fn align(args: AlignArgs) -> Result<()> {
     let source = of_store(&args.source, args.source_adapter.as_deref())?;
     let target = of_store(&args.target, args.target_adapter.as_deref())?;
     let start = std::time::Instant::now();
-    let report = fusellm_core::align::stage::align_stores(
-        Stored { dir: &args.source, checkpoint: &source },
-        Stored { dir: &args.target, checkpoint: &target },
-        &args.out,
-        (&aligner, &mapper),
-        args.compat,
-        default_cache_dir().as_deref(),
-    )?;
+    let cache = default_cache_dir();
+    let report = Align {
+        source: Stored { dir: &args.source, checkpoint: &source },
+        target: Stored { dir: &args.target, checkpoint: &target },
+        sequence: &aligner,
+        vocab: &mapper,
+        compat: args.compat,
+        cache: cache.as_deref(),
+    }
+    .run(&args.out, &mut |_| ())?;
     println!(
         "{} documents, {} target positions in {:.1} s",
         report.documents,

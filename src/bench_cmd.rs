@@ -12,12 +12,14 @@ use fusellm_core::align::{DocumentAligner, Tokens};
 use fusellm_core::files::{hex, sha256_hex};
 use fusellm_core::model::loss::LossBatch;
 use fusellm_core::model::Transformer;
+use fusellm_core::pipeline::stage::Stage;
+use fusellm_core::pipeline::stages::Precompute;
 use fusellm_core::plugins::bench::{time_fusion, PAPER_SHAPE};
 use fusellm_core::plugins::conformance::Shape;
 use fusellm_core::plugins::{Configured, Entry, Registry, Tier};
-use fusellm_core::precompute::precompute_model;
 use fusellm_core::store::{verify, Options};
 use fusellm_core::tokenizer::Tokenizer;
+use fusellm_core::train::Precision;
 use fusellm_sdk::{CheckpointFiles, PluginKind, SparseRowsBuf};
 use sha2::{Digest, Sha256};
 
@@ -29,7 +31,7 @@ pub struct TrainSetup {
     device: String,
     /// Compute dtype: f32, or bf16/f16 with f32 master weights (as `[train] dtype`).
     #[arg(long, default_value = "f32")]
-    dtype: String,
+    dtype: Precision,
     /// A Hugging Face Llama config.json to train instead of the small Llama (its vocabulary
     /// replaces --vocab).
     #[arg(long)]
@@ -180,7 +182,6 @@ fn bench_batch(shape: BatchShape, fusion: bool) -> Result<LossBatch> {
 
 /// The benchmark's model: the small Llama of torch_step.py, or a config file's.
 fn bench_model(shape: BatchShape, setup: &TrainSetup) -> Result<Transformer> {
-    use fusellm_core::train::Precision;
     let spec = match &setup.config {
         None => small_llama(shape.vocab, 512)?,
         Some(path) => {
@@ -188,9 +189,7 @@ fn bench_model(shape: BatchShape, setup: &TrainSetup) -> Result<Transformer> {
             llama_spec(&text)?
         }
     };
-    let dtype = serde_json::from_value::<Precision>(serde_json::json!(setup.dtype))
-        .map_err(|_| anyhow::anyhow!("--dtype {}: expected f32, bf16 or f16", setup.dtype))?
-        .dtype();
+    let dtype = setup.dtype.dtype();
     Ok(Transformer::init(&spec, 0, 0.02, dtype, &fusellm_core::device::parse(&setup.device)?)?)
 }
 
@@ -460,7 +459,9 @@ fn precompute(model_dir: &Path, corpus: &Path, max_len: usize) -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     let start = Instant::now();
     let checkpoint = fusellm_core::checkpoint::Checkpoint::open(model_dir, &registry, None)?;
-    let run = precompute_model(&checkpoint, &candle_core::Device::Cpu, corpus, &dir, options, (0, 1), |_| {})?;
+    let (device, dtype) = (&candle_core::Device::Cpu, Precision::F32);
+    let precompute = Precompute { checkpoint: &checkpoint, corpus, options, device, dtype, worker: (0, 1) };
+    let run = precompute.run(&dir, &mut |_| ())?;
     let secs = start.elapsed().as_secs_f64();
     let check = verify(&dir)?;
     let ours = check.bytes as f64 / check.tokens as f64;

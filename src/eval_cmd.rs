@@ -3,7 +3,6 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use candle_core::DType;
 use clap::Args;
 use fusellm_core::eval::{accuracy, loglik, mixture, read_questions, score, Accuracy, Score, Scorer};
 use fusellm_core::merge::Merge;
@@ -35,6 +34,9 @@ pub struct EvalArgs {
     window: usize,
     #[arg(long, default_value_t = 4096)]
     batch_tokens: usize,
+    /// The dtype the model computes in (as `[run] dtype`; bf16 needs a CUDA device).
+    #[arg(long, default_value = "f32")]
+    dtype: fusellm_core::train::Precision,
     #[command(flatten)]
     open: ModelArgs,
     /// Where to write eval.json and eval.png.
@@ -83,7 +85,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     let mut tokenizers = Vec::new();
     for dir in &args.models {
         let checkpoint = args.open.open(&registry, dir)?;
-        let model = checkpoint.load_model(LoadMode::Frozen, DType::F32, &device)?;
+        let model = checkpoint.load_model(LoadMode::Frozen, args.dtype.dtype(), &device)?;
         let scorer = Scorer {
             model: &model,
             tokenizer: &checkpoint.tokenizer,

@@ -3,7 +3,6 @@
 use anyhow::Result;
 use std::path::PathBuf;
 
-use candle_core::DType;
 use clap::Args;
 use fusellm_core::model::generate::greedy;
 use fusellm_core::model::LoadMode;
@@ -23,6 +22,9 @@ pub struct GenerateArgs {
     /// Print the generated token ids, separated by spaces, instead of text.
     #[arg(long)]
     ids: bool,
+    /// The dtype the model computes in (as `[run] dtype`; bf16 needs a CUDA device).
+    #[arg(long, default_value = "f32")]
+    dtype: fusellm_core::train::Precision,
     #[command(flatten)]
     open: ModelArgs,
 }
@@ -31,7 +33,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let registry = args.open.plugins.registry()?;
     let checkpoint = args.open.open(&registry, &args.model)?;
     let device = args.open.device()?;
-    let model = checkpoint.load_model(LoadMode::Frozen, DType::F32, &device)?;
+    let model = checkpoint.load_model(LoadMode::Frozen, args.dtype.dtype(), &device)?;
     let prompt = checkpoint.tokenizer.encode(&args.prompt)?;
     let new = greedy(&model, &prompt, args.max_new_tokens)?;
     if args.ids {

@@ -7,7 +7,9 @@ use anyhow::{Context, Result};
 use clap::Args;
 use fusellm_core::checkpoint::{Checkpoint, Stored};
 use fusellm_core::config::{apply_overrides, variants, Config, Variant};
-use fusellm_core::pipeline::{open_model, train_target, validate, Checked, Event, Run, RunRecord};
+use fusellm_core::pipeline::stage::Stage;
+use fusellm_core::pipeline::stages::{Fuse, Train};
+use fusellm_core::pipeline::{open_model, validate, Checked, Event, Run, RunRecord};
 use fusellm_core::plugins::Registry;
 use fusellm_core::train::data::fused_documents;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -223,8 +225,8 @@ pub fn train(args: TrainArgs) -> Result<()> {
     let checkpoint = open_model(target, &registry)?;
     let docs = fused_documents(&args.fused)?.1;
     let mut reporter = Reporter::default();
-    let progress = |p: fusellm_core::train::Progress| reporter.event(p.into());
-    let summary = train_target(&config, &checkpoint, docs, &args.out, (args.resume, args.stop_at), progress)?;
+    let train = Train { config: &config, target: &checkpoint, docs, resume: Some(args.resume), stop_at: args.stop_at };
+    let summary = train.run(&args.out, &mut |e| reporter.event(e))?;
     eprintln!(
         "\nstep {}: {} ({} tokens in {:.1} s)",
         summary.step,
@@ -263,7 +265,7 @@ pub fn fuse(args: FuseArgs) -> Result<()> {
         None => Checkpoint::of_store(&args.target, &registry, None)?,
     };
     let target = Stored { dir: &args.target, checkpoint: &target };
-    let manifest = fusellm_core::fuse::fuse_stores(target, &args.aligned, &fusion, &args.out)?;
+    let manifest = Fuse { target, aligned: &args.aligned, fusion: &fusion }.run(&args.out, &mut |_| ())?;
     eprintln!(
         "{} documents, {} positions, {:.2} entries per position -> {}",
         manifest.documents,

@@ -4,7 +4,12 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
-use fusellm_core::split::{open_tokenizer, split_corpus, OnBadInput, Splitter};
+use fusellm_core::checkpoint::Checkpoint;
+use fusellm_core::pipeline::stages::Split;
+use fusellm_core::split::OnBadInput;
+use fusellm_core::tokenizer::Tokenizer;
+
+use crate::model_args::PluginArgs;
 
 #[derive(Args)]
 pub struct SplitArgs {
@@ -29,14 +34,37 @@ pub struct SplitArgs {
     /// Where to write the pieces (JSONL: id, doc, piece, source, text).
     #[arg(long)]
     out: PathBuf,
+    #[command(flatten)]
+    plugins: PluginArgs,
 }
 
 pub fn run(args: SplitArgs) -> Result<()> {
-    let tokenizers =
-        args.tokenizers.iter().map(|p| open_tokenizer(p)).collect::<fusellm_core::error::Result<Vec<_>>>()?;
-    let splitter = Splitter { tokenizers: &tokenizers, max_len: args.max_len, margin: args.margin };
-    let on_bad = if args.skip_bad { OnBadInput::Skip } else { OnBadInput::Stop };
-    let summary = split_corpus(&args.inputs, &args.text_field, &splitter, on_bad, &args.out)?;
+    let registry = args.plugins.registry()?;
+    // A checkpoint's tokenizer as its model uses it (BOS included, as `fusellm run` splits);
+    // a bare tokenizer.json as it is.
+    let (mut tokenizers, mut tokenizer_files) = (Vec::new(), Vec::new());
+    for path in &args.tokenizers {
+        match path.is_dir() {
+            true => {
+                tokenizers.push(Checkpoint::open(path, &registry, None)?.tokenizer);
+                tokenizer_files.push(path.join("tokenizer.json"));
+            }
+            false => {
+                tokenizers.push(Tokenizer::open(path)?);
+                tokenizer_files.push(path.clone());
+            }
+        }
+    }
+    let split = Split {
+        corpus: &args.inputs,
+        text_fields: &args.text_field,
+        max_len: args.max_len,
+        margin: args.margin,
+        on_bad: if args.skip_bad { OnBadInput::Skip } else { OnBadInput::Stop },
+        tokenizers,
+        tokenizer_files,
+    };
+    let summary = split.write(&args.out)?;
     eprintln!(
         "{} documents ({} bad lines skipped) -> {} pieces of at most {} tokens in {}",
         summary.documents,

@@ -5,9 +5,10 @@ use std::time::Instant;
 
 use anyhow::Result;
 use clap::{Args, Subcommand, ValueEnum};
-use fusellm_core::pipeline::Event;
-use fusellm_core::precompute::precompute_model;
-use fusellm_core::store::{merge, verify, Options, Progress};
+use fusellm_core::pipeline::stage::Stage;
+use fusellm_core::pipeline::stages::Precompute;
+use fusellm_core::store::{merge, verify, Options};
+use fusellm_core::train::Precision;
 
 use crate::model_args::ModelArgs;
 
@@ -30,8 +31,12 @@ pub struct PrecomputeArgs {
     out: PathBuf,
     #[arg(long, default_value_t = 10)]
     k: usize,
+    /// The dtype the store keeps log-probabilities in (`[precompute] dtype`).
     #[arg(long, value_enum, default_value = "f16")]
     dtype: LogprobDtype,
+    /// The dtype the model computes in (`[run] dtype`; bf16 needs a CUDA device).
+    #[arg(long, default_value = "f32")]
+    compute_dtype: Precision,
     /// Also keep the probability mass outside the top-k.
     #[arg(long)]
     residual: bool,
@@ -74,8 +79,9 @@ pub fn run_precompute(args: PrecomputeArgs) -> Result<()> {
     };
     let start = Instant::now();
     let mut reporter = crate::run_cmd::Reporter::default();
-    let progress = |p: Progress| reporter.event(Event::of_precompute(&p, start.elapsed().as_secs_f64()));
-    let summary = precompute_model(&checkpoint, &device, &args.corpus, &args.out, options, worker, progress)?;
+    let (corpus, dtype) = (args.corpus.as_path(), args.compute_dtype);
+    let precompute = Precompute { checkpoint: &checkpoint, corpus, options, device: &device, dtype, worker };
+    let summary = precompute.run(&args.out, &mut |e| reporter.event(e))?;
     let secs = start.elapsed().as_secs_f64();
     eprintln!(
         "{} shards written ({} already there), {} tokens in {secs:.1} s ({:.0} tokens/s)",

@@ -53,7 +53,7 @@ impl Checkpoint {
         let spec = entry.adapt(&params, files).context(|| dir.display().to_string())?;
         let tokenizer = Tokenizer::load(&tokenizer_path, &spec)?;
         let (adapter, adapter_version) = (entry.info.name.clone(), entry.info.version.clone());
-        Ok(Self { dir: dir.to_owned(), spec, adapter, adapter_version, tokenizer })
+        Ok(Self { dir: crate::files::absolute(dir), spec, adapter, adapter_version, tokenizer })
     }
 
     /// The checkpoint the store in `store` was computed from (its store.json names it),

@@ -1,7 +1,7 @@
 //! File helpers every stage shares: atomic writes (a reader never sees half a file, and a
-//! failure leaves finished files alone) and content hashes.
+//! failure leaves finished files alone) and content hashes, and paths as runs record them.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
@@ -41,4 +41,26 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 pub fn file_sha256(path: &Path) -> Result<String> {
     Ok(sha256_hex(&std::fs::read(path).context(|| format!("reading {}", path.display()))?))
+}
+
+/// `path` with `.` and `dir/..` folded away, without touching the file system.
+pub fn lexical(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir if matches!(out.components().next_back(), Some(Component::Normal(_))) => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// `path` made absolute (against the working folder) and folded: how fusellm records the
+/// paths of models and corpora, valid from any working folder.
+pub fn absolute(path: &Path) -> PathBuf {
+    lexical(&std::path::absolute(path).unwrap_or_else(|_| path.to_owned()))
 }

@@ -30,11 +30,11 @@ impl Default for Settings {
     }
 }
 
-/// Precomputes the store of `checkpoint` on `device` over the split corpus `corpus` (this
+/// Precomputes the store of `checkpoint` on `device`, computing in `dtype`, over the split corpus `corpus` (this
 /// worker's shards of it) into `out`.
 pub fn precompute_model(
     checkpoint: &Checkpoint,
-    device: &candle_core::Device,
+    (device, dtype): (&candle_core::Device, candle_core::DType),
     corpus: &Path,
     out: &Path,
     options: Options,
@@ -42,7 +42,7 @@ pub fn precompute_model(
     progress: impl FnMut(Progress),
 ) -> Result<RunSummary> {
     let model_dir = checkpoint.dir.as_path();
-    let model = checkpoint.load_model(LoadMode::Frozen, candle_core::DType::F32, device)?;
+    let model = checkpoint.load_model(LoadMode::Frozen, dtype, device)?;
     let texts = crate::split::read_texts(corpus)?;
     let layout = Layout {
         k: options.k,

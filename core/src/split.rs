@@ -176,12 +176,6 @@ fn jsonl_text(line: &[u8], fields: &[String]) -> std::result::Result<Option<Stri
     Ok(Some(parts.join("\n")))
 }
 
-/// The tokenizer of a checkpoint folder or a tokenizer.json file.
-pub fn open_tokenizer(path: &Path) -> Result<Tokenizer> {
-    let file = if path.is_dir() { path.join("tokenizer.json") } else { path.to_owned() };
-    Tokenizer::open(&file)
-}
-
 /// The texts of the pieces that `fusellm split` wrote (or any JSONL with a `text` field),
 /// in order: what the stages after split index documents by.
 pub fn read_texts(path: &Path) -> Result<Vec<String>> {

@@ -193,3 +193,74 @@ fn a_sweep_is_validated_whole_before_any_stage() {
     assert!(stderr.contains("unknown fusion plugin `avg_cee`") && stderr.contains("(variant"), "{stderr}");
     assert!(!dir.join("out/cache").exists(), "a stage ran before the sweep was validated");
 }
+
+/// Every file under `a` has the same bytes under `b`.
+fn assert_same_files(a: &Path, b: &Path) {
+    let mut files = 0;
+    for entry in std::fs::read_dir(a).unwrap() {
+        let path = entry.unwrap().path();
+        let other = b.join(path.file_name().unwrap());
+        if path.is_dir() {
+            assert_same_files(&path, &other);
+        } else {
+            let same = std::fs::read(&path).unwrap() == std::fs::read(&other).unwrap_or_default();
+            assert!(same, "{} and {} differ", path.display(), other.display());
+        }
+        files += 1;
+    }
+    assert!(files > 0, "{} is empty", a.display());
+}
+
+/// The subcommands are the stages of `fusellm run`: split, precompute, align, fuse and
+/// train by hand, on what the run split, make the same bytes as the run.
+#[test]
+fn the_subcommands_make_what_run_makes() {
+    let dir = experiment("by-hand");
+    assert_ok(&fusellm_in(&dir, &["run", "run.toml"]));
+    let record = run_record(&dir.join("out/run.json"));
+    let output = |stage: &str| -> PathBuf {
+        let found = record["stages"].as_array().unwrap().iter().find(|s| s["name"] == stage);
+        PathBuf::from(found.unwrap_or_else(|| panic!("no stage {stage}"))["output"].as_str().unwrap())
+    };
+    let models = ["tiny-llama2", "tiny-mpt", "tiny-openllama"].map(|m| fixtures::model_dir(m).display().to_string());
+    let by_hand = dir.join("by-hand");
+    let path = |name: &str| by_hand.join(name).display().to_string();
+    // The corpus as the run names it (absolute: the pieces record where they come from).
+    let train = dir.join("train.jsonl").display().to_string();
+    let mut split = vec!["split", "--input", &train, "--text-field", "question,answer"];
+    for m in &models {
+        split.extend(["--tokenizer", m]);
+    }
+    let pieces = path("pieces.jsonl");
+    std::fs::create_dir_all(&by_hand).unwrap();
+    assert_ok(&fusellm_in(&dir, &[&split[..], &["--max-len", "128", "--margin", "8", "--out", &pieces]].concat()));
+    let run_pieces = output("split").join("pieces.jsonl");
+    assert!(std::fs::read(&pieces).unwrap() == std::fs::read(&run_pieces).unwrap(), "the pieces differ");
+
+    // On the run's pieces, since a store records the corpus it was made from.
+    let corpus = run_pieces.display().to_string();
+    for (m, name) in models.iter().zip(["tiny-llama2", "tiny-mpt", "tiny-openllama"]) {
+        let out = path(&format!("store-{name}"));
+        let args = ["precompute", "--model", m, "--corpus", &corpus, "--out", &out, "--docs-per-shard", "16"];
+        assert_ok(&fusellm_in(&dir, &args));
+        assert_same_files(&output(&format!("precompute-{name}")), Path::new(&out));
+    }
+    for name in ["tiny-mpt", "tiny-openllama"] {
+        let (source, target, out) =
+            (path(&format!("store-{name}")), path("store-tiny-llama2"), path(&format!("aligned-{name}")));
+        assert_ok(&fusellm_in(&dir, &["align", "--source", &source, "--target", &target, "--out", &out]));
+        assert_same_files(&output(&format!("align-{name}")), Path::new(&out));
+    }
+    // On the run's stores, since a fused store records the stores it was made from.
+    let shown = |stage: &str| output(stage).display().to_string();
+    let (target, fused) = (shown("precompute-tiny-llama2"), path("fused"));
+    let (mpt, openllama) = (shown("align-tiny-mpt"), shown("align-tiny-openllama"));
+    let fuse = ["fuse", "--target", &target, "--aligned", &mpt, "--aligned", &openllama, "--config", "run.toml"];
+    assert_ok(&fusellm_in(&dir, &[&fuse[..], &["--out", &fused]].concat()));
+    assert_same_files(&output("fuse"), Path::new(&fused));
+    let trained = path("trained");
+    assert_ok(&fusellm_in(&dir, &["train", "--config", "run.toml", "--fused", &fused, "--out", &trained]));
+    let checkpoint = PathBuf::from(record["checkpoint"].as_str().unwrap());
+    let in_run = checkpoint.strip_prefix(output("train")).unwrap();
+    assert_same_files(&checkpoint, &Path::new(&trained).join(in_run));
+}

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use crate::common::fixtures;
-use fusellm_core::split::{for_each_document, open_tokenizer, OnBadInput, Splitter, RESERVED};
+use fusellm_core::split::{for_each_document, OnBadInput, Splitter, RESERVED};
+use fusellm_core::tokenizer::Tokenizer;
 
 fn tokenizers() -> Vec<PathBuf> {
     let root = fixtures::root();
@@ -26,7 +27,10 @@ fn scratch(name: &str, contents: &[u8]) -> PathBuf {
 
 #[test]
 fn pieces_fit_every_tokenizer_and_concatenate_to_the_document() {
-    let tokenizers: Vec<_> = tokenizers().iter().map(|p| open_tokenizer(p).unwrap()).collect();
+    let tokenizers: Vec<_> = tokenizers()
+        .iter()
+        .map(|p| Tokenizer::open(&if p.is_dir() { p.join("tokenizer.json") } else { p.clone() }).unwrap())
+        .collect();
     let splitter = Splitter { tokenizers: &tokenizers, max_len: 256, margin: 16 };
     let text = std::fs::read_to_string(fixtures::root().join("corpora/prose/tinyshakespeare.valid.txt")).unwrap();
     let pieces = splitter.split(&text).unwrap();

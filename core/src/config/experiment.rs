@@ -36,6 +36,8 @@ pub struct RunSection {
     pub seed: u64,
     /// `cpu`, `cuda` or `cuda:N`: where the models run.
     pub device: String,
+    /// The dtype the frozen models (precompute, eval) compute in; training has its own.
+    pub dtype: Precision,
 }
 
 #[derive(Clone, Debug)]
@@ -141,16 +143,22 @@ fn choice<'c>(
     }
 }
 
+/// A section's `dtype`: f32 (the default), bf16 or f16.
+fn precision(section: &Section<'_, '_>) -> Result<Precision, ConfigError> {
+    Ok(choice(section, "dtype", &Precision::NAMES, "f32")?.parse().expect("one of the names"))
+}
+
 impl Reader<'_, '_, '_> {
     fn path(&self, section: &Section<'_, '_>, key: &str, value: &str) -> PathAt {
-        PathAt { path: super::lexical(&self.base.join(value)), at: section.error_at(key, "") }
+        PathAt { path: crate::files::lexical(&self.base.join(value)), at: section.error_at(key, "") }
     }
 
     pub fn run(&self, config_path: &Path) -> Result<RunSection, ConfigError> {
         let stem = config_path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into());
-        let default = RunSection { dir: self.base.join("runs").join(stem), seed: 0, device: "cpu".into() };
+        let default =
+            RunSection { dir: self.base.join("runs").join(stem), seed: 0, device: "cpu".into(), dtype: Precision::F32 };
         let Some(s) = self.root.subsection("run")? else { return Ok(default) };
-        s.allow_only(&["dir", "seed", "device"])?;
+        s.allow_only(&["dir", "seed", "device", "dtype"])?;
         let device = s.string("device")?.unwrap_or("cpu");
         if !(device == "cpu"
             || device == "cuda"
@@ -159,9 +167,10 @@ impl Reader<'_, '_, '_> {
             return Err(s.error_at("device", format!("`{device}`: expected cpu, cuda or cuda:N")));
         }
         Ok(RunSection {
-            dir: s.string("dir")?.map(|d| super::lexical(&self.base.join(d))).unwrap_or(default.dir),
+            dir: s.string("dir")?.map(|d| crate::files::lexical(&self.base.join(d))).unwrap_or(default.dir),
             seed: non_negative(&s, "seed", 0)?,
             device: device.into(),
+            dtype: precision(&s)?,
         })
     }
 
@@ -319,11 +328,7 @@ impl Reader<'_, '_, '_> {
             },
             temperature,
             adamw,
-            precision: match choice(&s, "dtype", &["f32", "bf16", "f16"], "f32")? {
-                "bf16" => Precision::Bf16,
-                "f16" => Precision::F16,
-                _ => Precision::F32,
-            },
+            precision: precision(&s)?,
             clip: (clip > 0.0).then_some(clip),
             checkpoint_every: positive(&s, "checkpoint_every", steps as usize)? as u64,
             keep_checkpoints: positive(&s, "keep_checkpoints", 2)?,

@@ -97,7 +97,7 @@ impl Config {
         root.allow_only(SECTIONS)?;
         // Absolute, so that the paths a run records stay valid from any working folder.
         let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let base = &lexical(&std::path::absolute(parent).unwrap_or_else(|_| parent.to_owned()));
+        let base = &crate::files::absolute(parent);
         let fusion = root.subsection("fusion")?.map(|s| plugin_choice(&s, PluginKind::Fusion, base)).transpose()?;
         let sandbox = root.subsection("sandbox")?.map(|s| sandbox(&s)).transpose()?.unwrap_or_default();
         let read = experiment::Reader { root: &root, base };
@@ -281,20 +281,4 @@ fn locate(root: &Section<'_, '_>, key: &str) -> ConfigError {
         },
         None => root.error_at(key, ""),
     }
-}
-
-/// `path` with `.` and `dir/..` folded away, without touching the file system.
-pub(crate) fn lexical(path: &Path) -> PathBuf {
-    use std::path::Component;
-    let mut out = PathBuf::new();
-    for c in path.components() {
-        match c {
-            Component::CurDir => {}
-            Component::ParentDir if matches!(out.components().next_back(), Some(Component::Normal(_))) => {
-                out.pop();
-            }
-            other => out.push(other),
-        }
-    }
-    out
 }

@@ -36,12 +36,33 @@ pub enum Precision {
 }
 
 impl Precision {
+    pub const NAMES: [&str; 3] = ["f32", "bf16", "f16"];
+
     pub fn dtype(self) -> candle_core::DType {
         match self {
             Precision::F32 => candle_core::DType::F32,
             Precision::Bf16 => candle_core::DType::BF16,
             Precision::F16 => candle_core::DType::F16,
         }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            "f16" => Ok(Precision::F16),
+            _ => Err(format!("`{s}`: expected f32, bf16 or f16")),
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(Self::NAMES[*self as usize])
     }
 }
 

@@ -1,0 +1,106 @@
+//! A stage as one abstraction: its typed inputs, what of them its output depends on (a
+//! serialisable value whose hash, with the keys of the stages it reads, names its cache
+//! folder), whether a folder holds its finished output, and the work. `fusellm run` chains
+//! the stages through the cache; the subcommands run the same stages on folders they name.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::Event;
+use crate::checkpoint::Checkpoint;
+use crate::error::{Context, Result};
+use crate::files::{file_sha256, sha256_hex};
+use crate::plugins::Configured;
+
+pub trait Stage {
+    /// The cache folder's name starts with it.
+    const NAME: &'static str;
+    /// Everything of the stage's own inputs its output depends on (the stages it reads
+    /// contribute their keys).
+    type Input: Serialize;
+    type Output;
+
+    fn input(&self) -> Result<Self::Input>;
+
+    /// Whether `out` holds the stage's finished output (an interrupted one is continued).
+    fn done(&self, out: &Path) -> bool;
+
+    fn run(self, out: &Path, events: &mut dyn FnMut(Event)) -> Result<Self::Output>;
+}
+
+/// The cache key of a stage: a short hash of its input, the keys of the stages it reads,
+/// and the version of fusellm (a release that computes a stage differently is a new one).
+pub fn key(input: &impl Serialize, upstream: &[&str]) -> String {
+    #[derive(Serialize)]
+    struct Keyed<'a, T> {
+        fusellm: &'a str,
+        upstream: &'a [&'a str],
+        input: &'a T,
+    }
+    let keyed = Keyed { fusellm: env!("CARGO_PKG_VERSION"), upstream, input };
+    sha256_hex(&serde_json::to_vec(&keyed).expect("JSON"))[..16].to_string()
+}
+
+/// What identifies an opened checkpoint: the adapter that read it, its config and
+/// tokenizer, and the names, sizes and times of its weight files (hashing gigabytes of
+/// weights on every run would cost more than it saves).
+#[derive(Serialize)]
+pub struct ModelId {
+    adapter: String,
+    adapter_version: String,
+    config_sha256: String,
+    tokenizer_sha256: String,
+    weights: Vec<WeightFile>,
+}
+
+#[derive(Serialize, PartialEq, Eq, PartialOrd, Ord)]
+struct WeightFile {
+    name: String,
+    bytes: u64,
+    modified_ns: Option<u128>,
+}
+
+impl ModelId {
+    pub fn of(checkpoint: &Checkpoint) -> Result<Self> {
+        let dir = &checkpoint.dir;
+        let mut weights: Vec<WeightFile> = std::fs::read_dir(dir)
+            .context(|| format!("reading {}", dir.display()))?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
+            .map(|e| {
+                let meta = e.metadata().ok();
+                let modified = meta.as_ref().and_then(|m| m.modified().ok());
+                WeightFile {
+                    name: e.file_name().to_string_lossy().into_owned(),
+                    bytes: meta.as_ref().map_or(0, |m| m.len()),
+                    modified_ns: modified
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                        .map(|d| d.as_nanos()),
+                }
+            })
+            .collect();
+        weights.sort();
+        Ok(ModelId {
+            adapter: checkpoint.adapter.clone(),
+            adapter_version: checkpoint.adapter_version.clone(),
+            config_sha256: file_sha256(&dir.join("config.json"))?,
+            tokenizer_sha256: file_sha256(&dir.join("tokenizer.json"))?,
+            weights,
+        })
+    }
+}
+
+/// A configured plugin as a stage input: name, version and resolved parameters.
+#[derive(Serialize)]
+pub struct PluginId {
+    name: String,
+    version: String,
+    params: fusellm_sdk::Params,
+}
+
+impl From<&Configured<'_>> for PluginId {
+    fn from(c: &Configured<'_>) -> Self {
+        PluginId { name: c.entry.info.name.clone(), version: c.entry.info.version.clone(), params: c.params.clone() }
+    }
+}
