@@ -222,9 +222,15 @@ impl Texts {
     }
 }
 
-/// The fusion sections of the FuseLLM rows.
-const MIN_CE: &str = "plugin = \"min_ce\"\n[fusion.params]\nce_norm = \"byte\"";
-const AVG_CE: &str = "plugin = \"avg_ce\"\n[fusion.params]\nce_norm = \"byte\"";
+/// A `[fusion]` section: the plugin and the parameters that differ from its defaults.
+fn fusion(plugin: &str, params: serde_json::Value) -> serde_json::Value {
+    serde_json::json!({ "plugin": plugin, "params": params })
+}
+
+/// The fusion of most FuseLLM rows: CE per byte.
+fn by_byte(plugin: &str) -> serde_json::Value {
+    fusion(plugin, serde_json::json!({ "ce_norm": "byte" }))
+}
 
 const FAMILIES: [(&str, bool); 3] = [("spm-bpe", false), ("byte-bpe", true), ("spm-bpe-small", false)];
 
@@ -297,11 +303,11 @@ impl Demo<'_> {
         results.push("target-base", &base_record);
 
         let mixture = self.path("data/continual-mixture.jsonl");
-        let continual = |sources: Vec<(String, PathBuf)>, fusion: Option<&str>| Plan {
+        let continual = |sources: Vec<(String, PathBuf)>, fusion: Option<serde_json::Value>| Plan {
             corpus: mixture.clone(),
             target: base.clone(),
             sources,
-            fusion: fusion.map(str::to_string),
+            fusion,
             steps: sizes.continual_steps,
             lr: 1e-3,
             ..Plan::default()
@@ -310,10 +316,10 @@ impl Demo<'_> {
         // finer tokenizer looks better than it is); the paper's per-token CE is kept as a row.
         let variants: Vec<(&str, Plan)> = vec![
             ("clm", continual(Vec::new(), None)),
-            ("fusellm-mince", continual(sources.clone(), Some(MIN_CE))),
-            ("fusellm-avgce", continual(sources.clone(), Some(AVG_CE))),
-            ("fusellm-mince-em", Plan { vocab: "em", ..continual(sources.clone(), Some(MIN_CE)) }),
-            ("fusellm-mince-per-token", continual(sources.clone(), Some("plugin = \"min_ce\""))),
+            ("fusellm-mince", continual(sources.clone(), Some(by_byte("min_ce")))),
+            ("fusellm-avgce", continual(sources.clone(), Some(by_byte("avg_ce")))),
+            ("fusellm-mince-em", Plan { vocab: "em", ..continual(sources.clone(), Some(by_byte("min_ce"))) }),
+            ("fusellm-mince-per-token", continual(sources.clone(), Some(fusion("min_ce", serde_json::json!({}))))),
         ];
         for (name, plan) in &variants {
             self.stage(&format!("continual training: {name}"));
@@ -325,7 +331,8 @@ impl Demo<'_> {
         let teacher = results.best_of(&names.iter().map(String::as_str).collect::<Vec<_>>());
         let teacher_source = sources[teacher].clone();
         self.stage(&format!("knowledge distillation from {}", plan[teacher].name));
-        let kd = continual(vec![teacher_source], Some("plugin = \"min_ce\"\n[fusion.params]\ninclude_target = false"));
+        let kd =
+            continual(vec![teacher_source], Some(fusion("min_ce", serde_json::json!({ "include_target": false }))));
         let record = self.pipeline(registry, "kd", &kd)?;
         results.push("kd", &record);
 
@@ -368,7 +375,7 @@ impl Demo<'_> {
                 corpus: self.path("data/continual-mixture.jsonl"),
                 target: base.to_owned(),
                 sources: experts,
-                fusion: Some("plugin = \"min_ce\"".into()),
+                fusion: Some(fusion("min_ce", serde_json::json!({}))),
                 steps: self.sizes.continual_steps,
                 lr: 1e-3,
                 ..Plan::default()
@@ -503,8 +510,8 @@ struct Plan {
     target: PathBuf,
     /// Named source checkpoints.
     sources: Vec<(String, PathBuf)>,
-    /// The body of the [fusion] table; CLM only when None.
-    fusion: Option<String>,
+    /// The [fusion] table; CLM only when None.
+    fusion: Option<serde_json::Value>,
     vocab: &'static str,
     steps: u64,
     lr: f64,
@@ -525,43 +532,47 @@ impl Default for Plan {
 }
 
 impl Plan {
+    /// The run's config, built as a value and written as TOML.
     fn toml(&self, demo: &Demo, name: &str) -> String {
-        let q = |p: &Path| serde_json::to_string(&p.display().to_string()).expect("JSON");
+        let path = |p: &Path| p.display().to_string();
         let s = demo.sizes;
-        let mut t = format!(
-            "# demo run `{name}`, written by `fusellm demo`\n[run]\ndir = {}\nseed = {}\n",
-            q(&demo.path("runs")),
-            demo.seed
-        );
-        t += &format!(
-            "[data]\ncorpus = [{}]\nmax_len = {}\nmargin = 4\n",
-            q(&self.corpus),
-            s.target.max_positions.min(s.source.max_positions)
-        );
-        t += &format!("[target]\nmodel = {}\n", q(&self.target));
-        for (name, dir) in &self.sources {
-            t += &format!("[[sources]]\nname = \"{name}\"\nmodel = {}\n", q(dir));
-        }
-        t += &format!("[precompute]\nk = 10\ndocs_per_shard = 256\n[align.vocab]\nplugin = \"{}\"\n", self.vocab);
+        let sources: Vec<_> =
+            self.sources.iter().map(|(name, dir)| serde_json::json!({ "name": name, "model": path(dir) })).collect();
+        let sets: serde_json::Map<_, _> = demo
+            .setup
+            .domains()
+            .into_iter()
+            .map(|d| (d.to_string(), path(&demo.path(&format!("data/eval-{d}.jsonl"))).into()))
+            .collect();
+        let mut config = serde_json::json!({
+            "run": { "dir": path(&demo.path("runs")), "seed": demo.seed },
+            "data": {
+                "corpus": [path(&self.corpus)],
+                "max_len": s.target.max_positions.min(s.source.max_positions),
+                "margin": 4,
+            },
+            "target": { "model": path(&self.target) },
+            "sources": sources,
+            "precompute": { "k": 10, "docs_per_shard": 256 },
+            "align": { "vocab": { "plugin": self.vocab } },
+            "train": {
+                "steps": self.steps,
+                "batch_size": s.batch,
+                "seq_len": s.seq_len,
+                "lr": self.lr,
+                "warmup_steps": (self.steps / 10).max(1),
+                "min_lr_ratio": 0.1,
+                // CLM alone gets the whole loss; with fusion, the paper's lambda = 0.9.
+                "lambda": if self.fusion.is_some() { 0.9 } else { 1.0 },
+                "checkpoint_every": self.steps,
+            },
+            "eval": { "window": s.seq_len * 2, "sets": sets },
+        });
         if let Some(fusion) = &self.fusion {
-            t += &format!("[fusion]\n{fusion}\n");
+            config["fusion"] = fusion.clone();
         }
-        // CLM alone gets the whole loss; with fusion, the paper's lambda = 0.9.
-        let lambda = if self.fusion.is_some() { 0.9 } else { 1.0 };
-        t += &format!(
-            "[train]\nsteps = {}\nbatch_size = {}\nseq_len = {}\nlr = {}\nwarmup_steps = {}\nmin_lr_ratio = 0.1\nlambda = {lambda}\ncheckpoint_every = {}\n",
-            self.steps,
-            s.batch,
-            s.seq_len,
-            self.lr,
-            (self.steps / 10).max(1),
-            self.steps
-        );
-        t += &format!("[eval]\nwindow = {}\n[eval.sets]\n", s.seq_len * 2);
-        for domain in demo.setup.domains() {
-            t += &format!("{domain} = {}\n", q(&demo.path(&format!("data/eval-{domain}.jsonl"))));
-        }
-        t
+        let text = toml::to_string(&config).expect("a demo config serialises as TOML");
+        format!("# demo run `{name}`, written by `fusellm demo`\n{text}")
     }
 }
 

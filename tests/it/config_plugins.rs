@@ -153,3 +153,32 @@ fn sandbox_limits_are_read_and_checked() {
     assert_eq!((e.line, e.key.as_str()), (2, "sandbox.memory_mib"));
     assert!(e.message.contains("expected an integer, found string"), "{e}");
 }
+
+/// The config is read by serde: a value of the wrong type, an unknown choice and an
+/// unknown key each point at their key in the words of a config error.
+#[test]
+fn serde_errors_point_at_their_key() {
+    for (text, line, key, says) in [
+        ("[train]\nsteps = \"4\"\n", 2, "train.steps", "expected an integer, found string"),
+        (
+            "[train]\ndecay = \"cosin\"\n",
+            2,
+            "train.decay",
+            "`cosin` is not one of constant, linear, cosine; did you mean `cosine`?",
+        ),
+        ("[run]\n\ndtype = \"f64\"\n", 3, "run.dtype", "`f64` is not one of f32, bf16, f16"),
+        ("[data]\ncorpus = 3\n", 2, "data.corpus", "expected a string or an array of strings"),
+        ("[fusion]\nplugin = 3\n", 2, "fusion.plugin", "expected a plugin name or { wasm"),
+        (
+            "[[sources]]\nmodel = \"a\"\nmodle = \"b\"\n",
+            3,
+            "sources.0.modle",
+            "unknown key in [sources.0]; did you mean `model`?",
+        ),
+        ("[eval.sets]\nm = 3\n", 2, "eval.sets.m", "expected a string, found integer"),
+    ] {
+        let e = load_error("serde.toml", text);
+        assert_eq!((e.line, e.key.as_str()), (line, key), "{e}");
+        assert!(e.message.contains(says), "{e}");
+    }
+}

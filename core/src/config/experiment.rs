@@ -1,18 +1,21 @@
 //! The experiment sections of a config: what `fusellm run` reads besides the plugin
-//! choices. Every value is checked for its type and range here; what needs the files
-//! (models exist, shapes fit) is checked by `fusellm validate` before any compute.
+//! choices, built from the serde types of `raw.rs`. Every value is checked for its range
+//! here (negative counts, NaN, a decay rate of 1 are errors at their line, never wrapped or
+//! clamped); what needs the files (models exist, shapes fit) is checked by `fusellm
+//! validate` before any compute.
 
 use std::path::{Path, PathBuf};
 
 use fusellm_sdk::PluginKind;
+use toml::Spanned;
 
-use super::located::Section;
-use super::{plugin_choice, ConfigError, PluginChoice, PluginSpec};
-use crate::model::loss::Divergence;
+use super::located::Doc;
+use super::raw::{self, RawModel};
+use super::{ConfigError, PluginChoice};
 use crate::split::OnBadInput;
 use crate::store::Options;
 use crate::train::optim::AdamWConfig;
-use crate::train::schedule::{Decay, LambdaSchedule, LrSchedule};
+use crate::train::schedule::{LambdaSchedule, LrSchedule};
 use crate::train::{Batching, Precision, TrainConfig};
 
 /// A path written in the config, resolved against the config's folder, with where it was
@@ -75,152 +78,176 @@ pub struct EvalSection {
     pub batch_tokens: usize,
 }
 
-/// Where the experiment sections of a config are read; `base` resolves relative paths.
-pub struct Reader<'s, 'd, 'a> {
-    pub root: &'s Section<'d, 'a>,
+/// Where the sections' values are checked: the document (for locations) and the folder
+/// relative paths are resolved against.
+pub struct Reader<'s> {
+    pub doc: &'s Doc<'s>,
     pub base: &'s Path,
 }
 
-fn positive(section: &Section<'_, '_>, key: &str, default: usize) -> Result<usize, ConfigError> {
-    match section.int(key)? {
-        None => Ok(default),
-        Some(n) if n > 0 => Ok(n as usize),
-        Some(n) => Err(section.error_at(key, format!("must be a positive integer, not {n}"))),
+/// One section being read: its dotted key and span, for errors at a key it lacks.
+#[derive(Clone, Copy)]
+struct At<'s> {
+    doc: &'s Doc<'s>,
+    section: &'s str,
+    span: (usize, usize),
+}
+
+impl At<'_> {
+    fn key(&self, key: &str) -> String {
+        if self.section.is_empty() {
+            key.into()
+        } else {
+            format!("{}.{key}", self.section)
+        }
+    }
+
+    fn error<T>(&self, key: &str, value: Option<&Spanned<T>>, message: impl Into<String>) -> ConfigError {
+        let span = value.map_or(self.span.0..self.span.1, Spanned::span);
+        self.doc.error(span, &self.key(key), message)
+    }
+
+    fn missing(&self, key: &str, what: &str) -> ConfigError {
+        self.error::<()>(key, None, format!("missing required key: {what}"))
+    }
+
+    /// A number that `ok` accepts (NaN never is), else an error saying `what` it must be.
+    fn float(
+        &self,
+        key: &str,
+        value: &Option<Spanned<f64>>,
+        default: f64,
+        ok: impl Fn(f64) -> bool,
+        what: &str,
+    ) -> Result<f64, ConfigError> {
+        match value {
+            None => Ok(default),
+            Some(x) if x.get_ref().is_finite() && ok(*x.get_ref()) => Ok(*x.get_ref()),
+            Some(x) => {
+                let shown = if x.get_ref().is_nan() { "NaN".to_string() } else { x.get_ref().to_string() };
+                Err(self.error(key, Some(x), format!("must be {what}, not {shown}")))
+            }
+        }
+    }
+
+    fn fraction(&self, key: &str, value: &Option<Spanned<f64>>, default: f64) -> Result<f64, ConfigError> {
+        self.float(key, value, default, |x| (0.0..=1.0).contains(&x), "between 0 and 1")
+    }
+
+    /// An exponential decay rate of Adam: 1 would never forget, and divide by zero in the
+    /// bias correction.
+    fn decay_rate(&self, key: &str, value: &Option<Spanned<f64>>, default: f64) -> Result<f64, ConfigError> {
+        self.float(key, value, default, |x| (0.0..1.0).contains(&x), "at least 0 and below 1")
+    }
+
+    fn positive(&self, key: &str, value: &Option<Spanned<i64>>, default: usize) -> Result<usize, ConfigError> {
+        match value {
+            None => Ok(default),
+            Some(n) if *n.get_ref() > 0 => Ok(*n.get_ref() as usize),
+            Some(n) => Err(self.error(key, Some(n), format!("must be a positive integer, not {}", n.get_ref()))),
+        }
+    }
+
+    fn non_negative(&self, key: &str, value: &Option<Spanned<i64>>, default: u64) -> Result<u64, ConfigError> {
+        match value {
+            None => Ok(default),
+            Some(n) if *n.get_ref() >= 0 => Ok(*n.get_ref() as u64),
+            Some(n) => {
+                Err(self.error(key, Some(n), format!("must be zero or a positive integer, not {}", n.get_ref())))
+            }
+        }
     }
 }
 
-fn non_negative(section: &Section<'_, '_>, key: &str, default: u64) -> Result<u64, ConfigError> {
-    match section.int(key)? {
-        None => Ok(default),
-        Some(n) if n >= 0 => Ok(n as u64),
-        Some(n) => Err(section.error_at(key, format!("must be zero or a positive integer, not {n}"))),
-    }
-}
-
-/// A number that `ok` accepts (NaN never is), else an error saying `what` it must be.
-fn float_where(
-    section: &Section<'_, '_>,
-    key: &str,
-    default: f64,
-    ok: impl Fn(f64) -> bool,
-    what: &str,
-) -> Result<f64, ConfigError> {
-    match section.float(key)? {
-        None => Ok(default),
-        Some(x) if x.is_finite() && ok(x) => Ok(x),
-        Some(x) => Err(section.error_at(key, format!("must be {what}, not {x}"))),
-    }
-}
-
-fn fraction(section: &Section<'_, '_>, key: &str, default: f64) -> Result<f64, ConfigError> {
-    float_where(section, key, default, |x| (0.0..=1.0).contains(&x), "between 0 and 1")
-}
-
-/// An exponential decay rate of Adam: 1 would never forget, and divide by zero in the bias
-/// correction.
-fn decay_rate(section: &Section<'_, '_>, key: &str, default: f64) -> Result<f64, ConfigError> {
-    float_where(section, key, default, |x| (0.0..1.0).contains(&x), "at least 0 and below 1")
-}
-
-fn choice<'c>(
-    section: &Section<'_, '_>,
-    key: &str,
-    options: &[&'c str],
-    default: &'c str,
-) -> Result<&'c str, ConfigError> {
-    match section.string(key)? {
-        None => Ok(default),
-        Some(v) => options.iter().find(|o| **o == v).copied().ok_or_else(|| {
-            section.error_at(
-                key,
-                format!(
-                    "`{v}` is not one of {}{}",
-                    options.join(", "),
-                    fusellm_sdk::suggest::did_you_mean(v, options.iter().copied())
-                ),
-            )
-        }),
-    }
-}
-
-/// A section's `dtype`: f32 (the default), bf16 or f16.
-fn precision(section: &Section<'_, '_>) -> Result<Precision, ConfigError> {
-    Ok(choice(section, "dtype", &Precision::NAMES, "f32")?.parse().expect("one of the names"))
-}
-
-impl Reader<'_, '_, '_> {
-    fn path(&self, section: &Section<'_, '_>, key: &str, value: &str) -> PathAt {
-        PathAt { path: crate::files::lexical(&self.base.join(value)), at: section.error_at(key, "") }
+impl<'s> Reader<'s> {
+    fn at<T>(&self, section: &'s str, value: Option<&Spanned<T>>) -> At<'s> {
+        let span = value.map_or(0..0, Spanned::span);
+        At { doc: self.doc, section, span: (span.start, span.end) }
     }
 
-    pub fn run(&self, config_path: &Path) -> Result<RunSection, ConfigError> {
+    fn path(&self, at: &At<'_>, key: &str, value: &str, span: std::ops::Range<usize>) -> PathAt {
+        PathAt { path: crate::files::lexical(&self.base.join(value)), at: self.doc.error(span, &at.key(key), "") }
+    }
+
+    pub fn run(&self, config_path: &Path, raw: Option<Spanned<raw::RawRun>>) -> Result<RunSection, ConfigError> {
         let stem = config_path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into());
-        let default =
-            RunSection { dir: self.base.join("runs").join(stem), seed: 0, device: "cpu".into(), dtype: Precision::F32 };
-        let Some(s) = self.root.subsection("run")? else { return Ok(default) };
-        s.allow_only(&["dir", "seed", "device", "dtype"])?;
-        let device = s.string("device")?.unwrap_or("cpu");
+        let at = self.at("run", raw.as_ref());
+        let raw = raw.map(Spanned::into_inner).unwrap_or_default();
+        let device = raw.device.as_ref().map_or("cpu", |d| d.get_ref().as_str());
         if !(device == "cpu"
             || device == "cuda"
             || device.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok()))
         {
-            return Err(s.error_at("device", format!("`{device}`: expected cpu, cuda or cuda:N")));
+            return Err(at.error("device", raw.device.as_ref(), format!("`{device}`: expected cpu, cuda or cuda:N")));
         }
         Ok(RunSection {
-            dir: s.string("dir")?.map(|d| crate::files::lexical(&self.base.join(d))).unwrap_or(default.dir),
-            seed: non_negative(&s, "seed", 0)?,
+            dir: crate::files::lexical(&match &raw.dir {
+                Some(d) => self.base.join(d),
+                None => self.base.join("runs").join(stem),
+            }),
+            seed: at.non_negative("seed", &raw.seed, 0)?,
             device: device.into(),
-            dtype: precision(&s)?,
+            dtype: raw.dtype.unwrap_or_default(),
         })
     }
 
-    pub fn data(&self) -> Result<Option<DataSection>, ConfigError> {
-        let Some(s) = self.root.subsection("data")? else { return Ok(None) };
-        s.allow_only(&["corpus", "text_fields", "max_len", "margin", "skip_bad"])?;
-        let corpus =
-            s.strings("corpus")?.ok_or_else(|| s.error_at("corpus", "missing required key: the corpus files"))?;
-        let max_len = positive(&s, "max_len", 2048)?;
-        let margin = non_negative(&s, "margin", 48.min(max_len as u64 / 8))? as usize;
+    pub fn data(&self, raw: Option<Spanned<raw::RawData>>) -> Result<Option<DataSection>, ConfigError> {
+        let Some(raw) = raw else { return Ok(None) };
+        let at = self.at("data", Some(&raw));
+        let raw = raw.into_inner();
+        let corpus = raw.corpus.ok_or_else(|| at.missing("corpus", "the corpus files"))?;
+        let corpus_span = corpus.span();
+        let max_len = at.positive("max_len", &raw.max_len, 2048)?;
+        let margin = at.non_negative("margin", &raw.margin, 48.min(max_len as u64 / 8))? as usize;
         if margin >= max_len {
-            return Err(s.error_at(
+            return Err(at.error(
                 "margin",
+                raw.margin.as_ref(),
                 format!("a margin of {margin} tokens leaves nothing of pieces of {max_len}; use less than max_len"),
             ));
         }
         Ok(Some(DataSection {
-            corpus: corpus.iter().map(|c| self.path(&s, "corpus", c)).collect(),
-            text_fields: s.strings("text_fields")?.unwrap_or_else(|| vec!["text".into()]),
+            corpus: corpus
+                .into_inner()
+                .into_vec()
+                .iter()
+                .map(|c| self.path(&at, "corpus", c, corpus_span.clone()))
+                .collect(),
+            text_fields: raw.text_fields.map_or_else(|| vec!["text".into()], raw::OneOrMany::into_vec),
             max_len,
             margin,
-            on_bad: if s.bool("skip_bad")? == Some(true) { OnBadInput::Skip } else { OnBadInput::Stop },
+            on_bad: if raw.skip_bad == Some(true) { OnBadInput::Skip } else { OnBadInput::Stop },
         }))
     }
 
-    fn model(&self, s: &Section<'_, '_>, default_name: &str) -> Result<ModelRef, ConfigError> {
-        s.allow_only(&["model", "name", "adapter"])?;
-        let dir =
-            s.string("model")?.ok_or_else(|| s.error_at("model", "missing required key: the checkpoint folder"))?;
-        let name = s.string("name")?.map(str::to_string).unwrap_or_else(|| {
-            Path::new(dir).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| default_name.into())
+    fn model(&self, section: &'s str, raw: Spanned<RawModel>, default_name: &str) -> Result<ModelRef, ConfigError> {
+        let at = self.at(section, Some(&raw));
+        let raw = raw.into_inner();
+        let dir = raw.model.ok_or_else(|| at.missing("model", "the checkpoint folder"))?;
+        let name = raw.name.unwrap_or_else(|| {
+            Path::new(dir.get_ref())
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| default_name.into())
         });
-        let adapter = match s.table.contains_key("adapter") {
-            true => Some(super::named_plugin(s, "adapter", PluginKind::Adapter, self.base)?),
-            false => None,
-        };
-        Ok(ModelRef { name, dir: self.path(s, "model", dir), adapter })
+        let adapter = raw
+            .adapter
+            .map(|a| super::plugin_name(self.doc, &at.key("adapter"), a, PluginKind::Adapter, self.base))
+            .transpose()?;
+        Ok(ModelRef { name, dir: self.path(&at, "model", dir.get_ref(), dir.span()), adapter })
     }
 
-    pub fn target(&self) -> Result<Option<ModelRef>, ConfigError> {
-        self.root.subsection("target")?.map(|s| self.model(&s, "target")).transpose()
+    pub fn target(&self, raw: Option<Spanned<RawModel>>) -> Result<Option<ModelRef>, ConfigError> {
+        raw.map(|m| self.model("target", m, "target")).transpose()
     }
 
-    pub fn sources(&self) -> Result<Vec<ModelRef>, ConfigError> {
-        let sources: Vec<ModelRef> = self
-            .root
-            .tables("sources")?
-            .iter()
+    /// `keys` holds the sections' dotted keys (`sources.0`, ...), which must outlive them.
+    pub fn sources(&self, raw: Vec<Spanned<RawModel>>, keys: &'s [String]) -> Result<Vec<ModelRef>, ConfigError> {
+        let sources: Vec<ModelRef> = raw
+            .into_iter()
+            .zip(keys)
             .enumerate()
-            .map(|(i, s)| self.model(s, &format!("source{i}")))
+            .map(|(i, (s, key))| self.model(key, s, &format!("source{i}")))
             .collect::<Result<_, _>>()?;
         if let Some(twin) =
             sources.iter().enumerate().find_map(|(i, a)| sources[..i].iter().find(|b| b.name == a.name).map(|_| a))
@@ -230,144 +257,124 @@ impl Reader<'_, '_, '_> {
         Ok(sources)
     }
 
-    pub fn precompute(&self) -> Result<Options, ConfigError> {
+    pub fn precompute(&self, raw: Option<Spanned<raw::RawPrecompute>>) -> Result<Options, ConfigError> {
         let default = Options::default();
-        let Some(s) = self.root.subsection("precompute")? else { return Ok(default) };
-        s.allow_only(&["k", "dtype", "residual", "docs_per_shard", "batch_tokens"])?;
+        let Some(raw) = raw else { return Ok(default) };
+        let at = self.at("precompute", Some(&raw));
+        let raw = raw.into_inner();
         Ok(Options {
-            k: positive(&s, "k", default.k)?,
-            half: choice(&s, "dtype", &["f16", "f32"], "f16")? == "f16",
-            residual: s.bool("residual")?.unwrap_or(false),
-            docs_per_shard: positive(&s, "docs_per_shard", default.docs_per_shard)?,
-            batch_tokens: positive(&s, "batch_tokens", default.batch_tokens)?,
+            k: at.positive("k", &raw.k, default.k)?,
+            half: raw.dtype.unwrap_or_default() == raw::LogprobDtype::F16,
+            residual: raw.residual.unwrap_or(false),
+            docs_per_shard: at.positive("docs_per_shard", &raw.docs_per_shard, default.docs_per_shard)?,
+            batch_tokens: at.positive("batch_tokens", &raw.batch_tokens, default.batch_tokens)?,
         })
     }
 
-    pub fn align(&self) -> Result<AlignSection, ConfigError> {
-        let s = self.root.subsection("align")?;
-        if let Some(s) = &s {
-            s.allow_only(&["sequence", "vocab", "compat"])?;
-        }
-        let pick = |key: &str, kind: PluginKind, default: &str| -> Result<PluginChoice, ConfigError> {
-            match s.as_ref().map(|s| s.subsection(key)).transpose()?.flatten() {
-                Some(sub) => plugin_choice(&sub, kind, self.base),
-                None => Ok(PluginChoice::named(kind, default, self.root.error_at("align", ""))),
-            }
+    pub fn align(&self, raw: Option<Spanned<raw::RawAlign>>) -> Result<AlignSection, ConfigError> {
+        let at = self.at("align", raw.as_ref());
+        let raw = raw.map(Spanned::into_inner).unwrap_or_default();
+        let pick = |key: &str, choice: Option<Spanned<raw::RawPlugin>>, kind: PluginKind, default: &str| match choice {
+            Some(c) => super::plugin_choice(self.doc, &at.key(key), c, kind, self.base),
+            None => Ok(PluginChoice::named(kind, default, at.error::<()>(key, None, ""))),
         };
         Ok(AlignSection {
-            sequence: pick("sequence", PluginKind::SequenceAligner, "dtw")?,
-            vocab: pick("vocab", PluginKind::VocabMapper, "mined")?,
-            compat: s.as_ref().map(|s| s.bool("compat")).transpose()?.flatten().unwrap_or(false),
+            sequence: pick("sequence", raw.sequence, PluginKind::SequenceAligner, "dtw")?,
+            vocab: pick("vocab", raw.vocab, PluginKind::VocabMapper, "mined")?,
+            compat: raw.compat.unwrap_or(false),
         })
     }
 
-    pub fn train(&self, seed: u64) -> Result<Option<TrainConfig>, ConfigError> {
-        let Some(s) = self.root.subsection("train")? else { return Ok(None) };
-        s.allow_only(&[
-            "steps",
-            "batch_size",
-            "seq_len",
-            "packing",
-            "accumulation",
-            "lr",
-            "warmup_steps",
-            "decay",
-            "min_lr_ratio",
-            "lambda",
-            "lambda_end",
-            "divergence",
-            "temperature",
-            "weight_decay",
-            "beta1",
-            "beta2",
-            "eps",
-            "clip",
-            "checkpoint_every",
-            "keep_checkpoints",
-            "dtype",
-        ])?;
-        let steps = positive(&s, "steps", 100)? as u64;
-        let lr = s.float("lr")?.unwrap_or(1e-5);
+    pub fn train(&self, raw: Option<Spanned<raw::RawTrain>>, seed: u64) -> Result<Option<TrainConfig>, ConfigError> {
+        let Some(raw) = raw else { return Ok(None) };
+        let at = self.at("train", Some(&raw));
+        let r = raw.into_inner();
+        let steps = at.positive("steps", &r.steps, 100)? as u64;
+        let lr = r.lr.as_ref().map_or(1e-5, |lr| *lr.get_ref());
         if !(lr > 0.0 && lr < 1.0) {
-            return Err(s.error_at("lr", format!("a learning rate of {lr}: use a positive value below 1")));
+            return Err(at.error(
+                "lr",
+                r.lr.as_ref(),
+                format!("a learning rate of {lr}: use a positive value below 1"),
+            ));
         }
-        let lambda = fraction(&s, "lambda", 0.9)?;
-        let positive_float = |key: &str, default: f64| float_where(&s, key, default, |x| x > 0.0, "a positive number");
-        let temperature = positive_float("temperature", 1.0)?;
-        let clip = float_where(&s, "clip", 1.0, |x| x >= 0.0, "a positive gradient norm, or 0 for no clipping")?;
+        let lambda = at.fraction("lambda", &r.lambda, 0.9)?;
+        let positive = |key: &str, value: &Option<Spanned<f64>>, default: f64| {
+            at.float(key, value, default, |x| x > 0.0, "a positive number")
+        };
+        let clip = at.float("clip", &r.clip, 1.0, |x| x >= 0.0, "a positive gradient norm, or 0 for no clipping")?;
         let adamw = AdamWConfig {
-            beta1: decay_rate(&s, "beta1", 0.9)?,
-            beta2: decay_rate(&s, "beta2", 0.95)?,
-            eps: positive_float("eps", 1e-8)?,
-            weight_decay: float_where(&s, "weight_decay", 0.1, |x| x >= 0.0, "zero or positive")?,
+            beta1: at.decay_rate("beta1", &r.beta1, 0.9)?,
+            beta2: at.decay_rate("beta2", &r.beta2, 0.95)?,
+            eps: positive("eps", &r.eps, 1e-8)?,
+            weight_decay: at.float("weight_decay", &r.weight_decay, 0.1, |x| x >= 0.0, "zero or positive")?,
         };
         Ok(Some(TrainConfig {
             steps,
             batching: Batching {
-                seq_len: positive(&s, "seq_len", 2048)?,
-                batch_size: positive(&s, "batch_size", 8)?,
-                packing: s.bool("packing")?.unwrap_or(true),
+                seq_len: at.positive("seq_len", &r.seq_len, 2048)?,
+                batch_size: at.positive("batch_size", &r.batch_size, 8)?,
+                packing: r.packing.unwrap_or(true),
                 seed,
             },
-            accumulation: positive(&s, "accumulation", 1)? as u64,
+            accumulation: at.positive("accumulation", &r.accumulation, 1)? as u64,
             lr: LrSchedule {
                 peak: lr,
-                warmup_steps: non_negative(&s, "warmup_steps", 0)?,
-                decay: match choice(&s, "decay", &["cosine", "linear", "constant"], "cosine")? {
-                    "linear" => Decay::Linear,
-                    "constant" => Decay::Constant,
-                    _ => Decay::Cosine,
-                },
-                min_ratio: fraction(&s, "min_lr_ratio", 0.0)?,
+                warmup_steps: at.non_negative("warmup_steps", &r.warmup_steps, 0)?,
+                decay: r.decay.unwrap_or_default(),
+                min_ratio: at.fraction("min_lr_ratio", &r.min_lr_ratio, 0.0)?,
             },
-            lambda: LambdaSchedule { start: lambda, end: fraction(&s, "lambda_end", lambda)? },
-            divergence: if choice(&s, "divergence", &["ce", "kl"], "ce")? == "kl" {
-                Divergence::Kl
-            } else {
-                Divergence::Ce
-            },
-            temperature,
+            lambda: LambdaSchedule { start: lambda, end: at.fraction("lambda_end", &r.lambda_end, lambda)? },
+            divergence: r.divergence.unwrap_or_default(),
+            temperature: positive("temperature", &r.temperature, 1.0)?,
             adamw,
-            precision: precision(&s)?,
+            precision: r.dtype.unwrap_or_default(),
             clip: (clip > 0.0).then_some(clip),
-            checkpoint_every: positive(&s, "checkpoint_every", steps as usize)? as u64,
-            keep_checkpoints: positive(&s, "keep_checkpoints", 2)?,
+            checkpoint_every: at.positive("checkpoint_every", &r.checkpoint_every, steps as usize)? as u64,
+            keep_checkpoints: at.positive("keep_checkpoints", &r.keep_checkpoints, 2)?,
         }))
     }
 
-    pub fn eval(&self) -> Result<Option<EvalSection>, ConfigError> {
-        let Some(s) = self.root.subsection("eval")? else { return Ok(None) };
-        s.allow_only(&["sets", "window", "batch_tokens"])?;
-        let sets = s
-            .subsection("sets")?
-            .ok_or_else(|| s.error_at("sets", "missing required key: a table of name = \"file\""))?;
-        let sets = sets
-            .table
-            .iter()
-            .map(|(name, value)| {
-                let name = name.get_ref().to_string();
-                let path =
-                    value.get_ref().as_str().ok_or_else(|| sets.error_at(&name, "expected the path of a file"))?;
-                Ok((name.clone(), self.path(&sets, &name, path)))
-            })
-            .collect::<Result<Vec<_>, ConfigError>>()?;
+    pub fn eval(&self, raw: Option<Spanned<raw::RawEval>>) -> Result<Option<EvalSection>, ConfigError> {
+        let Some(raw) = raw else { return Ok(None) };
+        let at = self.at("eval", Some(&raw));
+        let raw = raw.into_inner();
+        let sets = raw.sets.ok_or_else(|| at.missing("sets", "a table of name = \"file\""))?.into_inner();
+        let sets_at = At { section: "eval.sets", ..at };
         Ok(Some(EvalSection {
-            sets,
-            window: positive(&s, "window", 1024)?,
-            batch_tokens: positive(&s, "batch_tokens", 4096)?,
+            sets: sets
+                .into_iter()
+                .map(|(name, file)| {
+                    let name = name.into_inner();
+                    let path = self.path(&sets_at, &name, file.get_ref(), file.span());
+                    (name, path)
+                })
+                .collect(),
+            window: at.positive("window", &raw.window, 1024)?,
+            batch_tokens: at.positive("batch_tokens", &raw.batch_tokens, 4096)?,
         }))
     }
-}
 
-impl PluginChoice {
-    /// A choice the config left to its default, located at `at`.
-    fn named(kind: PluginKind, name: &str, at: ConfigError) -> Self {
-        Self {
-            kind,
-            plugin: PluginSpec::Named(name.into()),
-            params: Default::default(),
-            plugin_error: at,
-            param_errors: Default::default(),
+    pub fn sandbox(&self, raw: Option<Spanned<raw::RawSandbox>>) -> Result<crate::plugins::WasmLimits, ConfigError> {
+        let mut limits = crate::plugins::WasmLimits::default();
+        let Some(raw) = raw else { return Ok(limits) };
+        let at = self.at("sandbox", Some(&raw));
+        let raw = raw.into_inner();
+        if let Some(secs) = &raw.deadline_secs {
+            if !(*secs.get_ref() > 0.0 && *secs.get_ref() < 1e6) {
+                return Err(at.error("deadline_secs", Some(secs), "must be a positive number of seconds"));
+            }
+            limits.deadline = std::time::Duration::from_secs_f64(*secs.get_ref());
         }
+        if let Some(mib) = &raw.memory_mib {
+            if !(1..=1 << 20).contains(mib.get_ref()) {
+                return Err(at.error("memory_mib", Some(mib), "must be between 1 and 1048576 MiB"));
+            }
+            limits.memory_bytes = (*mib.get_ref() as usize) << 20;
+        }
+        if raw.cache == Some(false) {
+            limits.cache_dir = None;
+        }
+        Ok(limits)
     }
 }

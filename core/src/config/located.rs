@@ -1,5 +1,6 @@
-//! A parsed TOML document that remembers where everything is, so that every config error
-//! names the file, the line and the key, and suggests the nearest valid key.
+//! Where a config's values were written, so that every config error names the file, the
+//! line and the key: the parsed document with its spans, serde's errors reworded at the key
+//! they point at (unknown keys and values with the nearest valid one suggested).
 
 use std::fmt;
 use std::ops::Range;
@@ -53,152 +54,112 @@ impl<'a> Doc<'a> {
         ConfigError { file: self.path.to_owned(), line, column, key: key.into(), message: message.into() }
     }
 
-    /// The table at `key` of `parent` as a section; errors if it is not a table.
-    pub fn section<'d>(&'d self, key: String, value: &'d Spanned<DeValue<'a>>) -> Result<Section<'d, 'a>, ConfigError> {
-        match value.get_ref() {
-            DeValue::Table(table) => Ok(Section { doc: self, key, table, span: value.span() }),
-            other => Err(self.error(value.span(), &key, format!("expected a table, found {}", other.type_str()))),
-        }
-    }
-}
-
-/// One table of the document, with its dotted key.
-pub struct Section<'d, 'a> {
-    pub doc: &'d Doc<'a>,
-    pub key: String,
-    pub table: &'d DeTable<'a>,
-    pub span: Range<usize>,
-}
-
-impl<'d, 'a> Section<'d, 'a> {
-    pub fn root(doc: &'d Doc<'a>, table: &'d Spanned<DeTable<'a>>) -> Self {
-        Section { doc, key: String::new(), table: table.get_ref(), span: table.span() }
-    }
-
-    /// The dotted path of a key of this section.
-    pub fn path_of(&self, key: &str) -> String {
-        if self.key.is_empty() {
-            key.to_string()
-        } else {
-            format!("{}.{key}", self.key)
-        }
-    }
-
-    /// Refuses keys outside `allowed`, suggesting the nearest allowed one.
-    pub fn allow_only(&self, allowed: &[&str]) -> Result<(), ConfigError> {
-        match self.table.keys().find(|k| !allowed.contains(&k.get_ref().as_ref())) {
-            None => Ok(()),
-            Some(k) => {
-                let hint = match did_you_mean(k.get_ref(), allowed.iter().copied()) {
+    /// Serde's error reading `root` into the config's types, at the key it points at and
+    /// in the words of a config error.
+    pub fn de_error(&self, root: &DeTable<'_>, e: &toml::de::Error) -> ConfigError {
+        let span = e.span().unwrap_or(0..0);
+        let key = key_at(root, &span, "");
+        let message = e.message().trim();
+        let message = match backticked(message).as_slice() {
+            [unknown, expected @ ..] if message.starts_with("unknown field") => {
+                // The span is the unknown key's own.
+                let section = key.rsplit_once('.').map_or("", |(s, _)| s);
+                let place = if section.is_empty() { "at the top level".into() } else { format!("in [{section}]") };
+                let hint = match did_you_mean(unknown, expected.iter().copied()) {
                     h if !h.is_empty() => h,
-                    _ => format!("; expected one of: {}", allowed.join(", ")),
+                    _ => format!("; expected one of: {}", expected.join(", ")),
                 };
-                let place =
-                    if self.key.is_empty() { "at the top level".to_string() } else { format!("in [{}]", self.key) };
-                Err(self.doc.error(k.span(), &self.path_of(k.get_ref()), format!("unknown key {place}{hint}")))
+                format!("unknown key {place}{hint}")
+            }
+            [given, options @ ..] if message.starts_with("unknown variant") => {
+                let hint = did_you_mean(given, options.iter().copied());
+                format!("`{given}` is not one of {}{hint}", options.join(", "))
+            }
+            _ => reworded(message),
+        };
+        self.error(span, &key, message)
+    }
+
+    /// Where dotted `key` was written, or the innermost written section when it was not.
+    pub fn locate(&self, root: &Spanned<DeTable<'_>>, key: &str) -> ConfigError {
+        let (mut table, mut span) = (root.get_ref(), root.span());
+        for part in key.split('.') {
+            match table.get(part).map(|v| (v.get_ref(), v.span())) {
+                Some((DeValue::Table(inner), s)) => (table, span) = (inner, s),
+                Some((_, s)) => return self.error(s, key, ""),
+                None => break,
             }
         }
-    }
-
-    pub fn get(&self, key: &str) -> Option<&'d Spanned<DeValue<'a>>> {
-        self.table.get(key)
-    }
-
-    pub fn required(&self, key: &str) -> Result<&'d Spanned<DeValue<'a>>, ConfigError> {
-        self.get(key).ok_or_else(|| self.doc.error(self.span.clone(), &self.path_of(key), "missing required key"))
-    }
-
-    pub fn subsection(&self, key: &str) -> Result<Option<Section<'d, 'a>>, ConfigError> {
-        self.get(key).map(|v| self.doc.section(self.path_of(key), v)).transpose()
-    }
-
-    pub fn error_at(&self, key: &str, message: impl Into<String>) -> ConfigError {
-        let span = self.get(key).map(|v| v.span()).unwrap_or_else(|| self.span.clone());
-        self.doc.error(span, &self.path_of(key), message)
-    }
-
-    pub fn string(&self, key: &str) -> Result<Option<&'d str>, ConfigError> {
-        self.typed(key, "a string", |v| v.as_str())
-    }
-
-    pub fn float(&self, key: &str) -> Result<Option<f64>, ConfigError> {
-        self.typed(key, "a number", |v| {
-            scalar(v).and_then(|s| match s {
-                fusellm_sdk::ParamValue::Float(x) => Some(x),
-                fusellm_sdk::ParamValue::Int(i) => Some(i as f64),
-                _ => None,
-            })
-        })
-    }
-
-    pub fn int(&self, key: &str) -> Result<Option<i64>, ConfigError> {
-        self.typed(key, "an integer", |v| match scalar(v) {
-            Some(fusellm_sdk::ParamValue::Int(i)) => Some(i),
-            _ => None,
-        })
-    }
-
-    pub fn bool(&self, key: &str) -> Result<Option<bool>, ConfigError> {
-        self.typed(key, "a boolean", |v| v.as_bool())
-    }
-
-    /// A string or an array of strings.
-    pub fn strings(&self, key: &str) -> Result<Option<Vec<String>>, ConfigError> {
-        let Some(value) = self.get(key) else { return Ok(None) };
-        let bad = || {
-            self.error_at(
-                key,
-                format!("expected a string or an array of strings, found {}", value.get_ref().type_str()),
-            )
-        };
-        match value.get_ref() {
-            DeValue::String(s) => Ok(Some(vec![s.to_string()])),
-            DeValue::Array(items) => items
-                .iter()
-                .map(|v| v.get_ref().as_str().map(str::to_string).ok_or_else(bad))
-                .collect::<Result<_, _>>()
-                .map(Some),
-            _ => Err(bad()),
-        }
-    }
-
-    /// The tables of an array of tables (`[[key]]`), each a section `key.<i>`.
-    pub fn tables(&self, key: &str) -> Result<Vec<Section<'d, 'a>>, ConfigError> {
-        let Some(value) = self.get(key) else { return Ok(Vec::new()) };
-        match value.get_ref() {
-            DeValue::Array(items) => items
-                .iter()
-                .enumerate()
-                .map(|(i, v)| self.doc.section(format!("{}.{i}", self.path_of(key)), v))
-                .collect(),
-            DeValue::Table(_) => Ok(vec![self.doc.section(self.path_of(key), value)?]),
-            other => Err(self.error_at(key, format!("expected [[{key}]] tables, found {}", other.type_str()))),
-        }
-    }
-
-    fn typed<T>(
-        &self,
-        key: &str,
-        what: &str,
-        read: impl Fn(&'d DeValue<'a>) -> Option<T>,
-    ) -> Result<Option<T>, ConfigError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => read(v.get_ref())
-                .map(Some)
-                .ok_or_else(|| self.error_at(key, format!("expected {what}, found {}", v.get_ref().type_str()))),
-        }
+        self.error(span, key, "")
     }
 }
 
-/// A scalar TOML value as a plugin parameter value (`None` for arrays, tables, dates).
-pub fn scalar(value: &DeValue<'_>) -> Option<fusellm_sdk::ParamValue> {
-    use fusellm_sdk::ParamValue;
-    match value {
-        DeValue::String(s) => Some(ParamValue::Str(s.to_string())),
-        DeValue::Boolean(b) => Some(ParamValue::Bool(*b)),
-        DeValue::Integer(i) => i64::from_str_radix(&i.as_str().replace('_', ""), i.radix()).ok().map(ParamValue::Int),
-        DeValue::Float(x) => x.as_str().replace('_', "").parse().ok().map(ParamValue::Float),
-        _ => None,
+/// The dotted key whose key or value holds `span`.
+fn key_at(table: &DeTable<'_>, span: &Range<usize>, prefix: &str) -> String {
+    let holds = |s: Range<usize>| s.start <= span.start && span.end <= s.end.max(s.start + 1);
+    for (key, value) in table.iter() {
+        let path = if prefix.is_empty() { key.get_ref().to_string() } else { format!("{prefix}.{}", key.get_ref()) };
+        if holds(key.span()) {
+            return path;
+        }
+        match value.get_ref() {
+            DeValue::Table(inner) => {
+                let inside = key_at(inner, span, &path);
+                if inside != path || holds(value.span()) {
+                    return inside;
+                }
+            }
+            DeValue::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    if let DeValue::Table(inner) = item.get_ref() {
+                        let item_path = format!("{path}.{i}");
+                        let inside = key_at(inner, span, &item_path);
+                        if inside != item_path || holds(item.span()) {
+                            return inside;
+                        }
+                    }
+                }
+                if holds(value.span()) {
+                    return path;
+                }
+            }
+            _ if holds(value.span()) => return path,
+            _ => {}
+        }
     }
+    prefix.to_string()
+}
+
+/// The names a serde message quotes in backticks, in order.
+fn backticked(message: &str) -> Vec<&str> {
+    message.split('`').skip(1).step_by(2).collect()
+}
+
+/// Serde's "invalid type: string \"x\", expected i64" as "expected an integer, found
+/// string", and its untagged enums by what they accept.
+fn reworded(message: &str) -> String {
+    if message.contains("untagged enum OneOrMany") {
+        return "expected a string or an array of strings".into();
+    }
+    if message.contains("untagged enum RawPluginName") {
+        return "expected a plugin name or { wasm = \"...\" } / { dylib = \"...\" }".into();
+    }
+    let Some((found, expected)) = message.strip_prefix("invalid type: ").and_then(|m| m.split_once(", expected "))
+    else {
+        return message.to_string();
+    };
+    let found = match found.split([' ', '`']).next().unwrap_or(found) {
+        "floating" => "float",
+        "map" => "table",
+        "sequence" => "array",
+        other => other,
+    };
+    let expected = match expected {
+        "i64" | "u64" | "usize" | "u32" | "i32" => "an integer",
+        "f64" | "f32" => "a number",
+        "a sequence" => "an array",
+        e if e.starts_with("struct ") || e == "a map" => "a table",
+        e => e,
+    };
+    format!("expected {expected}, found {found}")
 }

@@ -17,17 +17,19 @@
 mod experiment;
 mod located;
 mod overrides;
+mod raw;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 pub use experiment::{AlignSection, DataSection, EvalSection, ModelRef, PathAt, RunSection};
 use fusellm_sdk::{ParamValue, PluginKind};
 pub use located::ConfigError;
-use located::{scalar, Doc, Section};
+use located::Doc;
 pub use overrides::{apply_overrides, variants, Variant};
-use toml::de::DeValue;
+use raw::{RawConfig, RawPlugin, RawPluginName};
+use serde::Deserialize;
+use toml::Spanned;
 
 use crate::plugins::{Configured, Registry, Tier, WasmLimits};
 
@@ -74,9 +76,6 @@ pub enum PluginSpec {
     File { tier: Tier, path: PathBuf, name: Option<String> },
 }
 
-const SECTIONS: &[&str] =
-    &["run", "data", "target", "sources", "precompute", "align", "fusion", "train", "eval", "sandbox", "sweep"];
-
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
@@ -92,29 +91,30 @@ impl Config {
     /// Parses config text; `path` is used in messages and to resolve relative plugin paths.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let doc = Doc { path, text };
-        let table = doc.parse()?;
-        let root = Section::root(&doc, &table);
-        root.allow_only(SECTIONS)?;
+        let root = doc.parse()?;
+        let raw = RawConfig::deserialize(toml::de::Deserializer::from(root.clone()))
+            .map_err(|e| doc.de_error(root.get_ref(), &e))?;
         // Absolute, so that the paths a run records stay valid from any working folder.
         let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         let base = &crate::files::absolute(parent);
-        let fusion = root.subsection("fusion")?.map(|s| plugin_choice(&s, PluginKind::Fusion, base)).transpose()?;
-        let sandbox = root.subsection("sandbox")?.map(|s| sandbox(&s)).transpose()?.unwrap_or_default();
-        let read = experiment::Reader { root: &root, base };
-        let run = read.run(path)?;
+        let fusion = raw.fusion.map(|f| plugin_choice(&doc, "fusion", f, PluginKind::Fusion, base)).transpose()?;
+        let read = experiment::Reader { doc: &doc, base };
+        let sandbox = read.sandbox(raw.sandbox)?;
+        let run = read.run(path, raw.run)?;
+        let source_keys: Vec<String> = (0..raw.sources.len()).map(|i| format!("sources.{i}")).collect();
         Ok(Config {
             path: path.to_owned(),
-            data: read.data()?,
-            target: read.target()?,
-            sources: read.sources()?,
-            precompute: read.precompute()?,
-            align: read.align()?,
+            data: read.data(raw.data)?,
+            target: read.target(raw.target)?,
+            sources: read.sources(raw.sources, &source_keys)?,
+            precompute: read.precompute(raw.precompute)?,
+            align: read.align(raw.align)?,
             fusion,
-            train: read.train(run.seed)?,
-            eval: read.eval()?,
+            train: read.train(raw.train, run.seed)?,
+            eval: read.eval(raw.eval)?,
             run,
             sandbox,
-            located: LOCATED.iter().map(|&key| (key, locate(&root, key))).collect(),
+            located: LOCATED.iter().map(|&key| (key, doc.locate(&root, key))).collect(),
         })
     }
 
@@ -148,6 +148,12 @@ impl Config {
 }
 
 impl PluginChoice {
+    /// A choice the config left to its default, located at `at`.
+    fn named(kind: PluginKind, name: &str, at: ConfigError) -> Self {
+        let (params, param_errors) = Default::default();
+        Self { kind, plugin: PluginSpec::Named(name.into()), params, plugin_error: at, param_errors }
+    }
+
     /// Loads the plugin (from its file if it has one), finds it, and checks the parameters
     /// against its schema: everything a run needs before any compute starts.
     pub fn load<'r>(&self, registry: &'r mut Registry) -> Result<Configured<'r>, ConfigError> {
@@ -194,91 +200,67 @@ impl PluginChoice {
     }
 }
 
-fn plugin_choice(section: &Section<'_, '_>, kind: PluginKind, base: &Path) -> Result<PluginChoice, ConfigError> {
-    section.allow_only(&["plugin", "params"])?;
-    let mut choice = named_plugin(section, "plugin", kind, base)?;
-    if let Some(p) = section.subsection("params")? {
-        for (key, value) in p.table.iter() {
-            let name = key.get_ref().to_string();
-            let v = scalar(value.get_ref()).ok_or_else(|| {
-                p.error_at(
-                    &name,
-                    format!("a parameter is a string, number or boolean, not {}", value.get_ref().type_str()),
-                )
-            })?;
-            choice.param_errors.insert(name.clone(), p.error_at(&name, ""));
-            choice.params.insert(name, v);
-        }
+/// The plugin and parameters of the section at dotted `key`.
+fn plugin_choice(
+    doc: &Doc<'_>,
+    key: &str,
+    section: Spanned<RawPlugin>,
+    kind: PluginKind,
+    base: &Path,
+) -> Result<PluginChoice, ConfigError> {
+    let span = section.span();
+    let raw = section.into_inner();
+    let plugin_key = format!("{key}.plugin");
+    let plugin = raw.plugin.ok_or_else(|| doc.error(span, &plugin_key, "missing required key"))?;
+    let mut choice = plugin_name(doc, &plugin_key, plugin, kind, base)?;
+    for (name, value) in raw.params {
+        let (name, at) = (name.into_inner(), value.span());
+        let param_key = format!("{key}.params.{name}");
+        let v = param_value(value.get_ref()).ok_or_else(|| {
+            let found = value.get_ref().type_str();
+            doc.error(at.clone(), &param_key, format!("a parameter is a string, number or boolean, not {found}"))
+        })?;
+        choice.param_errors.insert(name.clone(), doc.error(at, &param_key, ""));
+        choice.params.insert(name, v);
     }
     Ok(choice)
 }
 
-/// The plugin of `kind` that `key` of `section` names (a registered name, or a file), with
-/// no parameters.
-fn named_plugin(
-    section: &Section<'_, '_>,
+/// The plugin of `kind` named at dotted `key` (a registered name, or a file), with no
+/// parameters.
+fn plugin_name(
+    doc: &Doc<'_>,
     key: &str,
+    name: Spanned<RawPluginName>,
     kind: PluginKind,
     base: &Path,
 ) -> Result<PluginChoice, ConfigError> {
-    let value = section.required(key)?;
-    let plugin = match value.get_ref() {
-        DeValue::String(name) => PluginSpec::Named(name.to_string()),
-        DeValue::Table(_) => plugin_file(&section.doc.section(section.path_of(key), value)?, base)?,
-        other => {
-            return Err(section.error_at(
-                key,
-                format!(
-                    "expected a plugin name or {{ wasm = \"...\" }} / {{ dylib = \"...\" }}, found {}",
-                    other.type_str()
-                ),
-            ))
+    let at = doc.error(name.span(), key, "");
+    let plugin = match name.into_inner() {
+        RawPluginName::Named(name) => PluginSpec::Named(name),
+        RawPluginName::File(file) => {
+            let (tier, path) = match (file.wasm, file.dylib) {
+                (Some(p), None) => (Tier::Wasm, p),
+                (None, Some(p)) => (Tier::Dylib, p),
+                _ => {
+                    let message = "give exactly one of `wasm = \"file.wasm\"` or `dylib = \"libfile.so\"`";
+                    return Err(ConfigError { message: message.into(), ..at });
+                }
+            };
+            PluginSpec::File { tier, path: base.join(path), name: file.name }
         }
     };
     let (params, param_errors) = Default::default();
-    Ok(PluginChoice { kind, plugin, params, plugin_error: section.error_at(key, ""), param_errors })
+    Ok(PluginChoice { kind, plugin, params, plugin_error: at, param_errors })
 }
 
-fn plugin_file(table: &Section<'_, '_>, base: &Path) -> Result<PluginSpec, ConfigError> {
-    table.allow_only(&["wasm", "dylib", "name"])?;
-    let name = table.string("name")?.map(str::to_string);
-    let (tier, path) = match (table.string("wasm")?, table.string("dylib")?) {
-        (Some(p), None) => (Tier::Wasm, p),
-        (None, Some(p)) => (Tier::Dylib, p),
-        _ => return Err(table.error_at("", "give exactly one of `wasm = \"file.wasm\"` or `dylib = \"libfile.so\"`")),
-    };
-    Ok(PluginSpec::File { tier, path: base.join(path), name })
-}
-
-fn sandbox(section: &Section<'_, '_>) -> Result<WasmLimits, ConfigError> {
-    section.allow_only(&["deadline_secs", "memory_mib", "cache"])?;
-    let mut limits = WasmLimits::default();
-    if let Some(secs) = section.float("deadline_secs")? {
-        if !(secs > 0.0 && secs < 1e6) {
-            return Err(section.error_at("deadline_secs", "must be a positive number of seconds"));
-        }
-        limits.deadline = Duration::from_secs_f64(secs);
-    }
-    if let Some(mib) = section.int("memory_mib")? {
-        if !(1..=1 << 20).contains(&mib) {
-            return Err(section.error_at("memory_mib", "must be between 1 and 1048576 MiB"));
-        }
-        limits.memory_bytes = (mib as usize) << 20;
-    }
-    if section.bool("cache")? == Some(false) {
-        limits.cache_dir = None;
-    }
-    Ok(limits)
-}
-
-/// The location of dotted `key` (of its innermost written section when it is not).
-fn locate(root: &Section<'_, '_>, key: &str) -> ConfigError {
-    match key.split_once('.') {
-        Some((section, rest)) => match root.subsection(section) {
-            Ok(Some(s)) if s.get(rest).is_some() => s.error_at(rest, ""),
-            Ok(Some(s)) => ConfigError { key: key.into(), ..s.error_at(rest, "") },
-            _ => ConfigError { key: key.into(), ..root.error_at(section, "") },
-        },
-        None => root.error_at(key, ""),
+/// A scalar TOML value as a plugin parameter value (`None` for arrays, tables, dates).
+fn param_value(value: &toml::Value) -> Option<ParamValue> {
+    match value {
+        toml::Value::String(s) => Some(ParamValue::Str(s.clone())),
+        toml::Value::Boolean(b) => Some(ParamValue::Bool(*b)),
+        toml::Value::Integer(i) => Some(ParamValue::Int(*i)),
+        toml::Value::Float(x) => Some(ParamValue::Float(*x)),
+        _ => None,
     }
 }
