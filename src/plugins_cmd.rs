@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Subcommand;
 use fusellm_core::config::Config;
-use fusellm_core::plugins::conformance::check_fusion;
+use fusellm_core::plugins::conformance::check;
 use fusellm_core::plugins::{Entry, Registry, Tier};
 use fusellm_sdk::PluginKind;
 
@@ -128,18 +128,9 @@ fn test(spec: &str, name: Option<&str>, config: Option<&Path>) -> Result<ExitCod
     };
     let mut failed = 0;
     for name in names {
-        let entry = registry.get(PluginKind::Fusion, &name);
-        let entry = match entry {
-            Ok(entry) => entry,
-            // A file may hold adapters too; the conformance checks are those of fusion plugins.
-            Err(_) if is_file => {
-                println!("`{name}`: skipped (not a fusion plugin; conformance checks cover fusion plugins)");
-                continue;
-            }
-            Err(e) => return Err(e.into()),
-        };
-        println!("{}", entry.label());
-        for check in check_fusion(entry) {
+        let entry = registry.find(&name)?;
+        println!("{} ({})", entry.label(), entry.info.kind);
+        for check in check(entry) {
             match check.outcome {
                 Ok(()) => println!("  ok    {}", check.name),
                 Err(e) => {

@@ -170,3 +170,27 @@ fn two_plugins_registering_one_name_are_refused() {
     // The built-ins are untouched.
     assert!(registry.get(PluginKind::Fusion, "min_ce").is_ok());
 }
+
+/// The conformance check catches an aligner, a vocabulary mapper and an adapter that
+/// answer wrongly, in both tiers, and says where.
+#[test]
+fn the_conformance_check_fails_wrong_plugins_of_every_kind() {
+    let registries = [
+        registry_of(Tier::Dylib, &dylib("fusellm_test_plugins"), WasmLimits::default()),
+        registry_of(Tier::Wasm, &wasm("fusellm_test_plugins"), tight_limits()),
+    ];
+    for registry in &registries {
+        for (name, says) in [
+            ("to_first", "a tokenization with itself: aligned a tokenization with itself as"),
+            ("all_to_zero", "a vocabulary onto itself: source token 1 mapped to Some(0) at distance 0"),
+            ("panicking_adapter", "plugin panicked: this adapter panics on purpose"),
+        ] {
+            let entry = registry.find(name).unwrap();
+            let failed: Vec<String> = fusellm_core::plugins::conformance::check(entry)
+                .into_iter()
+                .filter_map(|r| r.outcome.err().map(|e| format!("{}: {e}", r.name)))
+                .collect();
+            assert!(failed.iter().any(|f| f.contains(says)), "{}: expected {says:?} in {failed:?}", entry.label());
+        }
+    }
+}

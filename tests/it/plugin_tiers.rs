@@ -1,7 +1,7 @@
 //! The same fusion functions as builtin, dylib and WASM plugins give bit-identical outputs.
 
 use crate::common::{dylib, registry_of, wasm};
-use fusellm_core::plugins::conformance::{check_fusion, synthetic_input, Shape};
+use fusellm_core::plugins::conformance::{check, synthetic_input, Shape};
 use fusellm_core::plugins::{Registry, Tier, WasmLimits};
 use fusellm_sdk::{ParamValue, PluginKind};
 
@@ -63,7 +63,7 @@ fn built_in_fusion_plugins_pass_the_conformance_check_in_every_tier() {
     for registry in tiers() {
         for name in ["min_ce", "avg_ce"] {
             let entry = registry.get(PluginKind::Fusion, name).unwrap();
-            let results = check_fusion(entry);
+            let results = check(entry);
             assert!(results.len() >= 7);
             for r in results {
                 assert!(r.outcome.is_ok(), "{}: {}: {:?}", entry.label(), r.name, r.outcome);
@@ -77,7 +77,7 @@ fn the_example_plugin_passes_the_conformance_check_in_both_forms() {
     for (tier, path) in [(Tier::Dylib, dylib("entropy_fusion")), (Tier::Wasm, wasm("entropy_fusion"))] {
         let registry = registry_of(tier, &path, WasmLimits::default());
         let entry = registry.get(PluginKind::Fusion, "entropy_weighted").unwrap();
-        for r in check_fusion(entry) {
+        for r in check(entry) {
             assert!(r.outcome.is_ok(), "{}: {}: {:?}", entry.label(), r.name, r.outcome);
         }
     }
@@ -102,4 +102,27 @@ fn compiled_components_are_cached_on_disk_and_a_bad_cache_file_is_recompiled() {
     let registry = registry_of(Tier::Wasm, &component, limits);
     assert!(registry.get(PluginKind::Fusion, "min_ce").is_ok());
     assert_eq!(std::fs::metadata(&files[0]).unwrap().len(), compiled_size, "the bad cache file is replaced");
+}
+
+/// The aligners, vocabulary mappers and adapters pass their kinds' conformance checks: as
+/// built-ins, and the aligners also from their dylib and WASM builds.
+#[test]
+fn every_built_in_plugin_passes_its_kinds_conformance_check() {
+    let builtins = Registry::with_builtins().unwrap();
+    let align = [Tier::Dylib, Tier::Wasm].map(|tier| {
+        let file = if tier == Tier::Dylib { dylib("fusellm_align") } else { wasm("fusellm_align") };
+        registry_of(tier, &file, WasmLimits::default())
+    });
+    let mut kinds = std::collections::BTreeSet::new();
+    for registry in std::iter::once(&builtins).chain(&align) {
+        for entry in registry.entries().iter().filter(|e| e.info.kind != PluginKind::Fusion) {
+            let results = check(entry);
+            assert!(results.len() >= 2, "{}", entry.label());
+            for r in results {
+                assert!(r.outcome.is_ok(), "{}: {}: {:?}", entry.label(), r.name, r.outcome);
+            }
+            kinds.insert(entry.info.kind.as_str());
+        }
+    }
+    assert_eq!(kinds.len(), 3, "{kinds:?}");
 }

@@ -333,6 +333,14 @@ impl Registry {
     }
 
     /// The plugin `name` of `kind`; an unknown name gets the nearest known one suggested.
+    /// The plugin called `name`, whatever its kind (names are unique across kinds).
+    pub fn find(&self, name: &str) -> Result<&Entry, PluginError> {
+        self.entries.iter().find(|e| e.info.name == name).ok_or_else(|| {
+            let known = self.entries.iter().map(|e| e.info.name.as_str());
+            PluginError::new(format!("unknown plugin `{name}`{}", did_you_mean(name, known)))
+        })
+    }
+
     pub fn get(&self, kind: PluginKind, name: &str) -> Result<&Entry, PluginError> {
         match self.entries.iter().find(|e| e.info.name == name) {
             Some(e) if e.info.kind == kind => Ok(e),

@@ -1,7 +1,11 @@
-//! One fusion plugin per way a plugin can go wrong. A host must answer each with a clear
-//! error and keep running.
+//! One fusion plugin per way a plugin can go wrong, and an aligner, a vocabulary mapper
+//! and an adapter that answer wrongly. A host must answer each with a clear error and keep
+//! running, and the conformance check must catch each.
 
-use fusellm_sdk::{FusedTarget, FusionFn, FusionInput, Params, PluginInfo, PluginKind};
+use fusellm_sdk::{
+    Alignment, CheckpointFiles, FusedTarget, FusionFn, FusionInput, ModelAdapter, ModelSpec, Params, PluginInfo,
+    PluginKind, SequenceAligner, TokenStrings, Tokenization, VocabMap, VocabMapper,
+};
 
 /// A misbehaving fusion plugin: its name and what it does instead of fusing.
 pub struct Misbehave(&'static str, fn(&FusionInput<'_>) -> FusedTarget);
@@ -65,7 +69,50 @@ fn negative_probs(input: &FusionInput<'_>) -> FusedTarget {
     uniform(input, -0.5)
 }
 
-fusellm_sdk::export_plugins!(fusion: [
+/// Aligns every token of one side with the first of the other: a valid path, but not the
+/// one to one path of a tokenization with itself.
+pub struct ToFirst;
+
+impl SequenceAligner for ToFirst {
+    fn info(&self) -> PluginInfo {
+        PluginInfo::new(PluginKind::SequenceAligner, "to_first", "0.1.0", "aligns everything to the first token")
+    }
+
+    fn align(&self, _: &Params, a: Tokenization<'_>, _: Tokenization<'_>) -> Result<Alignment, String> {
+        let n = a.len() as u32;
+        Ok(Alignment { a: (0..n).collect(), b: vec![0; n as usize], cost: 0.0 })
+    }
+}
+
+/// Maps every token to the target's first, claiming an exact match.
+pub struct AllToZero;
+
+impl VocabMapper for AllToZero {
+    fn info(&self) -> PluginInfo {
+        PluginInfo::new(PluginKind::VocabMapper, "all_to_zero", "0.1.0", "maps every token to id 0")
+    }
+
+    fn map_vocab(&self, _: &Params, source: TokenStrings<'_>, _: TokenStrings<'_>) -> Result<VocabMap, String> {
+        Ok(VocabMap { target: vec![Some(0); source.len()], distance: vec![0; source.len()] })
+    }
+}
+
+/// An adapter that panics on every config.
+pub struct PanickingAdapter;
+
+impl ModelAdapter for PanickingAdapter {
+    fn info(&self) -> PluginInfo {
+        let mut info = PluginInfo::new(PluginKind::Adapter, "panicking_adapter", "0.1.0", "panics on every config");
+        info.handles = vec!["panicking".into()];
+        info
+    }
+
+    fn spec(&self, _: &Params, _: CheckpointFiles<'_>) -> Result<ModelSpec, String> {
+        panic!("this adapter panics on purpose")
+    }
+}
+
+fusellm_sdk::export_plugins!(sequence_aligner: [ToFirst], vocab_mapper: [AllToZero], adapter: [PanickingAdapter], fusion: [
     Misbehave("panics", panics),
     Misbehave("loops_forever", loops_forever),
     Misbehave("hogs_memory", hogs_memory),
