@@ -306,16 +306,15 @@ pub trait Declared: Sized {
     fn schema() -> Vec<ParamSpec>;
 }
 
-/// One field of a [`params!`](crate::params!) struct: its default and its bounds or choices.
+/// One field of a [`params!`](crate::params!) struct: its default and its bounds.
 pub struct Field<T> {
     default: T,
     range: (Option<f64>, Option<f64>),
-    options: &'static [&'static str],
 }
 
 impl<T: ParamType> Field<T> {
     pub fn new(default: impl Into<T>) -> Self {
-        Self { default: default.into(), range: (None, None), options: &[] }
+        Self { default: default.into(), range: (None, None) }
     }
 
     /// The smallest value allowed (inclusive), for a number.
@@ -330,12 +329,6 @@ impl<T: ParamType> Field<T> {
         self
     }
 
-    /// The strings allowed, for a string: the parameter becomes a choice.
-    pub fn options(mut self, options: &'static [&'static str]) -> Self {
-        self.options = options;
-        self
-    }
-
     /// The declared parameter `name`, documented by the field's doc comment lines.
     pub fn spec(self, name: &str, doc: &[&str]) -> ParamSpec {
         let doc: Vec<&str> = doc.iter().map(|line| line.trim()).collect();
@@ -343,15 +336,13 @@ impl<T: ParamType> Field<T> {
         if self.range != (None, None) {
             spec = spec.range(self.range.0, self.range.1);
         }
-        if !self.options.is_empty() {
-            spec.kind = ParamKind::Choice { options: self.options.iter().map(|o| o.to_string()).collect() };
-        }
         spec
     }
 }
 
 /// Declares a plugin's parameters once, as a struct: each field's doc comment, type,
-/// default and bounds (`min(x)`, `max(x)`) or choices (`options(&[..])`). The struct
+/// default and bounds (`min(x)`, `max(x)`); a choice is a field of an enum declared with
+/// [`choices!`](crate::choices!). The struct
 /// implements [`Declared`], its schema for [`PluginInfo::params`](crate::PluginInfo::params),
 /// and has `read(&Params) -> Result<Self, String>` for the resolved parameters.
 ///
@@ -362,8 +353,12 @@ impl<T: ParamType> Field<T> {
 ///         /// 0: the full matrix; otherwise only cells this near the diagonal
 ///         band: i64 = 0, min(0.0);
 ///         /// how a tie is broken
-///         ties: String = "diagonal", options(&["diagonal", "up"]);
+///         ties: Ties = Ties::Diagonal;
 ///     }
+/// }
+/// fusellm_sdk::choices! {
+///     /// How `dtw` breaks a tie.
+///     pub enum Ties { Diagonal = "diagonal", Up = "up" }
 /// }
 /// use fusellm_sdk::params::Declared;
 /// assert_eq!(DtwParams::schema()[0].name, "band");
@@ -403,6 +398,55 @@ macro_rules! params {
     };
 }
 
+/// Declares a choice parameter's options as a Rust enum, each variant with the string a
+/// config writes: a [`params!`](crate::params!) field of it is a choice, listed with its
+/// options and read as the variant (no string compared in the plugin).
+///
+/// ```
+/// fusellm_sdk::choices! {
+///     /// How AvgCE weighs the candidates.
+///     pub enum Weights { Paper = "paper", Softmax = "softmax" }
+/// }
+/// assert_eq!(Weights::OPTIONS, ["paper", "softmax"]);
+/// ```
+#[macro_export]
+macro_rules! choices {
+    ($(#[$meta:meta])* $vis:vis enum $name:ident { $($variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        $vis enum $name {
+            $($variant),+
+        }
+
+        impl $name {
+            /// The strings a config may write, in order.
+            pub const OPTIONS: &'static [&'static str] = &[$($text),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $text),+
+                }
+            }
+        }
+
+        impl $crate::params::ParamType for $name {
+            const NAME: &'static str = "one of its choices";
+            fn spec(name: &str, default: Self, doc: &str) -> $crate::ParamSpec {
+                $crate::ParamSpec::choice(name, Self::OPTIONS, default.as_str(), doc)
+            }
+            fn read(value: &$crate::ParamValue) -> Option<Self> {
+                match value {
+                    $crate::ParamValue::Str(s) => match s.as_str() {
+                        $($text => Some(Self::$variant),)+
+                        _ => None,
+                    },
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -433,12 +477,17 @@ mod tests {
         /// A declaration as plugins write one.
         struct Weighting {
             /// candidates' weights
-            weights: String = "paper", options(&["paper", "softmax"]);
+            weights: Weights = Weights::Paper;
             /// temperature
             /// of the softmax
             tau: f64 = 1.0, min(0.0);
             include_target: bool = true;
         }
+    }
+
+    crate::choices! {
+        /// A choice as plugins declare one.
+        enum Weights { Paper = "paper", Softmax = "softmax" }
     }
 
     /// The struct's declaration gives the same schema as the one written out, and reads
@@ -454,7 +503,7 @@ mod tests {
         );
         assert_eq!(declared[1].doc, "temperature of the softmax");
         let p = Params::resolve(&declared, &given(&[("tau", ParamValue::Int(3))])).unwrap();
-        assert_eq!(Weighting::read(&p), Ok(Weighting { weights: "paper".into(), tau: 3.0, include_target: true }));
+        assert_eq!(Weighting::read(&p), Ok(Weighting { weights: Weights::Paper, tau: 3.0, include_target: true }));
     }
 
     #[test]

@@ -8,9 +8,17 @@ fusellm_sdk::params! {
     pub struct Weighting {
         /// paper: softmax(exp(-CE)) as the paper's code (nearly uniform); softmax:
         /// softmax(-CE / tau)
-        weights: String = "paper", options(&["paper", "softmax"]);
+        weights: Weights = Weights::Paper;
         /// temperature of weights = "softmax"
         tau: f64 = 1.0, min(1e-6);
+    }
+}
+
+fusellm_sdk::choices! {
+    /// How AvgCE turns the candidates' CE into weights.
+    pub enum Weights {
+        Paper = "paper",
+        Softmax = "softmax",
     }
 }
 
@@ -32,7 +40,7 @@ impl FusionFn for AvgCe {
     fn fuse(&self, params: &Params, input: &FusionInput<'_>) -> Result<FusedTarget, String> {
         let pool = Pool::new(params, input)?;
         let Weighting { weights, tau } = Weighting::read(params)?;
-        let paper = weights == "paper";
+        let paper = weights == Weights::Paper;
         let positions = input.positions();
         let mut out = FusedTarget::with_capacity(positions, positions * 10);
         let (mut logits, mut weights, mut probs, mut mix) = (Vec::new(), Vec::new(), Vec::new(), Mixture::default());

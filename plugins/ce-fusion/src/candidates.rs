@@ -8,14 +8,30 @@ fusellm_sdk::params! {
     pub struct PoolParams {
         /// rank candidates by their mean CE on the document (the paper's code) or by their CE
         /// on each token
-        granularity: String = "document", options(&["document", "token"]);
+        granularity: Granularity = Granularity::Document;
         /// token: CE in nats per token (the paper); byte: scaled by the candidate's tokens per
         /// byte of the document, so that tokenizers of different granularity compare fairly
-        ce_norm: String = "token", options(&["token", "byte"]);
+        ce_norm: CeNorm = CeNorm::Token;
         /// whether the target's own distribution is a candidate (the paper: yes)
         include_target: bool = true;
         /// teacher temperature of the softmax over each candidate's kept top-k
         temperature: f64 = 1.0, min(1e-6);
+    }
+}
+
+fusellm_sdk::choices! {
+    /// What a candidate's CE is taken over.
+    pub enum Granularity {
+        Document = "document",
+        Token = "token",
+    }
+}
+
+fusellm_sdk::choices! {
+    /// The unit CE is compared in.
+    pub enum CeNorm {
+        Token = "token",
+        Byte = "byte",
     }
 }
 
@@ -39,12 +55,12 @@ impl<'a> Pool<'a> {
         if members.is_empty() && input.positions() > 0 {
             return Err("no candidate distributions to fuse".into());
         }
-        let per_byte = p.ce_norm == "byte";
+        let per_byte = p.ce_norm == CeNorm::Byte;
         let scale = members.iter().map(|c| if per_byte { per_byte_factor(c, input.text_bytes) } else { 1.0 }).collect();
         Ok(Self {
             target: members.iter().position(|c| c.is_target),
             scale,
-            per_token: p.granularity == "token",
+            per_token: p.granularity == Granularity::Token,
             temperature: p.temperature,
             members,
         })
