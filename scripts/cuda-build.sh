@@ -41,7 +41,7 @@ case "$mode" in
   check)
     cargo check --release --features cuda
     link_libcuda
-    cargo test --release --features cuda -p fusellm-core --lib model::cuda
+    cargo test --release --features cuda -p fusellm-blocks --lib cuda
     ;;
   build) link_libcuda; cargo build --release --features cuda ;;
   tests)

@@ -167,7 +167,7 @@ fn forward(shape: BatchShape, iters: usize) -> Result<()> {
 /// A batch of `batch x seq` tokens with, when `fusion`, a random top-10 target per position.
 fn bench_batch(shape: BatchShape, fusion: bool) -> Result<LossBatch> {
     let BatchShape { vocab, batch, seq } = shape;
-    let mut rng = fusellm_core::rng::Rng::new(1);
+    let mut rng = fusellm_sdk::rng::Rng::new(1);
     let ids: Vec<u32> = (0..batch * seq).map(|_| rng.below(vocab as u32)).collect();
     let b = LossBatch::sequences(ids, batch)?;
     if !fusion {

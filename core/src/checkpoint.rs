@@ -72,7 +72,7 @@ impl Checkpoint {
 
     /// Loads the weights: frozen (memory-mapped) or trainable.
     pub fn load_model(&self, mode: LoadMode, dtype: DType, device: &Device) -> Result<Transformer> {
-        Transformer::load(&self.dir, &self.spec, mode, dtype, device)
+        Ok(Transformer::load(&self.dir, &self.spec, mode, dtype, device)?)
     }
 }
 

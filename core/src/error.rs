@@ -20,6 +20,9 @@ pub enum Error {
     /// A tensor operation of candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// The block library: a model it cannot run or load.
+    #[error(transparent)]
+    Blocks(#[from] fusellm_blocks::error::Error),
     /// Loading, resolving or calling a plugin.
     #[error(transparent)]
     Plugin(#[from] PluginError),

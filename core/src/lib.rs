@@ -1,6 +1,6 @@
 //! fusellm-core: the plugin host (builtin, dylib and WASM tiers behind one registry), the
-//! experiment configuration, and (with the coming issues) the block library, stores,
-//! stages and training loop of DESIGN.md.
+//! experiment configuration, the stores, the stages and the training loop of DESIGN.md,
+//! over the block library (`fusellm-blocks`, re-exported as `model`).
 
 pub mod align;
 pub mod checkpoint;
@@ -11,14 +11,15 @@ pub mod eval;
 pub mod files;
 pub mod fuse;
 pub mod merge;
-pub mod model;
 pub mod pipeline;
 pub mod plot;
 pub mod plugins;
 pub mod precompute;
-pub mod rng;
 pub mod split;
 pub mod store;
 pub mod table;
 pub mod tokenizer;
 pub mod train;
+
+/// The block library, as the stages call it.
+pub use fusellm_blocks as model;

@@ -3,7 +3,7 @@
 //! printed values follow from the assignments), and sentences of a stochastic grammar
 //! (agreement between subject and verb, fixed word order).
 
-use fusellm_core::rng::Rng;
+use fusellm_sdk::rng::Rng;
 
 /// The demo's domains, in table order.
 pub const DOMAINS: [&str; 3] = ["arithmetic", "code", "grammar"];

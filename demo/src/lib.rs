@@ -21,7 +21,7 @@ use fusellm_core::error::{Context, Error, Result};
 use fusellm_core::eval::{mixture, score, Scorer};
 use fusellm_core::pipeline::{Event, Run, RunRecord};
 use fusellm_core::plugins::Registry;
-use fusellm_core::rng::Rng;
+use fusellm_sdk::rng::Rng;
 
 use models::{Arch, Shape};
 pub use report::{Results, Row};

@@ -82,5 +82,5 @@ pub fn create(dir: &Path, arch: Arch, shape: Shape, tokenizer: &Path, seed: u64,
     std::fs::copy(tokenizer, dir.join("tokenizer.json")).context(|| format!("copying {}", tokenizer.display()))?;
     let checkpoint = Checkpoint::open(dir, registry, None)?;
     let model = Transformer::init(&checkpoint.spec, seed, 0.02, candle_core::DType::F32, &Device::Cpu)?;
-    model.save_weights(&dir.join("model.safetensors"))
+    Ok(model.save_weights(&dir.join("model.safetensors"))?)
 }

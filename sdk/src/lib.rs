@@ -16,6 +16,7 @@ pub mod math;
 pub mod mixture;
 pub mod params;
 pub mod plugin;
+pub mod rng;
 pub mod suggest;
 
 #[cfg(not(target_arch = "wasm32"))]

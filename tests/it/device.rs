@@ -9,8 +9,8 @@ use fusellm_core::model::loss::{LossBatch, Objective};
 use fusellm_core::model::ops;
 use fusellm_core::model::positions::{attention_mask, rope_tables};
 use fusellm_core::model::Transformer;
-use fusellm_core::rng::Rng;
 use fusellm_core::train::optim::{AdamW, AdamWConfig};
+use fusellm_sdk::rng::Rng;
 
 fn device() -> Device {
     let name = std::env::var("FUSELLM_TEST_DEVICE").unwrap_or_else(|_| "cuda".into());

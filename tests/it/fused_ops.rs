@@ -4,7 +4,7 @@
 use candle_core::{Device, Tensor, Var};
 use fusellm_core::model::ops::{self, composed, Scores};
 use fusellm_core::model::positions::attention_mask;
-use fusellm_core::rng::Rng;
+use fusellm_sdk::rng::Rng;
 
 fn random(rng: &mut Rng, shape: &[usize], scale: f64) -> Var {
     let n = shape.iter().product();

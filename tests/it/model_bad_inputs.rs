@@ -91,11 +91,11 @@ fn a_sequence_longer_than_the_maximum_is_refused() {
     let checkpoint = Checkpoint::open(&fixtures::model_dir("tiny-mpt"), &registry, None).unwrap();
     let model = checkpoint.load_model(LoadMode::Frozen, DType::F32, &Device::Cpu).unwrap();
     let ids = Tensor::zeros((1, 513), DType::U32, &Device::Cpu).unwrap();
-    let e = model.forward(&ids, None).unwrap_err().report();
+    let e = fusellm_core::error::report(&model.forward(&ids, None).unwrap_err());
     assert_contains(&e, "a sequence of 513 tokens is longer than the model's maximum of 512 positions");
     let too_big = Tensor::new(&[[5u32, 60_000]], &Device::Cpu).unwrap();
     assert_contains(
-        &model.forward(&too_big, None).unwrap_err().report(),
+        &fusellm_core::error::report(&model.forward(&too_big, None).unwrap_err()),
         "token id 60000 is outside the model's embedding of 50432 rows",
     );
 }
@@ -107,5 +107,5 @@ fn bf16_on_the_cpu_is_refused_before_loading() {
     let e = Transformer::load(&checkpoint.dir, &checkpoint.spec, LoadMode::Frozen, DType::BF16, &Device::Cpu)
         .err()
         .unwrap();
-    assert_contains(&e.report(), "bf16 is not supported on the CPU");
+    assert_contains(&fusellm_core::error::report(&e), "bf16 is not supported on the CPU");
 }

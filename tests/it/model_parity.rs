@@ -192,11 +192,11 @@ fn empty_and_one_token_inputs_get_clear_errors() {
     use fusellm_core::model::loss::clm_loss;
     let (_, model) = open("tiny-mpt");
     let empty = Tensor::zeros((1, 0), DType::U32, &Device::Cpu).unwrap();
-    assert!(model.forward(&empty, None).unwrap_err().report().contains("an empty batch"));
+    assert!(fusellm_core::error::report(&model.forward(&empty, None).unwrap_err()).contains("an empty batch"));
     let one = Tensor::new(&[[42u32]], &Device::Cpu).unwrap();
     let logits = model.forward(&one, None).unwrap();
     assert_eq!(logits.dims(), &[1, 1, 50432]);
-    assert!(clm_loss(&logits, &one).unwrap_err().report().contains("no next token to predict"));
+    assert!(fusellm_core::error::report(&clm_loss(&logits, &one).unwrap_err()).contains("no next token to predict"));
 }
 
 #[test]

@@ -11,10 +11,10 @@ use fusellm_core::model::loss::{LossBatch, Objective};
 use fusellm_core::model::ops::log_softmax;
 use fusellm_core::model::LoadMode;
 use fusellm_core::plugins::Registry;
-use fusellm_core::rng::Rng;
 use fusellm_core::train::optim::AdamWConfig;
 use fusellm_core::train::schedule::{Decay, LambdaSchedule, LrSchedule};
 use fusellm_core::train::{latest_checkpoint, Batching, Dataset, Document, Precision, TrainConfig, Trainer};
+use fusellm_sdk::rng::Rng;
 use fusellm_sdk::SparseRowsBuf;
 
 fn scratch(name: &str) -> PathBuf {

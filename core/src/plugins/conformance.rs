@@ -19,7 +19,7 @@ use fusellm_sdk::{
 };
 
 use super::Entry;
-use crate::rng::Rng;
+use fusellm_sdk::rng::Rng;
 
 /// The outcome of one check.
 pub struct CheckResult {

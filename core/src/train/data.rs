@@ -10,8 +10,8 @@ use fusellm_sdk::SparseRowsBuf;
 use crate::error::{Context, Error, Result};
 use crate::fuse::{fused_file, FusedManifest};
 use crate::model::loss::LossBatch;
-use crate::rng::Rng;
 use crate::store::FusedShard;
+use fusellm_sdk::rng::Rng;
 
 /// One training document.
 #[derive(Clone, Debug, PartialEq)]

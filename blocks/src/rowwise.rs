@@ -3,8 +3,8 @@
 //! The losses take the log-sum-exp of every row of logits, 32k-50k wide for real
 //! vocabularies; with libm's scalar `exp` that was a fifth of a training step. Here `exp`
 //! is branch-free (a polynomial and an exponent shift, as Cephes' `expf`) and the
-//! reductions keep [`LANES`] independent accumulators, so each loop compiles to SIMD (of
-//! AVX2 where the CPU has it: [`simd_fn`]).
+//! reductions keep `LANES` independent accumulators, so each loop compiles to SIMD (of
+//! AVX2 where the CPU has it: `simd_fn`).
 
 use super::simd::simd_fn;
 

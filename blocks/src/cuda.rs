@@ -7,10 +7,10 @@ use candle_core::cuda_backend::cudarc;
 use candle_core::Result;
 
 /// The module name the kernels load under in candle's per-device cache.
-pub(crate) const MODULE: &str = "fusellm-kernels";
+pub const MODULE: &str = "fusellm-kernels";
 
 /// Threads per block of the row kernels: one block per row.
-pub(crate) const ROW_THREADS: u32 = 256;
+pub const ROW_THREADS: u32 = 256;
 
 const SOURCE: &str = r#"
 #define NEG_INF __int_as_float(0xff800000)
@@ -263,7 +263,7 @@ extern "C" __global__ void adamw_update(float* p, const float* m, const float* v
 static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
 
 /// The kernels' PTX, compiled on first use.
-pub(crate) fn ptx() -> Result<&'static str> {
+pub fn ptx() -> Result<&'static str> {
     let compiled =
         PTX.get_or_init(|| cudarc::nvrtc::compile_ptx(SOURCE).map(|p| p.to_src()).map_err(|e| e.to_string()));
     match compiled {
@@ -275,10 +275,12 @@ pub(crate) fn ptx() -> Result<&'static str> {
 /// Launches kernel `$name` (a string) of the module with launch configuration `$config`
 /// ([`rows`], [`elements`] or [`columns`]) and the given arguments (device views and
 /// scalars, in the kernel's order).
+#[macro_export]
+#[doc(hidden)]
 macro_rules! launch {
     ($dev:expr, $name:expr, $config:expr, $($arg:expr),+ $(,)?) => {{
         use candle_core::cuda_backend::{cudarc::driver::PushKernelArg, WrapErr};
-        let func = $dev.get_or_load_custom_func(&$name, $crate::model::cuda::MODULE, $crate::model::cuda::ptx()?)?;
+        let func = $dev.get_or_load_custom_func(&$name, $crate::cuda::MODULE, $crate::cuda::ptx()?)?;
         let mut builder = func.builder();
         $(
             let arg = $arg;
@@ -289,11 +291,11 @@ macro_rules! launch {
     }};
 }
 
-pub(crate) use launch;
+pub use crate::launch;
 
 /// The element types of the layers' kernels, which are instantiated per type as
 /// `<name>_f32` and `<name>_bf16`.
-pub(crate) trait Element: candle_core::cuda_backend::CudaDType + cudarc::driver::DeviceRepr {
+pub trait Element: candle_core::cuda_backend::CudaDType + cudarc::driver::DeviceRepr {
     const SUFFIX: &'static str;
 }
 
@@ -306,11 +308,13 @@ impl Element for half::bf16 {
 }
 
 /// The name of kernel `name` for elements of type `T`.
-pub(crate) fn kernel<T: Element>(name: &str) -> String {
+pub fn kernel<T: Element>(name: &str) -> String {
     format!("{name}_{}", T::SUFFIX)
 }
 
 /// Evaluates `$body` with `$t` the [`Element`] type of `$dtype`, or fails for other dtypes.
+#[macro_export]
+#[doc(hidden)]
 macro_rules! per_element {
     ($dtype:expr, $t:ident => $body:expr) => {
         match $dtype {
@@ -327,10 +331,10 @@ macro_rules! per_element {
     };
 }
 
-pub(crate) use per_element;
+pub use crate::per_element;
 
 /// A size as the kernels' `int`, or an error where it does not fit.
-pub(crate) fn int(n: usize) -> Result<i32> {
+pub fn int(n: usize) -> Result<i32> {
     match i32::try_from(n) {
         Ok(n) => Ok(n),
         Err(_) => candle_core::bail!("{n} is beyond the 32-bit sizes of fusellm's CUDA kernels; use smaller batches"),
@@ -338,19 +342,19 @@ pub(crate) fn int(n: usize) -> Result<i32> {
 }
 
 /// One block of [`ROW_THREADS`] per row.
-pub(crate) fn rows(rows: usize) -> Result<cudarc::driver::LaunchConfig> {
+pub fn rows(rows: usize) -> Result<cudarc::driver::LaunchConfig> {
     let grid_dim = (int(rows)? as u32, 1, 1);
     Ok(cudarc::driver::LaunchConfig { grid_dim, block_dim: (ROW_THREADS, 1, 1), shared_mem_bytes: 0 })
 }
 
 /// One thread per element of `n`.
-pub(crate) fn elements(n: usize) -> Result<cudarc::driver::LaunchConfig> {
+pub fn elements(n: usize) -> Result<cudarc::driver::LaunchConfig> {
     Ok(cudarc::driver::LaunchConfig::for_num_elems(int(n)? as u32))
 }
 
 /// One thread per column of `n`, in blocks of [`ROW_THREADS`], times `parts` (`blockIdx.y`,
 /// at most 65535).
-pub(crate) fn columns(n: usize, parts: usize) -> Result<cudarc::driver::LaunchConfig> {
+pub fn columns(n: usize, parts: usize) -> Result<cudarc::driver::LaunchConfig> {
     if parts > 65535 {
         candle_core::bail!("{parts} parts exceed the CUDA grid's 65535 in y");
     }
@@ -359,13 +363,13 @@ pub(crate) fn columns(n: usize, parts: usize) -> Result<cudarc::driver::LaunchCo
 }
 
 /// Device memory of the custom ops' inputs.
-pub(crate) mod gpu {
+pub mod gpu {
     use candle_core::cuda_backend::cudarc::driver::{CudaView, CudaViewMut};
     use candle_core::cuda_backend::CudaDType;
     use candle_core::{CudaStorage, Layout, Result};
 
     /// The tensor's elements, which must be contiguous (the ops call `contiguous()` first).
-    pub(crate) fn rows<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
+    pub fn rows<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
         match l.contiguous_offsets() {
             Some((start, end)) => Ok(s.as_cuda_slice::<T>()?.slice(start..end)),
             None => candle_core::bail!("a fusellm CUDA kernel got a non-contiguous input"),
@@ -373,7 +377,7 @@ pub(crate) mod gpu {
     }
 
     /// The same, to write in place.
-    pub(crate) fn rows_mut<'a, T: CudaDType>(s: &'a mut CudaStorage, l: &Layout) -> Result<CudaViewMut<'a, T>> {
+    pub fn rows_mut<'a, T: CudaDType>(s: &'a mut CudaStorage, l: &Layout) -> Result<CudaViewMut<'a, T>> {
         match l.contiguous_offsets() {
             Some((start, end)) => Ok(s.as_cuda_slice_mut::<T>()?.slice_mut(start..end)),
             None => candle_core::bail!("a fusellm CUDA kernel got a non-contiguous output"),

@@ -8,8 +8,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use fusellm_sdk::ModelSpec;
 use safetensors::tensor::TensorView;
 
-use crate::error::{Context, Error, Result};
-use crate::rng::Rng;
+use crate::error::{Error, Result};
+use fusellm_sdk::rng::Rng;
 
 /// How weights are held.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,7 +55,7 @@ impl Weights {
         // SAFETY: the files are mapped read-only; like every mmap reader, this assumes no
         // other process truncates them while the model is loaded.
         let files = unsafe { MmapedSafetensors::multi(&files) }
-            .context(|| format!("reading the weights in {}", dir.display()))?;
+            .map_err(|e| Error::context(format!("reading the weights in {}", dir.display()), e))?;
         let source = Source::Checkpoint { files, dir: dir.to_owned() };
         Ok(Self { source, spec: spec.clone(), mode, dtype, device: device.clone(), vars: Vec::new() })
     }
@@ -171,11 +171,13 @@ fn init(rng: &mut Rng, std: f64, name: &str, shape: &[usize], device: &Device) -
 
 /// The safetensors files of a checkpoint: those of model.safetensors.index.json when it
 /// is sharded, else model.safetensors, else every *.safetensors file.
-pub(crate) fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
-        let text = std::fs::read_to_string(&index).context(|| format!("reading {}", index.display()))?;
-        let json: serde_json::Value = serde_json::from_str(&text).context(|| format!("parsing {}", index.display()))?;
+        let text =
+            std::fs::read_to_string(&index).map_err(|e| Error::context(format!("reading {}", index.display()), e))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::context(format!("parsing {}", index.display()), e))?;
         let map = json["weight_map"]
             .as_object()
             .ok_or_else(|| Error::msg(format!("{}: no `weight_map` object", index.display())))?;
@@ -196,7 +198,7 @@ pub(crate) fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
         return Ok(vec![single]);
     }
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .context(|| format!("reading the checkpoint folder {}", dir.display()))?
+        .map_err(|e| Error::context(format!("reading the checkpoint folder {}", dir.display()), e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
         .collect();

@@ -270,7 +270,7 @@ fn along_mix(mix: &[f32], grad: &[f32]) -> candle_core::Result<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rng::Rng;
+    use fusellm_sdk::rng::Rng;
 
     fn random(rng: &mut Rng, shape: (usize, usize), scale: f64) -> Tensor {
         let data: Vec<f32> = (0..shape.0 * shape.1).map(|_| (rng.normal() * scale) as f32).collect();

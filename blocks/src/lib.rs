@@ -1,12 +1,16 @@
-//! The block library: executes any [`ModelSpec`] on candle, CPU or CUDA, with every
-//! operation differentiable, returning the logits of all positions (no KV cache: this is
-//! the training and precompute path).
+//! fusellm-blocks, the block library: executes any [`ModelSpec`] on candle, CPU or CUDA,
+//! with every operation differentiable, returning the logits of all positions (no KV
+//! cache: this is the training and precompute path). The model (`lib.rs`, `layers`,
+//! `attention`, `positions`, `weights`), the training objective (`loss`, `terms`,
+//! `head_loss`, `entry_nll`) and the kernels (`fused*`, `cuda`, `gemm`, `rowwise`) are
+//! separate modules; the crate depends on candle and the SDK only.
 
 mod attention;
-pub(crate) mod cpu;
+pub mod cpu;
 #[cfg(feature = "cuda")]
-pub(crate) mod cuda;
+pub mod cuda;
 pub mod entry_nll;
+pub mod error;
 mod fused;
 mod fused_attention;
 mod gemm;
@@ -16,7 +20,7 @@ mod layers;
 pub mod loss;
 pub mod ops;
 pub mod positions;
-pub(crate) mod rowwise;
+pub mod rowwise;
 mod simd;
 mod terms;
 pub mod weights;
@@ -34,7 +38,7 @@ use loss::{LossBatch, Losses, Objective};
 pub use weights::LoadMode;
 use weights::Weights;
 
-use crate::error::{Context as _, Error, Result};
+use crate::error::{Error, Result};
 
 /// Logits held at once on the host by the kernels that walk them in chunks of rows (the
 /// head's loss, [`Transformer::map_positions`]): 32 MB, small enough to stay in cache
@@ -126,7 +130,8 @@ impl Transformer {
         }
         let tensors: std::collections::HashMap<String, Tensor> =
             self.vars.iter().map(|(name, var)| (name.clone(), var.as_tensor().clone())).collect();
-        candle_core::safetensors::save(&tensors, path).context(|| format!("writing {}", path.display()))
+        candle_core::safetensors::save(&tensors, path)
+            .map_err(|e| Error::context(format!("writing {}", path.display()), e))
     }
 
     fn build(mut w: Weights) -> Result<Self> {

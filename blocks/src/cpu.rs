@@ -10,12 +10,12 @@ pub(crate) fn contiguous<'a, T>(data: &'a [T], l: &Layout, what: &str) -> Result
     }
 }
 
-pub(crate) fn f32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+pub fn f32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(data) = s else { candle_core::bail!("{what}: f32 only") };
     contiguous(data, l, what)
 }
 
-pub(crate) fn f32s_mut<'a>(s: &'a mut CpuStorage, l: &Layout, what: &str) -> Result<&'a mut [f32]> {
+pub fn f32s_mut<'a>(s: &'a mut CpuStorage, l: &Layout, what: &str) -> Result<&'a mut [f32]> {
     let CpuStorage::F32(data) = s else { candle_core::bail!("{what}: f32 only") };
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&mut data[a..b]),
@@ -25,7 +25,7 @@ pub(crate) fn f32s_mut<'a>(s: &'a mut CpuStorage, l: &Layout, what: &str) -> Res
 
 /// Runs `f` on the elements of `t` as f32 on the host: in place for a contiguous f32 CPU
 /// tensor, else from a converted copy (another dtype or device).
-pub(crate) fn with_host_f32s<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+pub fn with_host_f32s<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let host;
     let t = match t.device().is_cpu() && t.dtype() == DType::F32 {
         true => t,
