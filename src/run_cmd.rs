@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::Args;
 use fusellm_core::checkpoint::{Checkpoint, Stored};
-use fusellm_core::config::{apply_overrides, variants, Config, Variant};
+use fusellm_core::config::{variants, Config, Variant};
 use fusellm_core::pipeline::stage::Stage;
 use fusellm_core::pipeline::stages::{Fuse, Train};
 use fusellm_core::pipeline::{open_model, validate, Checked, Event, Run, RunRecord};
@@ -26,9 +26,8 @@ pub struct RunArgs {
 /// The config's text with the overrides applied, and its variants (one without `[sweep]`).
 fn load(args: &RunArgs) -> Result<Vec<(Variant, Config)>> {
     let text = std::fs::read_to_string(&args.config).with_context(|| format!("reading {}", args.config.display()))?;
-    let text = apply_overrides(&args.config, &text, &args.set)?;
-    let variants = variants(&args.config, &text)?.into_iter();
-    Ok(variants.map(|v| Config::parse(&args.config, &v.text).map(|c| (v, c))).collect::<Result<_, _>>()?)
+    let variants = variants(&args.config, &text, &args.set)?.into_iter();
+    Ok(variants.map(|v| Config::of_variant(&args.config, &v).map(|c| (v, c))).collect::<Result<_, _>>()?)
 }
 
 /// Draws a run's events on stderr: a line as each stage starts, and a bar of the running

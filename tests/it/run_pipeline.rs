@@ -186,12 +186,21 @@ fn validate_points_at_the_file_line_and_key() {
 fn a_sweep_is_validated_whole_before_any_stage() {
     let dir = experiment("sweep");
     let text = std::fs::read_to_string(dir.join("run.toml")).unwrap();
+    // The sweep's list is the line after its header.
+    let line = text.lines().count() + 2;
     std::fs::write(dir.join("run.toml"), text + "[sweep]\n\"fusion.plugin\" = [\"min_ce\", \"avg_cee\"]\n").unwrap();
     let out = fusellm_in(&dir, &["run", "run.toml"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("unknown fusion plugin `avg_cee`") && stderr.contains("(variant"), "{stderr}");
     assert!(!dir.join("out/cache").exists(), "a stage ran before the sweep was validated");
+    // The error points at the sweep's line, where the bad value is written.
+    assert!(stderr.contains(&format!("run.toml:{line}:")), "expected line {line} in {stderr}");
+
+    // A bad --set value names the override.
+    let out = fusellm_in(&dir, &["validate", "run.toml", "--set", "train.steps=-2"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--set train.steps=-2: must be a positive integer, not -2"), "{stderr}");
 }
 
 /// Every file under `a` has the same bytes under `b`.

@@ -23,7 +23,10 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: ", self.file.display(), self.line, self.column)?;
+        match self.line {
+            0 => write!(f, "{}: ", self.file.display())?,
+            line => write!(f, "{}:{line}:{}: ", self.file.display(), self.column)?,
+        }
         if !self.key.is_empty() {
             write!(f, "`{}`: ", self.key)?;
         }
@@ -33,10 +36,14 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// The source text of a config and its path, to turn byte spans into lines.
+/// The source text of a config and its path, to turn byte spans into lines. `--set`
+/// values are parsed from lines appended past the file's end (`file_len`), one per
+/// override in `sets`: an error there names the override instead of a line.
 pub struct Doc<'a> {
     pub path: &'a Path,
     pub text: &'a str,
+    pub file_len: usize,
+    pub sets: &'a [String],
 }
 
 impl<'a> Doc<'a> {
@@ -47,7 +54,19 @@ impl<'a> Doc<'a> {
         })
     }
 
+    /// The file's own text, as written.
+    pub fn of_file(path: &'a Path, text: &'a str) -> Self {
+        Doc { path, text, file_len: text.len(), sets: &[] }
+    }
+
     pub fn error(&self, span: Range<usize>, key: &str, message: impl Into<String>) -> ConfigError {
+        if span.start > self.file_len {
+            // Past the file: a newline, the `--set` table's header, then one line per override.
+            let line = self.text[self.file_len..span.start].matches('\n').count();
+            let set = self.sets.get(line.saturating_sub(2)).map_or("", String::as_str);
+            let message = format!("--set {set}: {}", message.into());
+            return ConfigError { file: self.path.to_owned(), line: 0, column: 0, key: key.into(), message };
+        }
         let before = &self.text[..span.start.min(self.text.len())];
         let line = before.matches('\n').count() + 1;
         let column = before.chars().rev().take_while(|&c| c != '\n').count() + 1;

@@ -26,7 +26,7 @@ pub use experiment::{AlignSection, DataSection, EvalSection, ModelRef, PathAt, R
 use fusellm_sdk::{ParamValue, PluginKind};
 pub use located::ConfigError;
 use located::Doc;
-pub use overrides::{apply_overrides, variants, Variant};
+pub use overrides::{variants, Variant};
 use raw::{RawConfig, RawPlugin, RawPluginName};
 use serde::Deserialize;
 use toml::Spanned;
@@ -90,15 +90,28 @@ impl Config {
 
     /// Parses config text; `path` is used in messages and to resolve relative plugin paths.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let doc = Doc { path, text };
+        let doc = Doc::of_file(path, text);
         let root = doc.parse()?;
+        Self::read(&doc, root)
+    }
+
+    /// The config of one [`Variant`] of the file `path`: the file's values with the
+    /// variant's merged in, each error where its value was written.
+    pub fn of_variant(path: &Path, variant: &Variant) -> Result<Config, ConfigError> {
+        let doc = variant.doc(path);
+        let root = variant.merged(&doc)?;
+        Self::read(&doc, root)
+    }
+
+    fn read(doc: &Doc<'_>, root: Spanned<toml::de::DeTable<'_>>) -> Result<Config, ConfigError> {
+        let path = doc.path;
         let raw = RawConfig::deserialize(toml::de::Deserializer::from(root.clone()))
             .map_err(|e| doc.de_error(root.get_ref(), &e))?;
         // Absolute, so that the paths a run records stay valid from any working folder.
         let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         let base = &crate::files::absolute(parent);
-        let fusion = raw.fusion.map(|f| plugin_choice(&doc, "fusion", f, PluginKind::Fusion, base)).transpose()?;
-        let read = experiment::Reader { doc: &doc, base };
+        let fusion = raw.fusion.map(|f| plugin_choice(doc, "fusion", f, PluginKind::Fusion, base)).transpose()?;
+        let read = experiment::Reader { doc, base };
         let sandbox = read.sandbox(raw.sandbox)?;
         let run = read.run(path, raw.run)?;
         let source_keys: Vec<String> = (0..raw.sources.len()).map(|i| format!("sources.{i}")).collect();
