@@ -203,8 +203,8 @@ fn flops_per_token(model: &Transformer, seq: usize) -> f64 {
     6.0 * (weights + head) as f64 + 12.0 * (spec.layers * spec.hidden * seq) as f64
 }
 
-/// The median milliseconds per training step (as torch_step.py reports) with the fused
-/// kernels on or off.
+/// The median milliseconds per training step (as torch_step.py reports) with the model's
+/// kernels.
 fn step_ms(model: &Transformer, data: &LossBatch, iters: usize, fusion: bool) -> Result<f64> {
     use fusellm_core::model::loss::Objective;
     use fusellm_core::train::optim::{AdamW, AdamWConfig};
@@ -231,18 +231,18 @@ fn step_ms(model: &Transformer, data: &LossBatch, iters: usize, fusion: bool) ->
 fn train(shape: BatchShape, setup: &TrainSetup, iters: usize, fusion: bool, only: Option<&str>) -> Result<()> {
     let BatchShape { batch, seq, .. } = shape;
     let what = if fusion { "CLM + sparse fusion, top-10" } else { "CLM" };
-    let paths: Vec<(&str, bool)> = match only {
-        Some("fused") => vec![("fused", true)],
-        Some("composed") => vec![("composed", false)],
+    use fusellm_core::model::Kernels;
+    let paths: Vec<(&str, Kernels)> = match only {
+        Some("fused") => vec![("fused", Kernels::Fused)],
+        Some("composed") => vec![("composed", Kernels::Composed)],
         Some(other) => {
             anyhow::bail!("--only {other}: expected fused or composed")
         }
-        None => vec![("composed", false), ("fused", true)],
+        None => vec![("composed", Kernels::Composed), ("fused", Kernels::Fused)],
     };
     let mut times = Vec::new();
-    for (name, fused) in &paths {
-        fusellm_core::model::ops::use_fused_kernels(*fused);
-        let model = bench_model(shape, setup)?;
+    for (name, kernels) in &paths {
+        let model = bench_model(shape, setup)?.with_kernels(*kernels);
         let spec = model.spec();
         let data = bench_batch(BatchShape { vocab: spec.vocab_size, ..shape }, fusion)?;
         let ms = step_ms(&model, &data, iters, fusion)?;

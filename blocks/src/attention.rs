@@ -6,13 +6,14 @@ use candle_core::{Result as CandleResult, Tensor, D};
 use fusellm_sdk::adapter::{AttentionSpec, NormKind, QkvLayout};
 
 use super::layers::{Linear, Norm};
-use super::ops::{self, Scores};
+use super::ops::{Kernels, Scores};
 use super::weights::Weights;
 use crate::error::Result;
 
-/// What one layer's attention gets from the forward pass: positions and masks.
+/// What one layer gets from the forward pass: positions and masks, and the kernels to run.
 #[derive(Clone)]
 pub struct Context {
+    pub kernels: Kernels,
     /// RoPE `cos`, `sin` (`[t, rot / 2]`) and the rotary width.
     pub rope: Option<(Tensor, Tensor, usize)>,
     /// Additive scores bias `[b or 1, h or 1, t, t]`: the causal, padding and window masks,
@@ -60,9 +61,11 @@ impl Attention {
 
     /// `x: [b, t, hidden]` -> `[b, t, hidden]`.
     pub fn forward(&self, x: &Tensor, ctx: &Context) -> CandleResult<Tensor> {
-        let (q, k, v) = self.project(x)?;
+        let (q, k, v) = self.project(x, ctx.kernels)?;
         let (q, k) = match &self.qk_norm {
-            Some((q_norm, k_norm)) => (self.per_head(&q, q_norm)?, self.per_head(&k, k_norm)?),
+            Some((q_norm, k_norm)) => {
+                (self.per_head(&q, q_norm, ctx.kernels)?, self.per_head(&k, k_norm, ctx.kernels)?)
+            }
             None => (q, k),
         };
         let scores = Scores {
@@ -72,22 +75,22 @@ impl Attention {
             bias: &ctx.bias,
             rope: ctx.rope.as_ref().map(|(cos, sin, rot)| (cos, sin, *rot)),
         };
-        self.out.forward(&ops::attention(&q, &k, &v, &scores)?)
+        self.out.forward(&ctx.kernels.attention(&q, &k, &v, &scores)?, ctx.kernels)
     }
 
     /// `norm` applied to each head of `x: [b, t, n * d]`.
-    fn per_head(&self, x: &Tensor, norm: &Norm) -> CandleResult<Tensor> {
+    fn per_head(&self, x: &Tensor, norm: &Norm, k: Kernels) -> CandleResult<Tensor> {
         let (b, t, width) = x.dims3()?;
         let d = self.spec.head_dim;
-        norm.forward(&x.reshape((b, t, width / d, d))?)?.reshape((b, t, width))
+        norm.forward(&x.reshape((b, t, width / d, d))?, k)?.reshape((b, t, width))
     }
 
-    fn project(&self, x: &Tensor) -> CandleResult<(Tensor, Tensor, Tensor)> {
+    fn project(&self, x: &Tensor, kernels: Kernels) -> CandleResult<(Tensor, Tensor, Tensor)> {
         let AttentionSpec { heads: h, kv_heads: kv, head_dim: d, .. } = self.spec;
         let (q, k, v) = match &self.qkv {
-            Qkv::Split { q, k, v } => (q.forward(x)?, k.forward(x)?, v.forward(x)?),
+            Qkv::Split { q, k, v } => (q.forward(x, kernels)?, k.forward(x, kernels)?, v.forward(x, kernels)?),
             Qkv::Fused(qkv) => {
-                let y = qkv.forward(x)?;
+                let y = qkv.forward(x, kernels)?;
                 if self.spec.qkv == QkvLayout::PerHead {
                     // GPT-NeoX: [b, t, h, 3d], each head's q, k, v side by side.
                     let (b, t, _) = y.dims3()?;

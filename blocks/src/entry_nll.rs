@@ -14,15 +14,15 @@ use rayon::prelude::*;
 use super::cpu::{contiguous, f32s};
 #[cfg(feature = "cuda")]
 use super::cuda::{self, gpu, launch};
-use super::ops::log_softmax;
+use super::ops::{log_softmax, Kernels, Reach};
 use super::rowwise;
 #[cfg(feature = "cuda")]
 use candle_core::CudaStorage;
 
 /// `-log softmax(logits)[ids]` per kept entry. `logits` `[.., V]` f32, `ids` `[.., K]` u32
 /// with the same leading dimensions; the result has the shape of `ids`.
-pub fn entry_nll(logits: &Tensor, ids: &Tensor) -> candle_core::Result<Tensor> {
-    if super::ops::fusable(&[logits], super::ops::Reach::Cuda) {
+pub fn entry_nll(kernels: Kernels, logits: &Tensor, ids: &Tensor) -> candle_core::Result<Tensor> {
+    if kernels.fusable(&[logits], Reach::Cuda) {
         let v = logits.dim(D::Minus1)?;
         let k = ids.dim(D::Minus1)?;
         let rows = logits.elem_count() / v;

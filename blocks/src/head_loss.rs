@@ -21,7 +21,7 @@ use rayon::prelude::*;
 
 use super::cpu::with_host_f32s;
 use super::gemm::{gemm, Threads};
-use super::ops::{self, Reach};
+use super::ops::{Kernels, Reach};
 use super::rowwise;
 use super::terms::{self, Term};
 
@@ -35,7 +35,13 @@ const DEVICE_CHUNK_ELEMENTS: usize = 64 << 20;
 /// `x w^T`, soft-capped as `c * tanh(z / c)` when `softcap` is given): a `[terms]` f32
 /// tensor, differentiable through `sum_t mix_t * value_t`. The terms' ids are below `V`:
 /// `Objective::terms` checks them before any kernel runs.
-pub fn head_loss(x: &Tensor, w: &Tensor, terms: &[Term], softcap: Option<f32>) -> candle_core::Result<Tensor> {
+pub fn head_loss(
+    kernels: Kernels,
+    x: &Tensor,
+    w: &Tensor,
+    terms: &[Term],
+    softcap: Option<f32>,
+) -> candle_core::Result<Tensor> {
     let n = x.dim(0)?;
     for t in terms {
         if t.ids.len() != n * t.k || t.weights.len() != n * t.k || t.scale.is_nan() || t.scale <= 0.0 {
@@ -49,7 +55,7 @@ pub fn head_loss(x: &Tensor, w: &Tensor, terms: &[Term], softcap: Option<f32>) -
         }
     }
     let (x, w) = (x.contiguous()?, w.contiguous()?);
-    let (values, grads) = match ops::fusable(&[&x, &w], Reach::Cpu) {
+    let (values, grads) = match kernels.fusable(&[&x, &w], Reach::Cpu) {
         true => cpu_pass(&x, &w, terms, softcap)?,
         false => chunked_pass(&x, &w, terms, softcap, DEVICE_CHUNK_ELEMENTS)?,
     };

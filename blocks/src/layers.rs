@@ -3,7 +3,7 @@
 use candle_core::{Result as CandleResult, Tensor, D};
 use fusellm_sdk::adapter::{MlpKind, MlpSpec, NormKind};
 
-use super::ops;
+use super::ops::Kernels;
 use super::weights::Weights;
 use crate::error::Result;
 
@@ -21,8 +21,8 @@ impl Linear {
         Ok(Self { weight, bias })
     }
 
-    pub fn forward(&self, x: &Tensor) -> CandleResult<Tensor> {
-        ops::linear(x, &self.weight, self.bias.as_ref())
+    pub fn forward(&self, x: &Tensor, k: Kernels) -> CandleResult<Tensor> {
+        k.linear(x, &self.weight, self.bias.as_ref())
     }
 }
 
@@ -45,12 +45,12 @@ impl Norm {
     }
 
     /// Normalises over the last dimension of `x`.
-    pub fn forward(&self, x: &Tensor) -> CandleResult<Tensor> {
+    pub fn forward(&self, x: &Tensor, k: Kernels) -> CandleResult<Tensor> {
         match self.kind {
-            NormKind::RmsNorm { eps, offset: 0.0 } => ops::rms_norm(x, &self.weight, eps),
+            NormKind::RmsNorm { eps, offset: 0.0 } => k.rms_norm(x, &self.weight, eps),
             // Gemma's `(1 + w)`, as a differentiable op so that the gradient reaches w.
-            NormKind::RmsNorm { eps, offset } => ops::rms_norm(x, &(&self.weight + offset)?, eps),
-            NormKind::LayerNorm { eps, .. } => ops::layer_norm(x, &self.weight, self.bias.as_ref(), eps),
+            NormKind::RmsNorm { eps, offset } => k.rms_norm(x, &(&self.weight + offset)?, eps),
+            NormKind::LayerNorm { eps, .. } => k.layer_norm(x, &self.weight, self.bias.as_ref(), eps),
         }
     }
 }
@@ -89,20 +89,20 @@ impl Mlp {
         Ok(Self { kind: spec.kind, inputs, down: proj(w, "down", hidden, spec.hidden)? })
     }
 
-    pub fn forward(&self, x: &Tensor) -> CandleResult<Tensor> {
+    pub fn forward(&self, x: &Tensor, k: Kernels) -> CandleResult<Tensor> {
         let (gate, up) = match &self.inputs {
-            MlpInputs::Up(up) => return self.down.forward(&up.forward(x)?.gelu_erf()?),
-            MlpInputs::Gated { gate, up } => (gate.forward(x)?, up.forward(x)?),
+            MlpInputs::Up(up) => return self.down.forward(&up.forward(x, k)?.gelu_erf()?, k),
+            MlpInputs::Gated { gate, up } => (gate.forward(x, k)?, up.forward(x, k)?),
             MlpInputs::GateUp(gate_up) => {
-                let y = gate_up.forward(x)?;
+                let y = gate_up.forward(x, k)?;
                 let half = y.dim(D::Minus1)? / 2;
                 (y.narrow(D::Minus1, 0, half)?, y.narrow(D::Minus1, half, half)?)
             }
         };
         let act = match self.kind {
             MlpKind::GeGlu => (gate.gelu()? * up)?,
-            _ => ops::swiglu(&gate, &up)?,
+            _ => k.swiglu(&gate, &up)?,
         };
-        self.down.forward(&act)
+        self.down.forward(&act, k)
     }
 }

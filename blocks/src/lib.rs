@@ -35,6 +35,7 @@ use rayon::prelude::*;
 use attention::{Attention, Context};
 use layers::{Mlp, Norm};
 use loss::{LossBatch, Losses, Objective};
+pub use ops::Kernels;
 pub use weights::LoadMode;
 use weights::Weights;
 
@@ -75,19 +76,21 @@ impl Block {
 
     /// The block's residual update of `x` under the layer's context.
     fn forward(&self, x: Tensor, ctx: &Context, residual: Residual) -> candle_core::Result<Tensor> {
+        let k = ctx.kernels;
         let post = |y: Tensor, which: fn(&(Norm, Norm)) -> &Norm| match &self.post_norms {
-            Some(norms) => which(norms).forward(&y),
+            Some(norms) => which(norms).forward(&y, k),
             None => Ok(y),
         };
-        let attn = post(self.attn.forward(&self.attn_norm.forward(&x)?, ctx)?, |n| &n.0)?;
+        let mlp = |x: &Tensor| post(self.mlp.forward(&self.mlp_norm.forward(x, k)?, k)?, |n| &n.1);
+        let attn = post(self.attn.forward(&self.attn_norm.forward(&x, k)?, ctx)?, |n| &n.0)?;
         match residual {
             Residual::Sequential => {
                 let x = (x + attn)?;
-                let mlp = post(self.mlp.forward(&self.mlp_norm.forward(&x)?)?, |n| &n.1)?;
+                let mlp = mlp(&x)?;
                 x + mlp
             }
             Residual::Parallel => {
-                let mlp = post(self.mlp.forward(&self.mlp_norm.forward(&x)?)?, |n| &n.1)?;
+                let mlp = mlp(&x)?;
                 (x + attn)? + mlp
             }
         }
@@ -104,6 +107,7 @@ pub struct Transformer {
     head: Tensor,
     device: Device,
     vars: Vec<(String, Var)>,
+    kernels: Kernels,
 }
 
 impl Transformer {
@@ -160,6 +164,7 @@ impl Transformer {
             head,
             device: device.clone(),
             vars: w.into_vars(),
+            kernels: Kernels::default(),
         })
     }
 
@@ -169,6 +174,11 @@ impl Transformer {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// The model running its ops with `kernels` (the fused ones unless told otherwise).
+    pub fn with_kernels(self, kernels: Kernels) -> Self {
+        Self { kernels, ..self }
     }
 
     /// The trainable parameters by checkpoint name (empty when loaded frozen).
@@ -184,7 +194,7 @@ impl Transformer {
 
     /// The head's logits (f32) of hidden states, soft-capped where the model caps them.
     fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        let logits = ops::linear(hidden, &self.head, None)?.to_dtype(DType::F32)?;
+        let logits = self.kernels.linear(hidden, &self.head, None)?.to_dtype(DType::F32)?;
         Ok(match self.spec.final_softcap {
             Some(cap) => ops::soft_cap(&logits, cap)?,
             None => logits,
@@ -231,7 +241,7 @@ impl Transformer {
     /// the head and the objective together ([`Objective::losses_at_head`]).
     pub fn losses(&self, batch: &LossBatch, objective: &Objective) -> Result<Losses> {
         let hidden = self.hidden(&batch.ids_tensor(&self.device)?, batch.keep_tensor(&self.device)?.as_ref())?;
-        objective.losses_at_head(&hidden, &self.head, self.spec.final_softcap, batch)
+        objective.losses_at_head(self.kernels, &hidden, &self.head, self.spec.final_softcap, batch)
     }
 
     /// The final (normalised) hidden states `[b, t, hidden]`, the head's input.
@@ -249,7 +259,7 @@ impl Transformer {
         for (block, ctx) in self.blocks.iter().zip(&contexts) {
             x = block.forward(x, ctx, self.spec.residual)?;
         }
-        Ok(self.final_norm.forward(&x)?)
+        Ok(self.final_norm.forward(&x, self.kernels)?)
     }
 
     fn check_input(&self, ids: &Tensor, t: usize) -> Result<()> {
@@ -312,7 +322,7 @@ impl Transformer {
             }
             Positions::Learned => (None, mask),
         };
-        Ok(Context { rope, bias })
+        Ok(Context { kernels: self.kernels, rope, bias })
     }
 }
 

@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use super::head_loss::head_loss;
-use super::ops;
+use super::ops::{self, Kernels};
 use super::terms::{self, Term};
 use crate::error::{Error, Result};
 
@@ -152,10 +152,10 @@ pub struct Losses {
 
 impl Objective {
     /// The losses for `logits` `[batch, len, V]` of `batch`.
-    pub fn losses(&self, logits: &Tensor, batch: &LossBatch) -> Result<Losses> {
+    pub fn losses(&self, logits: &Tensor, batch: &LossBatch, kernels: Kernels) -> Result<Losses> {
         batch.check_rows("logits", logits)?;
         let (terms, kl_constant) = self.terms(batch, logits.dim(D::Minus1)?)?;
-        self.combine(&terms::values(&logits.flatten_to(1)?, &terms)?, kl_constant)
+        self.combine(&terms::values(kernels, &logits.flatten_to(1)?, &terms)?, kl_constant)
     }
 
     /// The losses for the final hidden states `[batch, len, d]` under the head `[V, d]`
@@ -165,23 +165,24 @@ impl Objective {
     /// are computed and [`Objective::losses`] applies.
     pub fn losses_at_head(
         &self,
+        kernels: Kernels,
         hidden: &Tensor,
         head: &Tensor,
         softcap: Option<f64>,
         batch: &LossBatch,
     ) -> Result<Losses> {
-        if !ops::kernels_on(hidden.device(), ops::Reach::Cuda) {
-            let logits = ops::linear(hidden, head, None)?.to_dtype(DType::F32)?;
+        if !kernels.on(hidden.device(), ops::Reach::Cuda) {
+            let logits = kernels.linear(hidden, head, None)?.to_dtype(DType::F32)?;
             let logits = match softcap {
                 Some(cap) => ops::soft_cap(&logits, cap)?,
                 None => logits,
             };
-            return self.losses(&logits, batch);
+            return self.losses(&logits, batch, kernels);
         }
         batch.check_rows("hidden states", hidden)?;
         let (terms, kl_constant) = self.terms(batch, head.dim(0)?)?;
         let rows = hidden.flatten_to(1)?;
-        self.combine(&head_loss(&rows, head, &terms, softcap.map(|c| c as f32))?, kl_constant)
+        self.combine(&head_loss(kernels, &rows, head, &terms, softcap.map(|c| c as f32))?, kl_constant)
     }
 
     /// The objective as terms over the logits ([`Term`]): CLM, and fusion when the batch has
@@ -246,5 +247,5 @@ impl Objective {
 pub fn clm_loss(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
     let (batch, _) = ids.dims2()?;
     let batch = LossBatch::sequences(ids.flatten_all()?.to_vec1()?, batch)?;
-    Ok(Objective { lambda: 1.0, ..Default::default() }.losses(logits, &batch)?.clm)
+    Ok(Objective { lambda: 1.0, ..Default::default() }.losses(logits, &batch, Kernels::default())?.clm)
 }

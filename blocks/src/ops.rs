@@ -3,20 +3,21 @@
 //! gradients silently. These use our own fused kernels, which have a backward, where they
 //! exist (`fused`, `fused_attention`: f32 on the CPU; on CUDA the attention softmax, the
 //! norms, RoPE and SwiGLU in f32 and bf16); elsewhere, compositions of ops that all have one
-//! (`composed`, also the reference the fused kernels are tested against).
-
-use std::sync::atomic::{AtomicBool, Ordering};
+//! (`composed`, also the reference the fused kernels are tested against). Which of the two a
+//! model runs is a value it carries ([`Kernels`]), not a switch of the process.
 
 use candle_core::{DType, Result, Tensor, D};
 
 use super::{fused, fused_attention};
 
-static FUSED: AtomicBool = AtomicBool::new(true);
-
-/// Turns the fused CPU kernels off (or back on) process-wide, so that a benchmark can
-/// measure both paths in one run.
-pub fn use_fused_kernels(on: bool) {
-    FUSED.store(on, Ordering::Relaxed);
+/// The implementation of the ops a model runs: our fused kernels where they exist for the
+/// device and dtype (the default), or the compositions of candle's ops everywhere (the
+/// reference; what `fusellm bench train` compares the kernels against).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Kernels {
+    #[default]
+    Fused,
+    Composed,
 }
 
 /// Where a fused kernel exists.
@@ -30,33 +31,107 @@ pub(crate) enum Reach {
     CudaBf16,
 }
 
-/// Whether kernels of `reach` run on `device`: the fused kernels are on, and the device is
-/// the CPU or, for kernels with a CUDA version, a CUDA device of a CUDA build.
-pub(crate) fn kernels_on(device: &candle_core::Device, reach: Reach) -> bool {
-    let cuda = reach != Reach::Cpu && cfg!(feature = "cuda") && device.is_cuda();
-    FUSED.load(Ordering::Relaxed) && (device.is_cpu() || cuda)
-}
+impl Kernels {
+    /// Whether kernels of `reach` run on `device`: the fused kernels are chosen, and the
+    /// device is the CPU or, for kernels with a CUDA version, a CUDA device of a CUDA build.
+    pub(crate) fn on(self, device: &candle_core::Device, reach: Reach) -> bool {
+        let cuda = reach != Reach::Cpu && cfg!(feature = "cuda") && device.is_cuda();
+        self == Kernels::Fused && (device.is_cpu() || cuda)
+    }
 
-/// Whether the fused kernels of `reach` apply to these tensors: one dtype that the kernels
-/// take on their device. Anything else (say an f32 norm weight for bf16 activations) takes
-/// the composition.
-pub(crate) fn fusable(tensors: &[&Tensor], reach: Reach) -> bool {
-    let dtype_ok = |t: &Tensor| match t.dtype() {
-        DType::F32 => true,
-        DType::BF16 => reach == Reach::CudaBf16 && t.device().is_cuda(),
-        _ => false,
-    };
-    let same = |t: &Tensor| t.dtype() == tensors[0].dtype();
-    tensors.iter().all(|t| kernels_on(t.device(), reach) && dtype_ok(t) && same(t))
-}
+    /// Whether the fused kernels of `reach` apply to these tensors: one dtype that the
+    /// kernels take on their device. Anything else (say an f32 norm weight for bf16
+    /// activations) takes the composition.
+    pub(crate) fn fusable(self, tensors: &[&Tensor], reach: Reach) -> bool {
+        let dtype_ok = |t: &Tensor| match t.dtype() {
+            DType::F32 => true,
+            DType::BF16 => reach == Reach::CudaBf16 && t.device().is_cuda(),
+            _ => false,
+        };
+        let same = |t: &Tensor| t.dtype() == tensors[0].dtype();
+        tensors.iter().all(|t| self.on(t.device(), reach) && dtype_ok(t) && same(t))
+    }
 
-/// The attention probabilities `softmax(x * scale + bias)` over the last dimension of
-/// scores `x: [b, h, t, s]`, in `x`'s dtype, computed in f32; `bias` (`[b or 1, h or 1, t,
-/// s]`, f32: masks, ALiBi) gets no gradient.
-pub fn attention_softmax(x: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
-    match fusable(&[x], Reach::CudaBf16) && fusable(&[bias], Reach::Cuda) {
-        true => fused::attention_softmax(x, bias, scale),
-        false => composed::attention_softmax(x, bias, scale),
+    /// The attention probabilities `softmax(x * scale + bias)` over the last dimension of
+    /// scores `x: [b, h, t, s]`, in `x`'s dtype, computed in f32; `bias` (`[b or 1, h or 1,
+    /// t, s]`, f32: masks, ALiBi) gets no gradient.
+    pub fn attention_softmax(self, x: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+        match self.fusable(&[x], Reach::CudaBf16) && self.fusable(&[bias], Reach::Cuda) {
+            true => fused::attention_softmax(x, bias, scale),
+            false => composed::attention_softmax(x, bias, scale),
+        }
+    }
+
+    /// RMSNorm as transformers computes it: in f32, x / sqrt(mean(x^2) + eps), then the
+    /// weight in the input's dtype.
+    pub fn rms_norm(self, x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+        match self.fusable(&[x, weight], Reach::CudaBf16) {
+            true => fused::rms_norm(x, weight, eps),
+            false => composed::rms_norm(x, weight, eps),
+        }
+    }
+
+    /// LayerNorm with biased variance, computed in f32 with the weight and bias applied
+    /// before the cast back, as torch does; `bias` is optional.
+    pub fn layer_norm(self, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+        let fusable = |t: &Tensor| self.fusable(&[x, t], Reach::CudaBf16);
+        match fusable(weight) && bias.is_none_or(fusable) {
+            true => fused::layer_norm(x, weight, bias, eps),
+            false => composed::layer_norm(x, weight, bias, eps),
+        }
+    }
+
+    /// `x @ w^T (+ b)` for x of any rank, as `torch.nn.Linear`.
+    ///
+    /// The leading dimensions are folded into rows for one 2-D product: a batched matmul
+    /// against the broadcast weight would make autograd build the weight's gradient per
+    /// batch entry and then sum it.
+    pub fn linear(self, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let y = match self.fusable(&[x, weight], Reach::Cpu) {
+            true => fused::linear(x, weight)?,
+            false => {
+                let (inp, mut dims) = (x.dim(D::Minus1)?, x.dims().to_vec());
+                *dims.last_mut().expect("x has at least one dimension") = weight.dim(0)?;
+                x.reshape(((), inp))?.matmul(&weight.t()?)?.reshape(dims)?
+            }
+        };
+        match bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+
+    /// Rotary embedding in the rotate-half layout on the first `rot` dimensions of
+    /// `x: [b, h, t, d]`; `cos` and `sin` are `[t, rot / 2]`.
+    pub fn rope(self, x: &Tensor, cos: &Tensor, sin: &Tensor, rot: usize) -> Result<Tensor> {
+        let d = x.dim(D::Minus1)?;
+        let part = x.narrow(D::Minus1, 0, rot)?;
+        let rotated = match self.fusable(&[x, cos, sin], Reach::CudaBf16) {
+            true => fused::rope(&part, cos, sin)?,
+            false => composed::rope(&part, cos, sin)?,
+        };
+        if rot == d {
+            return Ok(rotated);
+        }
+        Tensor::cat(&[&rotated, &x.narrow(D::Minus1, rot, d - rot)?], D::Minus1)
+    }
+
+    /// Causal self-attention of projected `q: [b, t, heads * d]`, `k`, `v: [b, t, kv_heads
+    /// * d]` (grouped-query when there are fewer key-value heads), with scores as `scores`
+    /// says and softmax in f32. Returns `[b, t, heads * d]`.
+    pub fn attention(self, q: &Tensor, k: &Tensor, v: &Tensor, scores: &Scores) -> Result<Tensor> {
+        match self.fusable(&[q, k, v], Reach::Cpu) {
+            true => fused_attention::attention(q, k, v, scores),
+            false => composed::attention(self, q, k, v, scores),
+        }
+    }
+
+    /// `silu(gate) * up`, the SwiGLU activation.
+    pub fn swiglu(self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        match self.fusable(&[gate, up], Reach::CudaBf16) {
+            true => fused::swiglu(gate, up),
+            false => composed::swiglu(gate, up),
+        }
     }
 }
 
@@ -72,59 +147,6 @@ pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
     shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(D::Minus1)?.log()?)
 }
 
-/// RMSNorm as transformers computes it: in f32, x / sqrt(mean(x^2) + eps), then the
-/// weight in the input's dtype.
-pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    match fusable(&[x, weight], Reach::CudaBf16) {
-        true => fused::rms_norm(x, weight, eps),
-        false => composed::rms_norm(x, weight, eps),
-    }
-}
-
-/// LayerNorm with biased variance, computed in f32 with the weight and bias applied before
-/// the cast back, as torch does; `bias` is optional.
-pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
-    match fusable(&[x, weight], Reach::CudaBf16) && bias.is_none_or(|b| fusable(&[x, b], Reach::CudaBf16)) {
-        true => fused::layer_norm(x, weight, bias, eps),
-        false => composed::layer_norm(x, weight, bias, eps),
-    }
-}
-
-/// `x @ w^T (+ b)` for x of any rank, as `torch.nn.Linear`.
-///
-/// The leading dimensions are folded into rows for one 2-D product: a batched matmul against
-/// the broadcast weight would make autograd build the weight's gradient per batch entry
-/// and then sum it.
-pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let y = match fusable(&[x, weight], Reach::Cpu) {
-        true => fused::linear(x, weight)?,
-        false => {
-            let (inp, mut dims) = (x.dim(D::Minus1)?, x.dims().to_vec());
-            *dims.last_mut().expect("x has at least one dimension") = weight.dim(0)?;
-            x.reshape(((), inp))?.matmul(&weight.t()?)?.reshape(dims)?
-        }
-    };
-    match bias {
-        Some(b) => y.broadcast_add(b),
-        None => Ok(y),
-    }
-}
-
-/// Rotary embedding in the rotate-half layout on the first `rot` dimensions of
-/// `x: [b, h, t, d]`; `cos` and `sin` are `[t, rot / 2]`.
-pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, rot: usize) -> Result<Tensor> {
-    let d = x.dim(D::Minus1)?;
-    let part = x.narrow(D::Minus1, 0, rot)?;
-    let rotated = match fusable(&[x, cos, sin], Reach::CudaBf16) {
-        true => fused::rope(&part, cos, sin)?,
-        false => composed::rope(&part, cos, sin)?,
-    };
-    if rot == d {
-        return Ok(rotated);
-    }
-    Tensor::cat(&[&rotated, &x.narrow(D::Minus1, rot, d - rot)?], D::Minus1)
-}
-
 /// How the scores of an attention are made: the head count, the scale, an optional
 /// soft-cap `c * tanh(s / c)` of the scaled scores (Gemma 2), the additive bias
 /// (`[b or 1, heads or 1, t, t]`: masks, ALiBi) and RoPE on the first `rot` dimensions of
@@ -135,24 +157,6 @@ pub struct Scores<'a> {
     pub softcap: Option<f64>,
     pub bias: &'a Tensor,
     pub rope: Option<(&'a Tensor, &'a Tensor, usize)>,
-}
-
-/// Causal self-attention of projected `q: [b, t, heads * d]`, `k`, `v: [b, t, kv_heads * d]`
-/// (grouped-query when there are fewer key-value heads), with scores as `scores` says and
-/// softmax in f32. Returns `[b, t, heads * d]`.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scores: &Scores) -> Result<Tensor> {
-    match fusable(&[q, k, v], Reach::Cpu) {
-        true => fused_attention::attention(q, k, v, scores),
-        false => composed::attention(q, k, v, scores),
-    }
-}
-
-/// `silu(gate) * up`, the SwiGLU activation.
-pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    match fusable(&[gate, up], Reach::CudaBf16) {
-        true => fused::swiglu(gate, up),
-        false => composed::swiglu(gate, up),
-    }
 }
 
 /// The compositions: any device and dtype.
@@ -198,9 +202,9 @@ pub mod composed {
     }
 
     /// As transformers' eager attention: heads transposed out, key-value heads repeated,
-    /// scores scaled (and soft-capped), softmax in f32 ([`super::attention_softmax`], our
-    /// kernel where there is one).
-    pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scores: &Scores) -> Result<Tensor> {
+    /// scores scaled (and soft-capped), softmax in f32; RoPE and the softmax as `kernels`
+    /// choose (our kernels where there are some).
+    pub fn attention(kernels: Kernels, q: &Tensor, k: &Tensor, v: &Tensor, scores: &Scores) -> Result<Tensor> {
         let heads = scores.heads;
         let (b, t, width) = q.dims3()?;
         let d = width / heads;
@@ -208,15 +212,17 @@ pub mod composed {
         let split = |x: &Tensor, n: usize| x.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous();
         let (mut q, mut k, v) = (split(q, heads)?, split(k, kv)?, split(v, kv)?);
         if let Some((cos, sin, rot)) = scores.rope {
-            q = super::rope(&q, cos, sin, rot)?;
-            k = super::rope(&k, cos, sin, rot)?;
+            q = kernels.rope(&q, cos, sin, rot)?;
+            k = kernels.rope(&k, cos, sin, rot)?;
         }
         let k = candle_transformers::utils::repeat_kv(k, heads / kv)?;
         let v = candle_transformers::utils::repeat_kv(v, heads / kv)?;
         let raw = q.matmul(&k.t()?)?;
         let probs = match scores.softcap {
-            Some(cap) => super::attention_softmax(&(((raw * (scores.scale / cap))?.tanh()? * cap)?), scores.bias, 1.0)?,
-            None => super::attention_softmax(&raw, scores.bias, scores.scale)?,
+            Some(cap) => {
+                kernels.attention_softmax(&(((raw * (scores.scale / cap))?.tanh()? * cap)?), scores.bias, 1.0)?
+            }
+            None => kernels.attention_softmax(&raw, scores.bias, scores.scale)?,
         };
         probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, heads * d))
     }

@@ -7,6 +7,7 @@
 use candle_core::{Result, Tensor};
 
 use super::entry_nll::{entry_nll, entry_nll_grad};
+use super::ops::Kernels;
 
 /// One term of a loss over logits `z`: `sum_r sum_k weights[r, k] * nll(z[r] * scale, ids[r, k])`,
 /// where `nll(y, i) = logsumexp(y) - y[i]`.
@@ -93,8 +94,8 @@ fn scaled(logits: &Tensor, scale: f32) -> Result<Tensor> {
 }
 
 /// The terms' values `[terms]` over logits `[n, V]` (f32), differentiable.
-pub fn values(logits: &Tensor, terms: &[Term]) -> Result<Tensor> {
-    Ok(evaluate(logits, terms, false)?.0)
+pub fn values(kernels: Kernels, logits: &Tensor, terms: &[Term]) -> Result<Tensor> {
+    Ok(evaluate(kernels, logits, terms, false)?.0)
 }
 
 /// The terms' values as [`values`], and the gradient of `sum_t mix_t * value_t` with
@@ -102,15 +103,16 @@ pub fn values(logits: &Tensor, terms: &[Term]) -> Result<Tensor> {
 /// c_k - scatter(c))` with `c = mix * weights`. Each group's ids, weights and scaled logits
 /// serve both.
 pub fn values_and_grad(logits: &Tensor, terms: &[Term]) -> Result<(Tensor, Tensor)> {
-    let (values, grad) = evaluate(logits, terms, true)?;
+    // The gradient is the entry-NLL kernel's, so its values are too.
+    let (values, grad) = evaluate(Kernels::Fused, logits, terms, true)?;
     Ok((values, grad.expect("evaluate returns the gradient when asked")))
 }
 
-fn evaluate(logits: &Tensor, terms: &[Term], with_grad: bool) -> Result<(Tensor, Option<Tensor>)> {
+fn evaluate(kernels: Kernels, logits: &Tensor, terms: &[Term], with_grad: bool) -> Result<(Tensor, Option<Tensor>)> {
     let (mut values, mut grad) = (vec![None; terms.len()], None);
     for g in groups(terms, logits.dim(0)?, logits.device())? {
         let z = scaled(logits, g.scale)?;
-        let weighted = (entry_nll(&z, &g.ids)? * &g.weights)?;
+        let weighted = (entry_nll(kernels, &z, &g.ids)? * &g.weights)?;
         for &(i, column) in &g.members {
             values[i] = Some(weighted.narrow(1, column, terms[i].k)?.sum_all()?);
         }

@@ -8,6 +8,7 @@ use fusellm_core::model::entry_nll::entry_nll;
 use fusellm_core::model::loss::{LossBatch, Objective};
 use fusellm_core::model::ops;
 use fusellm_core::model::positions::{attention_mask, rope_tables};
+use fusellm_core::model::Kernels;
 use fusellm_core::model::Transformer;
 use fusellm_core::train::optim::{AdamW, AdamWConfig};
 use fusellm_sdk::rng::Rng;
@@ -89,21 +90,22 @@ fn ops_on_the_device_match_the_cpu_kernels() {
                 tol,
                 |x| {
                     let x = if dtype == DType::BF16 { bf16_on_device(x) } else { x.to_vec() };
-                    ops::attention_softmax(&x[0], &bias.to_device(x[0].device()).unwrap(), 0.3).unwrap()
+                    Kernels::Fused.attention_softmax(&x[0], &bias.to_device(x[0].device()).unwrap(), 0.3).unwrap()
                 },
             ));
         }
     }
     results.push(same_on_device("rms_norm", &[x.clone(), w.clone()], 1e-5, |x| {
-        ops::rms_norm(&x[0], &x[1], 1e-5).unwrap()
+        Kernels::Fused.rms_norm(&x[0], &x[1], 1e-5).unwrap()
     }));
     results.push(same_on_device("layer_norm", &[x.clone(), w.clone(), w.clone()], 1e-5, |x| {
-        ops::layer_norm(&x[0], &x[1], Some(&x[2]), 1e-5).unwrap()
+        Kernels::Fused.layer_norm(&x[0], &x[1], Some(&x[2]), 1e-5).unwrap()
     }));
-    results
-        .push(same_on_device("swiglu", &[x.clone(), x.sqr().unwrap()], 1e-5, |x| ops::swiglu(&x[0], &x[1]).unwrap()));
+    results.push(same_on_device("swiglu", &[x.clone(), x.sqr().unwrap()], 1e-5, |x| {
+        Kernels::Fused.swiglu(&x[0], &x[1]).unwrap()
+    }));
     results.push(same_on_device("linear", &[x.clone(), random(&mut rng, &[96, h * d], 0.2)], 1e-4, |x| {
-        ops::linear(&x[0], &x[1], None).unwrap()
+        Kernels::Fused.linear(&x[0], &x[1], None).unwrap()
     }));
     let (cos, sin) = rope_tables(10000.0, &Default::default(), d, t, &Device::Cpu).unwrap();
     let mask = attention_mask(t, None, None, &Device::Cpu).unwrap();
@@ -112,18 +114,18 @@ fn ops_on_the_device_match_the_cpu_kernels() {
         let on = |t: &Tensor| t.to_device(x[0].device()).unwrap();
         let (mask, cos, sin) = (on(&mask), on(&cos), on(&sin));
         let scores = ops::Scores { heads: h, scale: 0.25, softcap: None, bias: &mask, rope: Some((&cos, &sin, d)) };
-        ops::attention(&x[0], &x[1], &x[2], &scores).unwrap()
+        Kernels::Fused.attention(&x[0], &x[1], &x[2], &scores).unwrap()
     }));
     let ids =
         Tensor::from_vec((0..b * t * 3).map(|i| (i * 7919 % v) as u32).collect(), (b, t, 3), &Device::Cpu).unwrap();
     results.push(same_on_device("entry_nll", &[random(&mut rng, &[b, t, v], 2.0)], 1e-5, |x| {
-        entry_nll(&x[0], &ids.to_device(x[0].device()).unwrap()).unwrap()
+        entry_nll(Kernels::Fused, &x[0], &ids.to_device(x[0].device()).unwrap()).unwrap()
     }));
     // Rows wider than a block of threads, and enough of them for several parts of the
     // norms' parameter sums.
     let (wide, wide_w) = (random(&mut rng, &[3, 100, 600], 1.0), random(&mut rng, &[600], 1.0));
     results.push(same_on_device("layer_norm wide", &[wide.clone(), wide_w.clone(), wide_w.clone()], 1e-5, |x| {
-        ops::layer_norm(&x[0], &x[1], Some(&x[2]), 1e-5).unwrap()
+        Kernels::Fused.layer_norm(&x[0], &x[1], Some(&x[2]), 1e-5).unwrap()
     }));
     // The head and the FuseLLM loss: the CPU kernel against the chunked cuBLAS pass. A
     // temperature puts the fusion term at another scale than the CLM term.
@@ -133,30 +135,30 @@ fn ops_on_the_device_match_the_cpu_kernels() {
     let batch = LossBatch::sequences(ids, b).unwrap().with_target(target_ids, target_probs, 2).unwrap();
     let hidden_head = [x.clone(), random(&mut rng, &[v, h * d], 0.2)];
     results.push(same_on_device("head loss", &hidden_head, 1e-4, |x| {
-        objective.losses_at_head(&x[0], &x[1], None, &batch).unwrap().total
+        objective.losses_at_head(Kernels::Fused, &x[0], &x[1], None, &batch).unwrap().total
     }));
     // bf16 on the device against f32 on the CPU.
     results.push(same_on_device("rms_norm bf16", &[wide.clone(), wide_w.clone()], 1e-2, |x| {
         let x = bf16_on_device(x);
-        ops::rms_norm(&x[0], &x[1], 1e-5).unwrap()
+        Kernels::Fused.rms_norm(&x[0], &x[1], 1e-5).unwrap()
     }));
     results.push(same_on_device("layer_norm bf16", &[x.clone(), w.clone(), w.clone()], 1e-2, |x| {
         let x = bf16_on_device(x);
-        ops::layer_norm(&x[0], &x[1], Some(&x[2]), 1e-5).unwrap()
+        Kernels::Fused.layer_norm(&x[0], &x[1], Some(&x[2]), 1e-5).unwrap()
     }));
     results.push(same_on_device("swiglu bf16", &[x.clone(), x.sqr().unwrap()], 1e-2, |x| {
         let x = bf16_on_device(x);
-        ops::swiglu(&x[0], &x[1]).unwrap()
+        Kernels::Fused.swiglu(&x[0], &x[1]).unwrap()
     }));
     let heads = x.reshape((b, t, h, d)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
     results.push(same_on_device("rope bf16", &[heads], 1e-2, |x| {
         let on = |t: &Tensor| t.to_device(x[0].device()).unwrap();
         let x = bf16_on_device(&[x[0].clone(), on(&cos), on(&sin)]);
-        ops::rope(&x[0], &x[1], &x[2], d).unwrap()
+        Kernels::Fused.rope(&x[0], &x[1], &x[2], d).unwrap()
     }));
     results.push(same_on_device("head loss bf16", &hidden_head, 1e-2, |x| {
         let x = bf16_on_device(x);
-        objective.losses_at_head(&x[0], &x[1], None, &batch).unwrap().total
+        objective.losses_at_head(Kernels::Fused, &x[0], &x[1], None, &batch).unwrap().total
     }));
     let failed: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
     for line in &results {

@@ -2,8 +2,9 @@
 //! relative and gradients within 1e-4, on random inputs of several shapes.
 
 use candle_core::{Device, Tensor, Var};
-use fusellm_core::model::ops::{self, composed, Scores};
+use fusellm_core::model::ops::{composed, Scores};
 use fusellm_core::model::positions::attention_mask;
+use fusellm_core::model::Kernels;
 use fusellm_sdk::rng::Rng;
 
 fn random(rng: &mut Rng, shape: &[usize], scale: f64) -> Var {
@@ -48,7 +49,7 @@ fn fused_kernels_match_the_compositions() {
         check(
             "attention softmax",
             &[x],
-            |x| ops::attention_softmax(&x[0], &bias, 0.3).unwrap(),
+            |x| Kernels::Fused.attention_softmax(&x[0], &bias, 0.3).unwrap(),
             |x| composed::attention_softmax(&x[0], &bias, 0.3).unwrap(),
         );
     }
@@ -57,19 +58,19 @@ fn fused_kernels_match_the_compositions() {
         check(
             "rms_norm",
             &[x.clone(), w.clone()],
-            |t| ops::rms_norm(&t[0], &t[1], 1e-5).unwrap(),
+            |t| Kernels::Fused.rms_norm(&t[0], &t[1], 1e-5).unwrap(),
             |t| composed::rms_norm(&t[0], &t[1], 1e-5).unwrap(),
         );
         check(
             "layer_norm",
             &[x.clone(), w.clone(), b],
-            |t| ops::layer_norm(&t[0], &t[1], Some(&t[2]), 1e-5).unwrap(),
+            |t| Kernels::Fused.layer_norm(&t[0], &t[1], Some(&t[2]), 1e-5).unwrap(),
             |t| composed::layer_norm(&t[0], &t[1], Some(&t[2]), 1e-5).unwrap(),
         );
         check(
             "layer_norm without bias",
             &[x, w],
-            |t| ops::layer_norm(&t[0], &t[1], None, 1e-5).unwrap(),
+            |t| Kernels::Fused.layer_norm(&t[0], &t[1], None, 1e-5).unwrap(),
             |t| composed::layer_norm(&t[0], &t[1], None, 1e-5).unwrap(),
         );
     }
@@ -80,7 +81,7 @@ fn fused_kernels_match_the_compositions() {
         check(
             "rope",
             &[x],
-            |v| ops::rope(&v[0], &cos, &sin, rot).unwrap(),
+            |v| Kernels::Fused.rope(&v[0], &cos, &sin, rot).unwrap(),
             |v| {
                 let part = composed::rope(&v[0].narrow(3, 0, rot).unwrap(), &cos, &sin).unwrap();
                 match rot == d {
@@ -115,8 +116,8 @@ fn fused_kernels_match_the_compositions() {
             check(
                 "attention",
                 &[q.clone(), k.clone(), v.clone()],
-                |x| ops::attention(&x[0], &x[1], &x[2], &scores).unwrap(),
-                |x| composed::attention(&x[0], &x[1], &x[2], &scores).unwrap(),
+                |x| Kernels::Fused.attention(&x[0], &x[1], &x[2], &scores).unwrap(),
+                |x| composed::attention(Kernels::Fused, &x[0], &x[1], &x[2], &scores).unwrap(),
             );
         }
     }
@@ -126,7 +127,7 @@ fn fused_kernels_match_the_compositions() {
         check(
             "linear",
             &[x, w],
-            |t| ops::linear(&t[0], &t[1], None).unwrap(),
+            |t| Kernels::Fused.linear(&t[0], &t[1], None).unwrap(),
             |t| t[0].broadcast_matmul(&t[1].t().unwrap()).unwrap(),
         );
     }
@@ -135,7 +136,7 @@ fn fused_kernels_match_the_compositions() {
         check(
             "swiglu",
             &[gate, up],
-            |t| ops::swiglu(&t[0], &t[1]).unwrap(),
+            |t| Kernels::Fused.swiglu(&t[0], &t[1]).unwrap(),
             |t| composed::swiglu(&t[0], &t[1]).unwrap(),
         );
     }
@@ -168,12 +169,14 @@ fn head_loss_kernel_matches_the_logits_path() {
         // Gemma 2's soft-capped logits with the last objective.
         let softcaps = [None, None, Some(3.0)];
         for (objective, softcap) in objectives.iter().zip(softcaps) {
-            let fused = objective.losses_at_head(hidden.as_tensor(), head.as_tensor(), softcap, &batch).unwrap();
+            let fused = objective
+                .losses_at_head(Kernels::Fused, hidden.as_tensor(), head.as_tensor(), softcap, &batch)
+                .unwrap();
             let mut logits = hidden.as_tensor().broadcast_matmul(&head.as_tensor().t().unwrap()).unwrap();
             if let Some(cap) = softcap {
                 logits = ((logits / cap).unwrap().tanh().unwrap() * cap).unwrap();
             }
-            let reference = objective.losses(&logits, &batch).unwrap();
+            let reference = objective.losses(&logits, &batch, Kernels::Fused).unwrap();
             for (name, x, y) in [
                 ("total", &fused.total, &reference.total),
                 ("clm", &fused.clm, &reference.clm),
@@ -202,7 +205,9 @@ fn head_loss_kernel_refuses_gradients_of_a_single_part() {
     let mut rng = Rng::new(6);
     let (hidden, head) = (random(&mut rng, &[1, 4, 8], 1.0), random(&mut rng, &[20, 8], 1.0));
     let batch = LossBatch::sequences(vec![1, 2, 3, 4], 1).unwrap().with_target(vec![5; 4], vec![1.0; 4], 1).unwrap();
-    let losses = Objective::default().losses_at_head(hidden.as_tensor(), head.as_tensor(), None, &batch).unwrap();
+    let losses = Objective::default()
+        .losses_at_head(Kernels::Fused, hidden.as_tensor(), head.as_tensor(), None, &batch)
+        .unwrap();
     let err = losses.clm.backward().unwrap_err().to_string();
     assert!(err.contains("differentiable only through the total"), "{err}");
 }

@@ -6,6 +6,7 @@ use crate::common::fixtures;
 use candle_core::{DType, Device, Tensor, Var};
 use fusellm_core::checkpoint::Checkpoint;
 use fusellm_core::model::loss::{LossBatch, Objective};
+use fusellm_core::model::Kernels;
 use fusellm_core::model::LoadMode;
 use fusellm_core::plugins::Registry;
 use fusellm_core::train::optim::{AdamW, AdamWConfig};
@@ -52,7 +53,7 @@ fn one_step_matches_the_pytorch_reference() {
             // Each part starts from the checkpoint's weights, as the reference does.
             let model = checkpoint.load_model(LoadMode::Trainable, DType::F32, &Device::Cpu).unwrap();
             let objective = Objective { lambda, ..Default::default() };
-            let losses = objective.losses(&model.forward(&ids, None).unwrap(), &batch).unwrap();
+            let losses = objective.losses(&model.forward(&ids, None).unwrap(), &batch, Kernels::Fused).unwrap();
             let expected = &summary[part];
             let label = |what: &str| format!("{name} {part} {what}");
             assert_rel(&label("CLM loss"), scalar(&losses.clm), expected["ce_before"].as_f64().unwrap(), 1e-5);
@@ -107,7 +108,7 @@ fn one_step_matches_the_pytorch_reference() {
                     );
                 }
             }
-            let after = objective.losses(&model.forward(&ids, None).unwrap(), &batch).unwrap();
+            let after = objective.losses(&model.forward(&ids, None).unwrap(), &batch, Kernels::Fused).unwrap();
             assert_rel(
                 &label("loss after the step"),
                 scalar(&after.total),

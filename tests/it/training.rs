@@ -9,6 +9,7 @@ use fusellm_core::checkpoint::Checkpoint;
 use fusellm_core::model::entry_nll::{composed_entry_nll, entry_nll};
 use fusellm_core::model::loss::{LossBatch, Objective};
 use fusellm_core::model::ops::log_softmax;
+use fusellm_core::model::Kernels;
 use fusellm_core::model::LoadMode;
 use fusellm_core::plugins::Registry;
 use fusellm_core::train::optim::AdamWConfig;
@@ -64,7 +65,10 @@ fn the_sparse_fusion_loss_equals_the_dense_one_with_identical_gradients() {
     let shape = (2, 6, 50);
     let logits = random_logits(&mut rng, shape);
     let batch = random_batch(&mut rng, shape, 4);
-    let sparse = Objective { lambda: 0.0, ..Default::default() }.losses(logits.as_tensor(), &batch).unwrap().fusion;
+    let sparse = Objective { lambda: 0.0, ..Default::default() }
+        .losses(logits.as_tensor(), &batch, Kernels::Fused)
+        .unwrap()
+        .fusion;
     let sparse_grad = sparse.backward().unwrap().get(&logits).unwrap().clone();
 
     // The paper's way: the target densified over the vocabulary.
@@ -102,7 +106,8 @@ fn the_entry_nll_op_matches_the_composition_in_value_and_gradient() {
             let grad = (&out * &upstream).unwrap().sum_all().unwrap().backward().unwrap().get(&logits).unwrap().clone();
             (out, grad)
         };
-        let ((ours, our_grad), (composed, composed_grad)) = (run(entry_nll), run(composed_entry_nll));
+        let ((ours, our_grad), (composed, composed_grad)) =
+            (run(|l, i| entry_nll(Kernels::Fused, l, i)), run(composed_entry_nll));
         let scale = value(&composed.abs().unwrap().max_all().unwrap());
         assert!(
             max_diff(&ours, &composed) <= 1e-5 * scale,
@@ -125,7 +130,7 @@ fn the_sparse_loss_allocates_no_dense_target_at_vocab_32000() {
     let batch = random_batch(&mut rng, shape, 10);
     let dense_bytes = shape.0 * shape.1 * shape.2 * 4;
     let objective = Objective::default();
-    let (losses, forward) = peak_during(|| objective.losses(logits.as_tensor(), &batch).unwrap());
+    let (losses, forward) = peak_during(|| objective.losses(logits.as_tensor(), &batch, Kernels::Fused).unwrap());
     assert!(forward < dense_bytes / 20, "the forward allocated {forward} bytes; a dense target is {dense_bytes}");
     let (grads, backward) = peak_during(|| losses.total.backward().unwrap());
     assert!(grads.get(&logits).is_some());
@@ -296,7 +301,7 @@ fn kl_differs_from_ce_by_the_target_entropy_and_temperature_scales_the_student()
     let logits = random_logits(&mut rng, shape);
     let batch = random_batch(&mut rng, shape, 3);
     let fusion = |objective: Objective| {
-        let f = objective.losses(logits.as_tensor(), &batch).unwrap().fusion;
+        let f = objective.losses(logits.as_tensor(), &batch, Kernels::Fused).unwrap().fusion;
         let g = f.backward().unwrap().get(&logits).unwrap().clone();
         (value(&f) as f64, g)
     };
@@ -312,6 +317,6 @@ fn kl_differs_from_ce_by_the_target_entropy_and_temperature_scales_the_student()
     // T = 2: the student's logits are halved, the loss scaled by T^2.
     let (hot, _) = fusion(Objective { temperature: 2.0, ..ce });
     let halved = Var::from_tensor(&(logits.as_tensor() / 2.0).unwrap()).unwrap();
-    let reference = ce.losses(halved.as_tensor(), &batch).unwrap().fusion;
+    let reference = ce.losses(halved.as_tensor(), &batch, Kernels::Fused).unwrap().fusion;
     assert!((hot - 4.0 * value(&reference) as f64).abs() < 1e-4, "{hot} vs 4 x {reference}");
 }
