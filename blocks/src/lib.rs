@@ -2,7 +2,7 @@
 //! with every operation differentiable, returning the logits of all positions (no KV
 //! cache: this is the training and precompute path). The model (`lib.rs`, `layers`,
 //! `attention`, `positions`, `weights`), the training objective (`loss`, `terms`,
-//! `head_loss`, `entry_nll`) and the kernels (`fused*`, `cuda`, `gemm`, `rowwise`) are
+//! `head_loss`, `entry_nll`) and the kernels (`fused/`, `cuda`, `gemm`, `rowwise`) are
 //! separate modules; the crate depends on candle and the SDK only.
 
 mod attention;
@@ -12,7 +12,6 @@ pub mod cuda;
 pub mod entry_nll;
 pub mod error;
 mod fused;
-mod fused_attention;
 mod gemm;
 pub mod generate;
 mod head_loss;

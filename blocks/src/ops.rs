@@ -1,14 +1,14 @@
 //! Differentiable building blocks. candle's fused kernels (softmax_last_dim, rms_norm, the
 //! LayerNorm fast path, rope) record no backward op, so training through them would stop
 //! gradients silently. These use our own fused kernels, which have a backward, where they
-//! exist (`fused`, `fused_attention`: f32 on the CPU; on CUDA the attention softmax, the
+//! exist (`fused/`: f32 on the CPU; on CUDA the attention softmax, the
 //! norms, RoPE and SwiGLU in f32 and bf16); elsewhere, compositions of ops that all have one
 //! (`composed`, also the reference the fused kernels are tested against). Which of the two a
 //! model runs is a value it carries ([`Kernels`]), not a switch of the process.
 
 use candle_core::{DType, Result, Tensor, D};
 
-use super::{fused, fused_attention};
+use super::fused;
 
 /// The implementation of the ops a model runs: our fused kernels where they exist for the
 /// device and dtype (the default), or the compositions of candle's ops everywhere (the
@@ -121,7 +121,7 @@ impl Kernels {
     /// says and softmax in f32. Returns `[b, t, heads * d]`.
     pub fn attention(self, q: &Tensor, k: &Tensor, v: &Tensor, scores: &Scores) -> Result<Tensor> {
         match self.fusable(&[q, k, v], Reach::Cpu) {
-            true => fused_attention::attention(q, k, v, scores),
+            true => fused::attention(q, k, v, scores),
             false => composed::attention(self, q, k, v, scores),
         }
     }

@@ -12,11 +12,11 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::f32s;
-use super::fused::{bias_block, rotate_half};
-use super::gemm::{gemm, Threads};
-use super::ops::Scores;
-use super::rowwise;
+use super::{bias_block, rotate_half};
+use crate::cpu::f32s;
+use crate::gemm::{gemm, Threads};
+use crate::ops::Scores;
+use crate::rowwise;
 
 /// Rotary tables `cos`, `sin` (`[t, rot / 2]`, flattened) and the rotary width.
 struct RopeTables {
