@@ -123,10 +123,7 @@ impl At<'_> {
         match value {
             None => Ok(default),
             Some(x) if x.get_ref().is_finite() && ok(*x.get_ref()) => Ok(*x.get_ref()),
-            Some(x) => {
-                let shown = if x.get_ref().is_nan() { "NaN".to_string() } else { x.get_ref().to_string() };
-                Err(self.error(key, Some(x), format!("must be {what}, not {shown}")))
-            }
+            Some(x) => Err(self.error(key, Some(x), format!("must be {what}, not {}", x.get_ref()))),
         }
     }
 
@@ -160,7 +157,7 @@ impl At<'_> {
 }
 
 impl<'s> Reader<'s> {
-    fn at<T>(&self, section: &'s str, value: Option<&Spanned<T>>) -> At<'s> {
+    fn at<'x, T>(&'x self, section: &'x str, value: Option<&Spanned<T>>) -> At<'x> {
         let span = value.map_or(0..0, Spanned::span);
         At { doc: self.doc, section, span: (span.start, span.end) }
     }
@@ -220,7 +217,7 @@ impl<'s> Reader<'s> {
         }))
     }
 
-    fn model(&self, section: &'s str, raw: Spanned<RawModel>, default_name: &str) -> Result<ModelRef, ConfigError> {
+    fn model(&self, section: &str, raw: Spanned<RawModel>, default_name: &str) -> Result<ModelRef, ConfigError> {
         let at = self.at(section, Some(&raw));
         let raw = raw.into_inner();
         let dir = raw.model.ok_or_else(|| at.missing("model", "the checkpoint folder"))?;
@@ -241,13 +238,11 @@ impl<'s> Reader<'s> {
         raw.map(|m| self.model("target", m, "target")).transpose()
     }
 
-    /// `keys` holds the sections' dotted keys (`sources.0`, ...), which must outlive them.
-    pub fn sources(&self, raw: Vec<Spanned<RawModel>>, keys: &'s [String]) -> Result<Vec<ModelRef>, ConfigError> {
+    pub fn sources(&self, raw: Vec<Spanned<RawModel>>) -> Result<Vec<ModelRef>, ConfigError> {
         let sources: Vec<ModelRef> = raw
             .into_iter()
-            .zip(keys)
             .enumerate()
-            .map(|(i, (s, key))| self.model(key, s, &format!("source{i}")))
+            .map(|(i, s)| self.model(&format!("sources.{i}"), s, &format!("source{i}")))
             .collect::<Result<_, _>>()?;
         if let Some(twin) =
             sources.iter().enumerate().find_map(|(i, a)| sources[..i].iter().find(|b| b.name == a.name).map(|_| a))

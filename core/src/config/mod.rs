@@ -114,12 +114,11 @@ impl Config {
         let read = experiment::Reader { doc, base };
         let sandbox = read.sandbox(raw.sandbox)?;
         let run = read.run(path, raw.run)?;
-        let source_keys: Vec<String> = (0..raw.sources.len()).map(|i| format!("sources.{i}")).collect();
         Ok(Config {
             path: path.to_owned(),
             data: read.data(raw.data)?,
             target: read.target(raw.target)?,
-            sources: read.sources(raw.sources, &source_keys)?,
+            sources: read.sources(raw.sources)?,
             precompute: read.precompute(raw.precompute)?,
             align: read.align(raw.align)?,
             fusion,

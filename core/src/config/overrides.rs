@@ -36,13 +36,13 @@ pub struct Variant {
     file_len: usize,
     sets: Vec<String>,
     /// Per merged key: where its value is, in `source`.
-    merges: Vec<(String, From)>,
+    merges: Vec<(String, Origin)>,
 }
 
 /// Where a merged value is: the `i`-th value of the list at a path of keys in `[sweep]`,
 /// or the `i`-th `--set`.
 #[derive(Clone, Debug, PartialEq)]
-enum From {
+enum Origin {
     Sweep(Vec<String>, usize),
     Set(usize),
 }
@@ -124,7 +124,7 @@ pub fn variants(path: &Path, text: &str, sets: &[String]) -> Result<Vec<Variant>
             .flat_map(|p| (0..*n).map(move |i| [p.clone(), vec![(path.clone(), i)]].concat()))
             .collect();
     }
-    let set_merges = set_keys.into_iter().enumerate().map(|(i, key)| (key, From::Set(i)));
+    let set_merges = set_keys.into_iter().enumerate().map(|(i, key)| (key, Origin::Set(i)));
     points
         .into_iter()
         .map(|point| {
@@ -134,15 +134,15 @@ pub fn variants(path: &Path, text: &str, sets: &[String]) -> Result<Vec<Variant>
             let name = shown.collect::<Vec<_>>().join(",");
             let slug =
                 name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '=' { c } else { '_' }).collect();
-            let merges: Vec<(String, From)> = point
+            let merges: Vec<(String, Origin)> = point
                 .into_iter()
-                .map(|(path, i)| (path.join("."), From::Sweep(path, i)))
+                .map(|(path, i)| (path.join("."), Origin::Sweep(path, i)))
                 .chain(set_merges.clone())
                 .collect();
             let (file_len, sets) = (text.len(), sets.to_vec());
             let mut variant =
                 Variant { name, slug, text: String::new(), source: source.clone(), file_len, sets, merges };
-            variant.text = match variant.merges.is_empty() && axes.is_empty() {
+            variant.text = match variant.merges.is_empty() {
                 true => text.to_string(),
                 false => toml::to_string(&as_table(&doc, variant.merged(&doc)?)?).expect("a TOML table serialises"),
             };
@@ -188,8 +188,8 @@ impl Variant {
             .iter()
             .map(|(key, from)| {
                 let value = match from {
-                    From::Sweep(path, i) => sweep_value(root.get_ref(), path, *i),
-                    From::Set(i) => match root.get_ref().get(SET_TABLE).map(Spanned::get_ref) {
+                    Origin::Sweep(path, i) => sweep_value(root.get_ref(), path, *i),
+                    Origin::Set(i) => match root.get_ref().get(SET_TABLE).map(Spanned::get_ref) {
                         Some(DeValue::Table(sets)) => sets.get(i.to_string().as_str()).expect("one value per --set"),
                         _ => unreachable!("the --set table is appended by variants"),
                     },

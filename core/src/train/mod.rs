@@ -36,7 +36,16 @@ pub enum Precision {
 }
 
 impl Precision {
-    pub const NAMES: [&str; 3] = ["f32", "bf16", "f16"];
+    const ALL: [Precision; 3] = [Precision::F32, Precision::Bf16, Precision::F16];
+
+    /// As configs and the command line write it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+            Precision::F16 => "f16",
+        }
+    }
 
     pub fn dtype(self) -> candle_core::DType {
         match self {
@@ -51,18 +60,13 @@ impl std::str::FromStr for Precision {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "f32" => Ok(Precision::F32),
-            "bf16" => Ok(Precision::Bf16),
-            "f16" => Ok(Precision::F16),
-            _ => Err(format!("`{s}`: expected f32, bf16 or f16")),
-        }
+        Self::ALL.into_iter().find(|p| p.name() == s).ok_or_else(|| format!("`{s}`: expected f32, bf16 or f16"))
     }
 }
 
 impl std::fmt::Display for Precision {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(Self::NAMES[*self as usize])
+        f.write_str(self.name())
     }
 }
 
