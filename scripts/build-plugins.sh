@@ -6,6 +6,8 @@
 #   plugin-fixtures/libskewed_sdk_plugin.so   a dylib claiming another SDK version
 #   plugin-fixtures/libdrifted_layout_plugin.so
 #                                             a dylib whose interface layout differs
+#                                             (both built against a changed copy of the
+#                                             SDK that scripts/sdk_fixture.py makes)
 # Plugin cdylibs are built in cargo invocations of their own: built together with the
 # fusellm binary, they would get the SDK's `builtin` feature and export nothing.
 # Usage: scripts/build-plugins.sh [--release]
@@ -21,11 +23,14 @@ if ! rustup target list --installed | grep -qx wasm32-wasip2; then
   rustup target add wasm32-wasip2 || { echo "error: the wasm32-wasip2 target is missing and could not be installed (offline?)" >&2; exit 1; }
 fi
 
-# The incompatible fixtures first: the test plugins built with a simulated SDK change.
-mkdir -p "$target/plugin-fixtures"
-for variant in next-major:skewed_sdk layout-drift:drifted_layout; do
-  cargo build "${flags[@]}" -p fusellm-test-plugins --features "fusellm-sdk/simulate-${variant%%:*}"
-  cp "$target/$profile/libfusellm_test_plugins.so" "$target/plugin-fixtures/lib${variant##*:}_plugin.so"
+# The incompatible fixtures: the test plugins built against a changed copy of the SDK, in
+# a target folder of their own (cargo names a workspace's crates by their path inside it,
+# so the copy's artifacts would replace the real SDK's in this one).
+fixtures="$target/plugin-fixtures"
+for fixture in skewed_sdk drifted_layout; do
+  python3 scripts/sdk_fixture.py "$fixture" "$fixtures/$fixture"
+  (cd "$fixtures/$fixture" && CARGO_TARGET_DIR="$fixtures/target" cargo build "${flags[@]}" -p fusellm-test-plugins)
+  cp "$fixtures/target/$profile/libfusellm_test_plugins.so" "$fixtures/lib${fixture}_plugin.so"
 done
 
 cargo build "${flags[@]}" "${plugins[@]}"

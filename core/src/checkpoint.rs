@@ -7,19 +7,23 @@ use candle_core::{DType, Device};
 use fusellm_sdk::{CheckpointFiles, HfConfig, ModelSpec, PluginKind};
 
 use crate::error::{Context, Error, Result};
-use crate::files::file_sha256;
+use crate::files::sha256_hex;
 use crate::model::{LoadMode, Transformer};
 use crate::plugins::Registry;
 use crate::store::{read_identity, Identity};
 use crate::tokenizer::Tokenizer;
 
 /// An opened checkpoint: its spec (from the adapter) and tokenizer; weights load on demand.
+/// The hashes of config.json and tokenizer.json are taken once, from the text the adapter
+/// read, for every stage that keys on them.
 pub struct Checkpoint {
     pub dir: PathBuf,
     pub spec: ModelSpec,
     pub adapter: String,
     pub adapter_version: String,
     pub tokenizer: Tokenizer,
+    pub config_sha256: String,
+    pub tokenizer_sha256: String,
 }
 
 impl Checkpoint {
@@ -52,8 +56,15 @@ impl Checkpoint {
         let files = CheckpointFiles { config_json: &config_json, tokenizer_json: Some(&tokenizer_json) };
         let spec = entry.adapt(&params, files).context(|| dir.display().to_string())?;
         let tokenizer = Tokenizer::load(&tokenizer_path, &spec)?;
-        let (adapter, adapter_version) = (entry.info.name.clone(), entry.info.version.clone());
-        Ok(Self { dir: crate::files::absolute(dir), spec, adapter, adapter_version, tokenizer })
+        Ok(Self {
+            dir: crate::files::absolute(dir),
+            spec,
+            adapter: entry.info.name.clone(),
+            adapter_version: entry.info.version.clone(),
+            tokenizer,
+            config_sha256: sha256_hex(config_json.as_bytes()),
+            tokenizer_sha256: sha256_hex(tokenizer_json.as_bytes()),
+        })
     }
 
     /// The checkpoint the store in `store` was computed from (its store.json names it),
@@ -88,8 +99,7 @@ impl Stored<'_> {
     /// The store's identity, checked against the checkpoint: the same tokenizer.
     pub fn identity(&self) -> Result<Identity> {
         let identity = read_identity(self.dir)?;
-        let tokenizer = file_sha256(&self.checkpoint.dir.join("tokenizer.json"))?;
-        if identity.tokenizer_sha256 != tokenizer {
+        if identity.tokenizer_sha256 != self.checkpoint.tokenizer_sha256 {
             return Err(Error::msg(format!(
                 "{} was computed with another tokenizer than {}'s (store: {}); give the checkpoint it was computed from",
                 self.dir.display(),

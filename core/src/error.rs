@@ -17,6 +17,9 @@ pub enum Error {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// Writing, reading or hashing a file.
+    #[error(transparent)]
+    File(#[from] fusellm_files::Error),
     /// A tensor operation of candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -1,6 +1,7 @@
-//! fusellm-core: the plugin host (builtin, dylib and WASM tiers behind one registry), the
-//! experiment configuration, the stores, the stages and the training loop of DESIGN.md,
-//! over the block library (`fusellm-blocks`, re-exported as `model`).
+//! fusellm-core: the experiment configuration, the stores, the stages and the training
+//! loop of DESIGN.md, over the plugin host (`fusellm-host`, re-exported as `plugins`), the
+//! block library (`fusellm-blocks`, as `model`) and the file helpers (`fusellm-files`, as
+//! `files`).
 
 pub mod align;
 pub mod checkpoint;
@@ -8,12 +9,10 @@ pub mod config;
 pub mod device;
 pub mod error;
 pub mod eval;
-pub mod files;
 pub mod fuse;
 pub mod merge;
 pub mod pipeline;
 pub mod plot;
-pub mod plugins;
 pub mod precompute;
 pub mod split;
 pub mod store;
@@ -23,3 +22,7 @@ pub mod train;
 
 /// The block library, as the stages call it.
 pub use fusellm_blocks as model;
+/// The file helpers every stage shares.
+pub use fusellm_files as files;
+/// The plugin host, as the stages call it.
+pub use fusellm_host as plugins;

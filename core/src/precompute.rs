@@ -53,7 +53,7 @@ pub fn precompute_model(
     let identity = Identity {
         format: FORMAT.into(),
         model: model_dir.display().to_string(),
-        tokenizer_sha256: crate::files::file_sha256(&model_dir.join("tokenizer.json"))?,
+        tokenizer_sha256: checkpoint.tokenizer_sha256.clone(),
         corpus: corpus.display().to_string(),
         corpus_sha256: crate::files::file_sha256(corpus)?,
         documents: texts.len(),

@@ -92,10 +92,8 @@ impl Results {
             .iter()
             .filter_map(|name| Some((*name, clm_curve(self.get(name)?.metrics.as_ref()?))))
             .collect();
-        write_atomically(
-            &out.join("loss.png"),
-            &fusellm_core::plot::line_chart("continual training: CLM loss", "step", &curves)?,
-        )
+        let png = fusellm_core::plot::line_chart("continual training: CLM loss", "step", &curves)?;
+        Ok(write_atomically(&out.join("loss.png"), &png)?)
     }
 }
 

@@ -38,7 +38,7 @@ pub struct AbiCandidate<'a> {
 #[derive(StableAbi)]
 pub struct AbiFusionInput<'a> {
     pub gold: RSlice<'a, u32>,
-    pub text_bytes: TextBytes,
+    pub text_bytes: u32,
     pub candidates: RSlice<'a, AbiCandidate<'a>>,
 }
 
@@ -80,14 +80,6 @@ pub struct AbiVocabMap {
     pub distance: RVec<u32>,
 }
 
-/// The type of [`AbiFusionInput::text_bytes`].
-#[cfg(not(feature = "simulate-layout-drift"))]
-pub type TextBytes = u32;
-/// Test-only: a build whose interface layout differs from the host's, to exercise hosts'
-/// layout check.
-#[cfg(feature = "simulate-layout-drift")]
-pub type TextBytes = u64;
-
 /// The root module every fusellm dylib exports (through [`export_plugins!`](crate::export_plugins)).
 #[repr(C)]
 #[derive(StableAbi)]
@@ -114,16 +106,10 @@ impl RootModule for PluginModule_Ref {
     abi_stable::declare_root_module_statics! {PluginModule_Ref}
     const BASE_NAME: &'static str = "fusellm_plugin";
     const NAME: &'static str = "fusellm_plugin";
-    const VERSION_STRINGS: VersionStrings = SDK_VERSION;
+    /// The SDK version a library was built against; hosts refuse an incompatible one
+    /// (same major, and for 0.x the same minor).
+    const VERSION_STRINGS: VersionStrings = abi_stable::package_version_strings!();
 }
-
-/// The SDK version a library was built against; hosts refuse an incompatible one
-/// (same major, and for 0.x the same minor).
-#[cfg(not(feature = "simulate-next-major"))]
-pub const SDK_VERSION: VersionStrings = abi_stable::package_version_strings!();
-/// Test-only: a build that claims the next major SDK version, to exercise hosts' check.
-#[cfg(feature = "simulate-next-major")]
-pub const SDK_VERSION: VersionStrings = VersionStrings::new("1.0.0");
 
 impl<'a> From<SparseRows<'a>> for AbiRows<'a> {
     fn from(r: SparseRows<'a>) -> Self {
@@ -162,10 +148,7 @@ impl<'a> From<&AbiFusionInput<'a>> for FusionInput<'a> {
                 is_target: c.is_target,
             })
             .collect();
-        // The cast is a no-op except under `simulate-layout-drift`, whose `text_bytes` is a u64.
-        #[allow(clippy::unnecessary_cast)]
-        let text_bytes = i.text_bytes as u32;
-        Self { gold: i.gold.as_slice(), text_bytes, candidates }
+        Self { gold: i.gold.as_slice(), text_bytes: i.text_bytes, candidates }
     }
 }
 

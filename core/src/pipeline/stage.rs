@@ -10,7 +10,7 @@ use serde::Serialize;
 use super::Event;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Context, Result};
-use crate::files::{file_sha256, sha256_hex};
+use crate::files::sha256_hex;
 use crate::plugins::Configured;
 
 pub trait Stage {
@@ -84,8 +84,8 @@ impl ModelId {
         Ok(ModelId {
             adapter: checkpoint.adapter.clone(),
             adapter_version: checkpoint.adapter_version.clone(),
-            config_sha256: file_sha256(&dir.join("config.json"))?,
-            tokenizer_sha256: file_sha256(&dir.join("tokenizer.json"))?,
+            config_sha256: checkpoint.config_sha256.clone(),
+            tokenizer_sha256: checkpoint.tokenizer_sha256.clone(),
             weights,
         })
     }

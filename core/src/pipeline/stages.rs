@@ -51,7 +51,7 @@ impl<'a> Stage for Split<'a> {
     type Output = SplitSummary;
 
     fn input(&self) -> Result<SplitInput<'a>> {
-        let hashes = |files: &[PathBuf]| files.iter().map(|f| file_sha256(f)).collect::<Result<Vec<_>>>();
+        let hashes = |files: &[PathBuf]| files.iter().map(|f| Ok(file_sha256(f)?)).collect::<Result<Vec<_>>>();
         Ok(SplitInput {
             corpus_sha256: hashes(self.corpus)?,
             text_fields: self.text_fields,

@@ -210,7 +210,7 @@ fn claim(dir: &Path, identity: &Identity) -> Result<()> {
             }
             Ok(())
         }
-        false => write_atomically(&file, &serde_json::to_vec_pretty(identity).expect("JSON")),
+        false => Ok(write_atomically(&file, &serde_json::to_vec_pretty(identity).expect("JSON"))?),
     }
 }
 
@@ -254,7 +254,7 @@ fn write_manifest(dir: &Path, identity: &Identity) -> Result<()> {
         bytes: bytes_total,
         shards,
     };
-    write_atomically(&dir.join("manifest.json"), &serde_json::to_vec_pretty(&manifest).expect("JSON"))
+    Ok(write_atomically(&dir.join("manifest.json"), &serde_json::to_vec_pretty(&manifest).expect("JSON"))?)
 }
 
 /// Gathers the shards of stores that workers filled in separate folders (cluster nodes

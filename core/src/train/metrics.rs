@@ -64,6 +64,6 @@ impl Log {
             "step",
             &[("total", curve(|m| m.loss)), ("clm", curve(|m| m.clm)), ("fusion", curve(|m| m.fusion))],
         )?;
-        write_atomically(file, &png)
+        Ok(write_atomically(file, &png)?)
     }
 }

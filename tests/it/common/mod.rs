@@ -32,8 +32,8 @@ pub fn wasm(crate_name: &str) -> PathBuf {
     must_exist(target_dir().join("wasm32-wasip2/plugin-wasm").join(format!("{crate_name}.wasm")))
 }
 
-/// The test plugins built with a simulated SDK change: `skewed_sdk` (the next major
-/// version) or `drifted_layout` (a changed interface layout).
+/// The test plugins built against a changed copy of the SDK (scripts/sdk_fixture.py):
+/// `skewed_sdk` (the next major version) or `drifted_layout` (a changed interface layout).
 pub fn incompatible_dylib(variant: &str) -> PathBuf {
     must_exist(target_dir().join(format!("plugin-fixtures/lib{variant}_plugin.so")))
 }

@@ -1,11 +1,33 @@
-//! File helpers every stage shares: atomic writes (a reader never sees half a file, and a
-//! failure leaves finished files alone) and content hashes, and paths as runs record them.
+//! File helpers every fusellm crate shares: atomic writes (a reader never sees half a file,
+//! and a failure leaves finished files alone), private cache files, content hashes, and
+//! paths as runs record them. A crate of its own so that the plugin host and the stages use
+//! one mechanism without depending on each other.
 
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use crate::error::{Context, Result};
+/// A file operation that failed: what was being done to which file, and the I/O error.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}")]
+pub struct Error {
+    what: String,
+    #[source]
+    source: std::io::Error,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Names the operation of an I/O result.
+trait Context<T> {
+    fn context(self, what: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> Context<T> for std::io::Result<T> {
+    fn context(self, what: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|source| Error { what: what(), source })
+    }
+}
 
 /// Writes `bytes` to a temporary name beside `file` and renames it.
 pub fn write_atomically(file: &Path, bytes: &[u8]) -> Result<()> {

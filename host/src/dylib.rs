@@ -122,9 +122,7 @@ impl FusionFn for DylibPlugin {
         let candidates: Vec<AbiCandidate<'_>> = input.candidates.iter().map(AbiCandidate::from).collect();
         let abi_input = AbiFusionInput {
             gold: input.gold.into(),
-            // A no-op conversion except under the SDK's `simulate-layout-drift` (u64).
-            #[allow(clippy::useless_conversion)]
-            text_bytes: input.text_bytes.into(),
+            text_bytes: input.text_bytes,
             candidates: RSlice::from_slice(&candidates),
         };
         match (self.module.fuse())(self.info.name.as_str().into(), params.as_str().into(), &abi_input) {

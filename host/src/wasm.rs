@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::files::{sha256_hex, write_cache};
+use fusellm_files::{sha256_hex, write_cache};
 use fusellm_sdk::export::params_json;
 use fusellm_sdk::{
     Alignment, CheckpointFiles, FusedTarget, FusionFn, FusionInput, ModelAdapter, ModelSpec, Params, PluginInfo,
