@@ -61,6 +61,15 @@ impl Reporter {
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
+    let launch = fusellm_dist::Launch::from_env()?;
+    if launch.world > 1 {
+        anyhow::bail!(
+            "`fusellm run` runs in one process, and {} started {} ranks; run it once, or its stages up to `fusellm fuse`, then train with `{} fusellm train --config ... --fused ...`",
+            launch.launcher.name(),
+            launch.world,
+            launch.launcher.name()
+        );
+    }
     let variants = load(&args)?;
     let sweep = variants.len() > 1 || !variants[0].0.name.is_empty();
     let mut registry = Registry::with_builtins()?;
@@ -214,8 +223,22 @@ pub struct TrainArgs {
 }
 
 /// The train stage of `fusellm run` on a fused store: the same config resolution (its
-/// plugins, the target's adapter, `[train] dtype`, `[run] device`), the same wiring.
+/// plugins, the target's adapter, `[train] dtype`, `[run] device`), the same wiring. Under
+/// a launcher (`mpirun -np N`, `srun`), one rank of data-parallel training; an error on any
+/// rank stops them all with that rank's error.
 pub fn train(args: TrainArgs) -> Result<()> {
+    let comm = fusellm_dist::join(&fusellm_dist::Launch::from_env()?)?;
+    let result = train_on(&*comm, args);
+    if let Err(e) = &result {
+        if comm.world() > 1 {
+            eprintln!("error: rank {} of {}: {e:#}", comm.rank(), comm.world());
+            comm.abort(2);
+        }
+    }
+    result
+}
+
+fn train_on(comm: &dyn fusellm_dist::Communicator, args: TrainArgs) -> Result<()> {
     let run_args = RunArgs { config: args.config.clone(), set: args.set.clone() };
     let (_, config) = load(&run_args)?.into_iter().next().expect("one variant at least");
     let mut registry = Registry::with_builtins()?;
@@ -224,8 +247,12 @@ pub fn train(args: TrainArgs) -> Result<()> {
     let checkpoint = open_model(target, &registry)?;
     let docs = fused_documents(&args.fused)?.1;
     let mut reporter = Reporter::default();
-    let train = Train { config: &config, target: &checkpoint, docs, resume: Some(args.resume), stop_at: args.stop_at };
+    let (resume, stop_at) = (Some(args.resume), args.stop_at);
+    let train = Train { config: &config, target: &checkpoint, docs, resume, stop_at, comm };
     let summary = train.run(&args.out, &mut |e| reporter.event(e))?;
+    if comm.rank() > 0 {
+        return Ok(());
+    }
     eprintln!(
         "\nstep {}: {} ({} tokens in {:.1} s)",
         summary.step,

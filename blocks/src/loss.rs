@@ -30,6 +30,18 @@ pub struct LossBatch {
     pub k: usize,
     pub target_ids: Vec<u32>,
     pub target_probs: Vec<f32>,
+    /// The positions the means are taken over when this batch is one rank's part of a
+    /// global batch (data parallelism), so that the ranks' losses sum to the global one;
+    /// `None`: this batch's own ([`LossBatch::counts`]).
+    pub over: Option<Counts>,
+}
+
+/// The positions a batch's means are taken over: those with a CLM target, and those with a
+/// fused target.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Counts {
+    pub clm: f64,
+    pub fused: f64,
 }
 
 impl LossBatch {
@@ -45,7 +57,8 @@ impl LossBatch {
         }
         let clm_weight = (0..ids.len()).map(|i| if i % len == len - 1 { 0.0 } else { 1.0 }).collect();
         let keep = vec![1; ids.len()];
-        Ok(Self { batch, len, ids, keep, clm_weight, k: 0, target_ids: Vec::new(), target_probs: Vec::new() })
+        let (target_ids, target_probs) = (Vec::new(), Vec::new());
+        Ok(Self { batch, len, ids, keep, clm_weight, k: 0, target_ids, target_probs, over: None })
     }
 
     /// Adds a sparse target of `k` entries per position (`[batch, len, k]`).
@@ -71,6 +84,12 @@ impl LossBatch {
             g[..self.len - 1].copy_from_slice(&w[1..]);
         }
         gold
+    }
+
+    /// This batch's own counts.
+    pub fn counts(&self) -> Counts {
+        let clm = self.clm_weight.iter().sum::<f32>() as f64;
+        Counts { clm, fused: self.target_positions() as f64 }
     }
 
     /// Positions that have a fused target.
@@ -202,7 +221,10 @@ impl Objective {
     }
 
     fn sparse_terms(&self, batch: &LossBatch) -> (Vec<Term>, f64) {
-        let clm_positions: f32 = batch.clm_weight.iter().sum();
+        let clm_positions: f32 = match batch.over {
+            Some(over) => over.clm as f32,
+            None => batch.clm_weight.iter().sum(),
+        };
         let clm = Term {
             scale: 1.0,
             k: 1,
@@ -210,12 +232,13 @@ impl Objective {
             weights: batch.clm_weight.iter().map(|w| w / clm_positions.max(1.0)).collect(),
             mix: self.lambda as f32,
         };
-        let fused_positions = batch.target_positions();
-        if batch.k == 0 || fused_positions == 0 {
+        let own = batch.target_positions();
+        if batch.k == 0 || own == 0 {
             return (vec![clm], 0.0);
         }
+        let fused_positions = batch.over.map_or(own as f64, |over| over.fused);
         let t2 = self.temperature * self.temperature;
-        let per_position = (t2 / fused_positions as f64) as f32;
+        let per_position = (t2 / fused_positions) as f32;
         let fusion = Term {
             scale: (1.0 / self.temperature) as f32,
             k: batch.k,
@@ -225,7 +248,7 @@ impl Objective {
         };
         let kl_constant = match self.divergence {
             Divergence::Ce => 0.0,
-            Divergence::Kl => batch.target_neg_entropy() * t2 / fused_positions as f64,
+            Divergence::Kl => batch.target_neg_entropy() * t2 / fused_positions,
         };
         (vec![clm, fusion], kl_constant)
     }

@@ -17,6 +17,9 @@ pub enum Error {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The ranks of a data-parallel run: their launch or a collective between them.
+    #[error(transparent)]
+    Dist(#[from] fusellm_dist::Error),
     /// Writing, reading or hashing a file.
     #[error(transparent)]
     File(#[from] fusellm_files::Error),

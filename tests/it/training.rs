@@ -193,7 +193,8 @@ fn train(
         .load_model(LoadMode::Trainable, config.precision.dtype(), &Device::Cpu)
         .unwrap();
     let mut data = Dataset::new(docs, config.batching).unwrap();
-    let trainer = Trainer { run_dir: run_dir.to_owned(), base, model: &model, config: config.clone() };
+    let comm = &fusellm_dist::Single;
+    let trainer = Trainer { run_dir: run_dir.to_owned(), base, model: &model, config: config.clone(), comm };
     trainer.run(&mut data, resume, stop_at, |_| {}).map(|s| s.checkpoint)
 }
 

@@ -262,7 +262,8 @@ impl Stages<'_> {
         if self.run.config.train.is_none() {
             return Ok(None);
         }
-        let train = Train { config: self.run.config, target: &checked.target, docs, resume: None, stop_at: None };
+        let (target, comm) = (&checked.target, &fusellm_dist::Single);
+        let train = Train { config: self.run.config, target, docs, resume: None, stop_at: None, comm };
         let (dir, _) = self.stage(None, &[&data_key], train)?;
         Ok(latest_checkpoint(&dir).map(|(_, d)| d))
     }

@@ -190,6 +190,8 @@ pub struct Train<'a> {
     pub resume: Option<bool>,
     /// Stop (with a checkpoint) after this step.
     pub stop_at: Option<u64>,
+    /// The ranks training together (`fusellm_dist::Single` for one process).
+    pub comm: &'a dyn fusellm_dist::Communicator,
 }
 
 #[derive(Serialize)]
@@ -224,7 +226,7 @@ impl<'a> Stage for Train<'a> {
         let model = self.target.load_model(LoadMode::Trainable, train.precision.dtype(), &device)?;
         let mut data = Dataset::new(self.docs, train.batching)?;
         let base = self.target.dir.clone();
-        let trainer = Trainer { run_dir: out.to_owned(), base, model: &model, config: train.clone() };
+        let trainer = Trainer { run_dir: out.to_owned(), base, model: &model, config: train.clone(), comm: self.comm };
         let resume = self.resume.unwrap_or_else(|| latest_checkpoint(out).is_some());
         trainer.run(&mut data, resume, self.stop_at, |p| events(p.into()))
     }

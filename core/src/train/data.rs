@@ -53,10 +53,16 @@ pub struct Batching {
 /// A piece of a document in a sequence: `(document, start, length)`.
 type Piece = (usize, usize, usize);
 
-/// The documents and the order they are served in.
+/// The documents and the order they are served in. Under data parallelism a global
+/// micro-batch is `world` micro-batches of `batch_size` sequences, one per rank, taken in
+/// rank order from the epoch's sequences: each rank serves its own slice (no sequence
+/// twice in an epoch), and `world` ranks of `b` see what one rank of `world * b` sees.
 pub struct Dataset {
     docs: Vec<Document>,
     batching: Batching,
+    /// This rank and the number of ranks.
+    rank: usize,
+    world: usize,
     /// The sequences of the epoch last asked for, cached.
     epoch: Option<(u64, Vec<Vec<Piece>>)>,
 }
@@ -73,23 +79,34 @@ impl Dataset {
         if docs.is_empty() {
             return Err(Error::msg("no document of at least 2 tokens to train on"));
         }
-        Ok(Self { docs, batching, epoch: None })
+        Ok(Self { docs, batching, rank: 0, world: 1, epoch: None })
+    }
+
+    /// Serves the slices of rank `rank` of `world` from now on.
+    pub fn set_rank(&mut self, rank: usize, world: usize) {
+        (self.rank, self.world) = (rank, world.max(1));
+    }
+
+    /// The documents' token ids, for checking that every rank holds the same data.
+    pub fn ids(&self) -> impl Iterator<Item = &[u32]> {
+        self.docs.iter().map(|d| d.ids.as_slice())
     }
 
     pub fn tokens(&self) -> usize {
         self.docs.iter().map(|d| d.ids.len()).sum()
     }
 
-    /// Micro-batches in one pass over the data.
+    /// Global micro-batches in one pass over the data.
     pub fn batches_per_epoch(&self) -> u64 {
         let sequences = match self.batching.packing {
             true => self.tokens().div_ceil(self.batching.seq_len),
             false => self.docs.len(),
         };
-        sequences.div_ceil(self.batching.batch_size) as u64
+        sequences.div_ceil(self.batching.batch_size * self.world) as u64
     }
 
-    /// Micro-batch `g` (0-based, counting across epochs).
+    /// This rank's part of global micro-batch `g` (0-based, counting across epochs); empty
+    /// where the epoch's last global micro-batch has no sequence left for this rank.
     pub fn batch(&mut self, g: u64) -> Result<LossBatch> {
         let per_epoch = self.batches_per_epoch();
         let (epoch, index) = (g / per_epoch, (g % per_epoch) as usize);
@@ -98,7 +115,8 @@ impl Dataset {
         }
         let sequences = &self.epoch.as_ref().expect("just set").1;
         let size = self.batching.batch_size;
-        let chosen = &sequences[index * size..((index + 1) * size).min(sequences.len())];
+        let start = ((index * self.world + self.rank) * size).min(sequences.len());
+        let chosen = &sequences[start..(start + size).min(sequences.len())];
         Ok(self.assemble(chosen))
     }
 
@@ -152,6 +170,7 @@ impl Dataset {
             k,
             target_ids: vec![0; cells * k],
             target_probs: vec![0.0; cells * k],
+            over: None,
         };
         for (row, pieces) in sequences.iter().enumerate() {
             let mut t = row * len;

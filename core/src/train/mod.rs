@@ -7,12 +7,14 @@
 pub mod data;
 mod metrics;
 pub mod optim;
+mod parallel;
 pub mod schedule;
 mod state;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use fusellm_dist::Communicator;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -107,7 +109,8 @@ impl Progress<'_> {
 }
 
 /// A training run in a folder: `checkpoints/step-NNNNNNN/` (Hugging Face layout, plus the
-/// training state), `metrics.jsonl` and `loss.png`.
+/// training state), `metrics.jsonl` and `loss.png`. With more than one rank, every rank
+/// runs a `Trainer` on its slice of the data (`train/parallel.rs`) and rank 0 alone writes.
 pub struct Trainer<'a> {
     pub run_dir: PathBuf,
     /// The folder the target came from: its config.json and tokenizer files go with every
@@ -115,6 +118,8 @@ pub struct Trainer<'a> {
     pub base: PathBuf,
     pub model: &'a Transformer,
     pub config: TrainConfig,
+    /// The ranks of the run (`fusellm_dist::Single` for one process).
+    pub comm: &'a dyn Communicator,
 }
 
 /// How a run ended.
@@ -141,9 +146,14 @@ impl Trainer<'_> {
         if vars.is_empty() {
             return Err(Error::msg("the target must be loaded trainable (LoadMode::Trainable)"));
         }
+        let comm = self.comm;
+        data.set_rank(comm.rank(), comm.world());
+        parallel::agree(comm, &self.config, data)?;
         let mut optimizer = AdamW::new(vars, self.config.adamw)?;
         let mut state = self.start(resume, &mut optimizer)?;
-        let mut log = metrics::Log::open(&self.run_dir, state.step)?;
+        parallel::broadcast_weights(comm, vars)?;
+        let lead = comm.rank() == 0;
+        let mut log = lead.then(|| metrics::Log::open(&self.run_dir, state.step)).transpose()?;
         let end = stop_at.unwrap_or(self.config.steps).min(self.config.steps);
         let started = Instant::now();
         let first_tokens = state.tokens;
@@ -156,15 +166,17 @@ impl Trainer<'_> {
             let mut metrics =
                 rayon::scope(|_| self.step(data, &mut optimizer, step, &mut state, started, last.as_deref()))?;
             metrics.tokens_per_s = (state.tokens - first_tokens) as f64 / metrics.elapsed_s.max(1e-9);
-            log.push(&metrics)?;
-            progress(Progress { metrics: &metrics, total_steps: self.config.steps });
+            if let Some(log) = log.as_mut() {
+                log.push(&metrics)?;
+                progress(Progress { metrics: &metrics, total_steps: self.config.steps });
+            }
             if step % self.config.checkpoint_every.max(1) == 0 || step == end {
-                last = Some(self.checkpoint(&optimizer, &state, &log)?);
+                last = Some(self.checkpoint(&optimizer, &state, log.as_ref())?);
             }
         }
         let checkpoint = match last {
             Some(dir) => dir,
-            None => self.checkpoint(&optimizer, &state, &log)?,
+            None => self.checkpoint(&optimizer, &state, log.as_ref())?,
         };
         Ok(Summary { step: state.step, checkpoint, tokens: state.tokens, seconds: started.elapsed().as_secs_f64() })
     }
@@ -202,8 +214,15 @@ impl Trainer<'_> {
         let accumulation = config.accumulation.max(1);
         let (mut loss_sum, mut clm_sum, mut fusion_sum, mut tokens) = (0.0, 0.0, 0.0, 0);
         let mut grads: Option<candle_core::backprop::GradStore> = None;
+        let parallel = self.comm.world() > 1;
         for micro in 0..accumulation {
-            let batch = data.batch((step - 1) * accumulation + micro)?;
+            let mut batch = data.batch((step - 1) * accumulation + micro)?;
+            if parallel {
+                batch.over = Some(parallel::global_counts(self.comm, batch.counts())?);
+                if batch.batch == 0 {
+                    continue;
+                }
+            }
             let losses = self.model.losses(&batch, &objective)?;
             let scalar = |t: &candle_core::Tensor| -> Result<f64> { Ok(t.to_scalar::<f32>()? as f64) };
             let (loss, clm, fusion) = (scalar(&losses.total)?, scalar(&losses.clm)?, scalar(&losses.fusion)?);
@@ -228,8 +247,16 @@ impl Trainer<'_> {
             fusion_sum += fusion;
             tokens += batch.tokens() as u64;
         }
-        let grads = grads.expect("at least one micro-batch");
         let vars = self.model.vars();
+        let grads = match parallel {
+            true => {
+                let [loss, clm, fusion, all] =
+                    parallel::sum(self.comm, [loss_sum, clm_sum, fusion_sum, tokens as f64])?;
+                (loss_sum, clm_sum, fusion_sum, tokens) = (loss, clm, fusion, all as u64);
+                parallel::all_reduce_grads(self.comm, vars, grads)?
+            }
+            false => grads.expect("at least one micro-batch"),
+        };
         let (norm, bad) = grad_norm(vars, &grads)?;
         if let Some(name) = bad {
             return Err(nan_error(step, &format!("the gradient of `{name}` is not finite"), last_good));
@@ -258,11 +285,19 @@ impl Trainer<'_> {
         })
     }
 
-    /// Writes `checkpoints/step-NNNNNNN` atomically, then the plot; prunes old ones.
-    fn checkpoint(&self, optimizer: &AdamW, state: &TrainState, log: &metrics::Log) -> Result<PathBuf> {
-        let dir = state::write_checkpoint(&self.run_dir, &self.base, self.model, optimizer, state)?;
-        log.plot(&self.run_dir.join("loss.png"))?;
-        state::prune(&self.run_dir, self.config.keep_checkpoints.max(1))?;
+    /// Writes `checkpoints/step-NNNNNNN` atomically, then the plot, and prunes old ones:
+    /// the rank with the log (rank 0) does; every rank waits for it and gets the folder.
+    fn checkpoint(&self, optimizer: &AdamW, state: &TrainState, log: Option<&metrics::Log>) -> Result<PathBuf> {
+        let dir = match log {
+            Some(log) => {
+                let dir = state::write_checkpoint(&self.run_dir, &self.base, self.model, optimizer, state)?;
+                log.plot(&self.run_dir.join("loss.png"))?;
+                state::prune(&self.run_dir, self.config.keep_checkpoints.max(1))?;
+                dir
+            }
+            None => state::checkpoint_dir(&self.run_dir, state.step),
+        };
+        self.comm.barrier()?;
         Ok(dir)
     }
 }

@@ -86,6 +86,11 @@ fn complete_checkpoints(run_dir: &Path) -> Vec<(u64, PathBuf)> {
         .collect()
 }
 
+/// The folder of the checkpoint of `step`.
+pub fn checkpoint_dir(run_dir: &Path, step: u64) -> PathBuf {
+    checkpoints(run_dir).join(format!("step-{step:07}"))
+}
+
 /// Writes the checkpoint of `state.step`.
 pub fn write_checkpoint(
     run_dir: &Path,
@@ -94,7 +99,7 @@ pub fn write_checkpoint(
     optimizer: &AdamW,
     state: &TrainState,
 ) -> Result<PathBuf> {
-    let dir = checkpoints(run_dir).join(format!("step-{:07}", state.step));
+    let dir = checkpoint_dir(run_dir, state.step);
     let partial = dir.with_extension("partial");
     if partial.exists() {
         std::fs::remove_dir_all(&partial).context(|| format!("removing {}", partial.display()))?;

@@ -1,0 +1,242 @@
+//! Data-parallel training under `mpirun -np 2` (the binary built with `--features mpi`):
+//! two ranks of micro-batch b compute what one rank of 2b computes, a resumed run with two
+//! ranks is bit-identical to an uninterrupted one, and a rank that stops answering stops
+//! the run within the collectives' timeout.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::{Device, Tensor};
+
+use crate::common::{fixtures, fusellm_in, write_experiment};
+
+/// An experiment folder with a fused store (one run of `fusellm run` that the tests share,
+/// each training into a folder of its own), and the store.
+fn fused_experiment() -> (PathBuf, PathBuf) {
+    static EXPERIMENT: std::sync::OnceLock<(PathBuf, PathBuf)> = std::sync::OnceLock::new();
+    EXPERIMENT.get_or_init(make_experiment).clone()
+}
+
+fn make_experiment() -> (PathBuf, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("fusellm-dp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = |m: &str| fixtures::model_dir(m).display().to_string();
+    let models = format!(
+        "[target]\nmodel = \"{}\"\n[[sources]]\nmodel = \"{}\"\n",
+        model("tiny-llama2"),
+        model("tiny-openllama")
+    );
+    write_experiment(&dir, &models, 1);
+    let out = fusellm_in(&dir, &["run", "run.toml"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let fused = std::fs::read_dir(dir.join("out/cache"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("fuse-"))
+        .expect("the run's fused store");
+    (dir, fused)
+}
+
+/// `fusellm train` on the store, with `--set` overrides and more arguments, in `ranks`
+/// processes under mpirun (or one plain process).
+fn train(dir: &Path, fused: &Path, ranks: usize, out: &str, sets: &[&str], more: &[&str]) -> Output {
+    let fused = fused.to_str().unwrap();
+    let mut args: Vec<&str> = vec!["train", "--config", "run.toml", "--fused", fused, "--out", out];
+    for set in sets {
+        args.extend(["--set", set]);
+    }
+    args.extend(more);
+    launch(dir, ranks, &[], &args)
+}
+
+/// The `fusellm` binary with `args` in `ranks` processes: `mpirun -np ranks` (as root in
+/// CI, on two cores), or a plain process for one rank. One thread per rank, so that the
+/// ranks do not compete for the cores.
+fn launch(dir: &Path, ranks: usize, env: &[(&str, &str)], args: &[&str]) -> Output {
+    let binary = env!("CARGO_BIN_EXE_fusellm");
+    let mut command = match ranks {
+        1 => Command::new(binary),
+        n => {
+            let mut c = Command::new("mpirun");
+            c.args(["-np", &n.to_string(), "--allow-run-as-root", "--oversubscribe"]);
+            // Containers forbid the cross-memory attach of OpenMPI's shared-memory transport.
+            c.args(["--mca", "btl_vader_single_copy_mechanism", "none"]);
+            for (key, _) in env {
+                c.args(["-x", key]);
+            }
+            c.arg(binary);
+            c
+        }
+    };
+    command.current_dir(dir).args(args).env("RAYON_NUM_THREADS", "1").envs(env.iter().copied());
+    command.output().unwrap_or_else(|e| panic!("starting {:?}: {e} (is OpenMPI installed? see .ci/run)", command))
+}
+
+fn succeeded(out: &Output) {
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
+
+fn losses(run: &Path) -> Vec<f64> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+        .collect()
+}
+
+fn weights(checkpoint: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(checkpoint.join("model.safetensors"), &Device::Cpu).unwrap()
+}
+
+/// The largest difference between two tensors, relative to the largest magnitude.
+fn relative(a: &Tensor, b: &Tensor) -> f32 {
+    let scale = a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-12);
+    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() / scale
+}
+
+/// The sums of the gradients run in another order on two ranks (two partial sums) than on
+/// one, so the gradients agree to float rounding only. Adam's step `m / sqrt(v)` turns a
+/// gradient within rounding of zero into a step of its sign, a full learning rate apart;
+/// with `eps` above the rounding the step stays linear in the gradient, and the weights
+/// then agree as the gradients do.
+#[test]
+fn two_ranks_of_b_train_as_one_rank_of_2b() {
+    let (dir, fused) = fused_experiment();
+    let common =
+        ["train.steps=4", "train.accumulation=2", "train.seq_len=32", "train.checkpoint_every=4", "train.eps=1e-3"];
+    succeeded(&train(&dir, &fused, 1, "one", &[&common[..], &["train.batch_size=4"]].concat(), &[]));
+    succeeded(&train(&dir, &fused, 2, "two", &[&common[..], &["train.batch_size=2"]].concat(), &[]));
+
+    let (one, two) = (losses(&dir.join("one")), losses(&dir.join("two")));
+    assert_eq!(one.len(), 4);
+    for (step, (a, b)) in one.iter().zip(&two).enumerate() {
+        assert!((a - b).abs() <= 1e-6 * a.abs(), "step {}: loss {a} on one rank, {b} on two", step + 1);
+    }
+    let last = "checkpoints/step-0000004";
+    let (a, b) = (weights(&dir.join("one").join(last)), weights(&dir.join("two").join(last)));
+    assert_eq!(a.len(), b.len());
+    for (name, tensor) in &a {
+        let diff = relative(tensor, &b[name]);
+        assert!(diff <= 1e-6, "`{name}` differs by {diff} (relative) after 4 steps");
+    }
+    // Rank 0 alone writes: one metrics line per step, not one per rank.
+    assert_eq!(two.len(), 4);
+}
+
+#[test]
+fn a_resumed_run_of_two_ranks_is_bit_identical() {
+    let (dir, fused) = fused_experiment();
+    let sets = ["train.steps=4", "train.batch_size=2", "train.seq_len=32", "train.checkpoint_every=2"];
+    succeeded(&train(&dir, &fused, 2, "whole", &sets, &[]));
+    succeeded(&train(&dir, &fused, 2, "parts", &sets, &["--stop-at", "2"]));
+    succeeded(&train(&dir, &fused, 2, "parts", &sets, &["--resume"]));
+    let last = "checkpoints/step-0000004/model.safetensors";
+    let (whole, parts) =
+        (std::fs::read(dir.join("whole").join(last)).unwrap(), std::fs::read(dir.join("parts").join(last)).unwrap());
+    assert!(whole == parts, "the resumed run's weights differ from the uninterrupted run's");
+    assert_eq!(losses(&dir.join("whole")), losses(&dir.join("parts")));
+}
+
+#[test]
+fn a_rank_that_stops_answering_stops_the_run_within_the_timeout() {
+    let (dir, fused) = fused_experiment();
+    let fused = fused.to_str().unwrap();
+    // Rank 1 is frozen (SIGSTOP) three seconds in, in the middle of a long run; rank 0 then
+    // waits in a collective until the timeout and stops, and mpirun ends the job.
+    let script = r#"if [ "$OMPI_COMM_WORLD_RANK" = 1 ]; then (sleep 3; kill -STOP $$) & fi; exec "$0" "$@""#;
+    let binary = env!("CARGO_BIN_EXE_fusellm");
+    let args = ["-c", script, binary, "train", "--config", "run.toml", "--fused", fused, "--out", "stall"];
+    let sets = ["--set", "train.steps=100000", "--set", "train.seq_len=32", "--set", "train.checkpoint_every=100000"];
+    let started = std::time::Instant::now();
+    let mut command = Command::new("mpirun");
+    command
+        .current_dir(&dir)
+        .args([
+            "-np",
+            "2",
+            "--allow-run-as-root",
+            "--oversubscribe",
+            "--mca",
+            "btl_vader_single_copy_mechanism",
+            "none",
+        ])
+        .args(["-x", "FUSELLM_COLLECTIVE_TIMEOUT_S", "sh"])
+        .args(args)
+        .args(sets)
+        .env("RAYON_NUM_THREADS", "1")
+        .env("FUSELLM_COLLECTIVE_TIMEOUT_S", "4");
+    let out = command.output().expect("mpirun (is OpenMPI installed? see .ci/run)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the run went on: {stderr}");
+    assert!(stderr.contains("rank 0: the") && stderr.contains("for the other ranks"), "{stderr}");
+    assert!(started.elapsed().as_secs() < 120, "the run took {:?} to stop", started.elapsed());
+}
+
+#[test]
+fn an_error_on_one_rank_stops_every_rank_with_that_error() {
+    let (dir, fused) = fused_experiment();
+    // Rank 1 alone is given a config that does not exist.
+    let script =
+        r#"c=run.toml; if [ "$OMPI_COMM_WORLD_RANK" = 1 ]; then c=/nonexistent.toml; fi; exec "$0" "$@" --config $c"#;
+    let binary = env!("CARGO_BIN_EXE_fusellm");
+    let fused = fused.to_str().unwrap();
+    let out = Command::new("mpirun")
+        .current_dir(&dir)
+        .args([
+            "-np",
+            "2",
+            "--allow-run-as-root",
+            "--oversubscribe",
+            "--mca",
+            "btl_vader_single_copy_mechanism",
+            "none",
+        ])
+        .args(["sh", "-c", script, binary, "train", "--out", "error", "--fused", fused])
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .expect("mpirun (is OpenMPI installed? see .ci/run)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("error: rank 1 of 2:") && stderr.contains("/nonexistent.toml"), "{stderr}");
+}
+
+#[test]
+fn ranks_with_other_settings_are_refused() {
+    let (dir, fused) = fused_experiment();
+    let script = r#"if [ "$OMPI_COMM_WORLD_RANK" = 1 ]; then set -- "$@" --set train.lr=0.5; fi; exec "$0" "$@""#;
+    let binary = env!("CARGO_BIN_EXE_fusellm");
+    let fused = fused.to_str().unwrap();
+    let out = Command::new("mpirun")
+        .current_dir(&dir)
+        .args([
+            "-np",
+            "2",
+            "--allow-run-as-root",
+            "--oversubscribe",
+            "--mca",
+            "btl_vader_single_copy_mechanism",
+            "none",
+        ])
+        .args(["sh", "-c", script, binary, "train", "--config", "run.toml", "--out", "disagree", "--fused", fused])
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .expect("mpirun (is OpenMPI installed? see .ci/run)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("rank 1 trains with other settings or other data than rank 0"), "{stderr}");
+}
+
+#[test]
+fn an_inconsistent_launch_environment_is_refused() {
+    let (dir, fused) = fused_experiment();
+    let fused = fused.to_str().unwrap();
+    let args = ["train", "--config", "run.toml", "--fused", fused, "--out", "env"];
+    let out = launch(&dir, 1, &[("RANK", "2"), ("WORLD_SIZE", "2")], &args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("RANK=2 and WORLD_SIZE=2"), "{stderr}");
+    let run = launch(&dir, 1, &[("OMPI_COMM_WORLD_RANK", "0"), ("OMPI_COMM_WORLD_SIZE", "2")], &["run", "run.toml"]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success() && stderr.contains("`fusellm run` runs in one process"), "{stderr}");
+}
