@@ -172,7 +172,7 @@ fn check_all<'r>(
 pub fn validate_cmd(args: RunArgs) -> Result<()> {
     let variants = load(&args)?;
     let mut registry = Registry::with_builtins()?;
-    for ((variant, _), checked) in variants.iter().zip(check_all(&variants, &mut registry)?.1) {
+    for ((variant, config), checked) in variants.iter().zip(check_all(&variants, &mut registry)?.1) {
         let describe = |c: &fusellm_core::checkpoint::Checkpoint| {
             format!(
                 "{} ({}, vocab {}, {} positions)",
@@ -189,8 +189,61 @@ pub fn validate_cmd(args: RunArgs) -> Result<()> {
         }
         let fusion = checked.fusion.as_ref().map_or("none (CLM only)".to_string(), |f| f.entry.label());
         println!("  align   {} + {}; fusion {fusion}", checked.sequence.entry.label(), checked.vocab.entry.label());
+        if let Some(train) = &config.train {
+            print_memory(&checked.target.spec, train);
+        }
     }
     Ok(())
+}
+
+/// The estimated memory per device of training the target: alone, and on 8 ranks with and
+/// without ZeRO-1 and activation checkpointing.
+fn print_memory(spec: &fusellm_sdk::ModelSpec, train: &fusellm_core::train::TrainConfig) {
+    use fusellm_core::train::memory::{estimate, parameters, Layout};
+    let b = &train.batching;
+    println!(
+        "  memory per device, training {} parameters in {} at {} x {} tokens per rank (estimated):",
+        count(parameters(spec)),
+        train.precision,
+        b.batch_size,
+        b.seq_len
+    );
+    let mut table = crate::table::terminal(["ranks", "weights", "gradients", "optimizer", "activations", "total"]);
+    let layouts = [(1, 0, false), (1, 0, true), (8, 0, false), (8, 1, false), (8, 1, true)];
+    for (ranks, zero, checkpointing) in layouts {
+        let e = estimate(spec, train, Layout { ranks, zero, checkpointing });
+        let name = format!(
+            "{ranks}{}{}",
+            if zero > 0 { ", ZeRO-1" } else { "" },
+            if checkpointing { ", checkpointed activations" } else { "" }
+        );
+        table.add_row([
+            name,
+            bytes(e.weights),
+            bytes(e.gradients),
+            bytes(e.optimizer),
+            bytes(e.activations),
+            bytes(e.total()),
+        ]);
+    }
+    crate::table::align_right(&mut table, 1..6);
+    println!("{table}");
+}
+
+/// A parameter count in millions or billions.
+fn count(n: u64) -> String {
+    match n {
+        n if n >= 1_000_000_000 => format!("{:.2}B", n as f64 / 1e9),
+        n => format!("{:.1}M", n as f64 / 1e6),
+    }
+}
+
+/// A byte count in binary units.
+fn bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 => format!("{:.1} GiB", n as f64 / (1u64 << 30) as f64),
+        n => format!("{:.0} MiB", n as f64 / (1u64 << 20) as f64),
+    }
 }
 
 fn label(variant: &Variant) -> String {

@@ -48,7 +48,7 @@ fn train(dir: &Path, fused: &Path, ranks: usize, out: &str, sets: &[&str], more:
         args.extend(["--set", set]);
     }
     args.extend(more);
-    launch(dir, ranks, &[], &args)
+    launch(dir, ranks, &[("RUST_LOG", "info")], &args)
 }
 
 /// The `fusellm` binary with `args` in `ranks` processes: `mpirun -np ranks` (as root in
@@ -239,4 +239,40 @@ fn an_inconsistent_launch_environment_is_refused() {
     let run = launch(&dir, 1, &[("OMPI_COMM_WORLD_RANK", "0"), ("OMPI_COMM_WORLD_SIZE", "2")], &["run", "run.toml"]);
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(!run.status.success() && stderr.contains("`fusellm run` runs in one process"), "{stderr}");
+}
+
+/// ZeRO stage 1 shards the optimizer state: the same updates as plain data parallelism
+/// (the same bytes), one optimizer state in the checkpoint, which a run on another number
+/// of ranks resumes from.
+#[test]
+fn zero_stage_1_trains_as_plain_data_parallelism() {
+    let (dir, fused) = fused_experiment();
+    let sets = ["train.steps=4", "train.batch_size=2", "train.seq_len=32", "train.checkpoint_every=2"];
+    succeeded(&train(&dir, &fused, 2, "plain", &sets, &[]));
+    let zero = [&sets[..], &["train.zero=1"]].concat();
+    let sharded = train(&dir, &fused, 2, "zero", &zero, &[]);
+    succeeded(&sharded);
+    let log = String::from_utf8_lossy(&sharded.stderr);
+    for rank in 0..2 {
+        let line = log.lines().find(|l| l.contains(&format!("rank {rank} keeps the optimizer state of"))).expect(&log);
+        let of: Vec<usize> = line.split_whitespace().filter_map(|w| w.trim_start_matches('(').parse().ok()).collect();
+        assert!(of[0] < of[1] && of[2] < of[3], "rank {rank} keeps the whole state: {line}");
+    }
+    let last = "checkpoints/step-0000004";
+    let bytes = |run: &str, file: &str| std::fs::read(dir.join(run).join(last).join(file)).unwrap();
+    assert!(bytes("plain", "model.safetensors") == bytes("zero", "model.safetensors"), "ZeRO-1 changed the weights");
+    let state = |run: &str| {
+        let file = dir.join(run).join(last).join("optimizer.safetensors");
+        candle_core::safetensors::load(file, &Device::Cpu).unwrap()
+    };
+    let (plain, zero_state) = (state("plain"), state("zero"));
+    assert_eq!(plain.len(), zero_state.len(), "one whole optimizer state");
+    for (key, tensor) in &plain {
+        assert_eq!(relative(tensor, &zero_state[key]), 0.0, "`{key}` differs");
+    }
+
+    // Stopped at step 2 on two ranks with ZeRO, resumed on one.
+    succeeded(&train(&dir, &fused, 2, "moved", &zero, &["--stop-at", "2"]));
+    succeeded(&train(&dir, &fused, 1, "moved", &zero, &["--resume"]));
+    assert!(dir.join("moved").join(last).join("model.safetensors").exists());
 }

@@ -162,7 +162,7 @@ fn documents(checkpoint: &Checkpoint, n: usize) -> Vec<Document> {
         .collect()
 }
 
-fn config(steps: u64, precision: Precision) -> TrainConfig {
+pub fn config(steps: u64, precision: Precision) -> TrainConfig {
     TrainConfig {
         steps,
         batching: Batching { seq_len: 32, batch_size: 2, packing: true, seed: 4 },
@@ -176,6 +176,7 @@ fn config(steps: u64, precision: Precision) -> TrainConfig {
         clip: Some(1.0),
         checkpoint_every: 2,
         keep_checkpoints: 2,
+        zero: 0,
     }
 }
 

@@ -327,6 +327,14 @@ impl<'s> Reader<'s> {
             clip: (clip > 0.0).then_some(clip),
             checkpoint_every: at.positive("checkpoint_every", &r.checkpoint_every, steps as usize)? as u64,
             keep_checkpoints: at.positive("keep_checkpoints", &r.keep_checkpoints, 2)?,
+            zero: match r.zero.as_ref().map(|z| *z.get_ref()) {
+                None => 0,
+                Some(stage @ (0 | 1)) => stage as u8,
+                Some(stage) => {
+                    let message = format!("ZeRO stage {stage}: fusellm shards the optimizer state (1) or nothing (0)");
+                    return Err(at.error("zero", r.zero.as_ref(), message));
+                }
+            },
         }))
     }
 

@@ -151,6 +151,7 @@ pub struct RawTrain {
     pub checkpoint_every: Option<Spanned<i64>>,
     pub keep_checkpoints: Option<Spanned<i64>>,
     pub dtype: Option<Precision>,
+    pub zero: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]

@@ -5,6 +5,7 @@
 //! NaN or Inf.
 
 pub mod data;
+pub mod memory;
 mod metrics;
 pub mod optim;
 mod parallel;
@@ -22,7 +23,8 @@ use crate::model::loss::{Divergence, Objective};
 use crate::model::Transformer;
 pub use data::{Batching, Dataset, Document};
 pub use metrics::StepMetrics;
-use optim::{grad_norm, AdamW, AdamWConfig};
+use optim::{grad_norm, AdamWConfig};
+use parallel::RankOptimizer;
 use schedule::{LambdaSchedule, LrSchedule};
 pub use state::{copy_carried, latest_checkpoint, TrainState};
 
@@ -92,6 +94,12 @@ pub struct TrainConfig {
     pub checkpoint_every: u64,
     /// Checkpoints kept; older ones are removed once a newer one is complete.
     pub keep_checkpoints: usize,
+    /// The ZeRO stage: 0, every rank keeps the whole optimizer state; 1, each rank keeps
+    /// the AdamW moments and master weights of its shard of the parameters. The updates are
+    /// the same either way, so the stage is neither in the train stage's key nor in the
+    /// resume check: a run resumes under another stage or another number of ranks.
+    #[serde(skip)]
+    pub zero: u8,
 }
 
 /// What the caller sees after each step.
@@ -149,7 +157,7 @@ impl Trainer<'_> {
         let comm = self.comm;
         data.set_rank(comm.rank(), comm.world());
         parallel::agree(comm, &self.config, data)?;
-        let mut optimizer = AdamW::new(vars, self.config.adamw)?;
+        let mut optimizer = RankOptimizer::new(comm, vars, &self.config)?;
         let mut state = self.start(resume, &mut optimizer)?;
         parallel::broadcast_weights(comm, vars)?;
         let lead = comm.rank() == 0;
@@ -182,7 +190,7 @@ impl Trainer<'_> {
     }
 
     /// A fresh state, or the one of the latest checkpoint (its weights and moments loaded).
-    fn start(&self, resume: bool, optimizer: &mut AdamW) -> Result<TrainState> {
+    fn start(&self, resume: bool, optimizer: &mut RankOptimizer) -> Result<TrainState> {
         match (latest_checkpoint(&self.run_dir), resume) {
             (Some((_, dir)), true) => {
                 let state = TrainState::load(&dir, &self.config)?;
@@ -202,7 +210,7 @@ impl Trainer<'_> {
     fn step(
         &self,
         data: &mut Dataset,
-        optimizer: &mut AdamW,
+        optimizer: &mut RankOptimizer,
         step: u64,
         state: &mut TrainState,
         started: Instant,
@@ -266,7 +274,7 @@ impl Trainer<'_> {
             _ => 1.0,
         };
         let lr = config.lr.at(step, config.steps);
-        optimizer.step(vars, &grads, scale, lr)?;
+        optimizer.step(self.comm, vars, &grads, scale, lr)?;
         state.step = step;
         state.tokens += tokens;
         let n = accumulation as f64;
@@ -287,15 +295,16 @@ impl Trainer<'_> {
 
     /// Writes `checkpoints/step-NNNNNNN` atomically, then the plot, and prunes old ones:
     /// the rank with the log (rank 0) does; every rank waits for it and gets the folder.
-    fn checkpoint(&self, optimizer: &AdamW, state: &TrainState, log: Option<&metrics::Log>) -> Result<PathBuf> {
-        let dir = match log {
-            Some(log) => {
-                let dir = state::write_checkpoint(&self.run_dir, &self.base, self.model, optimizer, state)?;
+    fn checkpoint(&self, optimizer: &RankOptimizer, state: &TrainState, log: Option<&metrics::Log>) -> Result<PathBuf> {
+        let optimizer_state = optimizer.state(self.comm, self.model.vars())?;
+        let dir = match (log, optimizer_state) {
+            (Some(log), Some(optimizer_state)) => {
+                let dir = state::write_checkpoint(&self.run_dir, &self.base, self.model, &optimizer_state, state)?;
                 log.plot(&self.run_dir.join("loss.png"))?;
                 state::prune(&self.run_dir, self.config.keep_checkpoints.max(1))?;
                 dir
             }
-            None => state::checkpoint_dir(&self.run_dir, state.step),
+            _ => state::checkpoint_dir(&self.run_dir, state.step),
         };
         self.comm.barrier()?;
         Ok(dir)

@@ -1,14 +1,19 @@
 //! Data parallelism: what the ranks of one training run exchange. Every rank holds the
-//! whole model and optimizer state, trains on its own slice of each global micro-batch
+//! whole model, trains on its own slice of each global micro-batch
 //! ([`Dataset::set_rank`](super::Dataset::set_rank)) with the means taken over the global
 //! batch ([`Counts`]), and sums its gradients with the others' before the update, so that
 //! every rank applies the same update: `N` ranks of micro-batch `b` compute what one rank
-//! of `N * b` computes, up to the order of float sums.
+//! of `N * b` computes, up to the order of float sums. Under ZeRO stage 1 each rank keeps
+//! the optimizer state of its shard of the parameters only ([`RankOptimizer`]), updates
+//! that shard, and takes the rest from their owners.
+
+use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 use fusellm_dist::Communicator;
 
+use super::optim::AdamW;
 use super::{Dataset, TrainConfig};
 use crate::error::{Error, Result};
 use crate::files::sha256_hex;
@@ -104,4 +109,131 @@ pub fn all_reduce_grads(
         start = end;
     }
     Ok(out)
+}
+
+/// Which rank keeps each parameter's optimizer state and updates it: with ZeRO stage 1 the
+/// parameters are dealt out by size, largest first, each to the rank with the fewest
+/// elements so far; otherwise every rank keeps all of them.
+struct Shards {
+    /// The owner of each parameter, or `None` when nothing is sharded.
+    owner: Option<Vec<usize>>,
+}
+
+impl Shards {
+    fn new(vars: &[(String, Var)], world: usize, zero: u8) -> Self {
+        if zero == 0 || world == 1 {
+            return Self { owner: None };
+        }
+        let mut order: Vec<usize> = (0..vars.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(vars[i].1.elem_count()));
+        let (mut owner, mut load) = (vec![0; vars.len()], vec![0usize; world]);
+        for i in order {
+            let rank = (0..world).min_by_key(|&r| load[r]).expect("one rank at least");
+            owner[i] = rank;
+            load[rank] += vars[i].1.elem_count();
+        }
+        Self { owner: Some(owner) }
+    }
+
+    fn owns(&self, rank: usize, i: usize) -> bool {
+        self.owner.as_ref().is_none_or(|owner| owner[i] == rank)
+    }
+}
+
+/// This rank's optimizer: AdamW over the parameters whose state it keeps (all of them, or
+/// its shard under ZeRO stage 1).
+pub struct RankOptimizer {
+    pub adamw: AdamW,
+    owned: Vec<(String, Var)>,
+    shards: Shards,
+}
+
+impl RankOptimizer {
+    pub fn new(comm: &dyn Communicator, vars: &[(String, Var)], config: &TrainConfig) -> Result<Self> {
+        let shards = Shards::new(vars, comm.world(), config.zero);
+        let owned: Vec<(String, Var)> =
+            vars.iter().enumerate().filter(|(i, _)| shards.owns(comm.rank(), *i)).map(|(_, v)| v.clone()).collect();
+        if shards.owner.is_some() {
+            let elements = |vars: &[(String, Var)]| vars.iter().map(|(_, v)| v.elem_count()).sum::<usize>();
+            tracing::info!(
+                "rank {} keeps the optimizer state of {} of {} parameters ({} of {} elements)",
+                comm.rank(),
+                owned.len(),
+                vars.len(),
+                elements(&owned),
+                elements(vars)
+            );
+        }
+        Ok(Self { adamw: AdamW::new(&owned, config.adamw)?, owned, shards })
+    }
+
+    /// Updates this rank's parameters with the summed gradients; when sharded, every rank
+    /// then takes each parameter from the rank that updated it.
+    pub fn step(
+        &mut self,
+        comm: &dyn Communicator,
+        vars: &[(String, Var)],
+        grads: &GradStore,
+        grad_scale: f64,
+        lr: f64,
+    ) -> Result<()> {
+        self.adamw.step(&self.owned, grads, grad_scale, lr)?;
+        if let Some(owner) = &self.shards.owner {
+            for ((_, var), &root) in vars.iter().zip(owner) {
+                let mut values = var.as_tensor().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                comm.broadcast(&mut values, root)?;
+                var.set(&Tensor::from_vec(values, var.shape(), var.device())?.to_dtype(var.dtype())?)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The whole optimizer state, as one checkpoint holds it whatever the ranks: on rank 0
+    /// (each shard sent by its owner), `None` on the others.
+    pub fn state(&self, comm: &dyn Communicator, vars: &[(String, Var)]) -> Result<Option<HashMap<String, Tensor>>> {
+        let mine = self.adamw.state(&self.owned);
+        let Some(owner) = &self.shards.owner else { return Ok((comm.rank() == 0).then_some(mine)) };
+        let mut all = HashMap::new();
+        for ((name, var), &root) in vars.iter().zip(owner) {
+            let mut keys = vec![format!("m.{name}"), format!("v.{name}")];
+            if var.dtype() != DType::F32 {
+                keys.push(format!("master.{name}"));
+            }
+            for key in keys {
+                let mut values = match mine.get(&key) {
+                    Some(t) => t.flatten_all()?.to_vec1::<f32>()?,
+                    None => vec![0.0; var.elem_count()],
+                };
+                comm.broadcast(&mut values, root)?;
+                if comm.rank() == 0 {
+                    all.insert(key, Tensor::from_vec(values, var.shape(), var.device())?);
+                }
+            }
+        }
+        Ok((comm.rank() == 0).then_some(all))
+    }
+
+    /// Restores this rank's part of a saved state (of any number of ranks).
+    pub fn restore(&mut self, saved: HashMap<String, Tensor>, step: u64) -> Result<()> {
+        self.adamw.restore(&self.owned, saved, step)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_deals_every_parameter_to_one_rank_by_size() {
+        let sizes = [1000, 10, 600, 500, 20, 400];
+        let vars: Vec<(String, Var)> = sizes
+            .iter()
+            .map(|&n| (n.to_string(), Var::zeros(n, DType::F32, &candle_core::Device::Cpu).unwrap()))
+            .collect();
+        let owner = Shards::new(&vars, 2, 1).owner.unwrap();
+        // Largest first, each to the lighter rank: 1000 -> 0, 600 -> 1, 500 -> 1, 400 -> 0,
+        // 20 -> 1 (1100 against 1400), 10 -> 1.
+        assert_eq!(owner, vec![0, 1, 1, 1, 1, 0]);
+        assert!(Shards::new(&vars, 2, 0).owner.is_none() && Shards::new(&vars, 1, 1).owner.is_none());
+    }
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::optim::AdamW;
+use super::parallel::RankOptimizer;
 use super::TrainConfig;
 use crate::error::{Context, Error, Result};
 use crate::files::write_atomically;
@@ -96,7 +96,7 @@ pub fn write_checkpoint(
     run_dir: &Path,
     base: &Path,
     model: &Transformer,
-    optimizer: &AdamW,
+    optimizer_state: &HashMap<String, candle_core::Tensor>,
     state: &TrainState,
 ) -> Result<PathBuf> {
     let dir = checkpoint_dir(run_dir, state.step);
@@ -107,7 +107,7 @@ pub fn write_checkpoint(
     std::fs::create_dir_all(&partial).context(|| format!("creating {}", partial.display()))?;
     copy_carried(base, &partial)?;
     model.save_weights(&partial.join("model.safetensors"))?;
-    candle_core::safetensors::save(&optimizer.state(model.vars()), partial.join("optimizer.safetensors"))
+    candle_core::safetensors::save(optimizer_state, partial.join("optimizer.safetensors"))
         .context(|| format!("writing the optimizer state in {}", partial.display()))?;
     write_atomically(&partial.join("trainer_state.json"), &serde_json::to_vec_pretty(state).expect("JSON"))?;
     if dir.exists() {
@@ -118,7 +118,7 @@ pub fn write_checkpoint(
 }
 
 /// Sets the model's weights and the optimizer's moments to those of checkpoint `dir`.
-pub fn load_weights(dir: &Path, model: &Transformer, optimizer: &mut AdamW, step: u64) -> Result<()> {
+pub fn load_weights(dir: &Path, model: &Transformer, optimizer: &mut RankOptimizer, step: u64) -> Result<()> {
     let device = model.device();
     let weights = candle_core::safetensors::load(dir.join("model.safetensors"), device)
         .context(|| format!("reading the weights of {}", dir.display()))?;
@@ -130,7 +130,7 @@ pub fn load_weights(dir: &Path, model: &Transformer, optimizer: &mut AdamW, step
     let moments: HashMap<String, candle_core::Tensor> =
         candle_core::safetensors::load(dir.join("optimizer.safetensors"), device)
             .context(|| format!("reading the optimizer state of {}", dir.display()))?;
-    optimizer.restore(model.vars(), moments, step)
+    optimizer.restore(moments, step)
 }
 
 /// Removes all but the newest `keep` complete checkpoints.

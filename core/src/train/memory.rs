@@ -1,0 +1,83 @@
+//! How much memory training a target takes per device, estimated from its spec and the
+//! training settings before anything is loaded: so that `fusellm validate` tells whether a
+//! run fits before it starts. Model states are counted as DeepSpeed's ZeRO paper counts
+//! them (weights and gradients in the compute dtype; AdamW's two f32 moments, and f32
+//! master weights below f32, that is K = 12 bytes per parameter in mixed precision),
+//! activations as the tensors a transformer block keeps for its backward.
+
+use fusellm_sdk::ModelSpec;
+
+use super::TrainConfig;
+
+/// Bytes per device, by what holds them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Estimate {
+    pub weights: u64,
+    pub gradients: u64,
+    pub optimizer: u64,
+    pub activations: u64,
+}
+
+impl Estimate {
+    pub fn total(&self) -> u64 {
+        self.weights + self.gradients + self.optimizer + self.activations
+    }
+}
+
+/// How the ranks share the work: their number, the ZeRO stage, and whether activations
+/// are recomputed in the backward (only each block's input kept).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Layout {
+    pub ranks: usize,
+    pub zero: u8,
+    pub checkpointing: bool,
+}
+
+/// The logits the fused head and loss hold at once: one chunk of at most 32 MB.
+const HEAD_CHUNK: u64 = 32 << 20;
+
+/// The parameters of `spec` (weights and biases of the projections, embeddings, norms).
+pub fn parameters(spec: &ModelSpec) -> u64 {
+    let (h, a) = (spec.hidden as u64, &spec.attention);
+    let (q, kv) = ((a.heads * a.head_dim) as u64, (a.kv_heads * a.head_dim) as u64);
+    let attention = h * (q + 2 * kv) + q * h + if a.bias.qkv { q + 2 * kv } else { 0 } + if a.bias.out { h } else { 0 };
+    let i = spec.mlp.hidden as u64;
+    let projections = if spec.mlp.kind.gated() { 3 } else { 2 };
+    let mlp = projections * h * i + if spec.mlp.bias { (projections - 1) * i + h } else { 0 };
+    let norms = if spec.post_norms { 4 } else { 2 } * h;
+    let embeddings = spec.vocab_size as u64 * h * if spec.tied_embeddings { 1 } else { 2 };
+    embeddings + spec.layers as u64 * (attention + mlp + norms) + h
+}
+
+/// The memory per device of training `spec` as `train` says, laid out as `layout` says.
+pub fn estimate(spec: &ModelSpec, train: &TrainConfig, layout: Layout) -> Estimate {
+    let params = parameters(spec);
+    let dtype = train.precision.dtype().size_in_bytes() as u64;
+    let state = 8 + if dtype < 4 { 4 } else { 0 };
+    let shards = if layout.zero >= 1 { layout.ranks.max(1) as u64 } else { 1 };
+    let tokens = (train.batching.batch_size * train.batching.seq_len) as u64;
+    let block = tokens * block_elements(spec, train.batching.seq_len) * dtype;
+    let layers = spec.layers as u64;
+    let blocks = match layout.checkpointing {
+        // Each block's input, and one block's tensors while it is recomputed.
+        true => layers * tokens * spec.hidden as u64 * dtype + block,
+        false => layers * block,
+    };
+    Estimate {
+        weights: params * dtype,
+        gradients: params * dtype,
+        optimizer: (params * state).div_ceil(shards),
+        activations: blocks + 2 * tokens * spec.hidden as u64 * dtype + HEAD_CHUNK,
+    }
+}
+
+/// Elements a block keeps per token for its backward: the inputs of both norms and their
+/// outputs, Q, K and V, the attention probabilities (one per head and key), the attention
+/// output, and the MLP's projections and activation.
+fn block_elements(spec: &ModelSpec, seq_len: usize) -> u64 {
+    let (h, a) = (spec.hidden as u64, &spec.attention);
+    let (q, kv) = ((a.heads * a.head_dim) as u64, (a.kv_heads * a.head_dim) as u64);
+    let i = spec.mlp.hidden as u64;
+    let mlp = if spec.mlp.kind.gated() { 3 * i } else { 2 * i };
+    4 * h + q + 2 * kv + (a.heads * seq_len) as u64 + q + mlp
+}
