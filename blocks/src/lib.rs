@@ -26,6 +26,7 @@ pub mod weights;
 
 use std::path::Path;
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use fusellm_sdk::adapter::{Positions, Residual};
 use fusellm_sdk::ModelSpec;
@@ -243,11 +244,82 @@ impl Transformer {
         objective.losses_at_head(self.kernels, &hidden, &self.head, self.spec.final_softcap, batch)
     }
 
+    /// The training losses of `batch` and the gradients of `total / divisor` (the
+    /// divisor spreads a step over its micro-batches). With `checkpointed` activations the
+    /// forward pass keeps only each block's input, and the backward recomputes one block at
+    /// a time, carrying the gradient down through it as a vector-Jacobian product (the
+    /// gradient of `sum(block(x) * g)` with respect to `x` and the block's parameters is
+    /// `g` through the block): the same gradients, with one block's activations alive.
+    pub fn gradients(
+        &self,
+        batch: &LossBatch,
+        objective: &Objective,
+        divisor: f64,
+        checkpointed: bool,
+    ) -> Result<(Losses, GradStore)> {
+        if !checkpointed {
+            let losses = self.losses(batch, objective)?;
+            let grads = (&losses.total / divisor)?.backward()?;
+            return Ok((losses, grads));
+        }
+        let ids = batch.ids_tensor(&self.device)?;
+        self.check_input(&ids, ids.dim(1)?)?;
+        let contexts = self.contexts(ids.dim(1)?, batch.keep_tensor(&self.device)?.as_ref())?;
+        let mut inputs = Vec::with_capacity(self.blocks.len());
+        let mut x = self.embedded(&ids)?.detach();
+        for (block, ctx) in self.blocks.iter().zip(&contexts) {
+            inputs.push(x.clone());
+            x = block.forward(x, ctx, self.spec.residual)?.detach();
+        }
+        let top = Var::from_tensor(&x)?;
+        let hidden = self.final_norm.forward(top.as_tensor(), self.kernels)?;
+        let softcap = self.spec.final_softcap;
+        let losses = objective.losses_at_head(self.kernels, &hidden, &self.head, softcap, batch)?;
+        let mut grads = (&losses.total / divisor)?.backward()?;
+        let mut g = grads.remove(top.as_tensor()).ok_or_else(|| Error::msg("the loss does not reach the blocks"))?;
+        for ((block, ctx), input) in self.blocks.iter().zip(&contexts).zip(inputs).rev() {
+            let input = Var::from_tensor(&input)?;
+            let out = block.forward(input.as_tensor().clone(), ctx, self.spec.residual)?;
+            let mut step = (out * &g)?.sum_all()?.backward()?;
+            g = step
+                .remove(input.as_tensor())
+                .ok_or_else(|| Error::msg("a block's output does not depend on its input"))?;
+            self.add_grads(&mut grads, &step)?;
+        }
+        let step = (self.embedded(&ids)? * &g)?.sum_all()?.backward()?;
+        self.add_grads(&mut grads, &step)?;
+        Ok((losses, grads))
+    }
+
+    /// Adds the parameters' gradients in `more` to those in `grads`.
+    fn add_grads(&self, grads: &mut GradStore, more: &GradStore) -> Result<()> {
+        for (_, var) in &self.vars {
+            if let Some(g) = more.get(var) {
+                let sum = match grads.get(var) {
+                    Some(have) => (have + g)?,
+                    None => g.clone(),
+                };
+                grads.insert(var, sum);
+            }
+        }
+        Ok(())
+    }
+
     /// The final (normalised) hidden states `[b, t, hidden]`, the head's input.
     fn hidden(&self, ids: &Tensor, keep: Option<&Tensor>) -> Result<Tensor> {
+        self.check_input(ids, ids.dim(1)?)?;
+        let contexts = self.contexts(ids.dim(1)?, keep)?;
+        let mut x = self.embedded(ids)?;
+        for (block, ctx) in self.blocks.iter().zip(&contexts) {
+            x = block.forward(x, ctx, self.spec.residual)?;
+        }
+        Ok(self.final_norm.forward(&x, self.kernels)?)
+    }
+
+    /// The blocks' input: the embeddings of `ids` `[b, t]` (checked), scaled and with
+    /// learned positions where the model has them.
+    fn embedded(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        self.check_input(ids, t)?;
-        let contexts = self.contexts(t, keep)?;
         let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.spec.hidden))?;
         if let Some(scale) = self.spec.embed_scale {
             x = (x * scale)?;
@@ -255,10 +327,7 @@ impl Transformer {
         if let Some(table) = &self.pos_embed {
             x = x.broadcast_add(&table.narrow(0, 0, t)?)?;
         }
-        for (block, ctx) in self.blocks.iter().zip(&contexts) {
-            x = block.forward(x, ctx, self.spec.residual)?;
-        }
-        Ok(self.final_norm.forward(&x, self.kernels)?)
+        Ok(x)
     }
 
     fn check_input(&self, ids: &Tensor, t: usize) -> Result<()> {

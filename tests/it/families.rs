@@ -82,6 +82,34 @@ fn every_family_trains_in_every_parameter_and_the_fused_step_equals_the_composed
     }
 }
 
+/// Activation checkpointing (each block recomputed in the backward) gives every family the
+/// gradients of the whole graph: every parameter's within 1e-6 of its largest entry, at
+/// the same loss; padding, windows and the fused target included.
+#[test]
+fn checkpointed_activations_give_every_family_the_same_gradients() {
+    let objective = Objective { lambda: 0.9, ..Default::default() };
+    for name in FAMILIES {
+        let checkpoint = checkpoint(name);
+        let mut batch = batch(checkpoint.spec.vocab_size);
+        // The last four positions of the second row are padding.
+        for t in batch.len * 2 - 4..batch.len * 2 {
+            (batch.keep[t], batch.clm_weight[t], batch.clm_weight[t - 1]) = (0, 0.0, 0.0);
+        }
+        let model = checkpoint.load_model(LoadMode::Trainable, DType::F32, &Device::Cpu).unwrap();
+        let (whole, whole_grads) = model.gradients(&batch, &objective, 2.0, false).unwrap();
+        let (again, grads) = model.gradients(&batch, &objective, 2.0, true).unwrap();
+        let scalar = |t: &Tensor| t.to_scalar::<f32>().unwrap();
+        assert_eq!(scalar(&whole.total), scalar(&again.total), "{name}: the loss");
+        for (param, var) in model.vars() {
+            let (a, b) = (whole_grads.get(var).unwrap(), grads.get(var));
+            let b = b.unwrap_or_else(|| panic!("{name}: `{param}` gets no gradient when checkpointed"));
+            let scale = max_abs(&a.to_dtype(DType::F64).unwrap());
+            let diff = max_abs(&(a - b).unwrap().to_dtype(DType::F64).unwrap());
+            assert!(scale > 0.0 && diff <= 1e-6 * scale, "{name}: `{param}` differs by {diff} (largest {scale})");
+        }
+    }
+}
+
 /// `fusellm generate --ids` from the bf16 files: transformers' 20 greedy ids after the
 /// `english` text, for every family.
 #[test]

@@ -327,6 +327,7 @@ impl<'s> Reader<'s> {
             clip: (clip > 0.0).then_some(clip),
             checkpoint_every: at.positive("checkpoint_every", &r.checkpoint_every, steps as usize)? as u64,
             keep_checkpoints: at.positive("keep_checkpoints", &r.keep_checkpoints, 2)?,
+            checkpoint_activations: r.checkpoint_activations.unwrap_or(false),
             zero: match r.zero.as_ref().map(|z| *z.get_ref()) {
                 None => 0,
                 Some(stage @ (0 | 1)) => stage as u8,

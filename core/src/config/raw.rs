@@ -152,6 +152,7 @@ pub struct RawTrain {
     pub keep_checkpoints: Option<Spanned<i64>>,
     pub dtype: Option<Precision>,
     pub zero: Option<Spanned<i64>>,
+    pub checkpoint_activations: Option<bool>,
 }
 
 #[derive(Deserialize)]

@@ -100,6 +100,10 @@ pub struct TrainConfig {
     /// resume check: a run resumes under another stage or another number of ranks.
     #[serde(skip)]
     pub zero: u8,
+    /// Recompute each block's activations in the backward instead of keeping them (the
+    /// same gradients; like `zero`, outside the key and the resume check).
+    #[serde(skip)]
+    pub checkpoint_activations: bool,
 }
 
 /// What the caller sees after each step.
@@ -231,13 +235,13 @@ impl Trainer<'_> {
                     continue;
                 }
             }
-            let losses = self.model.losses(&batch, &objective)?;
+            let checkpointed = config.checkpoint_activations;
+            let (losses, g) = self.model.gradients(&batch, &objective, accumulation as f64, checkpointed)?;
             let scalar = |t: &candle_core::Tensor| -> Result<f64> { Ok(t.to_scalar::<f32>()? as f64) };
             let (loss, clm, fusion) = (scalar(&losses.total)?, scalar(&losses.clm)?, scalar(&losses.fusion)?);
             if !loss.is_finite() {
                 return Err(nan_error(step, &format!("the loss is {loss} (CLM {clm}, fusion {fusion})"), last_good));
             }
-            let g = (losses.total / accumulation as f64)?.backward()?;
             grads = Some(match grads {
                 None => g,
                 Some(mut sum) => {
