@@ -28,8 +28,6 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 pub trait Communicator: Send + Sync {
     fn rank(&self) -> usize;
     fn world(&self) -> usize;
-    /// Which launcher started the run (for messages and the run's record).
-    fn launcher(&self) -> Launcher;
     /// Sums `data` element-wise over the ranks; every rank receives the sum.
     fn all_reduce_sum(&self, data: &mut [f32]) -> Result<()>;
     /// As [`Communicator::all_reduce_sum`], in f64 (counts and loss parts, exactly).
@@ -53,9 +51,6 @@ impl Communicator for Single {
     }
     fn world(&self) -> usize {
         1
-    }
-    fn launcher(&self) -> Launcher {
-        Launcher::None
     }
     fn all_reduce_sum(&self, _: &mut [f32]) -> Result<()> {
         Ok(())

@@ -11,7 +11,7 @@ use mpi::traits::*;
 use mpi::Threading;
 
 use crate::error::{Error, Result};
-use crate::launch::{Launch, Launcher};
+use crate::launch::Launch;
 use crate::watchdog::Watchdog;
 use crate::Communicator;
 
@@ -20,7 +20,6 @@ pub struct Mpi {
     world: Mutex<SimpleCommunicator>,
     rank: usize,
     size: usize,
-    launcher: Launcher,
     watchdog: Watchdog,
     /// Finalises MPI when dropped (after `world`, declared above it).
     _universe: Universe,
@@ -51,7 +50,7 @@ impl Mpi {
             )));
         }
         let watchdog = Watchdog::new(rank, timeout);
-        Ok(Self { world: Mutex::new(world), rank, size, launcher: launch.launcher, watchdog, _universe: universe })
+        Ok(Self { world: Mutex::new(world), rank, size, watchdog, _universe: universe })
     }
 
     /// Runs `f` on the world communicator, watched as the collective `what`.
@@ -72,10 +71,6 @@ impl Communicator for Mpi {
 
     fn world(&self) -> usize {
         self.size
-    }
-
-    fn launcher(&self) -> Launcher {
-        self.launcher
     }
 
     fn all_reduce_sum(&self, data: &mut [f32]) -> Result<()> {

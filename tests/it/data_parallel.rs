@@ -51,27 +51,48 @@ fn train(dir: &Path, fused: &Path, ranks: usize, out: &str, sets: &[&str], more:
     launch(dir, ranks, &[("RUST_LOG", "info")], &args)
 }
 
-/// The `fusellm` binary with `args` in `ranks` processes: `mpirun -np ranks` (as root in
-/// CI, on two cores), or a plain process for one rank. One thread per rank, so that the
-/// ranks do not compete for the cores.
+/// The `fusellm` binary with `args` in `ranks` processes: `mpirun -np ranks`, or a plain
+/// process for one rank.
 fn launch(dir: &Path, ranks: usize, env: &[(&str, &str)], args: &[&str]) -> Output {
     let binary = env!("CARGO_BIN_EXE_fusellm");
     let mut command = match ranks {
         1 => Command::new(binary),
         n => {
-            let mut c = Command::new("mpirun");
-            c.args(["-np", &n.to_string(), "--allow-run-as-root", "--oversubscribe"]);
-            // Containers forbid the cross-memory attach of OpenMPI's shared-memory transport.
-            c.args(["--mca", "btl_vader_single_copy_mechanism", "none"]);
-            for (key, _) in env {
-                c.args(["-x", key]);
-            }
+            let mut c = mpirun(n, env);
             c.arg(binary);
             c
         }
     };
-    command.current_dir(dir).args(args).env("RAYON_NUM_THREADS", "1").envs(env.iter().copied());
-    command.output().unwrap_or_else(|e| panic!("starting {:?}: {e} (is OpenMPI installed? see .ci/run)", command))
+    run(command.current_dir(dir).args(args), env)
+}
+
+/// `mpirun -np ranks` as CI runs it: as root, on two cores, passing `env` on. (Containers
+/// forbid the cross-memory attach of OpenMPI's shared-memory transport.)
+fn mpirun(ranks: usize, env: &[(&str, &str)]) -> Command {
+    let mut c = Command::new("mpirun");
+    c.args(["-np", &ranks.to_string(), "--allow-run-as-root", "--oversubscribe"]);
+    c.args(["--mca", "btl_vader_single_copy_mechanism", "none"]);
+    for (key, _) in env {
+        c.args(["-x", key]);
+    }
+    c
+}
+
+/// Runs `command` with `env`, one thread per rank so that the ranks do not compete for
+/// the cores.
+fn run(command: &mut Command, env: &[(&str, &str)]) -> Output {
+    command.env("RAYON_NUM_THREADS", "1").envs(env.iter().copied());
+    command.output().unwrap_or_else(|e| panic!("starting {command:?}: {e} (is OpenMPI installed? see .ci/run)"))
+}
+
+/// `fusellm train --fused <the store> args` on two ranks, each started through the shell
+/// `script` (`"$0" "$@"` is the command; `$OMPI_COMM_WORLD_RANK` tells the ranks apart).
+fn on_two_ranks(script: &str, env: &[(&str, &str)], args: &[&str]) -> Output {
+    let (dir, fused) = fused_experiment();
+    let binary = env!("CARGO_BIN_EXE_fusellm");
+    let mut command = mpirun(2, env);
+    command.current_dir(&dir).args(["sh", "-c", script, binary, "train", "--fused", fused.to_str().unwrap()]);
+    run(command.args(args), env)
 }
 
 fn succeeded(out: &Output) {
@@ -141,33 +162,13 @@ fn a_resumed_run_of_two_ranks_is_bit_identical() {
 
 #[test]
 fn a_rank_that_stops_answering_stops_the_run_within_the_timeout() {
-    let (dir, fused) = fused_experiment();
-    let fused = fused.to_str().unwrap();
     // Rank 1 is frozen (SIGSTOP) three seconds in, in the middle of a long run; rank 0 then
     // waits in a collective until the timeout and stops, and mpirun ends the job.
     let script = r#"if [ "$OMPI_COMM_WORLD_RANK" = 1 ]; then (sleep 3; kill -STOP $$) & fi; exec "$0" "$@""#;
-    let binary = env!("CARGO_BIN_EXE_fusellm");
-    let args = ["-c", script, binary, "train", "--config", "run.toml", "--fused", fused, "--out", "stall"];
     let sets = ["--set", "train.steps=100000", "--set", "train.seq_len=32", "--set", "train.checkpoint_every=100000"];
     let started = std::time::Instant::now();
-    let mut command = Command::new("mpirun");
-    command
-        .current_dir(&dir)
-        .args([
-            "-np",
-            "2",
-            "--allow-run-as-root",
-            "--oversubscribe",
-            "--mca",
-            "btl_vader_single_copy_mechanism",
-            "none",
-        ])
-        .args(["-x", "FUSELLM_COLLECTIVE_TIMEOUT_S", "sh"])
-        .args(args)
-        .args(sets)
-        .env("RAYON_NUM_THREADS", "1")
-        .env("FUSELLM_COLLECTIVE_TIMEOUT_S", "4");
-    let out = command.output().expect("mpirun (is OpenMPI installed? see .ci/run)");
+    let args = [&["--config", "run.toml", "--out", "stall"][..], &sets].concat();
+    let out = on_two_ranks(script, &[("FUSELLM_COLLECTIVE_TIMEOUT_S", "4")], &args);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "the run went on: {stderr}");
     assert!(stderr.contains("rank 0: the") && stderr.contains("for the other ranks"), "{stderr}");
@@ -176,27 +177,10 @@ fn a_rank_that_stops_answering_stops_the_run_within_the_timeout() {
 
 #[test]
 fn an_error_on_one_rank_stops_every_rank_with_that_error() {
-    let (dir, fused) = fused_experiment();
     // Rank 1 alone is given a config that does not exist.
     let script =
         r#"c=run.toml; if [ "$OMPI_COMM_WORLD_RANK" = 1 ]; then c=/nonexistent.toml; fi; exec "$0" "$@" --config $c"#;
-    let binary = env!("CARGO_BIN_EXE_fusellm");
-    let fused = fused.to_str().unwrap();
-    let out = Command::new("mpirun")
-        .current_dir(&dir)
-        .args([
-            "-np",
-            "2",
-            "--allow-run-as-root",
-            "--oversubscribe",
-            "--mca",
-            "btl_vader_single_copy_mechanism",
-            "none",
-        ])
-        .args(["sh", "-c", script, binary, "train", "--out", "error", "--fused", fused])
-        .env("RAYON_NUM_THREADS", "1")
-        .output()
-        .expect("mpirun (is OpenMPI installed? see .ci/run)");
+    let out = on_two_ranks(script, &[], &["--out", "error"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(stderr.contains("error: rank 1 of 2:") && stderr.contains("/nonexistent.toml"), "{stderr}");
@@ -204,25 +188,8 @@ fn an_error_on_one_rank_stops_every_rank_with_that_error() {
 
 #[test]
 fn ranks_with_other_settings_are_refused() {
-    let (dir, fused) = fused_experiment();
     let script = r#"if [ "$OMPI_COMM_WORLD_RANK" = 1 ]; then set -- "$@" --set train.lr=0.5; fi; exec "$0" "$@""#;
-    let binary = env!("CARGO_BIN_EXE_fusellm");
-    let fused = fused.to_str().unwrap();
-    let out = Command::new("mpirun")
-        .current_dir(&dir)
-        .args([
-            "-np",
-            "2",
-            "--allow-run-as-root",
-            "--oversubscribe",
-            "--mca",
-            "btl_vader_single_copy_mechanism",
-            "none",
-        ])
-        .args(["sh", "-c", script, binary, "train", "--config", "run.toml", "--out", "disagree", "--fused", fused])
-        .env("RAYON_NUM_THREADS", "1")
-        .output()
-        .expect("mpirun (is OpenMPI installed? see .ci/run)");
+    let out = on_two_ranks(script, &[], &["--config", "run.toml", "--out", "disagree"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(stderr.contains("rank 1 trains with other settings or other data than rank 0"), "{stderr}");
