@@ -45,9 +45,10 @@ pub struct PrecomputeArgs {
     /// Padded tokens per forward pass.
     #[arg(long, default_value_t = 4096)]
     batch_tokens: usize,
-    /// This worker's slice, `i/N`: the shards s with s % N == i.
-    #[arg(long, default_value = "0/1")]
-    shard: String,
+    /// This worker's slice, `i/N`: the shards s with s % N == i. Under a launcher (mpirun,
+    /// srun, torchrun) of N ranks, rank i takes slice i/N without it.
+    #[arg(long)]
+    shard: Option<String>,
     #[command(flatten)]
     open: ModelArgs,
 }
@@ -66,7 +67,15 @@ pub enum StoreCommand {
 }
 
 pub fn run_precompute(args: PrecomputeArgs) -> Result<()> {
-    let worker = parse_worker(&args.shard)?;
+    let launch = fusellm_dist::Launch::from_env()?;
+    let worker = match (&args.shard, launch.world) {
+        (None, _) => (launch.rank, launch.world),
+        (Some(spec), 1) => parse_worker(spec)?,
+        (Some(spec), n) => anyhow::bail!(
+            "--shard {spec} under {} with {n} ranks: each rank takes its slice from its rank; give --shard or start ranks, not both",
+            launch.launcher.name()
+        ),
+    };
     let registry = args.open.plugins.registry()?;
     let checkpoint = args.open.open(&registry, &args.model)?;
     let device = args.open.device()?;

@@ -243,3 +243,39 @@ fn zero_stage_1_trains_as_plain_data_parallelism() {
     succeeded(&train(&dir, &fused, 1, "moved", &zero, &["--resume"]));
     assert!(dir.join("moved").join(last).join("model.safetensors").exists());
 }
+
+/// `fusellm precompute` under `mpirun -np 2`: each rank fills the shards of its rank (as
+/// `--shard i/2` would), and the store is the one a single process writes, byte for byte;
+/// `--shard` beside a multi-rank launch is refused.
+#[test]
+fn precompute_takes_its_shard_from_the_rank() {
+    let (dir, _) = fused_experiment();
+    let split = std::fs::read_dir(dir.join("out/cache"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("split-"))
+        .expect("the run's split");
+    let (pieces, model) = (split.join("pieces.jsonl"), fixtures::model_dir("tiny-llama2"));
+    let store = |ranks: usize, out: &str, more: &[&str]| {
+        let (model, pieces) = (model.to_str().unwrap(), pieces.to_str().unwrap());
+        let args = [&["precompute", "--model", model, "--corpus", pieces, "--docs-per-shard", "4", "--out", out], more]
+            .concat();
+        launch(&dir, ranks, &[], &args)
+    };
+    succeeded(&store(1, "stores/one", &[]));
+    succeeded(&store(2, "stores/two", &[]));
+    let files = |out: &str| {
+        let mut names: Vec<_> = std::fs::read_dir(dir.join(out)).unwrap().map(|e| e.unwrap().file_name()).collect();
+        names.sort();
+        names
+    };
+    assert!(files("stores/one").len() > 3, "{:?}", files("stores/one"));
+    assert_eq!(files("stores/one"), files("stores/two"));
+    for name in files("stores/one") {
+        let read = |out: &str| std::fs::read(dir.join(out).join(&name)).unwrap();
+        assert!(read("stores/one") == read("stores/two"), "{name:?} differs");
+    }
+    let both = store(2, "stores/both", &["--shard", "0/2"]);
+    let stderr = String::from_utf8_lossy(&both.stderr);
+    assert!(!both.status.success() && stderr.contains("give --shard or start ranks, not both"), "{stderr}");
+}
