@@ -281,14 +281,22 @@ pub struct TrainArgs {
 /// rank stops them all with that rank's error.
 pub fn train(args: TrainArgs) -> Result<()> {
     let comm = fusellm_dist::join(&fusellm_dist::Launch::from_env()?)?;
-    let result = train_on(&*comm, args);
-    if let Err(e) = &result {
-        if comm.world() > 1 {
+    if comm.world() == 1 {
+        return train_on(&*comm, args);
+    }
+    // A panic too stops every rank at once (unwinding would finalise MPI and leave the
+    // others waiting for the timeout); the panic message is already on stderr.
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| train_on(&*comm, args))) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => {
             eprintln!("error: rank {} of {}: {e:#}", comm.rank(), comm.world());
-            comm.abort(2);
+            comm.abort(2)
+        }
+        Err(_) => {
+            eprintln!("error: rank {} of {} panicked", comm.rank(), comm.world());
+            comm.abort(2)
         }
     }
-    result
 }
 
 fn train_on(comm: &dyn fusellm_dist::Communicator, args: TrainArgs) -> Result<()> {

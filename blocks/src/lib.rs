@@ -276,14 +276,19 @@ impl Transformer {
         let softcap = self.spec.final_softcap;
         let losses = objective.losses_at_head(self.kernels, &hidden, &self.head, softcap, batch)?;
         let mut grads = (&losses.total / divisor)?.backward()?;
-        let mut g = grads.remove(top.as_tensor()).ok_or_else(|| Error::msg("the loss does not reach the blocks"))?;
+        // Gradients are values here: candle leaves a graph on the gradients of leaves where an
+        // op's backward is made of differentiable ops, and carrying it into the next
+        // block's backward would add terms (and keep every block's tensors alive).
+        let mut g =
+            grads.remove(top.as_tensor()).ok_or_else(|| Error::msg("the loss does not reach the blocks"))?.detach();
         for ((block, ctx), input) in self.blocks.iter().zip(&contexts).zip(inputs).rev() {
             let input = Var::from_tensor(&input)?;
             let out = block.forward(input.as_tensor().clone(), ctx, self.spec.residual)?;
             let mut step = (out * &g)?.sum_all()?.backward()?;
             g = step
                 .remove(input.as_tensor())
-                .ok_or_else(|| Error::msg("a block's output does not depend on its input"))?;
+                .ok_or_else(|| Error::msg("a block's output does not depend on its input"))?
+                .detach();
             self.add_grads(&mut grads, &step)?;
         }
         let step = (self.embedded(&ids)? * &g)?.sum_all()?.backward()?;
@@ -296,8 +301,8 @@ impl Transformer {
         for (_, var) in &self.vars {
             if let Some(g) = more.get(var) {
                 let sum = match grads.get(var) {
-                    Some(have) => (have + g)?,
-                    None => g.clone(),
+                    Some(have) => (have.detach() + g.detach())?,
+                    None => g.detach(),
                 };
                 grads.insert(var, sum);
             }

@@ -12,7 +12,8 @@ pub enum Launcher {
     None,
     /// `mpirun`/`mpiexec` of OpenMPI (`OMPI_COMM_WORLD_*`) or MPICH (`PMI_*`).
     Mpi,
-    /// Slurm's `srun` (`SLURM_PROCID`, `SLURM_NTASKS`).
+    /// Slurm's `srun` (`SLURM_PROCID`, `SLURM_STEP_NUM_TASKS`: a batch script outside any
+    /// `srun` step also sees `SLURM_PROCID`, and is one plain process).
     Slurm,
     /// `torchrun` and the launchers that copy its variables.
     Torchrun,
@@ -46,7 +47,7 @@ const VARIABLES: [(Launcher, [&str; 3]); 4] = [
     (Launcher::Mpi, ["OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"]),
     (Launcher::Mpi, ["PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"]),
     (Launcher::Torchrun, ["RANK", "WORLD_SIZE", "LOCAL_RANK"]),
-    (Launcher::Slurm, ["SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"]),
+    (Launcher::Slurm, ["SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID"]),
 ];
 
 impl Launch {
@@ -64,9 +65,10 @@ impl Launch {
     /// is set wins, in the order mpirun, torchrun, srun (an `mpirun` or `torchrun` inside a
     /// Slurm allocation also sees Slurm's variables).
     pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self> {
-        let Some((launcher, [rank_var, world_var, local_var])) =
-            VARIABLES.into_iter().find(|(_, [rank, ..])| var(rank).is_some())
-        else {
+        let launched = |(launcher, [rank, world, _]): &(Launcher, [&str; 3])| {
+            var(rank).is_some() && (*launcher != Launcher::Slurm || var(world).is_some())
+        };
+        let Some((launcher, [rank_var, world_var, local_var])) = VARIABLES.into_iter().find(launched) else {
             return Ok(Self::single());
         };
         let number = |name: &str, required: bool| -> Result<Option<usize>> {
@@ -123,14 +125,16 @@ mod tests {
         assert_eq!(launch(&[]).unwrap(), Launch::single());
         let mpi = launch(&[("OMPI_COMM_WORLD_RANK", "1"), ("OMPI_COMM_WORLD_SIZE", "2")]).unwrap();
         assert_eq!((mpi.launcher, mpi.rank, mpi.world, mpi.local_rank), (Launcher::Mpi, 1, 2, 0));
-        let slurm = launch(&[("SLURM_PROCID", "3"), ("SLURM_NTASKS", "4"), ("SLURM_LOCALID", "1")]).unwrap();
+        let slurm = launch(&[("SLURM_PROCID", "3"), ("SLURM_STEP_NUM_TASKS", "4"), ("SLURM_LOCALID", "1")]).unwrap();
         assert_eq!((slurm.launcher, slurm.rank, slurm.world, slurm.local_rank), (Launcher::Slurm, 3, 4, 1));
         let torch = [("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "node1"), ("MASTER_PORT", "29500")];
         let torch = launch(&torch).unwrap();
         assert_eq!((torch.launcher, torch.master.as_deref()), (Launcher::Torchrun, Some("node1:29500")));
-        // mpirun inside a Slurm allocation is an MPI launch.
+        // mpirun inside a Slurm allocation is an MPI launch; a batch script outside an srun
+        // step is one process.
         let both = launch(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "1"), ("PMI_RANK", "1"), ("PMI_SIZE", "2")]);
         assert_eq!(both.unwrap().launcher, Launcher::Mpi);
+        assert_eq!(launch(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "4")]).unwrap(), Launch::single());
     }
 
     #[test]
@@ -141,6 +145,7 @@ mod tests {
         assert!(error(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_PORT", "1")]).contains("MASTER_ADDR is not"));
         let port = [("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "a"), ("MASTER_PORT", "x")];
         assert!(error(&port).contains("MASTER_PORT=x is not a port"));
-        assert!(error(&[("SLURM_PROCID", "one"), ("SLURM_NTASKS", "2")]).contains("SLURM_PROCID=one is not a number"));
+        let slurm = [("SLURM_PROCID", "one"), ("SLURM_STEP_NUM_TASKS", "2")];
+        assert!(error(&slurm).contains("SLURM_PROCID=one is not a number"));
     }
 }

@@ -8,7 +8,7 @@ use crate::common::{fixtures, fusellm_in};
 use candle_core::{DType, Device, Tensor};
 use fusellm_core::checkpoint::Checkpoint;
 use fusellm_core::model::loss::{LossBatch, Objective};
-use fusellm_core::model::{LoadMode, Transformer};
+use fusellm_core::model::{Kernels, LoadMode, Transformer};
 use fusellm_core::plugins::Registry;
 use fusellm_sdk::{CheckpointFiles, PluginKind};
 
@@ -84,28 +84,32 @@ fn every_family_trains_in_every_parameter_and_the_fused_step_equals_the_composed
 
 /// Activation checkpointing (each block recomputed in the backward) gives every family the
 /// gradients of the whole graph: every parameter's within 1e-6 of its largest entry, at
-/// the same loss; padding, windows and the fused target included.
+/// the same loss; padding, windows and the fused target included; with the fused kernels
+/// and with candle's compositions (whose gradients carry graphs of their own, as on CUDA).
 #[test]
 fn checkpointed_activations_give_every_family_the_same_gradients() {
     let objective = Objective { lambda: 0.9, ..Default::default() };
-    for name in FAMILIES {
+    for (name, kernels) in FAMILIES.iter().flat_map(|&n| [(n, Kernels::Fused), (n, Kernels::Composed)]) {
         let checkpoint = checkpoint(name);
         let mut batch = batch(checkpoint.spec.vocab_size);
         // The last four positions of the second row are padding.
         for t in batch.len * 2 - 4..batch.len * 2 {
             (batch.keep[t], batch.clm_weight[t], batch.clm_weight[t - 1]) = (0, 0.0, 0.0);
         }
-        let model = checkpoint.load_model(LoadMode::Trainable, DType::F32, &Device::Cpu).unwrap();
+        let model = checkpoint.load_model(LoadMode::Trainable, DType::F32, &Device::Cpu).unwrap().with_kernels(kernels);
         let (whole, whole_grads) = model.gradients(&batch, &objective, 2.0, false).unwrap();
         let (again, grads) = model.gradients(&batch, &objective, 2.0, true).unwrap();
         let scalar = |t: &Tensor| t.to_scalar::<f32>().unwrap();
-        assert_eq!(scalar(&whole.total), scalar(&again.total), "{name}: the loss");
+        assert_eq!(scalar(&whole.total), scalar(&again.total), "{name} ({kernels:?}): the loss");
         for (param, var) in model.vars() {
             let (a, b) = (whole_grads.get(var).unwrap(), grads.get(var));
-            let b = b.unwrap_or_else(|| panic!("{name}: `{param}` gets no gradient when checkpointed"));
+            let b = b.unwrap_or_else(|| panic!("{name} ({kernels:?}): `{param}` gets no gradient when checkpointed"));
             let scale = max_abs(&a.to_dtype(DType::F64).unwrap());
             let diff = max_abs(&(a - b).unwrap().to_dtype(DType::F64).unwrap());
-            assert!(scale > 0.0 && diff <= 1e-6 * scale, "{name}: `{param}` differs by {diff} (largest {scale})");
+            assert!(
+                scale > 0.0 && diff <= 1e-6 * scale,
+                "{name} ({kernels:?}): `{param}` differs by {diff} (largest {scale})"
+            );
         }
     }
 }

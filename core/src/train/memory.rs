@@ -5,6 +5,7 @@
 //! master weights below f32, that is K = 12 bytes per parameter in mixed precision),
 //! activations as the tensors a transformer block keeps for its backward.
 
+use fusellm_sdk::adapter::{NormKind, Positions};
 use fusellm_sdk::ModelSpec;
 
 use super::TrainConfig;
@@ -44,9 +45,17 @@ pub fn parameters(spec: &ModelSpec) -> u64 {
     let i = spec.mlp.hidden as u64;
     let projections = if spec.mlp.kind.gated() { 3 } else { 2 };
     let mlp = projections * h * i + if spec.mlp.bias { (projections - 1) * i + h } else { 0 };
-    let norms = if spec.post_norms { 4 } else { 2 } * h;
+    let norm = match spec.norm {
+        NormKind::LayerNorm { bias: true, .. } => 2 * h,
+        _ => h,
+    };
+    let norms = if spec.post_norms { 4 } else { 2 } * norm + if a.qk_norm { 2 * a.head_dim as u64 } else { 0 };
     let embeddings = spec.vocab_size as u64 * h * if spec.tied_embeddings { 1 } else { 2 };
-    embeddings + spec.layers as u64 * (attention + mlp + norms) + h
+    let positions = match spec.positions {
+        Positions::Learned => spec.max_positions as u64 * h,
+        _ => 0,
+    };
+    embeddings + positions + spec.layers as u64 * (attention + mlp + norms) + norm
 }
 
 /// The memory per device of training `spec` as `train` says, laid out as `layout` says.

@@ -160,10 +160,12 @@ impl Trainer<'_> {
         }
         let comm = self.comm;
         data.set_rank(comm.rank(), comm.world());
-        parallel::agree(comm, &self.config, data)?;
+        parallel::agree(comm, &self.config, vars, data)?;
+        // Before the optimizer copies master weights from them.
+        parallel::broadcast_weights(comm, vars)?;
         let mut optimizer = RankOptimizer::new(comm, vars, &self.config)?;
         let mut state = self.start(resume, &mut optimizer)?;
-        parallel::broadcast_weights(comm, vars)?;
+        parallel::same_step(comm, state.step)?;
         let lead = comm.rank() == 0;
         let mut log = lead.then(|| metrics::Log::open(&self.run_dir, state.step)).transpose()?;
         let end = stop_at.unwrap_or(self.config.steps).min(self.config.steps);

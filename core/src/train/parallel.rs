@@ -23,13 +23,18 @@ use crate::model::loss::Counts;
 /// than one per tensor (64 MiB of f32).
 const BUCKET: usize = 1 << 24;
 
-/// Refuses ranks that do not run the same training: the hash of the training settings and
-/// of the data's token ids must be rank 0's on every rank.
-pub fn agree(comm: &dyn Communicator, config: &TrainConfig, data: &Dataset) -> Result<()> {
+/// Refuses ranks that do not run the same training: the hash of the training settings (the
+/// ZeRO stage and checkpointing too, which decide the collectives), of the parameters'
+/// names and shapes, and of the data's token ids must be rank 0's on every rank.
+pub fn agree(comm: &dyn Communicator, config: &TrainConfig, vars: &[(String, Var)], data: &Dataset) -> Result<()> {
     if comm.world() == 1 {
         return Ok(());
     }
     let mut bytes = serde_json::to_vec(config).expect("JSON");
+    bytes.extend([config.zero, u8::from(config.checkpoint_activations)]);
+    for (name, var) in vars {
+        bytes.extend(format!("{name}{:?};", var.dims()).into_bytes());
+    }
     for ids in data.ids() {
         bytes.extend((ids.len() as u64).to_le_bytes());
         bytes.extend(ids.iter().flat_map(|id| id.to_le_bytes()));
@@ -41,6 +46,19 @@ pub fn agree(comm: &dyn Communicator, config: &TrainConfig, data: &Dataset) -> R
         Some(rank) => Err(Error::msg(format!(
             "rank {rank} trains with other settings or other data than rank 0 (their hashes {:016x} and {:016x}); start every rank with the same config and the same fused store",
             hashes[rank], hashes[0]
+        ))),
+    }
+}
+
+/// Refuses ranks that start from different steps (a run folder that is not the same one on
+/// every rank: each would resume, or not, on its own).
+pub fn same_step(comm: &dyn Communicator, step: u64) -> Result<()> {
+    let steps = comm.all_gather_u64(step)?;
+    match steps.iter().position(|&s| s != steps[0]) {
+        None => Ok(()),
+        Some(rank) => Err(Error::msg(format!(
+            "rank {rank} starts at step {}, rank 0 at step {}: the run folder must be one folder that every rank sees (a shared file system)",
+            steps[rank], steps[0]
         ))),
     }
 }
@@ -206,7 +224,7 @@ impl RankOptimizer {
                 };
                 comm.broadcast(&mut values, root)?;
                 if comm.rank() == 0 {
-                    all.insert(key, Tensor::from_vec(values, var.shape(), var.device())?);
+                    all.insert(key, Tensor::from_vec(values, var.shape(), &candle_core::Device::Cpu)?);
                 }
             }
         }

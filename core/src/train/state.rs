@@ -127,8 +127,9 @@ pub fn load_weights(dir: &Path, model: &Transformer, optimizer: &mut RankOptimiz
         var.set(&saved.to_dtype(var.dtype())?)
             .context(|| format!("{}: `{name}` does not fit the model", dir.display()))?;
     }
+    // On the host: a rank keeps only its share of it on the device (ZeRO).
     let moments: HashMap<String, candle_core::Tensor> =
-        candle_core::safetensors::load(dir.join("optimizer.safetensors"), device)
+        candle_core::safetensors::load(dir.join("optimizer.safetensors"), &candle_core::Device::Cpu)
             .context(|| format!("reading the optimizer state of {}", dir.display()))?;
     optimizer.restore(moments, step)
 }
