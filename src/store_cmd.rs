@@ -78,7 +78,11 @@ pub fn run_precompute(args: PrecomputeArgs) -> Result<()> {
     };
     let registry = args.open.plugins.registry()?;
     let checkpoint = args.open.open(&registry, &args.model)?;
-    let device = args.open.device()?;
+    let device = fusellm_core::device::parse(&fusellm_core::device::for_rank(
+        &args.open.device,
+        launch.local_rank,
+        launch.world,
+    ))?;
     let options = Options {
         k: args.k,
         half: matches!(args.dtype, LogprobDtype::F16),

@@ -28,6 +28,8 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 pub trait Communicator: Send + Sync {
     fn rank(&self) -> usize;
     fn world(&self) -> usize;
+    /// The rank among the processes of this machine: which device it takes.
+    fn local_rank(&self) -> usize;
     /// Sums `data` element-wise over the ranks; every rank receives the sum.
     fn all_reduce_sum(&self, data: &mut [f32]) -> Result<()>;
     /// As [`Communicator::all_reduce_sum`], in f64 (counts and loss parts, exactly).
@@ -51,6 +53,9 @@ impl Communicator for Single {
     }
     fn world(&self) -> usize {
         1
+    }
+    fn local_rank(&self) -> usize {
+        0
     }
     fn all_reduce_sum(&self, _: &mut [f32]) -> Result<()> {
         Ok(())

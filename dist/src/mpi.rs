@@ -20,6 +20,7 @@ pub struct Mpi {
     world: Mutex<SimpleCommunicator>,
     rank: usize,
     size: usize,
+    local_rank: usize,
     watchdog: Watchdog,
     /// Finalises MPI when dropped (after `world`, declared above it).
     _universe: Universe,
@@ -50,7 +51,8 @@ impl Mpi {
             )));
         }
         let watchdog = Watchdog::new(rank, timeout);
-        Ok(Self { world: Mutex::new(world), rank, size, watchdog, _universe: universe })
+        let local_rank = launch.local_rank;
+        Ok(Self { world: Mutex::new(world), rank, size, local_rank, watchdog, _universe: universe })
     }
 
     /// Runs `f` on the world communicator, watched as the collective `what`.
@@ -71,6 +73,10 @@ impl Communicator for Mpi {
 
     fn world(&self) -> usize {
         self.size
+    }
+
+    fn local_rank(&self) -> usize {
+        self.local_rank
     }
 
     fn all_reduce_sum(&self, data: &mut [f32]) -> Result<()> {

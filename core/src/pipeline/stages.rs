@@ -222,7 +222,8 @@ impl<'a> Stage for Train<'a> {
 
     fn run(self, out: &Path, events: &mut dyn FnMut(Event)) -> Result<crate::train::Summary> {
         let train = self.train()?;
-        let device = crate::device::parse(&self.config.run.device)?;
+        let (local_rank, ranks) = (self.comm.local_rank(), self.comm.world());
+        let device = crate::device::parse(&crate::device::for_rank(&self.config.run.device, local_rank, ranks))?;
         let model = self.target.load_model(LoadMode::Trainable, train.precision.dtype(), &device)?;
         let mut data = Dataset::new(self.docs, train.batching)?;
         let base = self.target.dir.clone();
