@@ -4,6 +4,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use mpi::collective::SystemOperation;
+use mpi::datatype::Equivalence;
 use mpi::environment::Universe;
 use mpi::topology::Communicator as _;
 use mpi::topology::SimpleCommunicator;
@@ -63,6 +64,17 @@ impl Mpi {
     }
 }
 
+impl Mpi {
+    /// Sums `data` over the ranks, piece by piece.
+    fn sum<T: Equivalence + Clone>(&self, data: &mut [T]) -> Result<()> {
+        for piece in data.chunks_mut(PIECE) {
+            let send = piece.to_vec();
+            self.call("all-reduce", |w| w.all_reduce_into(&send[..], piece, SystemOperation::sum()));
+        }
+        Ok(())
+    }
+}
+
 /// MPI counts are C ints: buffers are cut into pieces that fit.
 const PIECE: usize = 1 << 28;
 
@@ -80,19 +92,11 @@ impl Communicator for Mpi {
     }
 
     fn all_reduce_sum(&self, data: &mut [f32]) -> Result<()> {
-        for piece in data.chunks_mut(PIECE) {
-            let send = piece.to_vec();
-            self.call("all-reduce", |w| w.all_reduce_into(&send[..], piece, SystemOperation::sum()));
-        }
-        Ok(())
+        self.sum(data)
     }
 
     fn all_reduce_sum_f64(&self, data: &mut [f64]) -> Result<()> {
-        for piece in data.chunks_mut(PIECE) {
-            let send = piece.to_vec();
-            self.call("all-reduce", |w| w.all_reduce_into(&send[..], piece, SystemOperation::sum()));
-        }
-        Ok(())
+        self.sum(data)
     }
 
     fn broadcast(&self, data: &mut [f32], root: usize) -> Result<()> {

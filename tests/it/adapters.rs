@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use crate::common::{dylib, fixtures, registry_of, wasm};
+use crate::common::{dylib, fixtures, registry_of, stage_dir, wasm};
 use candle_core::{DType, Device, Tensor};
 use fusellm_core::align::normalize::{Normalizer, EOS};
 use fusellm_core::checkpoint::Checkpoint;
@@ -248,11 +248,7 @@ fn a_target_of_a_third_party_adapter_trains_and_is_evaluated_with_it() {
     let rows = record["eval"].as_array().unwrap();
     assert!(rows.iter().any(|r| r["model"] == "trained" && r["bits_per_byte"].as_f64().is_some_and(f64::is_finite)));
 
-    let fused = std::fs::read_dir(neox.join("out/cache"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("fuse-"))
-        .expect("the run's fused store");
+    let fused = stage_dir(&neox, "fuse");
     let out = fusellm_in(
         &neox,
         &[

@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 
 use candle_core::{Device, Tensor};
 
-use crate::common::{fixtures, fusellm_in, write_experiment};
+use crate::common::{fixtures, fusellm_in, stage_dir, write_experiment};
 
 /// An experiment folder with a fused store (one run of `fusellm run` that the tests share,
 /// each training into a folder of its own), and the store.
@@ -31,11 +31,7 @@ fn make_experiment() -> (PathBuf, PathBuf) {
     write_experiment(&dir, &models, 1);
     let out = fusellm_in(&dir, &["run", "run.toml"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let fused = std::fs::read_dir(dir.join("out/cache"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("fuse-"))
-        .expect("the run's fused store");
+    let fused = stage_dir(&dir, "fuse");
     (dir, fused)
 }
 
@@ -250,11 +246,7 @@ fn zero_stage_1_trains_as_plain_data_parallelism() {
 #[test]
 fn precompute_takes_its_shard_from_the_rank() {
     let (dir, _) = fused_experiment();
-    let split = std::fs::read_dir(dir.join("out/cache"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("split-"))
-        .expect("the run's split");
+    let split = stage_dir(&dir, "split");
     let (pieces, model) = (split.join("pieces.jsonl"), fixtures::model_dir("tiny-llama2"));
     let store = |ranks: usize, out: &str, more: &[&str]| {
         let (model, pieces) = (model.to_str().unwrap(), pieces.to_str().unwrap());

@@ -37,10 +37,15 @@ pub struct Layout {
 /// The logits the fused head and loss hold at once: one chunk of at most 32 MB.
 const HEAD_CHUNK: u64 = 32 << 20;
 
+/// The widths of a block: the hidden size, the queries', the keys' (as the values').
+fn widths(spec: &ModelSpec) -> (u64, u64, u64) {
+    let a = &spec.attention;
+    (spec.hidden as u64, (a.heads * a.head_dim) as u64, (a.kv_heads * a.head_dim) as u64)
+}
+
 /// The parameters of `spec` (weights and biases of the projections, embeddings, norms).
 pub fn parameters(spec: &ModelSpec) -> u64 {
-    let (h, a) = (spec.hidden as u64, &spec.attention);
-    let (q, kv) = ((a.heads * a.head_dim) as u64, (a.kv_heads * a.head_dim) as u64);
+    let ((h, q, kv), a) = (widths(spec), &spec.attention);
     let attention = h * (q + 2 * kv) + q * h + if a.bias.qkv { q + 2 * kv } else { 0 } + if a.bias.out { h } else { 0 };
     let i = spec.mlp.hidden as u64;
     let projections = if spec.mlp.kind.gated() { 3 } else { 2 };
@@ -84,8 +89,7 @@ pub fn estimate(spec: &ModelSpec, train: &TrainConfig, layout: Layout) -> Estima
 /// outputs, Q, K and V, the attention probabilities (one per head and key), the attention
 /// output, and the MLP's projections and activation.
 fn block_elements(spec: &ModelSpec, seq_len: usize) -> u64 {
-    let (h, a) = (spec.hidden as u64, &spec.attention);
-    let (q, kv) = ((a.heads * a.head_dim) as u64, (a.kv_heads * a.head_dim) as u64);
+    let ((h, q, kv), a) = (widths(spec), &spec.attention);
     let i = spec.mlp.hidden as u64;
     let mlp = if spec.mlp.kind.gated() { 3 * i } else { 2 * i };
     4 * h + q + 2 * kv + (a.heads * seq_len) as u64 + q + mlp

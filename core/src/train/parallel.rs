@@ -40,12 +40,10 @@ pub fn agree(comm: &dyn Communicator, config: &TrainConfig, vars: &[(String, Var
         bytes.extend(ids.iter().flat_map(|id| id.to_le_bytes()));
     }
     let hash = u64::from_str_radix(&sha256_hex(&bytes)[..16], 16).expect("hex");
-    let hashes = comm.all_gather_u64(hash)?;
-    match hashes.iter().position(|&h| h != hashes[0]) {
+    match unlike_rank_0(comm, hash)? {
         None => Ok(()),
-        Some(rank) => Err(Error::msg(format!(
-            "rank {rank} trains with other settings or other data than rank 0 (their hashes {:016x} and {:016x}); start every rank with the same config and the same fused store",
-            hashes[rank], hashes[0]
+        Some((rank, theirs, ours)) => Err(Error::msg(format!(
+            "rank {rank} trains with other settings or other data than rank 0 (their hashes {theirs:016x} and {ours:016x}); start every rank with the same config and the same fused store"
         ))),
     }
 }
@@ -53,14 +51,18 @@ pub fn agree(comm: &dyn Communicator, config: &TrainConfig, vars: &[(String, Var
 /// Refuses ranks that start from different steps (a run folder that is not the same one on
 /// every rank: each would resume, or not, on its own).
 pub fn same_step(comm: &dyn Communicator, step: u64) -> Result<()> {
-    let steps = comm.all_gather_u64(step)?;
-    match steps.iter().position(|&s| s != steps[0]) {
+    match unlike_rank_0(comm, step)? {
         None => Ok(()),
-        Some(rank) => Err(Error::msg(format!(
-            "rank {rank} starts at step {}, rank 0 at step {}: the run folder must be one folder that every rank sees (a shared file system)",
-            steps[rank], steps[0]
+        Some((rank, theirs, ours)) => Err(Error::msg(format!(
+            "rank {rank} starts at step {theirs}, rank 0 at step {ours}: the run folder must be one folder that every rank sees (a shared file system)"
         ))),
     }
+}
+
+/// The first rank whose `value` is not rank 0's: the rank, its value and rank 0's.
+fn unlike_rank_0(comm: &dyn Communicator, value: u64) -> Result<Option<(usize, u64, u64)>> {
+    let values = comm.all_gather_u64(value)?;
+    Ok(values.iter().position(|&v| v != values[0]).map(|rank| (rank, values[rank], values[0])))
 }
 
 /// Sets every rank's weights to rank 0's.
@@ -68,13 +70,15 @@ pub fn broadcast_weights(comm: &dyn Communicator, vars: &[(String, Var)]) -> Res
     if comm.world() == 1 {
         return Ok(());
     }
-    for (_, var) in vars {
-        let mut values = var.as_tensor().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        comm.broadcast(&mut values, 0)?;
-        let shared = Tensor::from_vec(values, var.shape(), var.device())?.to_dtype(var.dtype())?;
-        var.set(&shared)?;
-    }
-    Ok(())
+    vars.iter().try_for_each(|(_, var)| broadcast_var(comm, var, 0))
+}
+
+/// Sets `var` on every rank to its value on rank `root` (sent as f32, exact for the 16-bit
+/// dtypes).
+fn broadcast_var(comm: &dyn Communicator, var: &Var, root: usize) -> Result<()> {
+    let mut values = var.as_tensor().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    comm.broadcast(&mut values, root)?;
+    Ok(var.set(&Tensor::from_vec(values, var.shape(), var.device())?.to_dtype(var.dtype())?)?)
 }
 
 /// The counts of global micro-batch whose part on this rank has `own` counts.
@@ -161,7 +165,7 @@ impl Shards {
 /// This rank's optimizer: AdamW over the parameters whose state it keeps (all of them, or
 /// its shard under ZeRO stage 1).
 pub struct RankOptimizer {
-    pub adamw: AdamW,
+    adamw: AdamW,
     owned: Vec<(String, Var)>,
     shards: Shards,
 }
@@ -198,9 +202,7 @@ impl RankOptimizer {
         self.adamw.step(&self.owned, grads, grad_scale, lr)?;
         if let Some(owner) = &self.shards.owner {
             for ((_, var), &root) in vars.iter().zip(owner) {
-                let mut values = var.as_tensor().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                comm.broadcast(&mut values, root)?;
-                var.set(&Tensor::from_vec(values, var.shape(), var.device())?.to_dtype(var.dtype())?)?;
+                broadcast_var(comm, var, root)?;
             }
         }
         Ok(())

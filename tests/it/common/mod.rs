@@ -56,6 +56,15 @@ pub fn fusellm_in(dir: &std::path::Path, args: &[&str]) -> std::process::Output 
     std::process::Command::new(env!("CARGO_BIN_EXE_fusellm")).current_dir(dir).args(args).output().expect("run fusellm")
 }
 
+/// The cache folder of stage `stage` (`fuse`, `split`, ...) of the run of `dir`'s run.toml.
+pub fn stage_dir(dir: &std::path::Path, stage: &str) -> PathBuf {
+    std::fs::read_dir(dir.join("out/cache"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with(&format!("{stage}-")))
+        .unwrap_or_else(|| panic!("no {stage} stage in {}", dir.join("out/cache").display()))
+}
+
 /// An experiment in `dir`: a corpus of 24 GSM8K problems, an evaluation set of 8, and
 /// run.toml fusing the `models` (its `[target]` and `[[sources]]` tables) with MinCE at
 /// 128 tokens, then `steps` training steps and evaluation.
