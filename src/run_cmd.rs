@@ -199,14 +199,17 @@ pub fn validate_cmd(args: RunArgs) -> Result<()> {
 /// The estimated memory per device of training the target: alone, and on 8 ranks with and
 /// without ZeRO-1 and activation checkpointing.
 fn print_memory(spec: &fusellm_sdk::ModelSpec, train: &fusellm_core::train::TrainConfig) {
-    use fusellm_core::train::memory::{estimate, parameters, Layout};
+    use fusellm_core::train::memory::{estimate, lora_parameters, parameters, Layout};
     let b = &train.batching;
+    let trained = match &train.lora {
+        Some(lora) => {
+            format!("{} LoRA parameters on {}", count(lora_parameters(spec, &lora.adapter)), count(parameters(spec)))
+        }
+        None => format!("{} parameters", count(parameters(spec))),
+    };
     println!(
-        "  memory per device, training {} parameters in {} at {} x {} tokens per rank (estimated):",
-        count(parameters(spec)),
-        train.precision,
-        b.batch_size,
-        b.seq_len
+        "  memory per device, training {trained} in {} at {} x {} tokens per rank (estimated):",
+        train.precision, b.batch_size, b.seq_len
     );
     let mut table = crate::table::terminal(["ranks", "weights", "gradients", "optimizer", "activations", "total"]);
     let layouts = [(1, 0, false), (1, 0, true), (8, 0, false), (8, 1, false), (8, 1, true)];
@@ -234,7 +237,8 @@ fn print_memory(spec: &fusellm_sdk::ModelSpec, train: &fusellm_core::train::Trai
 fn count(n: u64) -> String {
     match n {
         n if n >= 1_000_000_000 => format!("{:.2}B", n as f64 / 1e9),
-        n => format!("{:.1}M", n as f64 / 1e6),
+        n if n >= 1_000_000 => format!("{:.1}M", n as f64 / 1e6),
+        n => format!("{:.1}k", n as f64 / 1e3),
     }
 }
 

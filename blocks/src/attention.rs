@@ -19,6 +19,8 @@ pub struct Context {
     /// Additive scores bias `[b or 1, h or 1, t, t]`: the causal, padding and window masks,
     /// plus ALiBi where the model uses it.
     pub bias: Tensor,
+    /// Seeds the LoRA adapters' dropout masks in training; `None`: no dropout.
+    pub dropout: Option<u64>,
 }
 
 enum Qkv {
@@ -61,7 +63,7 @@ impl Attention {
 
     /// `x: [b, t, hidden]` -> `[b, t, hidden]`.
     pub fn forward(&self, x: &Tensor, ctx: &Context) -> CandleResult<Tensor> {
-        let (q, k, v) = self.project(x, ctx.kernels)?;
+        let (q, k, v) = self.project(x, ctx)?;
         let (q, k) = match &self.qk_norm {
             Some((q_norm, k_norm)) => {
                 (self.per_head(&q, q_norm, ctx.kernels)?, self.per_head(&k, k_norm, ctx.kernels)?)
@@ -75,7 +77,7 @@ impl Attention {
             bias: &ctx.bias,
             rope: ctx.rope.as_ref().map(|(cos, sin, rot)| (cos, sin, *rot)),
         };
-        self.out.forward(&ctx.kernels.attention(&q, &k, &v, &scores)?, ctx.kernels)
+        self.out.forward(&ctx.kernels.attention(&q, &k, &v, &scores)?, ctx)
     }
 
     /// `norm` applied to each head of `x: [b, t, n * d]`.
@@ -85,12 +87,12 @@ impl Attention {
         norm.forward(&x.reshape((b, t, width / d, d))?, k)?.reshape((b, t, width))
     }
 
-    fn project(&self, x: &Tensor, kernels: Kernels) -> CandleResult<(Tensor, Tensor, Tensor)> {
+    fn project(&self, x: &Tensor, ctx: &Context) -> CandleResult<(Tensor, Tensor, Tensor)> {
         let AttentionSpec { heads: h, kv_heads: kv, head_dim: d, .. } = self.spec;
         let (q, k, v) = match &self.qkv {
-            Qkv::Split { q, k, v } => (q.forward(x, kernels)?, k.forward(x, kernels)?, v.forward(x, kernels)?),
+            Qkv::Split { q, k, v } => (q.forward(x, ctx)?, k.forward(x, ctx)?, v.forward(x, ctx)?),
             Qkv::Fused(qkv) => {
-                let y = qkv.forward(x, kernels)?;
+                let y = qkv.forward(x, ctx)?;
                 if self.spec.qkv == QkvLayout::PerHead {
                     // GPT-NeoX: [b, t, h, 3d], each head's q, k, v side by side.
                     let (b, t, _) = y.dims3()?;

@@ -3,14 +3,17 @@
 use candle_core::{Result as CandleResult, Tensor, D};
 use fusellm_sdk::adapter::{MlpKind, MlpSpec, NormKind};
 
+use super::attention::Context;
+use super::lora::Lora;
 use super::ops::Kernels;
 use super::weights::Weights;
 use crate::error::Result;
 
-/// `x @ w^T + b`, as torch.nn.Linear.
+/// `x @ w^T + b`, as torch.nn.Linear, plus a LoRA adapter's term where one is targeted.
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    lora: Option<Lora>,
 }
 
 impl Linear {
@@ -18,11 +21,16 @@ impl Linear {
     pub fn load(w: &mut Weights, name: &str, layer: Option<usize>, out: usize, inp: usize, bias: bool) -> Result<Self> {
         let weight = w.get(&format!("{name}.weight"), layer, &[out, inp])?;
         let bias = if bias { Some(w.get(&format!("{name}.bias"), layer, &[out])?) } else { None };
-        Ok(Self { weight, bias })
+        let lora = w.adapter(name, layer, (out, inp))?;
+        Ok(Self { weight, bias, lora })
     }
 
-    pub fn forward(&self, x: &Tensor, k: Kernels) -> CandleResult<Tensor> {
-        k.linear(x, &self.weight, self.bias.as_ref())
+    pub fn forward(&self, x: &Tensor, ctx: &Context) -> CandleResult<Tensor> {
+        let y = ctx.kernels.linear(x, &self.weight, self.bias.as_ref())?;
+        match &self.lora {
+            Some(lora) => y + lora.forward(x, ctx.dropout, ctx.kernels)?,
+            None => Ok(y),
+        }
     }
 }
 
@@ -89,12 +97,13 @@ impl Mlp {
         Ok(Self { kind: spec.kind, inputs, down: proj(w, "down", hidden, spec.hidden)? })
     }
 
-    pub fn forward(&self, x: &Tensor, k: Kernels) -> CandleResult<Tensor> {
+    pub fn forward(&self, x: &Tensor, ctx: &Context) -> CandleResult<Tensor> {
+        let k = ctx.kernels;
         let (gate, up) = match &self.inputs {
-            MlpInputs::Up(up) => return self.down.forward(&up.forward(x, k)?.gelu_erf()?, k),
-            MlpInputs::Gated { gate, up } => (gate.forward(x, k)?, up.forward(x, k)?),
+            MlpInputs::Up(up) => return self.down.forward(&up.forward(x, ctx)?.gelu_erf()?, ctx),
+            MlpInputs::Gated { gate, up } => (gate.forward(x, ctx)?, up.forward(x, ctx)?),
             MlpInputs::GateUp(gate_up) => {
-                let y = gate_up.forward(x, k)?;
+                let y = gate_up.forward(x, ctx)?;
                 let half = y.dim(D::Minus1)? / 2;
                 (y.narrow(D::Minus1, 0, half)?, y.narrow(D::Minus1, half, half)?)
             }
@@ -103,6 +112,6 @@ impl Mlp {
             MlpKind::GeGlu => (gate.gelu()? * up)?,
             _ => k.swiglu(&gate, &up)?,
         };
-        self.down.forward(&act, k)
+        self.down.forward(&act, ctx)
     }
 }

@@ -16,6 +16,7 @@ mod gemm;
 pub mod generate;
 mod head_loss;
 mod layers;
+pub mod lora;
 pub mod loss;
 pub mod ops;
 pub mod positions;
@@ -34,6 +35,7 @@ use rayon::prelude::*;
 
 use attention::{Attention, Context};
 use layers::{Mlp, Norm};
+use lora::{AdapterSource, LoraSpec};
 use loss::{LossBatch, Losses, Objective};
 pub use ops::Kernels;
 pub use weights::LoadMode;
@@ -81,7 +83,7 @@ impl Block {
             Some(norms) => which(norms).forward(&y, k),
             None => Ok(y),
         };
-        let mlp = |x: &Tensor| post(self.mlp.forward(&self.mlp_norm.forward(x, k)?, k)?, |n| &n.1);
+        let mlp = |x: &Tensor| post(self.mlp.forward(&self.mlp_norm.forward(x, k)?, ctx)?, |n| &n.1);
         let attn = post(self.attn.forward(&self.attn_norm.forward(&x, k)?, ctx)?, |n| &n.0)?;
         match residual {
             Residual::Sequential => {
@@ -107,6 +109,9 @@ pub struct Transformer {
     head: Tensor,
     device: Device,
     vars: Vec<(String, Var)>,
+    /// The LoRA adapters' spec when the model is adapted: its `vars` are then the
+    /// adapters' only.
+    lora: Option<LoraSpec>,
     kernels: Kernels,
 }
 
@@ -117,6 +122,22 @@ impl Transformer {
         check_dtype(dtype, device)?;
         spec.check().map_err(Error::msg)?;
         Self::build(Weights::open(dir, spec, mode, dtype, device)?)
+    }
+
+    /// The frozen weights of `dir` with LoRA adapters on the projections `lora` targets:
+    /// fresh and trainable from `AdapterSource::Init` (the model's only parameters), or
+    /// frozen from a saved adapter.
+    pub fn load_adapted(
+        dir: &Path,
+        spec: &ModelSpec,
+        lora: &LoraSpec,
+        source: AdapterSource,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        check_dtype(dtype, device)?;
+        spec.check().map_err(Error::msg)?;
+        Self::build(Weights::open(dir, spec, LoadMode::Frozen, dtype, device)?.adapted(lora, source))
     }
 
     /// A freshly initialised, trainable model in `dtype`: matrices N(0, std^2) from `seed`,
@@ -163,7 +184,8 @@ impl Transformer {
             final_norm,
             head,
             device: device.clone(),
-            vars: w.into_vars(),
+            lora: w.lora().cloned(),
+            vars: w.into_vars()?,
             kernels: Kernels::default(),
         })
     }
@@ -181,15 +203,21 @@ impl Transformer {
         Self { kernels, ..self }
     }
 
-    /// The trainable parameters by checkpoint name (empty when loaded frozen).
+    /// The trainable parameters by checkpoint name (empty when loaded frozen; the
+    /// adapters', under PEFT's names, when adapted).
     pub fn vars(&self) -> &[(String, Var)] {
         &self.vars
+    }
+
+    /// The spec of the model's LoRA adapters, if it has them.
+    pub fn lora(&self) -> Option<&LoraSpec> {
+        self.lora.as_ref()
     }
 
     /// Logits `[b, t, vocab]` (f32) for token ids `[b, t]` (u32); `keep: [b, t]` marks
     /// real tokens (1) and padding (0) when sequences are padded.
     pub fn forward(&self, ids: &Tensor, keep: Option<&Tensor>) -> Result<Tensor> {
-        self.logits(&self.hidden(ids, keep)?)
+        self.logits(&self.hidden(ids, keep, None)?)
     }
 
     /// The head's logits (f32) of hidden states, soft-capped where the model caps them.
@@ -220,7 +248,7 @@ impl Transformer {
         }
         let shape = (seqs.len(), len);
         let keep = keep.contains(&0).then(|| Tensor::from_vec(keep, shape, &self.device)).transpose()?;
-        let hidden = self.hidden(&Tensor::from_vec(ids, shape, &self.device)?, keep.as_ref())?.flatten_to(1)?;
+        let hidden = self.hidden(&Tensor::from_vec(ids, shape, &self.device)?, keep.as_ref(), None)?.flatten_to(1)?;
         let (n, vocab) = (hidden.dim(0)?, self.spec.vocab_size);
         let rows = (HOST_CHUNK_ELEMENTS / vocab).max(1);
         let mut mapped: Vec<Option<T>> = Vec::with_capacity(n);
@@ -240,7 +268,8 @@ impl Transformer {
     /// The training losses of `batch`: the forward pass to the final hidden states, then
     /// the head and the objective together ([`Objective::losses_at_head`]).
     pub fn losses(&self, batch: &LossBatch, objective: &Objective) -> Result<Losses> {
-        let hidden = self.hidden(&batch.ids_tensor(&self.device)?, batch.keep_tensor(&self.device)?.as_ref())?;
+        let (ids, keep) = (batch.ids_tensor(&self.device)?, batch.keep_tensor(&self.device)?);
+        let hidden = self.hidden(&ids, keep.as_ref(), batch.dropout_seed)?;
         objective.losses_at_head(self.kernels, &hidden, &self.head, self.spec.final_softcap, batch)
     }
 
@@ -264,7 +293,7 @@ impl Transformer {
         }
         let ids = batch.ids_tensor(&self.device)?;
         self.check_input(&ids, ids.dim(1)?)?;
-        let contexts = self.contexts(ids.dim(1)?, batch.keep_tensor(&self.device)?.as_ref())?;
+        let contexts = self.contexts(ids.dim(1)?, batch.keep_tensor(&self.device)?.as_ref(), batch.dropout_seed)?;
         let mut inputs = Vec::with_capacity(self.blocks.len());
         let mut x = self.embedded(&ids)?.detach();
         for (block, ctx) in self.blocks.iter().zip(&contexts) {
@@ -310,10 +339,11 @@ impl Transformer {
         Ok(())
     }
 
-    /// The final (normalised) hidden states `[b, t, hidden]`, the head's input.
-    fn hidden(&self, ids: &Tensor, keep: Option<&Tensor>) -> Result<Tensor> {
+    /// The final (normalised) hidden states `[b, t, hidden]`, the head's input; LoRA's
+    /// dropout drawn from `dropout` when training.
+    fn hidden(&self, ids: &Tensor, keep: Option<&Tensor>, dropout: Option<u64>) -> Result<Tensor> {
         self.check_input(ids, ids.dim(1)?)?;
-        let contexts = self.contexts(ids.dim(1)?, keep)?;
+        let contexts = self.contexts(ids.dim(1)?, keep, dropout)?;
         let mut x = self.embedded(ids)?;
         for (block, ctx) in self.blocks.iter().zip(&contexts) {
             x = block.forward(x, ctx, self.spec.residual)?;
@@ -359,7 +389,7 @@ impl Transformer {
 
     /// Each layer's context: its mask (causal, padding, window) and positions. Layers that
     /// attend alike share one.
-    fn contexts(&self, t: usize, keep: Option<&Tensor>) -> Result<Vec<Context>> {
+    fn contexts(&self, t: usize, keep: Option<&Tensor>, dropout: Option<u64>) -> Result<Vec<Context>> {
         let mut made: Vec<((Option<usize>, &Positions), Context)> = Vec::new();
         (0..self.spec.layers)
             .map(|i| {
@@ -367,7 +397,7 @@ impl Transformer {
                 if let Some((_, ctx)) = made.iter().find(|(key, _)| *key == layer) {
                     return Ok(ctx.clone());
                 }
-                let ctx = self.context(t, keep, layer.0, layer.1)?;
+                let ctx = self.context(t, keep, layer.0, layer.1, dropout)?;
                 made.push((layer, ctx.clone()));
                 Ok(ctx)
             })
@@ -380,6 +410,7 @@ impl Transformer {
         keep: Option<&Tensor>,
         window: Option<usize>,
         positions: &Positions,
+        dropout: Option<u64>,
     ) -> Result<Context> {
         let mask = positions::attention_mask(t, keep, window, &self.device)?;
         let (rope, bias) = match positions {
@@ -395,7 +426,7 @@ impl Transformer {
             }
             Positions::Learned => (None, mask),
         };
-        Ok(Context { kernels: self.kernels, rope, bias })
+        Ok(Context { kernels: self.kernels, rope, bias, dropout })
     }
 }
 

@@ -34,6 +34,9 @@ pub struct LossBatch {
     /// global batch (data parallelism), so that the ranks' losses sum to the global one;
     /// `None`: this batch's own ([`LossBatch::counts`]).
     pub over: Option<Counts>,
+    /// Seeds the LoRA adapters' dropout masks (training draws one per micro-batch);
+    /// `None`: no dropout.
+    pub dropout_seed: Option<u64>,
 }
 
 /// The positions a batch's means are taken over: those with a CLM target, and those with a
@@ -58,7 +61,7 @@ impl LossBatch {
         let clm_weight = (0..ids.len()).map(|i| if i % len == len - 1 { 0.0 } else { 1.0 }).collect();
         let keep = vec![1; ids.len()];
         let (target_ids, target_probs) = (Vec::new(), Vec::new());
-        Ok(Self { batch, len, ids, keep, clm_weight, k: 0, target_ids, target_probs, over: None })
+        Ok(Self { batch, len, ids, keep, clm_weight, k: 0, target_ids, target_probs, over: None, dropout_seed: None })
     }
 
     /// Adds a sparse target of `k` entries per position (`[batch, len, k]`).

@@ -9,6 +9,7 @@ use fusellm_sdk::ModelSpec;
 use safetensors::tensor::TensorView;
 
 use crate::error::{Error, Result};
+use crate::lora::{AdapterSource, Lora, LoraSpec};
 use fusellm_sdk::rng::Rng;
 
 /// How weights are held.
@@ -47,6 +48,15 @@ pub struct Weights {
     device: Device,
     /// The trainable parameters handed out so far, by checkpoint name.
     vars: Vec<(String, Var)>,
+    /// Low-rank adapters on the projections a LoRA spec targets ([`Weights::adapted`]).
+    adapters: Option<Adapters>,
+}
+
+struct Adapters {
+    spec: LoraSpec,
+    source: AdapterSource,
+    /// The projections' modules seen so far.
+    modules: Vec<String>,
 }
 
 impl Weights {
@@ -57,13 +67,22 @@ impl Weights {
         let files = unsafe { MmapedSafetensors::multi(&files) }
             .map_err(|e| Error::context(format!("reading the weights in {}", dir.display()), e))?;
         let source = Source::Checkpoint { files, dir: dir.to_owned() };
-        Ok(Self { source, spec: spec.clone(), mode, dtype, device: device.clone(), vars: Vec::new() })
+        Ok(Self { source, spec: spec.clone(), mode, dtype, device: device.clone(), vars: Vec::new(), adapters: None })
+    }
+
+    /// These weights frozen, with LoRA adapters on the projections `lora` targets: fresh
+    /// and trainable (their `Var`s are then the only parameters) from `AdapterSource::Init`,
+    /// frozen from a saved adapter.
+    pub fn adapted(self, lora: &LoraSpec, source: AdapterSource) -> Self {
+        let adapters = Some(Adapters { spec: lora.clone(), source, modules: Vec::new() });
+        Self { mode: LoadMode::Frozen, adapters, ..self }
     }
 
     /// A fresh, trainable initialisation from a seed, the same on every platform.
     pub fn random(spec: &ModelSpec, seed: u64, std: f64, dtype: DType, device: &Device) -> Self {
         let source = Source::Random { rng: Rng::new(seed), std };
-        Self { source, spec: spec.clone(), mode: LoadMode::Trainable, dtype, device: device.clone(), vars: Vec::new() }
+        let device = device.clone();
+        Self { source, spec: spec.clone(), mode: LoadMode::Trainable, dtype, device, vars: Vec::new(), adapters: None }
     }
 
     pub fn spec(&self) -> &ModelSpec {
@@ -72,6 +91,11 @@ impl Weights {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// The spec of the LoRA adapters these weights add, if any.
+    pub fn lora(&self) -> Option<&LoraSpec> {
+        self.adapters.as_ref().map(|a| &a.spec)
     }
 
     /// The checkpoint name of block-library tensor `name` (`{i}` replaced by `layer`).
@@ -122,9 +146,44 @@ impl Weights {
         }
     }
 
-    /// The trainable parameters, by checkpoint name (empty when frozen).
-    pub fn into_vars(self) -> Vec<(String, Var)> {
-        self.vars
+    /// The adapter of the projection `name` (of `layer`), `[out, inp]`, if a LoRA spec
+    /// targets it.
+    pub fn adapter(&mut self, name: &str, layer: Option<usize>, (out, inp): (usize, usize)) -> Result<Option<Lora>> {
+        let full = self.checkpoint_name(&format!("{name}.weight"), layer)?;
+        let Some(adapters) = self.adapters.as_mut() else { return Ok(None) };
+        let Some(module) = adapters.spec.targets_module(&full) else {
+            adapters.modules.push(full.trim_end_matches(".weight").to_owned());
+            return Ok(None);
+        };
+        let (lora, tensors) =
+            Lora::make(&adapters.spec, &mut adapters.source, module, (out, inp), self.dtype, &self.device)?;
+        adapters.modules.push(module.to_owned());
+        if !matches!(adapters.source, AdapterSource::Init(_)) {
+            return Ok(Some(lora));
+        }
+        let [(ka, a), (kb, b)] = tensors;
+        let (a, b) = (Var::from_tensor(&a)?, Var::from_tensor(&b)?);
+        let lora = lora.with(a.as_tensor().clone(), b.as_tensor().clone());
+        self.vars.extend([(ka, a), (kb, b)]);
+        Ok(Some(lora))
+    }
+
+    /// The trainable parameters, by checkpoint name (empty when frozen), once every LoRA
+    /// target has matched a projection.
+    pub fn into_vars(self) -> Result<Vec<(String, Var)>> {
+        if let Some(adapters) = &self.adapters {
+            let modules: Vec<&str> = adapters.modules.iter().map(String::as_str).collect();
+            let unmatched = adapters.spec.unmatched(&modules);
+            if !unmatched.is_empty() {
+                let projections: std::collections::BTreeSet<&str> =
+                    modules.iter().filter_map(|m| m.rsplit('.').next()).collect();
+                return Err(Error::msg(format!(
+                    "the LoRA targets {unmatched:?} match no projection of this {} model; its projections are {projections:?}",
+                    self.spec.model_type
+                )));
+            }
+        }
+        Ok(self.vars)
     }
 }
 

@@ -8,6 +8,7 @@ use fusellm_sdk::{CheckpointFiles, HfConfig, ModelSpec, PluginKind};
 
 use crate::error::{Context, Error, Result};
 use crate::files::sha256_hex;
+use crate::model::lora::{AdapterSource, LoraSpec};
 use crate::model::{LoadMode, Transformer};
 use crate::plugins::Registry;
 use crate::store::{read_identity, Identity};
@@ -81,11 +82,62 @@ impl Checkpoint {
         self.load_model(LoadMode::HeadersOnly, DType::F32, &Device::Cpu).map(|_| ())
     }
 
-    /// Loads the weights: frozen (memory-mapped) or trainable.
+    /// Loads the weights: frozen (memory-mapped) or trainable. A folder holding a PEFT
+    /// LoRA adapter and no weights of its own (a LoRA run's checkpoint that was not merged)
+    /// loads as its base with the adapter, frozen.
     pub fn load_model(&self, mode: LoadMode, dtype: DType, device: &Device) -> Result<Transformer> {
-        Ok(Transformer::load(&self.dir, &self.spec, mode, dtype, device)?)
+        let Some((lora, base)) = self.peft_adapter()? else {
+            return Ok(Transformer::load(&self.dir, &self.spec, mode, dtype, device)?);
+        };
+        if mode == LoadMode::Trainable {
+            return Err(Error::msg(format!(
+                "{} holds a LoRA adapter, not a model to train: train from its base ({}) or merge the adapter first ([train.lora] merge = true)",
+                self.dir.display(),
+                base.display()
+            )));
+        }
+        let file = self.dir.join(ADAPTER_WEIGHTS);
+        // SAFETY: mapped read-only, as the weights are (see `Weights::open`).
+        let saved = unsafe { candle_core::safetensors::MmapedSafetensors::new(&file) }
+            .context(|| format!("reading the LoRA adapter {}", file.display()))?;
+        let model = Transformer::load_adapted(&base, &self.spec, &lora, AdapterSource::File(saved), dtype, device)
+            .context(|| format!("loading {} with the LoRA adapter of {}", base.display(), self.dir.display()))?;
+        Ok(model)
+    }
+
+    /// Loads the weights frozen with fresh, trainable LoRA adapters (drawn from `seed`).
+    pub fn load_adapted(&self, lora: &LoraSpec, seed: u64, dtype: DType, device: &Device) -> Result<Transformer> {
+        let source = AdapterSource::Init(fusellm_sdk::rng::Rng::new(seed));
+        Ok(Transformer::load_adapted(&self.dir, &self.spec, lora, source, dtype, device)?)
+    }
+
+    /// The spec and the base folder of the PEFT adapter this folder holds in place of
+    /// weights, if it does.
+    fn peft_adapter(&self) -> Result<Option<(LoraSpec, PathBuf)>> {
+        let config = self.dir.join(ADAPTER_CONFIG);
+        let has_weights =
+            ["model.safetensors", "model.safetensors.index.json"].iter().any(|f| self.dir.join(f).exists());
+        if has_weights || !config.exists() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&config).context(|| format!("reading {}", config.display()))?;
+        let json: serde_json::Value = serde_json::from_str(&text).context(|| config.display().to_string())?;
+        let (lora, base) = LoraSpec::from_peft(&json).map_err(|e| Error::msg(format!("{}: {e}", config.display())))?;
+        let base = self.dir.join(base);
+        if !base.join("config.json").exists() {
+            return Err(Error::msg(format!(
+                "{}: `base_model_name_or_path` is {}, which is not a checkpoint folder here; set it to the base model's folder",
+                config.display(),
+                base.display()
+            )));
+        }
+        Ok(Some((lora, base)))
     }
 }
+
+/// The files of a PEFT adapter, as PEFT names them.
+pub const ADAPTER_CONFIG: &str = "adapter_config.json";
+pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 
 /// A model's store and the checkpoint it was computed from, opened by the caller with the
 /// adapter the caller chose.

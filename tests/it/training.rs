@@ -18,7 +18,7 @@ use fusellm_core::train::{latest_checkpoint, Batching, Dataset, Document, Precis
 use fusellm_sdk::rng::Rng;
 use fusellm_sdk::SparseRowsBuf;
 
-fn scratch(name: &str) -> PathBuf {
+pub fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("fusellm-training-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     dir
@@ -142,7 +142,7 @@ fn the_sparse_loss_allocates_no_dense_target_at_vocab_32000() {
 
 /// Short documents of the prose corpus in tiny-llama2's tokenization, with a synthetic
 /// sparse target of three entries per position.
-fn documents(checkpoint: &Checkpoint, n: usize) -> Vec<Document> {
+pub fn documents(checkpoint: &Checkpoint, n: usize) -> Vec<Document> {
     let text = std::fs::read_to_string(fixtures::root().join("corpora/prose/tinyshakespeare.valid.txt")).unwrap();
     let mut rng = Rng::new(9);
     text.split("\n\n")
@@ -178,10 +178,12 @@ pub fn config(steps: u64, precision: Precision) -> TrainConfig {
         keep_checkpoints: 2,
         zero: 0,
         checkpoint_activations: false,
+        lora: None,
     }
 }
 
-fn train(
+/// Trains the tiny Llama-2 as `config` says (its LoRA adapters alone when it has them).
+pub fn train(
     run_dir: &Path,
     docs: Vec<Document>,
     config: &TrainConfig,
@@ -190,10 +192,12 @@ fn train(
 ) -> fusellm_core::error::Result<PathBuf> {
     let registry = Registry::with_builtins().unwrap();
     let base = fixtures::model_dir("tiny-llama2");
-    let model = Checkpoint::open(&base, &registry, None)
-        .unwrap()
-        .load_model(LoadMode::Trainable, config.precision.dtype(), &Device::Cpu)
-        .unwrap();
+    let target = Checkpoint::open(&base, &registry, None).unwrap();
+    let dtype = config.precision.dtype();
+    let model = match &config.lora {
+        Some(lora) => target.load_adapted(&lora.adapter, config.batching.seed, dtype, &Device::Cpu).unwrap(),
+        None => target.load_model(LoadMode::Trainable, dtype, &Device::Cpu).unwrap(),
+    };
     let mut data = Dataset::new(docs, config.batching).unwrap();
     let comm = &fusellm_dist::Single;
     let trainer = Trainer { run_dir: run_dir.to_owned(), base, model: &model, config: config.clone(), comm };

@@ -12,11 +12,12 @@ use toml::Spanned;
 use super::located::Doc;
 use super::raw::{self, RawModel};
 use super::{ConfigError, PluginChoice};
+use crate::model::lora::LoraSpec;
 use crate::split::OnBadInput;
 use crate::store::Options;
 use crate::train::optim::AdamWConfig;
 use crate::train::schedule::{LambdaSchedule, LrSchedule};
-use crate::train::{Batching, Precision, TrainConfig};
+use crate::train::{Batching, LoraTraining, Precision, TrainConfig};
 
 /// A path written in the config, resolved against the config's folder, with where it was
 /// written so that a missing file is reported there.
@@ -294,6 +295,7 @@ impl<'s> Reader<'s> {
             ));
         }
         let lambda = at.fraction("lambda", &r.lambda, 0.9)?;
+        let lora = self.lora(r.lora)?;
         let positive = |key: &str, value: &Option<Spanned<f64>>, default: f64| {
             at.float(key, value, default, |x| x > 0.0, "a positive number")
         };
@@ -336,7 +338,34 @@ impl<'s> Reader<'s> {
                     return Err(at.error("zero", r.zero.as_ref(), message));
                 }
             },
+            lora,
         }))
+    }
+
+    /// `[train.lora]`, with PEFT's defaults (rank 8, alpha 8, no dropout) and the
+    /// attention's query and value projections as targets (PEFT's for Llama, Mistral, Qwen).
+    fn lora(&self, raw: Option<Spanned<raw::RawLora>>) -> Result<Option<LoraTraining>, ConfigError> {
+        let Some(raw) = raw else { return Ok(None) };
+        let at = self.at("train.lora", Some(&raw));
+        let r = raw.into_inner();
+        let targets = match r.targets {
+            Some(t) if t.get_ref().is_empty() => {
+                return Err(at.error(
+                    "targets",
+                    Some(&t),
+                    "names no module; list projections, e.g. [\"q_proj\", \"v_proj\"]",
+                ))
+            }
+            Some(t) => t.into_inner(),
+            None => vec!["q_proj".into(), "v_proj".into()],
+        };
+        let adapter = LoraSpec {
+            rank: at.positive("rank", &r.rank, 8)?,
+            alpha: at.float("alpha", &r.alpha, 8.0, |x| x > 0.0, "a positive number")?,
+            dropout: at.float("dropout", &r.dropout, 0.0, |x| (0.0..1.0).contains(&x), "at least 0 and below 1")?,
+            targets,
+        };
+        Ok(Some(LoraTraining { adapter, merge: r.merge.unwrap_or(false) }))
     }
 
     pub fn eval(&self, raw: Option<Spanned<raw::RawEval>>) -> Result<Option<EvalSection>, ConfigError> {

@@ -153,6 +153,17 @@ pub struct RawTrain {
     pub dtype: Option<Precision>,
     pub zero: Option<Spanned<i64>>,
     pub checkpoint_activations: Option<bool>,
+    pub lora: Option<Spanned<RawLora>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLora {
+    pub rank: Option<Spanned<i64>>,
+    pub alpha: Option<Spanned<f64>>,
+    pub dropout: Option<Spanned<f64>>,
+    pub targets: Option<Spanned<Vec<String>>>,
+    pub merge: Option<bool>,
 }
 
 #[derive(Deserialize)]

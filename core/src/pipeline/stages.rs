@@ -224,7 +224,11 @@ impl<'a> Stage for Train<'a> {
         let train = self.train()?;
         let (local_rank, ranks) = (self.comm.local_rank(), self.comm.world());
         let device = crate::device::parse(&crate::device::for_rank(&self.config.run.device, local_rank, ranks))?;
-        let model = self.target.load_model(LoadMode::Trainable, train.precision.dtype(), &device)?;
+        let dtype = train.precision.dtype();
+        let model = match &train.lora {
+            Some(lora) => self.target.load_adapted(&lora.adapter, train.batching.seed, dtype, &device)?,
+            None => self.target.load_model(LoadMode::Trainable, dtype, &device)?,
+        };
         let mut data = Dataset::new(self.docs, train.batching)?;
         let base = self.target.dir.clone();
         let trainer = Trainer { run_dir: out.to_owned(), base, model: &model, config: train.clone(), comm: self.comm };

@@ -117,7 +117,12 @@ impl Dataset {
         let size = self.batching.batch_size;
         let start = ((index * self.world + self.rank) * size).min(sequences.len());
         let chosen = &sequences[start..(start + size).min(sequences.len())];
-        Ok(self.assemble(chosen))
+        let mut batch = self.assemble(chosen);
+        // One seed per rank's part of each micro-batch, from the run's seed: a resumed run
+        // draws the same LoRA dropout masks.
+        let part = g.wrapping_mul(self.world as u64).wrapping_add(self.rank as u64);
+        batch.dropout_seed = Some(Rng::new(self.batching.seed ^ part.wrapping_mul(0xd6e8_feb8_6659_fd93)).next_u64());
+        Ok(batch)
     }
 
     fn sequences(&self, epoch: u64) -> Vec<Vec<Piece>> {
@@ -171,6 +176,7 @@ impl Dataset {
             target_ids: vec![0; cells * k],
             target_probs: vec![0.0; cells * k],
             over: None,
+            dropout_seed: None,
         };
         for (row, pieces) in sequences.iter().enumerate() {
             let mut t = row * len;

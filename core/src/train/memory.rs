@@ -9,6 +9,7 @@ use fusellm_sdk::adapter::{NormKind, Positions};
 use fusellm_sdk::ModelSpec;
 
 use super::TrainConfig;
+use crate::model::lora::LoraSpec;
 
 /// Bytes per device, by what holds them.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -63,9 +64,38 @@ pub fn parameters(spec: &ModelSpec) -> u64 {
     embeddings + positions + spec.layers as u64 * (attention + mlp + norms) + norm
 }
 
+/// The parameters of the LoRA adapters `lora` puts on `spec`'s projections: `r (in + out)`
+/// for each targeted one.
+pub fn lora_parameters(spec: &ModelSpec, lora: &LoraSpec) -> u64 {
+    let ((h, q, kv), i) = (widths(spec), spec.mlp.hidden as u64);
+    let projections = [
+        ("attn.q", q, h),
+        ("attn.k", kv, h),
+        ("attn.v", kv, h),
+        ("attn.qkv", q + 2 * kv, h),
+        ("attn.o", h, q),
+        ("mlp.gate", i, h),
+        ("mlp.up", i, h),
+        ("mlp.gate_up", 2 * i, h),
+        ("mlp.down", h, i),
+    ];
+    let per_layer: u64 = projections
+        .iter()
+        .filter(|(name, ..)| {
+            let theirs = spec.tensor_names.get(&format!("layers.{{i}}.{name}.weight"));
+            theirs.is_some_and(|t| lora.targets_module(t).is_some())
+        })
+        .map(|(_, out, inp)| lora.rank as u64 * (out + inp))
+        .sum();
+    spec.layers as u64 * per_layer
+}
+
 /// The memory per device of training `spec` as `train` says, laid out as `layout` says.
+/// With LoRA the base weights are held, and the adapters alone have gradients and
+/// optimizer state (their activations, `r` per token and projection, are left out).
 pub fn estimate(spec: &ModelSpec, train: &TrainConfig, layout: Layout) -> Estimate {
-    let params = parameters(spec);
+    let (params, adapters) = (parameters(spec), train.lora.as_ref().map_or(0, |l| lora_parameters(spec, &l.adapter)));
+    let trained = if train.lora.is_some() { adapters } else { params };
     let dtype = train.precision.dtype().size_in_bytes() as u64;
     let state = 8 + if dtype < 4 { 4 } else { 0 };
     let shards = if layout.zero >= 1 { layout.ranks.max(1) as u64 } else { 1 };
@@ -78,9 +108,9 @@ pub fn estimate(spec: &ModelSpec, train: &TrainConfig, layout: Layout) -> Estima
         false => layers * block,
     };
     Estimate {
-        weights: params * dtype,
-        gradients: params * dtype,
-        optimizer: (params * state).div_ceil(shards),
+        weights: (params + adapters) * dtype,
+        gradients: trained * dtype,
+        optimizer: (trained * state).div_ceil(shards),
         activations: blocks + 2 * tokens * spec.hidden as u64 * dtype + HEAD_CHUNK,
     }
 }

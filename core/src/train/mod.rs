@@ -19,6 +19,7 @@ use fusellm_dist::Communicator;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::model::lora::LoraSpec;
 use crate::model::loss::{Divergence, Objective};
 use crate::model::Transformer;
 pub use data::{Batching, Dataset, Document};
@@ -104,6 +105,19 @@ pub struct TrainConfig {
     /// same gradients; like `zero`, outside the key and the resume check).
     #[serde(skip)]
     pub checkpoint_activations: bool,
+    /// Train LoRA adapters instead of the whole target (absent from the key of a run
+    /// without them, so that such runs keep theirs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraTraining>,
+}
+
+/// `[train.lora]`: the adapters to train, and whether the last checkpoint also holds the
+/// target with them merged in (a full Hugging Face checkpoint).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LoraTraining {
+    #[serde(flatten)]
+    pub adapter: LoraSpec,
+    pub merge: bool,
 }
 
 /// What the caller sees after each step.

@@ -1,7 +1,9 @@
 //! Checkpoints of a training run: `checkpoints/step-NNNNNNN/` in the Hugging Face layout
 //! (config.json, model.safetensors, tokenizer files) so that transformers loads it, plus
-//! what resuming needs (optimizer.safetensors, trainer_state.json). A checkpoint is
-//! written under a `.partial` name and renamed when complete.
+//! what resuming needs (optimizer.safetensors, trainer_state.json). A LoRA run writes the
+//! adapters as PEFT does (adapter_config.json, adapter_model.safetensors) in place of
+//! model.safetensors, until its last checkpoint merges them when asked to. A checkpoint
+//! is written under a `.partial` name and renamed when complete.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -9,7 +11,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::parallel::RankOptimizer;
-use super::TrainConfig;
+use super::{LoraTraining, TrainConfig};
+use crate::checkpoint::{ADAPTER_CONFIG, ADAPTER_WEIGHTS};
 use crate::error::{Context, Error, Result};
 use crate::files::write_atomically;
 use crate::model::Transformer;
@@ -106,7 +109,10 @@ pub fn write_checkpoint(
     }
     std::fs::create_dir_all(&partial).context(|| format!("creating {}", partial.display()))?;
     copy_carried(base, &partial)?;
-    model.save_weights(&partial.join("model.safetensors"))?;
+    model.save_weights(&partial.join(weights_file(model)))?;
+    if let Some(lora) = &state.config.lora {
+        write_adapter(base, model, lora, state, &partial)?;
+    }
     candle_core::safetensors::save(optimizer_state, partial.join("optimizer.safetensors"))
         .context(|| format!("writing the optimizer state in {}", partial.display()))?;
     write_atomically(&partial.join("trainer_state.json"), &serde_json::to_vec_pretty(state).expect("JSON"))?;
@@ -117,10 +123,33 @@ pub fn write_checkpoint(
     Ok(dir)
 }
 
+/// The file of a checkpoint that holds the trained parameters: the model's, or only the
+/// LoRA adapters' (PEFT's file).
+fn weights_file(model: &Transformer) -> &'static str {
+    match model.lora() {
+        Some(_) => ADAPTER_WEIGHTS,
+        None => "model.safetensors",
+    }
+}
+
+/// PEFT's adapter_config.json beside the adapter's weights (the base named by its
+/// absolute path), and, in the run's last checkpoint when `merge` is asked for, the
+/// target with the adapters merged in as the checkpoint's own weights.
+fn write_adapter(base: &Path, model: &Transformer, lora: &LoraTraining, state: &TrainState, dir: &Path) -> Result<()> {
+    let base_name = crate::files::absolute(base).display().to_string();
+    let config = serde_json::to_vec_pretty(&lora.adapter.peft_config(&base_name)).expect("JSON");
+    write_atomically(&dir.join(ADAPTER_CONFIG), &config)?;
+    if lora.merge && state.step == state.config.steps {
+        let adapter = model.vars().iter().map(|(name, var)| (name.clone(), var.as_tensor().clone())).collect();
+        crate::model::lora::merge(base, &adapter, &lora.adapter, dir)?;
+    }
+    Ok(())
+}
+
 /// Sets the model's weights and the optimizer's moments to those of checkpoint `dir`.
 pub fn load_weights(dir: &Path, model: &Transformer, optimizer: &mut RankOptimizer, step: u64) -> Result<()> {
     let device = model.device();
-    let weights = candle_core::safetensors::load(dir.join("model.safetensors"), device)
+    let weights = candle_core::safetensors::load(dir.join(weights_file(model)), device)
         .context(|| format!("reading the weights of {}", dir.display()))?;
     for (name, var) in model.vars() {
         let saved = weights.get(name).ok_or_else(|| Error::msg(format!("{} has no `{name}`", dir.display())))?;
