@@ -124,20 +124,21 @@ impl Transformer {
         Self::build(Weights::open(dir, spec, mode, dtype, device)?)
     }
 
-    /// The frozen weights of `dir` with LoRA adapters on the projections `lora` targets:
+    /// The weights of `dir` with LoRA adapters on the projections `lora` targets, the
+    /// weights `Frozen` (or `HeadersOnly`, to check that the targets exist): the adapters
     /// fresh and trainable from `AdapterSource::Init` (the model's only parameters), or
     /// frozen from a saved adapter.
     pub fn load_adapted(
         dir: &Path,
         spec: &ModelSpec,
-        lora: &LoraSpec,
-        source: AdapterSource,
+        (lora, source): (&LoraSpec, AdapterSource),
+        mode: LoadMode,
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
         check_dtype(dtype, device)?;
         spec.check().map_err(Error::msg)?;
-        Self::build(Weights::open(dir, spec, LoadMode::Frozen, dtype, device)?.adapted(lora, source))
+        Self::build(Weights::open(dir, spec, mode, dtype, device)?.adapted(lora, source))
     }
 
     /// A freshly initialised, trainable model in `dtype`: matrices N(0, std^2) from `seed`,

@@ -70,12 +70,13 @@ impl Weights {
         Ok(Self { source, spec: spec.clone(), mode, dtype, device: device.clone(), vars: Vec::new(), adapters: None })
     }
 
-    /// These weights frozen, with LoRA adapters on the projections `lora` targets: fresh
-    /// and trainable (their `Var`s are then the only parameters) from `AdapterSource::Init`,
-    /// frozen from a saved adapter.
+    /// These weights frozen (or only checked, `HeadersOnly`), with LoRA adapters on the
+    /// projections `lora` targets: fresh and trainable (their `Var`s are then the only
+    /// parameters) from `AdapterSource::Init`, frozen from a saved adapter.
     pub fn adapted(self, lora: &LoraSpec, source: AdapterSource) -> Self {
         let adapters = Some(Adapters { spec: lora.clone(), source, modules: Vec::new() });
-        Self { mode: LoadMode::Frozen, adapters, ..self }
+        let mode = if self.mode == LoadMode::HeadersOnly { LoadMode::HeadersOnly } else { LoadMode::Frozen };
+        Self { mode, adapters, ..self }
     }
 
     /// A fresh, trainable initialisation from a seed, the same on every platform.

@@ -100,15 +100,24 @@ impl Checkpoint {
         // SAFETY: mapped read-only, as the weights are (see `Weights::open`).
         let saved = unsafe { candle_core::safetensors::MmapedSafetensors::new(&file) }
             .context(|| format!("reading the LoRA adapter {}", file.display()))?;
-        let model = Transformer::load_adapted(&base, &self.spec, &lora, AdapterSource::File(saved), dtype, device)
+        let adapter = (&lora, AdapterSource::File(saved));
+        let model = Transformer::load_adapted(&base, &self.spec, adapter, mode, dtype, device)
             .context(|| format!("loading {} with the LoRA adapter of {}", base.display(), self.dir.display()))?;
         Ok(model)
     }
 
     /// Loads the weights frozen with fresh, trainable LoRA adapters (drawn from `seed`).
     pub fn load_adapted(&self, lora: &LoraSpec, seed: u64, dtype: DType, device: &Device) -> Result<Transformer> {
-        let source = AdapterSource::Init(fusellm_sdk::rng::Rng::new(seed));
-        Ok(Transformer::load_adapted(&self.dir, &self.spec, lora, source, dtype, device)?)
+        let adapter = (lora, AdapterSource::Init(fusellm_sdk::rng::Rng::new(seed)));
+        Ok(Transformer::load_adapted(&self.dir, &self.spec, adapter, LoadMode::Frozen, dtype, device)?)
+    }
+
+    /// Checks, without loading a tensor, that every target of `lora` names projections of
+    /// this model.
+    pub fn check_adapter(&self, lora: &LoraSpec) -> Result<()> {
+        let adapter = (lora, AdapterSource::Init(fusellm_sdk::rng::Rng::new(0)));
+        Transformer::load_adapted(&self.dir, &self.spec, adapter, LoadMode::HeadersOnly, DType::F32, &Device::Cpu)?;
+        Ok(())
     }
 
     /// The spec and the base folder of the PEFT adapter this folder holds in place of

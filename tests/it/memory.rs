@@ -3,8 +3,9 @@
 //! (2 + 2 + 12) x params alone, 2 + 2 + 12 / N with ZeRO-1 on N GPUs).
 
 use fusellm_core::plugins::Registry;
-use fusellm_core::train::memory::{estimate, parameters, Layout};
-use fusellm_core::train::Precision;
+use fusellm_core::model::lora::LoraSpec;
+use fusellm_core::train::memory::{estimate, lora_parameters, parameters, Layout};
+use fusellm_core::train::{LoraTraining, Precision};
 use fusellm_sdk::{CheckpointFiles, ModelSpec, PluginKind};
 
 /// Llama-2-7B's config.json, read by the llama adapter.
@@ -42,4 +43,19 @@ fn the_estimate_counts_model_states_as_deepspeed_does() {
     // f32 training has no master copy: 4 + 4 + 8 bytes per parameter.
     let f32_train = crate::training::config(1, Precision::F32);
     assert_eq!(states(estimate(&spec, &f32_train, Layout { ranks: 1, zero: 0, checkpointing: false })), 16 * psi);
+}
+
+/// PEFT prints "trainable params: 4,194,304 || all params: 6,742,609,920" for LoRA r = 8 on
+/// Llama-2-7B's q_proj and v_proj; only those have gradients and optimizer state.
+#[test]
+fn the_estimate_of_a_lora_run_counts_the_adapters_as_peft_does() {
+    let spec = llama2_7b();
+    let adapter = LoraSpec { rank: 8, alpha: 16.0, dropout: 0.05, targets: vec!["q_proj".into(), "v_proj".into()] };
+    let lora = lora_parameters(&spec, &adapter);
+    assert_eq!(lora, 4_194_304);
+    assert_eq!(parameters(&spec) + lora, 6_742_609_920);
+    let mut train = crate::training::config(1, Precision::Bf16);
+    train.lora = Some(LoraTraining { adapter, merge: false });
+    let e = estimate(&spec, &train, Layout { ranks: 1, zero: 0, checkpointing: false });
+    assert_eq!((e.weights, e.gradients, e.optimizer), (2 * 6_742_609_920, 2 * lora, 12 * lora));
 }

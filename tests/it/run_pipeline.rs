@@ -101,6 +101,29 @@ fn a_llama3_target_fuses_qwen2_and_mistral_sources() {
     assert!(trained.is_finite() && trained < base, "{trained} vs {base}");
 }
 
+/// `[train.lora]` from the config: the run trains adapters only, validate counts them, and
+/// evaluation reads the unmerged checkpoint as its base plus the adapter.
+#[test]
+fn a_lora_run_trains_adapters_and_evaluates_them_on_their_base() {
+    let dir = experiment("lora");
+    let mut config = std::fs::read_to_string(dir.join("run.toml")).unwrap();
+    config += "[train.lora]\nrank = 4\nalpha = 16\ntargets = [\"q_proj\", \"v_proj\", \"o_proj\"]\n";
+    std::fs::write(dir.join("run.toml"), config.replace("lr = 1e-3", "lr = 1e-2")).unwrap();
+    let out = fusellm_in(&dir, &["validate", "run.toml"]);
+    assert_ok(&out);
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(report.contains("LoRA parameters on"), "{report}");
+    assert_ok(&fusellm_in(&dir, &["run", "run.toml"]));
+    let record = run_record(&dir.join("out/run.json"));
+    let checkpoint = PathBuf::from(record["checkpoint"].as_str().unwrap());
+    assert!(checkpoint.join("adapter_model.safetensors").exists() && !checkpoint.join("model.safetensors").exists());
+    let (trained, base) = (bits_per_byte(&record, "trained"), bits_per_byte(&record, "target-base"));
+    assert!(trained < base, "{trained} vs {base}");
+    let out = fusellm_in(&dir, &["validate", "run.toml", "--set", "train.lora.targets=[\"wq\"]"]);
+    let message = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && message.contains("wq") && message.contains("q_proj"), "{message}");
+}
+
 #[test]
 fn validate_points_at_the_file_line_and_key() {
     let dir = experiment("validate");

@@ -79,6 +79,9 @@ pub fn validate<'r>(config: &Config, registry: &'r Registry) -> Result<Checked<'
                 ),
             ));
         }
+        if let Some(lora) = &train.lora {
+            target.check_adapter(&lora.adapter).map_err(|e| config.error_at("train.lora.targets", e.report()))?;
+        }
     }
     if let Some(eval) = &config.eval {
         for (_, file) in &eval.sets {
