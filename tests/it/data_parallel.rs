@@ -156,6 +156,33 @@ fn a_resumed_run_of_two_ranks_is_bit_identical() {
     assert_eq!(losses(&dir.join("whole")), losses(&dir.join("parts")));
 }
 
+/// A checkpoint of two ranks of batch 2 resumes on one rank of batch 4 (the same global
+/// batch) and ends where a run of one rank of 4 ends; a resume that changes the global
+/// batch is refused with the batch_size that keeps it.
+#[test]
+fn a_run_resumes_on_another_number_of_ranks_with_the_same_global_batch() {
+    let (dir, fused) = fused_experiment();
+    let common = ["train.steps=4", "train.seq_len=32", "train.checkpoint_every=2", "train.eps=1e-3"];
+    let with = |batch: &'static str| [&common[..], &[batch]].concat();
+    succeeded(&train(&dir, &fused, 1, "alone", &with("train.batch_size=4"), &[]));
+    succeeded(&train(&dir, &fused, 2, "moved", &with("train.batch_size=2"), &["--stop-at", "2"]));
+    let refused = train(&dir, &fused, 1, "moved", &with("train.batch_size=2"), &["--resume"]);
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && message.contains("global batch of 4"), "{message}");
+    succeeded(&train(&dir, &fused, 1, "moved", &with("train.batch_size=4"), &["--resume"]));
+    let (alone, moved) = (losses(&dir.join("alone")), losses(&dir.join("moved")));
+    assert_eq!(moved.len(), 4);
+    for (step, (a, b)) in alone.iter().zip(&moved).enumerate() {
+        assert!((a - b).abs() <= 1e-6 * a.abs(), "step {}: loss {a} alone, {b} moved from two ranks", step + 1);
+    }
+    let last = "checkpoints/step-0000004";
+    let (a, b) = (weights(&dir.join("alone").join(last)), weights(&dir.join("moved").join(last)));
+    for (name, tensor) in &a {
+        let diff = relative(tensor, &b[name]);
+        assert!(diff <= 1e-6, "`{name}` differs by {diff} (relative) after 4 steps");
+    }
+}
+
 #[test]
 fn a_rank_that_stops_answering_stops_the_run_within_the_timeout() {
     // Rank 1 is frozen (SIGSTOP) three seconds in, in the middle of a long run; rank 0 then

@@ -2,8 +2,8 @@
 //! parameter count, and DeepSpeed's per-GPU model states (ZeRO paper, mixed-precision Adam:
 //! (2 + 2 + 12) x params alone, 2 + 2 + 12 / N with ZeRO-1 on N GPUs).
 
-use fusellm_core::plugins::Registry;
 use fusellm_core::model::lora::LoraSpec;
+use fusellm_core::plugins::Registry;
 use fusellm_core::train::memory::{estimate, lora_parameters, parameters, Layout};
 use fusellm_core::train::{LoraTraining, Precision};
 use fusellm_sdk::{CheckpointFiles, ModelSpec, PluginKind};

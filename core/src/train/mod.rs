@@ -213,7 +213,7 @@ impl Trainer<'_> {
     fn start(&self, resume: bool, optimizer: &mut RankOptimizer) -> Result<TrainState> {
         match (latest_checkpoint(&self.run_dir), resume) {
             (Some((_, dir)), true) => {
-                let state = TrainState::load(&dir, &self.config)?;
+                let state = TrainState::load(&dir, &self.config, self.comm.world())?;
                 state::load_weights(&dir, self.model, optimizer, state.step)?;
                 Ok(state)
             }
@@ -222,7 +222,7 @@ impl Trainer<'_> {
                 self.run_dir.display(),
                 dir.display()
             ))),
-            (None, _) => Ok(TrainState::new(&self.config)),
+            (None, _) => Ok(TrainState::new(&self.config, self.comm.world())),
         }
     }
 

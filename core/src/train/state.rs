@@ -22,7 +22,10 @@ const CARRIED: &[&str] =
     &["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"];
 
 /// Where a run stands: the step reached and the tokens seen; the configuration it was
-/// started with, so that a resume with another one is refused.
+/// started with, so that a resume with another one is refused. Its `batching.batch_size`
+/// is the global batch (the ranks' batch_size times their number): a run resumes on
+/// another number of ranks when it keeps that product, and the ranks then serve the same
+/// global micro-batches.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TrainState {
     pub step: u64,
@@ -32,16 +35,28 @@ pub struct TrainState {
 }
 
 impl TrainState {
-    pub fn new(config: &TrainConfig) -> Self {
-        Self { step: 0, tokens: 0, config: config.clone(), fusellm_version: env!("CARGO_PKG_VERSION").into() }
+    /// The state of a fresh run of `config` on `ranks` ranks.
+    pub fn new(config: &TrainConfig, ranks: usize) -> Self {
+        let config = global(config, ranks);
+        Self { step: 0, tokens: 0, config, fusellm_version: env!("CARGO_PKG_VERSION").into() }
     }
 
-    /// The state of checkpoint `dir`, checked against the configuration of the resumed run.
-    pub fn load(dir: &Path, config: &TrainConfig) -> Result<Self> {
+    /// The state of checkpoint `dir`, checked against the configuration of the run
+    /// resuming it on `ranks` ranks.
+    pub fn load(dir: &Path, config: &TrainConfig, ranks: usize) -> Result<Self> {
         let file = dir.join("trainer_state.json");
         let bytes = std::fs::read(&file).context(|| format!("reading {}", file.display()))?;
         let state: TrainState = serde_json::from_slice(&bytes).context(|| file.display().to_string())?;
-        if let Some(key) = first_difference(&serde_json::json!(state.config), &serde_json::json!(config), "") {
+        let asked = global(config, ranks);
+        let (was, now) = (state.config.batching.batch_size, asked.batching.batch_size);
+        if was != now {
+            return Err(Error::msg(format!(
+                "{} was trained with a global batch of {was} sequences; {ranks} rank(s) of batch_size {} make {now}: set batch_size to {was} / {ranks} per rank (or start a new run folder)",
+                dir.display(),
+                config.batching.batch_size
+            )));
+        }
+        if let Some(key) = first_difference(&serde_json::json!(state.config), &serde_json::json!(asked), "") {
             return Err(Error::msg(format!(
                 "{} was trained with another `{key}` than this run asks for; resume with the same training settings, or start a new run folder",
                 dir.display()
@@ -49,6 +64,13 @@ impl TrainState {
         }
         Ok(state)
     }
+}
+
+/// `config` with the global batch of `ranks` ranks in place of the per-rank one.
+fn global(config: &TrainConfig, ranks: usize) -> TrainConfig {
+    let mut config = config.clone();
+    config.batching.batch_size *= ranks.max(1);
+    config
 }
 
 /// The dotted path of the first value that differs between two JSON objects.
