@@ -74,10 +74,14 @@ fn lora_trains_only_the_adapters_writes_peft_files_and_merges_to_w_plus_scaled_b
     assert_eq!(config["target_modules"], serde_json::json!(TARGETS));
     assert_eq!(config["base_model_name_or_path"], target.dir.display().to_string());
 
-    // The earlier checkpoint holds the adapter only; the last one the merged model too.
+    // The checkpoints hold the adapter only; the last one the merged model too, in a
+    // folder of its own (transformers would apply the adapter beside it again).
     let earlier = end.parent().unwrap().join("step-0000002");
-    assert!(earlier.join("adapter_model.safetensors").exists() && !earlier.join("model.safetensors").exists());
-    let merged = load(&end.join("model.safetensors"));
+    assert!(earlier.join("adapter_model.safetensors").exists() && !earlier.join("merged").exists());
+    assert!(!end.join("model.safetensors").exists());
+    let merged_dir = end.join("merged");
+    assert!(merged_dir.join("config.json").exists() && !merged_dir.join("adapter_config.json").exists());
+    let merged = load(&merged_dir.join("model.safetensors"));
     assert_eq!(merged.len(), base.len());
     for (name, w) in &base {
         let m = &merged[name];
@@ -94,13 +98,8 @@ fn lora_trains_only_the_adapters_writes_peft_files_and_merges_to_w_plus_scaled_b
         }
     }
 
-    // Without model.safetensors, the checkpoint is the base plus the adapter: the same
+    // The checkpoint, without weights of its own, is the base plus the adapter: the same
     // logits as the merged weights.
-    let unmerged = scratch("lora-unmerged");
-    std::fs::create_dir_all(&unmerged).unwrap();
-    for file in ["config.json", "tokenizer.json", "adapter_config.json", "adapter_model.safetensors"] {
-        std::fs::copy(end.join(file), unmerged.join(file)).unwrap();
-    }
     let logits = |dir: &Path| {
         let model = Checkpoint::open(dir, &registry, None)
             .unwrap()
@@ -110,10 +109,10 @@ fn lora_trains_only_the_adapters_writes_peft_files_and_merges_to_w_plus_scaled_b
         let ids = Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
         model.forward(&ids, None).unwrap()
     };
-    let (a, b) = (logits(&unmerged), logits(&end));
+    let (a, b) = (logits(&end), logits(&merged_dir));
     let diff = max_abs(&(&a - &b).unwrap());
     assert!(diff <= 1e-4 * max_abs(&b), "the adapter on its base and the merged model differ by {diff}");
-    let training = Checkpoint::open(&unmerged, &registry, None).unwrap().load_model(
+    let training = Checkpoint::open(&end, &registry, None).unwrap().load_model(
         fusellm_core::model::LoadMode::Trainable,
         DType::F32,
         &Device::Cpu,

@@ -112,7 +112,7 @@ pub struct TrainConfig {
 }
 
 /// `[train.lora]`: the adapters to train, and whether the last checkpoint also holds the
-/// target with them merged in (a full Hugging Face checkpoint).
+/// target with them merged in (a full Hugging Face checkpoint, in its `merged/` folder).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LoraTraining {
     #[serde(flatten)]

@@ -2,7 +2,8 @@
 //! (config.json, model.safetensors, tokenizer files) so that transformers loads it, plus
 //! what resuming needs (optimizer.safetensors, trainer_state.json). A LoRA run writes the
 //! adapters as PEFT does (adapter_config.json, adapter_model.safetensors) in place of
-//! model.safetensors, until its last checkpoint merges them when asked to. A checkpoint
+//! model.safetensors; its last checkpoint holds the merged model in `merged/` when asked
+//! to. A checkpoint
 //! is written under a `.partial` name and renamed when complete.
 
 use std::collections::HashMap;
@@ -156,17 +157,25 @@ fn weights_file(model: &Transformer) -> &'static str {
 
 /// PEFT's adapter_config.json beside the adapter's weights (the base named by its
 /// absolute path), and, in the run's last checkpoint when `merge` is asked for, the
-/// target with the adapters merged in as the checkpoint's own weights.
+/// target with the adapters merged in, in `merged/`: a folder of its own, because
+/// transformers loads a folder holding adapter_config.json as the base plus the adapter,
+/// which would apply the adapter twice to merged weights.
 fn write_adapter(base: &Path, model: &Transformer, lora: &LoraTraining, state: &TrainState, dir: &Path) -> Result<()> {
     let base_name = crate::files::absolute(base).display().to_string();
     let config = serde_json::to_vec_pretty(&lora.adapter.peft_config(&base_name)).expect("JSON");
     write_atomically(&dir.join(ADAPTER_CONFIG), &config)?;
     if lora.merge && state.step == state.config.steps {
+        let merged = dir.join(MERGED);
+        std::fs::create_dir_all(&merged).context(|| format!("creating {}", merged.display()))?;
+        copy_carried(base, &merged)?;
         let adapter = model.vars().iter().map(|(name, var)| (name.clone(), var.as_tensor().clone())).collect();
-        crate::model::lora::merge(base, &adapter, &lora.adapter, dir)?;
+        crate::model::lora::merge(base, &adapter, &lora.adapter, &merged)?;
     }
     Ok(())
 }
+
+/// The folder of a LoRA run's last checkpoint that holds the merged model.
+pub const MERGED: &str = "merged";
 
 /// Sets the model's weights and the optimizer's moments to those of checkpoint `dir`.
 pub fn load_weights(dir: &Path, model: &Transformer, optimizer: &mut RankOptimizer, step: u64) -> Result<()> {
