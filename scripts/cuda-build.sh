@@ -7,7 +7,8 @@
 # The CUDA 13.0 toolkit comes from NVIDIA's PyPI wheels (../shared/cuda/setup-cuda13.sh) into
 # ~/.cache/fusellm-cuda13 (about 1.2 GB); compiling candle's kernels takes about 6 minutes on
 # 2 cores. Linking needs a libcuda.so, which the wheels lack: `build` and `tests` take the one
-# of Debian's libcuda1 package (non-free), unpacked beside the toolkit without installing it.
+# of Debian's libcuda1 package (non-free), unpacked beside the toolkit without installing it,
+# and a libnccl.so for the NCCL backend, from NVIDIA's nvidia-nccl-cu13 wheel.
 # The binary records only the soname libcuda.so.1; the GPU machine's driver provides it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,15 +38,30 @@ link_libcuda() {
   export LIBRARY_PATH="$dir:${LIBRARY_PATH:-}" LD_LIBRARY_PATH="$dir:${LD_LIBRARY_PATH:-}"
 }
 
+# A libnccl.so to link the NCCL backend against: NVIDIA's wheel, unpacked beside the
+# toolkit. The binary records the soname libnccl.so.2; on the GPU machine PyTorch's copy
+# provides it (scripts/gpu-check.sh).
+link_nccl() {
+  local lib="$toolkit/nvidia/nccl/lib"
+  if [ ! -e "$lib/libnccl.so" ]; then
+    python3 -m pip download -q --no-deps -d "$toolkit/whl-nccl" nvidia-nccl-cu13==2.32.6 >&2
+    unzip -qo "$toolkit"/whl-nccl/nvidia_nccl_cu13-*.whl 'nvidia/nccl/lib/*' -d "$toolkit" >&2
+    ln -sf libnccl.so.2 "$lib/libnccl.so"
+  fi
+  export LIBRARY_PATH="$lib:${LIBRARY_PATH:-}" LD_LIBRARY_PATH="$lib:${LD_LIBRARY_PATH:-}"
+}
+
 case "$mode" in
   check)
     cargo check --release --features cuda
     link_libcuda
+    link_nccl
     cargo test --release --features cuda -p fusellm-blocks --lib cuda
     ;;
-  build) link_libcuda; cargo build --release --features cuda ;;
+  build) link_libcuda; link_nccl; cargo build --release --features cuda ;;
   tests)
     link_libcuda
+    link_nccl
     cargo test --release --features cuda --test it --no-run --message-format json |
       python3 -c 'import json,sys
 for line in sys.stdin:

@@ -284,13 +284,21 @@ pub struct TrainArgs {
 /// a launcher (`mpirun -np N`, `srun`), one rank of data-parallel training; an error on any
 /// rank stops them all with that rank's error.
 pub fn train(args: TrainArgs) -> Result<()> {
-    let comm = fusellm_dist::join(&fusellm_dist::Launch::from_env()?)?;
+    let launch = fusellm_dist::Launch::from_env()?;
+    let run_args = RunArgs { config: args.config.clone(), set: args.set.clone() };
+    let (_, config) = load(&run_args)?.into_iter().next().expect("one variant at least");
+    // GPU ranks meet over NCCL, CPU ranks over MPI.
+    let devices = match config.run.device.starts_with("cuda") {
+        true => fusellm_dist::Devices::Gpu,
+        false => fusellm_dist::Devices::Cpu,
+    };
+    let comm = fusellm_dist::join(&launch, devices)?;
     if comm.world() == 1 {
-        return train_on(&*comm, args);
+        return train_on(&*comm, config, args);
     }
     // A panic too stops every rank at once (unwinding would finalise MPI and leave the
     // others waiting for the timeout); the panic message is already on stderr.
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| train_on(&*comm, args))) {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| train_on(&*comm, config, args))) {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => {
             eprintln!("error: rank {} of {}: {e:#}", comm.rank(), comm.world());
@@ -303,9 +311,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
     }
 }
 
-fn train_on(comm: &dyn fusellm_dist::Communicator, args: TrainArgs) -> Result<()> {
-    let run_args = RunArgs { config: args.config.clone(), set: args.set.clone() };
-    let (_, config) = load(&run_args)?.into_iter().next().expect("one variant at least");
+fn train_on(comm: &dyn fusellm_dist::Communicator, config: Config, args: TrainArgs) -> Result<()> {
     let mut registry = Registry::with_builtins()?;
     config.load_plugins(&mut registry)?;
     let target = config.target.as_ref().ok_or_else(|| config.error_at("target", "needs a [target] model"))?;

@@ -1,7 +1,7 @@
 //! fusellm-dist: the processes of one run and the collectives between them. A launcher
-//! (`mpirun`, `srun`, `torchrun`) starts one process per device; [`join`] reads its
-//! environment ([`launch`]) and returns the [`Communicator`] of the backend that launch
-//! needs. One process needs no backend at all: [`Single`] is rank 0 of 1 and every
+//! (`mpirun`, `srun`, `torchrun`) starts one process per device; [`join`] takes its
+//! environment ([`launch`]) and returns the [`Communicator`] of the backend the devices
+//! need: MPI between CPU processes, NCCL between GPUs. One process needs no backend at all: [`Single`] is rank 0 of 1 and every
 //! collective is the identity, so a plain `fusellm train` runs exactly as without this
 //! crate.
 
@@ -9,7 +9,10 @@ pub mod error;
 pub mod launch;
 #[cfg(feature = "mpi")]
 mod mpi;
-#[cfg(feature = "mpi")]
+#[cfg(feature = "nccl")]
+mod nccl;
+pub mod rendezvous;
+#[cfg(any(feature = "mpi", feature = "nccl"))]
 mod watchdog;
 
 use std::time::Duration;
@@ -77,22 +80,46 @@ impl Communicator for Single {
     }
 }
 
-/// The communicator of this process's launch: [`Single`] for one process, MPI for more
-/// under `mpirun` or `srun`. Call it once per process (MPI is initialised here and
-/// finalised when the communicator is dropped).
-pub fn join(launch: &Launch) -> Result<Box<dyn Communicator>> {
+/// What the ranks compute on, which decides how they talk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Devices {
+    /// CPU processes: MPI, under `mpirun` or `srun`.
+    Cpu,
+    /// One GPU per process: NCCL, under any launcher.
+    Gpu,
+}
+
+/// The communicator of this process's launch: [`Single`] for one process; for more, MPI
+/// between CPU processes, NCCL between GPUs. Call it once per process (MPI is initialised
+/// here and finalised when the communicator is dropped).
+pub fn join(launch: &Launch, devices: Devices) -> Result<Box<dyn Communicator>> {
     if launch.world == 1 {
         return Ok(Box::new(Single));
     }
     let timeout = timeout()?;
-    match launch.launcher {
-        Launcher::Mpi | Launcher::Slurm => mpi_backend(launch, timeout),
-        Launcher::Torchrun => Err(Error::Backend(format!(
-            "a torchrun-style launch of {} ranks meets over NCCL, which needs a CUDA build and a GPU per rank; for CPU processes start fusellm with mpirun or srun",
+    match (devices, launch.launcher) {
+        (Devices::Gpu, _) => nccl_backend(launch, timeout),
+        (Devices::Cpu, Launcher::Mpi | Launcher::Slurm) => mpi_backend(launch, timeout),
+        (Devices::Cpu, Launcher::Torchrun) => Err(Error::Backend(format!(
+            "a torchrun-style launch of {} CPU ranks: fusellm's CPU ranks talk over MPI; start them with mpirun or srun, or train on GPUs (device = \"cuda\"), whose ranks meet over NCCL",
             launch.world
         ))),
-        Launcher::None => unreachable!("a plain process is rank 0 of 1"),
+        (Devices::Cpu, Launcher::None) => unreachable!("a plain process is rank 0 of 1"),
     }
+}
+
+#[cfg(feature = "nccl")]
+fn nccl_backend(launch: &Launch, timeout: Duration) -> Result<Box<dyn Communicator>> {
+    Ok(Box::new(nccl::Nccl::init(launch, timeout)?))
+}
+
+#[cfg(not(feature = "nccl"))]
+fn nccl_backend(launch: &Launch, _timeout: Duration) -> Result<Box<dyn Communicator>> {
+    Err(Error::Backend(format!(
+        "{} started {} ranks on GPUs, which talk over NCCL, but this fusellm was built without CUDA; rebuild it with `--features cuda` (scripts/cuda-build.sh)",
+        launch.launcher.name(),
+        launch.world
+    )))
 }
 
 #[cfg(feature = "mpi")]
