@@ -5,10 +5,12 @@
 #                                compressed into gpu-check/ (gitignored; must stay within 64 MiB)
 #   scripts/gpu-check.sh run     on the GPU machine, from the repository root with gpu-check/
 #                                carried over: the device tests (tests/it/device.rs), then the
-#                                training benchmark in bf16 (tokens/s, MFU), fused and composed;
+#                                training benchmark in bf16 (tokens/s, MFU), fused and composed,
+#                                and a bf16 step of a 1.1B Llama with checkpointed activations
+#                                and its gradients all-reduced over NCCL at world size 1;
 #                                about 5 minutes; every step runs even if one fails
-# The GPU machine has driver 580; the CUDA 13 libraries (cuBLAS, cuRAND, NVRTC) come from its
-# PyTorch install, found under python's site-packages.
+# The GPU machine has driver 580; the CUDA 13 libraries (cuBLAS, cuRAND, NVRTC, NCCL) come from
+# its PyTorch install, found under python's site-packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:?usage: $0 build|run}
@@ -28,7 +30,7 @@ case "$mode" in
   run)
     [ -e "$dir/fusellm.xz" ] || { echo "no $dir/fusellm.xz: run '$0 build' first and carry $dir" >&2; exit 1; }
     site=$(python3 -c 'import site; print(" ".join(site.getsitepackages()))')
-    libs=$(find $site -name 'libcublas.so.13*' -o -name 'libcurand.so.10*' -o -name 'libnvrtc.so.13*' 2>/dev/null |
+    libs=$(find $site -name 'libcublas.so.13*' -o -name 'libcurand.so.10*' -o -name 'libnvrtc.so.13*' -o -name 'libnccl.so.2*' 2>/dev/null |
       xargs -r -n1 dirname | sort -u | tr '\n' ':')
     [ -n "$libs" ] || { echo "no libcublas.so.13 under $site (PyTorch with CUDA 13?)" >&2; exit 1; }
     export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:-}"
@@ -44,7 +46,7 @@ case "$mode" in
     # A Llama of about 0.5B parameters, in bf16 with f32 master weights; 989 TFLOP/s is the
     # dense bf16 peak of an H100 or H200 (SXM). The composed run measures what our layer
     # kernels bring over candle's compositions (both use the in-place AdamW). The timeouts
-    # add up to 530 s, within the device tool's 600 s per command.
+    # add up to 570 s, within the device tool's 600 s per command.
     cat >"$work/llama.json" <<'JSON'
 {"model_type": "llama", "vocab_size": 32000, "hidden_size": 1536, "intermediate_size": 4096,
  "num_hidden_layers": 16, "num_attention_heads": 12, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5}
@@ -52,10 +54,20 @@ JSON
     llama=(bench train --device cuda --dtype bf16 --config "$work/llama.json" --batch 8 --seq 1024 --iters 10 --peak-tflops 989)
     for args in "--only fused" "--only fused --fusion" "--only composed"; do
       # shellcheck disable=SC2086 # the arguments split on purpose
-      timeout 110 "$work/fusellm" "${llama[@]}" $args 2>&1 | tee -a "$logs/bench.log" || status=1
+      timeout 100 "$work/fusellm" "${llama[@]}" $args 2>&1 | tee -a "$logs/bench.log" || status=1
     done
-    timeout 50 "$work/fusellm" bench train --device cuda --vocab 32000 --iters 20 --only fused 2>&1 |
+    timeout 40 "$work/fusellm" bench train --device cuda --vocab 32000 --iters 20 --only fused 2>&1 |
       tee -a "$logs/bench.log" || status=1
+    # TinyLlama-1.1B's shape; a torchrun-style world of one, so that the step goes through
+    # the NCCL communicator (rendezvous on MASTER_PORT + 1).
+    cat >"$work/llama1b.json" <<'JSON'
+{"model_type": "llama", "vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632,
+ "num_hidden_layers": 22, "num_attention_heads": 32, "num_key_value_heads": 4,
+ "max_position_embeddings": 2048, "rms_norm_eps": 1e-5}
+JSON
+    RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29400 timeout 80 "$work/fusellm" bench train \
+      --device cuda --dtype bf16 --config "$work/llama1b.json" --batch 4 --seq 1024 --iters 3 --only fused \
+      --checkpoint-activations --peak-tflops 989 2>&1 | tee -a "$logs/bench.log" || status=1
     exit $status
     ;;
   *) echo "usage: $0 build|run" >&2; exit 2 ;;

@@ -40,6 +40,10 @@ pub struct TrainSetup {
     /// for an H100 or H200 in bf16).
     #[arg(long)]
     peak_tflops: Option<f64>,
+    /// Recompute each block's activations in the backward (as `[train]
+    /// checkpoint_activations`).
+    #[arg(long)]
+    checkpoint_activations: bool,
 }
 
 /// The batch of the model benchmarks.
@@ -204,20 +208,24 @@ fn flops_per_token(model: &Transformer, seq: usize) -> f64 {
 }
 
 /// The median milliseconds per training step (as torch_step.py reports) with the model's
-/// kernels.
-fn step_ms(model: &Transformer, data: &LossBatch, iters: usize, fusion: bool) -> Result<f64> {
+/// kernels; under a launcher the gradients are all-reduced over its ranks, as the trainer
+/// does (on a GPU, over NCCL, a world of one included).
+fn step_ms(model: &Transformer, data: &LossBatch, run: &StepRun) -> Result<f64> {
     use fusellm_core::model::loss::Objective;
     use fusellm_core::train::optim::{AdamW, AdamWConfig};
-    let objective = Objective { lambda: if fusion { 0.9 } else { 1.0 }, ..Default::default() };
+    let objective = Objective { lambda: if run.fusion { 0.9 } else { 1.0 }, ..Default::default() };
     let mut optimizer = AdamW::new(model.vars(), AdamWConfig::default())?;
     let mut step = || -> Result<()> {
-        let losses = model.losses(data, &objective)?;
-        let grads = losses.total.backward()?;
+        let (_, grads) = model.gradients(data, &objective, 1.0, run.checkpointed)?;
+        let grads = match run.comm {
+            Some(comm) => fusellm_core::train::all_reduce_grads(comm, model.vars(), Some(grads))?,
+            None => grads,
+        };
         optimizer.step(model.vars(), &grads, 1.0, 1e-4)?;
         Ok(model.device().synchronize()?)
     };
     step()?;
-    let mut times: Vec<f64> = (0..iters.max(1))
+    let mut times: Vec<f64> = (0..run.iters.max(1))
         .map(|_| {
             let start = Instant::now();
             // As the trainer runs its steps: on a worker of rayon's pool.
@@ -228,8 +236,33 @@ fn step_ms(model: &Transformer, data: &LossBatch, iters: usize, fusion: bool) ->
     Ok(times[times.len() / 2])
 }
 
+/// How the benchmark's steps run.
+struct StepRun<'a> {
+    iters: usize,
+    fusion: bool,
+    checkpointed: bool,
+    /// The launcher's ranks, when launched.
+    comm: Option<&'a dyn fusellm_dist::Communicator>,
+}
+
 fn train(shape: BatchShape, setup: &TrainSetup, iters: usize, fusion: bool, only: Option<&str>) -> Result<()> {
     let BatchShape { batch, seq, .. } = shape;
+    let launch = fusellm_dist::Launch::from_env()?;
+    let devices = match setup.device.starts_with("cuda") {
+        true => fusellm_dist::Devices::Gpu,
+        false => fusellm_dist::Devices::Cpu,
+    };
+    let comm = fusellm_dist::join(&launch, devices)?;
+    let launched = launch.launcher != fusellm_dist::Launcher::None;
+    let run = StepRun { iters, fusion, checkpointed: setup.checkpoint_activations, comm: launched.then_some(&*comm) };
+    let mut how = String::new();
+    if run.checkpointed {
+        how += ", checkpointed activations";
+    }
+    if launched {
+        let backend = if devices == fusellm_dist::Devices::Gpu { "NCCL" } else { "MPI" };
+        how += &format!(", gradients all-reduced over {} rank(s) ({backend})", comm.world());
+    }
     let what = if fusion { "CLM + sparse fusion, top-10" } else { "CLM" };
     use fusellm_core::model::Kernels;
     let paths: Vec<(&str, Kernels)> = match only {
@@ -245,13 +278,13 @@ fn train(shape: BatchShape, setup: &TrainSetup, iters: usize, fusion: bool, only
         let model = bench_model(shape, setup)?.with_kernels(*kernels);
         let spec = model.spec();
         let data = bench_batch(BatchShape { vocab: spec.vocab_size, ..shape }, fusion)?;
-        let ms = step_ms(&model, &data, iters, fusion)?;
+        let ms = step_ms(&model, &data, &run)?;
         let tokens_per_s = (batch * seq) as f64 / ms * 1e3;
         let tflops = flops_per_token(&model, seq) * tokens_per_s / 1e12;
         let mfu = setup.peak_tflops.map(|peak| format!(", MFU {:.1}%", 100.0 * tflops / peak)).unwrap_or_default();
         println!(
             "train step ({what}), Llama ({} layers, d_model {}, {} heads, SwiGLU {}, vocab {}), batch {batch} x {seq}, \
-             {} {}, {name} kernels: median {ms:.1} ms per step, {tokens_per_s:.0} tokens/s, {tflops:.2} model TFLOP/s{mfu}",
+             {} {}, {name} kernels{how}: median {ms:.1} ms per step, {tokens_per_s:.0} tokens/s, {tflops:.2} model TFLOP/s{mfu}",
             spec.layers, spec.hidden, spec.attention.heads, spec.mlp.hidden, spec.vocab_size, setup.dtype, setup.device
         );
         times.push(ms);

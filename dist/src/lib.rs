@@ -92,8 +92,10 @@ pub enum Devices {
 /// The communicator of this process's launch: [`Single`] for one process; for more, MPI
 /// between CPU processes, NCCL between GPUs. Call it once per process (MPI is initialised
 /// here and finalised when the communicator is dropped).
+/// A launched GPU process of a world of one joins NCCL all the same (its collectives then
+/// run on the GPU alone), so that one GPU can check the NCCL path.
 pub fn join(launch: &Launch, devices: Devices) -> Result<Box<dyn Communicator>> {
-    if launch.world == 1 {
+    if launch.world == 1 && (devices == Devices::Cpu || launch.launcher == Launcher::None) {
         return Ok(Box::new(Single));
     }
     let timeout = timeout()?;

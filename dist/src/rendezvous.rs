@@ -36,9 +36,10 @@ impl Rendezvous {
         if let Some(file) = var(ID_FILE_VAR).filter(|f| !f.is_empty()) {
             return Ok(Self::File(file.into()));
         }
-        let master = launch.master.clone().or_else(|| {
-            Some(format!("{}:{}", var("MASTER_ADDR").filter(|a| !a.is_empty())?, var("MASTER_PORT")?))
-        });
+        let master = launch
+            .master
+            .clone()
+            .or_else(|| Some(format!("{}:{}", var("MASTER_ADDR").filter(|a| !a.is_empty())?, var("MASTER_PORT")?)));
         let Some(master) = master else {
             return Err(Error::Launch(format!(
                 "the NCCL ranks of this {} launch have nowhere to meet: export MASTER_ADDR and MASTER_PORT (rank 0's host and a free port) to every rank, or {ID_FILE_VAR} (a path on a file system every rank sees)",
@@ -46,14 +47,15 @@ impl Rendezvous {
             )));
         };
         let (addr, port) = master.rsplit_once(':').expect("MASTER_ADDR:MASTER_PORT");
-        let port = match var(RENDEZVOUS_PORT_VAR) {
-            Some(p) => p.parse::<u16>().ok().filter(|&p| p > 0).ok_or_else(|| {
-                Error::Launch(format!("{RENDEZVOUS_PORT_VAR}={p} is not a port number (1 to 65535)"))
-            })?,
-            None => port.parse::<u16>().ok().and_then(|p| p.checked_add(1)).ok_or_else(|| {
-                Error::Launch(format!("MASTER_PORT={port} leaves no port above it; set {RENDEZVOUS_PORT_VAR}"))
-            })?,
-        };
+        let port =
+            match var(RENDEZVOUS_PORT_VAR) {
+                Some(p) => p.parse::<u16>().ok().filter(|&p| p > 0).ok_or_else(|| {
+                    Error::Launch(format!("{RENDEZVOUS_PORT_VAR}={p} is not a port number (1 to 65535)"))
+                })?,
+                None => port.parse::<u16>().ok().and_then(|p| p.checked_add(1)).ok_or_else(|| {
+                    Error::Launch(format!("MASTER_PORT={port} leaves no port above it; set {RENDEZVOUS_PORT_VAR}"))
+                })?,
+            };
         Ok(Self::Tcp { addr: addr.to_owned(), port })
     }
 
@@ -216,8 +218,14 @@ mod tests {
         let wait = Duration::from_secs(20);
         for rendezvous in [Rendezvous::Tcp { addr: "127.0.0.1".into(), port }, Rendezvous::File(dir.join("id"))] {
             let got: Vec<Id> = std::thread::scope(|s| {
-                let others: Vec<_> =
-                    (1..3).map(|rank| s.spawn({ let r = &rendezvous; move || r.share(rank, 3, None, wait) })).collect();
+                let others: Vec<_> = (1..3)
+                    .map(|rank| {
+                        s.spawn({
+                            let r = &rendezvous;
+                            move || r.share(rank, 3, None, wait)
+                        })
+                    })
+                    .collect();
                 assert_eq!(rendezvous.share(0, 3, Some(id), wait).unwrap(), id);
                 others.into_iter().map(|h| h.join().unwrap().unwrap()).collect()
             });

@@ -25,6 +25,7 @@ use crate::model::Transformer;
 pub use data::{Batching, Dataset, Document};
 pub use metrics::StepMetrics;
 use optim::{grad_norm, AdamWConfig};
+pub use parallel::all_reduce_grads;
 use parallel::RankOptimizer;
 use schedule::{LambdaSchedule, LrSchedule};
 pub use state::{copy_carried, latest_checkpoint, TrainState};

@@ -94,7 +94,7 @@ pub fn sum(comm: &dyn Communicator, mut values: [f64; 4]) -> Result<[f64; 4]> {
     Ok(values)
 }
 
-/// The gradients summed over the ranks, in buckets of about [`BUCKET`] elements. A rank
+/// The gradients summed over the ranks, in buckets of about 64 MiB (`BUCKET` elements). A rank
 /// that had no sequence in this step (`grads` is `None`) contributes zeros; a parameter
 /// without a gradient otherwise is an error, as in a single process.
 pub fn all_reduce_grads(
