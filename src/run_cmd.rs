@@ -286,7 +286,16 @@ pub struct TrainArgs {
 pub fn train(args: TrainArgs) -> Result<()> {
     let launch = fusellm_dist::Launch::from_env()?;
     let run_args = RunArgs { config: args.config.clone(), set: args.set.clone() };
-    let (_, config) = load(&run_args)?.into_iter().next().expect("one variant at least");
+    let config = match load(&run_args) {
+        Ok(variants) => variants.into_iter().next().expect("one variant at least").1,
+        // Before the ranks have joined: this rank says which it is and ends, and the
+        // launcher stops the others.
+        Err(e) if launch.world > 1 => {
+            eprintln!("error: rank {} of {}: {e:#}", launch.rank, launch.world);
+            std::process::exit(2)
+        }
+        Err(e) => return Err(e),
+    };
     // GPU ranks meet over NCCL, CPU ranks over MPI.
     let devices = match config.run.device.starts_with("cuda") {
         true => fusellm_dist::Devices::Gpu,

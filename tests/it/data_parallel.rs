@@ -165,18 +165,18 @@ fn a_run_resumes_on_another_number_of_ranks_with_the_same_global_batch() {
     let common = ["train.steps=4", "train.seq_len=32", "train.checkpoint_every=2", "train.eps=1e-3"];
     let with = |batch: &'static str| [&common[..], &[batch]].concat();
     succeeded(&train(&dir, &fused, 1, "alone", &with("train.batch_size=4"), &[]));
-    succeeded(&train(&dir, &fused, 2, "moved", &with("train.batch_size=2"), &["--stop-at", "2"]));
-    let refused = train(&dir, &fused, 1, "moved", &with("train.batch_size=2"), &["--resume"]);
+    succeeded(&train(&dir, &fused, 2, "regrouped", &with("train.batch_size=2"), &["--stop-at", "2"]));
+    let refused = train(&dir, &fused, 1, "regrouped", &with("train.batch_size=2"), &["--resume"]);
     let message = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success() && message.contains("global batch of 4"), "{message}");
-    succeeded(&train(&dir, &fused, 1, "moved", &with("train.batch_size=4"), &["--resume"]));
-    let (alone, moved) = (losses(&dir.join("alone")), losses(&dir.join("moved")));
+    succeeded(&train(&dir, &fused, 1, "regrouped", &with("train.batch_size=4"), &["--resume"]));
+    let (alone, moved) = (losses(&dir.join("alone")), losses(&dir.join("regrouped")));
     assert_eq!(moved.len(), 4);
     for (step, (a, b)) in alone.iter().zip(&moved).enumerate() {
         assert!((a - b).abs() <= 1e-6 * a.abs(), "step {}: loss {a} alone, {b} moved from two ranks", step + 1);
     }
     let last = "checkpoints/step-0000004";
-    let (a, b) = (weights(&dir.join("alone").join(last)), weights(&dir.join("moved").join(last)));
+    let (a, b) = (weights(&dir.join("alone").join(last)), weights(&dir.join("regrouped").join(last)));
     for (name, tensor) in &a {
         let diff = relative(tensor, &b[name]);
         assert!(diff <= 1e-6, "`{name}` differs by {diff} (relative) after 4 steps");
@@ -261,9 +261,9 @@ fn zero_stage_1_trains_as_plain_data_parallelism() {
         assert_eq!(relative(tensor, &zero_state[key]), 0.0, "`{key}` differs");
     }
 
-    // Stopped at step 2 on two ranks with ZeRO, resumed on one.
+    // Stopped at step 2 on two ranks with ZeRO, resumed on one (with the same global batch).
     succeeded(&train(&dir, &fused, 2, "moved", &zero, &["--stop-at", "2"]));
-    succeeded(&train(&dir, &fused, 1, "moved", &zero, &["--resume"]));
+    succeeded(&train(&dir, &fused, 1, "moved", &[&zero[..], &["train.batch_size=4"]].concat(), &["--resume"]));
     assert!(dir.join("moved").join(last).join("model.safetensors").exists());
 }
 
