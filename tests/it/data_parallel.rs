@@ -125,21 +125,31 @@ fn two_ranks_of_b_train_as_one_rank_of_2b() {
         ["train.steps=4", "train.accumulation=2", "train.seq_len=32", "train.checkpoint_every=4", "train.eps=1e-3"];
     succeeded(&train(&dir, &fused, 1, "one", &[&common[..], &["train.batch_size=4"]].concat(), &[]));
     succeeded(&train(&dir, &fused, 2, "two", &[&common[..], &["train.batch_size=2"]].concat(), &[]));
-
-    let (one, two) = (losses(&dir.join("one")), losses(&dir.join("two")));
-    assert_eq!(one.len(), 4);
-    for (step, (a, b)) in one.iter().zip(&two).enumerate() {
-        assert!((a - b).abs() <= 1e-6 * a.abs(), "step {}: loss {a} on one rank, {b} on two", step + 1);
-    }
-    let last = "checkpoints/step-0000004";
-    let (a, b) = (weights(&dir.join("one").join(last)), weights(&dir.join("two").join(last)));
-    assert_eq!(a.len(), b.len());
-    for (name, tensor) in &a {
-        let diff = relative(tensor, &b[name]);
-        assert!(diff <= 1e-6, "`{name}` differs by {diff} (relative) after 4 steps");
-    }
     // Rank 0 alone writes: one metrics line per step, not one per rank.
-    assert_eq!(two.len(), 4);
+    trained_alike(&dir.join("one"), &dir.join("two"), 4);
+}
+
+/// Runs `a` and `b` logged `steps` losses each, equal within 1e-6 relative, and ended on
+/// weights within 1e-6 relative.
+fn trained_alike(a: &Path, b: &Path, steps: u64) {
+    let (la, lb) = (losses(a), losses(b));
+    assert_eq!((la.len(), lb.len()), (steps as usize, steps as usize));
+    for (step, (x, y)) in la.iter().zip(&lb).enumerate() {
+        assert!(
+            (x - y).abs() <= 1e-6 * x.abs(),
+            "step {}: loss {x} in {}, {y} in {}",
+            step + 1,
+            a.display(),
+            b.display()
+        );
+    }
+    let last = format!("checkpoints/step-{steps:07}");
+    let (wa, wb) = (weights(&a.join(&last)), weights(&b.join(&last)));
+    assert_eq!(wa.len(), wb.len());
+    for (name, tensor) in &wa {
+        let diff = relative(tensor, &wb[name]);
+        assert!(diff <= 1e-6, "`{name}` differs by {diff} (relative) after {steps} steps");
+    }
 }
 
 #[test]
@@ -170,17 +180,7 @@ fn a_run_resumes_on_another_number_of_ranks_with_the_same_global_batch() {
     let message = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success() && message.contains("global batch of 4"), "{message}");
     succeeded(&train(&dir, &fused, 1, "regrouped", &with("train.batch_size=4"), &["--resume"]));
-    let (alone, moved) = (losses(&dir.join("alone")), losses(&dir.join("regrouped")));
-    assert_eq!(moved.len(), 4);
-    for (step, (a, b)) in alone.iter().zip(&moved).enumerate() {
-        assert!((a - b).abs() <= 1e-6 * a.abs(), "step {}: loss {a} alone, {b} moved from two ranks", step + 1);
-    }
-    let last = "checkpoints/step-0000004";
-    let (a, b) = (weights(&dir.join("alone").join(last)), weights(&dir.join("regrouped").join(last)));
-    for (name, tensor) in &a {
-        let diff = relative(tensor, &b[name]);
-        assert!(diff <= 1e-6, "`{name}` differs by {diff} (relative) after 4 steps");
-    }
+    trained_alike(&dir.join("alone"), &dir.join("regrouped"), 4);
 }
 
 #[test]
