@@ -212,7 +212,8 @@ pub fn split_corpus(
     out: &Path,
 ) -> Result<SplitSummary> {
     use std::io::Write;
-    let partial = out.with_extension("partial");
+    // Named per process: another writer's partial file is never this one's.
+    let partial = out.with_extension(format!("partial{}", std::process::id()));
     let file = std::fs::File::create(&partial).context(|| format!("creating {}", partial.display()))?;
     let mut writer = std::io::BufWriter::new(file);
     let mut pieces = 0;

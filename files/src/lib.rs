@@ -3,9 +3,13 @@
 //! paths as runs record them. A crate of its own so that the plugin host and the stages use
 //! one mechanism without depending on each other.
 
+mod lock;
+
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
+
+pub use lock::FolderLock;
 
 /// A file operation that failed: what was being done to which file, and the I/O error.
 #[derive(Debug, thiserror::Error)]

@@ -25,6 +25,7 @@ mod examples;
 mod families;
 mod fused_ops;
 mod gradients;
+mod integrity;
 mod lora;
 mod memory;
 mod model_bad_inputs;

@@ -130,6 +130,8 @@ impl Run<'_> {
             eval: Vec::new(),
         };
         std::fs::create_dir_all(&self.out).context(|| format!("creating {}", self.out.display()))?;
+        // One run at a time on a cache: a second would compute every stage again beside it.
+        let _lock = crate::files::FolderLock::acquire(&self.cache)?;
         let mut stages = Stages { run: self, record: &mut record, events };
         let (corpus, split_key) = stages.split(checked)?;
         let docs = match &checked.fusion {

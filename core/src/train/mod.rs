@@ -174,6 +174,8 @@ impl Trainer<'_> {
             return Err(Error::msg("the target must be loaded trainable (LoadMode::Trainable)"));
         }
         let comm = self.comm;
+        // Rank 0 writes the folder: one trainer at a time in it.
+        let _lock = (comm.rank() == 0).then(|| crate::files::FolderLock::acquire(&self.run_dir)).transpose()?;
         data.set_rank(comm.rank(), comm.world());
         parallel::agree(comm, &self.config, vars, data)?;
         // Before the optimizer copies master weights from them.
