@@ -74,6 +74,25 @@ impl Checkpoint {
         Self::open(Path::new(&read_identity(store)?.model), registry, adapter)
     }
 
+    /// The sha256 of each of the folder's safetensors files, by name (hashed once per file
+    /// version: [`crate::files::cached_file_sha256`]).
+    pub fn weights_sha256(&self) -> Result<Vec<(String, String)>> {
+        let mut files: Vec<(String, std::path::PathBuf)> = std::fs::read_dir(&self.dir)
+            .context(|| format!("reading {}", self.dir.display()))?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
+            .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+            .collect();
+        files.sort();
+        files.into_iter().map(|(name, path)| Ok((name, crate::files::cached_file_sha256(&path)?))).collect()
+    }
+
+    /// One hash of what the model computes with: its config, tokenizer and weights.
+    pub fn content_sha256(&self) -> Result<String> {
+        let content = serde_json::json!([self.config_sha256, self.tokenizer_sha256, self.weights_sha256()?]);
+        Ok(sha256_hex(content.to_string().as_bytes()))
+    }
+
     /// Checks the weight files without loading a tensor: every file's header reads, its
     /// data is as long as the header says (a truncated download is caught here), and every
     /// tensor the model needs is there with a loadable dtype and the shape config.json

@@ -53,6 +53,7 @@ pub fn precompute_model(
     let identity = Identity {
         format: FORMAT.into(),
         model: model_dir.display().to_string(),
+        model_sha256: checkpoint.content_sha256()?,
         tokenizer_sha256: checkpoint.tokenizer_sha256.clone(),
         corpus: corpus.display().to_string(),
         corpus_sha256: crate::files::file_sha256(corpus)?,

@@ -69,6 +69,55 @@ pub fn file_sha256(path: &Path) -> Result<String> {
     Ok(sha256_hex(&std::fs::read(path).context(|| format!("reading {}", path.display()))?))
 }
 
+/// fusellm's cache folder: `$FUSELLM_CACHE`, else `$XDG_CACHE_HOME/fusellm`, else
+/// `~/.cache/fusellm`.
+pub fn default_cache_dir() -> Option<PathBuf> {
+    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    env("FUSELLM_CACHE")
+        .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("fusellm")))
+        .or_else(|| env("HOME").map(|d| d.join(".cache/fusellm")))
+}
+
+/// The sha256 of a large file (a checkpoint's weights), hashed once: the hash is kept in
+/// fusellm's cache under the file's path, size, inode and modification and change times.
+/// The change time moves on every write and rename and no tool sets it back, so content
+/// replaced in place with size and mtime kept (`cp -p`, `rsync -a`, `tar`) is hashed again.
+pub fn cached_file_sha256(path: &Path) -> Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).context(|| format!("reading {}", path.display()))?;
+    let stamp = format!(
+        "{}\n{} {} {}.{} {}.{}",
+        absolute(path).display(),
+        meta.len(),
+        meta.ino(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        meta.ctime(),
+        meta.ctime_nsec()
+    );
+    let entry = default_cache_dir().map(|d| d.join("sha256").join(&sha256_hex(stamp.as_bytes())[..32]));
+    if let Some(hash) = entry.as_ref().and_then(|e| std::fs::read_to_string(e).ok()).filter(|h| h.len() == 64) {
+        return Ok(hash);
+    }
+    let hash = {
+        use std::io::Read;
+        let mut file = std::fs::File::open(path).context(|| format!("reading {}", path.display()))?;
+        let (mut hasher, mut buffer) = (Sha256::new(), vec![0u8; 1 << 20]);
+        loop {
+            let n = file.read(&mut buffer).context(|| format!("reading {}", path.display()))?;
+            if n == 0 {
+                break hex(&hasher.finalize());
+            }
+            hasher.update(&buffer[..n]);
+        }
+    };
+    // A cache that cannot be written costs a hash next time, nothing else.
+    if let Some(entry) = entry {
+        let _ = write_cache(&entry, hash.as_bytes());
+    }
+    Ok(hash)
+}
+
 /// `path` with `.` and `dir/..` folded away, without touching the file system.
 pub fn lexical(path: &Path) -> PathBuf {
     use std::path::Component;

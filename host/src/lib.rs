@@ -22,7 +22,8 @@ use fusellm_sdk::{
     ParamValue, Params, PluginInfo, PluginKind, SequenceAligner, TokenStrings, Tokenization, VocabMap, VocabMapper,
 };
 
-pub use wasm::{default_cache_dir, WasmHost, WasmLimits};
+pub use fusellm_files::default_cache_dir;
+pub use wasm::{WasmHost, WasmLimits};
 
 /// Where a plugin comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]

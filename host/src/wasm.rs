@@ -43,17 +43,8 @@ pub struct WasmLimits {
 
 impl Default for WasmLimits {
     fn default() -> Self {
-        Self { deadline: Duration::from_secs(30), memory_bytes: 1 << 30, cache_dir: default_cache_dir() }
+        Self { deadline: Duration::from_secs(30), memory_bytes: 1 << 30, cache_dir: fusellm_files::default_cache_dir() }
     }
-}
-
-/// fusellm's cache folder: `$FUSELLM_CACHE`, else `$XDG_CACHE_HOME/fusellm`, else
-/// `~/.cache/fusellm`.
-pub fn default_cache_dir() -> Option<PathBuf> {
-    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
-    env("FUSELLM_CACHE")
-        .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("fusellm")))
-        .or_else(|| env("HOME").map(|d| d.join(".cache/fusellm")))
 }
 
 /// How much of a plugin's stderr is kept (for the messages of its panics).

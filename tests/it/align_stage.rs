@@ -28,6 +28,7 @@ fn store(registry: &Registry, model: &str, corpus: &Path, texts: &[String]) -> P
     let identity = Identity {
         format: FORMAT.into(),
         model: dir.display().to_string(),
+        model_sha256: checkpoint.content_sha256().unwrap(),
         tokenizer_sha256: file_sha256(&dir.join("tokenizer.json")).unwrap(),
         corpus: corpus.display().to_string(),
         corpus_sha256: file_sha256(corpus).unwrap(),

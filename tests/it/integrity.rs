@@ -26,7 +26,8 @@ fn experiment(name: &str) -> PathBuf {
 #[test]
 fn a_second_run_on_a_folder_in_use_is_refused_with_the_holder() {
     let dir = experiment("lock");
-    let mut first = Command::new(env!("CARGO_BIN_EXE_fusellm")).current_dir(&dir).args(["run", "run.toml"]).spawn().unwrap();
+    let mut first =
+        Command::new(env!("CARGO_BIN_EXE_fusellm")).current_dir(&dir).args(["run", "run.toml"]).spawn().unwrap();
     let lock = dir.join("out/cache/.fusellm.lock");
     let started = std::time::Instant::now();
     while !std::fs::read_to_string(&lock).is_ok_and(|t| t.contains("pid")) {
@@ -47,4 +48,63 @@ fn a_second_run_on_a_folder_in_use_is_refused_with_the_holder() {
     // Released: a third run reuses every stage.
     let third = crate::common::fusellm_in(&dir, &["run", "run.toml"]);
     assert!(third.status.success(), "{}", String::from_utf8_lossy(&third.stderr));
+}
+
+/// The stages' records of the run of `dir`: (name, reused).
+fn reused(dir: &std::path::Path) -> Vec<(String, bool)> {
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("out/run.json")).unwrap()).unwrap();
+    let stages = record["stages"].as_array().unwrap().iter();
+    stages.map(|s| (s["name"].as_str().unwrap().to_string(), s["reused"].as_bool().unwrap())).collect()
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
+/// A model is its content: weights changed in place with their size and modification time
+/// kept (as `cp -p` leaves them) make the stages that read it run again; the same model in
+/// another folder reuses them.
+#[test]
+fn a_model_is_known_by_its_content_not_its_file_times_or_place() {
+    let dir = scratch("identity");
+    let source = dir.join("models/mpt");
+    copy_dir(&fixtures::model_dir("tiny-mpt"), &source);
+    let model = |path: &std::path::Path| path.display().to_string();
+    let models = |src: &std::path::Path| {
+        format!(
+            "[target]\nmodel = \"{}\"\n[[sources]]\nmodel = \"{}\"\n",
+            model(&fixtures::model_dir("tiny-llama2")),
+            model(src)
+        )
+    };
+    write_experiment(&dir, &models(&source), 2);
+    let run = || {
+        let out = crate::common::fusellm_in(&dir, &["run", "run.toml"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        reused(&dir).into_iter().filter(|(name, _)| name.ends_with("-mpt")).map(|(_, r)| r).collect::<Vec<_>>()
+    };
+    assert_eq!(run(), [false, false], "precompute-mpt and align-mpt run");
+
+    // One weight changed in place, the file's length and mtime as they were.
+    let weights = source.join("model.safetensors");
+    let mtime = std::fs::metadata(&weights).unwrap().modified().unwrap();
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let at = bytes.len() - 64;
+    bytes[at] ^= 0x01;
+    std::fs::write(&weights, &bytes).unwrap();
+    std::fs::File::options().write(true).open(&weights).unwrap().set_modified(mtime).unwrap();
+    assert_eq!(std::fs::metadata(&weights).unwrap().modified().unwrap(), mtime);
+    assert_eq!(run(), [false, false], "the edited model's stages were reused");
+
+    // The same files in another folder: nothing to compute again.
+    let moved = dir.join("elsewhere/mpt");
+    copy_dir(&source, &moved);
+    let config = std::fs::read_to_string(dir.join("run.toml")).unwrap();
+    std::fs::write(dir.join("run.toml"), config.replace(&model(&source), &model(&moved))).unwrap();
+    assert_eq!(run(), [true, true], "the moved model's stages ran again");
 }

@@ -28,6 +28,7 @@ fn identity(documents: usize, k: usize) -> Identity {
     Identity {
         format: FORMAT.into(),
         model: "tiny-llama2".into(),
+        model_sha256: "m".into(),
         tokenizer_sha256: "t".into(),
         corpus: "test".into(),
         corpus_sha256: "c".into(),

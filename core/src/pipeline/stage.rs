@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::Event;
 use crate::checkpoint::Checkpoint;
-use crate::error::{Context, Result};
+use crate::error::Result;
 use crate::files::sha256_hex;
 use crate::plugins::Configured;
 
@@ -42,51 +42,26 @@ pub fn key(input: &impl Serialize, upstream: &[&str]) -> String {
     sha256_hex(&serde_json::to_vec(&keyed).expect("JSON"))[..16].to_string()
 }
 
-/// What identifies an opened checkpoint: the adapter that read it, its config and
-/// tokenizer, and the names, sizes and times of its weight files (hashing gigabytes of
-/// weights on every run would cost more than it saves).
+/// What identifies an opened checkpoint: the adapter that read it and its content (the
+/// hashes of its config, tokenizer and weight files), so that weights edited in place are
+/// noticed and a moved checkpoint is the same one.
 #[derive(Serialize)]
 pub struct ModelId {
     adapter: String,
     adapter_version: String,
     config_sha256: String,
     tokenizer_sha256: String,
-    weights: Vec<WeightFile>,
-}
-
-#[derive(Serialize, PartialEq, Eq, PartialOrd, Ord)]
-struct WeightFile {
-    name: String,
-    bytes: u64,
-    modified_ns: Option<u128>,
+    weights: Vec<(String, String)>,
 }
 
 impl ModelId {
     pub fn of(checkpoint: &Checkpoint) -> Result<Self> {
-        let dir = &checkpoint.dir;
-        let mut weights: Vec<WeightFile> = std::fs::read_dir(dir)
-            .context(|| format!("reading {}", dir.display()))?
-            .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
-            .map(|e| {
-                let meta = e.metadata().ok();
-                let modified = meta.as_ref().and_then(|m| m.modified().ok());
-                WeightFile {
-                    name: e.file_name().to_string_lossy().into_owned(),
-                    bytes: meta.as_ref().map_or(0, |m| m.len()),
-                    modified_ns: modified
-                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                        .map(|d| d.as_nanos()),
-                }
-            })
-            .collect();
-        weights.sort();
         Ok(ModelId {
             adapter: checkpoint.adapter.clone(),
             adapter_version: checkpoint.adapter_version.clone(),
             config_sha256: checkpoint.config_sha256.clone(),
             tokenizer_sha256: checkpoint.tokenizer_sha256.clone(),
-            weights,
+            weights: checkpoint.weights_sha256()?,
         })
     }
 }

@@ -32,7 +32,12 @@ pub const FUSED_FORMAT: &str = "fusellm-fused/1";
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Identity {
     pub format: String,
+    /// Where the model was (for finding it again); the model itself is `model_sha256`.
     pub model: String,
+    /// [`crate::checkpoint::Checkpoint::content_sha256`]; empty in stores of fusellm
+    /// before 0.1 recorded it.
+    #[serde(default)]
+    pub model_sha256: String,
     pub tokenizer_sha256: String,
     pub corpus: String,
     pub corpus_sha256: String,
@@ -225,8 +230,17 @@ fn difference(existing: &Identity, wanted: &Identity) -> Option<String> {
         ("documents per shard", existing.docs_per_shard.to_string(), wanted.docs_per_shard.to_string()),
         ("residual setting", existing.layout.residual.to_string(), wanted.layout.residual.to_string()),
     ];
+    let model = match existing.model_sha256.is_empty() {
+        // A store from before content hashes: the path is all it says.
+        true => existing.model != wanted.model,
+        false => existing.model_sha256 != wanted.model_sha256,
+    };
     fields.into_iter().find(|(_, a, b)| a != b).map(|(what, a, b)| format!("another {what}: {a}, not {b}")).or_else(
-        || (existing.model != wanted.model).then(|| format!("another model: {}, not {}", existing.model, wanted.model)),
+        || {
+            model.then(|| {
+                format!("another model (its config, tokenizer or weights): {}, not {}", existing.model, wanted.model)
+            })
+        },
     )
 }
 
