@@ -111,7 +111,7 @@ pub fn align(args: AlignArgs) -> Result<()> {
         compat: args.compat,
         cache: cache.as_deref(),
     }
-    .run(&args.out, &mut |_| ())?;
+    .complete(&args.out, &mut |_| ())?;
     println!(
         "{} documents, {} target positions in {:.1} s",
         report.documents,

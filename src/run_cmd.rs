@@ -371,7 +371,7 @@ pub fn fuse(args: FuseArgs) -> Result<()> {
         None => Checkpoint::of_store(&args.target, &registry, None)?,
     };
     let target = Stored { dir: &args.target, checkpoint: &target };
-    let manifest = Fuse { target, aligned: &args.aligned, fusion: &fusion }.run(&args.out, &mut |_| ())?;
+    let manifest = Fuse { target, aligned: &args.aligned, fusion: &fusion }.complete(&args.out, &mut |_| ())?;
     eprintln!(
         "{} documents, {} positions, {:.2} entries per position -> {}",
         manifest.documents,

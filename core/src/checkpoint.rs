@@ -178,6 +178,7 @@ pub struct Stored<'a> {
 impl Stored<'_> {
     /// The store's identity, checked against the checkpoint: the same tokenizer.
     pub fn identity(&self) -> Result<Identity> {
+        crate::store::verify_for_reading(self.dir)?;
         let identity = read_identity(self.dir)?;
         if identity.tokenizer_sha256 != self.checkpoint.tokenizer_sha256 {
             return Err(Error::msg(format!(

@@ -46,6 +46,7 @@ pub fn fuse_stores(
     out: &Path,
 ) -> Result<FusedManifest> {
     let identity = target.identity()?;
+    aligned_dirs.iter().try_for_each(|dir| crate::align::stage::verify_aligned(dir))?;
     let texts = read_texts(Path::new(&identity.corpus))?;
     std::fs::create_dir_all(out).context(|| format!("creating {}", out.display()))?;
     let mut manifest = FusedManifest {

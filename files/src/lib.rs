@@ -4,6 +4,7 @@
 //! one mechanism without depending on each other.
 
 mod lock;
+pub mod manifest;
 
 use std::path::{Path, PathBuf};
 
@@ -44,7 +45,8 @@ pub fn write_atomically(file: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// Writes a cache file atomically into a folder private to the user (a cache may hold
-/// native code, as compiled WASM does, so others must not write there).
+/// native code, as compiled WASM does, so others must not write there), its content's
+/// sha256 on the first line, so that [`read_cache`] notices a file changed since.
 pub fn write_cache(file: &Path, bytes: &[u8]) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     let dir = file.parent().expect("cache files live in a folder");
@@ -53,7 +55,20 @@ pub fn write_cache(file: &Path, bytes: &[u8]) -> Result<()> {
         .mode(0o700)
         .create(dir)
         .context(|| format!("creating {}", dir.display()))?;
-    write_atomically(file, bytes)
+    let content = [format!("{}\n", sha256_hex(bytes)).as_bytes(), bytes].concat();
+    write_atomically(file, &content)
+}
+
+/// The content of a cache file [`write_cache`] wrote, if it is there and unchanged (a
+/// damaged entry is one to compute again, not an error).
+pub fn read_cache(file: &Path) -> Option<Vec<u8>> {
+    let content = std::fs::read(file).ok()?;
+    let (hash, bytes) = (content.get(..64)?, content.get(65..)?);
+    let sound = content.get(64) == Some(&b'\n') && hash == sha256_hex(bytes).as_bytes();
+    if !sound {
+        eprintln!("warning: the cache entry {} is damaged; computing it again", file.display());
+    }
+    sound.then(|| bytes.to_vec())
 }
 
 /// Lowercase hexadecimal.
@@ -96,7 +111,7 @@ pub fn cached_file_sha256(path: &Path) -> Result<String> {
         meta.ctime_nsec()
     );
     let entry = default_cache_dir().map(|d| d.join("sha256").join(&sha256_hex(stamp.as_bytes())[..32]));
-    if let Some(hash) = entry.as_ref().and_then(|e| std::fs::read_to_string(e).ok()).filter(|h| h.len() == 64) {
+    if let Some(hash) = entry.as_ref().and_then(|e| read_cache(e)).and_then(|h| String::from_utf8(h).ok()) {
         return Ok(hash);
     }
     let hash = {

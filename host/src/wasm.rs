@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fusellm_files::{sha256_hex, write_cache};
+use fusellm_files::{read_cache, sha256_hex, write_cache};
 use fusellm_sdk::export::params_json;
 use fusellm_sdk::{
     Alignment, CheckpointFiles, FusedTarget, FusionFn, FusionInput, ModelAdapter, ModelSpec, Params, PluginInfo,
@@ -132,12 +132,12 @@ impl WasmHost {
 
     fn compile(&self, path: &Path, bytes: &[u8]) -> Result<Component, PluginError> {
         let cached = self.limits.cache_dir.as_ref().map(|dir| dir.join("wasm").join(self.cache_key(bytes)));
-        if let Some(file) = cached.as_ref().filter(|f| f.exists()) {
+        if let Some(data) = cached.as_ref().and_then(|f| read_cache(f)) {
             // SAFETY: a .cwasm is native code that runs outside the sandbox, so the cache
-            // folder is trusted as the fusellm binary is (it is created private to the user).
-            // wasmtime's header check rejects files of another engine or version, and a
-            // file that fails it is recompiled below.
-            if let Ok(component) = unsafe { Component::deserialize_file(&self.engine, file) } {
+            // folder is trusted as the fusellm binary is (it is created private to the user);
+            // its hash was checked as read, wasmtime's header check rejects files of another
+            // engine or version, and a file that fails either is recompiled below.
+            if let Ok(component) = unsafe { Component::deserialize(&self.engine, &data) } {
                 return Ok(component);
             }
         }

@@ -108,3 +108,80 @@ fn a_model_is_known_by_its_content_not_its_file_times_or_place() {
     std::fs::write(dir.join("run.toml"), config.replace(&model(&source), &model(&moved))).unwrap();
     assert_eq!(run(), [true, true], "the moved model's stages ran again");
 }
+
+/// `fusellm run` of `dir` with fusellm's own cache (vocabulary maps, hashes) in `cache`.
+fn run_cached(dir: &std::path::Path, cache: &std::path::Path) -> std::process::Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_fusellm"))
+        .current_dir(dir)
+        .env("FUSELLM_CACHE", cache)
+        .args(["run", "run.toml"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+fn eval_of(dir: &std::path::Path) -> serde_json::Value {
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("out/run.json")).unwrap()).unwrap();
+    record["eval"].clone()
+}
+
+/// One byte changed in the middle of `file` (its length kept).
+fn flip(file: &std::path::Path) -> Vec<u8> {
+    let original = std::fs::read(file).unwrap();
+    let mut bytes = original.clone();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x01;
+    std::fs::write(file, bytes).unwrap();
+    original
+}
+
+fn files_below(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(files_below(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// A byte flipped in each kind of cached output in turn (split pieces, a store shard, an
+/// aligned shard, a fused shard, a checkpoint, the eval result; the vocabulary map of
+/// fusellm's cache): the next run notices, makes that output again, and ends where the
+/// clean run ended, the file restored byte for byte.
+#[test]
+fn a_damaged_cached_output_is_found_and_made_again() {
+    let dir = experiment("faults");
+    let cache = dir.join("fusellm-cache");
+    run_cached(&dir, &cache);
+    let clean = eval_of(&dir);
+    let cached = |stage: &str, file: &str| stage_dir(&dir, stage).join(file);
+    let outputs = [
+        cached("split", "pieces.jsonl"),
+        cached("precompute-tiny-mpt", "shard-00001.safetensors"),
+        cached("align-tiny-mpt", "aligned-00001.safetensors"),
+        cached("fuse", "fused-00001.safetensors"),
+        cached("train", "checkpoints/step-0000004/model.safetensors"),
+        cached("eval", "eval.json"),
+    ];
+    for file in &outputs {
+        let original = flip(file);
+        run_cached(&dir, &cache);
+        assert_eq!(eval_of(&dir), clean, "after damage to {}", file.display());
+        assert!(std::fs::read(file).unwrap() == original, "{} was not made again as it was", file.display());
+    }
+
+    // The vocabulary map lives in fusellm's cache, read when a source is aligned.
+    let map = files_below(&cache).into_iter().find(|f| f.to_string_lossy().contains("vocab")).expect("a cached map");
+    flip(&map);
+    std::fs::remove_dir_all(stage_dir(&dir, "align-tiny-mpt")).unwrap();
+    let out = run_cached(&dir, &cache);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains(&format!("{} is damaged", map.display())), "{log}");
+    assert_eq!(eval_of(&dir), clean);
+}

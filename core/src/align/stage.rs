@@ -209,6 +209,30 @@ fn tally(
     }
 }
 
+/// The aligned store in `dir` checked whole before fusion reads it: every shard its
+/// report.json lists there with the recorded hash.
+pub fn verify_aligned(dir: &Path) -> Result<()> {
+    let file = dir.join("report.json");
+    let bytes = std::fs::read(&file)
+        .context(|| format!("{} is not a finished aligned store (no report.json)", dir.display()))?;
+    #[derive(serde::Deserialize)]
+    struct Listed {
+        shards: Vec<(String, String)>,
+    }
+    let listed: Listed = serde_json::from_slice(&bytes).context(|| file.display().to_string())?;
+    for (name, sha256) in &listed.shards {
+        let shard = dir.join(name);
+        if !crate::files::cached_file_sha256(&shard).is_ok_and(|h| h == *sha256) {
+            return Err(Error::msg(format!(
+                "{} is missing or changed since it was aligned; run the same `fusellm align` into {} again, or `fusellm run`",
+                shard.display(),
+                dir.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Mapping distances of the source vocabulary, in buckets 0..=10 and more.
 fn histogram(map: &VocabMap) -> Vec<usize> {
     let mut buckets = vec![0; 12];

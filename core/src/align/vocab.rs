@@ -9,7 +9,7 @@ use fusellm_sdk::{TokenStrings, TokenizerConventions, VocabMap};
 use super::normalize::Normalizer;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Context, Error, Result};
-use crate::files::{sha256_hex, write_cache};
+use crate::files::{read_cache, sha256_hex, write_cache};
 use crate::plugins::Configured;
 
 /// A tokenizer's vocabulary: every id's string as the tokenizer spells it, added tokens
@@ -118,7 +118,7 @@ pub fn map_vocab(
     cache: Option<&Path>,
 ) -> Result<VocabMap> {
     let file = cache.map(|dir| cache_file(dir, mapper, source, target, compat));
-    if let Some(map) = file.as_ref().and_then(|f| std::fs::read(f).ok()).and_then(|b| serde_json::from_slice(&b).ok()) {
+    if let Some(map) = file.as_ref().and_then(|f| read_cache(f)).and_then(|b| serde_json::from_slice(&b).ok()) {
         return Ok(map);
     }
     let (src, tgt) = if compat {

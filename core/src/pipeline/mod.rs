@@ -19,6 +19,7 @@ use crate::checkpoint::{Checkpoint, Stored};
 use crate::config::Config;
 use crate::error::{Context, Result};
 use crate::eval::Score;
+use crate::files::manifest::{self, Check};
 use crate::files::{file_sha256, write_atomically};
 use crate::plugins::{default_cache_dir, Configured, Entry, Registry};
 use crate::split::read_texts;
@@ -179,12 +180,21 @@ impl Stages<'_> {
         };
         let key = stage::key(&stage.input()?, upstream);
         let dir = self.run.cache.join(format!("{name}-{key}"));
-        let reused = stage.done(&dir);
+        // Finished, and every file as it was written.
+        let check = match stage.done(&dir) {
+            true => manifest::check_manifest(&dir)?,
+            false => Check::Unlisted,
+        };
+        if let Check::Damaged(files) = &check {
+            let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+            tracing::warn!("{}: {} changed since written; computing again", dir.display(), names.join(", "));
+            stage.repair(&dir, files).context(|| format!("stage {name}"))?;
+        }
+        let reused = check == Check::Sound;
         (self.events)(Event::Stage { name: &name, reused });
         let start = Instant::now();
         if !reused {
-            std::fs::create_dir_all(&dir).context(|| format!("creating {}", dir.display()))?;
-            stage.run(&dir, &mut *self.events).context(|| format!("stage {name}"))?;
+            stage.complete(&dir, &mut *self.events).context(|| format!("stage {name}"))?;
         }
         self.record.stages.push(StageRecord {
             name,

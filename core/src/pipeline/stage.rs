@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::Event;
 use crate::checkpoint::Checkpoint;
-use crate::error::Result;
+use crate::error::{Context, Result};
 use crate::files::sha256_hex;
 use crate::plugins::Configured;
 
@@ -27,6 +27,31 @@ pub trait Stage {
     fn done(&self, out: &Path) -> bool;
 
     fn run(self, out: &Path, events: &mut dyn FnMut(Event)) -> Result<Self::Output>;
+
+    /// Removes what depends on the `damaged` files of a finished output (paths relative to
+    /// `out`), so that [`Stage::run`] makes them again: by default the files themselves
+    /// (each stage continues an interrupted output, computing only what is missing).
+    fn repair(&self, out: &Path, damaged: &[std::path::PathBuf]) -> Result<()> {
+        for file in damaged {
+            let path = out.join(file);
+            if path.exists() {
+                std::fs::remove_file(&path).context(|| format!("removing the damaged {}", path.display()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the stage into `out` and then writes the folder's manifest (every file's
+    /// hash), by which a later run or reader knows the output whole.
+    fn complete(self, out: &Path, events: &mut dyn FnMut(Event)) -> Result<Self::Output>
+    where
+        Self: Sized,
+    {
+        std::fs::create_dir_all(out).context(|| format!("creating {}", out.display()))?;
+        let output = self.run(out, events)?;
+        crate::files::manifest::write_manifest(out)?;
+        Ok(output)
+    }
 }
 
 /// The cache key of a stage: a short hash of its input, the keys of the stages it reads,

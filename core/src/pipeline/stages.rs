@@ -220,6 +220,29 @@ impl<'a> Stage for Train<'a> {
         latest_checkpoint(out).is_some_and(|(step, _)| step >= steps)
     }
 
+    /// A damaged checkpoint is removed whole (training resumes from the one before, to the
+    /// same weights); damaged metrics or plots, which no checkpoint restores, start the run
+    /// over.
+    fn repair(&self, out: &Path, damaged: &[std::path::PathBuf]) -> Result<()> {
+        let checkpoint = |f: &std::path::PathBuf| {
+            let mut parts = f.components().map(|c| c.as_os_str().to_string_lossy().into_owned());
+            match (parts.next(), parts.next()) {
+                (Some(top), Some(step)) if top == "checkpoints" && step.starts_with("step-") => {
+                    Some(out.join(top).join(step))
+                }
+                _ => None,
+            }
+        };
+        let dirs: Option<Vec<std::path::PathBuf>> = damaged.iter().map(checkpoint).collect();
+        let remove = dirs.unwrap_or_else(|| vec![out.to_owned()]);
+        for dir in remove {
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir).context(|| format!("removing the damaged {}", dir.display()))?;
+            }
+        }
+        Ok(())
+    }
+
     fn run(self, out: &Path, events: &mut dyn FnMut(Event)) -> Result<crate::train::Summary> {
         let train = self.train()?;
         let (local_rank, ranks) = (self.comm.local_rank(), self.comm.world());

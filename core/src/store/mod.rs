@@ -327,13 +327,32 @@ pub fn verify(dir: &Path) -> Result<Verification> {
     let manifest = read_manifest(dir)?;
     let mut out = Verification { tokens: manifest.tokens, bytes: manifest.bytes, ..Default::default() };
     for entry in &manifest.shards {
-        match map_shard(&dir.join(&entry.file)) {
-            Err(_) => out.missing.push(entry.file.clone()),
-            Ok(bytes) if sha256_hex(&bytes) != entry.sha256 => out.corrupt.push(entry.file.clone()),
-            Ok(_) => {}
+        let file = dir.join(&entry.file);
+        match file.exists() {
+            false => out.missing.push(entry.file.clone()),
+            true if !crate::files::cached_file_sha256(&file).is_ok_and(|h| h == entry.sha256) => {
+                out.corrupt.push(entry.file.clone())
+            }
+            true => {}
         }
     }
     Ok(out)
+}
+
+/// The store in `dir` checked whole before a stage reads it: every shard there with the
+/// hash its manifest records (hashes cached per file version, so a store is read once).
+pub fn verify_for_reading(dir: &Path) -> Result<()> {
+    let v = verify(dir)?;
+    if v.missing.is_empty() && v.corrupt.is_empty() {
+        return Ok(());
+    }
+    let damaged: Vec<String> = v.missing.iter().chain(&v.corrupt).map(|f| dir.join(f).display().to_string()).collect();
+    Err(Error::msg(format!(
+        "{} {} missing or changed since the store was written; run the same `fusellm precompute` on {} again (it recomputes those shards alone), or `fusellm run`",
+        damaged.join(", "),
+        if damaged.len() == 1 { "is" } else { "are" },
+        dir.display()
+    )))
 }
 
 /// A shard file, memory-mapped: readers decode it from the map rather than a copy.

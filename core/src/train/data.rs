@@ -27,10 +27,17 @@ pub fn fused_documents(dir: &Path) -> Result<(FusedManifest, Vec<Document>)> {
     let bytes = std::fs::read(&file).context(|| format!("{} is not a finished fused store", dir.display()))?;
     let manifest: FusedManifest = serde_json::from_slice(&bytes).context(|| file.display().to_string())?;
     let mut docs = Vec::new();
-    for s in 0..manifest.shards.len() {
+    for (s, (_, sha256)) in manifest.shards.iter().enumerate() {
         let file = fused_file(dir, s);
-        let shard = FusedShard::decode(&std::fs::read(&file).context(|| format!("reading {}", file.display()))?)
-            .context(|| file.display().to_string())?;
+        let bytes = std::fs::read(&file).context(|| format!("reading {}", file.display()))?;
+        if crate::files::sha256_hex(&bytes) != *sha256 {
+            return Err(Error::msg(format!(
+                "{} does not match the hash fused.json records (changed since it was written); run the same `fusellm fuse` into {} again, or `fusellm run`",
+                file.display(),
+                dir.display()
+            )));
+        }
+        let shard = FusedShard::decode(&bytes).context(|| file.display().to_string())?;
         for d in 0..shard.docs.len() {
             let (ids, rows) = shard.document(d);
             docs.push(Document { ids: ids.to_vec(), rows: Some(rows) });
