@@ -185,3 +185,70 @@ fn a_damaged_cached_output_is_found_and_made_again() {
     assert!(log.contains(&format!("{} is damaged", map.display())), "{log}");
     assert_eq!(eval_of(&dir), clean);
 }
+
+/// A corpus of pieces (JSONL, a `text` each) and the store of `model` over it, made by
+/// `fusellm precompute` in `dir`.
+fn store_of(dir: &std::path::Path, model: &str, name: &str) -> PathBuf {
+    let corpus = dir.join("pieces.jsonl");
+    if !corpus.exists() {
+        let text = std::fs::read_to_string(fixtures::root().join("corpora/prose/tinyshakespeare.valid.txt")).unwrap();
+        let lines: Vec<String> =
+            text.split("\n\n").take(12).map(|t| serde_json::json!({ "text": t }).to_string()).collect();
+        std::fs::write(&corpus, lines.join("\n")).unwrap();
+    }
+    let out = dir.join(name);
+    let model = fixtures::model_dir(model).display().to_string();
+    let args = ["precompute", "--model", &model, "--corpus", "pieces.jsonl", "--docs-per-shard", "4", "--out", name];
+    let done = crate::common::fusellm_in(dir, &args);
+    assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+    out
+}
+
+/// Case 1 of the issue, outside `fusellm run`: `fusellm align` refuses a store that fails
+/// `store verify` and names the shard and the repair; a precompute resumed in a store with
+/// no manifest recomputes a corrupt shard instead of blessing it; `fusellm train` refuses
+/// a fused shard that is not the one fused.json records; a garbage store.json fails
+/// `store verify`.
+#[test]
+fn readers_refuse_damaged_stores_and_a_resumed_precompute_recomputes_a_corrupt_shard() {
+    let dir = scratch("readers");
+    let (target, source) = (store_of(&dir, "tiny-llama2", "target"), store_of(&dir, "tiny-mpt", "source"));
+    let shard = source.join("shard-00001.safetensors");
+    let original = flip(&shard);
+    let align = ["align", "--source", "source", "--target", "target", "--out", "aligned"];
+    let out = crate::common::fusellm_in(&dir, &align);
+    let message = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && message.contains("source/shard-00001.safetensors"), "{message}");
+    assert!(message.contains("fusellm precompute"), "{message}");
+
+    // Without the manifest the shard's own recorded hash finds it.
+    std::fs::remove_file(source.join("manifest.json")).unwrap();
+    store_of(&dir, "tiny-mpt", "source");
+    assert!(std::fs::read(&shard).unwrap() == original, "the corrupt shard was kept");
+    let verified = crate::common::fusellm_in(&dir, &["store", "verify", "source"]);
+    assert!(verified.status.success(), "{}", String::from_utf8_lossy(&verified.stdout));
+
+    // A fused shard changed after fuse.
+    let out = crate::common::fusellm_in(&dir, &align);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(dir.join("fuse.toml"), "[fusion]\nplugin = \"min_ce\"\n").unwrap();
+    let fuse = ["fuse", "--target", "target", "--aligned", "aligned", "--config", "fuse.toml", "--out", "fused"];
+    let out = crate::common::fusellm_in(&dir, &fuse);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let fused = dir.join("fused/fused-00001.safetensors");
+    flip(&fused);
+    let model = fixtures::model_dir("tiny-llama2").display().to_string();
+    let config = format!("[target]\nmodel = \"{model}\"\n[train]\nsteps = 1\nbatch_size = 2\nseq_len = 64\n");
+    std::fs::write(dir.join("train.toml"), config).unwrap();
+    let train = ["train", "--config", "train.toml", "--fused", "fused", "--out", "run"];
+    let out = crate::common::fusellm_in(&dir, &train);
+    let message = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && message.contains("fused/fused-00001.safetensors"), "{message}");
+    assert!(message.contains("fusellm fuse"), "{message}");
+
+    // store.json replaced by other JSON.
+    std::fs::write(target.join("store.json"), b"{\"format\": \"garbage\"}").unwrap();
+    let out = crate::common::fusellm_in(&dir, &["store", "verify", "target"]);
+    let report = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && report.contains("store.json"), "{report}");
+}

@@ -75,6 +75,19 @@ pub fn shard_file(dir: &Path, s: usize) -> PathBuf {
     dir.join(format!("shard-{s:05}.safetensors"))
 }
 
+/// The sha256 of a shard as it was written, beside it (`shard-NNNNN.sha256`): what a
+/// resumed or merged precompute checks a finished shard against before the store has a
+/// manifest.
+fn hash_file(shard: &Path) -> PathBuf {
+    shard.with_extension("sha256")
+}
+
+/// Writes a shard and then its hash.
+fn write_shard(file: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomically(file, bytes)?;
+    Ok(write_atomically(&hash_file(file), sha256_hex(bytes).as_bytes())?)
+}
+
 /// What precompute keeps of one document.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DocTopK {
@@ -159,7 +172,7 @@ pub fn fill(
         let tops = compute(range.clone())?;
         let indices: Vec<u32> = range.map(|i| i as u32).collect();
         let bytes = Shard::new(&indices, &tops, identity.layout).encode(identity.layout)?;
-        write_atomically(&file, &bytes)?;
+        write_shard(&file, &bytes)?;
         summary.written += 1;
         summary.tokens += tops.iter().map(|t| t.ids.len()).sum::<usize>();
         summary.documents += tops.len();
@@ -176,18 +189,20 @@ pub fn fill(
     Ok(summary)
 }
 
-/// Whether a finished shard can be kept: it decodes, and matches the manifest's hash when
-/// there is one. A corrupt shard is written again, alone.
+/// Whether a finished shard can be kept: it has the hash the manifest records, or before
+/// there is a manifest the hash written beside it (a shard without one, or one that does
+/// not decode, is not kept). A corrupt shard is written again, alone.
 fn shard_is_sound(file: &Path, manifest: Option<&Manifest>) -> bool {
     let Ok(bytes) = map_shard(file) else { return false };
     let name = file.file_name().map(|n| n.to_string_lossy().into_owned());
     let listed = manifest.and_then(|m| m.shards.iter().find(|e| Some(&e.file) == name.as_ref()));
-    let sound = match listed {
-        Some(entry) => sha256_hex(&bytes) == entry.sha256,
-        None => Shard::decode(&bytes).is_ok(),
+    let recorded = match listed {
+        Some(entry) => Some(entry.sha256.clone()),
+        None => std::fs::read_to_string(hash_file(file)).ok(),
     };
+    let sound = recorded.is_some_and(|h| h == sha256_hex(&bytes)) && Shard::decode(&bytes).is_ok();
     if !sound {
-        tracing::warn!("{} is corrupt; computing it again", file.display());
+        tracing::warn!("{} is corrupt or unfinished; computing it again", file.display());
     }
     sound
 }
@@ -292,7 +307,7 @@ pub fn merge(out: &Path, inputs: &[PathBuf]) -> Result<usize> {
         match inputs.iter().map(|d| shard_file(d, s)).find(|f| shard_is_sound(f, None)) {
             Some(source) => {
                 let bytes = std::fs::read(&source).context(|| format!("reading {}", source.display()))?;
-                write_atomically(&target, &bytes)?;
+                write_shard(&target, &bytes)?;
             }
             None => missing.push(s.to_string()),
         }
@@ -326,6 +341,9 @@ pub struct Verification {
 pub fn verify(dir: &Path) -> Result<Verification> {
     let manifest = read_manifest(dir)?;
     let mut out = Verification { tokens: manifest.tokens, bytes: manifest.bytes, ..Default::default() };
+    if !read_identity(dir).is_ok_and(|identity| identity == manifest.identity) {
+        out.corrupt.push("store.json".into());
+    }
     for entry in &manifest.shards {
         let file = dir.join(&entry.file);
         match file.exists() {
