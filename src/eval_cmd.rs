@@ -96,13 +96,17 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         let mut set_nlls = Vec::new();
         for (name, set) in &texts {
             let nlls = scorer.text_nlls(set)?;
-            rows.push(text_row(&label, name, score(&nlls, set.iter().map(|t| t.len() as u64).sum())));
+            rows.push(text_row(
+                &label,
+                name,
+                score(&nlls, set.iter().map(|t| t.len() as u64).sum()).with_context(|| format!("{label} on {name}"))?,
+            ));
             set_nlls.push(nlls);
         }
         let mut choice_nlls = Vec::new();
         for (name, qs) in &questions {
             let nlls = qs.iter().map(|q| scorer.choice_nlls(q)).collect::<fusellm_core::error::Result<Vec<_>>>()?;
-            rows.push(choice_row(&label, name, qs, &nlls));
+            rows.push(choice_row(&label, name, qs, &nlls)?);
             choice_nlls.push(nlls);
         }
         members.push((set_nlls, choice_nlls));
@@ -114,13 +118,18 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         }
         for (s, (name, set)) in texts.iter().enumerate() {
             let nlls = mixture(&members.iter().map(|m| m.0[s].clone()).collect::<Vec<_>>())?;
-            rows.push(text_row("ensemble", name, score(&nlls, set.iter().map(|t| t.len() as u64).sum())));
+            rows.push(text_row(
+                "ensemble",
+                name,
+                score(&nlls, set.iter().map(|t| t.len() as u64).sum())
+                    .with_context(|| format!("the ensemble on {name}"))?,
+            ));
         }
         for (s, (name, qs)) in questions.iter().enumerate() {
             let nlls = (0..qs.len())
                 .map(|q| mixture(&members.iter().map(|m| m.1[s][q].clone()).collect::<Vec<_>>()))
                 .collect::<fusellm_core::error::Result<Vec<_>>>()?;
-            rows.push(choice_row("ensemble", name, qs, &nlls));
+            rows.push(choice_row("ensemble", name, qs, &nlls)?);
         }
     }
     print_table(&rows);
@@ -141,16 +150,22 @@ fn text_row(model: &str, set: &str, s: Score) -> Row {
     }
 }
 
-fn choice_row(model: &str, set: &str, questions: &[fusellm_core::eval::Question], nlls: &[Vec<Vec<f32>>]) -> Row {
+fn choice_row(
+    model: &str,
+    set: &str,
+    questions: &[fusellm_core::eval::Question],
+    nlls: &[Vec<Vec<f32>>],
+) -> Result<Row> {
     let logliks: Vec<Vec<f64>> = nlls.iter().map(|q| q.iter().map(|c| loglik(c)).collect()).collect();
-    Row {
+    let accuracy = accuracy(questions, &logliks).with_context(|| format!("{model} on {set}"))?;
+    Ok(Row {
         model: model.into(),
         set: set.into(),
         score: None,
         perplexity: None,
         bits_per_byte: None,
-        accuracy: Some(accuracy(questions, &logliks)),
-    }
+        accuracy: Some(accuracy),
+    })
 }
 
 fn print_table(rows: &[Row]) {

@@ -132,7 +132,9 @@ impl Weights {
             }
             Source::Checkpoint { files, dir } => {
                 view(files, dir, &full, shape)?;
-                files.load(&full, &self.device)?
+                let tensor = files.load(&full, &self.device)?;
+                check_finite(&tensor, dir, &full)?;
+                tensor
             }
             Source::Random { rng, std } => init(rng, *std, name, shape, &self.device)?,
         }
@@ -213,6 +215,25 @@ fn view<'a>(files: &'a MmapedSafetensors, dir: &Path, name: &str, shape: &[usize
         )));
     }
     Ok(view)
+}
+
+/// Who knows that a checkpoint holds NaN or Inf on purpose sets this variable to 1.
+pub const ALLOW_NON_FINITE_VAR: &str = "FUSELLM_ALLOW_NONFINITE_WEIGHTS";
+
+/// Refuses a weight with a NaN or an infinity (it would turn every output it reaches into
+/// NaN, silently, downstream), unless [`ALLOW_NON_FINITE_VAR`] is set.
+fn check_finite(tensor: &Tensor, dir: &Path, name: &str) -> Result<()> {
+    let values = tensor.to_dtype(DType::F32)?.flatten_all()?;
+    let finite = values.abs()?.broadcast_lt(&Tensor::new(f32::INFINITY, values.device())?)?;
+    let bad = values.elem_count() - finite.to_dtype(DType::U32)?.sum_all()?.to_scalar::<u32>()? as usize;
+    if bad == 0 || std::env::var(ALLOW_NON_FINITE_VAR).is_ok_and(|v| v == "1") {
+        return Ok(());
+    }
+    Err(Error::msg(format!(
+        "{}: tensor `{name}` holds {bad} NaN or infinite value(s) of {}; the checkpoint is damaged (download or convert it again), or set {ALLOW_NON_FINITE_VAR}=1 to load it anyway",
+        dir.display(),
+        values.elem_count()
+    )))
 }
 
 /// A fresh tensor for block-library tensor `name`: norm weights one, biases zero,

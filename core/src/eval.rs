@@ -120,10 +120,28 @@ pub fn loglik(nlls: &[f32]) -> f64 {
     -nlls.iter().map(|&x| x as f64).sum::<f64>()
 }
 
-/// Sums per-text NLLs into a score over texts of `bytes` bytes.
-pub fn score(nlls: &[Vec<f32>], bytes: u64) -> Score {
-    let nll = nlls.iter().flatten().map(|&x| x as f64).sum();
-    Score { tokens: nlls.iter().map(|n| n.len() as u64).sum(), bytes, nll }
+/// Sums per-text NLLs into a score over texts of `bytes` bytes. A set that predicts no
+/// token, and an NLL that is not a number, are errors: neither is a score.
+pub fn score(nlls: &[Vec<f32>], bytes: u64) -> Result<Score> {
+    let nll: f64 = nlls.iter().flatten().map(|&x| x as f64).sum();
+    let tokens = nlls.iter().map(|n| n.len() as u64).sum();
+    if tokens == 0 || bytes == 0 {
+        return Err(Error::msg(format!(
+            "the evaluation set has no token to predict ({} texts, {bytes} bytes): give it texts of at least two tokens",
+            nlls.len()
+        )));
+    }
+    if !nll.is_finite() {
+        return Err(non_finite("negative log-likelihood", nll));
+    }
+    Ok(Score { tokens, bytes, nll })
+}
+
+/// The error of a metric that came out NaN or infinite.
+fn non_finite(what: &str, value: f64) -> Error {
+    Error::msg(format!(
+        "the model's {what} is {value}: its weights or its computation produced NaN or Inf (check the checkpoint with `fusellm validate`, or evaluate in f32)"
+    ))
 }
 
 /// The NLLs of an ensemble: per token `-log(mean_i exp(-nll_i))`. The members must have
@@ -158,7 +176,8 @@ pub struct Question {
 /// Reads questions from JSONL, naming the file and line of a bad one.
 pub fn read_questions(path: &Path) -> Result<Vec<Question>> {
     let text = std::fs::read_to_string(path).context(|| format!("reading {}", path.display()))?;
-    text.lines()
+    let questions = text
+        .lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, line)| {
@@ -169,6 +188,13 @@ pub fn read_questions(path: &Path) -> Result<Vec<Question>> {
                     i + 1
                 ))
             })?;
+            if let Some(c) = q.choices.iter().position(|c| c.is_empty()) {
+                return Err(Error::msg(format!(
+                    "{}:{}: choice {c} is empty, which has no token to score; give every choice its text",
+                    path.display(),
+                    i + 1
+                )));
+            }
             match q.answer < q.choices.len() {
                 true => Ok(q),
                 false => Err(Error::msg(format!(
@@ -180,7 +206,14 @@ pub fn read_questions(path: &Path) -> Result<Vec<Question>> {
                 ))),
             }
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    if questions.is_empty() {
+        return Err(Error::msg(format!(
+            "{} holds no question; expected JSONL of {{\"context\", \"choices\", \"answer\"}}",
+            path.display()
+        )));
+    }
+    Ok(questions)
 }
 
 /// Accuracy (`acc`, the highest log-likelihood) and length-normalised accuracy (`acc_norm`,
@@ -192,7 +225,10 @@ pub struct Accuracy {
     pub acc_norm: f64,
 }
 
-pub fn accuracy(questions: &[Question], logliks: &[Vec<f64>]) -> Accuracy {
+pub fn accuracy(questions: &[Question], logliks: &[Vec<f64>]) -> Result<Accuracy> {
+    if let Some(&bad) = logliks.iter().flatten().find(|l| !l.is_finite()) {
+        return Err(non_finite("log-likelihood of a choice", bad));
+    }
     let argmax = |v: Vec<f64>| v.iter().enumerate().fold(0, |best, (i, &x)| if x > v[best] { i } else { best });
     let (mut acc, mut norm) = (0, 0);
     for (q, ll) in questions.iter().zip(logliks) {
@@ -201,5 +237,5 @@ pub fn accuracy(questions: &[Question], logliks: &[Vec<f64>]) -> Accuracy {
         norm += usize::from(argmax(per_byte) == q.answer);
     }
     let n = questions.len().max(1) as f64;
-    Accuracy { questions: questions.len(), acc: acc as f64 / n, acc_norm: norm as f64 / n }
+    Ok(Accuracy { questions: questions.len(), acc: acc as f64 / n, acc_norm: norm as f64 / n })
 }

@@ -68,6 +68,13 @@ pub fn fuse_stores(
             Some(done) => done,
             None => {
                 let fused = fuse_shard(s, target, aligned_dirs, &texts, fusion)?;
+                if let Some(at) = crate::store::not_a_number(&fused.rows.values) {
+                    return Err(Error::msg(format!(
+                        "the fusion plugin `{}` gave shard {s} the probability {} (entry {at}): NaN or Inf, which no distribution holds",
+                        fusion.entry.info.name,
+                        fused.rows.values[at]
+                    )));
+                }
                 let bytes = fused.encode(identity.layout.wide_ids)?;
                 write_atomically(&file, &bytes)?;
                 (fused, bytes)

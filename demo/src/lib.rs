@@ -416,7 +416,7 @@ impl Demo<'_> {
                 })
                 .collect::<Result<Vec<_>>>()?;
             let bytes = texts.iter().map(|t| t.len() as u64).sum();
-            bpb.insert(domain.to_string(), score(&mixture(&nlls)?, bytes).bits_per_byte());
+            bpb.insert(domain.to_string(), score(&mixture(&nlls)?, bytes)?.bits_per_byte());
         }
         Ok(Row::new(name, bpb))
     }

@@ -42,7 +42,7 @@ fn bits_per_byte_is_the_summed_nll_over_the_bytes_with_every_token_predicted_onc
     let expected: f64 = by_hand(&model, &ids).iter().sum::<f64>() / std::f64::consts::LN_2 / TEXT.len() as f64;
     let texts = vec![TEXT.to_string()];
     let whole = Scorer { model: &model, tokenizer: &checkpoint.tokenizer, window: 512, batch_tokens: 4096 };
-    let s = score(&whole.text_nlls(&texts).unwrap(), TEXT.len() as u64);
+    let s = score(&whole.text_nlls(&texts).unwrap(), TEXT.len() as u64).unwrap();
     assert_eq!(s.tokens as usize, ids.len() - 1);
     assert!((s.bits_per_byte() - expected).abs() < 1e-5 * expected, "{} vs {expected}", s.bits_per_byte());
     // Windows of 5 overlap by one token: still every token once, each with a shorter context.
@@ -77,7 +77,7 @@ fn multiple_choice_scores_the_continuation_tokens_and_normalises_by_bytes() {
     }
     let argmax = |v: &[f64]| (0..v.len()).fold(0, |b, i| if v[i] > v[b] { i } else { b });
     let per_byte: Vec<f64> = hand.iter().zip(&question.choices).map(|(l, c)| l / c.len() as f64).collect();
-    let result = accuracy(std::slice::from_ref(&question), &[ours]);
+    let result = accuracy(std::slice::from_ref(&question), &[ours]).unwrap();
     assert_eq!(result.acc, f64::from(u8::from(argmax(&hand) == 0)));
     assert_eq!(result.acc_norm, f64::from(u8::from(argmax(&per_byte) == 0)));
 }

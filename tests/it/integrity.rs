@@ -252,3 +252,65 @@ fn readers_refuse_damaged_stores_and_a_resumed_precompute_recomputes_a_corrupt_s
     let report = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && report.contains("store.json"), "{report}");
 }
+
+/// tiny-mpt with one weight of `tensor` set to NaN, in `dir`.
+fn nan_model(dir: &std::path::Path, tensor: &str) -> PathBuf {
+    let out = dir.join("nan-mpt");
+    copy_dir(&fixtures::model_dir("tiny-mpt"), &out);
+    let file = out.join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&file, &candle_core::Device::Cpu).unwrap();
+    let t = &tensors[tensor];
+    let mut values = t.to_dtype(candle_core::DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    values[3] = f32::NAN;
+    let poisoned = candle_core::Tensor::from_vec(values, t.shape(), &candle_core::Device::Cpu).unwrap();
+    tensors.insert(tensor.to_string(), poisoned.to_dtype(t.dtype()).unwrap());
+    candle_core::safetensors::save(&tensors, &file).unwrap();
+    out
+}
+
+/// Case 4: NaN is caught where it enters. A weight at load (named, with the opt-out named
+/// too); with the opt-out, the store refuses the NaN log-probs; evaluation of such a model
+/// is an error, not NaN bits per byte; an empty set, an empty multiple-choice file and an
+/// empty choice are errors.
+#[test]
+fn nan_weights_and_empty_evaluation_sets_are_errors_where_they_enter() {
+    let dir = scratch("nan");
+    let model = nan_model(&dir, "transformer.blocks.0.ffn.up_proj.weight");
+    let shown = model.display().to_string();
+    std::fs::write(dir.join("pieces.jsonl"), "{\"text\": \"To be, or not to be, that is the question.\"}\n").unwrap();
+    let precompute = ["precompute", "--model", &shown, "--corpus", "pieces.jsonl", "--out", "store"];
+    let out = crate::common::fusellm_in(&dir, &precompute);
+    let message = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && message.contains("transformer.blocks.0.ffn.up_proj.weight"), "{message}");
+    assert!(message.contains("FUSELLM_ALLOW_NONFINITE_WEIGHTS"), "{message}");
+
+    let allowed = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_fusellm"))
+            .current_dir(&dir)
+            .env("FUSELLM_ALLOW_NONFINITE_WEIGHTS", "1")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = allowed(&precompute);
+    let message = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && message.contains("NaN or Inf"), "{message}");
+    assert!(!dir.join("store/manifest.json").exists());
+
+    std::fs::write(dir.join("text.jsonl"), "{\"text\": \"To be, or not to be, that is the question.\"}\n").unwrap();
+    let out = allowed(&["eval", "--model", &shown, "--set", "prose=text.jsonl", "--out", "eval"]);
+    let message = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && message.contains("is NaN"), "{message}");
+
+    let good = fixtures::model_dir("tiny-mpt").display().to_string();
+    let eval = |set: &str, file: &str, content: &str| {
+        std::fs::write(dir.join(file), content).unwrap();
+        let out = crate::common::fusellm_in(&dir, &["eval", "--model", &good, set, &format!("x={file}"), "--out", "e"]);
+        assert!(!out.status.success(), "{file}: {}", String::from_utf8_lossy(&out.stdout));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    assert!(eval("--set", "empty.jsonl", "").contains("no token to predict"));
+    assert!(eval("--choices", "none.jsonl", "\n").contains("holds no question"));
+    let blank = r#"{"context": "The sky is", "choices": ["blue", ""], "answer": 0}"#;
+    assert!(eval("--choices", "blank.jsonl", blank).contains("choice 1 is empty"));
+}

@@ -119,6 +119,14 @@ pub fn align_stores(
                 Tokens { ids: &t_ids, spans: &t_spans },
                 topk,
             )?;
+            if let Some(at) = crate::store::not_a_number(&rows.values) {
+                return Err(Error::msg(format!(
+                    "the aligner `{}` gave document {doc} of {} the value {} (entry {at}): NaN or Inf, which no aligned distribution holds",
+                    aligner.entry.info.name,
+                    source_dir.display(),
+                    rows.values[at]
+                )));
+            }
             report.add(&path, s_ids.len(), t_ids.len(), topk, &map);
             if sample.is_none() {
                 let strings = |v: &Vocabulary, ids: &[u32]| {

@@ -320,7 +320,8 @@ impl Stage for Eval<'_> {
             for (set, texts) in &sets {
                 let (done, total) = (rows.len() as u64, 2 * sets.len() as u64);
                 events(Event::Progress { done, total, message: format!("sets: {label} on {set}") });
-                let s = score(&scorer.text_nlls(texts)?, texts.iter().map(|t| t.len() as u64).sum());
+                let s = score(&scorer.text_nlls(texts)?, texts.iter().map(|t| t.len() as u64).sum())
+                    .context(|| format!("{label} on {set}"))?;
                 rows.push(EvalRow {
                     model: label.into(),
                     set: set.to_string(),

@@ -75,6 +75,13 @@ pub fn shard_file(dir: &Path, s: usize) -> PathBuf {
     dir.join(format!("shard-{s:05}.safetensors"))
 }
 
+/// The first value that is NaN or +Inf: a log-probability, a logit or a probability
+/// never is (-Inf, a probability of zero, is one), so such a value is a broken computation
+/// caught where it enters a store instead of spreading through the stages after it.
+pub fn not_a_number(values: &[f32]) -> Option<usize> {
+    values.iter().position(|v| v.is_nan() || *v == f32::INFINITY)
+}
+
 /// The sha256 of a shard as it was written, beside it (`shard-NNNNN.sha256`): what a
 /// resumed or merged precompute checks a finished shard against before the store has a
 /// manifest.
@@ -170,6 +177,16 @@ pub fn fill(
         }
         let range = s * identity.docs_per_shard..((s + 1) * identity.docs_per_shard).min(identity.documents);
         let tops = compute(range.clone())?;
+        for (doc, top) in range.clone().zip(&tops) {
+            if let Some(at) = not_a_number(&top.topk_logprobs).or_else(|| not_a_number(&top.ce)) {
+                return Err(Error::msg(format!(
+                    "{}: document {doc} gets a log-probability of {} (position {}): the model computes NaN or Inf; check its weights (`fusellm validate`) or compute in f32",
+                    identity.model,
+                    top.topk_logprobs.get(at).copied().unwrap_or(f32::NAN),
+                    at / identity.layout.k.max(1)
+                )));
+            }
+        }
         let indices: Vec<u32> = range.map(|i| i as u32).collect();
         let bytes = Shard::new(&indices, &tops, identity.layout).encode(identity.layout)?;
         write_shard(&file, &bytes)?;
