@@ -95,6 +95,7 @@ pub struct AlignArgs {
 }
 
 pub fn align(args: AlignArgs) -> Result<()> {
+    crate::check_output(&args.out, &[&args.source, &args.target])?;
     let registry = args.plugins.registry()?;
     let aligner = Configured::named(&registry, PluginKind::SequenceAligner, &args.aligner)?;
     let mapper = Configured::named(&registry, PluginKind::VocabMapper, &args.vocab)?;

@@ -65,6 +65,10 @@ fn named(spec: &str) -> Result<(String, PathBuf)> {
 }
 
 pub fn eval(args: EvalArgs) -> Result<()> {
+    if let Some(out) = &args.out {
+        let inputs: Vec<&std::path::Path> = args.models.iter().map(|p| p.as_path()).collect();
+        crate::check_output(out, &inputs)?;
+    }
     let registry = args.open.plugins.registry()?;
     let device = args.open.device()?;
     let mut texts = Vec::new();
@@ -226,6 +230,8 @@ pub struct MergeArgs {
 }
 
 pub fn merge(args: MergeArgs) -> Result<()> {
+    let inputs: Vec<&std::path::Path> = args.models.iter().map(|p| p.as_path()).chain(args.base.as_deref()).collect();
+    crate::check_output(&args.out, &inputs)?;
     Merge { models: &args.models, weights: &args.weights, base: args.base.as_deref() }.write(&args.out)?;
     eprintln!("merged {} checkpoints into {}", args.models.len(), args.out.display());
     Ok(())

@@ -146,3 +146,8 @@ fn report_warnings() {
         .with_target(false)
         .init();
 }
+
+/// Refuses an `--out` that is one of the command's inputs or holds one.
+fn check_output(out: &std::path::Path, inputs: &[&std::path::Path]) -> anyhow::Result<()> {
+    fusellm_core::files::check_output(out, inputs).map_err(|e| anyhow::anyhow!("--out: {e}"))
+}

@@ -284,6 +284,7 @@ pub struct TrainArgs {
 /// a launcher (`mpirun -np N`, `srun`), one rank of data-parallel training; an error on any
 /// rank stops them all with that rank's error.
 pub fn train(args: TrainArgs) -> Result<()> {
+    crate::check_output(&args.out, &[&args.fused, &args.config])?;
     let launch = fusellm_dist::Launch::from_env()?;
     let run_args = RunArgs { config: args.config.clone(), set: args.set.clone() };
     let config = match load(&run_args) {
@@ -360,6 +361,9 @@ pub struct FuseArgs {
 }
 
 pub fn fuse(args: FuseArgs) -> Result<()> {
+    let inputs: Vec<&Path> =
+        std::iter::once(args.target.as_path()).chain(args.aligned.iter().map(|p| p.as_path())).collect();
+    crate::check_output(&args.out, &inputs)?;
     let config = Config::load(&args.config)?;
     let mut registry = Registry::with_builtins()?;
     config.load_plugins(&mut registry)?;

@@ -39,6 +39,8 @@ pub struct SplitArgs {
 }
 
 pub fn run(args: SplitArgs) -> Result<()> {
+    let inputs: Vec<&std::path::Path> = args.inputs.iter().chain(&args.tokenizers).map(|p| p.as_path()).collect();
+    crate::check_output(&args.out, &inputs)?;
     let registry = args.plugins.registry()?;
     // A checkpoint's tokenizer as its model uses it (BOS included, as `fusellm run` splits);
     // a bare tokenizer.json as it is.

@@ -67,6 +67,7 @@ pub enum StoreCommand {
 }
 
 pub fn run_precompute(args: PrecomputeArgs) -> Result<()> {
+    crate::check_output(&args.out, &[&args.model, &args.corpus])?;
     let launch = fusellm_dist::Launch::from_env()?;
     let worker = match (&args.shard, launch.world) {
         (None, _) => (launch.rank, launch.world),

@@ -50,6 +50,14 @@ impl Merge<'_> {
             w if w.len() == self.models.len() => w.to_vec(),
             w => return Err(Error::msg(format!("{} weights for {} models", w.len(), self.models.len()))),
         };
+        if let Some(w) = weights.iter().find(|w| !w.is_finite()) {
+            return Err(Error::msg(format!("a merge weight of {w}: every weight must be a finite number")));
+        }
+        if self.base.is_none() && weights.iter().all(|&w| w == 0.0) {
+            return Err(Error::msg(
+                "every merge weight is 0, which makes a model of zeros; give at least one model a weight",
+            ));
+        }
         let reference = tensors(first)?;
         let check = |dir: &Path, set: &BTreeMap<String, Tensor>| match first_difference(&reference, set) {
             Some(diff) => Err(Error::msg(format!(
@@ -90,9 +98,32 @@ impl Merge<'_> {
                 Ok((name.clone(), t.to_dtype(reference[&name].dtype())?))
             })
             .collect::<Result<std::collections::HashMap<_, _>>>()?;
-        std::fs::create_dir_all(out).context(|| format!("creating {}", out.display()))?;
-        crate::train::copy_carried(first, out)?;
-        candle_core::safetensors::save(&merged, out.join("model.safetensors"))
-            .context(|| format!("writing {}", out.display()))
+        // Written beside `out` and renamed into place whole: no half-written model, and no
+        // file of what `out` held before left next to the new weights.
+        let partial = out.with_extension(format!("partial{}", std::process::id()));
+        std::fs::create_dir_all(&partial).context(|| format!("creating {}", partial.display()))?;
+        crate::train::copy_carried(first, &partial)?;
+        candle_core::safetensors::save(&merged, partial.join("model.safetensors"))
+            .context(|| format!("writing {}", partial.display()))?;
+        if out.exists() {
+            replaceable(out)?;
+            std::fs::remove_dir_all(out).context(|| format!("replacing {}", out.display()))?;
+        }
+        std::fs::rename(&partial, out).context(|| format!("renaming {} to {}", partial.display(), out.display()))
     }
+}
+
+/// An existing `out` is replaced only when it holds what a merge writes and nothing else.
+fn replaceable(out: &Path) -> Result<()> {
+    let entries = std::fs::read_dir(out).context(|| format!("reading {}", out.display()))?;
+    for entry in entries {
+        let name = entry.context(|| format!("reading {}", out.display()))?.file_name().to_string_lossy().into_owned();
+        if name != "model.safetensors" && !crate::train::CARRIED.contains(&name.as_str()) {
+            return Err(Error::msg(format!(
+                "{} exists and holds {name}, which a merge does not write; choose a new folder for --out (or remove it)",
+                out.display()
+            )));
+        }
+    }
+    Ok(())
 }

@@ -133,6 +133,41 @@ pub fn cached_file_sha256(path: &Path) -> Result<String> {
     Ok(hash)
 }
 
+/// `path` as the file system resolves it (symbolic links followed), for a path that may not
+/// exist yet: its deepest existing ancestor resolved, the rest appended.
+fn resolved(path: &Path) -> PathBuf {
+    let path = absolute(path);
+    let mut existing = path.as_path();
+    let mut rest = Vec::new();
+    while !existing.exists() {
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_owned());
+                existing = parent;
+            }
+            _ => return path,
+        }
+    }
+    let mut out = std::fs::canonicalize(existing).unwrap_or_else(|_| existing.to_owned());
+    out.extend(rest.iter().rev());
+    out
+}
+
+/// Refuses an output that is one of a command's inputs or holds one: writing there would
+/// destroy what the command reads.
+pub fn check_output(out: &Path, inputs: &[&Path]) -> std::result::Result<(), String> {
+    let target = resolved(out);
+    match inputs.iter().find(|input| resolved(input).starts_with(&target)) {
+        Some(input) => Err(format!(
+            "the output {} {} the input {}: writing there would destroy it; choose another output",
+            out.display(),
+            if resolved(input) == target { "is" } else { "holds" },
+            input.display()
+        )),
+        None => Ok(()),
+    }
+}
+
 /// `path` with `.` and `dir/..` folded away, without touching the file system.
 pub fn lexical(path: &Path) -> PathBuf {
     use std::path::Component;

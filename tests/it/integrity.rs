@@ -314,3 +314,43 @@ fn nan_weights_and_empty_evaluation_sets_are_errors_where_they_enter() {
     let blank = r#"{"context": "The sky is", "choices": ["blue", ""], "answer": 0}"#;
     assert!(eval("--choices", "blank.jsonl", blank).contains("choice 1 is empty"));
 }
+
+/// Case 5: an output never destroys an input. `split` into its input, `merge` into one of
+/// its models, and a merge into a folder holding other files are refused, the inputs
+/// untouched; merge weights must be finite and not all zero.
+#[test]
+fn an_output_that_is_an_input_is_refused_and_merge_weights_are_checked() {
+    let dir = scratch("outputs");
+    let corpus = dir.join("same.jsonl");
+    std::fs::write(&corpus, "{\"text\": \"To be, or not to be, that is the question.\"}\n").unwrap();
+    let before = std::fs::read(&corpus).unwrap();
+    let tokenizer = fixtures::model_dir("tiny-llama2").join("tokenizer.json").display().to_string();
+    let split = ["split", "--input", "same.jsonl", "--tokenizer", &tokenizer, "--out", "./same.jsonl"];
+    let out = crate::common::fusellm_in(&dir, &split);
+    let message = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && message.contains("is the input same.jsonl"), "{message}");
+    assert_eq!(std::fs::read(&corpus).unwrap(), before);
+
+    let a = dir.join("a");
+    copy_dir(&fixtures::model_dir("tiny-llama2"), &a);
+    let weights = std::fs::read(a.join("model.safetensors")).unwrap();
+    let merge = |more: &[&str]| {
+        let args = [&["merge", "--model", "a", "--model", "a"][..], more].concat();
+        crate::common::fusellm_in(&dir, &args)
+    };
+    let refused = |out: std::process::Output| {
+        assert!(!out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    assert!(refused(merge(&["--out", "a"])).contains("is the input a"));
+    assert!(refused(merge(&["--out", "."])).contains("holds the input a"));
+    assert_eq!(std::fs::read(a.join("model.safetensors")).unwrap(), weights);
+    assert!(refused(merge(&["--weights", "nan,0.5", "--out", "m"])).contains("finite"));
+    assert!(refused(merge(&["--weights", "0,0", "--out", "m"])).contains("every merge weight is 0"));
+    std::fs::create_dir_all(dir.join("busy")).unwrap();
+    std::fs::write(dir.join("busy/notes.txt"), "mine").unwrap();
+    assert!(refused(merge(&["--out", "busy"])).contains("notes.txt"));
+    // A merge output is replaced whole by the next merge into it.
+    assert!(merge(&["--out", "m"]).status.success());
+    assert!(merge(&["--weights", "0.3,0.7", "--out", "m"]).status.success());
+}

@@ -28,7 +28,7 @@ use optim::{grad_norm, AdamWConfig};
 pub use parallel::all_reduce_grads;
 use parallel::RankOptimizer;
 use schedule::{LambdaSchedule, LrSchedule};
-pub use state::{copy_carried, latest_checkpoint, TrainState};
+pub use state::{copy_carried, latest_checkpoint, TrainState, CARRIED};
 
 /// The dtype the target computes in. Below f32 the optimizer keeps f32 master weights and
 /// f32 state (bf16 is for CUDA; candle's CPU matmul has no bf16 kernel).

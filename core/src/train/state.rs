@@ -19,7 +19,7 @@ use crate::files::write_atomically;
 use crate::model::Transformer;
 
 /// Files of the base checkpoint that every checkpoint carries along (when present).
-const CARRIED: &[&str] =
+pub const CARRIED: &[&str] =
     &["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"];
 
 /// Where a run stands: the step reached and the tokens seen; the configuration it was
