@@ -35,6 +35,13 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let device = args.open.device()?;
     let model = checkpoint.load_model(LoadMode::Frozen, args.dtype.dtype(), &device)?;
     let prompt = checkpoint.tokenizer.encode(&args.prompt)?;
+    if prompt.is_empty() && !args.prompt.is_empty() {
+        anyhow::bail!(
+            "the prompt {:?} encodes to no token with {}'s tokenizer: its vocabulary has none of the prompt's pieces (is tokenizer.json complete?)",
+            args.prompt,
+            args.model.display()
+        );
+    }
     let new = greedy(&model, &prompt, args.max_new_tokens)?;
     if args.ids {
         println!("{}", new.iter().map(u32::to_string).collect::<Vec<_>>().join(" "));

@@ -62,7 +62,7 @@ pub fn run(args: SplitArgs) -> Result<()> {
         text_fields: &args.text_field,
         max_len: args.max_len,
         margin: args.margin,
-        on_bad: if args.skip_bad { OnBadInput::Skip } else { OnBadInput::Stop },
+        on_bad: if args.skip_bad { OnBadInput::Skip } else { OnBadInput::STOP_SPLIT },
         tokenizers,
         tokenizer_files,
     };

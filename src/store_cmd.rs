@@ -95,12 +95,7 @@ pub fn run_precompute(args: PrecomputeArgs) -> Result<()> {
     let mut reporter = crate::run_cmd::Reporter::default();
     let (corpus, dtype) = (args.corpus.as_path(), args.compute_dtype);
     let precompute = Precompute { checkpoint: &checkpoint, corpus, options, device: &device, dtype, worker };
-    // The only worker finishes the store, and writes the folder's manifest as `fusellm run`
-    // does; one of several leaves that to the store's own manifest.
-    let summary = match worker.1 {
-        1 => precompute.complete(&args.out, &mut |e| reporter.event(e))?,
-        _ => precompute.run(&args.out, &mut |e| reporter.event(e))?,
-    };
+    let summary = precompute.run(&args.out, &mut |e| reporter.event(e))?;
     let secs = start.elapsed().as_secs_f64();
     eprintln!(
         "{} shards written ({} already there), {} tokens in {secs:.1} s ({:.0} tokens/s)",

@@ -50,6 +50,8 @@ pub struct Weights {
     vars: Vec<(String, Var)>,
     /// Low-rank adapters on the projections a LoRA spec targets ([`Weights::adapted`]).
     adapters: Option<Adapters>,
+    /// The checkpoint names read so far.
+    used: std::collections::HashSet<String>,
 }
 
 struct Adapters {
@@ -67,7 +69,8 @@ impl Weights {
         let files = unsafe { MmapedSafetensors::multi(&files) }
             .map_err(|e| Error::context(format!("reading the weights in {}", dir.display()), e))?;
         let source = Source::Checkpoint { files, dir: dir.to_owned() };
-        Ok(Self { source, spec: spec.clone(), mode, dtype, device: device.clone(), vars: Vec::new(), adapters: None })
+        let (vars, adapters, used) = (Vec::new(), None, Default::default());
+        Ok(Self { source, spec: spec.clone(), mode, dtype, device: device.clone(), vars, adapters, used })
     }
 
     /// These weights frozen (or only checked, `HeadersOnly`), with LoRA adapters on the
@@ -83,7 +86,8 @@ impl Weights {
     pub fn random(spec: &ModelSpec, seed: u64, std: f64, dtype: DType, device: &Device) -> Self {
         let source = Source::Random { rng: Rng::new(seed), std };
         let device = device.clone();
-        Self { source, spec: spec.clone(), mode: LoadMode::Trainable, dtype, device, vars: Vec::new(), adapters: None }
+        let (vars, adapters, used) = (Vec::new(), None, Default::default());
+        Self { source, spec: spec.clone(), mode: LoadMode::Trainable, dtype, device, vars, adapters, used }
     }
 
     pub fn spec(&self) -> &ModelSpec {
@@ -122,6 +126,7 @@ impl Weights {
     /// Tensor `name` of `layer`, checked against the shape the config implies.
     pub fn get(&mut self, name: &str, layer: Option<usize>, shape: &[usize]) -> Result<Tensor> {
         let full = self.checkpoint_name(name, layer)?;
+        self.used.insert(full.clone());
         if let Some((_, var)) = self.vars.iter().find(|(n, _)| *n == full) {
             return Ok(var.as_tensor().clone());
         }
@@ -171,9 +176,46 @@ impl Weights {
         Ok(Some(lora))
     }
 
+    /// Refuses a checkpoint whose tensors and config.json disagree: layers beyond the
+    /// config's count (they would be ignored), an LM head of its own beside tied
+    /// embeddings (it would be ignored too).
+    fn check_consistent(&self) -> Result<()> {
+        let Source::Checkpoint { files, dir } = &self.source else { return Ok(()) };
+        let names: Vec<String> = files.tensors().into_iter().map(|(name, _)| name).collect();
+        let layers = self.spec.layers;
+        for name in names.iter().filter(|n| !self.used.contains(*n)) {
+            let beyond = self.spec.tensor_names.values().filter_map(|p| p.split_once("{i}")).find_map(|(pre, post)| {
+                let index = name.strip_prefix(pre)?.strip_suffix(post)?.parse::<usize>().ok()?;
+                (index >= layers).then_some(index)
+            });
+            if let Some(index) = beyond {
+                return Err(Error::msg(format!(
+                    "{}: the checkpoint holds layer {index} (`{name}`), but config.json gives {layers} layers; fix num_hidden_layers (or the checkpoint)",
+                    dir.display()
+                )));
+            }
+        }
+        let head = self.checkpoint_name("lm_head.weight", None).ok();
+        if let Some(head) = head.filter(|h| self.spec.tied_embeddings && names.contains(h)) {
+            let embed = self.checkpoint_name("embed.weight", None)?;
+            let load = |name: &str| -> Result<Tensor> { Ok(files.load(name, &Device::Cpu)?.to_dtype(DType::F32)?) };
+            let (h, e) = (load(&head)?, load(&embed)?);
+            let same = h.dims() == e.dims() && (h - e)?.abs()?.max_all()?.to_scalar::<f32>()? == 0.0;
+            if !same {
+                return Err(Error::msg(format!(
+                    "{}: config.json ties the LM head to the embeddings (tie_word_embeddings), but the checkpoint holds its own `{head}`, which differs; set tie_word_embeddings to false to use it",
+                    dir.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// The trainable parameters, by checkpoint name (empty when frozen), once every LoRA
-    /// target has matched a projection.
+    /// target has matched a projection and the checkpoint has proven consistent with its
+    /// config.
     pub fn into_vars(self) -> Result<Vec<(String, Var)>> {
+        self.check_consistent()?;
         if let Some(adapters) = &self.adapters {
             let modules: Vec<&str> = adapters.modules.iter().map(String::as_str).collect();
             let unmatched = adapters.spec.unmatched(&modules);

@@ -37,9 +37,18 @@ pub struct Piece<'a> {
 /// What to do with a corpus line that cannot be read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OnBadInput {
-    Stop,
+    /// Stop with the file and line, and this hint at how to skip such lines instead (the
+    /// option of the command or config that reads the corpus; empty where there is none).
+    Stop(&'static str),
     /// Report it on stderr and go on.
     Skip,
+}
+
+impl OnBadInput {
+    /// `fusellm split`'s way to skip bad lines.
+    pub const STOP_SPLIT: OnBadInput = OnBadInput::Stop("or pass --skip-bad to skip such lines");
+    /// A config's way (`fusellm run`, `validate`).
+    pub const STOP_CONFIG: OnBadInput = OnBadInput::Stop("or set `skip_bad = true` in [data] to skip such lines");
 }
 
 /// Cuts documents for a set of tokenizers.
@@ -119,7 +128,8 @@ pub fn for_each_document(
 ) -> Result<CorpusCount> {
     let (mut index, mut skipped) = (0, 0);
     let mut bad = |message: String| match on_bad {
-        OnBadInput::Stop => Err(Error::msg(format!("{message}; fix it, or pass --skip-bad to skip such lines"))),
+        OnBadInput::Stop("") => Err(Error::msg(format!("{message}; fix that line"))),
+        OnBadInput::Stop(hint) => Err(Error::msg(format!("{message}; fix that line, {hint}"))),
         OnBadInput::Skip => {
             tracing::warn!("skipped {message}");
             skipped += 1;
@@ -165,6 +175,8 @@ pub struct CorpusCount {
 /// The text of one JSONL line; `None` for a blank line.
 fn jsonl_text(line: &[u8], fields: &[String]) -> std::result::Result<Option<String>, String> {
     let line = std::str::from_utf8(line).map_err(|e| format!("not UTF-8 ({e})"))?;
+    // A byte-order mark some editors write at the start of a file is not part of the JSON.
+    let line = line.strip_prefix('\u{feff}').unwrap_or(line);
     if line.trim().is_empty() {
         return Ok(None);
     }
@@ -186,7 +198,7 @@ pub fn read_texts(path: &Path) -> Result<Vec<String>> {
 /// a bad line stops with its file and line.
 pub fn read_documents(path: &Path, text_fields: &[String]) -> Result<Vec<String>> {
     let mut texts = Vec::new();
-    for_each_document(&[path.to_owned()], text_fields, OnBadInput::Stop, |d| {
+    for_each_document(&[path.to_owned()], text_fields, OnBadInput::Stop(""), |d| {
         texts.push(d.text);
         Ok(())
     })?;

@@ -22,7 +22,7 @@ const CHUNK: usize = 1200;
 pub fn documents(corpora: &Path, file: &str, fields: &[&str]) -> Result<Vec<String>> {
     let fields: Vec<String> = fields.iter().map(|f| f.to_string()).collect();
     let mut out = Vec::new();
-    for_each_document(&[corpora.join(file)], &fields, OnBadInput::Stop, |d| {
+    for_each_document(&[corpora.join(file)], &fields, OnBadInput::Stop(""), |d| {
         let mut piece = String::new();
         for line in d.text.split_inclusive('\n') {
             piece.push_str(line);

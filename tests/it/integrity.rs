@@ -354,3 +354,91 @@ fn an_output_that_is_an_input_is_refused_and_merge_weights_are_checked() {
     assert!(merge(&["--out", "m"]).status.success());
     assert!(merge(&["--weights", "0.3,0.7", "--out", "m"]).status.success());
 }
+
+/// tiny-llama2 copied to `dir/name` with its config.json changed by `edit`.
+fn edited_model(dir: &std::path::Path, name: &str, edit: impl FnOnce(&mut serde_json::Value)) -> String {
+    let out = dir.join(name);
+    copy_dir(&fixtures::model_dir("tiny-llama2"), &out);
+    let file = out.join("config.json");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    edit(&mut config);
+    std::fs::write(&file, config.to_string()).unwrap();
+    name.to_string()
+}
+
+/// `fusellm eval` of `model` on a one-line set, which must fail: its message.
+fn eval_error(dir: &std::path::Path, model: &str) -> String {
+    std::fs::write(dir.join("t.jsonl"), "{\"text\": \"To be, or not to be.\"}\n").unwrap();
+    let out = crate::common::fusellm_in(dir, &["eval", "--model", model, "--set", "x=t.jsonl"]);
+    assert!(!out.status.success(), "{model} was accepted");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Case 6: a checkpoint whose tensors and config.json disagree is refused: layers past the
+/// config's count, its own LM head beside tied embeddings, a negative norm epsilon, an
+/// integer norm tensor.
+#[test]
+fn a_checkpoint_that_disagrees_with_its_config_is_refused() {
+    let dir = scratch("consistency");
+    let fewer = edited_model(&dir, "fewer", |c| c["num_hidden_layers"] = 1.into());
+    assert!(eval_error(&dir, &fewer).contains("holds layer 1") && eval_error(&dir, &fewer).contains("gives 1 layers"));
+    let tied = edited_model(&dir, "tied", |c| c["tie_word_embeddings"] = true.into());
+    assert!(eval_error(&dir, &tied).contains("holds its own `lm_head.weight`, which differs"));
+    let eps = edited_model(&dir, "eps", |c| c["rms_norm_eps"] = (-1e-5).into());
+    assert!(eval_error(&dir, &eps).contains("epsilon"));
+
+    // model.norm.weight's bytes declared I32 (its size unchanged).
+    let int = edited_model(&dir, "int", |_| {});
+    let file = dir.join("int/model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    header["model.norm.weight"]["dtype"] = "I32".into();
+    let mut text = header.to_string().into_bytes();
+    text.resize(text.len().next_multiple_of(8), b' ');
+    let rewritten = [&(text.len() as u64).to_le_bytes()[..], &text, &bytes[8 + n..]].concat();
+    std::fs::write(&file, rewritten).unwrap();
+    assert!(eval_error(&dir, &int).contains("`model.norm.weight` is stored as I32"));
+}
+
+/// Case 7: messages that point the right way. A bad corpus line under `fusellm run` names
+/// the config key, not a flag of another command; `--set` values are named in errors found
+/// after parsing too; fusing a store that was never aligned says to align it; a prompt
+/// the tokenizer cannot encode says so.
+#[test]
+fn messages_point_at_what_to_change() {
+    let dir = experiment("messages");
+    let mut corpus = std::fs::read_to_string(dir.join("train.jsonl")).unwrap();
+    corpus.insert_str(0, "{not json\n");
+    std::fs::write(dir.join("bad.jsonl"), corpus).unwrap();
+    let out = crate::common::fusellm_in(&dir, &["run", "run.toml", "--set", "data.corpus=[\"bad.jsonl\"]"]);
+    let message = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && message.contains("bad.jsonl:1: not valid JSON"), "{message}");
+    assert!(message.contains("`skip_bad = true` in [data]") && !message.contains("--skip-bad"), "{message}");
+
+    let out = crate::common::fusellm_in(&dir, &["validate", "run.toml", "--set", "fusion.plugin=nope"]);
+    let message = String::from_utf8_lossy(&out.stderr);
+    assert!(message.contains("--set fusion.plugin=nope: unknown fusion plugin `nope`"), "{message}");
+
+    let (target, source) = (store_of(&dir, "tiny-llama2", "target"), store_of(&dir, "tiny-mpt", "source"));
+    let fuse = ["fuse", "--target", "target", "--aligned", "source", "--config", "run.toml", "--out", "fused"];
+    let out = crate::common::fusellm_in(&dir, &fuse);
+    let message = String::from_utf8_lossy(&out.stderr);
+    assert!(message.contains("not yet aligned to the target: align it first"), "{message}");
+    assert!(target.exists() && source.exists());
+
+    // A tokenizer with no vocabulary at all.
+    let empty = edited_model(&dir, "empty-vocab", |_| {});
+    let file = dir.join("empty-vocab/tokenizer.json");
+    let mut tokenizer: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    tokenizer["model"]["vocab"] = serde_json::json!({});
+    tokenizer["model"]["merges"] = serde_json::json!([]);
+    tokenizer["model"]["byte_fallback"] = false.into();
+    tokenizer["model"]["unk_token"] = serde_json::Value::Null;
+    tokenizer["added_tokens"] = serde_json::json!([]);
+    tokenizer["post_processor"] = serde_json::Value::Null;
+    std::fs::write(&file, tokenizer.to_string()).unwrap();
+    let out = crate::common::fusellm_in(&dir, &["generate", "--model", &empty, "--prompt", "hello"]);
+    let message = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && message.contains("encodes to no token"), "{message}");
+}

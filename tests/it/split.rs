@@ -82,9 +82,12 @@ fn a_bad_line_stops_the_run_with_its_place_or_is_skipped() {
         });
         count.map(|c| (c, texts))
     };
-    let e = read(OnBadInput::Stop).unwrap_err().report();
+    let e = read(OnBadInput::STOP_SPLIT).unwrap_err().report();
     assert!(e.contains("bad.jsonl:2: not valid JSON"), "{e}");
     assert!(e.contains("--skip-bad"), "{e}");
+    // A config has no --skip-bad: it is told its key.
+    let e = read(OnBadInput::STOP_CONFIG).unwrap_err().report();
+    assert!(e.contains("`skip_bad = true` in [data]") && !e.contains("--skip-bad"), "{e}");
     let (count, texts) = read(OnBadInput::Skip).unwrap();
     assert_eq!((count.documents, count.skipped), (2, 3));
     assert_eq!(texts, vec!["good", "also good"]);
@@ -107,6 +110,20 @@ fn a_bad_line_stops_the_run_with_its_place_or_is_skipped() {
 #[test]
 fn a_text_file_that_is_not_utf8_is_named() {
     let file = scratch("latin1.txt", b"caf\xe9\n");
-    let e = for_each_document(&[file], &[], OnBadInput::Stop, |_| Ok(())).unwrap_err().report();
+    let e = for_each_document(&[file], &[], OnBadInput::Stop(""), |_| Ok(())).unwrap_err().report();
     assert!(e.contains("latin1.txt: not UTF-8 text"), "{e}");
+}
+
+/// A byte-order mark before the first line (as some editors write it) is not JSON and not
+/// the text: the line reads as without it.
+#[test]
+fn a_jsonl_byte_order_mark_is_not_part_of_the_first_line() {
+    let file = scratch("bom.jsonl", b"\xef\xbb\xbf{\"text\": \"first\"}\n{\"text\": \"second\"}\n");
+    let mut texts = Vec::new();
+    for_each_document(&[file], &["text".to_string()], OnBadInput::Stop(""), |d| {
+        texts.push(d.text);
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(texts, ["first", "second"]);
 }

@@ -221,8 +221,16 @@ fn tally(
 /// report.json lists there with the recorded hash.
 pub fn verify_aligned(dir: &Path) -> Result<()> {
     let file = dir.join("report.json");
-    let bytes = std::fs::read(&file)
-        .context(|| format!("{} is not a finished aligned store (no report.json)", dir.display()))?;
+    if !file.exists() && dir.join("store.json").exists() {
+        return Err(Error::msg(format!(
+            "{} is a source's store, not yet aligned to the target: align it first (`fusellm align --source {} --target TARGET_STORE --out ALIGNED`) and fuse the aligned store",
+            dir.display(),
+            dir.display()
+        )));
+    }
+    let bytes = std::fs::read(&file).context(|| {
+        format!("{} is not a finished aligned store (no report.json): run `fusellm align` into it", dir.display())
+    })?;
     #[derive(serde::Deserialize)]
     struct Listed {
         shards: Vec<(String, String)>,

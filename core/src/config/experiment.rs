@@ -214,7 +214,7 @@ impl<'s> Reader<'s> {
             text_fields: raw.text_fields.map_or_else(|| vec!["text".into()], raw::OneOrMany::into_vec),
             max_len,
             margin,
-            on_bad: if raw.skip_bad == Some(true) { OnBadInput::Skip } else { OnBadInput::Stop },
+            on_bad: if raw.skip_bad == Some(true) { OnBadInput::Skip } else { OnBadInput::STOP_CONFIG },
         }))
     }
 

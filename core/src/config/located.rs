@@ -18,6 +18,9 @@ pub struct ConfigError {
     pub column: usize,
     /// Dotted path of the offending key (`fusion.params.tau`); empty for the whole file.
     pub key: String,
+    /// The `--set key=value` the offending value came from, when it came from one (it has
+    /// no line in the file): kept by every error made at this place.
+    pub set: Option<String>,
     pub message: String,
 }
 
@@ -29,6 +32,9 @@ impl fmt::Display for ConfigError {
         }
         if !self.key.is_empty() {
             write!(f, "`{}`: ", self.key)?;
+        }
+        if let Some(set) = &self.set {
+            write!(f, "--set {set}: ")?;
         }
         f.write_str(&self.message)
     }
@@ -63,14 +69,14 @@ impl<'a> Doc<'a> {
         if span.start > self.file_len {
             // Past the file: a newline, the `--set` table's header, then one line per override.
             let line = self.text[self.file_len..span.start].matches('\n').count();
-            let set = self.sets.get(line.saturating_sub(2)).map_or("", String::as_str);
-            let message = format!("--set {set}: {}", message.into());
-            return ConfigError { file: self.path.to_owned(), line: 0, column: 0, key: key.into(), message };
+            let set = self.sets.get(line.saturating_sub(2)).cloned();
+            let (file, key, message) = (self.path.to_owned(), key.into(), message.into());
+            return ConfigError { file, line: 0, column: 0, key, set, message };
         }
         let before = &self.text[..span.start.min(self.text.len())];
         let line = before.matches('\n').count() + 1;
         let column = before.chars().rev().take_while(|&c| c != '\n').count() + 1;
-        ConfigError { file: self.path.to_owned(), line, column, key: key.into(), message: message.into() }
+        ConfigError { file: self.path.to_owned(), line, column, key: key.into(), set: None, message: message.into() }
     }
 
     /// Serde's error reading `root` into the config's types, at the key it points at and

@@ -83,6 +83,7 @@ impl Config {
             line: 0,
             column: 0,
             key: String::new(),
+            set: None,
             message: format!("cannot read the config: {e}"),
         })?;
         Self::parse(path, &text)
@@ -148,6 +149,7 @@ impl Config {
             line: 1,
             column: 1,
             key: key.into(),
+            set: None,
             message: String::new(),
         });
         ConfigError { message: message.into(), ..at }

@@ -65,8 +65,9 @@ fn with_sets(path: &Path, text: &str, sets: &[String]) -> Result<(String, Vec<St
             file: path.to_owned(),
             line: 0,
             column: 0,
-            key: set.clone(),
-            message: format!("--set {set}: expected key=value, such as train.lambda=0.8"),
+            key: String::new(),
+            set: Some(set.clone()),
+            message: "expected key=value, such as train.lambda=0.8".into(),
         })?;
         source += &format!("\"{i}\" = {}\n", as_toml(value.trim()));
         keys.push(key.trim().to_string());

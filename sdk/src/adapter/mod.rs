@@ -300,6 +300,14 @@ impl ModelSpec {
                 return fail(format!("{what} must be a positive number, found {v}"));
             }
         }
+        let eps = match self.norm {
+            NormKind::RmsNorm { eps, .. } | NormKind::LayerNorm { eps, .. } => eps,
+        };
+        if !(eps.is_finite() && eps > 0.0) {
+            return fail(format!(
+                "the norms' epsilon (rms_norm_eps or layer_norm_eps in config.json) must be a small positive number, found {eps}"
+            ));
+        }
         for i in 0..self.layers {
             let (window, positions) = self.layer(i);
             if window == Some(0) {
