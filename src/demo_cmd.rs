@@ -7,7 +7,7 @@ use anyhow::Result;
 use clap::Args;
 use fusellm_core::pipeline::Event;
 use fusellm_core::plugins::Registry;
-use fusellm_demo::{Demo, Setup, Sizes};
+use fusellm_demo::{Demo, SeedResults, Setup, Sizes};
 
 #[derive(Args)]
 pub struct DemoArgs {
@@ -17,8 +17,12 @@ pub struct DemoArgs {
     /// The reduced size (seconds in a release build; what CI runs).
     #[arg(long)]
     quick: bool,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, conflicts_with = "seeds")]
     seed: u64,
+    /// Run once per seed (each into `<out>/seed-N`) and report every row's mean and spread
+    /// and each method's paired difference to CLM: `--seeds 0,1,2`.
+    #[arg(long, value_delimiter = ',')]
+    seeds: Vec<u64>,
     /// The real tokenizers and corpora of this fixtures folder instead of the procedural
     /// ones (examples/real-tokenizers; about 12 minutes).
     #[arg(long)]
@@ -35,9 +39,21 @@ pub fn run(args: DemoArgs) -> Result<()> {
     };
     let mut reporter = crate::run_cmd::Reporter::default();
     let mut events = |e: Event| reporter.event(e);
-    let results =
-        Demo { out: args.out.clone(), setup, sizes, seed: args.seed, events: &mut events }.run(&mut registry)?;
-    println!("{}", results.markdown());
+    if args.seeds.is_empty() {
+        let results =
+            Demo { out: args.out.clone(), setup, sizes, seed: args.seed, events: &mut events }.run(&mut registry)?;
+        println!("{}", results.markdown());
+    } else {
+        let mut runs = Vec::new();
+        for &seed in &args.seeds {
+            let out = args.out.join(format!("seed-{seed}"));
+            let setup = setup.clone();
+            runs.push(Demo { out, setup, sizes, seed, events: &mut events }.run(&mut registry)?);
+        }
+        let results = SeedResults::new(&args.seeds, &runs)?;
+        results.write(&args.out)?;
+        println!("{}", results.markdown());
+    }
     println!(
         "{:.0} s; {} (also results.md, results.png, loss.png)",
         start.elapsed().as_secs_f64(),

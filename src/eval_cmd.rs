@@ -208,7 +208,7 @@ fn write_outputs(out: &std::path::Path, rows: &[Row]) -> Result<()> {
         .collect();
     fusellm_core::files::write_atomically(
         &out.join("eval.png"),
-        &fusellm_core::plot::bar_chart("bits per byte", &sets, &series)?,
+        &fusellm_core::plot::bar_chart("bits per byte", &sets, &series, &[])?,
     )?;
     println!("{} and {}", out.join("eval.json").display(), out.join("eval.png").display());
     Ok(())

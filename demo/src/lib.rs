@@ -12,6 +12,7 @@ mod corpora;
 pub mod domains;
 pub mod models;
 mod report;
+mod seeds;
 pub mod vocab;
 
 use std::path::{Path, PathBuf};
@@ -25,6 +26,7 @@ use fusellm_sdk::rng::Rng;
 
 use models::{Arch, Shape};
 pub use report::{Results, Row};
+pub use seeds::{SeedResults, SeedRow, VsClm};
 use vocab::Family;
 
 /// How big the experiment is.

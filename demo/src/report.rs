@@ -71,23 +71,13 @@ impl Results {
     pub fn write(&self, out: &Path) -> Result<()> {
         write_atomically(&out.join("results.json"), &serde_json::to_vec_pretty(self).expect("JSON"))?;
         write_atomically(&out.join("results.md"), self.markdown().as_bytes())?;
-        let domains = self.domains();
-        let mut groups: Vec<&str> = domains.clone();
-        groups.push("average");
-        let series: Vec<(&str, Vec<f64>)> = self
-            .rows
-            .iter()
-            .filter(|r| !r.model.starts_with("expert-"))
-            .map(|r| {
-                let mut v: Vec<f64> = domains.iter().map(|d| r.bpb.get(*d).copied().unwrap_or(f64::NAN)).collect();
-                v.push(r.avg_bpb);
-                (r.model.as_str(), v)
-            })
-            .collect();
-        write_atomically(
-            &out.join("results.png"),
-            &fusellm_core::plot::bar_chart("bits per byte (lower is better)", &groups, &series)?,
-        )?;
+        let bars: Vec<Bars> = self.rows.iter().map(|r| (r.model.as_str(), &r.bpb, r.avg_bpb, None)).collect();
+        write_bars(out, &self.domains(), &bars)?;
+        self.write_curves(out)
+    }
+
+    /// loss.png: the CLM part of the continual-training loss of the three continued rows.
+    fn write_curves(&self, out: &Path) -> Result<()> {
         let curves: Vec<(&str, Vec<(f64, f64)>)> = ["clm", "fusellm-mince", "fusellm-avgce"]
             .iter()
             .filter_map(|name| Some((*name, clm_curve(self.get(name)?.metrics.as_ref()?))))
@@ -95,6 +85,25 @@ impl Results {
         let png = fusellm_core::plot::line_chart("continual training: CLM loss", "step", &curves)?;
         Ok(write_atomically(&out.join("loss.png"), &png)?)
     }
+}
+
+/// A model's bars: name, bits per byte by domain, the average, and their spread (by
+/// domain, and the average's) where there is one.
+pub(crate) type Bars<'a> = (&'a str, &'a BTreeMap<String, f64>, f64, Option<(&'a BTreeMap<String, f64>, f64)>);
+
+/// results.png: bits per byte per model (the experts aside) and domain, and the average,
+/// with error bars of the spread where it is given.
+pub(crate) fn write_bars(out: &Path, domains: &[&str], rows: &[Bars]) -> Result<()> {
+    let mut groups: Vec<&str> = domains.to_vec();
+    groups.push("average");
+    let shown: Vec<&Bars> = rows.iter().filter(|r| !r.0.starts_with("expert-")).collect();
+    let values = |by: &BTreeMap<String, f64>, avg: f64| -> Vec<f64> {
+        domains.iter().map(|d| by.get(*d).copied().unwrap_or(f64::NAN)).chain([avg]).collect()
+    };
+    let series: Vec<(&str, Vec<f64>)> = shown.iter().map(|(name, bpb, avg, _)| (*name, values(bpb, *avg))).collect();
+    let spread: Vec<Vec<f64>> = shown.iter().filter_map(|r| r.3.map(|(by, avg)| values(by, avg))).collect();
+    let png = fusellm_core::plot::bar_chart("bits per byte (lower is better)", &groups, &series, &spread)?;
+    Ok(write_atomically(&out.join("results.png"), &png)?)
 }
 
 /// The CLM part of the loss per step, from a run's metrics.jsonl.

@@ -48,13 +48,34 @@ fn the_quick_demo_writes_the_table_with_every_row() {
     assert!(spm.space_marker == "\u{2581}" && spm.byte_fallback && spm.add_bos);
     assert!(byte.space_marker == "\u{0120}" && byte.byte_level && !byte.add_bos);
     assert!(small.space_marker == "\u{2581}" && small.byte_fallback);
-    // Deterministic for a seed: a run from scratch elsewhere gives the same numbers.
-    let again = fusellm_in(&dir, &["demo", "--quick", "--out", "demo2"]);
-    assert!(again.status.success());
-    let second: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("demo2/results.json")).unwrap()).unwrap();
+    // Over seeds 0 and 1 from scratch elsewhere: seed 0 gives the same numbers (the demo is
+    // deterministic for a seed), seed 1 others; the aggregate has every row's seeds, mean
+    // and spread, and the methods' paired difference to CLM.
+    let again = fusellm_in(&dir, &["demo", "--quick", "--seeds", "0,1", "--out", "demo2"]);
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    let read = |file: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join(file)).unwrap()).unwrap()
+    };
     let numbers = |v: &serde_json::Value| -> Vec<(String, String)> {
         v["rows"].as_array().unwrap().iter().map(|r| (r["model"].to_string(), r["bpb"].to_string())).collect()
     };
-    assert_eq!(numbers(&results), numbers(&second));
+    assert_eq!(numbers(&results), numbers(&read("demo2/seed-0/results.json")));
+    let over = read("demo2/results.json");
+    let row = |name: &str| over["rows"].as_array().unwrap().iter().find(|r| r["model"] == name).unwrap().clone();
+    let first = rows.iter().find(|r| r["model"] == "fusellm-mince").unwrap()["avg_bpb"].as_f64().unwrap();
+    let mince = row("fusellm-mince");
+    let seeds: Vec<f64> = mince["avg_bpb_seeds"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    assert_eq!(seeds.len(), 2);
+    assert_eq!(seeds[0], first);
+    assert_ne!(seeds[0], seeds[1], "seed 1 trained as seed 0");
+    assert!((mince["avg_bpb"].as_f64().unwrap() - (seeds[0] + seeds[1]) / 2.0).abs() < 1e-12);
+    assert!(mince["avg_bpb_sd"].as_f64().unwrap() > 0.0);
+    let vs = &mince["vs_clm"];
+    let (low, high) = (vs["ci95"][0].as_f64().unwrap(), vs["ci95"][1].as_f64().unwrap());
+    assert!(low <= vs["mean"].as_f64().unwrap() && vs["mean"].as_f64().unwrap() <= high, "{vs}");
+    assert!(vs["seeds_better"].as_u64().unwrap() <= 2);
+    assert!(row("clm")["vs_clm"].is_null() && row("source-mpt")["vs_clm"].is_null());
+    for file in ["results.md", "results.png"] {
+        assert!(dir.join("demo2").join(file).exists(), "{file}");
+    }
 }

@@ -111,8 +111,14 @@ pub fn line_chart(title: &str, x_label: &str, series: &[(&str, Vec<(f64, f64)>)]
 
 /// A PNG of grouped bars: for each group (an evaluation set), one bar per series (a model);
 /// a value that is not finite draws no bar.
-pub fn bar_chart(title: &str, groups: &[&str], series: &[(&str, Vec<f64>)]) -> Result<Vec<u8>> {
-    let hi = series.iter().flat_map(|(_, v)| v.iter().copied()).filter(|v| v.is_finite()).fold(0.0f64, f64::max);
+pub fn bar_chart(title: &str, groups: &[&str], series: &[(&str, Vec<f64>)], spread: &[Vec<f64>]) -> Result<Vec<u8>> {
+    let top = |i: usize, g: usize, v: f64| v + spread.get(i).and_then(|s| s.get(g)).copied().unwrap_or(0.0);
+    let hi = series
+        .iter()
+        .enumerate()
+        .flat_map(|(i, (_, v))| v.iter().enumerate().map(move |(g, &x)| top(i, g, x)))
+        .filter(|v| v.is_finite())
+        .fold(0.0f64, f64::max);
     render(|root| {
         if groups.is_empty() || series.is_empty() || hi <= 0.0 {
             return empty(root, "no data");
@@ -143,6 +149,14 @@ pub fn bar_chart(title: &str, groups: &[&str], series: &[(&str, Vec<f64>)]) -> R
                 .map_err(drawing)?
                 .label(*name)
                 .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 20, y + 5)], color.filled()));
+            // An error bar of +- the series' spread over each bar, when it has one.
+            let Some(spread) = spread.get(i) else { continue };
+            let whiskers = values.iter().zip(spread).enumerate().filter(|(_, (v, s))| v.is_finite() && s.is_finite());
+            let whiskers = whiskers.filter(|(g, _)| *g < groups.len()).map(|(g, (v, s))| {
+                let x = g as i32 * SLOT + SLOT / 10 + width * i as i32 + width * 9 / 20;
+                PathElement::new(vec![(x, v - s), (x, v + s)], BLACK.stroke_width(2))
+            });
+            chart.draw_series(whiskers).map_err(drawing)?;
         }
         legend(&mut chart)
     })
@@ -190,10 +204,11 @@ mod tests {
         let (w, h, rgb) = decoded(&png);
         assert_eq!((w, h), (900, 520));
         assert!(has_color(&rgb, super::SERIES[0]));
-        let bars = super::bar_chart("bpb", &["a", "b"], &[("x", vec![1.0, 2.0]), ("y", vec![1.5, f64::NAN])]).unwrap();
+        let bars =
+            super::bar_chart("bpb", &["a", "b"], &[("x", vec![1.0, 2.0]), ("y", vec![1.5, f64::NAN])], &[]).unwrap();
         let (_, _, rgb) = decoded(&bars);
         assert!(has_color(&rgb, super::SERIES[0]) && has_color(&rgb, super::SERIES[1]));
-        let (_, _, rgb) = decoded(&super::bar_chart("bpb", &[], &[]).unwrap());
+        let (_, _, rgb) = decoded(&super::bar_chart("bpb", &[], &[], &[]).unwrap());
         assert!(!has_color(&rgb, super::SERIES[0]));
     }
 }
