@@ -149,8 +149,70 @@ fn write_sweep(dir: &Path, results: &[(String, RunRecord)]) -> Result<()> {
             vec![row["variant"].as_str().unwrap_or("").to_string(), format!("{average:.4}")]
         }),
     );
-    fusellm_core::files::write_atomically(&dir.join("sweep.json"), &serde_json::to_vec_pretty(&rows).expect("JSON"))?;
-    Ok(fusellm_core::files::write_atomically(&dir.join("sweep.md"), md.as_bytes())?)
+    let write = |name: &str, bytes: &[u8]| fusellm_core::files::write_atomically(&dir.join(name), bytes);
+    write("sweep.json", &serde_json::to_vec_pretty(&rows).expect("JSON"))?;
+    let md = match over_seeds(&rows) {
+        Some((groups, table)) => {
+            write("sweep-seeds.json", &serde_json::to_vec_pretty(&groups).expect("JSON"))?;
+            format!("{md}\nOver `run.seed`:\n\n{table}")
+        }
+        None => md,
+    };
+    Ok(write("sweep.md", md.as_bytes())?)
+}
+
+/// A sweep over `run.seed`: the variants that differ only in the seed, as one group each
+/// with its seeds' average bits per byte, their mean, sample sd and 95% interval; and the
+/// table of them. `None` when the sweep does not vary the seed.
+fn over_seeds(rows: &[serde_json::Value]) -> Option<(Vec<serde_json::Value>, String)> {
+    use fusellm_core::stats::{ci95, mean_sd};
+    let mut groups: Vec<(String, Vec<(String, f64)>)> = Vec::new();
+    for row in rows {
+        let name = row["variant"].as_str().unwrap_or_default();
+        let (seed, rest): (Vec<&str>, Vec<&str>) = name.split(',').partition(|part| part.starts_with("run.seed="));
+        let seed = seed.first()?.trim_start_matches("run.seed=").to_string();
+        let (key, value) = (rest.join(","), row["avg_bits_per_byte"].as_f64().unwrap_or(f64::NAN));
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, seeds)) => seeds.push((seed, value)),
+            None => groups.push((key, vec![(seed, value)])),
+        }
+    }
+    let summary: Vec<serde_json::Value> = groups
+        .iter()
+        .map(|(key, seeds)| {
+            let values: Vec<f64> = seeds.iter().map(|s| s.1).collect();
+            let (mean, sd) = mean_sd(&values);
+            serde_json::json!({
+                "variant": key,
+                "seeds": seeds.iter().map(|s| s.0.clone()).collect::<Vec<_>>(),
+                "avg_bits_per_byte_seeds": values,
+                "avg_bits_per_byte": mean,
+                "sd": sd,
+                "ci95": (values.len() > 1).then(|| ci95(&values)),
+            })
+        })
+        .collect();
+    let table = fusellm_core::table::markdown(
+        &["variant", "seeds", "mean", "sd", "95% interval"],
+        summary.iter().map(|g| {
+            let number = |key: &str| g[key].as_f64().map_or(String::new(), |v| format!("{v:.4}"));
+            let interval = match g["ci95"].as_array() {
+                Some(ci) => {
+                    format!("[{:.4}, {:.4}]", ci[0].as_f64().unwrap_or(f64::NAN), ci[1].as_f64().unwrap_or(f64::NAN))
+                }
+                None => String::new(),
+            };
+            let shown = g["variant"].as_str().filter(|v| !v.is_empty()).unwrap_or("(all)").to_string();
+            vec![
+                shown,
+                g["seeds"].as_array().map_or(0, Vec::len).to_string(),
+                number("avg_bits_per_byte"),
+                number("sd"),
+                interval,
+            ]
+        }),
+    );
+    Some((summary, table))
 }
 
 /// Every variant's plugins loaded, then every variant validated: all of a sweep is checked

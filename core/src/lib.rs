@@ -15,6 +15,7 @@ pub mod pipeline;
 pub mod plot;
 pub mod precompute;
 pub mod split;
+pub mod stats;
 pub mod store;
 pub mod table;
 pub mod tokenizer;

@@ -8,6 +8,7 @@ use std::path::Path;
 
 use fusellm_core::error::{Error, Result};
 use fusellm_core::files::write_atomically;
+use fusellm_core::stats::{ci95, mean_sd};
 use serde::{Deserialize, Serialize};
 
 use crate::report::{write_bars, Results};
@@ -45,24 +46,6 @@ pub struct VsClm {
     pub seeds_better: usize,
     /// The share of the mean gap from CLM down to the best source that the method closes.
     pub gap_closed: f64,
-}
-
-/// The mean and the sample standard deviation.
-fn mean_sd(values: &[f64]) -> (f64, f64) {
-    let n = values.len() as f64;
-    let mean = values.iter().sum::<f64>() / n;
-    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
-    (mean, var.sqrt())
-}
-
-/// The two-sided 95% quantile of Student's t with `df` degrees of freedom (the standard
-/// table; the normal's 1.960 beyond 30).
-fn t95(df: usize) -> f64 {
-    const TABLE: [f64; 30] = [
-        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
-    ];
-    TABLE.get(df.wrapping_sub(1)).copied().unwrap_or(1.960)
 }
 
 /// Whether a row is a method compared with CLM.
@@ -108,10 +91,9 @@ impl SeedResults {
             }
             let vs_clm = is_method(&row.model).then(|| {
                 let per_seed: Vec<f64> = seeds_avg.iter().zip(&clm).map(|(m, c)| m - c).collect();
-                let (d, s) = mean_sd(&per_seed);
-                let half = t95(per_seed.len() - 1) * s / (per_seed.len() as f64).sqrt();
+                let d = mean_sd(&per_seed).0;
                 let seeds_better = per_seed.iter().filter(|d| **d < 0.0).count();
-                VsClm { mean: d, ci95: [d - half, d + half], seeds_better, gap_closed: -d / gap, per_seed }
+                VsClm { mean: d, ci95: ci95(&per_seed), seeds_better, gap_closed: -d / gap, per_seed }
             });
             rows.push(SeedRow {
                 model: row.model.clone(),

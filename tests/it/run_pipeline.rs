@@ -124,6 +124,48 @@ fn a_lora_run_trains_adapters_and_evaluates_them_on_their_base() {
     assert!(!out.status.success() && message.contains("wq") && message.contains("q_proj"), "{message}");
 }
 
+/// A `[sweep]` over `run.seed` reports each group of variants that differ only in the seed:
+/// its seeds' bits per byte, mean, spread and interval (sweep-seeds.json, sweep.md); the
+/// seed changes the training's data order and result, and nothing before training runs
+/// again.
+#[test]
+fn a_sweep_over_seeds_reports_the_spread_of_each_setting() {
+    let dir = experiment_of("seeds", "tiny-llama2", ["tiny-mpt", "tiny-openllama"], 2);
+    let text = std::fs::read_to_string(dir.join("run.toml")).unwrap();
+    let sweep = "[sweep]\n\"train.lambda\" = [0.9, 1.0]\n\"run.seed\" = [0, 1]\n";
+    std::fs::write(dir.join("run.toml"), text + sweep).unwrap();
+    assert_ok(&fusellm_in(&dir, &["run", "run.toml"]));
+    let groups: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("out/sweep-seeds.json")).unwrap()).unwrap();
+    let groups = groups.as_array().unwrap();
+    assert_eq!(groups.len(), 2, "{groups:?}");
+    let variants: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("out/sweep.json")).unwrap()).unwrap();
+    for group in groups {
+        let name = group["variant"].as_str().unwrap();
+        let values: Vec<f64> =
+            group["avg_bits_per_byte_seeds"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        assert_eq!(group["seeds"], serde_json::json!(["0", "1"]), "{group}");
+        assert_ne!(values[0], values[1], "{name}: the seed changed nothing");
+        for (seed, value) in ["0", "1"].iter().zip(&values) {
+            let parts = |v: &str| -> std::collections::BTreeSet<String> { v.split(',').map(String::from).collect() };
+            let wanted = parts(&format!("{name},run.seed={seed}"));
+            let row = variants.as_array().unwrap().iter().find(|v| parts(v["variant"].as_str().unwrap()) == wanted);
+            assert_eq!(row.unwrap()["avg_bits_per_byte"].as_f64().unwrap(), *value);
+        }
+        let mean = group["avg_bits_per_byte"].as_f64().unwrap();
+        assert!((mean - (values[0] + values[1]) / 2.0).abs() < 1e-12);
+        let ci = group["ci95"].as_array().unwrap();
+        assert!(ci[0].as_f64().unwrap() < mean && mean < ci[1].as_f64().unwrap(), "{group}");
+    }
+    assert!(std::fs::read_to_string(dir.join("out/sweep.md")).unwrap().contains("Over `run.seed`"));
+    let record = run_record(&dir.join("out/run.seed=1_train.lambda=1.0/run.json"));
+    for stage in record["stages"].as_array().unwrap() {
+        let name = stage["name"].as_str().unwrap();
+        assert_eq!(stage["reused"].as_bool(), Some(!["train", "eval"].contains(&name)), "{name}");
+    }
+}
+
 #[test]
 fn validate_points_at_the_file_line_and_key() {
     let dir = experiment("validate");
