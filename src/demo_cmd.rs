@@ -7,7 +7,7 @@ use anyhow::Result;
 use clap::Args;
 use fusellm_core::pipeline::Event;
 use fusellm_core::plugins::Registry;
-use fusellm_demo::{Demo, SeedResults, Setup, Sizes};
+use fusellm_demo::{transfer, Demo, SeedResults, Setup, Sizes};
 
 #[derive(Args)]
 pub struct DemoArgs {
@@ -27,6 +27,11 @@ pub struct DemoArgs {
     /// ones (examples/real-tokenizers; about 12 minutes).
     #[arg(long)]
     fixtures: Option<PathBuf>,
+    /// Instead of the table: sweep the controls of transfer (lambda, continual steps, the
+    /// target's size, top-k) one at a time, CLM and MinCE at each point, over `--seeds`
+    /// (0,1,2 when none are given); writes `<out>/transfer.json` and `transfer.md`.
+    #[arg(long, conflicts_with = "seed")]
+    transfer: bool,
 }
 
 pub fn run(args: DemoArgs) -> Result<()> {
@@ -39,6 +44,20 @@ pub fn run(args: DemoArgs) -> Result<()> {
     };
     let mut reporter = crate::run_cmd::Reporter::default();
     let mut events = |e: Event| reporter.event(e);
+    if args.transfer {
+        let seeds = if args.seeds.is_empty() { vec![0, 1, 2] } else { args.seeds.clone() };
+        let mut runs = Vec::new();
+        for &seed in &seeds {
+            let out = args.out.join(format!("seed-{seed}"));
+            let setup = setup.clone();
+            runs.push(Demo { out, setup, sizes, seed, events: &mut events }.transfer(&mut registry)?);
+        }
+        let rows = transfer::gather(&seeds, &runs, &sizes)?;
+        transfer::write(&args.out, &rows, seeds.len())?;
+        println!("{}", transfer::markdown(&rows, seeds.len()));
+        println!("{:.0} s; {}", start.elapsed().as_secs_f64(), args.out.join("transfer.json").display());
+        return Ok(());
+    }
     if args.seeds.is_empty() {
         let results =
             Demo { out: args.out.clone(), setup, sizes, seed: args.seed, events: &mut events }.run(&mut registry)?;

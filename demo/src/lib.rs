@@ -13,6 +13,7 @@ pub mod domains;
 pub mod models;
 mod report;
 mod seeds;
+pub mod transfer;
 pub mod vocab;
 
 use std::path::{Path, PathBuf};
@@ -224,6 +225,13 @@ impl Texts {
     }
 }
 
+/// The weight of the CLM loss when fusing (the fusion loss gets the rest): the paper's 0.9,
+/// which the transfer sweep (`fusellm demo --transfer`) measured against lower values.
+pub const FUSION_LAMBDA: f64 = 0.9;
+
+/// The top-k of the sources' stored distributions (the paper's 10).
+pub const TOP_K: usize = 10;
+
 /// A `[fusion]` section: the plugin and the parameters that differ from its defaults.
 fn fusion(plugin: &str, params: serde_json::Value) -> serde_json::Value {
     serde_json::json!({ "plugin": plugin, "params": params })
@@ -251,6 +259,45 @@ impl Demo<'_> {
 
     /// Runs the whole experiment and writes results.json, results.md and the plots.
     pub fn run(&mut self, registry: &mut Registry) -> Result<Results> {
+        let (mut results, Prepared { sources, base }) = self.prepare(registry)?;
+        let plan = self.setup.sources();
+        let continual = |sources, fusion| self.continual(&base, sources, fusion);
+        // CE per byte ranks sources whose tokenizers cut text differently fairly (per token, a
+        // finer tokenizer looks better than it is); the paper's per-token CE is kept as a row.
+        let variants: Vec<(&str, Plan)> = vec![
+            ("clm", continual(Vec::new(), None)),
+            ("fusellm-mince", continual(sources.clone(), Some(by_byte("min_ce")))),
+            ("fusellm-avgce", continual(sources.clone(), Some(by_byte("avg_ce")))),
+            ("fusellm-mince-em", Plan { vocab: "em", ..continual(sources.clone(), Some(by_byte("min_ce"))) }),
+            ("fusellm-mince-per-token", continual(sources.clone(), Some(fusion("min_ce", serde_json::json!({}))))),
+        ];
+        for (name, plan) in &variants {
+            self.stage(&format!("continual training: {name}"));
+            let record = self.pipeline(registry, name, plan)?;
+            results.push(name, &record);
+        }
+        // Knowledge distillation: the same loss with one teacher, the best source.
+        let names: Vec<String> = plan.iter().map(|s| format!("source-{}", s.name)).collect();
+        let teacher = results.best_of(&names.iter().map(String::as_str).collect::<Vec<_>>());
+        let teacher_source = sources[teacher].clone();
+        self.stage(&format!("knowledge distillation from {}", plan[teacher].name));
+        let kd = self.continual(
+            &base,
+            vec![teacher_source],
+            Some(fusion("min_ce", serde_json::json!({ "include_target": false }))),
+        );
+        let record = self.pipeline(registry, "kd", &kd)?;
+        results.push("kd", &record);
+
+        self.table7(registry, &base, &mut results)?;
+        results.write(&self.out)?;
+        Ok(results)
+    }
+
+    /// The data, the tokenizers, the sources pretrained each mainly on its domain, and the
+    /// target pretrained briefly on the mixture: what every continued row starts from. The
+    /// results hold the sources' and the base's rows.
+    fn prepare(&mut self, registry: &mut Registry) -> Result<(Results, Prepared)> {
         // The configs written below name files by absolute path.
         self.out = std::path::absolute(&self.out).context(|| format!("resolving {}", self.out.display()))?;
         std::fs::create_dir_all(self.path("data")).context(|| format!("creating {}", self.out.display()))?;
@@ -285,62 +332,49 @@ impl Demo<'_> {
             results.push(&format!("source-{name}"), &record);
             sources.push((name.to_string(), checkpoint(&record)?));
         }
-        let init = self.path("models/target-init");
-        if !init.join("model.safetensors").exists() {
-            models::create(&init, Arch::Llama, sizes.target, &tokenizers[0], self.seed + 10, registry)?;
-        }
-        self.stage("target: pretrained briefly on the mixture");
-        let base_record = self.pipeline(
-            registry,
-            "target-base",
-            &Plan {
-                corpus: self.path("data/pretrain-mixture.jsonl"),
-                target: init,
-                steps: sizes.base_steps,
-                lr: 3e-3,
-                ..Plan::default()
-            },
-        )?;
+        let base_record = self.base_record(registry, sizes.target)?;
         let base = checkpoint(&base_record)?;
         results.push("target-base", &base_record);
+        Ok((results, Prepared { sources, base }))
+    }
 
-        let mixture = self.path("data/continual-mixture.jsonl");
-        let continual = |sources: Vec<(String, PathBuf)>, fusion: Option<serde_json::Value>| Plan {
-            corpus: mixture.clone(),
-            target: base.clone(),
-            sources,
-            fusion,
-            steps: sizes.continual_steps,
-            lr: 1e-3,
+    /// The target of this shape, pretrained briefly on the mixture (the demo's own shape
+    /// keeps the names `target-init` and `target-base`).
+    fn base_record(&mut self, registry: &mut Registry, shape: Shape) -> Result<RunRecord> {
+        let own = shape == self.sizes.target;
+        let suffix = if own { String::new() } else { format!("-{}x{}", shape.hidden, shape.layers) };
+        let init = self.path(&format!("models/target-init{suffix}"));
+        if !init.join("model.safetensors").exists() {
+            let tokenizer = self.tokenizers()?.swap_remove(0);
+            models::create(&init, Arch::Llama, shape, &tokenizer, self.seed + 10, registry)?;
+        }
+        self.stage(&format!("target{suffix}: pretrained briefly on the mixture"));
+        let plan = Plan {
+            corpus: self.path("data/pretrain-mixture.jsonl"),
+            target: init,
+            steps: self.sizes.base_steps,
+            lr: 3e-3,
             ..Plan::default()
         };
-        // CE per byte ranks sources whose tokenizers cut text differently fairly (per token, a
-        // finer tokenizer looks better than it is); the paper's per-token CE is kept as a row.
-        let variants: Vec<(&str, Plan)> = vec![
-            ("clm", continual(Vec::new(), None)),
-            ("fusellm-mince", continual(sources.clone(), Some(by_byte("min_ce")))),
-            ("fusellm-avgce", continual(sources.clone(), Some(by_byte("avg_ce")))),
-            ("fusellm-mince-em", Plan { vocab: "em", ..continual(sources.clone(), Some(by_byte("min_ce"))) }),
-            ("fusellm-mince-per-token", continual(sources.clone(), Some(fusion("min_ce", serde_json::json!({}))))),
-        ];
-        for (name, plan) in &variants {
-            self.stage(&format!("continual training: {name}"));
-            let record = self.pipeline(registry, name, plan)?;
-            results.push(name, &record);
-        }
-        // Knowledge distillation: the same loss with one teacher, the best source.
-        let names: Vec<String> = plan.iter().map(|s| format!("source-{}", s.name)).collect();
-        let teacher = results.best_of(&names.iter().map(String::as_str).collect::<Vec<_>>());
-        let teacher_source = sources[teacher].clone();
-        self.stage(&format!("knowledge distillation from {}", plan[teacher].name));
-        let kd =
-            continual(vec![teacher_source], Some(fusion("min_ce", serde_json::json!({ "include_target": false }))));
-        let record = self.pipeline(registry, "kd", &kd)?;
-        results.push("kd", &record);
+        self.pipeline(registry, &format!("target-base{suffix}"), &plan)
+    }
 
-        self.table7(registry, &base, &mut results)?;
-        results.write(&self.out)?;
-        Ok(results)
+    /// The checkpoint of [`Demo::base_record`].
+    fn base(&mut self, registry: &mut Registry, shape: Shape) -> Result<PathBuf> {
+        checkpoint(&self.base_record(registry, shape)?)
+    }
+
+    /// Continual training of `base` on the mixture: CLM alone, or fused from `sources`.
+    fn continual(&self, base: &Path, sources: Vec<(String, PathBuf)>, fusion: Option<serde_json::Value>) -> Plan {
+        Plan {
+            corpus: self.path("data/continual-mixture.jsonl"),
+            target: base.to_owned(),
+            sources,
+            fusion,
+            steps: self.sizes.continual_steps,
+            lr: 1e-3,
+            ..Plan::default()
+        }
     }
 
     /// The paper's Table 7: experts continued from one base on one domain each, combined as
@@ -517,6 +551,15 @@ struct Plan {
     vocab: &'static str,
     steps: u64,
     lr: f64,
+    /// The CLM weight when fused (CLM alone gets the whole loss).
+    lambda: f64,
+    top_k: usize,
+}
+
+/// What [`Demo::prepare`] makes: the trained sources by name, and the target's base.
+struct Prepared {
+    sources: Vec<(String, PathBuf)>,
+    base: PathBuf,
 }
 
 impl Default for Plan {
@@ -529,6 +572,8 @@ impl Default for Plan {
             vocab: "mined",
             steps: 0,
             lr: 1e-3,
+            lambda: FUSION_LAMBDA,
+            top_k: TOP_K,
         }
     }
 }
@@ -555,7 +600,7 @@ impl Plan {
             },
             "target": { "model": path(&self.target) },
             "sources": sources,
-            "precompute": { "k": 10, "docs_per_shard": 256 },
+            "precompute": { "k": self.top_k, "docs_per_shard": 256 },
             "align": { "vocab": { "plugin": self.vocab } },
             "train": {
                 "steps": self.steps,
@@ -564,8 +609,7 @@ impl Plan {
                 "lr": self.lr,
                 "warmup_steps": (self.steps / 10).max(1),
                 "min_lr_ratio": 0.1,
-                // CLM alone gets the whole loss; with fusion, the paper's lambda = 0.9.
-                "lambda": if self.fusion.is_some() { 0.9 } else { 1.0 },
+                "lambda": if self.fusion.is_some() { self.lambda } else { 1.0 },
                 "checkpoint_every": self.steps,
             },
             "eval": { "window": s.seq_len * 2, "sets": sets },

@@ -22,7 +22,7 @@ pub enum Arch {
     Qwen2,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Shape {
     pub hidden: usize,
     pub layers: usize,

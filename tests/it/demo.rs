@@ -79,3 +79,53 @@ fn the_quick_demo_writes_the_table_with_every_row() {
         assert!(dir.join("demo2").join(file).exists(), "{file}");
     }
 }
+
+/// `fusellm demo --quick --transfer --seeds 0,1`: every point of the sweep, one control
+/// moved at a time; points that share a run share its figures; the configs carry the
+/// moved control.
+#[test]
+fn the_transfer_sweep_moves_one_control_at_a_time() {
+    let dir = std::env::temp_dir().join(format!("fusellm-transfer-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = fusellm_in(&dir, &["demo", "--quick", "--transfer", "--seeds", "0,1", "--out", "t"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("t/transfer.json")).unwrap()).unwrap();
+    let at = |control: &str, value: &str| {
+        rows.iter()
+            .find(|r| r["control"] == control && r["value"] == value)
+            .unwrap_or_else(|| panic!("no point {control} = {value}"))
+    };
+    let f = |r: &serde_json::Value, key: &str| r[key].as_f64().unwrap();
+    let controls = ["lambda", "continual steps", "target hidden x layers", "top-k"];
+    for control in controls {
+        let defaults: Vec<_> = rows.iter().filter(|r| r["control"] == control && r["default"] == true).collect();
+        assert_eq!(defaults.len(), 1, "{control}: one default point");
+    }
+    // The quick demo's setting: lambda 0.9, 12 continual steps, a 32x2 target, top-10.
+    let default = at("lambda", "0.9");
+    for (control, value) in [("continual steps", "12"), ("target hidden x layers", "32x2"), ("top-k", "10")] {
+        assert_eq!(at(control, value), default, "{control} = {value} is the default point");
+    }
+    // Lambda and top-k leave CLM alone and move MinCE; steps and size move both.
+    for (control, value) in [("lambda", "0.5"), ("top-k", "1")] {
+        assert_eq!(f(at(control, value), "clm_avg_bpb"), f(default, "clm_avg_bpb"), "{control} = {value}");
+        assert_ne!(f(at(control, value), "mince_avg_bpb"), f(default, "mince_avg_bpb"), "{control} = {value}");
+    }
+    for (control, value) in [("continual steps", "24"), ("target hidden x layers", "48x2")] {
+        assert_ne!(f(at(control, value), "clm_avg_bpb"), f(default, "clm_avg_bpb"), "{control} = {value}");
+    }
+    for r in &rows {
+        let d = &r["vs_clm"];
+        let mean = f(r, "mince_avg_bpb") - f(r, "clm_avg_bpb");
+        assert!((d["mean"].as_f64().unwrap() - mean).abs() < 1e-12, "{r}");
+        assert_eq!(d["per_seed"].as_array().unwrap().len(), 2);
+    }
+    let config = |name: &str| std::fs::read_to_string(dir.join(format!("t/seed-1/configs/{name}.toml"))).unwrap();
+    let low = config("transfer-mince-l0.5-k10-s12-t32x2");
+    assert!(low.contains("lambda = 0.5") && low.contains("k = 10"), "{low}");
+    assert!(config("transfer-mince-l0.9-k1-s12-t32x2").contains("k = 1\n"));
+    assert!(std::fs::read_to_string(dir.join("t/transfer.md")).unwrap().contains("| top-k | 20 |"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
