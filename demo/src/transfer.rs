@@ -116,7 +116,6 @@ impl Demo<'_> {
         }
         Ok(out)
     }
-
 }
 
 fn shape_key(s: Shape) -> String {

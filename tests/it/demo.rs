@@ -106,7 +106,9 @@ fn the_transfer_sweep_moves_one_control_at_a_time() {
     // The quick demo's setting: lambda 0.9, 12 continual steps, a 32x2 target, top-10.
     let default = at("lambda", "0.9");
     for (control, value) in [("continual steps", "12"), ("target hidden x layers", "32x2"), ("top-k", "10")] {
-        assert_eq!(at(control, value), default, "{control} = {value} is the default point");
+        let point = at(control, value);
+        assert_eq!(point["default"], true, "{control} = {value} is the default point");
+        assert_eq!((&point["clm_avg_bpb"], &point["vs_clm"]), (&default["clm_avg_bpb"], &default["vs_clm"]));
     }
     // Lambda and top-k leave CLM alone and move MinCE; steps and size move both.
     for (control, value) in [("lambda", "0.5"), ("top-k", "1")] {
