@@ -27,7 +27,7 @@ pub struct EvalArgs {
     /// A multiple-choice set, `NAME=FILE` (JSONL of {context, choices, answer}): acc, acc_norm.
     #[arg(long = "choices")]
     choices: Vec<String>,
-    /// JSONL field(s) holding the text of a set.
+    /// The JSON field(s) or Parquet column(s) holding the text of a set.
     #[arg(long, default_value = "text", value_delimiter = ',')]
     text_field: Vec<String>,
     #[arg(long, default_value_t = 1024)]

@@ -13,10 +13,11 @@ use crate::model_args::PluginArgs;
 
 #[derive(Args)]
 pub struct SplitArgs {
-    /// Corpus files: JSONL (one document per line) or plain text (one document per file).
+    /// Corpus files: JSONL, JSON arrays, Parquet or plain text (one document per file), the
+    /// text formats optionally gzip- or zstd-compressed (`.jsonl.gz`, `.json.zst`).
     #[arg(long = "input", required = true)]
     inputs: Vec<PathBuf>,
-    /// The JSONL field(s) holding the text; several are joined with newlines.
+    /// The JSON field(s) or Parquet column(s) holding the text; several are joined with newlines.
     #[arg(long, default_value = "text", value_delimiter = ',')]
     text_field: Vec<String>,
     /// The tokenizers of every model (tokenizer.json or a checkpoint folder), sources and target.

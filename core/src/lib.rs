@@ -6,6 +6,7 @@
 pub mod align;
 pub mod checkpoint;
 pub mod config;
+pub mod corpus;
 pub mod device;
 pub mod error;
 pub mod eval;

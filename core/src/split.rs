@@ -4,7 +4,6 @@
 //! starts (their byte offsets, so the pieces concatenate back to the document exactly);
 //! a piece still too long for some tokenizer is cut again the same way.
 
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -116,10 +115,11 @@ impl Splitter<'_> {
     }
 }
 
-/// Calls `f` on every document of `paths` in order: JSONL files (`.jsonl`, one document
-/// per line, its text in `text_fields` joined by newlines) or plain text files (one
-/// document each). A bad line (not JSON, no text field, not UTF-8) stops the run with
-/// its file and line, or is skipped with a warning.
+/// Calls `f` on every document of `paths` in order: each file in any format of
+/// [`crate::corpus`] (JSONL, JSON arrays, Parquet, text; gzip or zstd compressed), a JSON
+/// object's or Parquet row's text in `text_fields` joined by newlines. A bad record (not
+/// JSON, no text field, not UTF-8, a null) stops the run with its place, or is skipped
+/// with a warning; a file that cannot be read on stops it either way.
 pub fn for_each_document(
     paths: &[PathBuf],
     text_fields: &[String],
@@ -127,40 +127,24 @@ pub fn for_each_document(
     mut f: impl FnMut(Document) -> Result<()>,
 ) -> Result<CorpusCount> {
     let (mut index, mut skipped) = (0, 0);
-    let mut bad = |message: String| match on_bad {
-        OnBadInput::Stop("") => Err(Error::msg(format!("{message}; fix that line"))),
-        OnBadInput::Stop(hint) => Err(Error::msg(format!("{message}; fix that line, {hint}"))),
-        OnBadInput::Skip => {
-            tracing::warn!("skipped {message}");
-            skipped += 1;
-            Ok(())
-        }
-    };
     for path in paths {
-        if path.extension().is_some_and(|e| e == "jsonl") {
-            let file = std::fs::File::open(path).context(|| format!("opening {}", path.display()))?;
-            for (n, line) in std::io::BufReader::new(file).split(b'\n').enumerate() {
-                let line = line.context(|| format!("reading {}", path.display()))?;
-                let place = format!("{}:{}", path.display(), n + 1);
-                match jsonl_text(&line, text_fields) {
-                    Ok(None) => {}
-                    Ok(Some(text)) => {
-                        f(Document { index, source: place, text })?;
-                        index += 1;
-                    }
-                    Err(e) => bad(format!("{place}: {e}"))?,
-                }
+        crate::corpus::for_each_record(path, text_fields, &mut |place, record| match record {
+            Ok(None) => Ok(()),
+            Ok(Some(text)) => {
+                f(Document { index, source: place, text })?;
+                index += 1;
+                Ok(())
             }
-        } else {
-            match std::fs::read(path).context(|| format!("reading {}", path.display())).map(String::from_utf8) {
-                Ok(Ok(text)) => {
-                    f(Document { index, source: path.display().to_string(), text })?;
-                    index += 1;
+            Err(e) => match on_bad {
+                OnBadInput::Stop("") => Err(Error::msg(format!("{place}: {e}; fix that line"))),
+                OnBadInput::Stop(hint) => Err(Error::msg(format!("{place}: {e}; fix that line, {hint}"))),
+                OnBadInput::Skip => {
+                    tracing::warn!("skipped {place}: {e}");
+                    skipped += 1;
+                    Ok(())
                 }
-                Ok(Err(e)) => bad(format!("{}: not UTF-8 text ({e})", path.display()))?,
-                Err(e) => return Err(e),
-            }
-        }
+            },
+        })?;
     }
     Ok(CorpusCount { documents: index, skipped })
 }
@@ -170,22 +154,6 @@ pub fn for_each_document(
 pub struct CorpusCount {
     pub documents: usize,
     pub skipped: usize,
-}
-
-/// The text of one JSONL line; `None` for a blank line.
-fn jsonl_text(line: &[u8], fields: &[String]) -> std::result::Result<Option<String>, String> {
-    let line = std::str::from_utf8(line).map_err(|e| format!("not UTF-8 ({e})"))?;
-    // A byte-order mark some editors write at the start of a file is not part of the JSON.
-    let line = line.strip_prefix('\u{feff}').unwrap_or(line);
-    if line.trim().is_empty() {
-        return Ok(None);
-    }
-    let value: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("not valid JSON ({e})"))?;
-    let parts: Vec<&str> = fields
-        .iter()
-        .map(|f| value[f.as_str()].as_str().ok_or_else(|| format!("no string field `{f}`")))
-        .collect::<std::result::Result<_, _>>()?;
-    Ok(Some(parts.join("\n")))
 }
 
 /// The texts of the pieces that `fusellm split` wrote (or any JSONL with a `text` field),

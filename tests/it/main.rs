@@ -17,6 +17,7 @@ mod bad_plugins;
 mod cli_plugins;
 mod common;
 mod config_plugins;
+mod corpus_formats;
 mod data_parallel;
 mod demo;
 mod device;
