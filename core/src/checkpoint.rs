@@ -31,6 +31,9 @@ impl Checkpoint {
     /// Reads `dir` with the adapter named `adapter`, or else the one that declares the
     /// config's `model_type`.
     pub fn open(dir: &Path, registry: &Registry, adapter: Option<&str>) -> Result<Self> {
+        // A Hub id (`Qwen/Qwen2.5-7B`) where no such folder exists: its snapshot in the cache.
+        let located = crate::hub::locate(dir).map_err(Error::msg)?;
+        let dir = located.as_path();
         if !dir.is_dir() {
             return Err(Error::msg(format!(
                 "{} is not a checkpoint folder (a folder with config.json, weights, tokenizer.json)",

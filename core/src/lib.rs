@@ -11,6 +11,7 @@ pub mod device;
 pub mod error;
 pub mod eval;
 pub mod fuse;
+pub mod hub;
 pub mod merge;
 pub mod pipeline;
 pub mod plot;

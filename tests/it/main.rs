@@ -26,6 +26,7 @@ mod examples;
 mod families;
 mod fused_ops;
 mod gradients;
+mod hub_cache;
 mod integrity;
 mod lora;
 mod memory;

@@ -232,7 +232,15 @@ impl<'s> Reader<'s> {
             .adapter
             .map(|a| super::plugin_name(self.doc, &at.key("adapter"), a, PluginKind::Adapter, self.base))
             .transpose()?;
-        Ok(ModelRef { name, dir: self.path(&at, "model", dir.get_ref(), dir.span()), adapter })
+        let mut path = self.path(&at, "model", dir.get_ref(), dir.span());
+        // A Hub id: its snapshot in the local cache, when a revision is given or no folder
+        // of that name exists beside the config.
+        let id = dir.get_ref();
+        if raw.revision.is_some() || (!path.path.is_dir() && crate::hub::looks_like_id(id)) {
+            let revision = raw.revision.as_ref().map(|r| r.get_ref().as_str());
+            path.path = crate::hub::snapshot(id, revision).map_err(|e| path.error(e))?;
+        }
+        Ok(ModelRef { name, dir: path, adapter })
     }
 
     pub fn target(&self, raw: Option<Spanned<RawModel>>) -> Result<Option<ModelRef>, ConfigError> {

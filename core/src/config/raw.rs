@@ -71,6 +71,7 @@ pub struct RawData {
 #[serde(deny_unknown_fields)]
 pub struct RawModel {
     pub model: Option<Spanned<String>>,
+    pub revision: Option<Spanned<String>>,
     pub name: Option<String>,
     pub adapter: Option<Spanned<RawPluginName>>,
 }
