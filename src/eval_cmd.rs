@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 use fusellm_core::eval::{accuracy, loglik, mixture, read_questions, score, Accuracy, Score, Scorer};
-use fusellm_core::merge::Merge;
+use fusellm_core::merge::{Merge, MergePlan};
 use fusellm_core::model::LoadMode;
 use fusellm_core::split::read_documents;
 use serde::Serialize;
@@ -216,8 +216,13 @@ fn write_outputs(out: &std::path::Path, rows: &[Row]) -> Result<()> {
 
 #[derive(Args)]
 pub struct MergeArgs {
+    /// A mergekit YAML (merge_method, models with parameters, base_model, parameters,
+    /// dtype): mergekit's methods linear, task_arithmetic, ties, dare_linear, dare_ties,
+    /// breadcrumbs, breadcrumbs_ties, slerp, sce, model_stock.
+    #[arg(long, conflicts_with_all = ["models", "weights", "base"])]
+    config: Option<PathBuf>,
     /// Checkpoints of one architecture (repeatable).
-    #[arg(long = "model", required = true)]
+    #[arg(long = "model", required_unless_present = "config")]
     models: Vec<PathBuf>,
     /// One weight per model (default: the plain average).
     #[arg(long, value_delimiter = ',')]
@@ -230,6 +235,15 @@ pub struct MergeArgs {
 }
 
 pub fn merge(args: MergeArgs) -> Result<()> {
+    if let Some(config) = &args.config {
+        let plan = MergePlan::from_yaml(config)?;
+        let inputs: Vec<&std::path::Path> =
+            plan.models.iter().map(|m| m.dir.as_path()).chain(plan.base.as_deref()).collect();
+        crate::check_output(&args.out, &inputs)?;
+        plan.write(&args.out)?;
+        eprintln!("merged {} models by {} into {}", plan.models.len(), plan.method.name(), args.out.display());
+        return Ok(());
+    }
     let inputs: Vec<&std::path::Path> = args.models.iter().map(|p| p.as_path()).chain(args.base.as_deref()).collect();
     crate::check_output(&args.out, &inputs)?;
     Merge { models: &args.models, weights: &args.weights, base: args.base.as_deref() }.write(&args.out)?;

@@ -30,6 +30,7 @@ mod hub_cache;
 mod integrity;
 mod lora;
 mod memory;
+mod merge_methods;
 mod model_bad_inputs;
 mod model_parity;
 mod plugin_tiers;
