@@ -343,3 +343,34 @@ fn the_subcommands_make_what_run_makes() {
     let in_run = checkpoint.strip_prefix(output("train")).unwrap();
     assert_same_files(&checkpoint, &Path::new(&trained).join(in_run));
 }
+
+/// Any number of sources works end to end: five, each with its own tokenizer family, fused
+/// into tiny-llama2 (users of the official code ask for more than three).
+#[test]
+fn five_sources_fuse_end_to_end() {
+    let dir = scratch("five");
+    let sources = ["tiny-mpt", "tiny-openllama", "tiny-qwen2", "tiny-pythia", "tiny-llama3"];
+    let model = |m: &str| fixtures::model_dir(m).display().to_string();
+    let mut models = format!("[target]\nmodel = \"{}\"\n", model("tiny-llama2"));
+    for s in sources {
+        models += &format!("[[sources]]\nmodel = \"{}\"\n", model(s));
+    }
+    write_experiment(&dir, &models, 2);
+    let out = fusellm_in(&dir, &["run", "run.toml"]);
+    assert_ok(&out);
+    let record = run_record(&dir.join("out/run.json"));
+    let stages: Vec<&str> = record["stages"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+    for s in sources {
+        assert!(stages.contains(&format!("precompute-{s}").as_str()), "{stages:?}");
+        assert!(stages.contains(&format!("align-{s}").as_str()), "{stages:?}");
+    }
+    assert!(bits_per_byte(&record, "trained").is_finite());
+    // The fused store was made from all five aligned stores.
+    let fuse = crate::common::stage_dir(&dir, "fuse");
+    let meta = std::fs::read_to_string(fuse.join("fused.json")).unwrap_or_default()
+        + &std::fs::read_to_string(fuse.join("store.json")).unwrap_or_default();
+    for s in sources {
+        assert!(meta.contains(s), "the fused store names {s}: {meta}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
