@@ -288,6 +288,7 @@ impl Demo<'_> {
         );
         let record = self.pipeline(registry, "kd", &kd)?;
         results.push("kd", &record);
+        results.rows.push(self.fusechat(registry, &base, &sources)?);
 
         self.table7(registry, &base, &mut results)?;
         results.write(&self.out)?;
@@ -375,6 +376,30 @@ impl Demo<'_> {
             lr: 1e-3,
             ..Plan::default()
         }
+    }
+
+    /// FuseChat's recipe: the base fused with each source alone (pairwise, MinCE over the
+    /// target and that source), then the pairwise targets merged by SCE against the base.
+    fn fusechat(&mut self, registry: &mut Registry, base: &Path, sources: &[(String, PathBuf)]) -> Result<Row> {
+        let mut pairwise = Vec::new();
+        for source in sources {
+            self.stage(&format!("FuseChat: pairwise fusion with {}", source.0));
+            let plan = self.continual(base, vec![source.clone()], Some(by_byte("min_ce")));
+            let record = self.pipeline(registry, &format!("fusechat-pair-{}", source.0), &plan)?;
+            pairwise.push(fusellm_core::merge::ModelSpec { dir: checkpoint(&record)?, params: Default::default() });
+        }
+        self.stage("FuseChat: SCE merge of the pairwise targets");
+        let merged = self.path("models/fusechat-sce");
+        let plan = fusellm_core::merge::MergePlan {
+            method: fusellm_core::merge::Method::Sce,
+            models: pairwise,
+            base: Some(base.to_owned()),
+            params: Default::default(),
+            dtype: None,
+        };
+        plan.check()?;
+        plan.write(&merged)?;
+        self.evaluate("fusechat", std::slice::from_ref(&merged), registry)
     }
 
     /// The paper's Table 7: experts continued from one base on one domain each, combined as

@@ -20,6 +20,7 @@ fn the_quick_demo_writes_the_table_with_every_row() {
         "fusellm-mince",
         "fusellm-avgce",
         "kd",
+        "fusechat",
         "ensemble",
         "weight-merge",
         "fusellm-experts",
