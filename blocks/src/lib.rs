@@ -9,6 +9,7 @@ mod attention;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod divergence;
 pub mod entry_nll;
 pub mod error;
 mod fused;

@@ -7,8 +7,9 @@
 //! the last position of each row (and padding) carries weight 0.
 
 use candle_core::{DType, Device, Tensor, D};
-use serde::{Deserialize, Serialize};
 
+pub use super::divergence::{Divergence, Tail};
+use super::entry_nll::entry_nll;
 use super::head_loss::head_loss;
 use super::ops::{self, Kernels};
 use super::terms::{self, Term};
@@ -137,17 +138,6 @@ impl LossBatch {
     }
 }
 
-/// How the fusion part compares the target with the fused distribution.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Divergence {
-    /// `-sum p log q` (the paper).
-    #[default]
-    Ce,
-    /// `sum p log (p / q)`: the same gradient, a value that is 0 at a perfect match.
-    Kl,
-}
-
 /// The objective's settings.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Objective {
@@ -157,11 +147,58 @@ pub struct Objective {
     /// Student temperature of the fusion part: `q = softmax(logits / T)`, the part scaled
     /// by `T^2` as in distillation.
     pub temperature: f64,
+    /// Where the fused target's mass outside its kept ids goes.
+    pub tail: Tail,
 }
 
 impl Default for Objective {
     fn default() -> Self {
-        Self { lambda: 0.9, divergence: Divergence::Ce, temperature: 1.0 }
+        Self { lambda: 0.9, divergence: Divergence::Ce, temperature: 1.0, tail: Tail::Renormalize }
+    }
+}
+
+/// The logits a loss is taken of: materialised, or the final hidden states `[n, d]` and the
+/// head `[V, d]` (soft-capped when `softcap` is given).
+enum Logits<'a> {
+    Full(&'a Tensor),
+    Head { hidden: &'a Tensor, head: &'a Tensor, softcap: Option<f64> },
+}
+
+/// Logits of the head held at once by [`Logits::log_probs_at`]: a chunk of rows at a time.
+const CHUNK_ELEMENTS: usize = 16 << 20;
+
+impl Logits<'_> {
+    /// `log softmax(scale * z)` at `k` ids per row (`[n * k]`), without gradient: what a
+    /// divergence other than the cross-entropy weighs the kept ids by.
+    fn log_probs_at(&self, kernels: Kernels, ids: &[u32], k: usize, scale: f32) -> Result<Vec<f32>> {
+        let of = |z: Tensor, start: usize, rows: usize| -> Result<Vec<f32>> {
+            let z = if scale == 1.0 { z } else { (z * f64::from(scale))? };
+            let ids = Tensor::from_slice(&ids[start * k..(start + rows) * k], (rows, k), z.device())?;
+            Ok(entry_nll(kernels, &z, &ids)?.flatten_all()?.to_vec1::<f32>()?.into_iter().map(|x| -x).collect())
+        };
+        match *self {
+            Logits::Full(logits) => {
+                let z = logits.flatten_to(1)?.detach();
+                let n = z.dim(0)?;
+                of(z, 0, n)
+            }
+            Logits::Head { hidden, head, softcap } => {
+                let (x, w) = (hidden.flatten_to(1)?.detach(), head.detach());
+                let (n, v) = (x.dim(0)?, w.dim(0)?);
+                let chunk = (CHUNK_ELEMENTS / v.max(1)).clamp(1, n.max(1));
+                let mut out = Vec::with_capacity(n * k);
+                for start in (0..n).step_by(chunk) {
+                    let rows = chunk.min(n - start);
+                    let z = kernels.linear(&x.narrow(0, start, rows)?, &w, None)?.to_dtype(DType::F32)?;
+                    let z = match softcap {
+                        Some(cap) => ops::soft_cap(&z, cap)?,
+                        None => z,
+                    };
+                    out.extend(of(z, start, rows)?);
+                }
+                Ok(out)
+            }
+        }
     }
 }
 
@@ -176,8 +213,8 @@ impl Objective {
     /// The losses for `logits` `[batch, len, V]` of `batch`.
     pub fn losses(&self, logits: &Tensor, batch: &LossBatch, kernels: Kernels) -> Result<Losses> {
         batch.check_rows("logits", logits)?;
-        let (terms, kl_constant) = self.terms(batch, logits.dim(D::Minus1)?)?;
-        self.combine(&terms::values(kernels, &logits.flatten_to(1)?, &terms)?, kl_constant)
+        let (terms, constant) = self.terms(batch, logits.dim(D::Minus1)?, kernels, Logits::Full(logits))?;
+        self.combine(&terms::values(kernels, &logits.flatten_to(1)?, &terms)?, constant)
     }
 
     /// The losses for the final hidden states `[batch, len, d]` under the head `[V, d]`
@@ -202,15 +239,17 @@ impl Objective {
             return self.losses(&logits, batch, kernels);
         }
         batch.check_rows("hidden states", hidden)?;
-        let (terms, kl_constant) = self.terms(batch, head.dim(0)?)?;
+        let logits = Logits::Head { hidden, head, softcap };
+        let (terms, constant) = self.terms(batch, head.dim(0)?, kernels, logits)?;
         let rows = hidden.flatten_to(1)?;
-        self.combine(&head_loss(kernels, &rows, head, &terms, softcap.map(|c| c as f32))?, kl_constant)
+        self.combine(&head_loss(kernels, &rows, head, &terms, softcap.map(|c| c as f32))?, constant)
     }
 
     /// The objective as terms over the logits ([`Term`]): CLM, and fusion when the batch has
-    /// a target; with the constant that turns the fusion CE into a KL. Every id is checked
-    /// against `vocab` here, on the host, so that no kernel reads outside a row of logits.
-    fn terms(&self, batch: &LossBatch, vocab: usize) -> Result<(Vec<Term>, f64)> {
+    /// a target; with the constant that turns the fusion term's value into the divergence's.
+    /// Every id is checked against `vocab` here, on the host, so that no kernel reads
+    /// outside a row of logits.
+    fn terms(&self, batch: &LossBatch, vocab: usize, kernels: Kernels, logits: Logits) -> Result<(Vec<Term>, f64)> {
         let outside = |ids: &[u32]| ids.iter().copied().find(|&i| i as usize >= vocab);
         if let Some(id) = outside(&batch.ids) {
             return Err(Error::msg(format!("token id {id} is outside the model's vocabulary of {vocab}")));
@@ -220,7 +259,38 @@ impl Objective {
                 "fused target id {id} is outside the model's vocabulary of {vocab}; was the store made for another target tokenizer?"
             )));
         }
-        Ok(self.sparse_terms(batch))
+        self.divergence.check(self.tail).map_err(Error::msg)?;
+        let (mut terms, constant) = self.sparse_terms(batch);
+        match terms.get_mut(1) {
+            Some(fusion) if !self.divergence.is_cross_entropy(self.tail) => {
+                let log_q = logits.log_probs_at(kernels, &fusion.ids, fusion.k, fusion.scale)?;
+                let constant = self.divergence_weights(batch, fusion, &log_q);
+                Ok((terms, constant))
+            }
+            _ => Ok((terms, constant)),
+        }
+    }
+
+    /// Turns the fusion term's weights into the divergence's, `-dD / dlog q` at each kept
+    /// id per position (times the position's weight, `T^2` over the positions), and returns
+    /// the constant that makes the term's value, `sum w * nll`, the divergence's.
+    fn divergence_weights(&self, batch: &LossBatch, fusion: &mut Term, log_q: &[f32]) -> f64 {
+        let k = fusion.k;
+        let mut grad = vec![0f64; k];
+        let (mut value, mut weighted_nll) = (0f64, 0f64);
+        for (r, probs) in batch.target_probs.chunks(k).enumerate() {
+            // The position's share: its CE weights are its probabilities times that share.
+            let share = fusion.weights[r * k..(r + 1) * k].iter().zip(probs).find(|(_, &p)| p > 0.0);
+            let Some((&w, &p)) = share else { continue };
+            let share = f64::from(w) / f64::from(p);
+            let row = &log_q[r * k..(r + 1) * k];
+            value += share * self.divergence.row(self.tail, probs, row, &mut grad);
+            for ((weight, g), &lq) in fusion.weights[r * k..(r + 1) * k].iter_mut().zip(&grad).zip(row) {
+                *weight = (-g * share) as f32;
+                weighted_nll -= f64::from(*weight) * f64::from(lq);
+            }
+        }
+        value - weighted_nll
     }
 
     fn sparse_terms(&self, batch: &LossBatch) -> (Vec<Term>, f64) {
@@ -250,19 +320,19 @@ impl Objective {
             mix: (1.0 - self.lambda) as f32,
         };
         let kl_constant = match self.divergence {
-            Divergence::Ce => 0.0,
             Divergence::Kl => batch.target_neg_entropy() * t2 / fused_positions,
+            _ => 0.0,
         };
         (vec![clm, fusion], kl_constant)
     }
 
     /// The losses from the terms' values `[terms]`: the total is `sum_t mix_t * value_t`,
     /// the one combination [`head_loss`] can differentiate.
-    fn combine(&self, values: &Tensor, kl_constant: f64) -> Result<Losses> {
+    fn combine(&self, values: &Tensor, constant: f64) -> Result<Losses> {
         let clm = values.get(0)?;
         let fusion = match values.dim(0)? {
             1 => Tensor::zeros((), DType::F32, values.device())?,
-            _ => (values.get(1)? + kl_constant)?,
+            _ => (values.get(1)? + constant)?,
         };
         let total = ((&clm * self.lambda)? + (&fusion * (1.0 - self.lambda))?)?;
         Ok(Losses { total, clm, fusion })

@@ -288,7 +288,7 @@ impl Demo<'_> {
         );
         let record = self.pipeline(registry, "kd", &kd)?;
         results.push("kd", &record);
-        results.rows.push(self.fusechat(registry, &base, &sources)?);
+        self.fusechat(registry, &base, &sources, &mut results)?;
 
         self.table7(registry, &base, &mut results)?;
         results.write(&self.out)?;
@@ -378,28 +378,24 @@ impl Demo<'_> {
         }
     }
 
-    /// FuseChat's recipe: the base fused with each source alone (pairwise, MinCE over the
-    /// target and that source), then the pairwise targets merged by SCE against the base.
-    fn fusechat(&mut self, registry: &mut Registry, base: &Path, sources: &[(String, PathBuf)]) -> Result<Row> {
-        let mut pairwise = Vec::new();
-        for source in sources {
-            self.stage(&format!("FuseChat: pairwise fusion with {}", source.0));
-            let plan = self.continual(base, vec![source.clone()], Some(by_byte("min_ce")));
-            let record = self.pipeline(registry, &format!("fusechat-pair-{}", source.0), &plan)?;
-            pairwise.push(fusellm_core::merge::ModelSpec { dir: checkpoint(&record)?, params: Default::default() });
-        }
-        self.stage("FuseChat: SCE merge of the pairwise targets");
-        let merged = self.path("models/fusechat-sce");
-        let plan = fusellm_core::merge::MergePlan {
-            method: fusellm_core::merge::Method::Sce,
-            models: pairwise,
-            base: Some(base.to_owned()),
-            params: Default::default(),
-            dtype: None,
+    /// FuseChat's recipe, one pipeline run with `[merge]`: the base fused with each source
+    /// alone (pairwise, MinCE over the target and that source), then the pairwise targets
+    /// merged by SCE against the base.
+    fn fusechat(
+        &mut self,
+        registry: &mut Registry,
+        base: &Path,
+        sources: &[(String, PathBuf)],
+        results: &mut Results,
+    ) -> Result<()> {
+        self.stage("FuseChat: pairwise fusion with each source, SCE merge of the pairwise targets");
+        let plan = Plan {
+            merge: Some(serde_json::json!({ "method": "sce", "all_sources": false })),
+            ..self.continual(base, sources.to_vec(), Some(by_byte("min_ce")))
         };
-        plan.check()?;
-        plan.write(&merged)?;
-        self.evaluate("fusechat", std::slice::from_ref(&merged), registry)
+        let record = self.pipeline(registry, "fusechat", &plan)?;
+        results.push_model("fusechat", &record, "merged");
+        Ok(())
     }
 
     /// The paper's Table 7: experts continued from one base on one domain each, combined as
@@ -579,6 +575,8 @@ struct Plan {
     /// The CLM weight when fused (CLM alone gets the whole loss).
     lambda: f64,
     top_k: usize,
+    /// The [merge] table (FuseChat's recipe), if any.
+    merge: Option<serde_json::Value>,
 }
 
 /// What [`Demo::prepare`] makes: the trained sources by name, and the target's base.
@@ -599,6 +597,7 @@ impl Default for Plan {
             lr: 1e-3,
             lambda: FUSION_LAMBDA,
             top_k: TOP_K,
+            merge: None,
         }
     }
 }
@@ -641,6 +640,9 @@ impl Plan {
         });
         if let Some(fusion) = &self.fusion {
             config["fusion"] = fusion.clone();
+        }
+        if let Some(merge) = &self.merge {
+            config["merge"] = merge.clone();
         }
         let text = toml::to_string(&config).expect("a demo config serialises as TOML");
         format!("# demo run `{name}`, written by `fusellm demo`\n{text}")

@@ -34,8 +34,12 @@ pub struct Results {
 impl Results {
     /// The row of a pipeline run: the evaluation of the model it trained.
     pub fn push(&mut self, name: &str, record: &RunRecord) {
-        let bpb =
-            record.eval.iter().filter(|e| e.model == "trained").map(|e| (e.set.clone(), e.bits_per_byte)).collect();
+        self.push_model(name, record, "trained");
+    }
+
+    /// The row of a pipeline run's evaluated `model` (`trained`, `merged`, ...).
+    pub fn push_model(&mut self, name: &str, record: &RunRecord, model: &str) {
+        let bpb = record.eval.iter().filter(|e| e.model == model).map(|e| (e.set.clone(), e.bits_per_byte)).collect();
         let mut row = Row::new(name, bpb);
         row.metrics =
             record.stages.iter().find(|s| s.name == "train").map(|s| Path::new(&s.output).join("metrics.jsonl"));

@@ -17,8 +17,8 @@ impl Mixture {
         self.total = 0.0;
     }
 
-    /// Adds one candidate's row (`probs` summing to one) with `weight`; an empty row
-    /// contributes nothing, its weight included.
+    /// Adds one candidate's row (`probs` summing to one, or less where the rest is left
+    /// out) with `weight`; an empty row contributes nothing, its weight included.
     pub fn add(&mut self, ids: &[u32], probs: &[f64], weight: f64) {
         if ids.is_empty() {
             return;

@@ -148,12 +148,15 @@ fn fused_kernels_match_the_compositions() {
 /// kernel to walk the rows in two chunks.
 #[test]
 fn head_loss_kernel_matches_the_logits_path() {
-    use fusellm_core::model::loss::{Divergence, LossBatch, Objective};
+    use fusellm_core::model::loss::{Divergence, LossBatch, Objective, Tail};
     let mut rng = Rng::new(5);
     let objectives = [
         Objective { lambda: 1.0, ..Default::default() },
         Objective { lambda: 0.9, ..Default::default() },
-        Objective { lambda: 0.7, divergence: Divergence::Kl, temperature: 2.0 },
+        Objective { lambda: 0.7, divergence: Divergence::Kl, temperature: 2.0, ..Default::default() },
+        Objective { lambda: 0.6, divergence: Divergence::Jsd { beta: 0.4 }, temperature: 2.0, ..Default::default() },
+        Objective { lambda: 0.5, divergence: Divergence::ReverseKl, tail: Tail::Bucket, ..Default::default() },
+        Objective { lambda: 0.5, divergence: Divergence::Tv, tail: Tail::Bucket, ..Default::default() },
     ];
     for (b, t, d, v) in [(2, 9, 16, 50), (3, 100, 8, 40_000)] {
         let hidden = random(&mut rng, &[b, t, d], 1.0);
@@ -161,13 +164,14 @@ fn head_loss_kernel_matches_the_logits_path() {
         let ids: Vec<u32> = (0..b * t).map(|_| rng.below(v as u32)).collect();
         let k = 3;
         let mut target_ids: Vec<u32> = (0..b * t * k).map(|_| rng.below(v as u32)).collect();
-        let mut target_probs: Vec<f32> = (0..b * t * k).map(|i| [0.6, 0.3, 0.1][i % k]).collect();
+        // The kept entries leave 0.1 to the tail bucket.
+        let mut target_probs: Vec<f32> = (0..b * t * k).map(|i| [0.5, 0.3, 0.1][i % k]).collect();
         // A position without a target, and a padded entry.
         target_probs[..k].fill(0.0);
         (target_ids[k + 2], target_probs[k + 2]) = (0, 0.0);
         let batch = LossBatch::sequences(ids, b).unwrap().with_target(target_ids, target_probs, k).unwrap();
-        // Gemma 2's soft-capped logits with the last objective.
-        let softcaps = [None, None, Some(3.0)];
+        // Gemma 2's soft-capped logits with some of the objectives.
+        let softcaps = [None, None, Some(3.0), None, Some(3.0), None];
         for (objective, softcap) in objectives.iter().zip(softcaps) {
             let fused = objective
                 .losses_at_head(Kernels::Fused, hidden.as_tensor(), head.as_tensor(), softcap, &batch)
@@ -194,6 +198,55 @@ fn head_loss_kernel_matches_the_logits_path() {
                 let scale = max_abs(y).max(1e-3);
                 let diff = max_abs(&(x - y).unwrap());
                 assert!(diff <= 1e-4 * scale, "{objective:?} {v}: gradient differs by {diff} (scale {scale})");
+            }
+        }
+    }
+}
+
+/// Every divergence's gradient with respect to the logits against central finite
+/// differences of its value, with the target renormalised and with a tail bucket, at two
+/// temperatures; the padded entry and the position without a target take no part.
+#[test]
+fn every_divergence_s_gradient_matches_finite_differences() {
+    use fusellm_core::model::loss::{Divergence, LossBatch, Objective, Tail};
+    let mut rng = Rng::new(8);
+    let (b, t, v, k) = (1, 4, 6, 3);
+    let logits = random(&mut rng, &[b, t, v], 1.5);
+    let ids: Vec<u32> = (0..t as u32).collect();
+    let target_ids = vec![0, 1, 2, 3, 4, 5, 5, 0, 1, 2, 0, 0];
+    let target_probs = vec![0.5, 0.3, 0.1, 0.6, 0.2, 0.1, 0.7, 0.0, 0.0, 0.0, 0.0, 0.0];
+    let batch = LossBatch::sequences(ids, b).unwrap().with_target(target_ids, target_probs, k).unwrap();
+    let divergences = [
+        (Divergence::Kl, Tail::Bucket),
+        (Divergence::ReverseKl, Tail::Bucket),
+        (Divergence::Jsd { beta: 0.3 }, Tail::Renormalize),
+        (Divergence::Jsd { beta: 0.7 }, Tail::Bucket),
+        (Divergence::SkewKl { alpha: 0.1 }, Tail::Renormalize),
+        (Divergence::SkewReverseKl { alpha: 0.2 }, Tail::Renormalize),
+        (Divergence::SkewReverseKl { alpha: 0.2 }, Tail::Bucket),
+        (Divergence::Tv, Tail::Bucket),
+    ];
+    for (divergence, tail) in divergences {
+        for temperature in [1.0, 2.0] {
+            let objective = Objective { lambda: 0.0, divergence, tail, temperature };
+            let fusion =
+                |z: &Tensor| objective.losses(z, &batch, Kernels::Fused).unwrap().fusion.to_scalar::<f32>().unwrap();
+            let total = objective.losses(logits.as_tensor(), &batch, Kernels::Fused).unwrap().total;
+            let grad: Vec<f32> =
+                total.backward().unwrap().get(&logits).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let base: Vec<f32> = logits.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            let eps = 1e-2f32;
+            for (i, g) in grad.iter().enumerate() {
+                let at = |delta: f32| {
+                    let mut moved = base.clone();
+                    moved[i] += delta;
+                    fusion(&Tensor::from_vec(moved, (b, t, v), &Device::Cpu).unwrap())
+                };
+                let fd = (at(eps) - at(-eps)) / (2.0 * eps);
+                assert!(
+                    (fd - g).abs() <= 2e-3 * g.abs().max(0.1),
+                    "{divergence:?} {tail:?} T={temperature} logit {i}: {g} vs {fd}"
+                );
             }
         }
     }

@@ -146,7 +146,7 @@ fn bad_merge_configs_name_the_key_and_what_is_expected() {
     };
     let models = "models:\n  - model: models/ft-a\n    parameters:\n      weight: 0.5\n  - model: models/ft-b\n    parameters:\n      weight: 0.5\n";
     let e = run(&format!("merge_method: frankenstein\n{models}"));
-    assert!(e.contains("merge_method `frankenstein`") && e.contains("ties"), "{e}");
+    assert!(e.contains("merge method `frankenstein`") && e.contains("ties"), "{e}");
     let e = run(&format!("merge_method: ties\nbase_model: models/base\nparameters:\n  epsilon: 0.1\n{models}"));
     assert!(e.contains("`epsilon` is not a global parameter of ties") && e.contains("normalize"), "{e}");
     let e = run(&format!("merge_method: ties\n{models}"));

@@ -374,3 +374,85 @@ fn five_sources_fuse_end_to_end() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The names of a run record's stages, and whether each was reused.
+fn stages_of(record: &serde_json::Value) -> Vec<(String, bool)> {
+    let stages = record["stages"].as_array().unwrap();
+    stages.iter().map(|s| (s["name"].as_str().unwrap().to_string(), s["reused"].as_bool().unwrap())).collect()
+}
+
+#[test]
+fn fusechat_is_one_config_pairwise_fusion_then_a_merge() {
+    let dir = experiment("fusechat");
+    let config = std::fs::read_to_string(dir.join("run.toml")).unwrap()
+        + "[merge]\nmethod = \"sce\"\n[merge.parameters]\nselect_topk = 0.5\n";
+    std::fs::write(dir.join("run.toml"), config).unwrap();
+    assert_ok(&fusellm_in(&dir, &["run", "run.toml"]));
+    let record = run_record(&dir.join("out/run.json"));
+    let names: Vec<String> = stages_of(&record).into_iter().map(|(n, _)| n).collect();
+    // All sources fused and trained (FuseLLM), then each source alone (FuseChat), merged.
+    for stage in ["fuse", "train", "train-tiny-mpt", "train-tiny-openllama", "merge", "eval"] {
+        assert!(names.iter().any(|n| n == stage), "{stage} in {names:?}");
+    }
+    assert_eq!(names.iter().filter(|n| *n == "fuse").count(), 3, "{names:?}");
+    for model in ["target-base", "trained", "pairwise-tiny-mpt", "pairwise-tiny-openllama", "merged"] {
+        assert!(bits_per_byte(&record, model).is_finite(), "{model}");
+    }
+    // The merged model is the pairwise targets merged by `fusellm merge`'s SCE.
+    let merged = PathBuf::from(record["checkpoint"].as_str().unwrap());
+    let pairwise = |source: &str| {
+        let train = stages_of(&record).iter().position(|(n, _)| n == &format!("train-{source}")).unwrap();
+        let out = PathBuf::from(record["stages"][train]["output"].as_str().unwrap());
+        let mut steps: Vec<PathBuf> =
+            std::fs::read_dir(out.join("checkpoints")).unwrap().map(|e| e.unwrap().path()).collect();
+        steps.sort();
+        steps.pop().unwrap()
+    };
+    let yaml = format!(
+        "merge_method: sce\nbase_model: {}\nparameters:\n  select_topk: 0.5\nmodels:\n  - model: {}\n  - model: {}\n",
+        fixtures::model_dir("tiny-llama2").display(),
+        pairwise("tiny-mpt").display(),
+        pairwise("tiny-openllama").display()
+    );
+    std::fs::write(dir.join("merge.yml"), yaml).unwrap();
+    assert_ok(&fusellm_in(&dir, &["merge", "--config", "merge.yml", "--out", "by-hand"]));
+    let load =
+        |d: &Path| candle_core::safetensors::load(d.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let (a, b) = (load(&merged), load(&dir.join("by-hand")));
+    assert_eq!(a.len(), b.len());
+    for (name, t) in &a {
+        let diff = (t - &b[name]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(diff, 0.0, "{name}");
+    }
+    // A second run reuses every stage, the merge too.
+    assert_ok(&fusellm_in(&dir, &["run", "run.toml"]));
+    let again = run_record(&dir.join("out/run.json"));
+    assert!(stages_of(&again).iter().all(|(_, reused)| *reused), "{:?}", stages_of(&again));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_bad_merge_section_is_an_error_at_its_key() {
+    let dir = experiment("bad-merge");
+    let base = std::fs::read_to_string(dir.join("run.toml")).unwrap();
+    let validate = |extra: &str| {
+        std::fs::write(dir.join("run.toml"), format!("{base}{extra}")).unwrap();
+        let out = fusellm_in(&dir, &["validate", "run.toml"]);
+        assert!(!out.status.success(), "{extra}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let e = validate("[merge]\nmethod = \"frankenmerge\"\n");
+    assert!(e.contains("merge.method") && e.contains("frankenmerge") && e.contains("sce"), "{e}");
+    let e = validate("[merge]\nmethod = \"ties\"\n[merge.parameters]\nepsilon = 0.1\n");
+    assert!(e.contains("merge.parameters") && e.contains("epsilon") && e.contains("lambda"), "{e}");
+    let e = validate("[merge]\nmethod = \"linear\"\n");
+    assert!(e.contains("weight"), "{e}");
+    let e = validate("[merge.models.tiny-pythia]\nweight = 1.0\n");
+    assert!(e.contains("tiny-pythia") && e.contains("tiny-mpt"), "{e}");
+    let without_train = base.split("[train]").next().unwrap().to_string();
+    std::fs::write(dir.join("run.toml"), format!("{without_train}[merge]\n")).unwrap();
+    let out = fusellm_in(&dir, &["validate", "run.toml"]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("[merge]") && e.contains("[train]"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -170,6 +170,7 @@ pub fn config(steps: u64, precision: Precision) -> TrainConfig {
         lr: LrSchedule { peak: 1e-3, warmup_steps: 2, decay: Decay::Cosine, min_ratio: 0.1 },
         lambda: LambdaSchedule { start: 0.9, end: 0.5 },
         divergence: Default::default(),
+        tail: Default::default(),
         temperature: 1.0,
         adamw: AdamWConfig::default(),
         precision,

@@ -4,6 +4,7 @@
 //! clamped); what needs the files (models exist, shapes fit) is checked by `fusellm
 //! validate` before any compute.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use fusellm_sdk::PluginKind;
@@ -12,7 +13,9 @@ use toml::Spanned;
 use super::located::Doc;
 use super::raw::{self, RawModel};
 use super::{ConfigError, PluginChoice};
+use crate::merge::{MergePlan, Method, ModelSpec, Setting};
 use crate::model::lora::LoraSpec;
+use crate::model::loss::Divergence;
 use crate::split::OnBadInput;
 use crate::store::Options;
 use crate::train::optim::AdamWConfig;
@@ -69,6 +72,43 @@ pub struct AlignSection {
     pub vocab: PluginChoice,
     /// The paper's projection, defects included.
     pub compat: bool,
+}
+
+/// `[merge]`: FuseChat's recipe. The target is fused with each source alone (one trained
+/// target per source), and those targets are merged against the untrained target by a
+/// mergekit method.
+#[derive(Clone, Debug)]
+pub struct MergeSection {
+    pub method: Method,
+    /// Global parameters, mergekit's names.
+    pub params: BTreeMap<String, Setting>,
+    /// Per-model parameters, by source name.
+    pub models: BTreeMap<String, BTreeMap<String, Setting>>,
+    /// The merged weights' dtype (the target's when none).
+    pub dtype: Option<candle_core::DType>,
+    /// Whether FuseLLM's fusion of all sources is trained too, and evaluated beside.
+    pub all_sources: bool,
+}
+
+impl MergeSection {
+    /// The merge of the pairwise targets (`(source name, checkpoint)`, in the sources'
+    /// order) against `base`.
+    pub fn plan(&self, base: &Path, pairwise: &[(String, PathBuf)]) -> MergePlan {
+        let models = pairwise
+            .iter()
+            .map(|(name, dir)| ModelSpec {
+                dir: dir.clone(),
+                params: self.models.get(name).cloned().unwrap_or_default(),
+            })
+            .collect();
+        MergePlan {
+            method: self.method,
+            models,
+            base: Some(base.to_owned()),
+            params: self.params.clone(),
+            dtype: self.dtype,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -303,6 +343,7 @@ impl<'s> Reader<'s> {
             ));
         }
         let lambda = at.fraction("lambda", &r.lambda, 0.9)?;
+        let divergence = self.divergence(&at, &r)?;
         let lora = self.lora(r.lora)?;
         let positive = |key: &str, value: &Option<Spanned<f64>>, default: f64| {
             at.float(key, value, default, |x| x > 0.0, "a positive number")
@@ -330,7 +371,8 @@ impl<'s> Reader<'s> {
                 min_ratio: at.fraction("min_lr_ratio", &r.min_lr_ratio, 0.0)?,
             },
             lambda: LambdaSchedule { start: lambda, end: at.fraction("lambda_end", &r.lambda_end, lambda)? },
-            divergence: r.divergence.unwrap_or_default(),
+            divergence,
+            tail: r.tail.unwrap_or_default(),
             temperature: positive("temperature", &r.temperature, 1.0)?,
             adamw,
             precision: r.dtype.unwrap_or_default(),
@@ -348,6 +390,38 @@ impl<'s> Reader<'s> {
             },
             lora,
         }))
+    }
+
+    /// `[train] divergence` with its parameter (`beta` of the generalised JSD, TRL's default
+    /// 0.5; `alpha` of the skew KLs, DistiLLM's 0.1), checked against `tail`.
+    fn divergence(&self, at: &At<'_>, r: &raw::RawTrain) -> Result<Divergence, ConfigError> {
+        use raw::DivergenceName as N;
+        let name = r.divergence.as_ref().map_or(N::Ce, |d| *d.get_ref());
+        let stray = |key: &str, value: &Option<Spanned<f64>>, owner: &str| match value {
+            Some(v) => {
+                Err(at.error(key, Some(v), format!("`{key}` is a parameter of {owner}; set `divergence` to it")))
+            }
+            None => Ok(()),
+        };
+        if !matches!(name, N::Jsd) {
+            stray("beta", &r.beta, "divergence = \"jsd\"")?;
+        }
+        if !matches!(name, N::SkewKl | N::SkewReverseKl) {
+            stray("alpha", &r.alpha, "divergence = \"skew_kl\" or \"skew_reverse_kl\"")?;
+        }
+        let beta = at.fraction("beta", &r.beta, 0.5)?;
+        let alpha = at.fraction("alpha", &r.alpha, 0.1)?;
+        let divergence = match name {
+            N::Ce => Divergence::Ce,
+            N::Kl => Divergence::Kl,
+            N::ReverseKl => Divergence::ReverseKl,
+            N::Jsd => Divergence::Jsd { beta },
+            N::SkewKl => Divergence::SkewKl { alpha },
+            N::SkewReverseKl => Divergence::SkewReverseKl { alpha },
+            N::Tv => Divergence::Tv,
+        };
+        divergence.check(r.tail.unwrap_or_default()).map_err(|e| at.error("divergence", r.divergence.as_ref(), e))?;
+        Ok(divergence)
     }
 
     /// `[train.lora]`, with PEFT's defaults (rank 8, alpha 8, no dropout) and the
@@ -374,6 +448,47 @@ impl<'s> Reader<'s> {
             targets,
         };
         Ok(Some(LoraTraining { adapter, merge: r.merge.unwrap_or(false) }))
+    }
+
+    /// `[merge]`, its parameters checked against the method's with the sources' names
+    /// standing for their pairwise targets.
+    pub fn merge(
+        &self,
+        raw: Option<Spanned<raw::RawMerge>>,
+        sources: &[ModelRef],
+    ) -> Result<Option<MergeSection>, ConfigError> {
+        let Some(raw) = raw else { return Ok(None) };
+        let at = self.at("merge", Some(&raw));
+        let r = raw.into_inner();
+        let method = match &r.method {
+            Some(m) => crate::merge::method_named(m.get_ref()).map_err(|e| at.error("method", Some(m), e))?,
+            None => Method::Sce,
+        };
+        let dtype = match &r.dtype {
+            Some(d) => Some(crate::merge::dtype_named(d.get_ref()).map_err(|e| at.error("dtype", Some(d), e))?),
+            None => None,
+        };
+        let mut models = BTreeMap::new();
+        for (name, params) in r.models {
+            if !sources.iter().any(|s| s.name == *name.get_ref()) {
+                let names: Vec<&str> = sources.iter().map(|s| s.name.as_str()).collect();
+                let message = format!(
+                    "`{}` is not a source (the sources: {}); per-model parameters go under a source's name",
+                    name.get_ref(),
+                    names.join(", ")
+                );
+                return Err(at.error("models", Some(&name), message));
+            }
+            models.insert(name.into_inner(), params);
+        }
+        let section =
+            MergeSection { method, params: r.parameters, models, dtype, all_sources: r.all_sources.unwrap_or(true) };
+        let named: Vec<(String, PathBuf)> = sources.iter().map(|s| (s.name.clone(), PathBuf::from(&s.name))).collect();
+        section
+            .plan(Path::new("target"), &named)
+            .check()
+            .map_err(|e| at.error::<()>("parameters", None, e.to_string()))?;
+        Ok(Some(section))
     }
 
     pub fn eval(&self, raw: Option<Spanned<raw::RawEval>>) -> Result<Option<EvalSection>, ConfigError> {

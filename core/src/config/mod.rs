@@ -22,7 +22,7 @@ mod raw;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-pub use experiment::{AlignSection, DataSection, EvalSection, ModelRef, PathAt, RunSection};
+pub use experiment::{AlignSection, DataSection, EvalSection, MergeSection, ModelRef, PathAt, RunSection};
 use fusellm_sdk::{ParamValue, PluginKind};
 pub use located::ConfigError;
 use located::Doc;
@@ -45,6 +45,7 @@ pub struct Config {
     pub align: AlignSection,
     pub fusion: Option<PluginChoice>,
     pub train: Option<crate::train::TrainConfig>,
+    pub merge: Option<MergeSection>,
     pub eval: Option<EvalSection>,
     pub sandbox: WasmLimits,
     /// Where the keys that later checks refer to were written.
@@ -52,8 +53,18 @@ pub struct Config {
 }
 
 /// Keys whose location checks made after parsing (shapes, files) point at.
-const LOCATED: &[&str] =
-    &["data.max_len", "train.seq_len", "precompute.k", "run.device", "target", "sources", "fusion", "train", "data"];
+const LOCATED: &[&str] = &[
+    "data.max_len",
+    "train.seq_len",
+    "precompute.k",
+    "run.device",
+    "target",
+    "sources",
+    "fusion",
+    "train",
+    "data",
+    "merge",
+];
 
 /// A stage's choice of plugin, with the locations needed to point at errors found only
 /// once plugins are loaded (an unknown name, a parameter of the wrong type).
@@ -115,11 +126,13 @@ impl Config {
         let read = experiment::Reader { doc, base };
         let sandbox = read.sandbox(raw.sandbox)?;
         let run = read.run(path, raw.run)?;
+        let sources = read.sources(raw.sources)?;
         Ok(Config {
             path: path.to_owned(),
             data: read.data(raw.data)?,
             target: read.target(raw.target)?,
-            sources: read.sources(raw.sources)?,
+            merge: read.merge(raw.merge, &sources)?,
+            sources,
             precompute: read.precompute(raw.precompute)?,
             align: read.align(raw.align)?,
             fusion,

@@ -8,7 +8,8 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::model::loss::Divergence;
+use crate::merge::Setting;
+use crate::model::loss::Tail;
 use crate::train::schedule::Decay;
 use crate::train::Precision;
 
@@ -41,6 +42,7 @@ pub struct RawConfig {
     pub align: Option<Spanned<RawAlign>>,
     pub fusion: Option<Spanned<RawPlugin>>,
     pub train: Option<Spanned<RawTrain>>,
+    pub merge: Option<Spanned<RawMerge>>,
     pub eval: Option<Spanned<RawEval>>,
     pub sandbox: Option<Spanned<RawSandbox>>,
     /// Read by `variants` before the config is; ignored here.
@@ -142,7 +144,12 @@ pub struct RawTrain {
     pub min_lr_ratio: Option<Spanned<f64>>,
     pub lambda: Option<Spanned<f64>>,
     pub lambda_end: Option<Spanned<f64>>,
-    pub divergence: Option<Divergence>,
+    pub divergence: Option<Spanned<DivergenceName>>,
+    /// The generalised JSD's mixture weight.
+    pub beta: Option<Spanned<f64>>,
+    /// The skew KLs' mixture weight.
+    pub alpha: Option<Spanned<f64>>,
+    pub tail: Option<Tail>,
     pub temperature: Option<Spanned<f64>>,
     pub weight_decay: Option<Spanned<f64>>,
     pub beta1: Option<Spanned<f64>>,
@@ -157,6 +164,19 @@ pub struct RawTrain {
     pub lora: Option<Spanned<RawLora>>,
 }
 
+/// `[train] divergence`, by name; its parameter is a key of its own.
+#[derive(Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DivergenceName {
+    Ce,
+    Kl,
+    ReverseKl,
+    Jsd,
+    SkewKl,
+    SkewReverseKl,
+    Tv,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawLora {
@@ -165,6 +185,20 @@ pub struct RawLora {
     pub dropout: Option<Spanned<f64>>,
     pub targets: Option<Spanned<Vec<String>>>,
     pub merge: Option<bool>,
+}
+
+/// `[merge]`: FuseChat's recipe, mergekit's names.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMerge {
+    pub method: Option<Spanned<String>>,
+    #[serde(default)]
+    pub parameters: BTreeMap<String, Setting>,
+    /// Per-model parameters, by source name.
+    #[serde(default)]
+    pub models: BTreeMap<Spanned<String>, BTreeMap<String, Setting>>,
+    pub dtype: Option<Spanned<String>>,
+    pub all_sources: Option<bool>,
 }
 
 #[derive(Deserialize)]

@@ -3,13 +3,10 @@
 
 use std::collections::BTreeMap;
 
-use serde::Deserialize;
-
 use fusellm_sdk::rng::Rng;
 
-/// A merge method, by mergekit's name.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
+/// A merge method, by mergekit's name ([`Method::name`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Method {
     /// The weighted average of the models.
     Linear,
@@ -91,8 +88,8 @@ impl Method {
     pub fn params(self) -> Vec<Param> {
         let flag = |b: bool| Some(f64::from(u8::from(b)));
         let gta = |normalize: bool, rescale: bool, extra: &[Param]| {
-            let mut p = vec![WEIGHT, LAMBDA, global("normalize", flag(normalize)), global("rescale", flag(rescale))];
-            p.push(INT8_MASK);
+            let mut p =
+                vec![WEIGHT, LAMBDA, global("normalize", flag(normalize)), global("rescale", flag(rescale)), INT8_MASK];
             p.extend_from_slice(extra);
             p
         };
@@ -188,28 +185,27 @@ fn linear(x: &Inputs) -> Vec<f32> {
 /// that took part when `normalize`, scaled by `lambda`, added to the base.
 fn task_arithmetic(x: &Inputs, sparsify: Sparsify, consensus: bool) -> Vec<f32> {
     let base = x.base();
-    let weighted: Vec<Vec<f32>> = x
-        .models
-        .iter()
+    let weights: Vec<f32> = (0..x.models.len()).map(|i| x.of(i, "weight") as f32).collect();
+    let weighted: Vec<Vec<f32>> = task_vectors(x)
+        .into_iter()
         .enumerate()
-        .map(|(i, m)| {
-            let delta: Vec<f32> = m.iter().zip(base).map(|(v, b)| v - b).collect();
-            let mut rng = Rng::new(x.seed ^ (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        .map(|(i, delta)| {
             let kept = match sparsify {
                 Sparsify::None => None,
                 Sparsify::Magnitude => Some(magnitude(&delta, x.of(i, "density"))),
                 Sparsify::Outliers => Some(outliers(&delta, x.of(i, "density"), x.of(i, "gamma"))),
-                Sparsify::Random => Some(random(&delta, x.of(i, "density"), &mut rng)),
+                Sparsify::Random => {
+                    let mut rng = Rng::new(x.seed ^ (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+                    Some(random(&delta, x.of(i, "density"), &mut rng))
+                }
             };
             let delta = match kept {
                 Some(kept) => masked(&delta, &kept, x.global("rescale") != 0.0),
                 None => delta,
             };
-            let w = x.of(i, "weight") as f32;
-            delta.into_iter().map(|d| d * w).collect()
+            delta.into_iter().map(|d| d * weights[i]).collect()
         })
         .collect();
-    let weights: Vec<f32> = (0..x.models.len()).map(|i| x.of(i, "weight") as f32).collect();
     let (normalize, lambda) = (x.global("normalize") != 0.0, x.global("lambda") as f32);
     (0..base.len())
         .map(|j| {
@@ -229,6 +225,12 @@ fn task_arithmetic(x: &Inputs, sparsify: Sparsify, consensus: bool) -> Vec<f32> 
             base[j] + mixed * lambda
         })
         .collect()
+}
+
+/// Each model's task vector, `model - base`.
+fn task_vectors(x: &Inputs) -> Vec<Vec<f32>> {
+    let base = x.base();
+    x.models.iter().map(|m| m.iter().zip(base).map(|(v, b)| v - b).collect()).collect()
 }
 
 /// torch's sign: -1, 0 or 1.
@@ -324,7 +326,7 @@ fn slerp(x: &Inputs) -> Vec<f32> {
 /// FuseChat's SCE.
 fn sce(x: &Inputs) -> Vec<f32> {
     let base = x.base();
-    let mut tvs: Vec<Vec<f32>> = x.models.iter().map(|m| m.iter().zip(base).map(|(v, b)| v - b).collect()).collect();
+    let mut tvs = task_vectors(x);
     let k = tvs.len() as f32;
     let topk = x.global("select_topk");
     if topk < 1.0 {
@@ -369,7 +371,7 @@ fn sce(x: &Inputs) -> Vec<f32> {
 /// vectors; the result `t * average + (1 - t) * base`.
 fn model_stock(x: &Inputs) -> Vec<f32> {
     let base = x.base();
-    let offsets: Vec<Vec<f32>> = x.models.iter().map(|m| m.iter().zip(base).map(|(v, b)| v - b).collect()).collect();
+    let offsets = task_vectors(x);
     let norm = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>().sqrt();
     let mut cosines = Vec::new();
     for i in 0..offsets.len() {

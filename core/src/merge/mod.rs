@@ -51,7 +51,8 @@ pub struct Merge<'a> {
 }
 
 impl Merge<'_> {
-    /// Writes the merged checkpoint to `out` (with the first model's config and tokenizer).
+    /// Writes the merged checkpoint to `out` (with the config and tokenizer of the base, or
+    /// of the first model without one).
     pub fn write(&self, out: &Path) -> Result<()> {
         let weights: Vec<f64> = match self.weights {
             [] => vec![1.0 / self.models.len().max(1) as f64; self.models.len()],
@@ -99,16 +100,37 @@ pub struct MergePlan {
     pub dtype: Option<DType>,
 }
 
-/// The number of layers a checkpoint's config.json declares.
+/// A dtype by mergekit's name.
+pub fn dtype_named(name: &str) -> std::result::Result<DType, String> {
+    match name {
+        "float32" | "fp32" => Ok(DType::F32),
+        "bfloat16" | "bf16" => Ok(DType::BF16),
+        "float16" | "fp16" => Ok(DType::F16),
+        other => Err(format!("dtype `{other}`: expected float32, bfloat16 or float16")),
+    }
+}
+
+/// A method by mergekit's name.
+pub fn method_named(name: &str) -> std::result::Result<Method, String> {
+    Method::ALL.into_iter().find(|m| m.name() == name).ok_or_else(|| {
+        let names: Vec<&str> = Method::ALL.iter().map(|m| m.name()).collect();
+        format!("merge method `{name}` is not one fusellm has (it has {})", names.join(", "))
+    })
+}
+
+/// The number of layers a checkpoint's config.json declares (under any of the names the
+/// families use).
 fn layers(dir: &Path) -> Result<usize> {
     let file = dir.join("config.json");
     let text = std::fs::read_to_string(&file).context(|| format!("reading {}", file.display()))?;
-    let config: serde_json::Value = serde_json::from_str(&text).context(|| file.display().to_string())?;
-    ["num_hidden_layers", "n_layers", "n_layer", "num_layers"]
-        .iter()
-        .find_map(|k| config[*k].as_u64())
-        .map(|n| n as usize)
-        .ok_or_else(|| Error::msg(format!("{}: no num_hidden_layers", file.display())))
+    let in_file = |e: String| Error::msg(format!("{}: {e}", file.display()));
+    let config = fusellm_sdk::HfConfig::parse(&text).map_err(in_file)?;
+    for key in ["num_hidden_layers", "n_layers", "n_layer", "num_layers"] {
+        if let Some(n) = config.opt_usize(key).map_err(in_file)? {
+            return Ok(n);
+        }
+    }
+    Err(Error::msg(format!("{}: no num_hidden_layers", file.display())))
 }
 
 impl MergePlan {
@@ -189,8 +211,8 @@ impl MergePlan {
     /// of the first model).
     pub fn write(&self, out: &Path) -> Result<()> {
         let located = |dir: &Path| crate::hub::locate(dir).map_err(Error::msg);
-        let models: Vec<PathBuf> = self.merged().map(|s| located(&s.dir)).collect::<Result<_>>()?;
         let specs: Vec<&ModelSpec> = self.merged().collect();
+        let models: Vec<PathBuf> = specs.iter().map(|s| located(&s.dir)).collect::<Result<_>>()?;
         let base_dir = self.base.as_deref().map(located).transpose()?;
         let template = base_dir.clone().unwrap_or_else(|| models[0].clone());
         let reference = tensors(&template)?;
@@ -212,13 +234,13 @@ impl MergePlan {
         let layers = layers(&template)?;
         // DARE's masks: from `random_seed` and the tensor's place, the same on every run.
         let seed = self.params.get("random_seed").and_then(|s| s.at("", 0.0)).unwrap_or(0.0) as u64;
+        let declared = self.method.params();
         let mut merged = std::collections::HashMap::new();
         for (index, (name, like)) in reference.iter().enumerate() {
             let t = depth(name, layers);
             let flat = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?) };
             let base = base_dir.as_ref().map(|_| flat(like)).transpose()?;
             let values: Vec<Vec<f32>> = loaded.iter().map(|set| flat(&set[name])).collect::<Result<_>>()?;
-            let declared = self.method.params();
             let per_model = specs
                 .iter()
                 .map(|s| {

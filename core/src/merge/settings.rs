@@ -2,9 +2,9 @@
 //! of numbers interpolated over the layers), or a list of `{filter, value}` conditions
 //! chosen by tensor name (the first whose filter is in the name, or that has none).
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Setting {
     Flag(bool),
@@ -13,7 +13,7 @@ pub enum Setting {
     Conditions(Vec<Condition>),
 }
 
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Condition {
     pub filter: Option<String>,

@@ -57,10 +57,7 @@ impl MergePlan {
             Error::msg(format!("{}: not a mergekit config ({e}); see mergekit's README for its keys", file.display()))
         })?;
         let at = |what: String| Error::msg(format!("{}: {what}", file.display()));
-        let method = super::Method::ALL.into_iter().find(|m| m.name() == yaml.merge_method).ok_or_else(|| {
-            let names: Vec<&str> = super::Method::ALL.iter().map(|m| m.name()).collect();
-            at(format!("merge_method `{}` is not one fusellm has (it has {})", yaml.merge_method, names.join(", ")))
-        })?;
+        let method = super::method_named(&yaml.merge_method).map_err(|e| at(format!("merge_method: {e}")))?;
         if let Some(source) = yaml.tokenizer_source.as_deref().filter(|s| *s != "base") {
             return Err(at(format!(
                 "tokenizer_source `{source}`: fusellm writes the base model's tokenizer only (`base`); a union of vocabularies is alignment's job"
@@ -73,13 +70,7 @@ impl MergePlan {
             }
             None => (yaml.models.into_iter().map(|m| (m.model, m.parameters)).collect(), None),
         };
-        let dtype = match yaml.out_dtype.or(yaml.dtype).as_deref() {
-            None => None,
-            Some("float32" | "fp32") => Some(candle_core::DType::F32),
-            Some("bfloat16" | "bf16") => Some(candle_core::DType::BF16),
-            Some("float16" | "fp16") => Some(candle_core::DType::F16),
-            Some(other) => return Err(at(format!("dtype `{other}`: expected float32, bfloat16 or float16"))),
-        };
+        let dtype = yaml.out_dtype.or(yaml.dtype).as_deref().map(super::dtype_named).transpose().map_err(at)?;
         let plan = MergePlan {
             method,
             models: models.into_iter().map(|(dir, params)| ModelSpec { dir: PathBuf::from(dir), params }).collect(),

@@ -1,5 +1,5 @@
 //! `fusellm run` (DESIGN.md, "The pipeline as stages"): split -> precompute -> vocab-map
-//! and align -> fuse -> train -> eval. Each stage writes into a cache folder named by a
+//! and align -> fuse -> train -> (merge, FuseChat's recipe) -> eval. Each stage writes into a cache folder named by a
 //! hash of its inputs (the upstream stages' keys, its config section, the names and
 //! versions of its plugins), so a stage whose inputs are unchanged is reused: changing the
 //! fusion plugin never recomputes the sources' forward passes, and a sweep's variants share
@@ -26,7 +26,7 @@ use crate::split::read_texts;
 use crate::train::data::fused_documents;
 use crate::train::{latest_checkpoint, Document};
 use stage::Stage;
-use stages::{Align, Eval, Fuse, Precompute, Split, Train};
+use stages::{Align, Eval, Fuse, Merge, Precompute, Split, Train};
 pub use validate::{open_model, validate, Checked};
 
 /// What a run reports as it goes.
@@ -135,28 +135,49 @@ impl Run<'_> {
         let _lock = crate::files::FolderLock::acquire(&self.cache)?;
         let mut stages = Stages { run: self, record: &mut record, events };
         let (corpus, split_key) = stages.split(checked)?;
-        let docs = match &checked.fusion {
-            Some(fusion) => {
-                let (dir, k) = stages.fuse(checked, fusion, &corpus, &split_key)?;
-                (fused_documents(&dir)?.1, k)
+        let trained = match (&checked.fusion, &self.config.merge) {
+            (Some(fusion), merge) => {
+                let aligned = stages.aligned(checked, &corpus, &split_key)?;
+                let all: Vec<usize> = (0..checked.sources.len()).collect();
+                let mut trained = Vec::new();
+                if merge.as_ref().is_none_or(|m| m.all_sources) {
+                    let fused = stages.fuse(&aligned, &all, fusion)?;
+                    trained.extend(stages.train(checked, None, fused)?.map(|(c, _)| ("trained".to_string(), c)));
+                }
+                if let Some(merge) = merge {
+                    let pairwise = stages.pairwise(checked, &aligned, fusion)?;
+                    let merged = stages.merge(checked, merge, &pairwise)?;
+                    trained.extend(pairwise.into_iter().map(|(name, c, _)| (format!("pairwise-{name}"), c)));
+                    trained.push(("merged".to_string(), merged));
+                }
+                trained
             }
-            None => {
+            (None, _) => {
                 let texts = read_texts(&corpus)?;
                 let docs = texts
                     .iter()
                     .map(|t| Ok(Document { ids: checked.target.tokenizer.encode(t)?, rows: None }))
                     .collect::<Result<Vec<_>>>()?;
-                (docs, stage::key(&"clm", &[&split_key]))
+                let clm = (docs, stage::key(&"clm", &[&split_key]));
+                stages.train(checked, None, clm)?.map(|(c, _)| ("trained".to_string(), c)).into_iter().collect()
             }
         };
-        if let Some(checkpoint) = stages.train(checked, docs)? {
+        if let Some((_, checkpoint)) = trained.last() {
             stages.record.checkpoint = Some(checkpoint.display().to_string());
-            stages.evaluate(registry, checked, &checkpoint)?;
+            stages.evaluate(registry, checked, trained)?;
         }
         write_atomically(&self.out.join("run.json"), &serde_json::to_vec_pretty(&record).expect("JSON"))?;
         write_atomically(&self.out.join("config.toml"), self.text.as_bytes())?;
         Ok(record)
     }
+}
+
+/// The target's store and each source's store aligned to it (folder and stage key).
+struct Aligned<'c> {
+    target: &'c Checkpoint,
+    target_store: PathBuf,
+    target_key: String,
+    sources: Vec<(PathBuf, String)>,
 }
 
 /// A run's stages as it goes: each into the cache, recorded, reported.
@@ -229,14 +250,8 @@ impl Stages<'_> {
         Ok((pieces, content))
     }
 
-    /// Precompute, align and fuse: the fused store and its key.
-    fn fuse(
-        &mut self,
-        checked: &Checked,
-        fusion: &Configured<'_>,
-        corpus: &Path,
-        split_key: &str,
-    ) -> Result<(PathBuf, String)> {
+    /// Precompute and align: the target's store, and each source's aligned to it.
+    fn aligned<'s>(&mut self, checked: &'s Checked, corpus: &Path, split_key: &str) -> Result<Aligned<'s>> {
         let config = self.run.config;
         let device = self.device()?;
         let store = |stages: &mut Self, name: &str, checkpoint: &Checkpoint| {
@@ -248,47 +263,95 @@ impl Stages<'_> {
         };
         let target_name = &config.target.as_ref().expect("validated").name;
         let (target_store, target_key) = store(self, target_name, &checked.target)?;
-        let target = Stored { dir: &target_store, checkpoint: &checked.target };
-        let (mut aligned, mut aligned_keys) = (Vec::new(), vec![target_key.clone()]);
         let cache = default_cache_dir();
+        let mut sources = Vec::new();
         for (source, checkpoint) in config.sources.iter().zip(&checked.sources) {
             let (source_store, source_key) = store(self, &source.name, checkpoint)?;
             let align = Align {
                 source: Stored { dir: &source_store, checkpoint },
-                target,
+                target: Stored { dir: &target_store, checkpoint: &checked.target },
                 sequence: &checked.sequence,
                 vocab: &checked.vocab,
                 compat: config.align.compat,
                 cache: cache.as_deref(),
             };
-            let (dir, k) = self.stage(Some(&source.name), &[&source_key, &target_key], align)?;
-            aligned.push(dir);
-            aligned_keys.push(k);
+            sources.push(self.stage(Some(&source.name), &[&source_key, &target_key], align)?);
         }
-        let upstream: Vec<&str> = aligned_keys.iter().map(String::as_str).collect();
-        self.stage(None, &upstream, Fuse { target, aligned: &aligned, fusion })
+        Ok(Aligned { target: &checked.target, target_store, target_key, sources })
     }
 
-    /// Trains the target when the config has [train]; resumes an interrupted training.
-    fn train(&mut self, checked: &Checked, (docs, data_key): (Vec<Document>, String)) -> Result<Option<PathBuf>> {
+    /// The fusion of the sources `which` (indices into the config's sources): the fused
+    /// documents and the fused store's key.
+    fn fuse(&mut self, aligned: &Aligned, which: &[usize], fusion: &Configured<'_>) -> Result<(Vec<Document>, String)> {
+        let target = Stored { dir: &aligned.target_store, checkpoint: aligned.target };
+        let dirs: Vec<PathBuf> = which.iter().map(|&i| aligned.sources[i].0.clone()).collect();
+        let upstream: Vec<&str> = std::iter::once(aligned.target_key.as_str())
+            .chain(which.iter().map(|&i| aligned.sources[i].1.as_str()))
+            .collect();
+        let (dir, key) = self.stage(None, &upstream, Fuse { target, aligned: &dirs, fusion })?;
+        Ok((fused_documents(&dir)?.1, key))
+    }
+
+    /// FuseChat's pairwise fusion: the target fused with each source alone and trained on
+    /// it, one checkpoint per source (its name, the checkpoint, the training's key).
+    fn pairwise(
+        &mut self,
+        checked: &Checked,
+        aligned: &Aligned,
+        fusion: &Configured<'_>,
+    ) -> Result<Vec<(String, PathBuf, String)>> {
+        let config = self.run.config;
+        let mut out = Vec::new();
+        for (i, source) in config.sources.iter().enumerate() {
+            let fused = self.fuse(aligned, &[i], fusion)?;
+            let (checkpoint, key) =
+                self.train(checked, Some(&source.name), fused)?.expect("validated: [merge] has [train]");
+            out.push((source.name.clone(), checkpoint, key));
+        }
+        Ok(out)
+    }
+
+    /// Trains the target when the config has [train] (resuming an interrupted training):
+    /// the last checkpoint and the stage's key.
+    fn train(
+        &mut self,
+        checked: &Checked,
+        label: Option<&str>,
+        (docs, data_key): (Vec<Document>, String),
+    ) -> Result<Option<(PathBuf, String)>> {
         if self.run.config.train.is_none() {
             return Ok(None);
         }
         let (target, comm) = (&checked.target, &fusellm_dist::Single);
         let train = Train { config: self.run.config, target, docs, resume: None, stop_at: None, comm };
-        let (dir, _) = self.stage(None, &[&data_key], train)?;
-        Ok(latest_checkpoint(&dir).map(|(_, d)| d))
+        let (dir, key) = self.stage(label, &[&data_key], train)?;
+        Ok(latest_checkpoint(&dir).map(|(_, d)| (d, key)))
     }
 
-    /// Scores the target before and after training on every evaluation set.
-    fn evaluate(&mut self, registry: &Registry, checked: &Checked, trained: &Path) -> Result<()> {
+    /// The pairwise targets merged as `[merge]` says: the merged checkpoint.
+    fn merge(
+        &mut self,
+        checked: &Checked,
+        section: &crate::config::MergeSection,
+        pairwise: &[(String, PathBuf, String)],
+    ) -> Result<PathBuf> {
+        // What was merged is named by the trainings' keys.
+        let upstream: Vec<&str> = pairwise.iter().map(|(_, _, key)| key.as_str()).collect();
+        let models = pairwise.iter().map(|(name, dir, _)| (name.clone(), dir.clone())).collect();
+        let (dir, _) = self.stage(None, &upstream, Merge { target: &checked.target, section, pairwise: models })?;
+        Ok(dir.join("model"))
+    }
+
+    /// Scores the target before training, and the models made from it, on every evaluation
+    /// set.
+    fn evaluate(&mut self, registry: &Registry, checked: &Checked, models: Vec<(String, PathBuf)>) -> Result<()> {
         let config = self.run.config;
         let Some(eval) = &config.eval else { return Ok(()) };
         let device = self.device()?;
         let stage = Eval {
             registry,
             target: &checked.target,
-            trained,
+            models,
             eval,
             text_fields: &config.data.as_ref().expect("validated").text_fields,
             device: &device,

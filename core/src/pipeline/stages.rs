@@ -1,4 +1,5 @@
-//! The stages of DESIGN.md, each a [`Stage`]: split, precompute, align, fuse, train, eval.
+//! The stages of DESIGN.md, each a [`Stage`]: split, precompute, align, fuse, train, merge,
+//! eval.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -260,11 +261,58 @@ impl<'a> Stage for Train<'a> {
     }
 }
 
-/// The target before and after training scored on every evaluation set: `eval.json`.
+/// The trained targets of FuseChat's pairwise fusion merged against the untrained target:
+/// `model/`, a checkpoint with the target's config and tokenizer.
+pub struct Merge<'a> {
+    pub target: &'a Checkpoint,
+    pub section: &'a crate::config::MergeSection,
+    /// `(source name, trained checkpoint)`, in the sources' order.
+    pub pairwise: Vec<(String, PathBuf)>,
+}
+
+#[derive(Serialize)]
+pub struct MergeInput<'a> {
+    target: ModelId,
+    method: &'static str,
+    parameters: &'a std::collections::BTreeMap<String, crate::merge::Setting>,
+    models: &'a std::collections::BTreeMap<String, std::collections::BTreeMap<String, crate::merge::Setting>>,
+    dtype: Option<String>,
+    sources: Vec<String>,
+}
+
+impl<'a> Stage for Merge<'a> {
+    const NAME: &'static str = "merge";
+    type Input = MergeInput<'a>;
+    type Output = PathBuf;
+
+    fn input(&self) -> Result<MergeInput<'a>> {
+        Ok(MergeInput {
+            target: ModelId::of(self.target)?,
+            method: self.section.method.name(),
+            parameters: &self.section.params,
+            models: &self.section.models,
+            dtype: self.section.dtype.map(|d| format!("{d:?}")),
+            sources: self.pairwise.iter().map(|(name, _)| name.clone()).collect(),
+        })
+    }
+
+    fn done(&self, out: &Path) -> bool {
+        out.join("model").join("model.safetensors").exists()
+    }
+
+    fn run(self, out: &Path, _: &mut dyn FnMut(Event)) -> Result<PathBuf> {
+        let dir = out.join("model");
+        self.section.plan(&self.target.dir, &self.pairwise).write(&dir)?;
+        Ok(dir)
+    }
+}
+
+/// The target before training and the models a run made from it (`(label, checkpoint)`)
+/// scored on every evaluation set: `eval.json`.
 pub struct Eval<'a> {
     pub registry: &'a Registry,
     pub target: &'a Checkpoint,
-    pub trained: &'a Path,
+    pub models: Vec<(String, PathBuf)>,
     pub eval: &'a EvalSection,
     pub text_fields: &'a [String],
     pub device: &'a Device,
@@ -274,7 +322,7 @@ pub struct Eval<'a> {
 #[derive(Serialize)]
 pub struct EvalInput {
     target: ModelId,
-    trained: PathBuf,
+    models: Vec<(String, PathBuf)>,
     window: usize,
     batch_tokens: usize,
     sets_sha256: Vec<(String, String)>,
@@ -290,7 +338,7 @@ impl Stage for Eval<'_> {
         let sets = self.eval.sets.iter().map(|(name, file)| Ok((name.clone(), file_sha256(&file.path)?)));
         Ok(EvalInput {
             target: ModelId::of(self.target)?,
-            trained: self.trained.to_owned(),
+            models: self.models.clone(),
             window: self.eval.window,
             batch_tokens: self.eval.batch_tokens,
             sets_sha256: sets.collect::<Result<_>>()?,
@@ -310,16 +358,18 @@ impl Stage for Eval<'_> {
             .map(|(set, file)| Ok((set, read_documents(&file.path, self.text_fields)?)))
             .collect::<Result<Vec<_>>>()?;
         let mut rows = Vec::new();
-        // The trained checkpoint is the target's architecture: the same adapter reads it.
+        // Every model is the target's architecture: the same adapter reads it.
         let adapter = Some(self.target.adapter.as_str());
-        for (label, dir) in [("target-base", self.target.dir.as_path()), ("trained", self.trained)] {
+        let models = std::iter::once(("target-base", self.target.dir.as_path()))
+            .chain(self.models.iter().map(|(label, dir)| (label.as_str(), dir.as_path())));
+        let total = ((1 + self.models.len()) * sets.len()) as u64;
+        for (label, dir) in models {
             let checkpoint = Checkpoint::open(dir, self.registry, adapter)?;
             let model = checkpoint.load_model(LoadMode::Frozen, self.dtype.dtype(), self.device)?;
             let (window, batch_tokens) = (self.eval.window, self.eval.batch_tokens);
             let scorer = Scorer { model: &model, tokenizer: &checkpoint.tokenizer, window, batch_tokens };
             for (set, texts) in &sets {
-                let (done, total) = (rows.len() as u64, 2 * sets.len() as u64);
-                events(Event::Progress { done, total, message: format!("sets: {label} on {set}") });
+                events(Event::Progress { done: rows.len() as u64, total, message: format!("sets: {label} on {set}") });
                 let s = score(&scorer.text_nlls(texts)?, texts.iter().map(|t| t.len() as u64).sum())
                     .context(|| format!("{label} on {set}"))?;
                 rows.push(EvalRow {

@@ -66,6 +66,12 @@ pub fn validate<'r>(config: &Config, registry: &'r Registry) -> Result<Checked<'
     if config.fusion.is_some() && sources.is_empty() {
         return Err(config.error_at("fusion", "fusion needs at least one [[sources]] model"));
     }
+    if config.merge.is_some() && (config.fusion.is_none() || config.train.is_none()) {
+        return Err(config.error_at(
+            "merge",
+            "[merge] merges the targets trained with each source (FuseChat's pairwise fusion): it needs [fusion] and [train]",
+        ));
+    }
     for checkpoint in std::iter::once(&target).chain(&sources) {
         fits(config, checkpoint)?;
     }

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::model::lora::LoraSpec;
-use crate::model::loss::{Divergence, Objective};
+use crate::model::loss::{Divergence, Objective, Tail};
 use crate::model::Transformer;
 pub use data::{Batching, Dataset, Document};
 pub use metrics::StepMetrics;
@@ -87,6 +87,9 @@ pub struct TrainConfig {
     pub lr: LrSchedule,
     pub lambda: LambdaSchedule,
     pub divergence: Divergence,
+    /// Left out of the record (and of the training stage's key) at its default.
+    #[serde(default, skip_serializing_if = "Tail::is_renormalize")]
+    pub tail: Tail,
     pub temperature: f64,
     pub adamw: AdamWConfig,
     pub precision: Precision,
@@ -241,7 +244,8 @@ impl Trainer<'_> {
     ) -> Result<StepMetrics> {
         let config = &self.config;
         let lambda = config.lambda.at(step, config.steps);
-        let objective = Objective { lambda, divergence: config.divergence, temperature: config.temperature };
+        let objective =
+            Objective { lambda, divergence: config.divergence, temperature: config.temperature, tail: config.tail };
         let accumulation = config.accumulation.max(1);
         let (mut loss_sum, mut clm_sum, mut fusion_sum, mut tokens) = (0.0, 0.0, 0.0, 0);
         let mut grads: Option<candle_core::backprop::GradStore> = None;

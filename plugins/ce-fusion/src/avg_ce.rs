@@ -58,7 +58,7 @@ impl FusionFn for AvgCe {
             mix.clear();
             for (&c, &w) in present.iter().zip(&weights) {
                 let (ids, values) = pool.row(c, p).expect("present members have a row");
-                softmax_into(values, pool.temperature, &mut probs);
+                pool.probs(values, &mut probs)?;
                 mix.add(ids, &probs, w);
             }
             mix.push_normalised(&mut out);

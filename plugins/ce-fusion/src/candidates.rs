@@ -1,6 +1,7 @@
 //! What min_ce and avg_ce share: which candidates take part, the CE each is ranked by,
 //! and the row a candidate contributes at a position.
 
+use fusellm_sdk::math::{exp, softmax_into};
 use fusellm_sdk::{Candidate, FusionInput, Params};
 
 fusellm_sdk::params! {
@@ -16,6 +17,10 @@ fusellm_sdk::params! {
         include_target: bool = true;
         /// teacher temperature of the softmax over each candidate's kept top-k
         temperature: f64 = 1.0, min(1e-6);
+        /// true: each candidate's kept entries scaled to sum to one (the paper); false: their
+        /// probabilities under the model's full softmax, the rest left to the loss's tail
+        /// bucket (`[train] tail = "bucket"`); needs temperature 1
+        renormalize: bool = true;
     }
 }
 
@@ -43,12 +48,19 @@ pub struct Pool<'a> {
     per_token: bool,
     /// Per member: the factor from nats per token to the compared unit.
     scale: Vec<f64>,
-    pub temperature: f64,
+    temperature: f64,
+    renormalize: bool,
 }
 
 impl<'a> Pool<'a> {
     pub fn new(params: &Params, input: &FusionInput<'a>) -> Result<Self, String> {
         let p = PoolParams::read(params)?;
+        if !p.renormalize && p.temperature != 1.0 {
+            return Err(format!(
+                "renormalize = false keeps each row's mass under its model's softmax, which is known at temperature 1 only (not {})",
+                p.temperature
+            ));
+        }
         let include_target = p.include_target;
         let members: Vec<Candidate<'a>> =
             input.candidates.iter().copied().filter(|c| include_target || !c.is_target).collect();
@@ -62,6 +74,7 @@ impl<'a> Pool<'a> {
             scale,
             per_token: p.granularity == Granularity::Token,
             temperature: p.temperature,
+            renormalize: p.renormalize,
             members,
         })
     }
@@ -83,6 +96,26 @@ impl<'a> Pool<'a> {
         let tie = |c: usize| (!self.members[c].is_target, c);
         order.sort_by(|&a, &b| self.ce(a, p).total_cmp(&self.ce(b, p)).then(tie(a).cmp(&tie(b))));
         order
+    }
+
+    /// A kept row's probabilities: the softmax over its values at the teacher temperature,
+    /// or (not renormalised) the values' own probabilities, which must then be
+    /// log-probabilities under the model's full softmax.
+    pub fn probs(&self, values: &[f32], out: &mut Vec<f64>) -> Result<(), String> {
+        if self.renormalize {
+            softmax_into(values, self.temperature, out);
+            return Ok(());
+        }
+        out.clear();
+        out.extend(values.iter().map(|&v| exp(f64::from(v))));
+        let mass: f64 = out.iter().sum();
+        if mass > 1.0 + 1e-3 {
+            return Err(format!(
+                "renormalize = false: a row's kept probabilities sum to {mass:.3}, more than 1, so its values are not \
+                 log-probabilities under the full softmax (compat alignment keeps the paper's logits); renormalize instead"
+            ));
+        }
+        Ok(())
     }
 
     /// The kept entries of member `c` at `p`. Where a source has none (alignment found no

@@ -1,4 +1,3 @@
-use fusellm_sdk::math::softmax_into;
 use fusellm_sdk::{FusedTarget, FusionFn, FusionInput, Params, PluginInfo, PluginKind};
 
 use crate::candidates::{Pool, PoolParams};
@@ -28,7 +27,7 @@ impl FusionFn for MinCe {
             // the target, the next candidate by rank that has one.
             let row = pool.ranked(p).into_iter().find_map(|c| pool.row(c, p));
             if let Some((ids, values)) = row {
-                softmax_into(values, pool.temperature, &mut probs);
+                pool.probs(values, &mut probs)?;
                 out.ids.extend_from_slice(ids);
                 out.values.extend(probs.iter().map(|&x| x as f32));
             }

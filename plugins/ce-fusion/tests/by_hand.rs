@@ -194,3 +194,29 @@ fn ce_per_byte_compares_tokenizers_of_different_granularity() {
     let out = fuse(&AvgCe, &softmax, &coarse_source());
     assert_rows(&out, &[&[(5, w_target + 0.5 * (1.0 - w_target)), (9, 0.5 * (1.0 - w_target))]]);
 }
+
+/// Not renormalised, rows keep their probabilities under the full softmax: MinCE's winner
+/// 0.6 and 0.2 (its rest, 0.2, left to the loss's tail bucket); AvgCE's mixture of such
+/// rows is their weighted sum, its mass the weighted sum of theirs.
+#[test]
+fn rows_not_renormalised_keep_the_mass_their_model_gave_them() {
+    let raw = [("renormalize", ParamValue::Bool(false))];
+    let out = fuse(&MinCe, &raw, &three_candidates());
+    assert_rows(&out, &[&[(5, 0.6), (7, 0.2)], &[(9, 0.9)]]);
+    let uniform = [
+        ("renormalize", ParamValue::Bool(false)),
+        ("weights", ParamValue::Str("softmax".into())),
+        ("tau", ParamValue::Float(1e6)),
+    ];
+    let out = fuse(&AvgCe, &uniform, &three_candidates());
+    // Position 0, each weight a third: 5 = (0.5 + 0.6) / 3, 6 = 0.5 / 3, 7 = 0.2 / 3, 8 = 0.4 / 3.
+    let third = 1.0 / 3.0;
+    let mass: f64 = out[0].iter().map(|e| e.1).sum();
+    assert!((mass - (1.0 + 0.8 + 0.4) * third).abs() < 1e-5, "{out:?}");
+    let at = |id: u32| out[0].iter().find(|e| e.0 == id).unwrap().1;
+    assert!((at(5) - 1.1 * third).abs() < 1e-5 && (at(8) - 0.4 * third).abs() < 1e-5, "{out:?}");
+    // The full softmax's mass is known at temperature 1 only.
+    let hot = [("renormalize", ParamValue::Bool(false)), ("temperature", ParamValue::Float(2.0))];
+    let e = MinCe.fuse(&params(&MinCe, &hot), &three_candidates().view()).unwrap_err();
+    assert!(e.contains("temperature 1"), "{e}");
+}
