@@ -22,7 +22,8 @@ pub struct VocabMapArgs {
     /// The target model's tokenizer.json.
     #[arg(long)]
     target: PathBuf,
-    /// The vocabulary mapper: em, mined, or one a --plugin file holds.
+    /// The vocabulary mapper: em, mined, or one a --plugin file holds (ms maps by corpus
+    /// statistics: `fusellm align` or `run`).
     #[arg(long)]
     method: String,
     /// Reproduce the paper's mapping exactly: only the space marker swapped, no byte or
@@ -43,7 +44,7 @@ pub fn vocab_map(args: VocabMapArgs) -> Result<()> {
     let registry = args.plugins.registry()?;
     let mapper = &Configured::named(&registry, PluginKind::VocabMapper, &args.method)?;
     let start = std::time::Instant::now();
-    let map = map_vocab(mapper, &source, &target, args.compat, default_cache_dir().as_deref())?;
+    let map = map_vocab(mapper, &source, &target, args.compat, default_cache_dir().as_deref(), None)?;
     let json: serde_json::Map<String, serde_json::Value> = source
         .tokens
         .iter()

@@ -420,7 +420,7 @@ fn align(fixtures: &Path) -> Result<()> {
     let mined = &Configured::named(&registry, PluginKind::VocabMapper, "mined")?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let start = Instant::now();
-    let map = map_vocab(mined, &neox, &llama, true, None)?;
+    let map = map_vocab(mined, &neox, &llama, true, None, None)?;
     let mined_s = start.elapsed().as_secs_f64();
     println!(
         "MinED map NeoX -> Llama-2 (50277 x 32000, compat), {threads} threads: {mined_s:.2} s; the paper's code: 568.4 s on one core ({:.0}x)",
@@ -434,7 +434,7 @@ fn align(fixtures: &Path) -> Result<()> {
         ("Qwen2.5 -> Llama 3", &qwen, &llama3),
     ] {
         let start = Instant::now();
-        let map = map_vocab(mined, source, target, false, None)?;
+        let map = map_vocab(mined, source, target, false, None, None)?;
         let unmatched = map.distance.iter().filter(|&&d| d > 0).count();
         println!(
             "MinED map {what} ({} x {}, canonical), {threads} threads: {:.2} s ({unmatched} tokens without an exact match)",

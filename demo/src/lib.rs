@@ -269,6 +269,7 @@ impl Demo<'_> {
             ("fusellm-mince", continual(sources.clone(), Some(by_byte("min_ce")))),
             ("fusellm-avgce", continual(sources.clone(), Some(by_byte("avg_ce")))),
             ("fusellm-mince-em", Plan { vocab: "em", ..continual(sources.clone(), Some(by_byte("min_ce"))) }),
+            ("fusellm-mince-ms", Plan { vocab: "ms", ..continual(sources.clone(), Some(by_byte("min_ce"))) }),
             ("fusellm-mince-per-token", continual(sources.clone(), Some(fusion("min_ce", serde_json::json!({}))))),
         ];
         for (name, plan) in &variants {

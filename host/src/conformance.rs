@@ -39,7 +39,8 @@ pub struct Shape {
 }
 
 /// A synthetic fusion input: candidate 0 is the target, the others sources; each row holds
-/// `top_k` distinct ids with descending log-probabilities, as a precompute store does.
+/// `top_k` distinct ids with descending log-probabilities summing (as probabilities) to
+/// less than one, as a precompute store holds them.
 pub fn synthetic_input(seed: u64, shape: Shape) -> FusionInputBuf {
     let mut rng = Rng::new(seed);
     let gold: Vec<u32> = (0..shape.positions).map(|_| rng.below(shape.vocab)).collect();
@@ -63,6 +64,10 @@ pub fn synthetic_input(seed: u64, shape: Shape) -> FusionInputBuf {
                 }
                 let mut logp: Vec<f32> = (0..shape.top_k).map(|_| (-12.0 * rng.unit()) as f32).collect();
                 logp.sort_by(|a, b| b.total_cmp(a));
+                // Log-probabilities under a full softmax: the kept ones leave some mass to the rest.
+                let kept: f64 = logp.iter().map(|&l| f64::from(l).exp()).sum();
+                let shift = (kept * (1.0 + rng.unit())).ln() as f32;
+                logp.iter_mut().for_each(|l| *l -= shift);
                 dist.push_row(&ids, &logp);
             }
             CandidateBuf {
@@ -259,8 +264,10 @@ fn vocabulary_cases() -> Vec<(&'static str, Tokens, Tokens, MapCheck)> {
 }
 
 fn map_twice(entry: &Entry, params: &Params, (s, t): (&Tokens, &Tokens), check: MapCheck) -> Result<(), String> {
-    let first = entry.map_vocab(params, s.strings(), t.strings()).map_err(|e| e.message)?;
-    let second = entry.map_vocab(params, s.strings(), t.strings()).map_err(|e| e.message)?;
+    // No corpus here: a mapper that reads co-occurrence counts gets none.
+    let none = Default::default();
+    let first = entry.map_vocab(params, s.strings(), t.strings(), none).map_err(|e| e.message)?;
+    let second = entry.map_vocab(params, s.strings(), t.strings(), none).map_err(|e| e.message)?;
     if (&first.target, &first.distance) != (&second.target, &second.distance) {
         return Err("not deterministic: two calls on the same input differ".into());
     }

@@ -11,8 +11,8 @@ use abi_stable::std_types::{RResult, RSlice, RStr, RString};
 use fusellm_sdk::abi::{AbiCandidate, AbiFusionInput, PluginModule_Ref};
 use fusellm_sdk::export::params_json;
 use fusellm_sdk::{
-    Alignment, CheckpointFiles, FusedTarget, FusionFn, FusionInput, ModelAdapter, ModelSpec, Params, PluginInfo,
-    SequenceAligner, TokenStrings, Tokenization, VocabMap, VocabMapper,
+    Alignment, CheckpointFiles, Cooccurrence, FusedTarget, FusionFn, FusionInput, ModelAdapter, ModelSpec, Params,
+    PluginInfo, SequenceAligner, TokenStrings, Tokenization, VocabMap, VocabMapper,
 };
 
 use super::{Entry, Handle, PluginError, Tier};
@@ -176,9 +176,11 @@ impl VocabMapper for DylibPlugin {
         params: &Params,
         source: TokenStrings<'_>,
         target: TokenStrings<'_>,
+        cooccurrence: Cooccurrence<'_>,
     ) -> Result<VocabMap, String> {
         let call = self.module.map_vocab();
-        call(self.info.name.as_str().into(), params_json(params).as_str().into(), source.into(), target.into())
+        let (name, params) = (self.info.name.as_str(), params_json(params));
+        call(name.into(), params.as_str().into(), source.into(), target.into(), cooccurrence.into())
             .into_result()
             .map(Into::into)
             .map_err(RString::into_string)

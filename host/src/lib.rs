@@ -18,8 +18,9 @@ use std::sync::Arc;
 use fusellm_sdk::export::catch_panics;
 use fusellm_sdk::suggest::did_you_mean;
 use fusellm_sdk::{
-    check_fused, Alignment, CheckpointFiles, FusedTarget, FusionFn, FusionInput, ModelAdapter, ModelSpec, ParamError,
-    ParamValue, Params, PluginInfo, PluginKind, SequenceAligner, TokenStrings, Tokenization, VocabMap, VocabMapper,
+    check_fused, Alignment, CheckpointFiles, Cooccurrence, FusedTarget, FusionFn, FusionInput, ModelAdapter, ModelSpec,
+    ParamError, ParamValue, Params, PluginInfo, PluginKind, SequenceAligner, TokenStrings, Tokenization, VocabMap,
+    VocabMapper,
 };
 
 pub use fusellm_files::default_cache_dir;
@@ -200,9 +201,10 @@ impl Entry {
         params: &Params,
         source: TokenStrings<'_>,
         target: TokenStrings<'_>,
+        cooccurrence: Cooccurrence<'_>,
     ) -> Result<VocabMap, PluginError> {
         let Handle::VocabMapper(mapper) = &self.handle else { return Err(self.not_a(PluginKind::VocabMapper)) };
-        catch_panics(|| mapper.map_vocab(params, source, target))
+        catch_panics(|| mapper.map_vocab(params, source, target, cooccurrence))
             .map_err(|e| PluginError::new(format!("vocabulary mapper {} failed: {e}", self.label())))
     }
 

@@ -12,8 +12,8 @@ use std::time::Duration;
 use fusellm_files::{read_cache, sha256_hex, write_cache};
 use fusellm_sdk::export::params_json;
 use fusellm_sdk::{
-    Alignment, CheckpointFiles, FusedTarget, FusionFn, FusionInput, ModelAdapter, ModelSpec, Params, PluginInfo,
-    SequenceAligner, TokenStrings, Tokenization, VocabMap, VocabMapper,
+    Alignment, CheckpointFiles, Cooccurrence, FusedTarget, FusionFn, FusionInput, ModelAdapter, ModelSpec, Params,
+    PluginInfo, SequenceAligner, TokenStrings, Tokenization, VocabMap, VocabMapper,
 };
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Config, Engine, ResourceLimiter, Store, Trap};
@@ -306,11 +306,17 @@ impl VocabMapper for WasmPlugin {
         params: &Params,
         source: TokenStrings<'_>,
         target: TokenStrings<'_>,
+        cooccurrence: Cooccurrence<'_>,
     ) -> Result<VocabMap, String> {
         let params = params_json(params);
         let (source, target) = (wit_strings(source), wit_strings(target));
+        let counts = wit::Cooccurrence {
+            source: cooccurrence.source.to_vec(),
+            target: cooccurrence.target.to_vec(),
+            count: cooccurrence.count.to_vec(),
+        };
         let call = |plugin: &Plugin, store: &mut Store<Sandbox>| {
-            plugin.call_map_vocab(store, &self.info.name, &params, &source, &target)
+            plugin.call_map_vocab(store, &self.info.name, &params, &source, &target, &counts)
         };
         let map = self.loaded.call(call).map_err(|e| e.message)??;
         Ok(VocabMap {

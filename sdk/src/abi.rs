@@ -10,7 +10,7 @@ use abi_stable::std_types::{ROption, RResult, RSlice, RStr, RString, RVec};
 use abi_stable::StableAbi;
 
 use crate::adapter::CheckpointFiles;
-use crate::aligner::{Alignment, TokenStrings, Tokenization, VocabMap};
+use crate::aligner::{Alignment, Cooccurrence, TokenStrings, Tokenization, VocabMap};
 use crate::data::{Candidate, FusionInput, SparseRows, SparseRowsBuf};
 use crate::export::{
     adapt_by_name, align_by_name, catch_panics, fuse_by_name, manifest_json, map_vocab_by_name, Plugin,
@@ -72,6 +72,14 @@ pub struct AbiAlignment {
     pub cost: f64,
 }
 
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy)]
+pub struct AbiCooccurrence<'a> {
+    pub source: RSlice<'a, u32>,
+    pub target: RSlice<'a, u32>,
+    pub count: RSlice<'a, u32>,
+}
+
 /// A vocabulary map with `u32::MAX` for "unmapped".
 #[repr(C)]
 #[derive(StableAbi)]
@@ -98,8 +106,13 @@ pub struct PluginModule {
         extern "C" fn(RStr<'_>, RStr<'_>, AbiTokenization<'_>, AbiTokenization<'_>) -> RResult<AbiAlignment, RString>,
     /// Runs a vocabulary mapper by name; see [`map_vocab_by_name`].
     #[sabi(last_prefix_field)]
-    pub map_vocab:
-        extern "C" fn(RStr<'_>, RStr<'_>, AbiTokenStrings<'_>, AbiTokenStrings<'_>) -> RResult<AbiVocabMap, RString>,
+    pub map_vocab: extern "C" fn(
+        RStr<'_>,
+        RStr<'_>,
+        AbiTokenStrings<'_>,
+        AbiTokenStrings<'_>,
+        AbiCooccurrence<'_>,
+    ) -> RResult<AbiVocabMap, RString>,
 }
 
 impl RootModule for PluginModule_Ref {
@@ -219,10 +232,24 @@ pub fn export_map_vocab(
     params: RStr<'_>,
     source: AbiTokenStrings<'_>,
     target: AbiTokenStrings<'_>,
+    cooccurrence: AbiCooccurrence<'_>,
 ) -> RResult<AbiVocabMap, RString> {
     guarded(|| {
-        map_vocab_by_name(plugins, name.as_str(), params.as_str(), source.into(), target.into()).map(AbiVocabMap::from)
+        map_vocab_by_name(plugins, name.as_str(), params.as_str(), source.into(), target.into(), cooccurrence.into())
+            .map(AbiVocabMap::from)
     })
+}
+
+impl<'a> From<Cooccurrence<'a>> for AbiCooccurrence<'a> {
+    fn from(c: Cooccurrence<'a>) -> Self {
+        Self { source: c.source.into(), target: c.target.into(), count: c.count.into() }
+    }
+}
+
+impl<'a> From<AbiCooccurrence<'a>> for Cooccurrence<'a> {
+    fn from(c: AbiCooccurrence<'a>) -> Self {
+        Self { source: c.source.as_slice(), target: c.target.as_slice(), count: c.count.as_slice() }
+    }
 }
 
 impl<'a> From<TokenStrings<'a>> for AbiTokenStrings<'a> {
@@ -324,8 +351,9 @@ macro_rules! __export_dylib {
                 params: RStr<'_>,
                 source: $crate::abi::AbiTokenStrings<'_>,
                 target: $crate::abi::AbiTokenStrings<'_>,
+                cooccurrence: $crate::abi::AbiCooccurrence<'_>,
             ) -> RResult<$crate::abi::AbiVocabMap, RString> {
-                $crate::abi::export_map_vocab($plugins, name, params, source, target)
+                $crate::abi::export_map_vocab($plugins, name, params, source, target, cooccurrence)
             }
             fn root_module() -> $crate::abi::PluginModule_Ref {
                 $crate::abi::PluginModule { manifest, fuse, adapt, align, map_vocab }.leak_into_prefix()

@@ -94,6 +94,53 @@ impl<T: SequenceAligner + ?Sized> SequenceAligner for &T {
     }
 }
 
+/// How often the sequence aligner paired each source id with each target id over a
+/// corpus (every pair on the alignment paths, once per target position), sorted by source
+/// id and then target id: what a statistics-based mapper (FuseChat's `ms`) reads. Empty
+/// unless the mapper asks for it ([`PluginInfo::reads_cooccurrence`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Cooccurrence<'a> {
+    pub source: &'a [u32],
+    pub target: &'a [u32],
+    pub count: &'a [u32],
+}
+
+impl<'a> Cooccurrence<'a> {
+    /// The `(target id, count)` pairs of source id `s`.
+    pub fn of(&self, s: u32) -> impl Iterator<Item = (u32, u32)> + 'a {
+        let start = self.source.partition_point(|&x| x < s);
+        let end = self.source.partition_point(|&x| x <= s);
+        self.target[start..end].iter().copied().zip(self.count[start..end].iter().copied())
+    }
+}
+
+/// [`Cooccurrence`] owned: counted pair by pair, then sorted.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CooccurrenceBuf {
+    pub source: Vec<u32>,
+    pub target: Vec<u32>,
+    pub count: Vec<u32>,
+}
+
+impl CooccurrenceBuf {
+    /// From counts of `(source id, target id)` pairs.
+    pub fn from_counts(counts: impl IntoIterator<Item = ((u32, u32), u32)>) -> Self {
+        let mut pairs: Vec<((u32, u32), u32)> = counts.into_iter().collect();
+        pairs.sort_unstable();
+        let mut out = Self::default();
+        for ((s, t), c) in pairs {
+            out.source.push(s);
+            out.target.push(t);
+            out.count.push(c);
+        }
+        out
+    }
+
+    pub fn view(&self) -> Cooccurrence<'_> {
+        Cooccurrence { source: &self.source, target: &self.target, count: &self.count }
+    }
+}
+
 /// Maps every source-vocabulary token to a target-vocabulary token (`em`, `mined`, ...).
 pub trait VocabMapper: Send + Sync {
     fn info(&self) -> PluginInfo;
@@ -102,6 +149,7 @@ pub trait VocabMapper: Send + Sync {
         params: &Params,
         source: TokenStrings<'_>,
         target: TokenStrings<'_>,
+        cooccurrence: Cooccurrence<'_>,
     ) -> Result<VocabMap, String>;
 }
 
@@ -114,7 +162,8 @@ impl<T: VocabMapper + ?Sized> VocabMapper for &T {
         params: &Params,
         source: TokenStrings<'_>,
         target: TokenStrings<'_>,
+        cooccurrence: Cooccurrence<'_>,
     ) -> Result<VocabMap, String> {
-        (**self).map_vocab(params, source, target)
+        (**self).map_vocab(params, source, target, cooccurrence)
     }
 }

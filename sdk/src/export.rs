@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use crate::adapter::{CheckpointFiles, ModelAdapter};
-use crate::aligner::{Alignment, SequenceAligner, TokenStrings, Tokenization, VocabMap, VocabMapper};
+use crate::aligner::{Alignment, Cooccurrence, SequenceAligner, TokenStrings, Tokenization, VocabMap, VocabMapper};
 use crate::data::{FusedTarget, FusionInput};
 use crate::fusion::FusionFn;
 use crate::params::{ParamValue, Params};
@@ -105,12 +105,13 @@ pub fn map_vocab_by_name(
     params_json: &str,
     source: TokenStrings<'_>,
     target: TokenStrings<'_>,
+    cooccurrence: Cooccurrence<'_>,
 ) -> Result<VocabMap, String> {
     let (mapper, params) = find(plugins, "vocabulary mapper", name, params_json, |p| match p {
         Plugin::VocabMapper(m) => Some(*m),
         _ => None,
     })?;
-    mapper.map_vocab(&params, source, target)
+    mapper.map_vocab(&params, source, target, cooccurrence)
 }
 
 /// The plugin `name` among those `pick` accepts, with the parameters (JSON, from the host)

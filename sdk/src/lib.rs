@@ -29,7 +29,9 @@ pub mod wasm;
 pub use {abi_stable, inventory};
 
 pub use adapter::{CheckpointFiles, HfConfig, ModelAdapter, ModelSpec, TensorNames, TokenizerConventions};
-pub use aligner::{Alignment, SequenceAligner, TokenStrings, Tokenization, VocabMap, VocabMapper};
+pub use aligner::{
+    Alignment, Cooccurrence, CooccurrenceBuf, SequenceAligner, TokenStrings, Tokenization, VocabMap, VocabMapper,
+};
 pub use data::{
     check_fused, Candidate, CandidateBuf, FusedTarget, FusionInput, FusionInputBuf, SparseRows, SparseRowsBuf,
 };

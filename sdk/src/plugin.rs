@@ -61,6 +61,12 @@ pub struct PluginInfo {
     /// For adapters: the config.json `model_type` values they understand.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub handles: Vec<String>,
+    /// For vocabulary mappers: whether they read the corpus's [`Cooccurrence`] counts
+    /// (the host aligns the corpus to count them first).
+    ///
+    /// [`Cooccurrence`]: crate::Cooccurrence
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cooccurrence: bool,
 }
 
 impl PluginInfo {
@@ -72,7 +78,14 @@ impl PluginInfo {
             doc: doc.into(),
             params: Vec::new(),
             handles: Vec::new(),
+            cooccurrence: false,
         }
+    }
+
+    /// Declares that a vocabulary mapper reads the co-occurrence counts.
+    pub fn reads_cooccurrence(mut self) -> Self {
+        self.cooccurrence = true;
+        self
     }
 
     /// Declares the config.json `model_type` values an adapter understands.

@@ -80,8 +80,14 @@ pub fn export_map_vocab(
     params: &str,
     source: &wit::TokenStrings,
     target: &wit::TokenStrings,
+    cooccurrence: &wit::Cooccurrence,
 ) -> Result<wit::VocabMap, String> {
-    let map = map_vocab_by_name(plugins, name, params, strings(source), strings(target))?;
+    let counts = aligner::Cooccurrence {
+        source: &cooccurrence.source,
+        target: &cooccurrence.target,
+        count: &cooccurrence.count,
+    };
+    let map = map_vocab_by_name(plugins, name, params, strings(source), strings(target), counts)?;
     Ok(wit::VocabMap { target: map.target.iter().map(|t| t.unwrap_or(u32::MAX)).collect(), distance: map.distance })
 }
 
@@ -118,8 +124,9 @@ macro_rules! __export_wasm {
                 params: String,
                 source: $crate::wasm::fusellm::plugin::types::TokenStrings,
                 target: $crate::wasm::fusellm::plugin::types::TokenStrings,
+                cooccurrence: $crate::wasm::fusellm::plugin::types::Cooccurrence,
             ) -> Result<$crate::wasm::fusellm::plugin::types::VocabMap, String> {
-                $crate::wasm::export_map_vocab($plugins, &name, &params, &source, &target)
+                $crate::wasm::export_map_vocab($plugins, &name, &params, &source, &target, &cooccurrence)
             }
         }
         $crate::wasm::export!(FusellmComponent with_types_in $crate::wasm);

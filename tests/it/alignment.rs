@@ -74,8 +74,15 @@ fn paper_map() -> &'static VocabMap {
     MAP.get_or_init(|| {
         let (llama, neox) = vocabularies();
         let registry = Registry::with_builtins().unwrap();
-        map_vocab(&Configured::named(&registry, PluginKind::VocabMapper, "mined").unwrap(), neox, llama, true, None)
-            .unwrap()
+        map_vocab(
+            &Configured::named(&registry, PluginKind::VocabMapper, "mined").unwrap(),
+            neox,
+            llama,
+            true,
+            None,
+            None,
+        )
+        .unwrap()
     })
 }
 
@@ -99,8 +106,9 @@ fn mined_reproduces_the_paper_mapping_of_sampled_tokens() {
 fn em_maps_only_exact_matches() {
     let (llama, neox) = vocabularies();
     let registry = Registry::with_builtins().unwrap();
-    let em = map_vocab(&Configured::named(&registry, PluginKind::VocabMapper, "em").unwrap(), neox, llama, true, None)
-        .unwrap();
+    let em =
+        map_vocab(&Configured::named(&registry, PluginKind::VocabMapper, "em").unwrap(), neox, llama, true, None, None)
+            .unwrap();
     let exact = em.target.iter().flatten().count();
     assert_eq!(exact, 20362, "the paper's full map has 20362 exact matches");
     for (id, t) in em.target.iter().enumerate() {
@@ -181,8 +189,14 @@ fn aligners_give_the_same_results_as_builtin_dylib_and_wasm() {
                 Tokenization { strings: b.view(), spans: &[] },
             )
             .unwrap();
-        let map =
-            mined.map_vocab(&mined.resolve_params(&Default::default()).unwrap(), source.view(), target.view()).unwrap();
+        let map = mined
+            .map_vocab(
+                &mined.resolve_params(&Default::default()).unwrap(),
+                source.view(),
+                target.view(),
+                Default::default(),
+            )
+            .unwrap();
         (path, map)
     };
     let builtin = run(&Registry::with_builtins().unwrap());
@@ -200,8 +214,15 @@ fn aligners_give_the_same_results_as_builtin_dylib_and_wasm() {
 fn canonical_maps_prefer_regular_tokens_to_byte_fallback_twins() {
     let (llama, neox) = vocabularies();
     let registry = Registry::with_builtins().unwrap();
-    let em = map_vocab(&Configured::named(&registry, PluginKind::VocabMapper, "em").unwrap(), neox, llama, false, None)
-        .unwrap();
+    let em = map_vocab(
+        &Configured::named(&registry, PluginKind::VocabMapper, "em").unwrap(),
+        neox,
+        llama,
+        false,
+        None,
+        None,
+    )
+    .unwrap();
     let id = |v: &Vocabulary, t: &str| v.tokens.iter().position(|x| x == t).unwrap();
     let target = |t: &str| em.target[id(neox, t)].map(|i| llama.tokens[i as usize].clone());
     assert_eq!(target("0").as_deref(), Some("0"));

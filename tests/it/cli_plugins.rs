@@ -40,9 +40,9 @@ fn plugins_list_shows_four_kinds_and_filters_by_kind() {
     assert_eq!([kind_of("mined"), kind_of("em")], ["vocab-mapper"; 2]);
     assert_eq!([kind_of("llama"), kind_of("min_ce")], ["adapter", "fusion"]);
     let mappers: Vec<String> = list(&["--kind", "vocab-mapper"]).into_iter().map(|(n, _)| n).collect();
-    assert_eq!(mappers, ["em", "mined"]);
+    assert_eq!(mappers, ["em", "mined", "ms"]);
     let aligners = list(&["--kind", "aligner"]);
-    assert_eq!(aligners.len(), 4, "{aligners:?}");
+    assert_eq!(aligners.len(), 5, "{aligners:?}");
     assert!(aligners.iter().all(|(_, k)| k == "sequence-aligner" || k == "vocab-mapper"));
     let out = fusellm(&["plugins", "list", "--kind", "mapper"]);
     assert!(!out.status.success());

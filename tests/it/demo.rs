@@ -28,6 +28,7 @@ fn the_quick_demo_writes_the_table_with_every_row() {
         "source-mpt",
         "source-openllama",
         "fusellm-mince-em",
+        "fusellm-mince-ms",
     ] {
         let row = rows.iter().find(|r| r["model"] == name).unwrap_or_else(|| panic!("no row `{name}`"));
         let bpb = row["bpb"].as_object().unwrap();

@@ -456,3 +456,51 @@ fn a_bad_merge_section_is_an_error_at_its_key() {
     assert!(!out.status.success() && e.contains("[merge]") && e.contains("[train]"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// FuseChat's MS mapping in a run: the host counts the aligned token pairs of the corpus
+/// and the mapper maps by them; the map cache is keyed by the counts. `vocab-map`, which
+/// has no corpus, says where MS works.
+#[test]
+fn the_ms_mapping_maps_by_the_corpus_s_aligned_pairs() {
+    let dir = experiment("ms");
+    let config = std::fs::read_to_string(dir.join("run.toml")).unwrap() + "[align.vocab]\nplugin = \"ms\"\n";
+    std::fs::write(dir.join("run.toml"), config).unwrap();
+    assert_ok(&fusellm_in(&dir, &["run", "run.toml"]));
+    let record = run_record(&dir.join("out/run.json"));
+    assert!(bits_per_byte(&record, "trained").is_finite());
+    let align = crate::common::stage_dir(&dir, "align-tiny-mpt");
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(align.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["mapper"], "ms");
+    // The random fixture sources put mass on tokens the corpus never aligns: unmapped by
+    // default, MinED's match with `unaligned = "mined"`; exact matches are the same.
+    let again = fusellm_in(&dir, &["run", "run.toml", "--set", "align.vocab.params.unaligned=mined"]);
+    assert_ok(&again);
+    let record = run_record(&dir.join("out/run.json"));
+    let stage = record["stages"].as_array().unwrap().iter().find(|s| s["name"] == "align-tiny-mpt").unwrap();
+    let with_mined: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(Path::new(stage["output"].as_str().unwrap()).join("report.json")).unwrap(),
+    )
+    .unwrap();
+    let mass = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap();
+    assert!((mass(&report, "mass_exact") - mass(&with_mined, "mass_exact")).abs() < 1e-9);
+    assert!(mass(&report, "mass_mined") > 0.0, "{report}");
+    assert!(mass(&with_mined, "mass_lost") < mass(&report, "mass_lost") / 10.0, "{report} vs {with_mined}");
+    let model = |m: &str| fixtures::model_dir(m).join("tokenizer.json").display().to_string();
+    let out = fusellm_in(
+        &dir,
+        &[
+            "vocab-map",
+            "--source",
+            &model("tiny-mpt"),
+            "--target",
+            &model("tiny-llama2"),
+            "--method",
+            "ms",
+            "--out",
+            "m.json",
+        ],
+    );
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("co-occurrence") && e.contains("fusellm run"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

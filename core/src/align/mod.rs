@@ -23,17 +23,46 @@ pub struct Tokens<'a> {
     pub spans: &'a [u32],
 }
 
-/// Aligns documents of one source to the target: a sequence aligner, a vocabulary map,
-/// and the token strings each side shows the aligner and the projection rule.
-pub struct DocumentAligner<'a> {
+/// The sequence aligner with the token strings each side shows it: the alignment paths of
+/// documents, before any vocabulary map.
+pub struct SequencePaths<'a> {
     aligner: &'a Entry,
     params: Params,
+    source: Strings<'a>,
+    target: Strings<'a>,
+}
+
+impl<'a> SequencePaths<'a> {
+    pub fn new(
+        aligner: &'a Entry,
+        params: Params,
+        source: &'a Vocabulary,
+        target: &'a Vocabulary,
+        compat: bool,
+    ) -> Self {
+        Self { aligner, params, source: Strings::new(source, compat), target: Strings::new(target, compat) }
+    }
+
+    /// The alignment path of one document's two tokenizations.
+    pub fn path(&self, source: Tokens<'_>, target: Tokens<'_>) -> Result<Alignment> {
+        let a = FlatStrings::new(&Strings::pick(&self.source.for_alignment, source.ids)?);
+        let b = FlatStrings::new(&Strings::pick(&self.target.for_alignment, target.ids)?);
+        Ok(self.aligner.align(
+            &self.params,
+            Tokenization { strings: a.view(), spans: source.spans },
+            Tokenization { strings: b.view(), spans: target.spans },
+        )?)
+    }
+}
+
+/// Aligns documents of one source to the target: the sequence paths, a vocabulary map, and
+/// the token strings the projection rule compares.
+pub struct DocumentAligner<'a> {
+    paths: SequencePaths<'a>,
     map: &'a VocabMap,
     compat: bool,
     /// The map keyed by the source string with the target's marker (compat only).
     by_string: HashMap<String, u32>,
-    source: Strings<'a>,
-    target: Strings<'a>,
 }
 
 /// A vocabulary's strings as the aligner compares them, and as the projection rule does.
@@ -80,8 +109,7 @@ impl<'a> DocumentAligner<'a> {
         } else {
             HashMap::new()
         };
-        let (source, target) = (Strings::new(source, compat), Strings::new(target, compat));
-        Self { aligner, params, map, compat, by_string, source, target }
+        Self { paths: SequencePaths::new(aligner, params, source, target, compat), map, compat, by_string }
     }
 
     /// The source's top-k rows (one per source position) projected onto every target
@@ -97,20 +125,15 @@ impl<'a> DocumentAligner<'a> {
         if topk.len() != source_ids.len() {
             return Err(Error::msg(format!("{} top-k rows for {} source tokens", topk.len(), source_ids.len())));
         }
-        let a = FlatStrings::new(&Strings::pick(&self.source.for_alignment, source_ids)?);
-        let b = FlatStrings::new(&Strings::pick(&self.target.for_alignment, target_ids)?);
-        let path = self.aligner.align(
-            &self.params,
-            Tokenization { strings: a.view(), spans: source.spans },
-            Tokenization { strings: b.view(), spans: target.spans },
-        )?;
-        let source_rule = Strings::pick(&self.source.for_rule, source_ids)?;
-        let target_rule = Strings::pick(&self.target.for_rule, target_ids)?;
+        let path = self.paths.path(source, target)?;
+        let (source_strings, target_strings) = (&self.paths.source, &self.paths.target);
+        let source_rule = Strings::pick(&source_strings.for_rule, source_ids)?;
+        let target_rule = Strings::pick(&target_strings.for_rule, target_ids)?;
         let rule = if self.compat {
             Rule::Compat {
-                source_marker: &self.source.vocab.conventions.space_marker,
-                target_marker: &self.target.vocab.conventions.space_marker,
-                byte_level_source: self.source.vocab.conventions.byte_level,
+                source_marker: &source_strings.vocab.conventions.space_marker,
+                target_marker: &target_strings.vocab.conventions.space_marker,
+                byte_level_source: source_strings.vocab.conventions.byte_level,
                 by_string: &self.by_string,
             }
         } else {

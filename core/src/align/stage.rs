@@ -7,14 +7,14 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::vocab::{map_vocab, Vocabulary};
-use super::{DocumentAligner, Tokens};
+use super::{DocumentAligner, SequencePaths, Tokens};
 use crate::checkpoint::Stored;
 use crate::error::{Context, Error, Result};
 use crate::files::{sha256_hex, write_atomically};
 use crate::plugins::Configured;
 use crate::split::read_texts;
 use crate::store::{map_shard, shard_file, AlignedShard, Shard};
-use fusellm_sdk::{Alignment, SparseRowsBuf, VocabMap};
+use fusellm_sdk::{Alignment, CooccurrenceBuf, SparseRowsBuf, VocabMap};
 
 /// How the alignment went, for one source.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -67,10 +67,17 @@ pub fn align_stores(
     let (source_ckpt, target_ckpt) = (source_store.checkpoint, target_store.checkpoint);
     let (source_vocab, target_vocab) =
         (Vocabulary::from_checkpoint(source_ckpt)?, Vocabulary::from_checkpoint(target_ckpt)?);
-    let map = map_vocab(mapper, &source_vocab, &target_vocab, compat, cache)?;
+    let texts = read_texts(Path::new(&source.corpus))?;
+    let counts = match mapper.entry.info.cooccurrence {
+        true => {
+            let paths = SequencePaths::new(aligner.entry, aligner.params.clone(), &source_vocab, &target_vocab, compat);
+            Some(cooccurrence(&paths, (source_ckpt, target_ckpt), &texts)?)
+        }
+        false => None,
+    };
+    let map = map_vocab(mapper, &source_vocab, &target_vocab, compat, cache, counts.as_ref())?;
     let doc_aligner =
         DocumentAligner::new(aligner.entry, aligner.params.clone(), &map, &source_vocab, &target_vocab, compat);
-    let texts = read_texts(Path::new(&source.corpus))?;
     std::fs::create_dir_all(out).context(|| format!("creating {}", out.display()))?;
     let mut report = Report {
         source: source.model.clone(),
@@ -148,6 +155,29 @@ pub fn align_stores(
         write_atomically(&out.join("report.html"), html(&report, source_tokens, target_tokens, path).as_bytes())?;
     }
     Ok(report)
+}
+
+/// How often the sequence aligner pairs each source id with each target id over `texts`:
+/// every pair on each document's path, once per target position (FuseChat's counts).
+pub fn cooccurrence(
+    paths: &SequencePaths<'_>,
+    (source, target): (&crate::checkpoint::Checkpoint, &crate::checkpoint::Checkpoint),
+    texts: &[String],
+) -> Result<CooccurrenceBuf> {
+    let mut counts: std::collections::HashMap<(u32, u32), u32> = std::collections::HashMap::new();
+    for text in texts {
+        let (s_ids, s_spans) = source.tokenizer.encode_with_spans(text)?;
+        let (t_ids, t_spans) = target.tokenizer.encode_with_spans(text)?;
+        let path = paths.path(Tokens { ids: &s_ids, spans: &s_spans }, Tokens { ids: &t_ids, spans: &t_spans })?;
+        let mut pairs: Vec<(u32, u32, u32)> =
+            path.a.iter().zip(&path.b).map(|(&i, &j)| (j, s_ids[i as usize], t_ids[j as usize])).collect();
+        pairs.sort_unstable();
+        pairs.dedup();
+        for (_, s, t) in pairs {
+            *counts.entry((s, t)).or_default() += 1;
+        }
+    }
+    Ok(CooccurrenceBuf::from_counts(counts))
 }
 
 /// Adds one document's rows, and the source CE at each target position (that of the last

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use fusellm_sdk::{TokenStrings, TokenizerConventions, VocabMap};
+use fusellm_sdk::{CooccurrenceBuf, TokenStrings, TokenizerConventions, VocabMap};
 
 use super::normalize::Normalizer;
 use crate::checkpoint::Checkpoint;
@@ -109,15 +109,28 @@ impl FlatStrings {
 
 /// Maps `source` onto `target` with a vocabulary mapper, through the on-disk cache when
 /// `cache` is given. In `compat` mode strings are prepared as the paper's code does (the
-/// source's space marker swapped for the target's, nothing else), otherwise canonical.
+/// source's space marker swapped for the target's, nothing else), otherwise canonical. A
+/// mapper that reads co-occurrence counts gets `counts` (and the cache is keyed by them).
 pub fn map_vocab(
     mapper: &Configured<'_>,
     source: &Vocabulary,
     target: &Vocabulary,
     compat: bool,
     cache: Option<&Path>,
+    counts: Option<&CooccurrenceBuf>,
 ) -> Result<VocabMap> {
-    let file = cache.map(|dir| cache_file(dir, mapper, source, target, compat));
+    let reads_counts = mapper.entry.info.cooccurrence;
+    let counts = match (reads_counts, counts) {
+        (true, Some(counts)) => Some(counts),
+        (true, None) => {
+            return Err(Error::msg(format!(
+                "vocabulary mapper {} maps by co-occurrence counts of aligned tokens over a corpus: use it in `fusellm align` or `fusellm run`, which count them",
+                mapper.entry.label()
+            )))
+        }
+        (false, _) => None,
+    };
+    let file = cache.map(|dir| cache_file(dir, mapper, source, target, compat, counts));
     if let Some(map) = file.as_ref().and_then(|f| read_cache(f)).and_then(|b| serde_json::from_slice(&b).ok()) {
         return Ok(map);
     }
@@ -126,7 +139,9 @@ pub fn map_vocab(
     } else {
         (source.canonical(), target.target_canonical())
     };
-    let map = mapper.entry.map_vocab(&mapper.params, FlatStrings::new(&src).view(), FlatStrings::new(&tgt).view())?;
+    let (src, tgt) = (FlatStrings::new(&src), FlatStrings::new(&tgt));
+    let map =
+        mapper.entry.map_vocab(&mapper.params, src.view(), tgt.view(), counts.map(|c| c.view()).unwrap_or_default())?;
     if map.target.len() != source.tokens.len()
         || map.target.iter().flatten().any(|&t| t as usize >= target.tokens.len())
     {
@@ -142,13 +157,23 @@ pub fn map_vocab(
     Ok(map)
 }
 
-fn cache_file(dir: &Path, mapper: &Configured<'_>, source: &Vocabulary, target: &Vocabulary, compat: bool) -> PathBuf {
-    let key = format!(
+fn cache_file(
+    dir: &Path,
+    mapper: &Configured<'_>,
+    source: &Vocabulary,
+    target: &Vocabulary,
+    compat: bool,
+    counts: Option<&CooccurrenceBuf>,
+) -> PathBuf {
+    let mut key = format!(
         "{}|{}|{}|{}|{compat}|regular-before-byte-tokens",
         mapper.id(),
         mapper.entry.origin,
         source.hash,
         target.hash
     );
+    if let Some(counts) = counts {
+        key += &format!("|counts {}", sha256_hex(&serde_json::to_vec(counts).expect("counts serialise")));
+    }
     dir.join("vocab-maps").join(format!("{}.json", &sha256_hex(key.as_bytes())[..32]))
 }

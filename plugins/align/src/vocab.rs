@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 
-use fusellm_sdk::{Params, PluginInfo, PluginKind, TokenStrings, VocabMap, VocabMapper};
+use fusellm_sdk::{Cooccurrence, Params, PluginInfo, PluginKind, TokenStrings, VocabMap, VocabMapper};
 
 use crate::deletion_index::{keys, DeletionIndex};
 use crate::edit_distance::{symbols, Pattern};
@@ -45,6 +45,7 @@ impl VocabMapper for Em {
         _params: &Params,
         source: TokenStrings<'_>,
         target: TokenStrings<'_>,
+        _cooccurrence: Cooccurrence<'_>,
     ) -> Result<VocabMap, String> {
         let target = Vocab::new(target)?;
         let source = decode(source)?;
@@ -68,6 +69,7 @@ impl VocabMapper for Mined {
         params: &Params,
         source: TokenStrings<'_>,
         target: TokenStrings<'_>,
+        _cooccurrence: Cooccurrence<'_>,
     ) -> Result<VocabMap, String> {
         let target = Vocab::new(target)?;
         let source = decode(source)?;
@@ -82,7 +84,7 @@ impl VocabMapper for Mined {
 
 /// The target vocabulary, indexed for exact lookups, lookups within two edits, and grouped
 /// by length.
-struct Vocab {
+pub(crate) struct Vocab {
     exact: HashMap<String, u32>,
     /// Every target's symbols, concatenated in id order; `offsets[id]..offsets[id + 1]`.
     symbols: Vec<u32>,
@@ -137,7 +139,7 @@ fn bag_distance(a: &Bag, b: &Bag) -> u32 {
 }
 
 impl Vocab {
-    fn new(tokens: TokenStrings<'_>) -> Result<Self, String> {
+    pub(crate) fn new(tokens: TokenStrings<'_>) -> Result<Self, String> {
         let strings = decode(tokens)?;
         let mut exact = HashMap::new();
         let mut by_len: Vec<Group> = Vec::new();
@@ -172,7 +174,7 @@ impl Vocab {
 
     /// (id, distance) of the nearest target token; (u32::MAX, u32::MAX) for an empty
     /// target vocabulary.
-    fn nearest(&self, s: &str) -> (u32, u32) {
+    pub(crate) fn nearest(&self, s: &str) -> (u32, u32) {
         if let Some(id) = self.exact(s) {
             return (id, 0);
         }
@@ -243,7 +245,7 @@ impl Vocab {
     }
 }
 
-fn decode(tokens: TokenStrings<'_>) -> Result<Vec<String>, String> {
+pub(crate) fn decode(tokens: TokenStrings<'_>) -> Result<Vec<String>, String> {
     (0..tokens.len())
         .map(|i| String::from_utf8(tokens.get(i).to_vec()).map_err(|e| format!("token {i} is not UTF-8: {e}")))
         .collect()

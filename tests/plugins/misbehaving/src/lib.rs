@@ -3,8 +3,8 @@
 //! running, and the conformance check must catch each.
 
 use fusellm_sdk::{
-    Alignment, CheckpointFiles, FusedTarget, FusionFn, FusionInput, ModelAdapter, ModelSpec, Params, PluginInfo,
-    PluginKind, SequenceAligner, TokenStrings, Tokenization, VocabMap, VocabMapper,
+    Alignment, CheckpointFiles, Cooccurrence, FusedTarget, FusionFn, FusionInput, ModelAdapter, ModelSpec, Params,
+    PluginInfo, PluginKind, SequenceAligner, TokenStrings, Tokenization, VocabMap, VocabMapper,
 };
 
 /// A misbehaving fusion plugin: its name and what it does instead of fusing.
@@ -92,7 +92,13 @@ impl VocabMapper for AllToZero {
         PluginInfo::new(PluginKind::VocabMapper, "all_to_zero", "0.1.0", "maps every token to id 0")
     }
 
-    fn map_vocab(&self, _: &Params, source: TokenStrings<'_>, _: TokenStrings<'_>) -> Result<VocabMap, String> {
+    fn map_vocab(
+        &self,
+        _: &Params,
+        source: TokenStrings<'_>,
+        _: TokenStrings<'_>,
+        _: Cooccurrence<'_>,
+    ) -> Result<VocabMap, String> {
         Ok(VocabMap { target: vec![Some(0); source.len()], distance: vec![0; source.len()] })
     }
 }
