@@ -202,7 +202,8 @@ pub fn check_fused(fused: &FusedTarget, positions: usize) -> Result<(), String> 
             return Err(format!("fused target: probability {bad} at position {p}"));
         }
         let sum: f64 = probs.iter().map(|&v| v as f64).sum();
-        if !probs.is_empty() && !(sum > 0.0 && sum <= 1.0 + 1e-3) {
+        let in_range = sum > 0.0 && sum <= 1.0 + 1e-3;
+        if !probs.is_empty() && !in_range {
             return Err(format!(
                 "fused target: probabilities at position {p} sum to {sum}, not more than 0 and at most 1"
             ));
