@@ -197,10 +197,15 @@ fn validate_points_at_the_file_line_and_key() {
         ("clip", "-1", "or 0 for no clipping, not -1"),
         ("eps", "-1e-8", "a positive number"),
         ("weight_decay", "-0.1", "zero or positive"),
+        ("divergence", "\"reverse_kl\"", "use tail = \"bucket\""),
+        ("beta", "0.3", "a parameter of divergence = \"jsd\""),
+        ("alpha", "0.3", "a parameter of divergence = \"skew_kl\""),
     ] {
         let bad = text.replace("lr = 1e-3", &format!("lr = 1e-3\n{key} = {value}"));
         check(bad, &[&format!("`train.{key}`"), says]);
     }
+    let jsd = text.replace("lr = 1e-3", "lr = 1e-3\ndivergence = \"jsd\"\nbeta = 1.5");
+    check(jsd, &["`train.beta`", "between 0 and 1, not 1.5"]);
     std::fs::write(dir.join("empty.jsonl"), "\n\n").unwrap();
     check(text.replace("train.jsonl", "empty.jsonl"), &["`data.corpus`", "empty.jsonl is empty"]);
     if !candle_core::utils::cuda_is_available() {
@@ -502,5 +507,27 @@ fn the_ms_mapping_maps_by_the_corpus_s_aligned_pairs() {
     );
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && e.contains("co-occurrence") && e.contains("fusellm run"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The tail bucket end to end: the fusion keeps each row's mass under its model's softmax,
+/// the loss gives the rest one more outcome, and a reverse KL (refused with renormalised
+/// targets) trains; its fusion part is a divergence, positive and finite at every step.
+#[test]
+fn a_reverse_kl_trains_with_the_tail_bucket() {
+    let dir = experiment("tail");
+    let settings = ["fusion.params.renormalize=false", "train.tail=\"bucket\"", "train.divergence=\"reverse_kl\""];
+    let mut args = vec!["run", "run.toml"];
+    for s in &settings {
+        args.extend(["--set", s]);
+    }
+    assert_ok(&fusellm_in(&dir, &args));
+    let record = run_record(&dir.join("out/run.json"));
+    assert!(bits_per_byte(&record, "trained").is_finite());
+    let metrics = std::fs::read_to_string(crate::common::stage_dir(&dir, "train").join("metrics.jsonl")).unwrap();
+    for line in metrics.lines() {
+        let fusion = serde_json::from_str::<serde_json::Value>(line).unwrap()["fusion"].as_f64().unwrap();
+        assert!(fusion.is_finite() && fusion > 0.0, "{line}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
