@@ -18,7 +18,7 @@ import sys
 
 # Each variant: (file, text, replacement); every text must occur exactly once.
 EDITS = {
-    "skewed_sdk": [("sdk/Cargo.toml", "\nversion.workspace = true\n", '\nversion = "1.0.0"\n')],
+    "skewed_sdk": [("sdk/Cargo.toml", '\nversion = "0.2.0"\n', '\nversion = "1.0.0"\n')],
     "drifted_layout": [
         ("sdk/src/abi.rs", "pub text_bytes: u32,", "pub text_bytes: u64,"),
         ("sdk/src/abi.rs", "text_bytes: i.text_bytes,", "text_bytes: i.text_bytes as u32,"),

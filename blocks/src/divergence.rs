@@ -69,9 +69,16 @@ impl Divergence {
     }
 
     /// Why it cannot be used with `tail`, if it cannot: the reverse KL of a renormalised
-    /// target is infinite (the student has mass where the teacher has none).
+    /// target is infinite (the student has mass where the teacher has none), and so is
+    /// the skew reverse KL at alpha 0; the skew KLs at alpha 1 compare a distribution with
+    /// itself (always 0).
     pub fn check(self, tail: Tail) -> Result<(), String> {
-        let reverse = matches!(self, Divergence::ReverseKl) || matches!(self, Divergence::Jsd { beta } if beta == 1.0);
+        let reverse = match self {
+            Divergence::ReverseKl => true,
+            Divergence::Jsd { beta } => beta == 1.0,
+            Divergence::SkewReverseKl { alpha } => alpha == 0.0,
+            _ => false,
+        };
         if reverse && tail == Tail::Renormalize {
             return Err(
                 "the reverse KL of a top-k target renormalised over its kept ids is infinite (the target has mass \
@@ -86,6 +93,9 @@ impl Divergence {
         };
         match self {
             Divergence::Jsd { beta } => fraction("beta", beta),
+            Divergence::SkewKl { alpha: 1.0 } | Divergence::SkewReverseKl { alpha: 1.0 } => {
+                Err("alpha = 1 mixes the distribution wholly into itself: the skew KL is 0 whatever the target; use alpha below 1".into())
+            }
             Divergence::SkewKl { alpha } | Divergence::SkewReverseKl { alpha } => fraction("alpha", alpha),
             _ => Ok(()),
         }
@@ -95,7 +105,9 @@ impl Divergence {
     fn term(self, p: f64, q: f64) -> (f64, f64) {
         let xlogy = |x: f64, y: f64| if x == 0.0 { 0.0 } else { x * y.ln() };
         match self {
-            Divergence::Ce | Divergence::Kl => (xlogy(p, p / q), -p / q),
+            // The cross-entropy's value, the KL's gradient.
+            Divergence::Ce => (if p == 0.0 { 0.0 } else { -p * q.ln() }, -p / q),
+            Divergence::Kl => (xlogy(p, p / q), -p / q),
             Divergence::ReverseKl => (xlogy(q, q / p), (q / p).ln() + 1.0),
             Divergence::Jsd { beta: 0.0 } => Divergence::Kl.term(p, q),
             Divergence::Jsd { beta: 1.0 } => Divergence::ReverseKl.term(p, q),
@@ -211,6 +223,10 @@ mod tests {
         assert!(Divergence::ReverseKl.check(Tail::Renormalize).is_err());
         assert!(Divergence::Jsd { beta: 1.0 }.check(Tail::Renormalize).is_err());
         assert!(Divergence::Jsd { beta: 1.5 }.check(Tail::Bucket).is_err());
+        assert!(Divergence::SkewReverseKl { alpha: 0.0 }.check(Tail::Renormalize).is_err());
+        assert!(Divergence::SkewReverseKl { alpha: 0.0 }.check(Tail::Bucket).is_ok());
+        assert!(Divergence::SkewKl { alpha: 1.0 }.check(Tail::Bucket).is_err());
+        assert!(Divergence::SkewKl { alpha: 0.0 }.check(Tail::Renormalize).is_ok());
     }
 
     #[test]

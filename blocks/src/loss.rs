@@ -260,6 +260,9 @@ impl Objective {
             )));
         }
         self.divergence.check(self.tail).map_err(Error::msg)?;
+        if self.tail == Tail::Renormalize {
+            check_normalised(batch)?;
+        }
         let (mut terms, constant) = self.sparse_terms(batch);
         match terms.get_mut(1) {
             Some(fusion) if !self.divergence.is_cross_entropy(self.tail) => {
@@ -336,6 +339,24 @@ impl Objective {
         };
         let total = ((&clm * self.lambda)? + (&fusion * (1.0 - self.lambda))?)?;
         Ok(Losses { total, clm, fusion })
+    }
+}
+
+/// Refuses a target whose rows leave mass outside their kept ids (a fusion with
+/// `renormalize = false`) where the loss takes them as renormalised.
+fn check_normalised(batch: &LossBatch) -> Result<()> {
+    let k = batch.k.max(1);
+    let short = batch
+        .target_probs
+        .chunks(k)
+        .map(|row| row.iter().sum::<f32>())
+        .enumerate()
+        .find(|(_, s)| *s > 0.0 && *s < 1.0 - 1e-3);
+    match short {
+        Some((position, sum)) => Err(Error::msg(format!(
+            "the fused target at position {position} keeps {sum:.3} of its mass (the fusion ran with renormalize = false), but the loss takes targets as renormalised: train with tail = \"bucket\", or fuse with renormalize = true"
+        ))),
+        None => Ok(()),
     }
 }
 

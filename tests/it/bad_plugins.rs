@@ -65,8 +65,8 @@ fn an_unreadable_plugin_file_is_named() {
 #[test]
 fn a_dylib_built_against_another_sdk_version_is_refused_in_three_lines() {
     let e = load_error(Tier::Dylib, &incompatible_dylib("skewed_sdk"));
-    assert_contains(&e, "was built against fusellm-sdk 1.0.0, but this fusellm uses fusellm-sdk 0.1.0");
-    assert_contains(&e, "rebuild the plugin against fusellm-sdk 0.1");
+    assert_contains(&e, "was built against fusellm-sdk 1.0.0, but this fusellm uses fusellm-sdk 0.2.0");
+    assert_contains(&e, "rebuild the plugin against fusellm-sdk 0.2");
     assert!(e.lines().count() <= 3, "{e}");
 }
 

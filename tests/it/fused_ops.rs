@@ -164,11 +164,10 @@ fn head_loss_kernel_matches_the_logits_path() {
         let ids: Vec<u32> = (0..b * t).map(|_| rng.below(v as u32)).collect();
         let k = 3;
         let mut target_ids: Vec<u32> = (0..b * t * k).map(|_| rng.below(v as u32)).collect();
-        // The kept entries leave 0.1 to the tail bucket.
-        let mut target_probs: Vec<f32> = (0..b * t * k).map(|i| [0.5, 0.3, 0.1][i % k]).collect();
-        // A position without a target, and a padded entry.
+        let mut target_probs: Vec<f32> = (0..b * t * k).map(|i| [0.6, 0.3, 0.1][i % k]).collect();
+        // A position without a target, and a row of two entries padded to three.
         target_probs[..k].fill(0.0);
-        (target_ids[k + 2], target_probs[k + 2]) = (0, 0.0);
+        (target_ids[k + 2], target_probs[k + 2], target_probs[k + 1]) = (0, 0.0, 0.4);
         let batch = LossBatch::sequences(ids, b).unwrap().with_target(target_ids, target_probs, k).unwrap();
         // Gemma 2's soft-capped logits with some of the objectives.
         let softcaps = [None, None, Some(3.0), None, Some(3.0), None];
@@ -214,8 +213,16 @@ fn every_divergence_s_gradient_matches_finite_differences() {
     let logits = random(&mut rng, &[b, t, v], 1.5);
     let ids: Vec<u32> = (0..t as u32).collect();
     let target_ids = vec![0, 1, 2, 3, 4, 5, 5, 0, 1, 2, 0, 0];
-    let target_probs = vec![0.5, 0.3, 0.1, 0.6, 0.2, 0.1, 0.7, 0.0, 0.0, 0.0, 0.0, 0.0];
-    let batch = LossBatch::sequences(ids, b).unwrap().with_target(target_ids, target_probs, k).unwrap();
+    // Rows keeping 0.9, 0.9 and 0.7 of their mass (for the bucket), and the same renormalised.
+    let kept = vec![0.5, 0.3, 0.1, 0.6, 0.2, 0.1, 0.7, 0.0, 0.0, 0.0, 0.0, 0.0];
+    let whole: Vec<f32> = kept
+        .chunks(k)
+        .flat_map(|r: &[f32]| r.iter().map(|p| p / r.iter().sum::<f32>().max(1e-9)).collect::<Vec<_>>())
+        .collect();
+    let batch_of = |probs: Vec<f32>| {
+        LossBatch::sequences(ids.clone(), b).unwrap().with_target(target_ids.clone(), probs, k).unwrap()
+    };
+    let (bucket, renormalised) = (batch_of(kept), batch_of(whole));
     let divergences = [
         (Divergence::Kl, Tail::Bucket),
         (Divergence::ReverseKl, Tail::Bucket),
@@ -227,11 +234,12 @@ fn every_divergence_s_gradient_matches_finite_differences() {
         (Divergence::Tv, Tail::Bucket),
     ];
     for (divergence, tail) in divergences {
+        let batch = if tail == Tail::Bucket { &bucket } else { &renormalised };
         for temperature in [1.0, 2.0] {
             let objective = Objective { lambda: 0.0, divergence, tail, temperature };
             let fusion =
-                |z: &Tensor| objective.losses(z, &batch, Kernels::Fused).unwrap().fusion.to_scalar::<f32>().unwrap();
-            let total = objective.losses(logits.as_tensor(), &batch, Kernels::Fused).unwrap().total;
+                |z: &Tensor| objective.losses(z, batch, Kernels::Fused).unwrap().fusion.to_scalar::<f32>().unwrap();
+            let total = objective.losses(logits.as_tensor(), batch, Kernels::Fused).unwrap().total;
             let grad: Vec<f32> =
                 total.backward().unwrap().get(&logits).unwrap().flatten_all().unwrap().to_vec1().unwrap();
             let base: Vec<f32> = logits.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
@@ -250,6 +258,9 @@ fn every_divergence_s_gradient_matches_finite_differences() {
             }
         }
     }
+    // Rows that keep part of their mass, taken as renormalised: refused, saying how to fix it.
+    let e = Objective::default().losses(logits.as_tensor(), &bucket, Kernels::Fused).err().unwrap().to_string();
+    assert!(e.contains("tail = \"bucket\"") && e.contains("renormalize = true"), "{e}");
 }
 
 #[test]

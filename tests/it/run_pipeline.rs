@@ -454,6 +454,8 @@ fn a_bad_merge_section_is_an_error_at_its_key() {
     assert!(e.contains("weight"), "{e}");
     let e = validate("[merge.models.tiny-pythia]\nweight = 1.0\n");
     assert!(e.contains("tiny-pythia") && e.contains("tiny-mpt"), "{e}");
+    let e = validate("[train.lora]\nrank = 4\n[merge]\n");
+    assert!(e.contains("[merge]") && e.contains("[train.lora]"), "{e}");
     let without_train = base.split("[train]").next().unwrap().to_string();
     std::fs::write(dir.join("run.toml"), format!("{without_train}[merge]\n")).unwrap();
     let out = fusellm_in(&dir, &["validate", "run.toml"]);
@@ -463,8 +465,7 @@ fn a_bad_merge_section_is_an_error_at_its_key() {
 }
 
 /// FuseChat's MS mapping in a run: the host counts the aligned token pairs of the corpus
-/// and the mapper maps by them; the map cache is keyed by the counts. `vocab-map`, which
-/// has no corpus, says where MS works.
+/// and the mapper maps by them. `vocab-map`, which has no corpus, says where MS works.
 #[test]
 fn the_ms_mapping_maps_by_the_corpus_s_aligned_pairs() {
     let dir = experiment("ms");

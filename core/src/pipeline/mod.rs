@@ -301,11 +301,13 @@ impl Stages<'_> {
         fusion: &Configured<'_>,
     ) -> Result<Vec<(String, PathBuf, String)>> {
         let config = self.run.config;
+        // With one source, its pairwise fusion is the all-sources one: the same folder.
+        let alone = config.sources.len() == 1;
         let mut out = Vec::new();
         for (i, source) in config.sources.iter().enumerate() {
             let fused = self.fuse(aligned, &[i], fusion)?;
-            let (checkpoint, key) =
-                self.train(checked, Some(&source.name), fused)?.expect("validated: [merge] has [train]");
+            let label = (!alone).then_some(source.name.as_str());
+            let (checkpoint, key) = self.train(checked, label, fused)?.expect("validated: [merge] has [train]");
             out.push((source.name.clone(), checkpoint, key));
         }
         Ok(out)

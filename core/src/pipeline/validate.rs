@@ -66,6 +66,12 @@ pub fn validate<'r>(config: &Config, registry: &'r Registry) -> Result<Checked<'
     if config.fusion.is_some() && sources.is_empty() {
         return Err(config.error_at("fusion", "fusion needs at least one [[sources]] model"));
     }
+    if config.merge.is_some() && config.train.as_ref().is_some_and(|t| t.lora.is_some()) {
+        return Err(config.error_at(
+            "merge",
+            "[merge] merges whole trained checkpoints, and [train.lora] trains adapters only: remove one of them",
+        ));
+    }
     if config.merge.is_some() && (config.fusion.is_none() || config.train.is_none()) {
         return Err(config.error_at(
             "merge",
