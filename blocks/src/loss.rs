@@ -96,6 +96,11 @@ impl LossBatch {
         Counts { clm, fused: self.target_positions() as f64 }
     }
 
+    /// The positions the fusion part's mean is taken over.
+    fn fused_over(&self) -> f64 {
+        self.over.map_or(self.target_positions() as f64, |over| over.fused)
+    }
+
     /// Positions that have a fused target.
     fn target_positions(&self) -> usize {
         self.target_probs.chunks(self.k.max(1)).filter(|row| row.iter().any(|&p| p > 0.0)).count()
@@ -275,17 +280,14 @@ impl Objective {
     }
 
     /// Turns the fusion term's weights into the divergence's, `-dD / dlog q` at each kept
-    /// id per position (times the position's weight, `T^2` over the positions), and returns
+    /// id per position (times each position's share, `T^2` over the positions), and returns
     /// the constant that makes the term's value, `sum w * nll`, the divergence's.
     fn divergence_weights(&self, batch: &LossBatch, fusion: &mut Term, log_q: &[f32]) -> f64 {
         let k = fusion.k;
+        let share = self.temperature * self.temperature / batch.fused_over();
         let mut grad = vec![0f64; k];
         let (mut value, mut weighted_nll) = (0f64, 0f64);
         for (r, probs) in batch.target_probs.chunks(k).enumerate() {
-            // The position's share: its CE weights are its probabilities times that share.
-            let share = fusion.weights[r * k..(r + 1) * k].iter().zip(probs).find(|(_, &p)| p > 0.0);
-            let Some((&w, &p)) = share else { continue };
-            let share = f64::from(w) / f64::from(p);
             let row = &log_q[r * k..(r + 1) * k];
             value += share * self.divergence.row(self.tail, probs, row, &mut grad);
             for ((weight, g), &lq) in fusion.weights[r * k..(r + 1) * k].iter_mut().zip(&grad).zip(row) {
@@ -312,7 +314,7 @@ impl Objective {
         if batch.k == 0 || own == 0 {
             return (vec![clm], 0.0);
         }
-        let fused_positions = batch.over.map_or(own as f64, |over| over.fused);
+        let fused_positions = batch.fused_over();
         let t2 = self.temperature * self.temperature;
         let per_position = (t2 / fused_positions) as f32;
         let fusion = Term {

@@ -1,9 +1,10 @@
 //! `fusellm run` (DESIGN.md, "The pipeline as stages"): split -> precompute -> vocab-map
-//! and align -> fuse -> train -> (merge, FuseChat's recipe) -> eval. Each stage writes into a cache folder named by a
-//! hash of its inputs (the upstream stages' keys, its config section, the names and
-//! versions of its plugins), so a stage whose inputs are unchanged is reused: changing the
-//! fusion plugin never recomputes the sources' forward passes, and a sweep's variants share
-//! every stage they have in common. An interrupted run continues where it stopped.
+//! and align -> fuse -> train -> (merge, FuseChat's recipe) -> eval. Each stage writes into
+//! a cache folder named by a hash of its inputs (the upstream stages' keys, its config
+//! section, the names and versions of its plugins), so a stage whose inputs are unchanged
+//! is reused: changing the fusion plugin never recomputes the sources' forward passes, and
+//! a sweep's variants share every stage they have in common. An interrupted run continues
+//! where it stopped.
 
 pub mod stage;
 pub mod stages;
